@@ -1,0 +1,103 @@
+"""`rayscale` command line: parse, then call library functions. Nothing runs at import time.
+
+Bad input (a `UserError`) is printed as one line on stderr with exit code 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import yaml
+
+from rayscale import config as config_module
+from rayscale.errors import UserError
+
+EXIT_BAD_INPUT = 2
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", help="YAML config file (default: the embedded defaults)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one key, e.g. --set optim.lr=0.1 (repeatable)")
+
+
+def _cluster_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded "
+                                          "local Ray on 127.0.0.1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rayscale", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for bad input")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a model on Ray (embedded default: MLP on digits)")
+    _config_args(train)
+    _cluster_args(train)
+
+    show = commands.add_parser("config", help="inspect configs").add_subparsers(dest="action", required=True)
+    show_cmd = show.add_parser("show", help="print the resolved config and its derived values")
+    _config_args(show_cmd)
+    show.add_parser("keys", help="list every key with its type, default and meaning")
+    return parser
+
+
+def derived_values(cfg: config_module.Config) -> dict:
+    """What follows from the config: the batch plan and the learning rate after the scaling rule."""
+    from rayscale.batching import plan_batches
+    from rayscale.schedules import scaled_lr
+
+    plan = plan_batches(cfg.batch.global_batch_size, cfg.batch.micro_batch_size, cfg.scaling.num_workers)
+    return {
+        "workers": plan.num_workers,
+        "per_worker_batch_size": plan.per_worker_batch_size,
+        "micro_batch_size": plan.micro_batch_size,
+        "accumulation_steps": plan.accumulation_steps,
+        "effective_lr": scaled_lr(cfg.optim.lr, cfg.batch.global_batch_size, cfg.optim.base_batch_size,
+                                  cfg.optim.scaling_rule),
+    }
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    cfg = config_module.load(args.config, args.overrides)
+    derived = derived_values(cfg)  # before printing anything: a bad plan prints only its error
+    print(yaml.safe_dump(config_module.to_dict(cfg), sort_keys=False).rstrip())
+    print("# derived (not config keys)")
+    print(yaml.safe_dump({"derived": derived}, sort_keys=False).rstrip())
+    return 0
+
+
+def cmd_config_keys(args: argparse.Namespace) -> int:
+    rows = config_module.describe()
+    width = max(len(r[0]) for r in rows)
+    for name, type_name, default, doc in rows:
+        print(f"{name:<{width}}  {default:<14} {doc}  ({type_name})")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rayscale.trainer import train_from_cli
+
+    return train_from_cli(args.config, args.overrides, address=args.address)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {
+        "train": cmd_train,
+        "config": lambda a: cmd_config_show(a) if a.action == "show" else cmd_config_keys(a),
+    }[args.command]
+    try:
+        return handler(args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"rayscale: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,374 @@
+"""Typed config: one definition per key, with its type, default, unit and meaning.
+
+A config is a tree of dataclasses. Users write YAML with the same nesting and override single keys with
+dotted paths (`--set optim.lr=0.1`). Values are coerced to the declared type once, here, so the rest of the
+code never re-parses strings. Crossing into Ray workers, the config travels as a plain dict
+(`to_dict`) and is rebuilt with `from_dict` on the other side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rayscale.errors import ConfigError
+
+
+def key(default: Any, doc: str, *, unit: str | None = None, choices: tuple | None = None,
+        minimum: float | None = None, exclusive_minimum: bool = False) -> Any:
+    """A config field with its documentation; `minimum` is inclusive unless `exclusive_minimum`."""
+    meta = {"doc": doc, "unit": unit, "choices": choices, "minimum": minimum,
+            "exclusive_minimum": exclusive_minimum}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def section(cls: type, doc: str) -> Any:
+    return field(default_factory=cls, metadata={"doc": doc})
+
+
+@dataclass
+class SyntheticConfig:
+    kind: str = key("classification", "what the generator makes",
+                    choices=("classification", "regression", "image", "sequence"))
+    rows: int = key(20_000, "rows generated (lazily, by Ray Data, never whole on the driver)", unit="rows",
+                    minimum=1)
+    num_features: int = key(32, "feature width for classification/regression", minimum=1)
+    num_classes: int = key(10, "classes for classification/image/sequence labels", minimum=2)
+    image_size: int = key(16, "side of the square single-channel images", unit="pixels", minimum=4)
+    max_length: int = key(64, "longest sequence for kind=sequence", unit="tokens", minimum=2)
+    vocab_size: int = key(64, "token vocabulary for kind=sequence", minimum=4)
+    noise: float = key(0.5, "label noise / feature noise scale", minimum=0.0)
+
+
+@dataclass
+class DataConfig:
+    source: str = key("digits", "digits | synthetic | a Parquet file, directory, glob or URI (s3://, gs://)")
+    features: list[str] | None = key(None, "Parquet feature columns (null: every column not used otherwise)")
+    label: str = key("label", "Parquet label column")
+    weight: str | None = key(None, "optional Parquet per-sample weight column")
+    sequence: str | None = key(None, "optional Parquet token-sequence column (list of ints)")
+    val_fraction: float = key(0.2, "share of rows held out for validation when val_source is not set",
+                              minimum=0.0)
+    val_source: str | None = key(None, "separate validation data (same kinds as source)")
+    shuffle: str = key("local", "per-epoch shuffle: local (block order + seeded buffer), full, none",
+                       choices=("local", "full", "none"))
+    shuffle_buffer_rows: int = key(2048, "local shuffle buffer", unit="rows", minimum=1)
+    bucket_by_length: bool = key(False, "group sequences of similar length to cut padding")
+    stratified: bool = key(False, "class-balanced batches (classification)")
+    synthetic: SyntheticConfig = section(SyntheticConfig, "generator settings for source=synthetic")
+
+
+@dataclass
+class ModelConfig:
+    name: str = key("mlp", "mlp | cnn | transformer | package.module:factory")
+    kwargs: dict = key({}, "keyword arguments for the model factory (e.g. hidden_sizes, d_model)")
+    activation_checkpointing: bool = key(False, "recompute activations in backward (built-in models)")
+
+
+@dataclass
+class BatchConfig:
+    global_batch_size: int = key(128, "samples per optimizer step, all workers together", unit="samples",
+                                 minimum=1)
+    micro_batch_size: int | None = key(None, "samples per forward/backward on one worker; null: the whole "
+                                             "per-worker batch (no accumulation)", unit="samples", minimum=1)
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = key(2, "Ray Train workers (0: local mode, the loop runs in the driver)", minimum=0)
+    use_gpu: bool = key(False, "one GPU per worker, nccl backend")
+    cpus_per_worker: float = key(1.0, "CPUs reserved per worker", minimum=0.0)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = key(10, "passes over the training data", minimum=1)
+    precision: str = key("fp32", "fp32 | bf16 (autocast) | fp16 (autocast + GradScaler, GPU only)",
+                         choices=("fp32", "bf16", "fp16"))
+    grad_clip: float | None = key(None, "clip gradients to this global L2 norm (null: off; norm is still "
+                                        "reported)", minimum=0.0, exclusive_minimum=True)
+    max_nonfinite_steps: int = key(5, "abort after this many non-finite steps in a row (each is skipped)",
+                                   unit="steps", minimum=1)
+    log_every_samples: int = key(2048, "rank 0 writes a metrics.jsonl line this often", unit="samples",
+                                 minimum=1)
+    report_every_seconds: float = key(10.0, "ray.train.report at most this often (plus epoch ends)",
+                                      unit="seconds", minimum=0.0)
+
+
+@dataclass
+class OptimConfig:
+    name: str = key("sgd", "optimizer", choices=("sgd", "adamw", "lars", "lamb"))
+    lr: float = key(0.1, "learning rate at base_batch_size (before the scaling rule)", minimum=0.0,
+                    exclusive_minimum=True)
+    momentum: float = key(0.9, "SGD/LARS momentum", minimum=0.0)
+    nesterov: bool = key(False, "Nesterov momentum (SGD)")
+    weight_decay: float = key(0.0, "decoupled for AdamW/LAMB; not applied to bias and norm parameters",
+                              minimum=0.0)
+    betas: list[float] = key([0.9, 0.999], "AdamW/LAMB moment coefficients")
+    eps: float = key(1e-8, "AdamW/LAMB denominator epsilon", minimum=0.0, exclusive_minimum=True)
+    trust_coefficient: float = key(0.001, "LARS trust coefficient (eta)", minimum=0.0, exclusive_minimum=True)
+    base_batch_size: int | None = key(None, "batch size optim.lr was tuned for (null: the global batch)",
+                                      unit="samples", minimum=1)
+    scaling_rule: str = key("none", "how lr follows the global batch", choices=("none", "linear", "sqrt"))
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = key("constant", "decay after warmup",
+                    choices=("constant", "step", "exponential", "polynomial", "cosine"))
+    warmup_samples: int = key(0, "linear warmup from 0 to the full lr", unit="samples", minimum=0)
+    step_samples: int | None = key(None, "step/exponential: lr is multiplied by gamma every this many samples "
+                                         "(null: a third of the decay span)", unit="samples", minimum=1)
+    gamma: float = key(0.1, "step/exponential decay factor", minimum=0.0, exclusive_minimum=True)
+    power: float = key(2.0, "polynomial power (2: square decay)", minimum=0.0, exclusive_minimum=True)
+    final_lr_ratio: float = key(0.0, "polynomial/cosine: lr at the end as a fraction of the peak", minimum=0.0)
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = key("runs", "where run directories are written (local path or URI)")
+    name: str = key("default", "run directory name; re-running the same name resumes it")
+    checkpoint_every_samples: int | None = key(None, "also checkpoint mid-epoch this often (null: epoch ends)",
+                                               unit="samples", minimum=1)
+    max_failures: int = key(3, "worker-group restarts from the last checkpoint before giving up", minimum=0)
+
+
+@dataclass
+class Config:
+    seed: int = key(0, "seeds data order, model init and dropout")
+    data: DataConfig = section(DataConfig, "where samples come from")
+    model: ModelConfig = section(ModelConfig, "what is trained")
+    batch: BatchConfig = section(BatchConfig, "global batch and micro-batching")
+    scaling: ScalingConfig = section(ScalingConfig, "Ray Train workers")
+    train: TrainConfig = section(TrainConfig, "training loop")
+    optim: OptimConfig = section(OptimConfig, "optimizer and learning-rate scaling")
+    schedule: ScheduleConfig = section(ScheduleConfig, "warmup and decay, measured in samples")
+    run: RunConfig = section(RunConfig, "outputs and checkpoints")
+
+
+# ---------------------------------------------------------------------------------------------- coercion
+
+def _is_section(tp: Any) -> bool:
+    return dataclasses.is_dataclass(tp)
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        return f"a list of {_type_name(inner)}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false",
+            dict: "a mapping"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, path)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, (list, tuple)):
+            return [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp in (int, float) and isinstance(value, str):
+        # YAML 1.1 reads 1e5 or 5_000 as strings; accept numbers written that way.
+        try:
+            return _coerce(float(value.replace("_", "")) if tp is float else
+                           _integral(float(value.replace("_", ""))), tp, path)
+        except (ValueError, ConfigError):
+            pass
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():  # 1e5 in YAML is a float
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _integral(value: float) -> int | float:
+    return int(value) if value.is_integer() else value
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unknown(name: str, known: typing.Iterable[str], prefix: str) -> ConfigError:
+    full = f"{prefix}{name}"
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+    return ConfigError(f"unknown config key {full}{hint}")
+
+
+def _build(cls: type, raw: dict, prefix: str = "") -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {raw!r}")
+    fields, hints = _fields(cls), _hints(cls)
+    kwargs = {}
+    for name, value in raw.items():
+        if name not in fields:
+            raise _unknown(str(name), fields, prefix)
+        tp = hints[name]
+        if _is_section(tp):
+            kwargs[name] = _build(tp, value if value is not None else {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
+    obj = cls(**kwargs)
+    _check_ranges(obj, prefix)
+    return obj
+
+
+def _check_ranges(obj: Any, prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        choices, minimum = f.metadata.get("choices"), f.metadata.get("minimum")
+        path = f"{prefix}{f.name}"
+        if choices and value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"{path}: expected one of {', '.join(map(str, choices))}, got {value!r}{hint}")
+        if minimum is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if f.metadata.get("exclusive_minimum") and value <= minimum:
+                raise ConfigError(f"{path}: expected a value greater than {minimum:g}, got {value!r}")
+            if value < minimum:
+                raise ConfigError(f"{path}: expected a value of at least {minimum:g}, got {value!r}")
+
+
+# -------------------------------------------------------------------------------------------- public API
+
+def to_dict(config: Any) -> dict:
+    """Plain nested dict: what crosses the Ray boundary and what config.yaml holds."""
+    return dataclasses.asdict(config)
+
+
+def from_dict(raw: dict) -> Config:
+    return _build(Config, raw)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`optim.lr=0.1` -> ("optim.lr", 0.1). Values are read as YAML, so `null`, `[1, 2]`, `true` work."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected KEY=VALUE, e.g. --set optim.lr=0.1")
+    dotted, raw_value = text.split("=", 1)
+    dotted = dotted.strip()
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError:
+        value = raw_value
+    return dotted, value
+
+
+def set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    """Set a dotted key in a raw (unvalidated) config dict, checking the key against the schema."""
+    parts = dotted.split(".")
+    cls: Any = Config
+    node = raw
+    for depth, part in enumerate(parts):
+        prefix = ".".join(parts[:depth]) + ("." if depth else "")
+        if cls is dict:  # free-form mapping such as model.kwargs: any key is allowed below it
+            if depth == len(parts) - 1:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+            continue
+        fields = _fields(cls)
+        if part not in fields:
+            raise _unknown(part, fields, prefix)
+        tp = _hints(cls)[part]
+        last = depth == len(parts) - 1
+        if last:
+            if _is_section(tp):
+                raise ConfigError(f"{dotted} is a section; set one of its keys, e.g. {dotted}."
+                                  f"{next(iter(_fields(tp)))}=...")
+            node[part] = value
+            return
+        if not (_is_section(tp) or tp is dict):
+            raise ConfigError(f"{'.'.join(parts[:depth + 1])} is a value, not a section")
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node, cls = child, tp
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"config file {path}: malformed YAML{where}: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of keys at the top, got {type(raw).__name__}")
+    return raw
+
+
+def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults <- YAML file <- `--set` overrides, validated."""
+    raw = read_yaml(path) if path else {}
+    for text in overrides:
+        dotted, value = parse_override(text)
+        set_dotted(raw, dotted, value)
+    return from_dict(raw)
+
+
+def describe() -> list[tuple[str, str, str, str]]:
+    """(key, type, default, meaning) for every key: the reference table in the README is built from this."""
+    rows = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = _hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if _is_section(tp):
+                walk(tp, f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            doc = f.metadata["doc"] + (f" [{f.metadata['unit']}]" if f.metadata.get("unit") else "")
+            rows.append((f"{prefix}{f.name}", _type_name(tp), yaml.safe_dump(default).strip()
+                         .removesuffix("...").strip(), doc))
+
+    walk(Config, "")
+    return rows

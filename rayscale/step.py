@@ -1,0 +1,146 @@
+"""One optimizer step over a worker's micro-batches. No Ray in here.
+
+zero grads -> for each micro-batch { no_sync unless last; forward; loss / global count; backward }
+-> unscale / clip -> skip if non-finite -> step
+
+The loss of every micro-batch is its *sum* divided by the real sample (or token) count of the whole global
+batch, summed over micro-batches and workers. Dividing by the number of accumulation steps instead (what
+Accelerate and Lightning do) weighs a short last window wrongly; dividing by the global count makes k
+micro-batches give exactly the update of one batch with the same samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from rayscale import tasks
+from rayscale.errors import ConfigError, NonFiniteError
+
+
+@dataclass
+class Precision:
+    """Autocast dtype and, for fp16, the GradScaler that keeps small gradients from flushing to zero."""
+
+    name: str  # fp32 | bf16 | fp16
+    device_type: str  # cpu | cuda
+    scaler: torch.amp.GradScaler | None = None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.name == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.name == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device_type, dtype=dtype)
+
+
+def make_precision(name: str, device: torch.device) -> Precision:
+    if name == "fp16":
+        if device.type != "cuda":
+            raise ConfigError("train.precision fp16 needs a GPU (scaling.use_gpu: true); use bf16 on CPU")
+        return Precision(name, device.type, torch.amp.GradScaler("cuda"))
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("train.precision bf16: this GPU does not support bfloat16; use fp16")
+    return Precision(name, device.type)
+
+
+@dataclass
+class StepResult:
+    loss_sum: torch.Tensor  # this worker's summed loss (detached; no host sync)
+    local_count: torch.Tensor  # this worker's real samples or tokens
+    global_count: torch.Tensor  # all workers' real samples or tokens: the loss normaliser
+    grad_norm: torch.Tensor  # global L2 norm before clipping
+    skipped: bool  # no update was applied (non-finite gradients or an fp16 overflow)
+
+
+@dataclass
+class NonFiniteGuard:
+    """Skip non-finite steps and count them; abort after `max_in_a_row` in a row."""
+
+    max_in_a_row: int
+    skipped_total: int = 0
+    in_a_row: int = field(default=0)
+
+    def observe(self, finite: bool, step: int) -> None:
+        if finite:
+            self.in_a_row = 0
+            return
+        self.skipped_total += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.max_in_a_row:
+            raise NonFiniteError(
+                f"non-finite loss or gradients at step {step}: {self.in_a_row} steps in a row were skipped "
+                f"(train.max_nonfinite_steps={self.max_in_a_row}); lower optim.lr, set train.grad_clip, "
+                f"or check the data for NaN")
+
+
+def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def _world_size(model: torch.nn.Module) -> int:
+    if isinstance(model, DistributedDataParallel) and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]],
+               optimizer: torch.optim.Optimizer, *, task: str, lr: float, precision: Precision,
+               grad_clip: float | None = None) -> StepResult:
+    """Accumulate gradients over `micro_batches` and apply one optimizer step at `lr`.
+
+    Every worker must call this the same number of times, each with at least one micro-batch (a rank with
+    no real rows passes a zero-weight one), because the last backward is a collective under DDP.
+    """
+    if not micro_batches:
+        raise ValueError("train_step needs at least one micro-batch (use a zero-weight one on empty ranks)")
+    optimizer.zero_grad(set_to_none=True)
+    world_size = _world_size(model)
+
+    # The normaliser must be known before the first backward; one scalar all-reduce gives it.
+    local_count = sum(tasks.count(task, mb) for mb in micro_batches)
+    global_count = _all_reduce_sum(local_count.detach().clone().to(torch.float64)).clamp_min(1e-12)
+    # DDP averages gradients over ranks, so each rank scales by world_size to get sum / global_count.
+    loss_scale = world_size / global_count
+
+    loss_sum = torch.zeros((), dtype=torch.float64, device=local_count.device)
+    last = len(micro_batches) - 1
+    for index, micro_batch in enumerate(micro_batches):
+        # The forward must sit inside no_sync too: DDP prepares its all-reduce hooks during forward.
+        sync = index == last or not isinstance(model, DistributedDataParallel)
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with precision.autocast():
+                output = tasks.forward(model, micro_batch)
+            micro_loss = tasks.loss_sum(task, output, micro_batch)
+            scaled = micro_loss * loss_scale.to(micro_loss.dtype)
+            if precision.scaler is not None:
+                scaled = precision.scaler.scale(scaled)
+            scaled.backward()
+        loss_sum += micro_loss.detach().to(torch.float64)
+
+    if precision.scaler is not None:
+        precision.scaler.unscale_(optimizer)
+    parameters = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm=grad_clip or float("inf"))
+    # One host sync per optimizer step (never per micro-batch). The norm is taken after the all-reduce,
+    # so every rank reaches the same decision and optimizer states never diverge.
+    finite = bool(torch.isfinite(grad_norm))
+    set_lr(optimizer, lr)
+    if precision.scaler is not None:
+        precision.scaler.step(optimizer)  # skips the update by itself on overflow
+        precision.scaler.update()
+    elif finite:
+        optimizer.step()
+    if not finite:
+        optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss_sum, local_count.detach(), global_count, grad_norm.detach(), skipped=not finite)

@@ -1,0 +1,282 @@
+"""The training step: accumulation is exact, DDP syncs once, AMP and the non-finite policy behave."""
+
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from rayscale import checkpoint
+from rayscale.errors import ConfigError, NonFiniteError
+from rayscale.step import NonFiniteGuard, Precision, make_precision, train_step
+
+FP32 = Precision("fp32", "cpu")
+
+
+def tiny_model(dtype=torch.float64, seed=0, dropout=0.0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(dropout), nn.Linear(16, 3)).to(dtype)
+
+
+def dataset(rows, dtype=torch.float64, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, 6, generator=gen, dtype=dtype), torch.randint(0, 3, (rows,), generator=gen)
+
+
+def split(x, y, sizes):
+    out, start = [], 0
+    for size in sizes:
+        out.append({"x": x[start:start + size], "y": y[start:start + size]})
+        start += size
+    return out
+
+
+def step_params(model, micro_batches, lr=0.5, **kw):
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    result = train_step(model, micro_batches, optimizer, task="classification", lr=lr, precision=FP32, **kw)
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), result
+
+
+def max_rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("dtype, tol", [
+    pytest.param(torch.float64, 1e-12, id="float64"),  # the issue's bound for exact arithmetic
+    pytest.param(torch.float32, 1e-6, id="float32"),
+])
+@pytest.mark.parametrize("sizes", [
+    pytest.param([4, 4, 4, 4], id="even-4x4"),
+    pytest.param([4, 4, 2], id="partial-tail"),  # dataset not divisible: the last window is short
+    pytest.param([1, 9], id="very-uneven"),
+])
+def test_accumulated_update_equals_full_batch(dtype, tol, sizes):
+    x, y = dataset(sum(sizes), dtype)
+    full, _ = step_params(tiny_model(dtype), [{"x": x, "y": y}])
+    accumulated, _ = step_params(tiny_model(dtype), split(x, y, sizes))
+    assert max_rel(accumulated, full) < tol
+
+
+def test_dividing_by_accumulation_steps_would_be_caught():
+    """The equivalence above is sensitive: the common 'loss / k' recipe fails it on a partial tail."""
+    x, y = dataset(10)
+    full, _ = step_params(tiny_model(), [{"x": x, "y": y}])
+    wrong_model = tiny_model()
+    optimizer = torch.optim.SGD(wrong_model.parameters(), lr=0.5)
+    micro = split(x, y, [4, 4, 2])
+    for mb in micro:  # mean per micro-batch, divided by the number of micro-batches
+        (nn.functional.cross_entropy(wrong_model(mb["x"]), mb["y"]) / len(micro)).backward()
+    optimizer.step()
+    wrong = torch.cat([p.detach().flatten() for p in wrong_model.parameters()])
+    assert max_rel(wrong, full) > 1e-4
+
+
+def test_zero_weight_rows_change_nothing():
+    x, y = dataset(8)
+    plain, _ = step_params(tiny_model(), [{"x": x[:5], "y": y[:5]}])
+    padded_weights = torch.tensor([1.0] * 5 + [0.0] * 3, dtype=torch.float64)
+    padded, result = step_params(tiny_model(), [{"x": x, "y": y, "weight": padded_weights}])
+    assert max_rel(padded, plain) < 1e-12
+    assert result.global_count.item() == 5
+
+
+def test_token_loss_is_normalised_by_real_tokens():
+    """Sequences of different lengths: micro-batching them equals one batch, tokens counted exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(11, 8), nn.Linear(8, 4)).double()
+    x = torch.randint(0, 11, (6, 5))
+    y = torch.randint(0, 4, (6, 5))
+    lengths = torch.tensor([5, 1, 3, 2, 5, 4])
+    mask = torch.arange(5)[None, :] < lengths[:, None]
+
+    class Masked(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, tokens, mask):
+            return self.inner(tokens)
+
+    def run(sizes):
+        m = Masked(copy.deepcopy(model))
+        opt = torch.optim.SGD(m.parameters(), lr=1.0)
+        mbs, start = [], 0
+        for size in sizes:
+            sl = slice(start, start + size)
+            mbs.append({"x": x[sl], "y": y[sl], "mask": mask[sl]})
+            start += size
+        result = train_step(m, mbs, opt, task="token_classification", lr=1.0, precision=FP32)
+        return torch.cat([p.detach().flatten() for p in m.parameters()]), result
+
+    full, result = run([6])
+    accumulated, _ = run([2, 2, 2])
+    assert result.global_count.item() == lengths.sum().item()  # 20 real tokens, not 30
+    assert max_rel(accumulated, full) < 1e-12
+
+
+def test_grad_clip_reports_the_unclipped_norm_and_clips():
+    x, y = dataset(8)
+    model = tiny_model()
+    reference = copy.deepcopy(model)
+    params, result = step_params(model, [{"x": x, "y": y}], lr=1.0, grad_clip=1e-3)
+    # Recompute the unclipped gradient by hand.
+    loss = nn.functional.cross_entropy(reference(x), y, reduction="sum") / 8
+    grads = torch.autograd.grad(loss, list(reference.parameters()))
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+    assert abs(result.grad_norm.item() - norm.item()) < 1e-9
+    moved = params - torch.cat([p.detach().flatten() for p in reference.parameters()])
+    assert abs(moved.norm().item() - 1e-3) < 1e-8  # lr 1 x clipped norm
+
+
+def test_nonfinite_step_is_skipped_and_counted():
+    x, y = dataset(4)
+    x[0, 0] = float("nan")
+    model = tiny_model()
+    before = torch.cat([p.detach().flatten() for p in model.parameters()])
+    after, result = step_params(model, [{"x": x, "y": y}])
+    assert result.skipped
+    assert torch.equal(before, after)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_guard_aborts_after_n_in_a_row_naming_the_step():
+    guard = NonFiniteGuard(max_in_a_row=3)
+    for step, finite in enumerate([False, False, True, False, False]):
+        guard.observe(finite, step)
+    assert guard.skipped_total == 4
+    with pytest.raises(NonFiniteError, match="at step 5: 3 steps in a row"):
+        guard.observe(False, 5)
+
+
+def test_bf16_autocast_on_cpu_trains_close_to_fp32():
+    x, y = dataset(16, torch.float32)
+    fp32, _ = step_params(tiny_model(torch.float32), [{"x": x, "y": y}])
+    model = tiny_model(torch.float32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    result = train_step(model, split(x, y, [8, 8]), optimizer, task="classification", lr=0.5,
+                        precision=make_precision("bf16", torch.device("cpu")))
+    bf16 = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert not result.skipped
+    assert max_rel(bf16, fp32) < 2e-2  # bf16 has 8 mantissa bits
+    assert not torch.equal(bf16, fp32)  # autocast really ran in lower precision
+
+
+def test_fp16_on_cpu_is_a_config_error():
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        make_precision("fp16", torch.device("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp16_gradscaler_on_gpu():
+    x, y = dataset(16, torch.float32)
+    model = tiny_model(torch.float32).cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    precision = make_precision("fp16", torch.device("cuda"))
+    result = train_step(model, split(x.cuda(), y.cuda(), [8, 8]), optimizer, task="classification", lr=0.5,
+                        precision=precision)
+    assert torch.isfinite(result.grad_norm)
+
+
+def test_resume_from_checkpoint_continues_exactly(tmp_path):
+    """Dropout and momentum make the continuation depend on RNG and optimizer state: both must travel."""
+    x, y = dataset(32, torch.float32)
+
+    def steps(model, optimizer, count, offset):
+        for i in range(offset, offset + count):
+            sl = slice((i % 4) * 8, (i % 4) * 8 + 8)
+            train_step(model, [{"x": x[sl], "y": y[sl]}], optimizer, task="classification", lr=0.1,
+                       precision=FP32)
+
+    torch.manual_seed(5)
+    model = tiny_model(torch.float32, dropout=0.3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    steps(model, optimizer, 3, 0)
+    checkpoint.save_atomic(checkpoint.capture(model, optimizer, None, {"step": 3}), tmp_path / "state.pt")
+    steps(model, optimizer, 3, 3)
+    uninterrupted = [p.detach().clone() for p in model.parameters()]
+
+    torch.manual_seed(999)  # a fresh process would start from other RNG states
+    resumed = tiny_model(torch.float32, seed=123, dropout=0.3)
+    resumed_opt = torch.optim.SGD(resumed.parameters(), lr=0.1, momentum=0.9)
+    progress = checkpoint.restore(checkpoint.load(tmp_path / "state.pt"), resumed, resumed_opt, None)
+    assert progress == {"step": 3}
+    steps(resumed, resumed_opt, 3, 3)
+    for a, b in zip(uninterrupted, resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_save_atomic_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "state.pt"
+    checkpoint.save_atomic({"v": 1}, target)
+
+    def boom(obj, handle):
+        handle.write(b"half")
+        raise KeyboardInterrupt  # killed mid-write
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_atomic({"v": 2}, target)
+    assert checkpoint.load(target) == {"v": 1}
+
+
+# --------------------------------------------------------------------------- 2-process gloo DDP on loopback
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, rows_per_rank, micro, result_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    x, y = dataset(sum(rows_per_rank))
+    start = sum(rows_per_rank[:rank])
+    mine_x, mine_y = x[start:start + rows_per_rank[rank]], y[start:start + rows_per_rank[rank]]
+    if len(mine_x) == 0:  # an empty rank still takes part with a zero-weight row
+        mbs = [{"x": x[:1], "y": y[:1], "weight": torch.zeros(1, dtype=torch.float64)}]
+    else:
+        mbs = [{"x": mine_x[i:i + micro], "y": mine_y[i:i + micro]} for i in range(0, len(mine_x), micro)]
+    model = DistributedDataParallel(tiny_model())
+    calls = []
+
+    def counting_hook(state, bucket):
+        calls.append(1)
+        return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(
+            lambda fut: fut.value()[0] / world)
+
+    model.register_comm_hook(None, counting_hook)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(2):
+        train_step(model, mbs, optimizer, task="classification", lr=0.5, precision=FP32)
+    if rank == 0:
+        torch.save({"params": [p.detach() for p in model.module.parameters()], "hook_calls": len(calls),
+                    "micro_batches": len(mbs)}, result_path)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("rows_per_rank, micro", [
+    pytest.param([8, 8], 2, id="even-4-microbatches"),
+    pytest.param([8, 3], 2, id="partial-tail-uneven-ranks"),  # rank 1 has fewer rows and micro-batches
+    pytest.param([5, 0], 2, id="empty-rank"),  # rank 1 has nothing left in the last window
+])
+def test_ddp_two_processes_match_one_process(tmp_path, rows_per_rank, micro):
+    result_path = tmp_path / "rank0.pt"
+    mp.spawn(_ddp_worker, args=(2, _free_port(), rows_per_rank, micro, str(result_path)), nprocs=2)
+    got = torch.load(result_path)
+    # Same two steps in one process on all rows as a single batch.
+    x, y = dataset(sum(rows_per_rank))
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(2):
+        train_step(model, [{"x": x, "y": y}], optimizer, task="classification", lr=0.5, precision=FP32)
+    for a, b in zip(got["params"], model.parameters(), strict=True):
+        assert torch.allclose(a, b.detach(), rtol=1e-12, atol=1e-14)
+    # One gradient all-reduce per optimizer step (the model fits one DDP bucket), none per micro-batch.
+    assert got["hook_calls"] == 2
