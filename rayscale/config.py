@@ -55,7 +55,10 @@ class DataConfig:
     features: list[str] | None = key(None, "Parquet feature columns (null: every column not used otherwise)")
     label: str = key("label", "Parquet label column")
     weight: str | None = key(None, "optional Parquet per-sample weight column")
-    sequence: str | None = key(None, "optional Parquet token-sequence column (list of ints)")
+    sequence: str | None = key(None, "optional Parquet token-sequence column (list of ints); the label column "
+                                     "then holds one label per token")
+    num_classes: int | None = key(None, "classes of an integer label (null: max label + 1, read from the data)",
+                                  minimum=2)
     val_fraction: float = key(0.2, "share of rows held out for validation when val_source is not set",
                               minimum=0.0)
     val_source: str | None = key(None, "separate validation data (same kinds as source)")
