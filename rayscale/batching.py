@@ -36,7 +36,7 @@ def plan_batches(global_batch_size: int, micro_batch_size: int | None, num_worke
     if micro > per_worker:
         raise ConfigError(
             f"batch.micro_batch_size {micro} is larger than the per-worker batch {per_worker} "
-            f"(global_batch_size {global_batch_size} / {workers} workers)")
+            f"(global_batch_size {global_batch_size} / {workers} workers); lower it or set it to null")
     if per_worker % micro:
         raise ConfigError(
             f"batch.global_batch_size {global_batch_size} is not micro_batch_size {micro} x accumulation "

@@ -81,8 +81,8 @@ class ModelConfig:
 class BatchConfig:
     global_batch_size: int = key(128, "samples per optimizer step, all workers together", unit="samples",
                                  minimum=1)
-    micro_batch_size: int | None = key(None, "samples per forward/backward on one worker; null: the whole "
-                                             "per-worker batch (no accumulation)", unit="samples", minimum=1)
+    micro_batch_size: int | None = key(32, "samples per forward/backward on one worker; null: the whole "
+                                           "per-worker batch (no accumulation)", unit="samples", minimum=1)
 
 
 @dataclass
@@ -94,7 +94,7 @@ class ScalingConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = key(10, "passes over the training data", minimum=1)
+    epochs: int = key(12, "passes over the training data", minimum=1)
     precision: str = key("fp32", "fp32 | bf16 (autocast) | fp16 (autocast + GradScaler, GPU only)",
                          choices=("fp32", "bf16", "fp16"))
     grad_clip: float | None = key(None, "clip gradients to this global L2 norm (null: off; norm is still "
@@ -126,9 +126,9 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: str = key("constant", "decay after warmup",
+    name: str = key("cosine", "decay after warmup",
                     choices=("constant", "step", "exponential", "polynomial", "cosine"))
-    warmup_samples: int = key(0, "linear warmup from 0 to the full lr", unit="samples", minimum=0)
+    warmup_samples: int = key(1024, "linear warmup from 0 to the full lr", unit="samples", minimum=0)
     step_samples: int | None = key(None, "step/exponential: lr is multiplied by gamma every this many samples "
                                          "(null: a third of the decay span)", unit="samples", minimum=1)
     gamma: float = key(0.1, "step/exponential decay factor", minimum=0.0, exclusive_minimum=True)

@@ -1,0 +1,214 @@
+"""Rows from a source to each worker's micro-batches: Ray Data on the driver side, step assembly on the worker.
+
+Why every worker streams the whole (lazily read) dataset instead of a `streaming_split` shard: Ray assigns
+blocks to split shards dynamically, so which rows a rank sees changes from run to run, shards are uneven
+(ranks take different step counts and hang, Ray #66085) and `equal=True` silently drops rows (#63285).
+Here every rank reads the same ordered stream and keeps only its slice of each global step, so:
+  - every rank runs exactly the same number of steps, partial last step included — no row is ever dropped;
+  - a run is bitwise reproducible: the order depends on the seed and epoch, never on block boundaries;
+  - which rows a rank trains on in a step does not depend on the micro-batch size.
+The price is that each worker reads (not trains on) every row; reading is cheap next to training for the
+data sizes one node holds, and `data.shuffle: full` still shuffles across the whole dataset in Ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rayscale import sources
+from rayscale.batching import BatchPlan, micro_batch_bounds, rank_slice
+from rayscale.config import DataConfig
+
+VAL_BUCKETS = 1_000_000
+
+
+def _mix(row_ids: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: a stable pseudo-random value per row id, independent of order and chunking."""
+    z = row_ids.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def is_validation(row_ids: np.ndarray, val_fraction: float) -> np.ndarray:
+    """Rows held out for validation: a fixed pseudo-random subset, the same in every epoch and run."""
+    return (_mix(row_ids) % np.uint64(VAL_BUCKETS)) < np.uint64(round(val_fraction * VAL_BUCKETS))
+
+
+def count_rows(info: sources.SourceInfo, split: str, val_fraction: float) -> int:
+    """Rows in `split` ("train", "val" or "all"), counted from row ids only, without reading data."""
+    if split == "all" or val_fraction == 0:
+        return info.num_rows if split != "val" else 0
+    held_out = 0
+    for start in range(0, info.num_rows, 1 << 22):  # bounded memory for billions of rows
+        held_out += int(is_validation(np.arange(start, min(start + (1 << 22), info.num_rows)), val_fraction).sum())
+    return held_out if split == "val" else info.num_rows - held_out
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """Which rows of which source a dataset holds: plain data, shipped to Ray Data tasks."""
+
+    info: sources.SourceInfo
+    split: str  # "train" | "val" | "all"
+    val_fraction: float
+    data: DataConfig
+    seed: int
+
+
+def read_split_chunks(batch: dict[str, np.ndarray], spec: SplitSpec) -> dict[str, np.ndarray]:
+    """Ray Data map_batches function: chunk descriptors in, those chunks' rows (of this split) out."""
+    outputs = [_read_split_chunk(int(index), spec) for index in batch["chunk"]]
+    return {key: _concat([out[key] for out in outputs]) for key in outputs[0]}
+
+
+def _read_split_chunk(index: int, spec: SplitSpec) -> dict[str, np.ndarray]:
+    rows = sources.read_chunk(spec.info.kind, spec.info.chunks[index], spec.data, spec.seed)
+    if spec.split == "all" or spec.val_fraction == 0:
+        return rows
+    keep = is_validation(rows["row_id"], spec.val_fraction)
+    if spec.split == "train":
+        keep = ~keep
+    return {key: value[keep] for key, value in rows.items()}
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    if parts[0].dtype == object:
+        out = np.empty(sum(len(p) for p in parts), dtype=object)
+        out[:] = [item for part in parts for item in part]
+        return out
+    return np.concatenate(parts)
+
+
+def build_dataset(spec: SplitSpec, epoch: int | None = None):
+    """A lazy Ray Dataset of the split; for training, ordered (or shuffled) for `epoch`."""
+    import ray.data
+
+    order = np.arange(len(spec.info.chunks))
+    shuffle = spec.data.shuffle if spec.split == "train" else "none"
+    if shuffle == "local" and epoch is not None:  # block (file / row-group) order, fresh each epoch
+        order = np.random.default_rng([spec.seed, epoch, 17]).permutation(order)
+    items = [{"chunk": int(i)} for i in order]
+    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        read_split_chunks, fn_kwargs={"spec": spec}, batch_size=1, batch_format="numpy")
+    if shuffle == "full" and epoch is not None:
+        dataset = dataset.random_shuffle(seed=spec.seed * 1000 + epoch)
+    return dataset
+
+
+# ------------------------------------------------------------------------------------------- worker side
+
+@dataclass
+class StepRows:
+    """This rank's rows for one global step (numpy columns) and the step's size across all ranks."""
+
+    rows: dict[str, np.ndarray]
+    rows_in_step: int
+
+
+def _take(columns: dict[str, np.ndarray], index: np.ndarray | slice) -> dict[str, np.ndarray]:
+    return {key: value[index] for key, value in columns.items()}
+
+
+class StepAssembler:
+    """Cuts an ordered row stream into global steps and hands this rank its slice of each.
+
+    Rows are gathered into windows of a fixed number of rows (a multiple of the global batch), each window
+    is permuted with an RNG keyed by (seed, epoch, window): position-based, so the result never depends on
+    how Ray happened to cut the stream into blocks. Optional length bucketing and class stratification
+    rearrange rows inside a window, before steps are cut, so they too are independent of micro-batching.
+    """
+
+    def __init__(self, plan: BatchPlan, rank: int, *, seed: int, epoch: int, shuffle: str, window_rows: int,
+                 bucket_by_length: bool = False, stratified: bool = False):
+        self.plan, self.rank, self.seed, self.epoch = plan, rank, seed, epoch
+        self.shuffle, self.bucket_by_length, self.stratified = shuffle, bucket_by_length, stratified
+        steps_per_window = max(1, -(-window_rows // plan.global_batch_size))
+        self.window_rows = steps_per_window * plan.global_batch_size
+
+    def steps(self, batches: Iterable[dict[str, np.ndarray]]) -> Iterator[StepRows]:
+        pending: list[dict[str, np.ndarray]] = []
+        pending_rows, window_index = 0, 0
+        for batch in batches:
+            pending.append(batch)
+            pending_rows += len(batch["row_id"])
+            while pending_rows >= self.window_rows:
+                columns = {k: _concat([b[k] for b in pending]) for k in pending[0]}
+                window, rest = _take(columns, slice(0, self.window_rows)), _take(columns, slice(self.window_rows, None))
+                yield from self._window_steps(window, window_index)
+                window_index += 1
+                pending, pending_rows = [rest], len(rest["row_id"])
+        if pending_rows:
+            columns = {k: _concat([b[k] for b in pending]) for k in pending[0]}
+            yield from self._window_steps(columns, window_index)
+
+    def _arrange(self, window: dict[str, np.ndarray], window_index: int) -> np.ndarray:
+        size = len(window["row_id"])
+        rng = np.random.default_rng([self.seed, self.epoch, window_index])
+        order = rng.permutation(size) if self.shuffle == "local" else np.arange(size)
+        batch = self.plan.global_batch_size
+        if self.bucket_by_length and window["x"].dtype == object:
+            lengths = np.fromiter((len(window["x"][i]) for i in order), dtype=np.int64, count=size)
+            order = order[np.argsort(lengths, kind="stable")]
+            groups = [order[i:i + batch] for i in range(0, size, batch)]
+            full = [g for g in groups if len(g) == batch]
+            tail = [g for g in groups if len(g) < batch]
+            order = np.concatenate([full[i] for i in rng.permutation(len(full))] + tail) if full else order
+        elif self.stratified and window["y"].ndim == 1 and window["y"].dtype.kind in "iu":
+            # Spread each class evenly through the window: sort by a row's position within its class.
+            labels = window["y"][order]
+            position = np.zeros(size)
+            for label in np.unique(labels):
+                members = np.flatnonzero(labels == label)
+                position[members] = (np.arange(len(members)) + 0.5) / len(members)
+            order = order[np.lexsort((labels, position))]
+        return order
+
+    def _window_steps(self, window: dict[str, np.ndarray], window_index: int) -> Iterator[StepRows]:
+        window = _take(window, self._arrange(window, window_index))
+        size = len(window["row_id"])
+        for start in range(0, size, self.plan.global_batch_size):
+            step = _take(window, slice(start, start + self.plan.global_batch_size))
+            rows_in_step = len(step["row_id"])
+            low, high = rank_slice(rows_in_step, self.plan, self.rank)
+            mine = _take(step, slice(low, high))
+            if high == low:  # nothing left for this rank: one zero-weight row keeps DDP in step
+                mine = _take(step, slice(0, 1))
+                mine["weight"] = np.zeros(1, dtype=np.float32)
+            yield StepRows(mine, rows_in_step)
+
+
+# ------------------------------------------------------------------------------------------------ collate
+
+def collate(rows: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """numpy rows -> tensors; sequences are padded to the longest in this batch, with a mask."""
+    batch: dict[str, torch.Tensor] = {}
+    x, y = rows["x"], rows["y"]
+    if x.dtype == object:  # variable-length token sequences
+        lengths = np.fromiter((len(seq) for seq in x), dtype=np.int64, count=len(x))
+        width = int(lengths.max()) if len(lengths) else 1
+        tokens = np.zeros((len(x), width), dtype=np.int64)
+        labels = np.zeros((len(x), width), dtype=np.int64)
+        for i, (seq, lab) in enumerate(zip(x, y, strict=True)):
+            tokens[i, :len(seq)] = seq
+            labels[i, :len(lab)] = lab
+        batch["x"] = torch.from_numpy(tokens)
+        batch["y"] = torch.from_numpy(labels)
+        batch["mask"] = torch.from_numpy(np.arange(width)[None, :] < lengths[:, None])
+    else:
+        batch["x"] = torch.from_numpy(np.ascontiguousarray(x))
+        batch["y"] = torch.from_numpy(np.ascontiguousarray(y))
+    if "weight" in rows:
+        batch["weight"] = torch.from_numpy(np.ascontiguousarray(rows["weight"], dtype=np.float32))
+    non_blocking = device.type == "cuda"
+    return {key: value.to(device, non_blocking=non_blocking) for key, value in batch.items()}
+
+
+def micro_batches(step: StepRows, micro_batch_size: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    rows = len(step.rows["row_id"])
+    return [collate(_take(step.rows, slice(a, b)), device) for a, b in micro_batch_bounds(rows, micro_batch_size)]

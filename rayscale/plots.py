@@ -1,0 +1,39 @@
+"""PNG figures of a run: loss and accuracy against samples seen (headless, matplotlib's Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(records: list[dict], path: Path, title: str = "") -> None:
+    """curves.png: train and val loss (left), val accuracy (right) against samples seen."""
+    plt = _pyplot()
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    train = [(r["samples_seen"], r["train_loss"]) for r in records if r.get("train_loss") is not None]
+    val = [(r["samples_seen"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+    acc = [(r["samples_seen"], r["val_accuracy"]) for r in records if r.get("val_accuracy") is not None]
+    if train:
+        loss_ax.plot(*zip(*train), label="train loss")
+    if val:
+        loss_ax.plot(*zip(*val), "o-", label="val loss")
+    loss_ax.set(xlabel="samples seen", ylabel="loss", title=f"{title} loss".strip())
+    loss_ax.legend(loc="upper right")
+    if acc:
+        acc_ax.plot(*zip(*acc), "o-", color="tab:green", label="val accuracy")
+        acc_ax.set_ylim(0, 1)
+        acc_ax.legend(loc="lower right")
+    acc_ax.set(xlabel="samples seen", ylabel="accuracy", title=f"{title} accuracy".strip())
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

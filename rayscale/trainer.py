@@ -1,0 +1,299 @@
+"""[2] The driver: validates a config, builds the TorchTrainer, runs it and writes the run's outputs.
+
+Everything that can be checked without a cluster (config, batch plan, data sources and columns, the model,
+the output directory) is checked before Ray starts, so bad input costs no cluster resources and leaves no
+half-written run directory. Tune (tune.py) builds its trials with `build_trainer` from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from rayscale import config as config_module
+from rayscale import data, sources
+from rayscale.batching import BatchPlan, plan_batches
+from rayscale.config import Config
+from rayscale.errors import UserError
+from rayscale.schedules import scaled_lr
+
+PROCESS_GROUP_TIMEOUT_S = 120  # a frozen worker fails the step in 2 minutes, not Ray's default 30
+
+
+@dataclass
+class PreparedRun:
+    cfg: Config
+    plan: BatchPlan
+    train: data.SplitSpec
+    val: data.SplitSpec | None
+    train_rows: int
+    val_rows: int
+    run_dir: Path
+
+    @property
+    def spec(self):
+        return self.train.info.spec
+
+
+def run_directory(cfg: Config) -> Path:
+    return Path(cfg.run.output_dir).expanduser().resolve() / cfg.run.name
+
+
+def prepare(cfg: Config) -> PreparedRun:
+    """Every check that needs no cluster. Raises UserError; writes nothing."""
+    plan = plan_batches(cfg.batch.global_batch_size, cfg.batch.micro_batch_size, cfg.scaling.num_workers)
+    if cfg.train.precision == "fp16" and not cfg.scaling.use_gpu:
+        raise UserError("train.precision fp16 needs a GPU (scaling.use_gpu: true); use bf16 on CPU")
+    if cfg.data.val_source is None and not 0 <= cfg.data.val_fraction < 1:
+        raise UserError(f"data.val_fraction: expected a value in [0, 1), got {cfg.data.val_fraction}")
+    info = sources.inspect_source(cfg.data.source, cfg.data, cfg.seed)
+    if cfg.data.val_source is not None:
+        val_info = sources.inspect_source(cfg.data.val_source, cfg.data, cfg.seed, key="data.val_source")
+        if val_info.spec.input_shape[1:] != info.spec.input_shape[1:] or val_info.spec.task != info.spec.task:
+            raise UserError(f"data.val_source: {cfg.data.val_source} does not match data.source "
+                            f"({val_info.spec.task} {val_info.spec.input_shape} vs {info.spec.task} "
+                            f"{info.spec.input_shape})")
+        train = data.SplitSpec(info, "all", 0.0, cfg.data, cfg.seed)
+        val = data.SplitSpec(val_info, "all", 0.0, cfg.data, cfg.seed)
+        train_rows, val_rows = info.num_rows, val_info.num_rows
+    else:
+        train = data.SplitSpec(info, "train", cfg.data.val_fraction, cfg.data, cfg.seed)
+        val = data.SplitSpec(info, "val", cfg.data.val_fraction, cfg.data, cfg.seed)
+        train_rows = data.count_rows(info, "train", cfg.data.val_fraction)
+        val_rows = data.count_rows(info, "val", cfg.data.val_fraction)
+        val = val if val_rows else None
+    if train_rows == 0:
+        raise UserError(f"data.source: {cfg.data.source} leaves no training rows")
+    _check_model(cfg, info.spec)
+    run_dir = run_directory(cfg)
+    _check_writable(run_dir)
+    return PreparedRun(cfg, plan, train, val, train_rows, val_rows, run_dir)
+
+
+def _check_model(cfg: Config, spec) -> None:
+    """Build the model once on the driver (CPU, tiny) so a bad name or kwargs fails before Ray starts."""
+    from rayscale.models import build_model
+    from rayscale.optimizers import build_optimizer
+
+    model = build_model(cfg.model, spec)
+    build_optimizer(cfg.optim, model, cfg.optim.lr)
+
+
+def _check_writable(run_dir: Path) -> None:
+    probe = run_dir
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"run.output_dir: cannot write to {probe} (needed for {run_dir})")
+
+
+def _check_same_config(cfg: Config, run_dir: Path) -> None:
+    """Resuming a run with other training settings would silently mix two experiments."""
+    existing = run_dir / "config.yaml"
+    if not existing.exists():
+        return
+    old = yaml.safe_load(existing.read_text()) or {}
+    new = config_module.to_dict(cfg)
+    for section in new:
+        if section in ("run", "scaling"):
+            continue  # where and on how much hardware may change between attempts
+        if old.get(section) != new[section]:
+            raise UserError(f"run.name {cfg.run.name}: {run_dir} holds a run with a different '{section}' "
+                            f"config; pick another run.name or the same config to resume it")
+
+
+def connect(address: str | None, cfg: Config) -> None:
+    """Join a cluster (`--address`, RAY_ADDRESS, or inside `ray job submit`), else start Ray on loopback."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # Ray reads this when it is imported: set it first, so the embedded Ray binds 127.0.0.1 only.
+        # Not when joining a cluster, whose nodes must keep advertising their real addresses.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, logging_level="WARNING")
+        return
+    needed = math.ceil(max(cfg.scaling.num_workers, 1) * cfg.scaling.cpus_per_worker)
+    # One logical CPU beyond the workers' reservation, or Ray Data's read tasks never get scheduled.
+    # The dashboard stays on (Ray Train's state API needs it), on loopback only.
+    ray.init(num_cpus=max(os.cpu_count() or 1, needed) + 1, dashboard_host="127.0.0.1",
+             logging_level="WARNING")
+
+
+def check_cluster_fits(cfg: Config) -> None:
+    """Fail fast with the numbers instead of waiting forever on a placement group that cannot fit."""
+    import ray
+
+    total = ray.cluster_resources()
+    workers = max(cfg.scaling.num_workers, 1)
+    need_cpu = workers * cfg.scaling.cpus_per_worker
+    if cfg.scaling.num_workers and need_cpu > total.get("CPU", 0):
+        raise UserError(f"scaling.num_workers: {workers} workers x {cfg.scaling.cpus_per_worker:g} CPUs need "
+                        f"{need_cpu:g} CPUs, the cluster has {total.get('CPU', 0):g}")
+    if cfg.scaling.use_gpu and workers > total.get("GPU", 0):
+        raise UserError(f"scaling.use_gpu: {workers} workers need {workers} GPUs, the cluster has "
+                        f"{total.get('GPU', 0):g}")
+
+
+def payload(prepared: PreparedRun) -> dict:
+    """What crosses into the workers: plain data only."""
+    return {
+        "config": config_module.to_dict(prepared.cfg),
+        "spec": dataclasses.asdict(prepared.spec),
+        "train_rows": prepared.train_rows,
+        "val_rows": prepared.val_rows,
+        "run_dir": str(prepared.run_dir),
+        "local_mode": prepared.cfg.scaling.num_workers == 0,
+    }
+
+
+def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, name: str = "checkpoints",
+                  callbacks: list | None = None):
+    import ray.data
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from rayscale.worker import quiet_ray_data
+
+    cfg = prepared.cfg
+    quiet_ray_data()
+    datasets = {f"train_{epoch}": data.build_dataset(prepared.train, epoch) for epoch in range(cfg.train.epochs)}
+    if prepared.val is not None:
+        datasets["val"] = data.build_dataset(prepared.val)
+    execution = ray.data.ExecutionOptions(preserve_order=True)  # the same row order on every rank and run
+    return TorchTrainer(
+        _worker_entry,
+        train_loop_config=payload(prepared),
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
+                                                           **({"GPU": 1} if cfg.scaling.use_gpu else {})}),
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo",
+                                 timeout_s=PROCESS_GROUP_TIMEOUT_S),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=execution),
+        run_config=RunConfig(
+            name=name, storage_path=storage_path or str(prepared.run_dir),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=3),
+            callbacks=callbacks or [],
+            # Train V2 re-routes print() through its logger, which echoes every progress line twice.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        ),
+    )
+
+
+def _worker_entry(payload_dict: dict) -> None:
+    from rayscale.worker import train_worker
+
+    train_worker(payload_dict)
+
+
+# --------------------------------------------------------------------------------------------- outputs
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_outputs(prepared: PreparedRun, result, started: float, first_step_at: float | None) -> dict:
+    import torch
+
+    from rayscale import checkpoint
+    from rayscale.plots import plot_curves
+
+    run_dir, cfg = prepared.run_dir, prepared.cfg
+    if result.checkpoint is None:
+        raise RuntimeError("training ended without a checkpoint; see the log above")
+    with result.checkpoint.as_directory() as directory:
+        state = checkpoint.load(Path(directory) / checkpoint.STATE_FILE)
+    checkpoint.save_atomic(state["model"], run_dir / "model.pt")
+    records = read_metrics(run_dir)
+    epoch_ends = [r for r in records if r.get("epoch_end")]
+    final = dict(epoch_ends[-1]) if epoch_ends else (records[-1] if records else {})
+    for key in ("_report", "epoch_end"):
+        final.pop(key, None)
+    progress = state["progress"]
+    wall = time.time() - started
+    summary = {
+        "run_dir": str(run_dir),
+        "final": final,
+        "samples_seen": progress["samples_seen"],
+        "steps": progress["step"],
+        "epochs": progress["epoch"],
+        "wall_time_s": round(wall, 3),
+        "startup_time_s": round(first_step_at - started, 3) if first_step_at else None,
+        "world_size": prepared.plan.num_workers,
+        "batch_plan": dataclasses.asdict(prepared.plan),
+        "effective_lr": scaled_lr(cfg.optim.lr, cfg.batch.global_batch_size, cfg.optim.base_batch_size,
+                                  cfg.optim.scaling_rule),
+        "train_rows": prepared.train_rows,
+        "val_rows": prepared.val_rows,
+        "rows_left_out": 0,  # partial last steps are trained, never dropped (see data.py)
+        "restarts": progress.get("resumes", 0),
+        "nonfinite_skipped": progress.get("nonfinite_skipped", 0),
+        "precision": cfg.train.precision,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_curves(records, run_dir / "curves.png", title=cfg.run.name)
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    final = summary["final"]
+    rows = [
+        ("run", summary["run_dir"]),
+        ("samples seen", f"{summary['samples_seen']:,} in {summary['steps']:,} steps, {summary['epochs']} epochs"),
+        ("batch plan", "global {global_batch_size} = micro {micro_batch_size} x {accumulation_steps} accumulation"
+                       " x {num_workers} workers".format(**summary["batch_plan"])),
+        ("train loss", _fmt(final.get("train_loss"))),
+        ("val loss", _fmt(final.get("val_loss"))),
+        ("val accuracy", _fmt(final.get("val_accuracy"))),
+        ("wall time", f"{summary['wall_time_s']:.1f} s (start-up {_fmt(summary['startup_time_s'], '.1f')} s)"),
+        ("rows left out", str(summary["rows_left_out"])),
+        ("restarts", str(summary["restarts"])),
+        ("non-finite steps skipped", str(summary["nonfinite_skipped"])),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"  {k:<{width}}  {v}" for k, v in rows), flush=True)
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def train(cfg: Config, *, address: str | None = None, callbacks: list | None = None) -> dict:
+    """Validate, run and write outputs; returns the summary."""
+    started = time.time()
+    prepared = prepare(cfg)
+    connect(address, cfg)
+    check_cluster_fits(cfg)
+    _check_same_config(cfg, prepared.run_dir)
+    prepared.run_dir.mkdir(parents=True, exist_ok=True)
+    (prepared.run_dir / "config.yaml").write_text(
+        yaml.safe_dump(config_module.to_dict(cfg), sort_keys=False))
+    print(f"[rayscale] run directory {prepared.run_dir}", flush=True)
+    result = build_trainer(prepared, callbacks=callbacks).fit()
+    records = read_metrics(prepared.run_dir)
+    # Start-up: from this command's start to the moment the (latest) worker group began training.
+    first_step_at = records[-1].get("started_at") if records else None
+    summary = write_outputs(prepared, result, started, first_step_at)
+    print_summary(summary)
+    return summary
+
+
+def train_from_cli(config_path: str | None, overrides: list[str], address: str | None = None) -> int:
+    cfg = config_module.load(config_path, overrides)
+    train(cfg, address=address)
+    return 0

@@ -1,0 +1,277 @@
+"""[1] The Ray Train worker function: the only code that runs inside the training workers.
+
+It rebuilds the typed config from the plain dict the driver sent, restores the latest checkpoint, then runs
+the engine's `train_step` over this rank's slice of every global step. Ray is touched in four places only:
+the train context, the dataset shards, `get_checkpoint` and `report` (interval and epoch end, never per
+step: it is a barrier across workers).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from rayscale import checkpoint, config, tasks
+from rayscale.batching import plan_batches
+from rayscale.data import StepAssembler, micro_batches
+from rayscale.models import build_model
+from rayscale.optimizers import build_optimizer
+from rayscale.schedules import scaled_lr, schedule_from_config
+from rayscale.step import NonFiniteGuard, make_precision, train_step
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class Interval:
+    """Sums since the last log line, kept on the device so the hot loop never waits for the host."""
+
+    loss_sum: torch.Tensor
+    count: torch.Tensor
+    grad_norm_sum: torch.Tensor
+    steps: int = 0
+    samples: int = 0
+    data_wait: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def fresh(cls, device: torch.device) -> Interval:
+        zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
+        return cls(zero(), zero(), zero())
+
+
+def _all_reduce(values: list[float] | torch.Tensor, device: torch.device, op=None) -> torch.Tensor:
+    tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.float64)
+    tensor = tensor.to(device=device, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    return tensor
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _prepare_model(model: torch.nn.Module, device: torch.device, world_size: int) -> torch.nn.Module:
+    if world_size > 1 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over all ranks
+    model = model.to(device)
+    if world_size > 1:
+        model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    return model
+
+
+def _trim_metrics(path: Path, samples_seen: int) -> None:
+    """On resume, drop lines logged after the checkpoint we restart from: those steps run again."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("samples_seen", 0) <= samples_seen]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def evaluate(model, shard, plan, rank, spec: tasks.DataSpec, precision, device) -> dict[str, float]:
+    """Validation loss (and accuracy) over all validation rows, each rank taking its slice."""
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
+    assembler = StepAssembler(plan, rank, seed=0, epoch=0, shuffle="none", window_rows=plan.global_batch_size)
+    with torch.no_grad():
+        for step in assembler.steps(shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)):
+            for batch in micro_batches(step, plan.micro_batch_size, device):
+                with precision.autocast():
+                    output = tasks.forward(model, batch)
+                sums[0] += tasks.loss_sum(spec.task, output, batch).double()
+                hits = tasks.correct(spec.task, output, batch)
+                if hits is not None:
+                    sums[1] += hits.double()
+                sums[2] += tasks.count(spec.task, batch).double()
+    model.train()
+    loss, correct, count = _all_reduce(sums, device).tolist()
+    metrics = {"val_loss": loss / max(count, 1e-12)}
+    if spec.task != "regression":
+        metrics["val_accuracy"] = correct / max(count, 1e-12)
+    return metrics
+
+
+def quiet_ray_data() -> None:
+    """Ray Data and Train log every dataset execution and report at INFO, drowning the progress lines."""
+    import logging
+
+    import ray.data
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # "Reporting training result ..." per report
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def train_worker(payload: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    quiet_ray_data()
+    cfg = config.from_dict(payload["config"])
+    spec = tasks.DataSpec(**{**payload["spec"], "input_shape": tuple(payload["spec"]["input_shape"])})
+    run_dir = Path(payload["run_dir"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    local_mode = payload["local_mode"]
+
+    plan = plan_batches(cfg.batch.global_batch_size, cfg.batch.micro_batch_size, world_size)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
+    np.random.seed(cfg.seed)
+    model = _prepare_model(build_model(cfg.model, spec), device, world_size)
+    peak_lr = scaled_lr(cfg.optim.lr, plan.global_batch_size, cfg.optim.base_batch_size, cfg.optim.scaling_rule)
+    optimizer = build_optimizer(cfg.optim, model, peak_lr)
+    precision = make_precision(cfg.train.precision, device)
+    train_rows, epochs = payload["train_rows"], cfg.train.epochs
+    lr_multiplier = schedule_from_config(cfg.schedule, total_samples=epochs * train_rows)
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
+
+    progress = {"epoch": 0, "step_in_epoch": 0, "samples_seen": 0, "step": 0, "nonfinite_skipped": 0,
+                "resumes": 0, "val_loss": None, "val_accuracy": None}
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as directory:
+            state = checkpoint.load(Path(directory) / checkpoint.STATE_FILE)
+            progress = checkpoint.restore(state, model, optimizer, precision.scaler)
+            own_rng = Path(directory) / f"rng_rank{rank}.pt"
+            if own_rng.exists():  # each rank continues its own dropout stream
+                checkpoint.set_rng_states(checkpoint.load(own_rng))
+        progress["resumes"] += 1
+        guard.skipped_total = progress["nonfinite_skipped"]
+    metrics_path = run_dir / METRICS_FILE
+    if rank == 0:
+        _trim_metrics(metrics_path, progress["samples_seen"])
+        if restored is None and metrics_path.exists():
+            metrics_path.unlink()
+        print(f"[rayscale] {plan.describe()}; {train_rows} training rows, {epochs} epochs"
+              + (f"; resuming at epoch {progress['epoch']} step {progress['step_in_epoch']}" if restored else ""),
+              flush=True)
+
+    def write_line(record: dict) -> None:
+        if rank == 0:
+            with open(metrics_path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def save_and_report(metrics: dict) -> None:
+        """Every rank writes its part (rank 0 the state, each rank its RNG) into one merged checkpoint."""
+        # Local mode keeps no copy in Ray's storage, so its checkpoints stay in the run directory.
+        local_store = run_dir / "checkpoints" if local_mode else None
+        if local_store is not None:
+            local_store.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix="checkpoint-", dir=local_store))
+        progress["nonfinite_skipped"] = guard.skipped_total
+        if rank == 0:
+            checkpoint.save_atomic(checkpoint.capture(model, optimizer, precision.scaler, progress),
+                                   staging / checkpoint.STATE_FILE)
+        checkpoint.save_atomic(checkpoint.rng_states(), staging / f"rng_rank{rank}.pt")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(staging)))
+        if not local_mode:  # uploaded to the run's storage by now
+            shutil.rmtree(staging, ignore_errors=True)
+
+    interval = Interval.fresh(device)
+    next_log = progress["samples_seen"] + cfg.train.log_every_samples
+    every = cfg.run.checkpoint_every_samples
+    next_checkpoint = progress["samples_seen"] + every if every else None
+    last_report = time.perf_counter()
+    started = time.time()
+
+    def log(epoch: int, extra: dict | None = None) -> dict:
+        nonlocal interval, last_report
+        elapsed = time.perf_counter() - interval.started
+        want_report = float(rank == 0 and time.perf_counter() - last_report >= cfg.train.report_every_seconds)
+        loss_sum, count, wants = _all_reduce([interval.loss_sum.item(), interval.count.item(), want_report],
+                                             device).tolist()
+        memory = _all_reduce([peak_memory_mb(device)], device, op=dist.ReduceOp.MAX if dist.is_initialized()
+                             else None).item()
+        record = {
+            "step": progress["step"], "epoch": epoch, "samples_seen": progress["samples_seen"],
+            "train_loss": loss_sum / count if count else None,
+            "lr": optimizer.param_groups[0]["lr"],
+            "grad_norm": interval.grad_norm_sum.item() / max(interval.steps, 1),
+            "samples_per_sec": interval.samples / elapsed if elapsed > 0 else None,
+            "data_wait_fraction": interval.data_wait / elapsed if elapsed > 0 else None,
+            "peak_memory_mb": memory, "nonfinite_skipped": guard.skipped_total, "time": time.time() - started,
+            "started_at": started,
+            **(extra or {}),
+        }
+        write_line(record)
+        interval = Interval.fresh(device)
+        record["_report"] = wants > 0
+        return record
+
+    for epoch in range(progress["epoch"], epochs):
+        skip = progress["step_in_epoch"] if epoch == progress["epoch"] else 0
+        progress["epoch"], progress["step_in_epoch"] = epoch, 0
+        shard = ray.train.get_dataset_shard(f"train_{epoch}")
+        assembler = StepAssembler(plan, rank, seed=cfg.seed, epoch=epoch, shuffle=cfg.data.shuffle,
+                                  window_rows=cfg.data.shuffle_buffer_rows,
+                                  bucket_by_length=cfg.data.bucket_by_length, stratified=cfg.data.stratified)
+        stream = iter(assembler.steps(shard.iter_batches(batch_size=None, batch_format="numpy",
+                                                         prefetch_batches=4)))
+        model.train()
+        waited_from = time.perf_counter()
+        for step_in_epoch, step_rows in enumerate(stream):
+            if step_in_epoch < skip:  # committed before the restart: read past, never train twice
+                waited_from = time.perf_counter()
+                continue
+            batch = micro_batches(step_rows, plan.micro_batch_size, device)
+            interval.data_wait += time.perf_counter() - waited_from
+            samples_after = progress["samples_seen"] + step_rows.rows_in_step
+            result = train_step(model, batch, optimizer, task=spec.task,
+                                lr=peak_lr * lr_multiplier(samples_after), precision=precision,
+                                grad_clip=cfg.train.grad_clip)
+            overflow_only = result.skipped and precision.scaler is not None and bool(
+                torch.isfinite(result.loss_sum))  # fp16 loss-scale overflow: the scaler handles it
+            guard.observe(not result.skipped or overflow_only, progress["step"])
+            interval.loss_sum += result.loss_sum
+            interval.count += result.local_count.double()
+            interval.grad_norm_sum += torch.nan_to_num(result.grad_norm.double(), nan=0.0, posinf=0.0)
+            interval.steps += 1
+            interval.samples += step_rows.rows_in_step
+            progress.update(samples_seen=samples_after, step=progress["step"] + 1,
+                            step_in_epoch=step_in_epoch + 1)
+
+            if progress["samples_seen"] >= next_log:
+                next_log = progress["samples_seen"] + cfg.train.log_every_samples
+                record = log(epoch)
+                if rank == 0:
+                    print(f"[rayscale] epoch {epoch + 1}/{epochs} samples {progress['samples_seen']:,} "
+                          f"loss {record['train_loss']:.4f} lr {record['lr']:.4g} "
+                          f"{record['samples_per_sec']:,.0f} samples/s", flush=True)
+                if record.pop("_report"):
+                    last_report = time.perf_counter()
+                    ray.train.report({**record, **_val(progress)})
+            if next_checkpoint is not None and progress["samples_seen"] >= next_checkpoint:
+                next_checkpoint = progress["samples_seen"] + every
+                save_and_report({"samples_seen": progress["samples_seen"], "epoch": epoch, **_val(progress)})
+            waited_from = time.perf_counter()
+
+        val = evaluate(model, ray.train.get_dataset_shard("val"), plan, rank, spec, precision, device) \
+            if payload["val_rows"] else {}
+        progress.update(epoch=epoch + 1, step_in_epoch=0, **val)
+        record = log(epoch, {"epoch_end": True, **val})
+        record.pop("_report")
+        if rank == 0:
+            shown = " ".join(f"{k} {v:.4f}" for k, v in val.items())
+            print(f"[rayscale] epoch {epoch + 1}/{epochs} done: samples {progress['samples_seen']:,} {shown}",
+                  flush=True)
+        last_report = time.perf_counter()
+        save_and_report({**record, "epoch": epoch + 1, "training_done": epoch + 1 == epochs})
+
+
+def _val(progress: dict) -> dict:
+    return {key: progress[key] for key in ("val_loss", "val_accuracy") if progress.get(key) is not None}
