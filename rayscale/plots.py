@@ -22,13 +22,13 @@ def plot_curves(records: list[dict], path: Path, title: str = "") -> None:
     val = [(r["samples_seen"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
     acc = [(r["samples_seen"], r["val_accuracy"]) for r in records if r.get("val_accuracy") is not None]
     if train:
-        loss_ax.plot(*zip(*train), label="train loss")
+        loss_ax.plot(*zip(*train, strict=True), label="train loss")
     if val:
-        loss_ax.plot(*zip(*val), "o-", label="val loss")
+        loss_ax.plot(*zip(*val, strict=True), "o-", label="val loss")
     loss_ax.set(xlabel="samples seen", ylabel="loss", title=f"{title} loss".strip())
     loss_ax.legend(loc="upper right")
     if acc:
-        acc_ax.plot(*zip(*acc), "o-", color="tab:green", label="val accuracy")
+        acc_ax.plot(*zip(*acc, strict=True), "o-", color="tab:green", label="val accuracy")
         acc_ax.set_ylim(0, 1)
         acc_ax.legend(loc="lower right")
     acc_ax.set(xlabel="samples seen", ylabel="accuracy", title=f"{title} accuracy".strip())

@@ -208,7 +208,6 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def write_outputs(prepared: PreparedRun, result, started: float, first_step_at: float | None) -> dict:
-    import torch
 
     from rayscale import checkpoint
     from rayscale.plots import plot_curves
