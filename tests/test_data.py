@@ -1,0 +1,421 @@
+"""Step assembly, collate and the validation split, without Ray: streams of numpy column dicts shaped like
+Ray Data's numpy batches go straight into StepAssembler.steps()."""
+
+import numpy as np
+import pytest
+import torch
+
+from rayscale import sources
+from rayscale.batching import plan_batches
+from rayscale.config import DataConfig, SyntheticConfig
+from rayscale.data import (
+    SplitSpec,
+    StepAssembler,
+    StepRows,
+    collate,
+    count_rows,
+    is_validation,
+    micro_batches,
+    read_split_chunks,
+)
+
+CPU = torch.device("cpu")
+FEATURES = 3
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+def tabular_rows(rows: int, labels: np.ndarray | None = None, weight: bool = False) -> dict[str, np.ndarray]:
+    """Tabular columns whose first feature is the row id, so a row can be recognised after collate."""
+    row_id = np.arange(rows, dtype=np.int64)
+    x = np.zeros((rows, FEATURES), dtype=np.float32)
+    x[:, 0] = row_id
+    columns = {"row_id": row_id, "x": x, "y": (row_id % 5) if labels is None else labels.astype(np.int64)}
+    if weight:
+        columns["weight"] = np.linspace(0.5, 2.0, rows, dtype=np.float32)
+    return columns
+
+
+def sequence_rows(rows: int, max_length: int = 64, seed: int = 0) -> dict[str, np.ndarray]:
+    """Variable-length token sequences (object arrays of int64 arrays), labels one per token."""
+    lengths = np.random.default_rng(seed).integers(1, max_length + 1, size=rows)
+    x, y = np.empty(rows, dtype=object), np.empty(rows, dtype=object)
+    for i, length in enumerate(lengths):
+        x[i] = np.arange(1, length + 1, dtype=np.int64) + i  # never 0, so padding is visible
+        y[i] = np.full(length, i % 7, dtype=np.int64)
+    return {"row_id": np.arange(rows, dtype=np.int64), "x": x, "y": y}
+
+
+def cut(columns: dict[str, np.ndarray], block_rows: int | None) -> list[dict[str, np.ndarray]]:
+    """The same stream cut into blocks of `block_rows` (None: one block), as Ray might deliver it."""
+    rows = len(columns["row_id"])
+    size = block_rows or max(rows, 1)
+    return [{key: value[start:start + size] for key, value in columns.items()} for start in range(0, rows, size)]
+
+
+def epoch(columns, *, world, global_batch, micro=None, block_rows=None, window_rows=None, seed=0,
+          epoch_index=0, shuffle="local", **options) -> list[list[StepRows]]:
+    """Every rank's steps for one epoch over `columns`: steps[rank][step]."""
+    plan = plan_batches(global_batch, micro, world)
+    window_rows = window_rows or 2 * global_batch
+    return [list(StepAssembler(plan, rank, seed=seed, epoch=epoch_index, shuffle=shuffle,
+                               window_rows=window_rows, **options).steps(cut(columns, block_rows)))
+            for rank in range(world)]
+
+
+def real_ids(step: StepRows) -> np.ndarray:
+    """Row ids this rank trains on in the step: rows with non-zero weight (all rows when there is no weight)."""
+    ids = step.rows["row_id"]
+    return ids if "weight" not in step.rows else ids[step.rows["weight"] != 0]
+
+
+def ids_per_step(steps: list[list[StepRows]]) -> list[list[list[int]]]:
+    """[rank][step] -> that rank's row ids in order (the padding row included), for exact comparisons."""
+    return [[s.rows["row_id"].tolist() for s in rank_steps] for rank_steps in steps]
+
+
+def check_partition(steps: list[list[StepRows]], rows: int, global_batch: int) -> None:
+    """Property 1: equal step counts, each step split exactly across ranks, every row once per epoch."""
+    expected_steps = -(-rows // global_batch)  # the partial last step counts
+    step_counts = {len(rank_steps) for rank_steps in steps}
+    assert step_counts == {expected_steps}, step_counts
+    seen = []
+    for index, per_rank in enumerate(zip(*steps, strict=True)):
+        sizes = {s.rows_in_step for s in per_rank}
+        assert len(sizes) == 1, f"step {index}: ranks disagree on rows_in_step {sizes}"
+        rows_in_step = sizes.pop()
+        last = index == expected_steps - 1
+        assert rows_in_step == (rows - index * global_batch if last else global_batch)  # only the last is short
+        parts = [real_ids(s) for s in per_rank]
+        union = np.concatenate(parts)
+        assert len(np.unique(union)) == len(union), f"step {index}: ranks share rows"
+        assert len(union) == rows_in_step, f"step {index}: {len(union)} real rows for {rows_in_step}"
+        seen.append(union)
+    seen = np.concatenate(seen) if seen else np.zeros(0, dtype=np.int64)
+    assert np.array_equal(np.sort(seen), np.arange(rows)), "rows lost or repeated over the epoch"
+    assert sum(s.rows_in_step for s in steps[0]) == rows
+
+
+# ------------------------------------------------------------------------------------- 1. exact partition
+
+PARTITION_CASES = [
+    # world, global batch, rows
+    pytest.param(1, 8, 64, id="w1-divisible"),  # 8 full steps
+    pytest.param(1, 8, 61, id="w1-partial-last"),  # last step 5 rows
+    pytest.param(1, 8, 5, id="w1-less-than-one-batch"),  # a single partial step
+    pytest.param(2, 8, 64, id="w2-divisible"),
+    pytest.param(2, 8, 61, id="w2-partial-last-both-ranks"),  # last step 5 rows: 4 + 1
+    pytest.param(2, 8, 60, id="w2-partial-last-rank1-empty"),  # last step 4 rows: 4 + 0
+    pytest.param(2, 8, 5, id="w2-less-than-one-batch"),  # 4 + 1
+    pytest.param(2, 8, 1, id="w2-rows-below-world"),  # 1 + 0
+    pytest.param(3, 12, 72, id="w3-divisible"),
+    pytest.param(3, 12, 70, id="w3-partial-last-three-ranks"),  # last step 10 rows: 4 + 4 + 2
+    pytest.param(3, 12, 65, id="w3-partial-last-rank2-empty"),  # last step 5 rows: 4 + 1 + 0
+    pytest.param(3, 12, 7, id="w3-less-than-one-batch"),  # 4 + 3 + 0
+    pytest.param(3, 3, 2, id="w3-rows-below-world-one-per-rank"),  # per-worker 1: 1 + 1 + 0
+    pytest.param(3, 12, 2, id="w3-rows-below-world"),  # 2 + 0 + 0
+]
+
+
+@pytest.mark.parametrize("world, global_batch, rows", PARTITION_CASES)
+@pytest.mark.parametrize("shuffle", ["local", "none"])
+def test_every_row_once_and_steps_equal_across_ranks(world, global_batch, rows, shuffle):
+    # blocks of 7 rows and a window of 20 rows (rounded up to whole global batches) cross every boundary
+    steps = epoch(tabular_rows(rows), world=world, global_batch=global_batch, block_rows=7, window_rows=20,
+                  shuffle=shuffle)
+    check_partition(steps, rows, global_batch)
+    for rank_steps in steps:
+        assert all(len(s.rows["row_id"]) <= global_batch // world for s in rank_steps)
+    if shuffle == "none":  # no shuffle: step k holds exactly the stream's rows k*B .. (k+1)*B - 1
+        for index, per_rank in enumerate(zip(*steps, strict=True)):
+            union = np.concatenate([real_ids(s) for s in per_rank])
+            assert union.tolist() == list(range(index * global_batch, min((index + 1) * global_batch, rows)))
+
+
+def test_local_shuffle_stays_inside_its_window():
+    # window 24 rows = 3 steps of 8: the first three steps hold exactly rows 0..23, in some order
+    steps = epoch(tabular_rows(100), world=2, global_batch=8, window_rows=24)
+    for window in range(5):
+        in_window = [real_ids(s) for rank_steps in steps for s in rank_steps[3 * window:3 * window + 3]]
+        assert sorted(np.concatenate(in_window).tolist()) == list(range(24 * window, min(24 * window + 24, 100)))
+
+
+# ------------------------------------------------------------------------------ 2. the zero-weight row
+
+@pytest.mark.parametrize("world, global_batch, rows, empty_ranks", [
+    pytest.param(2, 8, 60, [1], id="w2-last-step-4-rows"),  # rank 0 takes all 4
+    pytest.param(3, 12, 65, [2], id="w3-last-step-5-rows"),  # 4 + 1 + nothing
+    pytest.param(3, 12, 2, [1, 2], id="w3-two-rows-in-all"),  # 2 + nothing + nothing
+    pytest.param(3, 3, 2, [2], id="w3-per-worker-1"),  # 1 + 1 + nothing
+])
+@pytest.mark.parametrize("weighted", [False, True], ids=["no-weight-column", "weight-column"])
+def test_rank_without_rows_gets_one_zero_weight_row(world, global_batch, rows, empty_ranks, weighted):
+    # DDP all-reduces gradients inside backward(): a rank that skipped its forward/backward would leave the
+    # others waiting in that all-reduce forever. So an empty rank still runs one real row, weighted 0, which
+    # joins the all-reduce and contributes nothing to the loss or the gradient.
+    columns = tabular_rows(rows, weight=weighted)
+    steps = epoch(columns, world=world, global_batch=global_batch, shuffle="none")
+    for rank, rank_steps in enumerate(steps):
+        last = rank_steps[-1].rows
+        if rank in empty_ranks:
+            assert len(last["row_id"]) == 1
+            assert last["weight"].tolist() == [0.0]
+            assert last["x"].shape == (1, FEATURES)  # a real row of the step, so forward() sees valid input
+            assert last["x"][0, 0] == last["row_id"][0]
+        else:
+            assert len(last["row_id"]) >= 1
+            if weighted:  # real rows keep their own weights
+                assert np.array_equal(last["weight"], columns["weight"][last["row_id"]])
+            else:
+                assert "weight" not in last
+
+
+# -------------------------------------------------------------------------- 3. block boundaries don't matter
+
+@pytest.mark.parametrize("shuffle", ["local", "none"])
+@pytest.mark.parametrize("sequences", [False, True], ids=["tabular", "sequences-bucketed"])
+def test_steps_do_not_depend_on_block_boundaries(shuffle, sequences):
+    rows = 203  # 4 windows of 48 and a partial one
+    columns = sequence_rows(rows) if sequences else tabular_rows(rows)
+    runs = {block: ids_per_step(epoch(columns, world=2, global_batch=16, block_rows=block, window_rows=48,
+                                      shuffle=shuffle, seed=3, bucket_by_length=sequences))
+            for block in (1, 7, 64, None)}  # None: the whole stream in one block
+    assert runs[1] == runs[7] == runs[64] == runs[None]
+
+
+# ------------------------------------------------------------------------ 4. micro-batch size doesn't matter
+
+def test_rank_rows_do_not_depend_on_micro_batch_size():
+    columns = tabular_rows(150)
+    runs = {micro: epoch(columns, world=2, global_batch=16, micro=micro, block_rows=11, window_rows=32, seed=5)
+            for micro in (1, 2, 4, 8)}
+    reference = ids_per_step(runs[8])
+    for micro, steps in runs.items():
+        assert ids_per_step(steps) == reference, f"micro-batch {micro} changed which rows a rank sees"
+        for rank_steps in steps:  # and its micro-batches, joined in order, are exactly those rows
+            for step in rank_steps:
+                parts = micro_batches(step, micro, CPU)
+                assert max(len(part["x"]) for part in parts) <= micro
+                joined = torch.cat([part["x"][:, 0] for part in parts]).long().tolist()
+                assert joined == step.rows["row_id"].tolist()
+
+
+# ----------------------------------------------------------------------- 5. determinism, epoch and seed
+
+def test_order_is_a_function_of_seed_and_epoch():
+    columns = tabular_rows(300)
+
+    def order(seed, epoch_index, shuffle="local", block_rows=17):
+        steps = epoch(columns, world=2, global_batch=16, window_rows=64, block_rows=block_rows, seed=seed,
+                      epoch_index=epoch_index, shuffle=shuffle)
+        return [i for per_rank in zip(*steps, strict=True) for s in per_rank for i in real_ids(s).tolist()]
+
+    assert order(0, 0) == order(0, 0, block_rows=40)  # same seed and epoch: identical, whatever the blocks
+    assert order(0, 1) != order(0, 0)  # a new epoch reshuffles
+    assert order(1, 0) != order(0, 0)  # so does another seed
+    assert sorted(order(0, 1)) == sorted(order(1, 0)) == list(range(300))  # still a permutation
+    assert order(0, 0, "none") == order(7, 3, "none") == list(range(300))  # no shuffle: stream order
+
+
+# --------------------------------------------------------------------------------- 6. length bucketing
+
+def padding(steps: list[list[StepRows]], micro: int) -> int:
+    """Padded token slots over every micro-batch of every rank: rows x longest - real tokens."""
+    total = 0
+    for rank_steps in steps:
+        for step in rank_steps:
+            for part in micro_batches(step, micro, CPU):
+                total += part["mask"].numel() - int(part["mask"].sum())
+    return total
+
+
+@pytest.mark.parametrize("world, rows", [
+    pytest.param(1, 500, id="w1"),
+    pytest.param(2, 500, id="w2"),
+    pytest.param(3, 497, id="w3-partial-last-step"),
+])
+def test_bucketing_cuts_padding_and_keeps_every_row_once(world, rows):
+    columns = sequence_rows(rows, max_length=64, seed=world)
+    global_batch, micro = 8 * world, 4
+    plain = epoch(columns, world=world, global_batch=global_batch, micro=micro, window_rows=128)
+    bucketed = epoch(columns, world=world, global_batch=global_batch, micro=micro, window_rows=128,
+                     bucket_by_length=True)
+    check_partition(bucketed, rows, global_batch)
+    # lengths are uniform on 1..64: random micro-batches of 4 pad about 40% of their slots, sorted windows of
+    # 128 rows leave a few tokens per row
+    assert padding(bucketed, micro) < 0.25 * padding(plain, micro)
+
+
+# ----------------------------------------------------------------------------------------- 7. stratified
+
+def class_counts(steps, labels, classes=4):
+    """[step] -> class counts of the step's real rows over all ranks."""
+    return [np.bincount(labels[np.concatenate([real_ids(s) for s in per_rank])], minlength=classes)
+            for per_rank in zip(*steps, strict=True)]
+
+
+def test_stratified_balanced_classes_give_exact_shares():
+    # every window of 48 rows holds 12 of each class, so each full step of 16 must hold exactly 4 of each
+    rows = 200
+    labels = np.arange(rows) % 4
+    steps = epoch(tabular_rows(rows, labels), world=2, global_batch=16, window_rows=48, block_rows=9,
+                  stratified=True)
+    check_partition(steps, rows, 16)
+    for counts in class_counts(steps, labels)[:12]:  # the 12 full steps
+        assert counts.tolist() == [4, 4, 4, 4]
+
+
+def stratification_bound(window_counts: np.ndarray) -> np.ndarray:
+    """Largest |class count - proportional share| a full step can show, per class.
+
+    Stratification sorts a window by each row's position (k + 0.5) / n_c within its class c. A prefix of the
+    sorted window ending at position t holds between t*n_c - 0.5 and t*n_c + 0.5 rows of class c, so with
+    K classes and share p_c = n_c / N it is at most (1 + p_c (K - 2)) / 2 off its proportional share. A
+    step is the difference of two prefixes: at most 1 + p_c (K - 2) off. (Exactly +-1 is not reachable in
+    general: with counts 2, 4, 30, 4 in 40 rows a step of 8 can get 8 of the third class, share 6.)
+    """
+    present = window_counts > 0
+    return 1 + window_counts / window_counts.sum() * (present.sum() - 2)
+
+
+@pytest.mark.parametrize("proportions, seed", [
+    pytest.param([0.25, 0.25, 0.25, 0.25], 0, id="balanced-on-average"),  # counts vary per window
+    pytest.param([0.4, 0.3, 0.2, 0.1], 1, id="skewed"),
+    pytest.param([0.7, 0.1, 0.1, 0.1], 2, id="one-dominant-class"),
+])
+def test_stratified_steps_hold_proportional_shares(proportions, seed):
+    rows, global_batch, window = 500, 16, 64  # windows of 4 global batches
+    labels = np.random.default_rng(seed).choice(4, size=rows, p=proportions)
+    columns = tabular_rows(rows, labels)
+
+    def worst_excess(stratified: bool) -> float:
+        """Largest deviation beyond the bound over every full step; <= 0 means the bound holds."""
+        steps = epoch(columns, world=2, global_batch=global_batch, window_rows=window, block_rows=13,
+                      seed=seed, stratified=stratified)
+        check_partition(steps, rows, global_batch)
+        worst = -np.inf
+        for index, counts in enumerate(class_counts(steps, labels)):
+            start = index // (window // global_batch) * window  # the window this step was cut from
+            window_counts = np.bincount(labels[start:start + window], minlength=4)
+            if counts.sum() < global_batch:  # the partial last step holds what is left
+                continue
+            share = global_batch * window_counts / window_counts.sum()
+            worst = max(worst, float(np.max(np.abs(counts - share) - stratification_bound(window_counts))))
+        return worst
+
+    assert worst_excess(stratified=True) <= 1e-9
+    assert worst_excess(stratified=False) > 0  # plain shuffling breaks the bound, so the check has teeth
+
+
+# -------------------------------------------------------------------------------------------- 8. collate
+
+@pytest.mark.parametrize("y, y_dtype, y_shape", [
+    pytest.param(np.arange(5, dtype=np.int64), torch.int64, (5,), id="classes"),
+    pytest.param(np.ones((5, 2), dtype=np.float32), torch.float32, (5, 2), id="regression-targets"),
+])
+def test_collate_tabular(y, y_dtype, y_shape):
+    x = np.arange(15, dtype=np.float32).reshape(5, 3)
+    batch = collate({"row_id": np.arange(5), "x": x, "y": y}, CPU)
+    assert set(batch) == {"x", "y"}  # no mask for tabular rows, no weight unless the rows carry one
+    assert batch["x"].dtype == torch.float32 and batch["x"].shape == (5, 3)
+    assert torch.equal(batch["x"], torch.from_numpy(x))
+    assert batch["y"].dtype == y_dtype and batch["y"].shape == y_shape
+    weighted = collate({"row_id": np.arange(5), "x": x, "y": y, "weight": np.array([1, 0, 2, 1, 1.5])}, CPU)
+    assert weighted["weight"].dtype == torch.float32
+    assert weighted["weight"].tolist() == [1.0, 0.0, 2.0, 1.0, 1.5]
+
+
+def test_collate_images_keep_their_shape():
+    x = np.zeros((4, 1, 8, 8), dtype=np.float32)
+    batch = collate({"row_id": np.arange(4), "x": x, "y": np.zeros(4, dtype=np.int64)}, CPU)
+    assert batch["x"].shape == (4, 1, 8, 8)
+
+
+def test_collate_pads_sequences_to_the_longest_with_a_mask():
+    rows = sequence_rows(3)
+    rows["x"][:] = [np.array([5, 6, 7]), np.array([8]), np.array([9, 10])]
+    rows["y"][:] = [np.array([1, 2, 3]), np.array([4]), np.array([5, 6])]
+    rows["weight"] = np.array([1.0, 0.0, 0.5], dtype=np.float32)
+    batch = collate(rows, CPU)
+    assert batch["x"].dtype == batch["y"].dtype == torch.int64 and batch["mask"].dtype == torch.bool
+    assert batch["x"].tolist() == [[5, 6, 7], [8, 0, 0], [9, 10, 0]]  # padded to 3, the longest here
+    assert batch["y"].tolist() == [[1, 2, 3], [4, 0, 0], [5, 6, 0]]
+    assert batch["mask"].tolist() == [[True, True, True], [True, False, False], [True, True, False]]
+    assert batch["weight"].tolist() == [1.0, 0.0, 0.5]
+
+
+def test_collate_pads_per_micro_batch_not_per_dataset():
+    columns = sequence_rows(40, max_length=64, seed=4)
+    lengths = np.array([len(seq) for seq in columns["x"]])
+    step = StepRows(columns, rows_in_step=40)
+    parts = micro_batches(step, 8, CPU)
+    for index, part in enumerate(parts):
+        here = lengths[8 * index:8 * index + 8]
+        assert part["x"].shape == (len(here), here.max())
+        assert part["mask"].sum(dim=1).tolist() == here.tolist()  # True exactly on the real tokens
+
+
+@pytest.mark.parametrize("rows, micro, sizes", [
+    pytest.param(8, 4, [4, 4], id="even"),
+    pytest.param(10, 4, [4, 4, 2], id="short-last"),
+    pytest.param(3, 8, [3], id="fewer-rows-than-micro"),  # a short rank in a partial last step
+    pytest.param(1, 1, [1], id="single-row"),  # e.g. the zero-weight row
+])
+def test_micro_batches_split_in_order(rows, micro, sizes):
+    step = StepRows(tabular_rows(rows), rows_in_step=rows)
+    parts = micro_batches(step, micro, CPU)
+    assert [len(part["x"]) for part in parts] == sizes
+    assert torch.cat([part["x"][:, 0] for part in parts]).tolist() == list(range(rows))
+
+
+# ------------------------------------------------------------------------------------ 9. validation split
+
+def test_is_validation_is_stable_and_order_independent():
+    ids = np.arange(10_000, dtype=np.int64)
+    held = is_validation(ids, 0.2)
+    assert np.array_equal(held, is_validation(ids.copy(), 0.2))  # same ids, same answer
+    shuffled = np.random.default_rng(0).permutation(ids)
+    assert np.array_equal(is_validation(shuffled, 0.2), held[shuffled])  # per id, not per position
+    assert np.array_equal(is_validation(ids[5000:], 0.2), held[5000:])  # nor per chunk
+    assert held.dtype == bool and 0 < held.sum() < len(ids)
+
+
+@pytest.mark.parametrize("val_fraction", [0.1, 0.25])
+def test_held_out_fraction_and_complement(val_fraction):
+    ids = np.arange(200_000, dtype=np.int64)
+    held = is_validation(ids, val_fraction)
+    assert abs(held.mean() - val_fraction) < 0.005
+    assert np.array_equal(is_validation(ids, 0.0), np.zeros(len(ids), dtype=bool))
+    # a larger fraction keeps every row a smaller one held out (the split grows, it does not reshuffle)
+    assert not (held & ~is_validation(ids, val_fraction + 0.1)).any()
+
+
+@pytest.mark.parametrize("num_rows, val_fraction", [
+    pytest.param(1000, 0.2, id="one-chunk"),
+    pytest.param(20_000, 0.1, id="three-generation-blocks"),  # chunks of 8192 rows
+])
+def test_count_rows_matches_the_rows_read(num_rows, val_fraction):
+    data = DataConfig(source="synthetic", val_fraction=val_fraction,
+                      synthetic=SyntheticConfig(rows=num_rows, num_features=2))
+    info = sources.inspect_source("synthetic", data, seed=0)
+    held = int(is_validation(np.arange(num_rows), val_fraction).sum())
+    assert count_rows(info, "val", val_fraction) == held
+    assert count_rows(info, "train", val_fraction) == num_rows - held
+    assert count_rows(info, "all", val_fraction) == num_rows
+    assert (count_rows(info, "train", 0.0), count_rows(info, "val", 0.0)) == (num_rows, 0)
+    read = {}
+    for split in ("train", "val"):
+        spec = SplitSpec(info, split, val_fraction, data, seed=0)
+        read[split] = np.concatenate([read_split_chunks({"chunk": np.array([i])}, spec)["row_id"]
+                                      for i in range(len(info.chunks))])
+        assert len(read[split]) == count_rows(info, split, val_fraction)
+    assert np.array_equal(np.sort(np.concatenate([read["train"], read["val"]])), np.arange(num_rows))
+
+
+def test_count_rows_across_its_counting_chunks():
+    # count_rows walks row ids in chunks of 2**22; a source just past one chunk exercises the boundary
+    num_rows = (1 << 22) + 1234
+    info = sources.SourceInfo("parquet", None, (sources.Chunk(0, num_rows),), num_rows)
+    held = int(is_validation(np.arange(num_rows), 0.1).sum())
+    assert count_rows(info, "val", 0.1) == held
+    assert count_rows(info, "train", 0.1) == num_rows - held

@@ -1,0 +1,96 @@
+"""`ray job submit` of jobs/train.py to a head started with `ray start --head`, all on 127.0.0.1."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token",
+               PATH=f"{BIN}{os.pathsep}{env['PATH']}")  # the job's `python` is this venv's
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A real head node, in the foreground (--block) so that stopping it stops everything it started."""
+    import ray
+
+    ray.shutdown()  # no embedded Ray from an earlier module may linger beside the head
+    gcs_port, dashboard_port = _free_port(), _free_port()
+    log = tmp_path_factory.mktemp("head") / "head.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=3",
+             "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+             "--disable-usage-stats"], env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard_port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=_env(),
+                               capture_output=True, text=True)
+        if probe.returncode == 0:
+            break
+        assert process.poll() is None, log.read_text()[-3000:]
+        time.sleep(2)
+    else:
+        pytest.fail(f"head did not come up: {log.read_text()[-3000:]}")
+    yield address
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+        process.wait()
+
+
+def submit(address: str, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--", *args],
+        env=_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def test_train_job_succeeds_and_writes_outputs(head, tmp_path):
+    result = submit(head, "python", "jobs/train.py", "-c", "configs/digits_mlp.yaml",
+                    "--set", "train.epochs=2", "--set", f"run.output_dir={tmp_path}", "--set", "run.name=job")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in result.stdout
+    assert "[rayscale] epoch 2/2 done" in result.stdout  # the job's log shows progress
+    run_dir = tmp_path / "job"
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "model.pt", "curves.png"):
+        assert (run_dir / name).exists(), name
+    assert json.loads((run_dir / "summary.json").read_text())["world_size"] == 2
+
+
+def test_bad_config_job_fails_with_the_one_line_error(head, tmp_path):
+    result = submit(head, "python", "jobs/train.py", "--set", "optim.lr=-1", "--set", f"run.output_dir={tmp_path}",
+                    timeout=120)
+    assert result.returncode != 0
+    assert "rayscale: error: optim.lr: expected a value greater than 0, got -1" in result.stdout + result.stderr
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_runs():
+    yield
+    shutil.rmtree(REPO / "runs" / "job", ignore_errors=True)
