@@ -138,7 +138,7 @@ class ScheduleConfig:
 
 @dataclass
 class RunConfig:
-    output_dir: str = key("runs", "where run directories are written (local path or URI)")
+    output_dir: str = key("runs", "where run directories are written (a local or shared-filesystem path)")
     name: str = key("default", "run directory name; re-running the same name resumes it")
     checkpoint_every_samples: int | None = key(None, "also checkpoint mid-epoch this often (null: epoch ends)",
                                                unit="samples", minimum=1)

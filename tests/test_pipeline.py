@@ -105,12 +105,21 @@ def test_same_config_and_seed_give_a_bitwise_identical_model(reference, tmp_path
     assert all(torch.equal(model[k], again[k]) for k in model)
 
 
-def test_micro_batch_size_does_not_change_the_model(reference, tmp_path):
+def test_two_workers_micro_batch_size_does_not_change_the_model(reference, tmp_path):
     _, _, micro8 = reference
     _, micro32 = run(tmp_path, "micro32", "batch.micro_batch_size=32")  # no accumulation at 2 workers
     for key in micro8:
         assert torch.allclose(micro8[key], micro32[key], rtol=1e-4, atol=1e-5), key
     assert any(not torch.equal(micro8[k], micro32[k]) for k in micro8)  # different sums, same maths
+
+
+def test_one_worker_micro_64_vs_8_at_global_64_and_bitwise_repeat(ray_session, tmp_path):
+    _, full = run(tmp_path, "w1_micro64", "scaling.num_workers=1", "batch.micro_batch_size=64")
+    _, accumulated = run(tmp_path, "w1_micro8", "scaling.num_workers=1", "batch.micro_batch_size=8")
+    for key in full:
+        assert torch.allclose(full[key], accumulated[key], rtol=1e-4, atol=1e-5), key
+    _, repeat = run(tmp_path, "w1_micro8_again", "scaling.num_workers=1", "batch.micro_batch_size=8")
+    assert all(torch.equal(accumulated[k], repeat[k]) for k in accumulated)
 
 
 def test_failed_worker_restarts_from_checkpoint_and_matches(reference, ray_session, tmp_path):
