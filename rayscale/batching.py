@@ -66,3 +66,14 @@ def micro_batch_bounds(rows: int, micro_batch_size: int) -> list[tuple[int, int]
 def steps_per_epoch(rows: int, global_batch_size: int) -> int:
     """Optimizer steps in an epoch of `rows` rows; the last one is partial when rows do not divide."""
     return -(-rows // global_batch_size)
+
+
+def fit_micro_batch(per_worker_batch_size: int, limit: int | None) -> int | None:
+    """The largest divisor of the per-worker batch not above `limit` (null stays null).
+
+    Tune trials sample the global batch; a fixed micro-batch would not divide every sample, so in a search
+    `batch.micro_batch_size` is the memory limit and each trial uses the largest micro-batch that fits it.
+    """
+    if limit is None or per_worker_batch_size <= limit:
+        return None if limit is None else per_worker_batch_size
+    return max(d for d in range(1, limit + 1) if per_worker_batch_size % d == 0)

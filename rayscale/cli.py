@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(train)
     _cluster_args(train)
 
+    tune = commands.add_parser("tune", help="search batch size and lr decay with ASHA (default: digits)")
+    _config_args(tune)
+    _cluster_args(tune)
+    tune.add_argument("--resume", action="store_true", help="continue the search in run.output_dir/run.name")
+
     show = commands.add_parser("config", help="inspect configs").add_subparsers(dest="action", required=True)
     show_cmd = show.add_parser("show", help="print the resolved config and its derived values")
     _config_args(show_cmd)
@@ -83,10 +88,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train_from_cli(args.config, args.overrides, address=args.address)
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from rayscale.tune import tune_from_cli
+
+    return tune_from_cli(args.config, args.overrides, address=args.address, resume=args.resume)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {
         "train": cmd_train,
+        "tune": cmd_tune,
         "config": lambda a: cmd_config_show(a) if a.action == "show" else cmd_config_keys(a),
     }[args.command]
     try:

@@ -146,6 +146,23 @@ class RunConfig:
 
 
 @dataclass
+class TuneConfig:
+    space: dict = key({}, "search space: dotted config key -> {choice|grid: [values]} or {uniform|loguniform|"
+                          "randint: [low, high]} (empty: the built-in batch-size and lr-decay space)")
+    num_samples: int = key(8, "trials to sample (with grid domains: repeats of the whole grid)", minimum=1)
+    metric: str = key("val_loss", "what ASHA and the ranking compare (any reported metric)")
+    mode: str = key("min", "whether lower or higher metric is better", choices=("min", "max"))
+    grace_samples: int | None = key(None, "ASHA grace period (null: a ninth of a trial's samples); never less "
+                                          "than the largest warmup in the space", unit="samples", minimum=1)
+    reduction_factor: float = key(3.0, "ASHA keeps 1/reduction_factor of trials at each rung", minimum=1.0,
+                                  exclusive_minimum=True)
+    search: str = key("random", "search algorithm (grid domains are enumerated by every one); optuna and "
+                                "hyperopt need their packages", choices=("random", "optuna", "hyperopt"))
+    max_concurrent_trials: int | None = key(None, "trials at once (null: as many as the cluster's CPUs or GPUs "
+                                                  "fit, one CPU kept for Ray Data)", minimum=1)
+
+
+@dataclass
 class Config:
     seed: int = key(0, "seeds data order, model init and dropout")
     data: DataConfig = section(DataConfig, "where samples come from")
@@ -156,6 +173,7 @@ class Config:
     optim: OptimConfig = section(OptimConfig, "optimizer and learning-rate scaling")
     schedule: ScheduleConfig = section(ScheduleConfig, "warmup and decay, measured in samples")
     run: RunConfig = section(RunConfig, "outputs and checkpoints")
+    tune: TuneConfig = section(TuneConfig, "rayscale tune: search space and ASHA")
 
 
 # ---------------------------------------------------------------------------------------------- coercion

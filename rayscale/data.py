@@ -24,6 +24,7 @@ from rayscale.batching import BatchPlan, micro_batch_bounds, rank_slice
 from rayscale.config import DataConfig
 
 VAL_BUCKETS = 1_000_000
+READ_CPUS = 0.25
 
 
 def _mix(row_ids: np.ndarray) -> np.ndarray:
@@ -94,10 +95,12 @@ def build_dataset(spec: SplitSpec, epoch: int | None = None):
     if shuffle == "local" and epoch is not None:  # block (file / row-group) order, fresh each epoch
         order = np.random.default_rng([spec.seed, epoch, 17]).permutation(order)
     items = [{"chunk": int(i)} for i in order]
+    # A fraction of a CPU per read task: Ray Data's budget excludes every running trainer's CPUs, so with
+    # concurrent Tune trials less than one whole CPU may be left, and a 1-CPU task would never start.
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        read_split_chunks, fn_kwargs={"spec": spec}, batch_size=1, batch_format="numpy")
+        read_split_chunks, fn_kwargs={"spec": spec}, batch_size=1, batch_format="numpy", num_cpus=READ_CPUS)
     if shuffle == "full" and epoch is not None:
-        dataset = dataset.random_shuffle(seed=spec.seed * 1000 + epoch)
+        dataset = dataset.random_shuffle(seed=spec.seed * 1000 + epoch, num_cpus=READ_CPUS)
     return dataset
 
 

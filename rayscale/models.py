@@ -78,7 +78,8 @@ class MLP(nn.Module):
 class CNN(nn.Module):
     """Conv3x3-BatchNorm-ReLU-MaxPool blocks, global average pooling and a linear head.
 
-    BatchNorm is deliberate: the DDP worker converts it to SyncBatchNorm, so statistics span all workers.
+    BatchNorm is deliberate: on GPU the DDP worker converts it to SyncBatchNorm, so statistics span all
+    workers (PyTorch supports SyncBatchNorm on CUDA only; on CPU each rank uses its own statistics).
     """
 
     def __init__(self, in_channels: int, image_size: int, num_outputs: int, channels: Sequence[int] = (16, 32),

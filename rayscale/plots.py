@@ -37,3 +37,23 @@ def plot_curves(records: list[dict], path: Path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_tune_curves(rows: list[dict], metric: str, path: Path, title: str = "") -> None:
+    """tune_curves.png: the metric against samples seen for every trial; an x marks an early stop."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for row in rows:
+        if not row["history"]:
+            continue
+        samples, values = zip(*row["history"], strict=True)
+        (line,) = ax.plot(samples, values, "-", alpha=0.8, label=row["trial_id"])
+        marker = "x" if row["status"] == "stopped early" else "o"
+        ax.plot(samples[-1], values[-1], marker, color=line.get_color(), markersize=8)
+    ax.set(xlabel="samples seen", ylabel=metric, title=f"{title}: {metric} per trial (x = stopped early)".strip(": "))
+    ax.grid(alpha=0.3)
+    if len(rows) <= 12:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -102,20 +102,52 @@ def _check_same_config(cfg: Config, run_dir: Path) -> None:
     old = yaml.safe_load(existing.read_text()) or {}
     new = config_module.to_dict(cfg)
     for section in new:
-        if section in ("run", "scaling"):
-            continue  # where and on how much hardware may change between attempts
+        if section in ("run", "scaling", "tune"):
+            continue  # where and on how much hardware may change between attempts; tune is not training
         if old.get(section) != new[section]:
             raise UserError(f"run.name {cfg.run.name}: {run_dir} holds a run with a different '{section}' "
                             f"config; pick another run.name or the same config to resume it")
 
 
-def connect(address: str | None, cfg: Config) -> None:
-    """Join a cluster (`--address`, RAY_ADDRESS, or inside `ray job submit`), else start Ray on loopback."""
+def loopback_unless_joining(address: str | None) -> str | None:
+    """The cluster address to join, if any; otherwise make the embedded Ray bind 127.0.0.1 only.
+
+    Ray reads the variable when it is imported, so this runs before anything imports ray. It is not set when
+    joining a cluster, whose nodes must keep advertising their real addresses.
+    """
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
-        # Ray reads this when it is imported: set it first, so the embedded Ray binds 127.0.0.1 only.
-        # Not when joining a cluster, whose nodes must keep advertising their real addresses.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    return address
+
+
+def _forget_dead_cluster_address() -> None:
+    """Drop /tmp/ray/ray_current_cluster when nothing answers at the address it names.
+
+    A head started with `ray start` and gone since leaves that file behind. Ray's state API, which Train V2
+    uses to clean up placement groups, follows it even inside our own embedded Ray; pointing at a dead head,
+    the clean-up fails and stopped Tune trials keep their CPUs, so later trials wait forever.
+    """
+    import socket
+
+    try:
+        from ray._common.utils import get_ray_address_file
+    except ImportError:  # a Ray without this layout: nothing we know how to check
+        return
+    path = Path(get_ray_address_file(None))
+    try:
+        host, port = path.read_text().strip().rsplit(":", 1)
+        socket.create_connection((host, int(port)), timeout=1).close()
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError):
+        path.unlink(missing_ok=True)
+        print(f"[rayscale] removed {path}: it named a Ray cluster that is no longer running", flush=True)
+
+
+def connect(address: str | None, cfg: Config) -> None:
+    """Join a cluster (`--address`, RAY_ADDRESS, or inside `ray job submit`), else start Ray on loopback."""
+    address = loopback_unless_joining(address)
     import ray
 
     if ray.is_initialized():
@@ -123,10 +155,12 @@ def connect(address: str | None, cfg: Config) -> None:
     if address:
         ray.init(address=address, logging_level="WARNING")
         return
+    _forget_dead_cluster_address()
     needed = math.ceil(max(cfg.scaling.num_workers, 1) * cfg.scaling.cpus_per_worker)
     # One logical CPU beyond the workers' reservation, or Ray Data's read tasks never get scheduled.
     # The dashboard stays on (Ray Train's state API needs it), on loopback only.
-    ray.init(num_cpus=max(os.cpu_count() or 1, needed) + 1, dashboard_host="127.0.0.1",
+    # address="local": always a fresh embedded instance, never some other Ray found running on this machine.
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed) + 1, dashboard_host="127.0.0.1",
              logging_level="WARNING")
 
 

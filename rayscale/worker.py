@@ -65,8 +65,11 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def _prepare_model(model: torch.nn.Module, device: torch.device, world_size: int) -> torch.nn.Module:
-    if world_size > 1 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over all ranks
+    # Batch statistics over all ranks on GPU; PyTorch's SyncBatchNorm refuses CPU modules under DDP, so on
+    # CPU each rank normalises with its own micro-batch statistics.
+    if world_size > 1 and device.type == "cuda" and any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -112,7 +115,11 @@ def quiet_ray_data() -> None:
     import ray.data
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # "Reporting training result ..." per report
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    # "Reporting training result ..." comes from a logger named after its file, outside the ray.train tree.
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 

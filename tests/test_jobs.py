@@ -62,6 +62,10 @@ def head(tmp_path_factory):
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, 9)
         process.wait()
+    # `ray start` records the head in /tmp/ray/ray_current_cluster; a stopped head must not leave it behind.
+    current = Path("/tmp/ray/ray_current_cluster")
+    if current.exists() and current.read_text().strip().endswith(f":{gcs_port}"):
+        current.unlink()
 
 
 def submit(address: str, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:

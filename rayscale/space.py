@@ -1,0 +1,111 @@
+"""Search spaces written with the same dotted keys as the config, validated before any trial starts.
+
+    tune:
+      space:
+        batch.global_batch_size: {choice: [32, 64, 128]}
+        optim.lr: {loguniform: [0.01, 1.0]}
+        schedule.name: {grid: [cosine, step]}
+
+Pure Python: `rayscale.tune` turns the parsed domains into Ray Tune's.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from rayscale import config as config_module
+from rayscale.batching import fit_micro_batch, plan_batches
+from rayscale.config import Config
+from rayscale.errors import ConfigError
+
+DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
+
+# Batch size, peak lr and how it decays: the questions users ask after their first run.
+DEFAULT_SPACE = {
+    "batch.global_batch_size": {"choice": [32, 64, 128, 256]},
+    "optim.lr": {"loguniform": [0.01, 0.5]},
+    "schedule.name": {"choice": ["step", "exponential", "polynomial", "cosine"]},
+    "schedule.gamma": {"uniform": [0.05, 0.5]},  # step / exponential
+    "schedule.power": {"uniform": [1.0, 3.0]},  # polynomial
+    "schedule.warmup_samples": {"choice": [0, 512, 1024]},
+}
+
+
+@dataclass(frozen=True)
+class Domain:
+    key: str  # dotted config key
+    kind: str  # one of DOMAINS
+    values: tuple  # choices, or (low, high)
+
+    def corners(self) -> tuple:
+        """Values that, if valid, make every sample valid (config checks are bounds and choices)."""
+        return self.values
+
+
+def parse_space(raw: dict) -> list[Domain]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"tune.space: expected a mapping of dotted keys to domains, got {raw!r}")
+    domains = []
+    for dotted, spec in (raw or DEFAULT_SPACE).items():
+        where = f"tune.space.{dotted}"
+        if not isinstance(spec, dict) or len(spec) != 1:
+            raise ConfigError(f"{where}: expected one domain such as {{choice: [...]}} or {{uniform: [low, high]}}, "
+                              f"got {spec!r}")
+        (kind, values), = spec.items()
+        if kind not in DOMAINS:
+            raise ConfigError(f"{where}: unknown domain {kind!r}; expected one of {', '.join(DOMAINS)}")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}: {kind} expects a non-empty list, got {values!r}")
+        if kind in ("uniform", "loguniform", "randint"):
+            if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                raise ConfigError(f"{where}: {kind} expects [low, high] numbers, got {values!r}")
+            low, high = values
+            if not low < high:
+                raise ConfigError(f"{where}: {kind} expects low < high, got {values!r}")
+            if kind == "loguniform" and low <= 0:
+                raise ConfigError(f"{where}: loguniform expects low > 0, got {low!r}")
+            if kind == "randint" and not (float(low).is_integer() and float(high).is_integer()):
+                raise ConfigError(f"{where}: randint expects integer bounds, got {values!r}")
+        if dotted.startswith("tune.") or dotted.startswith("run."):
+            raise ConfigError(f"{where}: {dotted.split('.')[0]} keys cannot be searched")
+        domains.append(Domain(dotted, kind, tuple(values)))
+    return domains
+
+
+def apply(base: dict, sampled: dict[str, Any]) -> Config:
+    """The trial's config: base config dict with the sampled values set, the micro-batch fitted."""
+    raw = copy.deepcopy(base)
+    for dotted, value in sampled.items():
+        config_module.set_dotted(raw, dotted, value)
+    cfg = config_module.from_dict(raw)
+    workers = max(cfg.scaling.num_workers, 1)
+    if cfg.batch.global_batch_size % workers == 0:
+        cfg.batch.micro_batch_size = fit_micro_batch(cfg.batch.global_batch_size // workers,
+                                                     cfg.batch.micro_batch_size)
+    plan_batches(cfg.batch.global_batch_size, cfg.batch.micro_batch_size, cfg.scaling.num_workers)
+    return cfg
+
+
+def validate(base: dict, domains: list[Domain]) -> None:
+    """Every corner of every domain must give a valid config: errors name the space key and the value."""
+    for domain in domains:
+        for value in domain.corners():
+            if domain.kind == "randint":
+                value = int(value)
+            try:
+                apply(base, {domain.key: value})
+            except ConfigError as exc:
+                raise ConfigError(f"tune.space.{domain.key}: value {value!r} is not usable: {exc}") from None
+
+
+def max_value(domains: list[Domain], key: str, default: float) -> float:
+    """Largest value a key can take in the space (for the grace period: at least the longest warmup)."""
+    values = [v for d in domains if d.key == key for v in d.values if isinstance(v, (int, float))]
+    return max([default, *values]) if values else default
+
+
+def grid_size(domains: list[Domain]) -> int:
+    return math.prod(len(d.values) for d in domains if d.kind == "grid")

@@ -1,0 +1,272 @@
+"""[3] `rayscale tune`: Ray Tune over the driver's own trainer, ASHA on samples seen.
+
+Each trial is a Tune function trainable that builds its TorchTrainer with `trainer.train` — the same driver
+code as `rayscale train`, never a second training loop — and forwards its epoch-end reports to Tune (Train V2
+interop: a callback on the trainer's RunConfig). ASHA's clock is `samples_seen`, so trials with different
+batch sizes are compared after the same amount of data, not after the same number of reports.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import yaml
+
+from rayscale import config as config_module
+from rayscale import space, trainer
+from rayscale.config import Config
+from rayscale.errors import UserError
+
+TIME_ATTR = "samples_seen"
+
+
+def _tune_domain(domain: space.Domain):
+    from ray import tune
+
+    low_high = domain.values
+    return {
+        "choice": lambda: tune.choice(list(domain.values)),
+        "grid": lambda: tune.grid_search(list(domain.values)),
+        "uniform": lambda: tune.uniform(*low_high),
+        "loguniform": lambda: tune.loguniform(*low_high),
+        "randint": lambda: tune.randint(int(low_high[0]), int(low_high[1]) + 1),  # inclusive high
+    }[domain.kind]()
+
+
+STOP_MARKER = ".tune_stopped"
+
+
+def _epoch_end_callback(metric: str, stop_marker: Path):
+    """Runs in the TrainController. Forwards epoch-end reports to Tune (they always carry the validation
+    metric, measured at that point), and aborts its own training run once Tune has stopped the trial.
+
+    Why the abort: when ASHA stops a trial, Tune ends the trial's session but its TorchTrainer's controller
+    and workers keep their CPUs (Ray #54305, seen here: later trials then time out waiting for workers).
+    """
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EpochEndReport(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if stop_marker.exists():
+                import ray
+
+                ray.get_runtime_context().current_actor.abort.remote()
+                return
+            if metrics and "training_done" in metrics[0] and metric in metrics[0]:
+                super().after_report(run_context, metrics, checkpoint)
+
+    return EpochEndReport()
+
+
+def _watch_for_stop(stop_marker: Path) -> None:
+    """Mark the trial stopped as soon as Tune stops it, for the controller-side callback to see."""
+    import threading
+
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    if session is None:
+        return
+
+    def watch() -> None:
+        session.stop_event.wait()
+        stop_marker.touch()
+
+    threading.Thread(target=watch, name="rayscale-stop-watch", daemon=True).start()
+
+
+def _finished_records(cfg: Config) -> list[dict] | None:
+    """A trial that already finished (found again on --resume) is reported from its files, not re-run."""
+    run_dir = trainer.run_directory(cfg)
+    summary = run_dir / "summary.json"
+    if not summary.exists() or json.loads(summary.read_text()).get("epochs") != cfg.train.epochs:
+        return None
+    return [r for r in trainer.read_metrics(run_dir) if r.get("epoch_end")]
+
+
+def _trial(sampled: dict, base: dict, search_dir: str, metric: str) -> None:
+    from ray import tune
+
+    cfg = space.apply(base, sampled)
+    cfg.run.output_dir = str(Path(search_dir) / "trials")
+    cfg.run.name = tune.get_context().get_trial_id()
+    finished = _finished_records(cfg)
+    if finished:
+        for record in finished:
+            tune.report(record)
+        return
+    stop_marker = trainer.run_directory(cfg) / STOP_MARKER
+    stop_marker.parent.mkdir(parents=True, exist_ok=True)
+    stop_marker.unlink(missing_ok=True)  # a resumed trial runs again
+    _watch_for_stop(stop_marker)
+    trainer.train(cfg, callbacks=[_epoch_end_callback(metric, stop_marker)])
+
+
+def max_concurrent(cfg: Config) -> int:
+    """Trials that fit the cluster at once, keeping one CPU for Ray Data's read tasks."""
+    import ray
+
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    total = ray.cluster_resources()
+    workers = max(cfg.scaling.num_workers, 1)
+    if cfg.scaling.use_gpu:
+        return max(1, int(total.get("GPU", 0) // workers))
+    return max(1, int((total.get("CPU", 1) - 1) // (workers * cfg.scaling.cpus_per_worker)))
+
+
+def _search_alg(cfg: Config):
+    if cfg.tune.search == "random":
+        return None  # Tune's BasicVariantGenerator: random samples, grid domains enumerated
+    if cfg.tune.search == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+
+            return OptunaSearch()
+        except (ImportError, AssertionError):
+            raise UserError("tune.search optuna: the optuna package is not installed "
+                            "(pip install 'rayscale[optuna]')") from None
+    try:
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        return HyperOptSearch()
+    except (ImportError, AssertionError):
+        raise UserError("tune.search hyperopt: the hyperopt package is not installed "
+                        "(pip install 'rayscale[hyperopt]')") from None
+
+
+def search(cfg: Config, *, address: str | None = None, resume: bool = False) -> list[dict]:
+    """Validate everything, run (or resume) the search, write its outputs; returns trial rows, best first."""
+    base = config_module.to_dict(cfg)
+    domains = space.parse_space(cfg.tune.space)
+    if any(d.kind == "grid" for d in domains) and cfg.tune.search != "random":
+        raise UserError(f"tune.search {cfg.tune.search}: grid domains need tune.search random")
+    space.validate(base, domains)
+    prepared = trainer.prepare(cfg)
+    max_t = cfg.train.epochs * prepared.train_rows
+    if cfg.tune.metric.startswith("val_") and prepared.val_rows == 0:
+        raise UserError(f"tune.metric {cfg.tune.metric}: there is no validation data (data.val_fraction is 0 and "
+                        f"data.val_source is not set)")
+    warmup = space.max_value(domains, "schedule.warmup_samples", cfg.schedule.warmup_samples)
+    grace = max(cfg.tune.grace_samples or max_t // 9, int(warmup), 1)
+    if grace > max_t:
+        raise UserError(f"tune.grace_samples: {grace} (at least the longest warmup) exceeds a trial's "
+                        f"{max_t} samples (train.epochs x {prepared.train_rows} rows)")
+    search_dir = prepared.run_dir
+    tuner_dir = search_dir / "tune"
+
+    trainer.loopback_unless_joining(address)
+    from ray.tune import Tuner
+
+    if resume and not Tuner.can_restore(str(tuner_dir)):
+        raise UserError(f"--resume: no search to resume in {search_dir} (run.output_dir / run.name)")
+    if not resume and tuner_dir.exists():
+        raise UserError(f"run.name {cfg.run.name}: {search_dir} already holds a search; add --resume to "
+                        f"continue it or pick another run.name")
+
+    trainer.connect(address, cfg)
+    trainer.check_cluster_fits(cfg)
+    concurrency = max_concurrent(cfg)
+    search_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (search_dir / "search.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
+    print(f"[rayscale] search in {search_dir}: {len(domains)} keys, {cfg.tune.num_samples} samples, ASHA on "
+          f"{TIME_ATTR} (max {max_t:,}, grace {grace:,}, reduction {cfg.tune.reduction_factor:g}), "
+          f"{concurrency} trials at once", flush=True)
+
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    trainable = tune.with_resources(  # the trial driver only waits on its TorchTrainer: hold almost no CPU
+        tune.with_parameters(_trial, base=base, search_dir=str(search_dir), metric=cfg.tune.metric),
+        {"CPU": 0.01})
+    if resume:
+        tuner = Tuner.restore(str(tuner_dir), trainable, resume_unfinished=True, restart_errored=True)
+    else:
+        scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=max_t, grace_period=grace,
+                                  reduction_factor=cfg.tune.reduction_factor)
+        tuner = Tuner(
+            trainable,
+            param_space={d.key: _tune_domain(d) for d in domains},
+            tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=scheduler,
+                                        num_samples=cfg.tune.num_samples, max_concurrent_trials=concurrency,
+                                        search_alg=_search_alg(cfg)),
+            run_config=tune.RunConfig(name="tune", storage_path=str(search_dir), verbose=1),
+        )
+    results = tuner.fit()
+    rows = summarize(results, cfg, domains, max_t)
+    write_outputs(rows, cfg, search_dir)
+    print_ranking(rows, cfg, domains)
+    return rows
+
+
+def summarize(results, cfg: Config, domains: list[space.Domain], max_t: int) -> list[dict]:
+    sign = 1 if cfg.tune.mode == "min" else -1
+    rows = []
+    for result in results:
+        frame = result.metrics_dataframe
+        history = []
+        if frame is not None and cfg.tune.metric in frame and TIME_ATTR in frame:
+            history = [(int(s), float(m)) for s, m in zip(frame[TIME_ATTR], frame[cfg.tune.metric], strict=True)
+                       if m == m]  # drop NaN
+        samples = history[-1][0] if history else 0
+        status = "error" if result.error else ("completed" if samples >= max_t else "stopped early")
+        best = min((m for _, m in history), key=lambda m: sign * m) if history else None
+        rows.append({
+            "trial_id": (result.metrics or {}).get("trial_id") or Path(result.path).name,
+            "status": status,
+            **{d.key: (result.config or {}).get(d.key) for d in domains},
+            TIME_ATTR: samples,
+            f"best_{cfg.tune.metric}": best,
+            f"last_{cfg.tune.metric}": history[-1][1] if history else None,
+            "history": history,
+        })
+    rows.sort(key=lambda r: (r[f"best_{cfg.tune.metric}"] is None, sign * (r[f"best_{cfg.tune.metric}"] or 0)))
+    return rows
+
+
+def write_outputs(rows: list[dict], cfg: Config, search_dir: Path) -> None:
+    from rayscale.plots import plot_tune_curves
+
+    fields = [k for k in rows[0] if k != "history"] if rows else ["trial_id"]
+    with open(search_dir / "trials.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    best = next((r for r in rows if r[f"best_{cfg.tune.metric}"] is not None), None)
+    if best is not None:
+        trial_config = yaml.safe_load((search_dir / "trials" / best["trial_id"] / "config.yaml").read_text())
+        trial_config["run"].update(output_dir=cfg.run.output_dir, name=f"{cfg.run.name}-best")
+        trial_config.pop("tune", None)
+        (search_dir / "best_config.yaml").write_text(
+            f"# Best trial {best['trial_id']} of search {cfg.run.name}: "
+            f"best {cfg.tune.metric} {best[f'best_{cfg.tune.metric}']:.4f}\n"
+            f"# Train it with: rayscale train -c {search_dir / 'best_config.yaml'}\n"
+            + yaml.safe_dump(trial_config, sort_keys=False))
+    plot_tune_curves(rows, cfg.tune.metric, search_dir / "tune_curves.png", title=cfg.run.name)
+
+
+def print_ranking(rows: list[dict], cfg: Config, domains: list[space.Domain]) -> None:
+    metric = cfg.tune.metric
+    headers = ["rank", "trial", *[d.key for d in domains], f"best {metric}", "samples", "status"]
+    table = [[str(i + 1), r["trial_id"], *[_short(r[d.key]) for d in domains], _short(r[f"best_{metric}"]),
+              f"{r[TIME_ATTR]:,}", r["status"]] for i, r in enumerate(rows)]
+    widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return "-" if value is None else str(value)
+
+
+def tune_from_cli(config_path: str | None, overrides: list[str], address: str | None, resume: bool) -> int:
+    cfg = config_module.load(config_path, overrides)
+    search(cfg, address=address, resume=resume)
+    return 0
