@@ -12,7 +12,9 @@ Pure Python: `rayscale.tune` turns the parsed domains into Ray Tune's.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,9 +42,27 @@ class Domain:
     kind: str  # one of DOMAINS
     values: tuple  # choices, or (low, high)
 
-    def corners(self) -> tuple:
-        """Values that, if valid, make every sample valid (config checks are bounds and choices)."""
+    def check_values(self) -> tuple:
+        """Values that, if valid, make every sample valid: config checks are bounds, choices and, for a
+        randint, divisibility (a global batch must divide by the workers), so small integer ranges are
+        checked whole."""
+        if self.kind == "randint":
+            low, high = int(self.values[0]), int(self.values[1])
+            return tuple(range(low, high + 1)) if high - low <= 256 else (low, high)
         return self.values
+
+
+MAX_COMBINATIONS = 2000
+
+
+def _key_type(dotted: str):
+    cls: typing.Any = Config
+    for part in dotted.split("."):
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return None
+        cls = hints[part]
+    return cls
 
 
 def parse_space(raw: dict) -> list[Domain]:
@@ -50,6 +70,8 @@ def parse_space(raw: dict) -> list[Domain]:
         raise ConfigError(f"tune.space: expected a mapping of dotted keys to domains, got {raw!r}")
     domains = []
     for dotted, spec in (raw or DEFAULT_SPACE).items():
+        if not isinstance(dotted, str):
+            raise ConfigError(f"tune.space: keys are dotted config keys such as optim.lr, got {dotted!r}")
         where = f"tune.space.{dotted}"
         if not isinstance(spec, dict) or len(spec) != 1:
             raise ConfigError(f"{where}: expected one domain such as {{choice: [...]}} or {{uniform: [low, high]}}, "
@@ -71,6 +93,9 @@ def parse_space(raw: dict) -> list[Domain]:
                 raise ConfigError(f"{where}: randint expects integer bounds, got {values!r}")
         if dotted.startswith("tune.") or dotted.startswith("run."):
             raise ConfigError(f"{where}: {dotted.split('.')[0]} keys cannot be searched")
+        if kind in ("uniform", "loguniform") and _key_type(dotted) in (int, int | None):
+            raise ConfigError(f"{where}: {kind} samples fractions but {dotted} is an integer; use randint or "
+                              f"choice")
         domains.append(Domain(dotted, kind, tuple(values)))
     return domains
 
@@ -90,15 +115,27 @@ def apply(base: dict, sampled: dict[str, Any]) -> Config:
 
 
 def validate(base: dict, domains: list[Domain]) -> None:
-    """Every corner of every domain must give a valid config: errors name the space key and the value."""
+    """Every value a trial can get must give a valid config; errors name the space key and the value.
+
+    Keys interact (a global batch must divide by the workers), so combinations are checked together when
+    there are at most MAX_COMBINATIONS of them, each domain alone otherwise.
+    """
     for domain in domains:
-        for value in domain.corners():
-            if domain.kind == "randint":
-                value = int(value)
-            try:
-                apply(base, {domain.key: value})
-            except ConfigError as exc:
-                raise ConfigError(f"tune.space.{domain.key}: value {value!r} is not usable: {exc}") from None
+        for value in domain.check_values():
+            _check(base, {domain.key: value}, domain.key)
+    values = [domain.check_values() for domain in domains]
+    if math.prod(len(v) for v in values) <= MAX_COMBINATIONS:
+        for combination in itertools.product(*values):
+            sampled = dict(zip((d.key for d in domains), combination, strict=True))
+            _check(base, sampled, " + ".join(sampled))
+
+
+def _check(base: dict, sampled: dict, where: str) -> None:
+    try:
+        apply(base, sampled)
+    except ConfigError as exc:
+        shown = ", ".join(f"{k}={v!r}" for k, v in sampled.items())
+        raise ConfigError(f"tune.space.{where}: {shown} is not usable: {exc}") from None
 
 
 def max_value(domains: list[Domain], key: str, default: float) -> float:

@@ -115,6 +115,8 @@ def max_concurrent(cfg: Config) -> int:
     workers = max(cfg.scaling.num_workers, 1)
     if cfg.scaling.use_gpu:
         return max(1, int(total.get("GPU", 0) // workers))
+    if cfg.scaling.cpus_per_worker == 0:  # workers reserve nothing: only the number of trials bounds it
+        return cfg.tune.num_samples
     return max(1, int((total.get("CPU", 1) - 1) // (workers * cfg.scaling.cpus_per_worker)))
 
 
@@ -208,11 +210,12 @@ def summarize(results, cfg: Config, domains: list[space.Domain], max_t: int) -> 
     rows = []
     for result in results:
         frame = result.metrics_dataframe
-        history = []
-        if frame is not None and cfg.tune.metric in frame and TIME_ATTR in frame:
-            history = [(int(s), float(m)) for s, m in zip(frame[TIME_ATTR], frame[cfg.tune.metric], strict=True)
-                       if m == m]  # drop NaN
-        samples = history[-1][0] if history else 0
+        history, samples = [], 0
+        if frame is not None and TIME_ATTR in frame and len(frame):
+            samples = int(frame[TIME_ATTR].max())  # how far it trained, whatever its metric did
+            if cfg.tune.metric in frame:
+                history = [(int(s), float(m)) for s, m in zip(frame[TIME_ATTR], frame[cfg.tune.metric],
+                                                              strict=True) if m == m]  # drop NaN
         status = "error" if result.error else ("completed" if samples >= max_t else "stopped early")
         best = min((m for _, m in history), key=lambda m: sign * m) if history else None
         rows.append({

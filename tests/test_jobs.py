@@ -86,6 +86,18 @@ def test_train_job_succeeds_and_writes_outputs(head, tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["world_size"] == 2
 
 
+def test_tune_job_succeeds_and_writes_outputs(head, tmp_path):
+    result = submit(head, "python", "jobs/tune.py", "-c", "configs/digits_mlp.yaml",
+                    "--set", "train.epochs=1", "--set", "scaling.num_workers=1", "--set", "tune.num_samples=1",
+                    "--set", "tune.space={optim.lr: {grid: [0.05, 0.2]}}",
+                    "--set", f"run.output_dir={tmp_path}", "--set", "run.name=search", timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in result.stdout
+    search_dir = tmp_path / "search"
+    assert len((search_dir / "trials.csv").read_text().splitlines()) == 3  # header + 2 trials
+    assert (search_dir / "best_config.yaml").exists() and (search_dir / "tune_curves.png").exists()
+
+
 def test_bad_config_job_fails_with_the_one_line_error(head, tmp_path):
     result = submit(head, "python", "jobs/train.py", "--set", "optim.lr=-1", "--set", f"run.output_dir={tmp_path}",
                     timeout=120)

@@ -1,0 +1,128 @@
+"""`rayscale tune` end to end: small grids, tiny budgets, 1 worker per trial, on the embedded Ray."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rayscale import cli
+
+pytestmark = pytest.mark.slow
+
+RAYSCALE = str(Path(sys.executable).parent / "rayscale")
+# Trials one at a time, so ASHA's decisions do not depend on which trial finishes first.
+SMALL = ["scaling.num_workers=1", "tune.max_concurrent_trials=1", "data.val_fraction=0.2"]
+
+
+def args(*overrides):
+    out = []
+    for item in overrides:
+        out += ["--set", item]
+    return out
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory):
+    """Two good learning rates first, then two hopeless ones: ASHA must stop at least one of the latter."""
+    import ray
+
+    ray.shutdown()
+    out = tmp_path_factory.mktemp("tune")
+    code = cli.main(["tune", *args(*SMALL, f"run.output_dir={out}", "run.name=grid", "train.epochs=3",
+                                   "tune.reduction_factor=2", "tune.num_samples=1",
+                                   "tune.space={optim.lr: {grid: [0.3, 0.2, 0.0003, 0.0001]}}")])
+    yield code, out / "grid"
+    ray.shutdown()
+
+
+def rows(search_dir: Path) -> list[dict]:
+    with open(search_dir / "trials.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_every_trial_reports_and_asha_stops_one_early(search, capsys):
+    code, search_dir = search
+    assert code == 0
+    table = rows(search_dir)
+    assert sorted(float(r["optim.lr"]) for r in table) == [0.0001, 0.0003, 0.2, 0.3]
+    assert all(int(r["samples_seen"]) > 0 and r["best_val_loss"] for r in table)
+    statuses = [r["status"] for r in table]
+    assert "stopped early" in statuses and "completed" in statuses
+    status = {float(r["optim.lr"]): r["status"] for r in table}
+    assert status[0.0003] == status[0.0001] == "stopped early"  # hopeless: cut at the first rung
+    assert status[float(table[0]["optim.lr"])] == "completed"  # the best ran its whole budget
+    assert float(table[0]["optim.lr"]) >= 0.2  # ranked best first
+    stopped = [r for r in table if r["status"] == "stopped early"]
+    assert all(int(r["samples_seen"]) < int(table[0]["samples_seen"]) for r in stopped)
+    assert (search_dir / "tune_curves.png").stat().st_size > 0
+
+
+def test_best_config_trains_as_it_is_and_reproduces_the_trial(search, tmp_path):
+    _, search_dir = search
+    best = yaml.safe_load((search_dir / "best_config.yaml").read_text())
+    best["run"]["output_dir"] = str(tmp_path)  # written for the search's output dir; keep this test's apart
+    (tmp_path / "best.yaml").write_text(yaml.safe_dump(best))
+    assert cli.main(["train", "-c", str(tmp_path / "best.yaml")]) == 0
+    summary = json.loads((tmp_path / best["run"]["name"] / "summary.json").read_text())
+    trial = rows(search_dir)[0]
+    assert summary["final"]["val_loss"] == pytest.approx(float(trial["last_val_loss"]), rel=1e-9)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    pytest.param(["tune.space={optim.lr: {uniform: [1]}}"], "tune.space.optim.lr: uniform expects [low, high]",
+                 id="one-bound"),
+    pytest.param(["tune.space={optim.lrr: {choice: [0.1]}}"], "unknown config key optim.lrr (did you mean optim.lr?)",
+                 id="unknown-key"),
+    pytest.param(["tune.space={batch.global_batch_size: {choice: [33]}}"], "not divisible by 2 workers",
+                 id="indivisible-batch"),
+    pytest.param(["tune.metric=val_loss", "data.val_fraction=0"], "tune.metric val_loss: there is no validation",
+                 id="no-validation"),
+])
+def test_bad_search_is_a_one_line_error_and_writes_nothing(tmp_path, capsys, overrides, message):
+    code = cli.main(["tune", *args(f"run.output_dir={tmp_path}", *overrides)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and err.count("\n") == 1
+    assert not any(tmp_path.iterdir())
+
+
+def test_resume_with_nothing_to_resume(tmp_path, capsys):
+    assert cli.main(["tune", "--resume", *args(f"run.output_dir={tmp_path}")]) == 2
+    assert "--resume: no search to resume" in capsys.readouterr().err
+
+
+def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
+    search_args = [RAYSCALE, "tune", *args(*SMALL, f"run.output_dir={tmp_path}", "run.name=killed", "train.epochs=2",
+                                           "tune.num_samples=1", "tune.space={optim.lr: {grid: [0.1, 0.2, 0.3]}}")]
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    trials = tmp_path / "killed" / "trials"
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(search_args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 400
+        while time.time() < deadline:  # wait for one finished trial and the next one under way
+            finished = list(trials.glob("*/summary.json"))
+            started = list(trials.glob("*/config.yaml"))
+            if finished and len(started) >= 2:
+                break
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(1)
+        else:
+            pytest.fail("no trial finished in time")
+        os.killpg(first.pid, signal.SIGKILL)  # the driver and the embedded Ray with it
+        first.wait()
+    finished_summary = finished[0]
+    stamp = finished_summary.stat().st_mtime_ns
+    time.sleep(2)  # let the killed Ray's sockets close
+
+    resumed = subprocess.run([*search_args, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    table = rows(tmp_path / "killed")
+    assert len(table) == 3 and all(r["status"] == "completed" for r in table)
+    assert finished_summary.stat().st_mtime_ns == stamp  # the finished trial was not trained again
