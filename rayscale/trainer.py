@@ -157,11 +157,32 @@ def connect(address: str | None, cfg: Config) -> None:
         return
     _forget_dead_cluster_address()
     needed = math.ceil(max(cfg.scaling.num_workers, 1) * cfg.scaling.cpus_per_worker)
-    # One logical CPU beyond the workers' reservation, or Ray Data's read tasks never get scheduled.
-    # The dashboard stays on (Ray Train's state API needs it), on loopback only.
-    # address="local": always a fresh embedded instance, never some other Ray found running on this machine.
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed) + 1, dashboard_host="127.0.0.1",
-             logging_level="WARNING")
+    # Our own GCS port, so the address is known before Ray starts: every process of this cluster gets it
+    # as RAY_ADDRESS. Ray's state API, which Train V2 uses to remove the placement groups of stopped runs,
+    # otherwise refuses to guess when another Ray runs on the machine ("Found multiple active Ray
+    # instances"), and stopped Tune trials then keep their CPUs.
+    port = _free_loopback_port()
+    previous = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        # address="local": always a fresh embedded instance, never another Ray found on this machine.
+        # One logical CPU beyond the workers' reservation, or Ray Data's read tasks never get scheduled.
+        # The dashboard stays on (Ray Train's state API needs it), on loopback only.
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed) + 1, dashboard_host="127.0.0.1",
+                 logging_level="WARNING", runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{port}"}})
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = previous
+
+
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def check_cluster_fits(cfg: Config) -> None:

@@ -169,6 +169,7 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False) -> 
         raise UserError(f"run.name {cfg.run.name}: {search_dir} already holds a search; add --resume to "
                         f"continue it or pick another run.name")
 
+    search_alg = _search_alg(cfg)  # a missing optional package is known before any resource is claimed
     trainer.connect(address, cfg)
     trainer.check_cluster_fits(cfg)
     concurrency = max_concurrent(cfg)
@@ -195,7 +196,7 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False) -> 
             param_space={d.key: _tune_domain(d) for d in domains},
             tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=scheduler,
                                         num_samples=cfg.tune.num_samples, max_concurrent_trials=concurrency,
-                                        search_alg=_search_alg(cfg)),
+                                        search_alg=search_alg),
             run_config=tune.RunConfig(name="tune", storage_path=str(search_dir), verbose=1),
         )
     results = tuner.fit()

@@ -35,7 +35,7 @@ def search(tmp_path_factory):
 
     ray.shutdown()
     out = tmp_path_factory.mktemp("tune")
-    code = cli.main(["tune", *args(*SMALL, f"run.output_dir={out}", "run.name=grid", "train.epochs=3",
+    code = cli.main(["tune", *args(*SMALL, f"run.output_dir={out}", "run.name=grid", "train.epochs=2",
                                    "tune.reduction_factor=2", "tune.num_samples=1",
                                    "tune.space={optim.lr: {grid: [0.3, 0.2, 0.0003, 0.0001]}}")])
     yield code, out / "grid"
@@ -62,6 +62,16 @@ def test_every_trial_reports_and_asha_stops_one_early(search, capsys):
     stopped = [r for r in table if r["status"] == "stopped early"]
     assert all(int(r["samples_seen"]) < int(table[0]["samples_seen"]) for r in stopped)
     assert (search_dir / "tune_curves.png").stat().st_size > 0
+
+
+def test_stopped_trials_give_their_resources_back(search):
+    """Ray #54305: a stopped trial's TorchTrainer must not keep its workers' CPUs."""
+    import ray
+
+    deadline = time.time() + 60
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.time() < deadline:
+        time.sleep(1)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
 
 
 def test_best_config_trains_as_it_is_and_reproduces_the_trial(search, tmp_path):
@@ -93,14 +103,26 @@ def test_bad_search_is_a_one_line_error_and_writes_nothing(tmp_path, capsys, ove
     assert not any(tmp_path.iterdir())
 
 
+def test_missing_optional_searcher_is_a_clear_error(tmp_path, capsys):
+    pytest.importorskip("ray")
+    try:
+        import optuna  # noqa: F401
+        pytest.skip("optuna is installed here")
+    except ImportError:
+        pass
+    assert cli.main(["tune", *args(f"run.output_dir={tmp_path}", "tune.search=optuna")]) == 2
+    assert "tune.search optuna: the optuna package is not installed" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 def test_resume_with_nothing_to_resume(tmp_path, capsys):
     assert cli.main(["tune", "--resume", *args(f"run.output_dir={tmp_path}")]) == 2
     assert "--resume: no search to resume" in capsys.readouterr().err
 
 
 def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
-    search_args = [RAYSCALE, "tune", *args(*SMALL, f"run.output_dir={tmp_path}", "run.name=killed", "train.epochs=2",
-                                           "tune.num_samples=1", "tune.space={optim.lr: {grid: [0.1, 0.2, 0.3]}}")]
+    search_args = [RAYSCALE, "tune", *args(*SMALL, f"run.output_dir={tmp_path}", "run.name=killed", "train.epochs=1",
+                                           "tune.num_samples=1", "tune.space={optim.lr: {grid: [0.1, 0.3]}}")]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     trials = tmp_path / "killed" / "trials"
     with open(tmp_path / "first.log", "w") as log:
@@ -124,5 +146,5 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
     resumed = subprocess.run([*search_args, "--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     table = rows(tmp_path / "killed")
-    assert len(table) == 3 and all(r["status"] == "completed" for r in table)
+    assert len(table) == 2 and all(r["status"] == "completed" for r in table)
     assert finished_summary.stat().st_mtime_ns == stamp  # the finished trial was not trained again
