@@ -37,12 +37,15 @@ def head(tmp_path_factory):
     import ray
 
     ray.shutdown()  # no embedded Ray from an earlier module may linger beside the head
-    gcs_port, dashboard_port = _free_port(), _free_port()
+    # Free ports for everything with a fixed default (agent 52365, client server 10001), so another Ray on
+    # the machine cannot keep this head's job agent from starting ("No available agent to submit job").
+    gcs_port, dashboard_port, agent_port, client_port = _free_port(), _free_port(), _free_port(), _free_port()
     log = tmp_path_factory.mktemp("head") / "head.log"
     with open(log, "w") as out:
         process = subprocess.Popen(
             [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=3",
              "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+             f"--dashboard-agent-listen-port={agent_port}", f"--ray-client-server-port={client_port}",
              "--disable-usage-stats"], env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard_port}"
     deadline = time.time() + 120
@@ -69,9 +72,15 @@ def head(tmp_path_factory):
 
 
 def submit(address: str, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--", *args],
-        env=_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    # The dashboard answers `ray job list` before its job agent is up; Ray then says to try again later.
+    deadline = time.time() + 120
+    while True:
+        result = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--", *args],
+            env=_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        if "No available agent to submit job" not in result.stderr + result.stdout or time.time() > deadline:
+            return result
+        time.sleep(5)
 
 
 def test_train_job_succeeds_and_writes_outputs(head, tmp_path):
