@@ -189,8 +189,10 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False) -> 
     if resume:
         tuner = Tuner.restore(str(tuner_dir), trainable, resume_unfinished=True, restart_errored=True)
     else:
+        # stop_last_trials=False: a trial that reaches max_t finishes by itself and writes its outputs
+        # (summary.json, model.pt), which is also how --resume recognises it as finished.
         scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=max_t, grace_period=grace,
-                                  reduction_factor=cfg.tune.reduction_factor)
+                                  reduction_factor=cfg.tune.reduction_factor, stop_last_trials=False)
         tuner = Tuner(
             trainable,
             param_space={d.key: _tune_domain(d) for d in domains},
