@@ -54,28 +54,6 @@ MAX_CONCURRENT_TRIALS = 1
 REDUCTION_FACTOR = 3.0
 
 
-def start_ray() -> None:
-    """Start the embedded Ray that both searches reuse, as `trainer.connect` would, plus one setting: every Ray
-    process is told its own dashboard's address (RAY_API_SERVER_ADDRESS, read by Ray's state API).
-
-    Why: Ray Train V2 frees a finished trial's CPUs from a placement-group cleaner that asks the state API
-    about the controller without naming a cluster. With a second Ray instance on the machine (someone's tests),
-    that call raises "Found multiple active Ray instances", the cleaner dies, the CPU stays reserved, and a later
-    trial waits for a worker until its start-up times out. Seen on the shared 2-core machine.
-    """
-    import socket
-
-    with socket.socket() as probe:  # a free loopback port for this instance's dashboard
-        probe.bind(("127.0.0.1", 0))
-        dashboard_port = probe.getsockname()[1]
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"  # inherited by Ray's processes
-    import ray
-
-    # trainer.connect's sizing for 1 worker per trial: the cores, plus one logical CPU for Ray Data's reads.
-    ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, dashboard_host="127.0.0.1",
-             dashboard_port=dashboard_port, logging_level="WARNING")
-
-
 def build_config(settings: dict, output_dir: Path, name: str, grace_samples: int | None):
     from rayscale import config as config_module
 
@@ -111,6 +89,10 @@ def run_search(cfg, keys: list[str], budget: int) -> dict:
     wall = time.perf_counter() - started
     search_dir = Path(cfg.run.output_dir).resolve() / cfg.run.name
     best = next(r for r in rows if r[f"best_{METRIC}"] is not None)
+    # best_<metric> is a trial's lowest value at any epoch end; a noisy curve can dip once and win. The final
+    # value of the trials that trained their whole budget is the other reading of "best".
+    best_final = min((r for r in rows if r["status"] == "completed"), key=lambda r: r[f"last_{METRIC}"],
+                     default={f"last_{METRIC}": None, **{k: None for k in keys}})
     return {
         "search_dir": str(search_dir),
         "grace_samples": effective_grace(cfg, budget),
@@ -122,6 +104,8 @@ def run_search(cfg, keys: list[str], budget: int) -> dict:
         "samples_trained_per_logs": sum(trained_samples(search_dir, r["trial_id"]) for r in rows),
         "best": best[f"best_{METRIC}"],
         "best_config": {k: best[k] for k in keys},
+        "best_final": best_final[f"last_{METRIC}"],
+        "best_final_config": {k: best_final[k] for k in keys},
         "wall_time_s": round(wall, 1),
         "rows": rows,
     }
@@ -140,16 +124,64 @@ def largest_history_difference(grid: dict, asha: dict, keys: list[str]) -> float
     return max(differences, default=None)
 
 
-def compare(grid: dict, asha: dict, keys: list[str]) -> dict:
+def replay_in_random_orders(grid: dict, grace: int, budget: int, orders: int = 2000) -> dict | None:
+    """How much one run's result owes to the order the trials came in.
+
+    ASHA promotes a trial that beats the results recorded so far at its rung, and early trials face few (the
+    first one always trains its whole budget). This replays Ray's own ASHA rule over the grid's curves — what
+    ASHA's trials train too, same seed — one trial at a time, in the grid's order (it must reproduce the live
+    ASHA run) and in random orders.
+    """
+    import random
+    from types import SimpleNamespace
+
+    try:  # private, but the exact rule the scheduler applies
+        from ray.tune.schedulers.async_hyperband import _Bracket
+    except ImportError:
+        return None
+    by_creation = sorted(grid["rows"], key=lambda r: r["trial_id"])  # the order Tune created the trials in
+    curves = [r["history"] for r in by_creation]
+
+    def replay(order) -> tuple[float, float]:
+        bracket = _Bracket(min_t=grace, max_t=budget, reduction_factor=REDUCTION_FACTOR, s=0,
+                           stop_last_trials=False)  # as rayscale.tune configures its ASHAScheduler
+        used, best = 0, float("inf")
+        for i in order:
+            for samples, value in curves[i]:
+                best = min(best, value)
+                # The scheduler maximizes: a metric minimized is passed negated.
+                if bracket.on_result(SimpleNamespace(trial_id=str(i)), samples, -value) == "STOP":
+                    break
+            used += samples
+        return used / grid["samples"], (best - grid["best"]) / grid["best"]
+
+    shuffled = [replay(random.Random(seed).sample(range(len(curves)), len(curves))) for seed in range(orders)]
+    fractions = sorted(fraction for fraction, _ in shuffled)
+    meets = [(f <= MAX_SAMPLE_FRACTION, gap <= MAX_RELATIVE_GAP) for f, gap in shuffled]
+    return {
+        "grid_order_sample_fraction": replay(range(len(curves)))[0],
+        "orders": orders,
+        "sample_fraction_p10_p50_p90": [fractions[orders // 10], fractions[orders // 2],
+                                        fractions[orders * 9 // 10]],
+        "share_meeting_sample_target": sum(a for a, _ in meets) / orders,
+        "share_meeting_gap_target": sum(b for _, b in meets) / orders,
+        "share_meeting_both": sum(a and b for a, b in meets) / orders,
+    }
+
+
+def compare(grid: dict, asha: dict, keys: list[str], budget: int) -> dict:
     sample_fraction = asha["samples"] / grid["samples"]
     relative_gap = (asha["best"] - grid["best"]) / grid["best"]
+    finals = (asha["best_final"], grid["best_final"])
     grid_ranking = [config_key(r, keys) for r in grid["rows"]]
     return {
         "sample_fraction": sample_fraction,
         "relative_gap": relative_gap,
+        "final_relative_gap": (finals[0] - finals[1]) / finals[1] if None not in finals else None,
         "same_best_config": asha["best_config"] == grid["best_config"],
         "asha_best_config_rank_in_grid": grid_ranking.index(config_key(asha["best_config"], keys)) + 1,
         "largest_history_difference": largest_history_difference(grid, asha, keys),
+        "random_orders": replay_in_random_orders(grid, asha["grace_samples"], budget),
         "targets": {
             f"asha samples <= {MAX_SAMPLE_FRACTION:.0%} of grid": sample_fraction <= MAX_SAMPLE_FRACTION,
             f"asha best {METRIC} within {MAX_RELATIVE_GAP:.0%} of grid": relative_gap <= MAX_RELATIVE_GAP,
@@ -173,6 +205,10 @@ def markdown(grid: dict, asha: dict, comparison: dict, keys: list[str]) -> str:
         f"{asha['samples_trained_per_logs']:,} |",
         f"| best {METRIC} | {grid['best']:.4f} | {asha['best']:.4f} |",
         f"| best config | {config_text(grid['best_config'])} | {config_text(asha['best_config'])} |",
+        f"| best final {METRIC} (completed trials) | {_number(grid['best_final'], '.4f')} | "
+        f"{_number(asha['best_final'], '.4f')} |",
+        f"| its config | {config_text(grid['best_final_config'])} | "
+        f"{config_text(asha['best_final_config'])} |",
         f"| wall time (s) | {grid['wall_time_s']:.0f} | {asha['wall_time_s']:.0f} |",
         "",
         f"- ASHA samples / grid samples: {comparison['sample_fraction']:.1%}",
@@ -181,25 +217,37 @@ def markdown(grid: dict, asha: dict, comparison: dict, keys: list[str]) -> str:
         f"#{comparison['asha_best_config_rank_in_grid']} in the grid's ranking)",
         f"- largest |{METRIC} difference| between the two searches on the same config and epoch: "
         f"{_number(comparison['largest_history_difference'])}",
+        f"- relative gap of the best final {METRIC} (not a target): "
+        f"{_number(comparison['final_relative_gap'], '+.2%')}",
     ]
+    orders = comparison["random_orders"]
+    if orders:
+        p10, p50, p90 = orders["sample_fraction_p10_p50_p90"]
+        lines.append(
+            f"- ASHA replayed on the grid's curves, {orders['orders']:,} random trial orders: samples "
+            f"{p50:.0%} of the grid's (10-90%: {p10:.0%}-{p90:.0%}); samples target met in "
+            f"{orders['share_meeting_sample_target']:.0%} of orders, {METRIC} target in "
+            f"{orders['share_meeting_gap_target']:.0%}, both in "
+            f"{orders['share_meeting_both']:.0%} (the grid's own order replays to "
+            f"{orders['grid_order_sample_fraction']:.1%})")
     lines += [f"- {'PASS' if ok else 'FAIL'}: {target}" for target, ok in comparison["targets"].items()]
     return "\n".join(lines)
 
 
-def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2g}"
+def _number(value: float | None, spec: str = ".2g") -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="2x1x1 grid, 2 epochs: proves the script runs")
     parser.add_argument("--epochs", type=int, default=None,
-                        help="a trial's budget in epochs (default: 9, --smoke: 2); ASHA's grace stays one epoch")
+                        help="a trial's budget in epochs (default: 9, --smoke: 2); the grace stays 1 epoch")
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="where the two searches are written (default: a new temporary directory)")
     args = parser.parse_args(argv)
 
-    # Before anything imports ray: loopback only, no usage stats, patience for worker start-up on a loaded machine.
+    # Before anything imports ray: loopback only, no usage stats, patience for worker start-up under load.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
@@ -214,11 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[benchmark] {space.grid_size(space.parse_space(settings['space']))} configurations x "
           f"{settings['epochs']} epochs x {train_rows:,} rows = {budget:,} samples per trial; "
           f"output in {output_dir}", flush=True)
-    start_ray()  # tune.search finds it running and reuses it for both searches
 
+    # The first search starts the embedded Ray (loopback only); the second finds it running and reuses it.
     grid = run_search(build_config(settings, output_dir, "grid", grace_samples=budget), keys, budget)
     asha = run_search(build_config(settings, output_dir, "asha", grace_samples=train_rows), keys, budget)
-    comparison = compare(grid, asha, keys)
+    comparison = compare(grid, asha, keys, budget)
     table = markdown(grid, asha, comparison, keys)
     print("\n" + table, flush=True)
 
@@ -232,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {**settings, "train_rows": train_rows, "samples_per_trial": budget,
                      "reduction_factor": REDUCTION_FACTOR, "max_concurrent_trials": MAX_CONCURRENT_TRIALS,
                      "metric": METRIC},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(),
                     "ray": ray.__version__, "torch": torch.__version__},
         "grid": grid, "asha": asha, "comparison": comparison, "table": table,
     }, indent=2, default=str) + "\n")
