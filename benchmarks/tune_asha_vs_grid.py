@@ -5,14 +5,18 @@ exactly the same configurations, with the same seed, trained by the same code:
 
   (a) grid: `tune.grace_samples` is a whole trial's budget, so ASHA has a single rung at max_t and stops
       nothing early — every configuration trains all its epochs;
-  (b) ASHA: a grace of one epoch of samples and reduction factor 3. At the default 9 epochs that is exactly
-      `tune.grace_samples`' default (a ninth of the budget), and ASHA's rungs fall at 1, 3 and 9 epochs;
-      `--epochs 27` gives the same grace a 27 times longer budget, so a fourth rung (1, 3, 9, 27 epochs).
+  (b) ASHA: `tune.grace_samples`' default (a 27th of the budget, a third of an epoch at 9 epochs) and
+      reduction factor 3, so rungs at 1/27, 1/9, 1/3 of the budget and its end; the workers validate at each
+      rung milestone, mid-epoch.
+
+Both searches validate every `grace` samples (`train.eval_every_samples`), so both see the same validation
+points — the grid's curves are exactly what ASHA's trials train, and neither gets more chances to dip.
 
 Targets (from the issue): ASHA trains at most 35% of the grid's samples, and its best val_loss is within 2% of
 the grid's best. PASS/FAIL is printed per target; the script always exits 0 (a benchmark, not a test).
 
     python -m benchmarks.tune_asha_vs_grid [--smoke] [--epochs N] [--output-dir DIR]
+    python -m benchmarks.tune_asha_vs_grid --sensitivity benchmarks/results/tune_asha_vs_grid.json
 
 Writes benchmarks/results/tune_asha_vs_grid.json (`--smoke`, `--epochs N` add .smoke, .epochsN to the name).
 """
@@ -39,6 +43,7 @@ FULL = {
         "schedule.name": {"grid": ["cosine", "step"]},
     },  # 12 configurations
     "epochs": 9,  # a trial's budget (--epochs): 9 epochs of ~1,450 rows
+    "warmup_samples": 256,  # below the grace (1/27 of the budget), so the default grace applies
 }
 SMOKE = {
     "space": {
@@ -47,6 +52,7 @@ SMOKE = {
         "schedule.name": {"grid": ["cosine"]},
     },
     "epochs": 2,
+    "warmup_samples": 64,
 }
 # One trial at a time: ASHA's decisions then depend only on the metrics, not on which of two concurrent trials
 # reaches a rung first, so the sample counts repeat from run to run (tests/test_tune.py does the same).
@@ -54,12 +60,13 @@ MAX_CONCURRENT_TRIALS = 1
 REDUCTION_FACTOR = 3.0
 
 
-def build_config(settings: dict, output_dir: Path, name: str, grace_samples: int | None):
+def build_config(settings: dict, output_dir: Path, name: str, grace_samples: int | None, eval_every: int):
     from rayscale import config as config_module
 
     return config_module.from_dict({
         "scaling": {"num_workers": 1},  # one Ray Train worker per trial
-        "train": {"epochs": settings["epochs"]},
+        "train": {"epochs": settings["epochs"], "eval_every_samples": eval_every},
+        "schedule": {"warmup_samples": settings["warmup_samples"]},
         "run": {"output_dir": str(output_dir), "name": name},
         "tune": {"space": settings["space"], "num_samples": 1,  # num_samples repeats the whole grid
                  "metric": METRIC, "mode": "min", "grace_samples": grace_samples,
@@ -76,9 +83,10 @@ def trained_samples(search_dir: Path, trial_id: str) -> int:
 
 
 def effective_grace(cfg, budget: int) -> int:
-    """The grace period `tune.search` uses (and prints): tune.grace_samples, else a ninth of the budget, never
-    less than the warmup."""
-    return max(cfg.tune.grace_samples or budget // 9, cfg.schedule.warmup_samples, 1)
+    """The grace period `tune.search` uses (and prints)."""
+    from rayscale.tune import default_grace
+
+    return default_grace(cfg.tune.grace_samples, budget, cfg.tune.reduction_factor, cfg.schedule.warmup_samples)
 
 
 def run_search(cfg, keys: list[str], budget: int) -> dict:
@@ -124,13 +132,15 @@ def largest_history_difference(grid: dict, asha: dict, keys: list[str]) -> float
     return max(differences, default=None)
 
 
-def replay_in_random_orders(grid: dict, grace: int, budget: int, orders: int = 2000) -> dict | None:
+def replay_in_random_orders(grid: dict, grace: int, budget: int, orders: int = 2000,
+                            reduction_factor: float = REDUCTION_FACTOR, running_min: bool = False) -> dict | None:
     """How much one run's result owes to the order the trials came in.
 
     ASHA promotes a trial that beats the results recorded so far at its rung, and early trials face few (the
     first one always trains its whole budget). This replays Ray's own ASHA rule over the grid's curves — what
     ASHA's trials train too, same seed — one trial at a time, in the grid's order (it must reproduce the live
-    ASHA run) and in random orders.
+    ASHA run) and in random orders. `running_min`: ASHA is given each trial's best value so far instead of its
+    latest (a what-if, not what rayscale does).
     """
     import random
     from types import SimpleNamespace
@@ -143,14 +153,16 @@ def replay_in_random_orders(grid: dict, grace: int, budget: int, orders: int = 2
     curves = [r["history"] for r in by_creation]
 
     def replay(order) -> tuple[float, float]:
-        bracket = _Bracket(min_t=grace, max_t=budget, reduction_factor=REDUCTION_FACTOR, s=0,
+        bracket = _Bracket(min_t=grace, max_t=budget, reduction_factor=reduction_factor, s=0,
                            stop_last_trials=False)  # as rayscale.tune configures its ASHAScheduler
         used, best = 0, float("inf")
         for i in order:
+            trial_best = float("inf")
             for samples, value in curves[i]:
-                best = min(best, value)
+                best, trial_best = min(best, value), min(trial_best, value)
                 # The scheduler maximizes: a metric minimized is passed negated.
-                if bracket.on_result(SimpleNamespace(trial_id=str(i)), samples, -value) == "STOP":
+                shown = trial_best if running_min else value
+                if bracket.on_result(SimpleNamespace(trial_id=str(i)), samples, -shown) == "STOP":
                     break
             used += samples
         return used / grid["samples"], (best - grid["best"]) / grid["best"]
@@ -158,8 +170,10 @@ def replay_in_random_orders(grid: dict, grace: int, budget: int, orders: int = 2
     shuffled = [replay(random.Random(seed).sample(range(len(curves)), len(curves))) for seed in range(orders)]
     fractions = sorted(fraction for fraction, _ in shuffled)
     meets = [(f <= MAX_SAMPLE_FRACTION, gap <= MAX_RELATIVE_GAP) for f, gap in shuffled]
+    in_grid_order = replay(range(len(curves)))
     return {
-        "grid_order_sample_fraction": replay(range(len(curves)))[0],
+        "grid_order_sample_fraction": in_grid_order[0],
+        "grid_order_relative_gap": in_grid_order[1],
         "orders": orders,
         "sample_fraction_p10_p50_p90": [fractions[orders // 10], fractions[orders // 2],
                                         fractions[orders * 9 // 10]],
@@ -167,6 +181,27 @@ def replay_in_random_orders(grid: dict, grace: int, budget: int, orders: int = 2
         "share_meeting_gap_target": sum(b for _, b in meets) / orders,
         "share_meeting_both": sum(a and b for a, b in meets) / orders,
     }
+
+
+def sensitivity(result_path: Path, orders: int = 1000) -> str:
+    """What-if table from a saved result: ASHA's rule replayed over its grid's curves (validated every
+    `grace` samples in both searches) for other grace periods, reduction factors and values."""
+    saved = json.loads(result_path.read_text())
+    grid, budget, interval = saved["grid"], saved["settings"]["samples_per_trial"], saved["asha"]["grace_samples"]
+    lines = [f"ASHA replayed over the grid's curves in {result_path.name} ({len(grid['rows'])} configurations, "
+             f"validation every {interval:,} samples, {orders:,} random trial orders)", "",
+             "| grace | reduction factor | ASHA sees | grid order: samples, gap | random orders: median samples | "
+             "gap target met | both targets met |", "|---|---|---|---|---|---|---|"]
+    for grace in (interval, 2 * interval, 3 * interval):
+        for factor in (2.0, 3.0, 4.0):
+            for running_min in (False, True):
+                r = replay_in_random_orders(grid, grace, budget, orders, factor, running_min)
+                lines.append(
+                    f"| {grace:,} | {factor:g} | {'best so far' if running_min else 'latest'} | "
+                    f"{r['grid_order_sample_fraction']:.1%}, {r['grid_order_relative_gap']:+.1%} | "
+                    f"{r['sample_fraction_p10_p50_p90'][1]:.1%} | {r['share_meeting_gap_target']:.0%} | "
+                    f"{r['share_meeting_both']:.0%} |")
+    return "\n".join(lines)
 
 
 def compare(grid: dict, asha: dict, keys: list[str], budget: int) -> dict:
@@ -242,10 +277,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="2x1x1 grid, 2 epochs: proves the script runs")
     parser.add_argument("--epochs", type=int, default=None,
-                        help="a trial's budget in epochs (default: 9, --smoke: 2); the grace stays 1 epoch")
+                        help="a trial's budget in epochs (default: 9, --smoke: 2); the grace is a 27th of it")
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="where the two searches are written (default: a new temporary directory)")
+    parser.add_argument("--sensitivity", type=Path, default=None, metavar="RESULT_JSON",
+                        help="print a what-if table (grace, reduction factor) from a saved result; trains nothing")
     args = parser.parse_args(argv)
+    if args.sensitivity:
+        print(sensitivity(args.sensitivity))
+        return 0
 
     # Before anything imports ray: loopback only, no usage stats, patience for worker start-up under load.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -257,15 +297,17 @@ def main(argv: list[str] | None = None) -> int:
     settings["epochs"] = args.epochs or settings["epochs"]
     output_dir = args.output_dir or Path(tempfile.mkdtemp(prefix="rayscale-asha-vs-grid-"))
     keys = [d.key for d in space.parse_space(settings["space"])]
-    train_rows = trainer.prepare(build_config(settings, output_dir, "grid", None)).train_rows
+    probe = build_config(settings, output_dir, "grid", None, 0)
+    train_rows = trainer.prepare(probe).train_rows
     budget = settings["epochs"] * train_rows  # a trial's samples: max_t of both searches
+    grace = effective_grace(probe, budget)  # ASHA's, with tune.grace_samples at its default
     print(f"[benchmark] {space.grid_size(space.parse_space(settings['space']))} configurations x "
           f"{settings['epochs']} epochs x {train_rows:,} rows = {budget:,} samples per trial; "
           f"output in {output_dir}", flush=True)
 
     # The first search starts the embedded Ray (loopback only); the second finds it running and reuses it.
-    grid = run_search(build_config(settings, output_dir, "grid", grace_samples=budget), keys, budget)
-    asha = run_search(build_config(settings, output_dir, "asha", grace_samples=train_rows), keys, budget)
+    grid = run_search(build_config(settings, output_dir, "grid", budget, eval_every=grace), keys, budget)
+    asha = run_search(build_config(settings, output_dir, "asha", None, eval_every=grace), keys, budget)
     comparison = compare(grid, asha, keys, budget)
     table = markdown(grid, asha, comparison, keys)
     print("\n" + table, flush=True)

@@ -103,6 +103,8 @@ class TrainConfig:
                                    unit="steps", minimum=1)
     log_every_samples: int = key(2048, "rank 0 writes a metrics.jsonl line this often", unit="samples",
                                  minimum=1)
+    eval_every_samples: int = key(0, "also validate mid-epoch every this many samples (0: at epoch ends only)",
+                                  unit="samples", minimum=0)
     report_every_seconds: float = key(10.0, "ray.train.report at most this often (plus epoch ends)",
                                       unit="seconds", minimum=0.0)
 
@@ -140,6 +142,9 @@ class ScheduleConfig:
 class RunConfig:
     output_dir: str = key("runs", "where run directories are written (a local or shared-filesystem path)")
     name: str = key("default", "run directory name; re-running the same name resumes it")
+    storage_path: str | None = key(None, "where Ray Train keeps checkpoints (null: <run dir>/checkpoints); on a "
+                                         "multi-node cluster a URI every node reaches (s3://bucket/prefix, "
+                                         "gs://..., or a shared mount)")
     checkpoint_every_samples: int | None = key(None, "also checkpoint mid-epoch this often (null: epoch ends)",
                                                unit="samples", minimum=1)
     max_failures: int = key(3, "worker-group restarts from the last checkpoint before giving up", minimum=0)
@@ -152,8 +157,9 @@ class TuneConfig:
     num_samples: int = key(8, "trials to sample (with grid domains: repeats of the whole grid)", minimum=1)
     metric: str = key("val_loss", "what ASHA and the ranking compare (any reported metric)")
     mode: str = key("min", "whether lower or higher metric is better", choices=("min", "max"))
-    grace_samples: int | None = key(None, "ASHA grace period (null: a ninth of a trial's samples); never less "
-                                          "than the largest warmup in the space", unit="samples", minimum=1)
+    grace_samples: int | None = key(None, "ASHA grace period (null: a trial's samples / "
+                                          "reduction_factor^3, four rungs); never less than the largest warmup "
+                                          "in the space", unit="samples", minimum=1)
     reduction_factor: float = key(3.0, "ASHA keeps 1/reduction_factor of trials at each rung", minimum=1.0,
                                   exclusive_minimum=True)
     search: str = key("random", "search algorithm (grid domains are enumerated by every one); optuna and "

@@ -1,7 +1,7 @@
 """[3] `rayscale tune`: Ray Tune over the driver's own trainer, ASHA on samples seen.
 
 Each trial is a Tune function trainable that builds its TorchTrainer with `trainer.train` — the same driver
-code as `rayscale train`, never a second training loop — and forwards its epoch-end reports to Tune (Train V2
+code as `rayscale train`, never a second training loop — and forwards its validation reports to Tune (Train V2
 interop: a callback on the trainer's RunConfig). ASHA's clock is `samples_seen`, so trials with different
 batch sizes are compared after the same amount of data, not after the same number of reports.
 """
@@ -39,26 +39,46 @@ def _tune_domain(domain: space.Domain):
 STOP_MARKER = ".tune_stopped"
 
 
-def _epoch_end_callback(metric: str, stop_marker: Path):
-    """Runs in the TrainController. Forwards epoch-end reports to Tune (they always carry the validation
-    metric, measured at that point), and aborts its own training run once Tune has stopped the trial.
-
-    Why the abort: when ASHA stops a trial, Tune ends the trial's session but its TorchTrainer's controller
-    and workers keep their CPUs (Ray #54305, seen here: later trials then time out waiting for workers).
-    """
+def _trial_callbacks(metric: str, stop_marker: Path) -> list:
+    """Run in the trial's TrainController (placed on the trial driver's node, so both see the marker file)."""
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    class EpochEndReport(TuneReportCallback):
+    class EvaluationReport(TuneReportCallback):
+        """Forward only the reports that measured the metric at that point (epoch ends and Tune's rung
+        milestones): interval reports carry the last validation, which would be stale at their sample count."""
+
         def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metrics[0].get("evaluation") and metric in metrics[0] and not stop_marker.exists():
+                super().after_report(run_context, metrics, checkpoint)
+
+    class AbortWhenStopped(WorkerGroupCallback):
+        """When ASHA stops a trial, Tune ends the trial's session but its TorchTrainer's controller and workers
+        keep training and holding their CPUs (Ray #54305, seen here: later trials then time out waiting for
+        workers). The controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s): abort on the
+        first poll after the trial driver marked the trial stopped."""
+
+        def after_worker_group_poll_status(self, worker_group_status):
             if stop_marker.exists():
                 import ray
 
                 ray.get_runtime_context().current_actor.abort.remote()
-                return
-            if metrics and "training_done" in metrics[0] and metric in metrics[0]:
-                super().after_report(run_context, metrics, checkpoint)
 
-    return EpochEndReport()
+    return [EvaluationReport(), AbortWhenStopped()]
+
+
+def default_grace(grace_samples: int | None, max_t: int, reduction_factor: float, warmup: int) -> int:
+    """ASHA's grace period: tune.grace_samples, else max_t / reduction_factor**3 (four rungs: 1/27, 1/9, 1/3
+    of the budget and the end at the default factor 3), and never inside the warmup, where every trial's
+    loss still says more about the warmup than about its settings."""
+    return max(grace_samples or int(max_t / reduction_factor ** 3), warmup, 1)
+
+
+def rung_milestones(grace: int, max_t: int, reduction_factor: float) -> list[int]:
+    """Where ASHA decides: the samples of its rungs below max_t (Ray's `_Bracket` rule, bracket 0). The
+    workers validate at exactly these points, so a rung compares every trial on the same amount of data."""
+    rungs = int(math.log(max_t / grace) / math.log(reduction_factor) + 1)
+    return sorted({math.ceil(grace * reduction_factor ** k) for k in range(rungs)} - {max_t})
 
 
 def _watch_for_stop(stop_marker: Path) -> None:
@@ -84,10 +104,10 @@ def _finished_records(cfg: Config) -> list[dict] | None:
     summary = run_dir / "summary.json"
     if not summary.exists() or json.loads(summary.read_text()).get("epochs") != cfg.train.epochs:
         return None
-    return [r for r in trainer.read_metrics(run_dir) if r.get("epoch_end")]
+    return [r for r in trainer.read_metrics(run_dir) if r.get("evaluation")]
 
 
-def _trial(sampled: dict, base: dict, search_dir: str, metric: str) -> None:
+def _trial(sampled: dict, base: dict, search_dir: str, metric: str, eval_at_samples: list[int]) -> None:
     from ray import tune
 
     cfg = space.apply(base, sampled)
@@ -102,7 +122,7 @@ def _trial(sampled: dict, base: dict, search_dir: str, metric: str) -> None:
     stop_marker.parent.mkdir(parents=True, exist_ok=True)
     stop_marker.unlink(missing_ok=True)  # a resumed trial runs again
     _watch_for_stop(stop_marker)
-    trainer.train(cfg, callbacks=[_epoch_end_callback(metric, stop_marker)])
+    trainer.train(cfg, callbacks=_trial_callbacks(metric, stop_marker), eval_at_samples=eval_at_samples)
 
 
 def max_concurrent(cfg: Config) -> int:
@@ -140,6 +160,15 @@ def _search_alg(cfg: Config):
                         "(pip install 'rayscale[hyperopt]')") from None
 
 
+def _this_node_resource() -> str:
+    """The `node:<ip>` resource of the node this driver runs on (as the cluster knows it)."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
+    return next(k for k in node["Resources"] if k.startswith("node:") and k != "node:__internal_head__")
+
+
 def search(cfg: Config, *, address: str | None = None, resume: bool = False) -> list[dict]:
     """Validate everything, run (or resume) the search, write its outputs; returns trial rows, best first."""
     base = config_module.to_dict(cfg)
@@ -153,7 +182,7 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False) -> 
         raise UserError(f"tune.metric {cfg.tune.metric}: there is no validation data (data.val_fraction is 0 and "
                         f"data.val_source is not set)")
     warmup = space.max_value(domains, "schedule.warmup_samples", cfg.schedule.warmup_samples)
-    grace = max(cfg.tune.grace_samples or max_t // 9, int(warmup), 1)
+    grace = default_grace(cfg.tune.grace_samples, max_t, cfg.tune.reduction_factor, int(warmup))
     if grace > max_t:
         raise UserError(f"tune.grace_samples: {grace} (at least the longest warmup) exceeds a trial's "
                         f"{max_t} samples (train.epochs x {prepared.train_rows} rows)")
@@ -170,6 +199,7 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False) -> 
                         f"continue it or pick another run.name")
 
     search_alg = _search_alg(cfg)  # a missing optional package is known before any resource is claimed
+    trainer.check_fits_before_start(address, cfg)
     trainer.connect(address, cfg)
     trainer.check_cluster_fits(cfg)
     concurrency = max_concurrent(cfg)
@@ -183,9 +213,15 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False) -> 
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    trainable = tune.with_resources(  # the trial driver only waits on its TorchTrainer: hold almost no CPU
-        tune.with_parameters(_trial, base=base, search_dir=str(search_dir), metric=cfg.tune.metric),
-        {"CPU": 0.01})
+    # A trial's driver only waits on its TorchTrainer: it holds almost no CPU. It runs on this node (Ray's
+    # built-in node:<ip> resource), and so does its Train controller (Train places it beside the driver): the
+    # trial directories, the stop markers and the search's outputs are then all on one filesystem, on a
+    # multi-node cluster too; only the workers spread out (their checkpoints go to run.storage_path).
+    here = _this_node_resource()
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base=base, search_dir=str(search_dir), metric=cfg.tune.metric,
+                             eval_at_samples=rung_milestones(grace, max_t, cfg.tune.reduction_factor)),
+        {"CPU": 0.01, here: 0.001})
     if resume:
         tuner = Tuner.restore(str(tuner_dir), trainable, resume_unfinished=True, restart_errored=True)
     else:

@@ -76,13 +76,17 @@ def _prepare_model(model: torch.nn.Module, device: torch.device, world_size: int
     return model
 
 
-def _trim_metrics(path: Path, samples_seen: int) -> None:
-    """On resume, drop lines logged after the checkpoint we restart from: those steps run again."""
-    if not path.exists():
+def _restore_metrics(path: Path, saved: Path, samples_seen: int) -> None:
+    """On resume, the log is the one saved in the checkpoint we restart from (rank 0 may now run on another node):
+    lines logged after it go, since those steps run again."""
+    source = saved if saved.exists() else path
+    if not source.exists():
         return
-    keep = [line for line in path.read_text().splitlines()
+    keep = [line for line in source.read_text().splitlines()
             if line.strip() and json.loads(line).get("samples_seen", 0) <= samples_seen]
-    path.write_text("".join(line + "\n" for line in keep))
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(line + "\n" for line in keep))
+    partial.replace(path)
 
 
 def evaluate(model, shard, plan, rank, spec: tasks.DataSpec, precision, device) -> dict[str, float]:
@@ -149,19 +153,21 @@ def train_worker(payload: dict) -> None:
 
     progress = {"epoch": 0, "step_in_epoch": 0, "samples_seen": 0, "step": 0, "nonfinite_skipped": 0,
                 "resumes": 0, "val_loss": None, "val_accuracy": None}
+    metrics_path = run_dir / METRICS_FILE
+    run_dir.mkdir(parents=True, exist_ok=True)  # rank 0 may run on a node where the driver created nothing
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as directory:
             state = checkpoint.load(Path(directory) / checkpoint.STATE_FILE)
+            if rank == 0:
+                _restore_metrics(metrics_path, Path(directory) / METRICS_FILE, state["progress"]["samples_seen"])
             progress = checkpoint.restore(state, model, optimizer, precision.scaler)
             own_rng = Path(directory) / f"rng_rank{rank}.pt"
             if own_rng.exists():  # each rank continues its own dropout stream
                 checkpoint.set_rng_states(checkpoint.load(own_rng))
         progress["resumes"] += 1
         guard.skipped_total = progress["nonfinite_skipped"]
-    metrics_path = run_dir / METRICS_FILE
     if rank == 0:
-        _trim_metrics(metrics_path, progress["samples_seen"])
         if restored is None and metrics_path.exists():
             metrics_path.unlink()
         print(f"[rayscale] {plan.describe()}; {train_rows} training rows, {epochs} epochs"
@@ -184,6 +190,8 @@ def train_worker(payload: dict) -> None:
         if rank == 0:
             checkpoint.save_atomic(checkpoint.capture(model, optimizer, precision.scaler, progress),
                                    staging / checkpoint.STATE_FILE)
+            if metrics_path.exists():  # the log so far travels with the checkpoint (multi-node: to the driver)
+                shutil.copyfile(metrics_path, staging / METRICS_FILE)
         checkpoint.save_atomic(checkpoint.rng_states(), staging / f"rng_rank{rank}.pt")
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(staging)))
         if not local_mode:  # uploaded to the run's storage by now
@@ -193,6 +201,9 @@ def train_worker(payload: dict) -> None:
     next_log = progress["samples_seen"] + cfg.train.log_every_samples
     every = cfg.run.checkpoint_every_samples
     next_checkpoint = progress["samples_seen"] + every if every else None
+    eval_at = tuple(payload.get("eval_at_samples", ()))
+    next_eval = next_evaluation(progress["samples_seen"], cfg.train.eval_every_samples, eval_at) \
+        if payload["val_rows"] else None
     last_report = time.perf_counter()
     started = time.time()
 
@@ -219,6 +230,13 @@ def train_worker(payload: dict) -> None:
         interval = Interval.fresh(device)
         record["_report"] = wants > 0
         return record
+
+    def validate() -> dict[str, float]:
+        """Validation metrics; its time is left out of the interval's samples/s and data-wait fraction."""
+        began = time.perf_counter()
+        val = evaluate(model, ray.train.get_dataset_shard("val"), plan, rank, spec, precision, device)
+        interval.started += time.perf_counter() - began
+        return val
 
     for epoch in range(progress["epoch"], epochs):
         skip = progress["step_in_epoch"] if epoch == progress["epoch"] else 0
@@ -262,15 +280,28 @@ def train_worker(payload: dict) -> None:
                 if record.pop("_report"):
                     last_report = time.perf_counter()
                     ray.train.report({**record, **_val(progress)})
+            # Mid-epoch validation (train.eval_every_samples, Tune's rungs); the epoch end validates anyway.
+            if next_eval is not None and progress["samples_seen"] >= next_eval:
+                next_eval = next_evaluation(progress["samples_seen"], cfg.train.eval_every_samples, eval_at)
+                if progress["samples_seen"] < (epoch + 1) * train_rows:
+                    val = validate()
+                    progress.update(val)
+                    record = log(epoch, {"evaluation": True, **val})
+                    record.pop("_report")
+                    if rank == 0:
+                        shown = " ".join(f"{k} {v:.4f}" for k, v in val.items())
+                        print(f"[rayscale] epoch {epoch + 1}/{epochs} samples {progress['samples_seen']:,} "
+                              f"{shown}", flush=True)
+                    last_report = time.perf_counter()
+                    ray.train.report(record)
             if next_checkpoint is not None and progress["samples_seen"] >= next_checkpoint:
                 next_checkpoint = progress["samples_seen"] + every
                 save_and_report({"samples_seen": progress["samples_seen"], "epoch": epoch, **_val(progress)})
             waited_from = time.perf_counter()
 
-        val = evaluate(model, ray.train.get_dataset_shard("val"), plan, rank, spec, precision, device) \
-            if payload["val_rows"] else {}
+        val = validate() if payload["val_rows"] else {}
         progress.update(epoch=epoch + 1, step_in_epoch=0, **val)
-        record = log(epoch, {"epoch_end": True, **val})
+        record = log(epoch, {"epoch_end": True, "evaluation": bool(val), **val})
         record.pop("_report")
         if rank == 0:
             shown = " ".join(f"{k} {v:.4f}" for k, v in val.items())
@@ -278,6 +309,15 @@ def train_worker(payload: dict) -> None:
                   flush=True)
         last_report = time.perf_counter()
         save_and_report({**record, "epoch": epoch + 1, "training_done": epoch + 1 == epochs})
+
+
+def next_evaluation(samples_seen: int, every: int, at: list[int] | tuple[int, ...] = ()) -> int | None:
+    """The first sample count past `samples_seen` at which to validate mid-epoch: the next multiple of
+    `every` (0: none) or the next of the fixed points `at` (Tune's rung milestones), whichever comes first."""
+    candidates = [point for point in at if point > samples_seen]
+    if every:
+        candidates.append((samples_seen // every + 1) * every)
+    return min(candidates, default=None)
 
 
 def _val(progress: dict) -> dict:

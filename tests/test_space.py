@@ -419,19 +419,21 @@ def test_print_ranking_with_no_trials_prints_the_header_only(capsys):
 @pytest.mark.parametrize("summary_epochs, expected_epochs", [
     pytest.param(None, None, id="no-summary"),  # never finished: run the trial
     pytest.param(1, None, id="other-epochs"),  # finished a shorter run: run again
-    pytest.param(2, [1, 2], id="finished"),  # report its epoch ends from the files
+    pytest.param(2, [(0, 15), (1, 20), (2, 40)], id="finished"),  # report its validations from the files
 ])
 def test_finished_records(tmp_path, summary_epochs, expected_epochs):
     cfg = config.load(overrides=[f"run.output_dir={tmp_path}", "run.name=trial_1", "train.epochs=2"])
     run_dir = Path(tmp_path) / "trial_1"
     run_dir.mkdir()
-    records = [{"epoch": 1, "samples_seen": 10}, {"epoch": 1, "epoch_end": True, "samples_seen": 20},
-               {"epoch": 2, "samples_seen": 30}, {"epoch": 2, "epoch_end": True, "samples_seen": 40}]
+    records = [{"epoch": 0, "samples_seen": 10}, {"epoch": 0, "evaluation": True, "samples_seen": 15},
+               {"epoch": 1, "epoch_end": True, "evaluation": True, "samples_seen": 20},
+               {"epoch": 1, "samples_seen": 30}, {"epoch": 2, "epoch_end": True, "evaluation": True,
+                                                  "samples_seen": 40}]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if summary_epochs is not None:
         (run_dir / "summary.json").write_text(json.dumps({"epochs": summary_epochs}))
     finished = tune._finished_records(cfg)
-    assert (None if finished is None else [r["epoch"] for r in finished]) == expected_epochs
+    assert (None if finished is None else [(r["epoch"], r["samples_seen"]) for r in finished]) == expected_epochs
 
 
 def fake_ray(resources: dict | None) -> types.ModuleType:
@@ -467,3 +469,19 @@ def fake_ray(resources: dict | None) -> types.ModuleType:
 def test_max_concurrent(monkeypatch, overrides, resources, expected):
     monkeypatch.setitem(sys.modules, "ray", fake_ray(resources))
     assert tune.max_concurrent(config.load(overrides=overrides)) == expected
+
+
+# ------------------------------------------------------------------------------------ rung milestones
+
+@pytest.mark.parametrize("grace, max_t, factor, expected", [
+    (1450, 13050, 3.0, [1450, 4350]),  # 9x: rungs at 1, 3 (and 9) epochs; max_t itself is the epoch end
+    (483, 13050, 3.0, [483, 1449, 4347, 13041]),  # 27.02x: four rungs, the last just before max_t
+    (100, 1000, 2.0, [100, 200, 400, 800]),
+    (1000, 1000, 3.0, []),  # grid: one rung, at the end
+])
+def test_rung_milestones_match_rays_bracket(grace, max_t, factor, expected):
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
+    assert tune.rung_milestones(grace, max_t, factor) == expected
+    rays = sorted(math.ceil(m) for m, _ in _Bracket(grace, max_t, factor, s=0)._rungs)
+    assert [m for m in rays if m != max_t] == expected

@@ -61,6 +61,15 @@ def test_every_trial_reports_and_asha_stops_one_early(search, capsys):
     assert float(table[0]["optim.lr"]) >= 0.2  # ranked best first
     stopped = [r for r in table if r["status"] == "stopped early"]
     assert all(int(r["samples_seen"]) < int(table[0]["samples_seen"]) for r in stopped)
+    # The first rung (the 1,024-sample warmup, 8 steps of 128) falls inside epoch 1 (~1,440 rows): the
+    # hopeless trials were validated and cut there, not at the epoch end.
+    assert int(table[0]["samples_seen"]) // 2 > 1024
+    assert all(int(r["samples_seen"]) == 1024 for r in stopped)
+    for r in table:
+        evaluations = [(m["samples_seen"], bool(m.get("epoch_end"))) for m in
+                       map(json.loads, (search_dir / "trials" / r["trial_id"] / "metrics.jsonl").open())
+                       if m.get("evaluation")]
+        assert evaluations[0] == (int(stopped[0]["samples_seen"]), False)  # same step for every trial
     assert (search_dir / "tune_curves.png").stat().st_size > 0
 
 
