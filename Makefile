@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup test train tune bench clean
+.PHONY: setup system-deps test train tune bench clean
 
 setup: $(VENV)/.installed
 
@@ -15,7 +15,15 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-test: setup
+# tests/test_cluster.py runs `ray up` over its own sshd on 127.0.0.1 (sshd, rsync) and reads sockets with ss.
+system-deps:
+	@if ! { command -v sshd || test -x /usr/sbin/sshd; } >/dev/null || ! command -v rsync >/dev/null || ! command -v ss >/dev/null; then \
+	  SUDO=$$(test "$$(id -u)" -eq 0 || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    $$SUDO apt-get install -y -qq --no-install-recommends openssh-server openssh-client rsync iproute2; \
+	fi
+
+test: setup system-deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -71,6 +70,9 @@ def prepare(cfg: Config) -> PreparedRun:
         val = val if val_rows else None
     if train_rows == 0:
         raise UserError(f"data.source: {cfg.data.source} leaves no training rows")
+    if train_rows < plan.global_batch_size:
+        raise UserError(f"batch.global_batch_size: {plan.global_batch_size} is more than the {train_rows} training "
+                        f"rows of {cfg.data.source} (not one full step per epoch); expected at most {train_rows}")
     _check_model(cfg, info.spec)
     run_dir = run_directory(cfg)
     _check_writable(run_dir)
@@ -156,7 +158,7 @@ def connect(address: str | None, cfg: Config) -> None:
         ray.init(address=address, logging_level="WARNING")
         return
     _forget_dead_cluster_address()
-    needed = math.ceil(max(cfg.scaling.num_workers, 1) * cfg.scaling.cpus_per_worker)
+    check_machine_fits(cfg)  # the embedded cluster is this machine: known before Ray starts
     # Our own GCS port, so the address is known before Ray starts: every process of this cluster gets it
     # as RAY_ADDRESS. Ray's state API, which Train V2 uses to remove the placement groups of stopped runs,
     # otherwise refuses to guess when another Ray runs on the machine ("Found multiple active Ray
@@ -168,7 +170,7 @@ def connect(address: str | None, cfg: Config) -> None:
         # address="local": always a fresh embedded instance, never another Ray found on this machine.
         # One logical CPU beyond the workers' reservation, or Ray Data's read tasks never get scheduled.
         # The dashboard stays on (Ray Train's state API needs it), on loopback only.
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed) + 1, dashboard_host="127.0.0.1",
+        ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, dashboard_host="127.0.0.1",
                  logging_level="WARNING", runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{port}"}})
     finally:
         if previous is None:
@@ -183,6 +185,51 @@ def _free_loopback_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def user_error_inside(exc: BaseException) -> UserError | None:
+    """The UserError a training failure carries: Ray wraps a worker's (or a Ray Data task's) exception in
+    RayTaskError (`.cause`), Train in WorkerGroupError (`.worker_failures`) or ControllerError."""
+    stack, seen = [exc], set()
+    while stack:
+        error = stack.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        cause = getattr(error, "cause", None)
+        if isinstance(error, UserError) and not isinstance(cause, BaseException):
+            return error
+        stack += [cause if isinstance(cause, BaseException) else None, error.__cause__, error.__context__,
+                  getattr(error, "controller_failure", None),
+                  *(getattr(error, "worker_failures", None) or {}).values()]
+    return None
+
+
+def check_fits_before_start(address: str | None, cfg: Config) -> None:
+    """Called before `connect`: when the cluster will be the embedded one, its size is known already."""
+    import sys
+
+    running = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    if loopback_unless_joining(address) is None and not running:
+        check_machine_fits(cfg)
+
+
+def check_machine_fits(cfg: Config) -> None:
+    """For the embedded Ray: the workers must fit this machine's cores and GPUs, or they would wait forever."""
+    cpus = os.cpu_count() or 1
+    workers = max(cfg.scaling.num_workers, 1)
+    need_cpu = workers * cfg.scaling.cpus_per_worker
+    if cfg.scaling.num_workers and need_cpu > cpus:
+        raise UserError(f"scaling.num_workers: {workers} workers x {cfg.scaling.cpus_per_worker:g} CPUs need "
+                        f"{need_cpu:g} CPUs, this machine has {cpus} (embedded Ray); lower it or join a "
+                        f"cluster with --address")
+    if cfg.scaling.use_gpu:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if workers > gpus:
+            raise UserError(f"scaling.use_gpu: {workers} workers need {workers} GPUs, this machine has {gpus} "
+                            f"(embedded Ray)")
 
 
 def check_cluster_fits(cfg: Config) -> None:
@@ -200,9 +247,10 @@ def check_cluster_fits(cfg: Config) -> None:
                         f"{total.get('GPU', 0):g}")
 
 
-def payload(prepared: PreparedRun) -> dict:
+def payload(prepared: PreparedRun, eval_at_samples: list[int] | tuple[int, ...] = ()) -> dict:
     """What crosses into the workers: plain data only."""
     return {
+        "eval_at_samples": [int(point) for point in eval_at_samples],
         "config": config_module.to_dict(prepared.cfg),
         "spec": dataclasses.asdict(prepared.spec),
         "train_rows": prepared.train_rows,
@@ -213,7 +261,7 @@ def payload(prepared: PreparedRun) -> dict:
 
 
 def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, name: str = "checkpoints",
-                  callbacks: list | None = None):
+                  callbacks: list | None = None, eval_at_samples: list[int] | tuple[int, ...] = ()):
     import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -228,7 +276,7 @@ def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, nam
     execution = ray.data.ExecutionOptions(preserve_order=True)  # the same row order on every rank and run
     return TorchTrainer(
         _worker_entry,
-        train_loop_config=payload(prepared),
+        train_loop_config=payload(prepared, eval_at_samples),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
                                                            **({"GPU": 1} if cfg.scaling.use_gpu else {})}),
@@ -237,7 +285,10 @@ def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, nam
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[], execution_options=execution),
         run_config=RunConfig(
-            name=name, storage_path=storage_path or str(prepared.run_dir),
+            # Without run.storage_path the checkpoints live in the run directory; with it (a bucket or a shared
+            # mount, which multi-node clusters need), under <storage_path>/<run.name>.
+            name=cfg.run.name if cfg.run.storage_path and storage_path is None else name,
+            storage_path=storage_path or cfg.run.storage_path or str(prepared.run_dir),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=3),
             callbacks=callbacks or [],
@@ -255,8 +306,17 @@ def _worker_entry(payload_dict: dict) -> None:
 
 # --------------------------------------------------------------------------------------------- outputs
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    partial.replace(path)
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS_FILE
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -272,6 +332,10 @@ def write_outputs(prepared: PreparedRun, result, started: float, first_step_at: 
         raise RuntimeError("training ended without a checkpoint; see the log above")
     with result.checkpoint.as_directory() as directory:
         state = checkpoint.load(Path(directory) / checkpoint.STATE_FILE)
+        logged = Path(directory) / METRICS_FILE
+        # Rank 0 may have run on another node: the final checkpoint carries its metrics.jsonl.
+        if logged.exists():
+            _write_atomic(run_dir / METRICS_FILE, logged.read_bytes())
     checkpoint.save_atomic(state["model"], run_dir / "model.pt")
     records = read_metrics(run_dir)
     epoch_ends = [r for r in records if r.get("epoch_end")]
@@ -327,18 +391,29 @@ def _fmt(value, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def train(cfg: Config, *, address: str | None = None, callbacks: list | None = None) -> dict:
-    """Validate, run and write outputs; returns the summary."""
+def train(cfg: Config, *, address: str | None = None, callbacks: list | None = None,
+          eval_at_samples: list[int] | tuple[int, ...] = ()) -> dict:
+    """Validate, run and write outputs; returns the summary. `eval_at_samples`: extra points (samples seen)
+    at which the workers validate mid-epoch — Tune's rung milestones."""
     started = time.time()
     prepared = prepare(cfg)
+    _check_same_config(cfg, prepared.run_dir)
+    check_fits_before_start(address, cfg)
     connect(address, cfg)
     check_cluster_fits(cfg)
-    _check_same_config(cfg, prepared.run_dir)
     prepared.run_dir.mkdir(parents=True, exist_ok=True)
     (prepared.run_dir / "config.yaml").write_text(
         yaml.safe_dump(config_module.to_dict(cfg), sort_keys=False))
     print(f"[rayscale] run directory {prepared.run_dir}", flush=True)
-    result = build_trainer(prepared, callbacks=callbacks).fit()
+    try:
+        result = build_trainer(prepared, callbacks=callbacks, eval_at_samples=eval_at_samples).fit()
+    except Exception as exc:
+        # Bad input found only while the data streams (a NaN in a later row group, a file changed mid-run)
+        # is still the user's one-line error, not a traceback from inside a worker.
+        found = user_error_inside(exc)
+        if found is None:
+            raise
+        raise UserError(str(found)) from exc
     records = read_metrics(prepared.run_dir)
     # Start-up: from this command's start to the moment the (latest) worker group began training.
     first_step_at = records[-1].get("started_at") if records else None
