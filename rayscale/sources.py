@@ -344,6 +344,9 @@ def _inspect_parquet(source: str, data: DataConfig, key: str) -> SourceInfo:
     if not chunks:
         raise UserError(f"{key}: {source} has no rows")
     assert columns is not None
+    # Bad values in the first row group are found now, before any cluster resource is claimed; the rest are
+    # checked as every chunk is read (a full scan up front would read the whole dataset twice).
+    _read_parquet(chunks[0], data)
     spec = _parquet_spec(columns, types, stats, data, first_path)
     return SourceInfo("parquet", spec, tuple(chunks), chunks[-1].stop)
 
@@ -509,7 +512,22 @@ def _read_parquet(chunk: Chunk, data: DataConfig) -> dict[str, np.ndarray]:
                 _check_labels(int(rows["y"].min()), int(rows["y"].max()), columns.label, path, data.num_classes)
     if columns.weight:
         rows["weight"] = _numbers(table.column(columns.weight))
+    _check_finite(rows, columns, path, chunk.start)
     return rows
+
+
+def _check_finite(rows: dict[str, np.ndarray], columns: _Columns, path: str, first_row: int) -> None:
+    """NaN or infinity in the inputs would train on silently (or poison every step): refuse, naming the row."""
+    keys = {"x": ("data.features", ", ".join(columns.features) if columns.features else columns.sequence),
+            "y": ("data.label", columns.label), "weight": ("data.weight", columns.weight)}
+    for name, (config_key, column) in keys.items():
+        values = rows.get(name)
+        if values is None or values.dtype.kind != "f":
+            continue
+        bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+        if bad.any():
+            raise UserError(f"{config_key}: column {column!r} in {path} has NaN or infinite values (row "
+                            f"{first_row + int(np.argmax(bad))}); expected finite numbers")
 
 
 def _numbers(column: pa.ChunkedArray) -> np.ndarray:

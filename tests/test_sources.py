@@ -262,16 +262,41 @@ def uneven_lists(tmp_path):
     pytest.param(uneven_lists, {}, ["data.features: column 'emb' in", "l.parquet has lists of lengths 1 to 2"],
                  id="uneven-list-feature"),
 ])
-def test_read_errors(tmp_path, make, data, fragments):
+def test_read_errors_in_the_first_row_group_are_found_by_inspection(tmp_path, make, data, fragments):
+    """Inspection reads the first row group, so these errors come before any cluster resource is claimed."""
     source = make(tmp_path)
     config = DataConfig(source=source, **data)
-    info = inspect_source(source, config, seed=0)
     with pytest.raises(UserError) as caught:
-        read_all(info, config)
+        inspect_source(source, config, seed=0)
     message = str(caught.value)
     assert "\n" not in message
     for fragment in fragments:
         assert fragment in message
+
+
+def with_bad_value(tmp_path, column: str, value: float, row: int):
+    table = tabular(0, 10)
+    values = table.column(column).to_numpy().astype(np.float64)
+    values[row] = value
+    table = table.set_column(table.schema.get_field_index(column), column, pa.array(values))
+    return write(tmp_path / "bad.parquet", table, row_group_size=6)
+
+
+@pytest.mark.parametrize("column, value, data, key", [
+    ("a", np.nan, {}, "data.features"),
+    ("a", np.inf, {}, "data.features"),
+    ("w", np.nan, {"weight": "w", "features": ["a", "b"]}, "data.weight"),
+])
+@pytest.mark.parametrize("row", [2, 8])  # in the first row group (found up front) or the second (while reading)
+def test_nan_or_inf_is_refused_naming_column_and_row(tmp_path, column, value, data, key, row):
+    source = with_bad_value(tmp_path, column, value, row)
+    config = DataConfig(source=source, **data)
+    with pytest.raises(UserError) as caught:
+        read_all(inspect_source(source, config, seed=0), config)  # row 8 passes inspection, fails the read
+    message = str(caught.value)
+    assert message.startswith(f"{key}: column ") and f"has NaN or infinite values (row {row})" in message
+    if row >= 6:
+        inspect_source(source, config, seed=0)  # the second row group is not read up front
 
 
 # ------------------------------------------------------------------------------------------------ digits

@@ -1,0 +1,183 @@
+"""The bad-input catalogue: each case through the real CLI entry point, in process.
+
+Every case must: exit with code 2; print exactly one line on stderr, `rayscale: error: <key or file>: ...`,
+naming what was expected; print no traceback; start no Ray (nothing is claimed on a cluster when the error is
+knowable up front); and leave an existing run directory exactly as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rayscale import cli, trainer
+from rayscale.errors import UserError
+
+
+def _parquet(path: Path, rows: int = 64, **columns) -> str:
+    rng = np.random.default_rng(0)
+    table = {"f0": rng.standard_normal(rows), "f1": rng.standard_normal(rows), "label": np.arange(rows) % 2}
+    table.update(columns)
+    pq.write_table(pa.table(table), path)
+    return str(path)
+
+
+def _files(tmp: Path) -> dict[str, str]:
+    """Inputs the cases point at, made once per test."""
+    nan = np.random.default_rng(1).standard_normal(64)
+    nan[5] = np.nan
+    (tmp / "corrupt.parquet").write_bytes(b"PAR1 this is not a parquet file")
+    (tmp / "malformed.yaml").write_text("train:\n  epochs: [1, 2\n")
+    (tmp / "notadir").write_text("a file where a directory is needed (root may write anywhere else)\n")
+    return {
+        "good": _parquet(tmp / "good.parquet", rows=400),
+        "empty": _parquet(tmp / "empty.parquet", rows=0),
+        "small": _parquet(tmp / "small.parquet", rows=40),
+        "nan": _parquet(tmp / "nan.parquet", f0=nan),
+        "corrupt": str(tmp / "corrupt.parquet"),
+        "malformed": str(tmp / "malformed.yaml"),
+        "notadir": str(tmp / "notadir"),
+    }
+
+
+# (id, command line with {placeholders}, fragments the error line must contain)
+CASES = [
+    ("malformed-yaml", ["train", "-c", "{malformed}"], ["malformed.yaml", "line"]),
+    ("missing-config-file", ["train", "-c", "{tmp}/nope.yaml"], ["nope.yaml"]),
+    ("unknown-key", ["train", "--set", "optim.lrr=0.1"], ["optim.lrr", "did you mean optim.lr?"]),
+    ("wrong-type", ["train", "--set", "train.epochs=many"], ["train.epochs", "integer"]),
+    ("zero-batch", ["train", "--set", "batch.global_batch_size=0"], ["batch.global_batch_size", "at least 1"]),
+    ("negative-lr", ["train", "--set", "optim.lr=-1"], ["optim.lr", "greater than 0", "-1"]),
+    ("zero-epochs", ["train", "--set", "train.epochs=0"], ["train.epochs", "at least 1"]),
+    ("batch-not-micro-x-workers", ["train", "--set", "batch.global_batch_size=100", "--set",
+                                   "batch.micro_batch_size=32"],
+     ["batch.global_batch_size 100 is not micro_batch_size 32 x accumulation x 2 workers",
+      "per-worker batch 50 is not a multiple of 32"]),
+    ("batch-not-divisible-by-workers", ["train", "--set", "batch.global_batch_size=101"],
+     ["batch.global_batch_size 101", "2 workers"]),
+    ("micro-over-per-worker", ["train", "--set", "batch.micro_batch_size=128"],
+     ["batch.micro_batch_size 128", "per-worker batch 64"]),
+    ("more-workers-than-cpus", ["train", "--set", "scaling.num_workers=512", "--set", "batch.global_batch_size=512",
+                                "--set", "batch.micro_batch_size=1", "--set", "run.name=wide"],
+     ["scaling.num_workers: 512 workers", "CPUs need 512", "this machine has"]),
+    ("gpus-not-there", ["train", "--set", "scaling.use_gpu=true"], ["scaling.use_gpu: 2 workers need 2 GPUs"]),
+    ("data-path-missing", ["train", "--set", "data.source={tmp}/absent.parquet"],
+     ["data.source: no Parquet file at", "absent.parquet"]),
+    ("missing-feature-column", ["train", "--set", "data.source={good}", "--set", "data.features=[f0, f9]"],
+     ["data.features: column 'f9' not in", "good.parquet"]),
+    ("missing-label-column", ["train", "--set", "data.source={good}", "--set", "data.label=target"],
+     ["data.label: column 'target' not in", "good.parquet"]),
+    ("features-do-not-fit-model", ["train", "--set", "model.name=cnn"],
+     ["model.name 'cnn': expects image input (C, H, W), got input shape (64,)"]),
+    ("empty-dataset", ["train", "--set", "data.source={empty}"], ["data.source:", "empty.parquet has no rows"]),
+    ("smaller-than-one-batch", ["train", "--set", "data.source={small}"],
+     ["batch.global_batch_size: 128 is more than the", "training rows", "small.parquet"]),
+    ("nan-features", ["train", "--set", "data.source={nan}"],
+     ["data.features: column", "nan.parquet has NaN or infinite values (row 5)"]),
+    ("corrupt-parquet", ["train", "--set", "data.source={corrupt}"],
+     ["data.source:", "corrupt.parquet is not a readable Parquet file"]),
+    ("unknown-model", ["train", "--set", "model.name=resnet"], ["model.name:", "resnet"]),
+    ("unknown-optimizer", ["train", "--set", "optim.name=adagrad"], ["optim.name", "adagrad", "sgd"]),
+    ("unknown-schedule", ["train", "--set", "schedule.name=cyclic"], ["schedule.name", "cyclic", "cosine"]),
+    ("model-import-fails", ["train", "--set", "model.name=no_such_package.models:build"],
+     ["model.name 'no_such_package.models:build': cannot import no_such_package.models"]),
+    ("unwritable-output-dir", ["train", "--set", "run.output_dir={notadir}/runs"],
+     ["run.output_dir: cannot write to", "notadir"]),
+    ("invalid-tune-space", ["tune", "--set", "tune.space={optim.lr: {uniform: [1]}}"],
+     ["tune.space.optim.lr: uniform expects [low, high]"]),
+    ("resume-nothing", ["tune", "--resume", "--set", "run.name=never-searched"], ["--resume: no search to resume"]),
+    ("fp16-on-cpu", ["train", "--set", "train.precision=fp16"], ["train.precision fp16 needs a GPU"]),
+    ("other-config-in-run-dir", ["train", "--set", "run.name=existing", "--set", "optim.lr=0.5"],
+     ["run.name existing:", "different 'optim' config"]),
+]
+
+
+def _snapshot(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def existing_run(tmp_path) -> Path:
+    """A finished run's directory that every case is pointed at (run.output_dir/run.name)."""
+    from rayscale import config
+
+    run_dir = tmp_path / "runs" / "existing"
+    (run_dir / "checkpoints" / "checkpoint_0").mkdir(parents=True)
+    cfg = config.load()
+    cfg.run.output_dir, cfg.run.name = str(tmp_path / "runs"), "existing"
+    (run_dir / "config.yaml").write_text(__import__("yaml").safe_dump(config.to_dict(cfg), sort_keys=False))
+    (run_dir / "metrics.jsonl").write_text('{"samples_seen": 128, "train_loss": 2.1}\n')
+    (run_dir / "summary.json").write_text('{"samples_seen": 17400}\n')
+    (run_dir / "model.pt").write_bytes(b"\x00weights")
+    (run_dir / "checkpoints" / "checkpoint_0" / "state.pt").write_bytes(b"\x00state")
+    return run_dir
+
+
+@pytest.mark.parametrize("args, fragments", [pytest.param(a, f, id=i) for i, a, f in CASES])
+def test_bad_input_is_one_line_exit_2_nothing_claimed_nothing_written(args, fragments, tmp_path, existing_run,
+                                                                    capsys, monkeypatch):
+    import ray
+
+    ray.shutdown()
+    files = {**_files(tmp_path), "tmp": str(tmp_path)}
+    argv = []
+    for arg in args:
+        for name, value in files.items():
+            arg = arg.replace("{" + name + "}", value)
+        argv.append(arg)
+    if "run.output_dir" not in " ".join(argv):
+        argv += ["--set", f"run.output_dir={tmp_path / 'runs'}"]
+    if "run.name" not in " ".join(argv):
+        argv += ["--set", "run.name=existing"]
+    monkeypatch.setattr(trainer, "connect", _no_cluster)
+    before = _snapshot(existing_run)
+
+    code = cli.main(argv)
+
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 2, captured.err
+    assert len(lines) == 1 and lines[0].startswith("rayscale: error: "), captured.err
+    assert "Traceback" not in captured.err + captured.out
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert not ray.is_initialized()
+    assert _snapshot(existing_run) == before
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["existing"]  # no new run directory
+
+
+def _no_cluster(*args, **kwargs):
+    raise AssertionError("a cluster was asked for although the error was knowable up front")
+
+
+def test_cluster_bigger_than_asked_is_checked_with_the_numbers(monkeypatch):
+    """Joining a cluster: its resources are only known once connected; the check names both numbers."""
+    import ray
+
+    from rayscale import config
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 2.0})
+    cfg = config.load(overrides=["scaling.num_workers=4", "scaling.use_gpu=true", "batch.micro_batch_size=32"])
+    with pytest.raises(UserError, match=r"scaling.use_gpu: 4 workers need 4 GPUs, the cluster has 2"):
+        trainer.check_cluster_fits(cfg)
+    cfg = config.load(overrides=["scaling.num_workers=16", "batch.global_batch_size=256",
+                                 "batch.micro_batch_size=16"])
+    with pytest.raises(UserError, match=r"16 workers x 1 CPUs need 16 CPUs, the cluster has 8"):
+        trainer.check_cluster_fits(cfg)
+
+
+def test_user_error_raised_inside_a_worker_is_found_through_rays_wrappers():
+    from ray.exceptions import RayTaskError
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    original = UserError("data.features: column 'f0' in x.parquet has NaN or infinite values (row 70000)")
+    wrapped = RayTaskError("read", "Traceback ...", original).as_instanceof_cause()
+    failure = WorkerGroupError("Training failed", worker_failures={0: RuntimeError("other"), 1: wrapped})
+    assert trainer.user_error_inside(failure) is original
+    assert trainer.user_error_inside(WorkerGroupError("x", worker_failures={0: RuntimeError("no")})) is None
