@@ -254,3 +254,50 @@ def test_sigkilled_worker_restarts_from_checkpoint_and_matches_bitwise(reference
     assert all(torch.equal(expected[k], model[k]) for k in expected)
     records = trainer.read_metrics(tmp_path / "killed")
     assert [r["samples_seen"] for r in records] == sorted(r["samples_seen"] for r in records)
+
+
+def test_killed_driver_rerun_resumes_and_matches_bitwise(reference, ray_session, tmp_path):
+    """SIGKILL to the `rayscale train` driver, by pid, mid-run: running the same command again resumes from the
+    latest checkpoint and ends with the uninterrupted run's model, bit for bit."""
+    import signal
+    import subprocess
+
+    from test_cluster import _processes
+
+    _, expected_summary, expected = reference
+    command = [sys.executable, "-m", "rayscale.cli", "train", "--set", f"run.output_dir={tmp_path}",
+               "--set", "run.name=driver", "--set", "train.epochs=2", "--set", "batch.global_batch_size=64",
+               "--set", "batch.micro_batch_size=8", "--set", "run.checkpoint_every_samples=320",
+               "--set", "model.name=slow_model:make"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own embedded Ray, like a user's
+    log = open(tmp_path / "first.log", "w")
+    driver = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    checkpoints = tmp_path / "driver" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(checkpoints.glob("checkpoint_*")):
+        assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.05)
+    time.sleep(0.5)
+    processes = _processes()
+    family, grew = {driver.pid}, True
+    while grew:  # the driver and the embedded Ray it started
+        children = {pid for pid, (parent, _) in processes.items() if parent in family} - family
+        family |= children
+        grew = bool(children)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=30)
+    # Whatever the killed driver's embedded Ray left behind is stopped by pid, as killing its group would.
+    for pid in family:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not (tmp_path / "driver" / "summary.json").exists()
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming at epoch" in again.stdout
+    summary = json.loads((tmp_path / "driver" / "summary.json").read_text())
+    assert summary["samples_seen"] == expected_summary["samples_seen"]
+    model = torch.load(tmp_path / "driver" / "model.pt")
+    assert all(torch.equal(expected[k], model[k]) for k in expected)
