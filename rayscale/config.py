@@ -148,6 +148,10 @@ class RunConfig:
     checkpoint_every_samples: int | None = key(None, "also checkpoint mid-epoch this often (null: epoch ends)",
                                                unit="samples", minimum=1)
     max_failures: int = key(3, "worker-group restarts from the last checkpoint before giving up", minimum=0)
+    hang_timeout_s: float = key(60.0, "a frozen worker (a collective stuck this long, or no answer to Ray "
+                                      "Train's health check) fails the attempt, which then restarts from the "
+                                      "last checkpoint; Ray's defaults are 30 and 10 minutes", unit="seconds",
+                                minimum=1.0)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from rayscale.config import Config
 from rayscale.errors import UserError
 from rayscale.schedules import scaled_lr
 
-PROCESS_GROUP_TIMEOUT_S = 120  # a frozen worker fails the step in 2 minutes, not Ray's default 30
+HEALTH_CHECK_TIMEOUT_ENV = "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S"  # Train's controller reads it (default 600)
 
 
 @dataclass
@@ -270,6 +270,10 @@ def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, nam
 
     cfg = prepared.cfg
     quiet_ray_data()
+    # A SIGSTOPped or deadlocked worker: its peers' next collective times out after run.hang_timeout_s
+    # (TorchConfig below), and a lone worker stops answering the controller's health check, whose timeout
+    # Train takes from the environment it passes to its controller. Both far below Ray's 30 and 10 minutes.
+    os.environ[HEALTH_CHECK_TIMEOUT_ENV] = str(cfg.run.hang_timeout_s)
     datasets = {f"train_{epoch}": data.build_dataset(prepared.train, epoch) for epoch in range(cfg.train.epochs)}
     if prepared.val is not None:
         datasets["val"] = data.build_dataset(prepared.val)
@@ -281,7 +285,7 @@ def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, nam
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
                                                            **({"GPU": 1} if cfg.scaling.use_gpu else {})}),
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo",
-                                 timeout_s=PROCESS_GROUP_TIMEOUT_S),
+                                 timeout_s=int(cfg.run.hang_timeout_s)),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[], execution_options=execution),
         run_config=RunConfig(
