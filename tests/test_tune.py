@@ -2,9 +2,6 @@
 
 import csv
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,7 +32,7 @@ def search(tmp_path_factory):
 
     ray.shutdown()
     out = tmp_path_factory.mktemp("tune")
-    code = cli.main(["tune", *args(*SMALL, f"run.output_dir={out}", "run.name=grid", "train.epochs=2",
+    code = cli.main(["tune", *args(*SMALL, f"run.output_dir={out}", "run.name=grid", "train.epochs=1",
                                    "tune.reduction_factor=2", "tune.num_samples=1",
                                    "tune.space={optim.lr: {grid: [0.3, 0.2, 0.0003, 0.0001]}}")])
     yield code, out / "grid"
@@ -61,9 +58,9 @@ def test_every_trial_reports_and_asha_stops_one_early(search, capsys):
     assert float(table[0]["optim.lr"]) >= 0.2  # ranked best first
     stopped = [r for r in table if r["status"] == "stopped early"]
     assert all(int(r["samples_seen"]) < int(table[0]["samples_seen"]) for r in stopped)
-    # The first rung (the 1,024-sample warmup, 8 steps of 128) falls inside epoch 1 (~1,440 rows): the
+    # The only rung (the 1,024-sample warmup, 8 steps of 128) falls inside the one epoch (~1,440 rows): the
     # hopeless trials were validated and cut there, not at the epoch end.
-    assert int(table[0]["samples_seen"]) // 2 > 1024
+    assert int(table[0]["samples_seen"]) > 1024
     assert all(int(r["samples_seen"]) == 1024 for r in stopped)
     for r in table:
         evaluations = [(m["samples_seen"], bool(m.get("epoch_end"))) for m in
@@ -127,33 +124,3 @@ def test_missing_optional_searcher_is_a_clear_error(tmp_path, capsys):
 def test_resume_with_nothing_to_resume(tmp_path, capsys):
     assert cli.main(["tune", "--resume", *args(f"run.output_dir={tmp_path}")]) == 2
     assert "--resume: no search to resume" in capsys.readouterr().err
-
-
-def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
-    search_args = [RAYSCALE, "tune", *args(*SMALL, f"run.output_dir={tmp_path}", "run.name=killed", "train.epochs=1",
-                                           "tune.num_samples=1", "tune.space={optim.lr: {grid: [0.1, 0.3]}}")]
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    trials = tmp_path / "killed" / "trials"
-    with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen(search_args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 400
-        while time.time() < deadline:  # wait for one finished trial and the next one under way
-            finished = list(trials.glob("*/summary.json"))
-            started = list(trials.glob("*/config.yaml"))
-            if finished and len(started) >= 2:
-                break
-            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            time.sleep(1)
-        else:
-            pytest.fail("no trial finished in time")
-        os.killpg(first.pid, signal.SIGKILL)  # the driver and the embedded Ray with it
-        first.wait()
-    finished_summary = finished[0]
-    stamp = finished_summary.stat().st_mtime_ns
-    time.sleep(2)  # let the killed Ray's sockets close
-
-    resumed = subprocess.run([*search_args, "--resume"], env=env, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    table = rows(tmp_path / "killed")
-    assert len(table) == 2 and all(r["status"] == "completed" for r in table)
-    assert finished_summary.stat().st_mtime_ns == stamp  # the finished trial was not trained again
