@@ -63,10 +63,19 @@ def restore(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.opti
 
 def save_atomic(obj: Any, path: str | Path) -> None:
     """torch.save to `path` via a temporary file, fsync and rename: readers see the old file or the new one."""
+    _write_atomic(path, lambda handle: torch.save(obj, handle))
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """`data` to `path` the same way: never a half-written file."""
+    _write_atomic(path, lambda handle: handle.write(data))
+
+
+def _write_atomic(path: str | Path, write) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as handle:
-        torch.save(obj, handle)
+        write(handle)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)

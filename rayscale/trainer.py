@@ -158,7 +158,6 @@ def connect(address: str | None, cfg: Config) -> None:
         ray.init(address=address, logging_level="WARNING")
         return
     _forget_dead_cluster_address()
-    check_machine_fits(cfg)  # the embedded cluster is this machine: known before Ray starts
     # Our own GCS port, so the address is known before Ray starts: every process of this cluster gets it
     # as RAY_ADDRESS. Ray's state API, which Train V2 uses to remove the placement groups of stopped runs,
     # otherwise refuses to guess when another Ray runs on the machine ("Found multiple active Ray
@@ -216,20 +215,10 @@ def check_fits_before_start(address: str | None, cfg: Config) -> None:
 
 def check_machine_fits(cfg: Config) -> None:
     """For the embedded Ray: the workers must fit this machine's cores and GPUs, or they would wait forever."""
-    cpus = os.cpu_count() or 1
-    workers = max(cfg.scaling.num_workers, 1)
-    need_cpu = workers * cfg.scaling.cpus_per_worker
-    if cfg.scaling.num_workers and need_cpu > cpus:
-        raise UserError(f"scaling.num_workers: {workers} workers x {cfg.scaling.cpus_per_worker:g} CPUs need "
-                        f"{need_cpu:g} CPUs, this machine has {cpus} (embedded Ray); lower it or join a "
-                        f"cluster with --address")
-    if cfg.scaling.use_gpu:
-        import torch
+    import torch
 
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if workers > gpus:
-            raise UserError(f"scaling.use_gpu: {workers} workers need {workers} GPUs, this machine has {gpus} "
-                            f"(embedded Ray)")
+    gpus = torch.cuda.device_count() if cfg.scaling.use_gpu and torch.cuda.is_available() else 0
+    _check_fits(cfg, os.cpu_count() or 1, gpus, "this machine has {} (embedded Ray)")
 
 
 def check_cluster_fits(cfg: Config) -> None:
@@ -237,14 +226,17 @@ def check_cluster_fits(cfg: Config) -> None:
     import ray
 
     total = ray.cluster_resources()
+    _check_fits(cfg, total.get("CPU", 0), total.get("GPU", 0), "the cluster has {:g}")
+
+
+def _check_fits(cfg: Config, cpus: float, gpus: float, has: str) -> None:
     workers = max(cfg.scaling.num_workers, 1)
     need_cpu = workers * cfg.scaling.cpus_per_worker
-    if cfg.scaling.num_workers and need_cpu > total.get("CPU", 0):
+    if cfg.scaling.num_workers and need_cpu > cpus:
         raise UserError(f"scaling.num_workers: {workers} workers x {cfg.scaling.cpus_per_worker:g} CPUs need "
-                        f"{need_cpu:g} CPUs, the cluster has {total.get('CPU', 0):g}")
-    if cfg.scaling.use_gpu and workers > total.get("GPU", 0):
-        raise UserError(f"scaling.use_gpu: {workers} workers need {workers} GPUs, the cluster has "
-                        f"{total.get('GPU', 0):g}")
+                        f"{need_cpu:g} CPUs, {has.format(cpus)}")
+    if cfg.scaling.use_gpu and workers > gpus:
+        raise UserError(f"scaling.use_gpu: {workers} workers need {workers} GPUs, {has.format(gpus)}")
 
 
 def payload(prepared: PreparedRun, eval_at_samples: list[int] | tuple[int, ...] = ()) -> dict:
@@ -313,12 +305,6 @@ def _worker_entry(payload_dict: dict) -> None:
 METRICS_FILE = "metrics.jsonl"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(data)
-    partial.replace(path)
-
-
 def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / METRICS_FILE
     if not path.exists():
@@ -339,7 +325,7 @@ def write_outputs(prepared: PreparedRun, result, started: float, first_step_at: 
         logged = Path(directory) / METRICS_FILE
         # Rank 0 may have run on another node: the final checkpoint carries its metrics.jsonl.
         if logged.exists():
-            _write_atomic(run_dir / METRICS_FILE, logged.read_bytes())
+            checkpoint.write_bytes_atomic(run_dir / METRICS_FILE, logged.read_bytes())
     checkpoint.save_atomic(state["model"], run_dir / "model.pt")
     records = read_metrics(run_dir)
     epoch_ends = [r for r in records if r.get("epoch_end")]

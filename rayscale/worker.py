@@ -84,9 +84,7 @@ def _restore_metrics(path: Path, saved: Path, samples_seen: int) -> None:
         return
     keep = [line for line in source.read_text().splitlines()
             if line.strip() and json.loads(line).get("samples_seen", 0) <= samples_seen]
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text("".join(line + "\n" for line in keep))
-    partial.replace(path)
+    checkpoint.write_bytes_atomic(path, "".join(line + "\n" for line in keep).encode())
 
 
 def evaluate(model, shard, plan, rank, spec: tasks.DataSpec, precision, device) -> dict[str, float]:
@@ -289,9 +287,8 @@ def train_worker(payload: dict) -> None:
                     record = log(epoch, {"evaluation": True, **val})
                     record.pop("_report")
                     if rank == 0:
-                        shown = " ".join(f"{k} {v:.4f}" for k, v in val.items())
                         print(f"[rayscale] epoch {epoch + 1}/{epochs} samples {progress['samples_seen']:,} "
-                              f"{shown}", flush=True)
+                              f"{_shown(val)}", flush=True)
                     last_report = time.perf_counter()
                     ray.train.report(record)
             if next_checkpoint is not None and progress["samples_seen"] >= next_checkpoint:
@@ -304,8 +301,7 @@ def train_worker(payload: dict) -> None:
         record = log(epoch, {"epoch_end": True, "evaluation": bool(val), **val})
         record.pop("_report")
         if rank == 0:
-            shown = " ".join(f"{k} {v:.4f}" for k, v in val.items())
-            print(f"[rayscale] epoch {epoch + 1}/{epochs} done: samples {progress['samples_seen']:,} {shown}",
+            print(f"[rayscale] epoch {epoch + 1}/{epochs} done: samples {progress['samples_seen']:,} {_shown(val)}",
                   flush=True)
         last_report = time.perf_counter()
         save_and_report({**record, "epoch": epoch + 1, "training_done": epoch + 1 == epochs})
@@ -318,6 +314,10 @@ def next_evaluation(samples_seen: int, every: int, at: list[int] | tuple[int, ..
     if every:
         candidates.append((samples_seen // every + 1) * every)
     return min(candidates, default=None)
+
+
+def _shown(val: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.4f}" for k, v in val.items())
 
 
 def _val(progress: dict) -> dict:
