@@ -55,7 +55,7 @@ def _trial_callbacks(metric: str, stop_marker: Path) -> list:
     class AbortWhenStopped(WorkerGroupCallback):
         """When ASHA stops a trial, Tune ends the trial's session but its TorchTrainer's controller and workers
         keep training and holding their CPUs (Ray #54305, seen here: later trials then time out waiting for
-        workers). The controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s): abort on the
+        workers). The controller polls its workers every run.poll_interval_s (0.25 s): abort on the
         first poll after the trial driver marked the trial stopped."""
 
         def after_worker_group_poll_status(self, worker_group_status):
