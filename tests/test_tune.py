@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rayscale import cli
+from rayscale import cli, trainer
 
 pytestmark = pytest.mark.slow
 
@@ -30,15 +30,39 @@ def args(*overrides):
 
 @pytest.fixture(scope="module")
 def search(tmp_path_factory):
-    """Two good learning rates first, then two hopeless ones: ASHA must stop at least one of the latter."""
+    """Two good learning rates first, then two hopeless ones: ASHA must stop at least one of the latter.
+
+    The search's driver is SIGKILLed (with its embedded Ray) once the first trial has finished and the second is
+    under way; the same command with --resume then finishes it, in this process, whose embedded Ray the other
+    tests inspect. Yields the exit code, the search directory and the finished trial's summary.json with its
+    mtime at the kill."""
     import ray
 
     ray.shutdown()
     out = tmp_path_factory.mktemp("tune")
-    code = cli.main(["tune", *args(*SMALL, f"run.output_dir={out}", "run.name=grid", "train.epochs=1",
-                                   "tune.reduction_factor=2", "tune.num_samples=1",
-                                   "tune.space={optim.lr: {grid: [0.3, 0.2, 0.0003, 0.0001]}}")])
-    yield code, out / "grid"
+    search_args = args(*SMALL, f"run.output_dir={out}", "run.name=grid", "train.epochs=1",
+                       "tune.reduction_factor=2", "tune.num_samples=1",
+                       "tune.space={optim.lr: {grid: [0.3, 0.2, 0.0003, 0.0001]}}")
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    trials = out / "grid" / "trials"
+    with open(out / "first.log", "w") as log:
+        first = subprocess.Popen([RAYSCALE, "tune", *search_args], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        deadline = time.time() + 400
+        while time.time() < deadline:  # one finished trial and the next one under way
+            finished = list(trials.glob("*/summary.json"))
+            if finished and len(list(trials.glob("*/config.yaml"))) >= 2:
+                break
+            assert first.poll() is None, (out / "first.log").read_text()[-3000:]
+            time.sleep(0.5)
+        else:
+            pytest.fail("no trial finished in time: " + (out / "first.log").read_text()[-3000:])
+        os.killpg(first.pid, signal.SIGKILL)  # the driver and the embedded Ray with it
+        first.wait()
+    stamp = finished[0].stat().st_mtime_ns
+    time.sleep(2)  # let the killed Ray's sockets close
+    code = cli.main(["tune", "--resume", *search_args])
+    yield code, out / "grid", (finished[0], stamp)
     ray.shutdown()
 
 
@@ -48,7 +72,7 @@ def rows(search_dir: Path) -> list[dict]:
 
 
 def test_every_trial_reports_and_asha_stops_one_early(search, capsys):
-    code, search_dir = search
+    code, search_dir, _ = search
     assert code == 0
     table = rows(search_dir)
     assert sorted(float(r["optim.lr"]) for r in table) == [0.0001, 0.0003, 0.2, 0.3]
@@ -84,7 +108,7 @@ def test_stopped_trials_give_their_resources_back(search):
 
 
 def test_best_config_trains_as_it_is_and_reproduces_the_trial(search, tmp_path):
-    _, search_dir = search
+    _, search_dir, _ = search
     best = yaml.safe_load((search_dir / "best_config.yaml").read_text())
     best["run"]["output_dir"] = str(tmp_path)  # written for the search's output dir; keep this test's apart
     (tmp_path / "best.yaml").write_text(yaml.safe_dump(best))
@@ -129,31 +153,16 @@ def test_resume_with_nothing_to_resume(tmp_path, capsys):
     assert "--resume: no search to resume" in capsys.readouterr().err
 
 
-def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
-    search_args = [RAYSCALE, "tune", *args(*SMALL, f"run.output_dir={tmp_path}", "run.name=killed", "train.epochs=1",
-                                           "tune.num_samples=1", "tune.space={optim.lr: {grid: [0.1, 0.3]}}")]
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    trials = tmp_path / "killed" / "trials"
-    with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen(search_args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 400
-        while time.time() < deadline:  # wait for one finished trial and the next one under way
-            finished = list(trials.glob("*/summary.json"))
-            started = list(trials.glob("*/config.yaml"))
-            if finished and len(started) >= 2:
-                break
-            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            time.sleep(1)
-        else:
-            pytest.fail("no trial finished in time")
-        os.killpg(first.pid, signal.SIGKILL)  # the driver and the embedded Ray with it
-        first.wait()
-    finished_summary = finished[0]
-    stamp = finished_summary.stat().st_mtime_ns
-    time.sleep(2)  # let the killed Ray's sockets close
-
-    resumed = subprocess.run([*search_args, "--resume"], env=env, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    table = rows(tmp_path / "killed")
-    assert len(table) == 2 and all(r["status"] == "completed" for r in table)
-    assert finished_summary.stat().st_mtime_ns == stamp  # the finished trial was not trained again
+def test_killed_search_resumes_without_rerunning_finished_trials_or_exceeding_its_concurrency(search):
+    code, search_dir, (finished_summary, stamp) = search
+    assert code == 0
+    assert finished_summary.stat().st_mtime_ns == stamp  # the trial finished before the kill was not run again
+    assert len(rows(search_dir)) == 4
+    # tune.max_concurrent_trials=1 holds across the resume: no two trials ever trained at the same time.
+    spans = []
+    for trial in (search_dir / "trials").iterdir():
+        lines = trainer.read_metrics(trial)
+        assert lines, trial
+        spans.append((min(r["started_at"] for r in lines), max(r["started_at"] + r["time"] for r in lines)))
+    spans.sort()
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:], strict=False)), spans
