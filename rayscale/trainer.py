@@ -298,6 +298,36 @@ def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, nam
     )
 
 
+GROUPS_FILE = "worker_groups.jsonl"
+
+
+SHUTDOWN_TIMEOUT_ENV = "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S"  # Train's torch backend reads it (default 30)
+SHUTDOWN_TIMEOUT_S = 5
+
+
+def _controller_callback(groups_file: Path):
+    """A callback for the Train controller, which runs on the driver's node.
+
+    - One line in `groups_file` per worker group started: a checkpoint's progress counts the restores before
+      it, but not a restart that failed again before the next checkpoint; this counts every one.
+    - Before a failed group is replaced, Train waits up to 30 s for its process group to shut down gracefully,
+      which a frozen worker never does: 5 s is plenty for a healthy group. The controller reads the variable
+      from its own environment (Train does not pass it on from the driver), so it is set here, in the
+      controller's process.
+    """
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+
+    class RunControl(WorkerGroupCallback):
+        def before_worker_group_start(self, worker_group_context) -> None:
+            os.environ.setdefault(SHUTDOWN_TIMEOUT_ENV, str(SHUTDOWN_TIMEOUT_S))
+
+        def after_worker_group_start(self, worker_group) -> None:
+            with open(groups_file, "a") as handle:
+                handle.write(json.dumps({"started_at": time.time()}) + "\n")
+
+    return RunControl()
+
+
 def _worker_entry(payload_dict: dict) -> None:
     from rayscale.worker import train_worker
 
@@ -353,13 +383,18 @@ def write_outputs(prepared: PreparedRun, result, started: float, first_step_at: 
         "train_rows": prepared.train_rows,
         "val_rows": prepared.val_rows,
         "rows_left_out": 0,  # partial last steps are trained, never dropped (see data.py)
-        "restarts": progress.get("resumes", 0),
+        # Worker groups started after the first, by this driver or an earlier (killed) one; local mode has none.
+        "restarts": max(progress.get("resumes", 0), _lines(run_dir / GROUPS_FILE) - 1),
         "nonfinite_skipped": progress.get("nonfinite_skipped", 0),
         "precision": cfg.train.precision,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_curves(records, run_dir / "curves.png", title=cfg.run.name)
     return summary
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
 
 
 def print_summary(summary: dict) -> None:
@@ -396,11 +431,15 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
     connect(address, cfg)
     check_cluster_fits(cfg)
     prepared.run_dir.mkdir(parents=True, exist_ok=True)
+    groups = prepared.run_dir / GROUPS_FILE
+    if not (prepared.run_dir / "config.yaml").exists():  # a new run; otherwise earlier attempts count
+        groups.unlink(missing_ok=True)
     (prepared.run_dir / "config.yaml").write_text(
         yaml.safe_dump(config_module.to_dict(cfg), sort_keys=False))
     print(f"[rayscale] run directory {prepared.run_dir}", flush=True)
     try:
-        result = build_trainer(prepared, callbacks=callbacks, eval_at_samples=eval_at_samples).fit()
+        result = build_trainer(prepared, callbacks=[*(callbacks or []), _controller_callback(groups)],
+                               eval_at_samples=eval_at_samples).fit()
     except Exception as exc:
         # Bad input found only while the data streams (a NaN in a later row group, a file changed mid-run)
         # is still the user's one-line error, not a traceback from inside a worker.

@@ -171,26 +171,6 @@ def _train_until_first_checkpoint(tmp_path, name: str, *overrides: str):
     return thread, outcome, pid_dir
 
 
-def test_sigkilled_worker_restarts_from_checkpoint_and_matches_bitwise(reference, ray_session, tmp_path):
-    """SIGKILL to a real Train worker process, by pid, mid-epoch: the run restarts from its last checkpoint by
-    itself and ends with the same model, bit for bit, as the uninterrupted run: no sample lost or trained
-    twice across the failure."""
-    import signal
-
-    _, expected_summary, expected = reference
-    thread, outcome, pid_dir = _train_until_first_checkpoint(tmp_path, "killed")
-    victim = max(int(p.name) for p in pid_dir.iterdir())
-    os.kill(victim, signal.SIGKILL)
-    thread.join(timeout=600)
-    assert "error" not in outcome, outcome.get("error")
-    summary, model = outcome["result"]
-    assert summary["restarts"] == 1
-    assert summary["samples_seen"] == expected_summary["samples_seen"]
-    assert all(torch.equal(expected[k], model[k]) for k in expected)
-    records = trainer.read_metrics(tmp_path / "killed")
-    assert [r["samples_seen"] for r in records] == sorted(r["samples_seen"] for r in records)
-
-
 def test_killed_driver_rerun_resumes_from_storage_path_and_matches_bitwise(reference, ray_session, tmp_path):
     """SIGKILL to a `rayscale train` driver, by pid, mid-run. It joined this module's Ray (as a job on a cluster
     would), kept its checkpoints in run.storage_path, and its run directory's metrics.jsonl is deleted too (as
@@ -238,29 +218,47 @@ def test_killed_driver_rerun_resumes_from_storage_path_and_matches_bitwise(refer
     assert samples[0] <= 128  # the lines from before the kill came back with the checkpoint
 
 
-def test_frozen_worker_is_detected_and_the_run_recovers(reference, ray_session, tmp_path):
-    """SIGSTOP to a real Train worker, by pid: after run.hang_timeout_s its peer's collective fails, the group
-    restarts from the last checkpoint (the frozen process is killed with it) and the model is still exact."""
+def _new_pid(pid_dir: Path, seen: set[int], timeout: float) -> int | None:
+    """The pid of a worker process that was not in `seen` once it runs a forward pass, or None on timeout."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        fresh = {int(p.name) for p in pid_dir.iterdir()} - seen
+        if fresh:
+            return min(fresh)
+        time.sleep(0.02)
+    return None
+
+
+def test_killed_then_frozen_worker_restart_from_checkpoints_and_match_bitwise(reference, ray_session, tmp_path):
+    """Two real faults in one run, each to a Train worker process by pid, mid-epoch:
+    SIGKILL: the run restarts from its last checkpoint by itself;
+    then SIGSTOP to a worker of the new group: after run.hang_timeout_s its peer's collective fails and the group
+    restarts again (the frozen process is killed with it).
+    The run ends with the uninterrupted run's model, bit for bit: no sample lost or trained twice across either."""
     import signal
 
     _, expected_summary, expected = reference
     # 20 s: short for a test, long enough that a loaded 2-core machine does not time out a healthy step.
-    thread, outcome, pid_dir = _train_until_first_checkpoint(tmp_path, "frozen", "run.hang_timeout_s=20")
-    first_group = {int(p.name) for p in pid_dir.iterdir()}
-    victim = max(first_group)
-    os.kill(victim, signal.SIGSTOP)
+    thread, outcome, pid_dir = _train_until_first_checkpoint(tmp_path, "faults", "run.hang_timeout_s=20")
+    seen = {int(p.name) for p in pid_dir.iterdir()}
+    os.kill(max(seen), signal.SIGKILL)
+    frozen = _new_pid(pid_dir, seen, timeout=180)  # the restarted group trains: freeze one of its workers
+    assert frozen is not None and thread.is_alive(), outcome
+    os.kill(frozen, signal.SIGSTOP)
     frozen_at = time.time()
     try:
-        while time.time() < frozen_at + 180 and not {int(p.name) for p in pid_dir.iterdir()} - first_group:
-            time.sleep(0.2)  # until a worker of the new group trains
+        seen = {int(p.name) for p in pid_dir.iterdir()} | {frozen}
+        recovered = _new_pid(pid_dir, seen, timeout=180)  # a worker of the third group trains
         recovered_after = time.time() - frozen_at
         thread.join(timeout=600)
     finally:
-        if os.path.exists(f"/proc/{victim}"):  # never leave a stopped process behind
-            os.kill(victim, signal.SIGKILL)
+        if os.path.exists(f"/proc/{frozen}"):  # never leave a stopped process behind
+            os.kill(frozen, signal.SIGKILL)
     assert "error" not in outcome, outcome.get("error")
-    assert recovered_after < 20 + 90, recovered_after  # the timeout, then a restart from the checkpoint
+    assert recovered is not None and recovered_after < 20 + 90, recovered_after  # the timeout, then a restart
     summary, model = outcome["result"]
-    assert summary["restarts"] >= 1
+    assert summary["restarts"] >= 2
     assert summary["samples_seen"] == expected_summary["samples_seen"]
     assert all(torch.equal(expected[k], model[k]) for k in expected)
+    records = trainer.read_metrics(tmp_path / "faults")
+    assert [r["samples_seen"] for r in records] == sorted(r["samples_seen"] for r in records)
