@@ -33,6 +33,15 @@ def test_readme_test_command_is_what_ci_runs():
     assert [line for line in ci.splitlines() if line and not line.startswith(("#", "set ", "cd "))] == ["make test"]
 
 
+def test_tests_the_readme_names_exist():
+    import re
+
+    named = set(re.findall(r"`(test_\w+)`", README.read_text()))
+    defined = set(re.findall(r"^def (test_\w+)", "".join(p.read_text() for p in README.parent.glob("tests/*.py")),
+                             re.MULTILINE))
+    assert named and not named - defined, named - defined
+
+
 @pytest.mark.slow
 def test_main_command_trains_the_embedded_default_to_95_percent(tmp_path):
     """`make train` is `.venv/bin/rayscale train` after set-up: run it as a user would, in a fresh directory."""
