@@ -1,15 +1,23 @@
-"""Everything a resumed run needs to continue exactly, saved atomically.
+"""Everything a resumed run needs to continue exactly, saved atomically and checked whole before use.
 
 A checkpoint holds the model (unwrapped from DDP), optimizer, GradScaler, the training position (samples
-seen, step, epoch, step within the epoch) and every RNG state that training draws from. It is written to a
-temporary file and renamed into place, so a kill mid-write leaves the previous file untouched, never a
-half-written one that a restore would pick.
+seen, step, epoch, step within the epoch) and every RNG state that training draws from. Each file is written
+to a temporary file and renamed into place, so a kill mid-write leaves the previous file untouched.
+
+A checkpoint is one directory merged from every rank's files (Ray copies each rank's staging directory into
+it). Each rank writes its manifest last, naming its files and their sizes, and `verify` checks every rank's
+manifest before a restore: a directory left by a kill during Ray's copy (Ray #41700) is refused by name,
+never loaded half-written. (Ray Train V2 also registers a checkpoint only after every rank reported it, so a
+restart picks the previous whole one; tests/test_pipeline.py kills a worker inside that copy.)
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +26,54 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 STATE_FILE = "state.pt"
+MANIFEST = "manifest_rank{}.json"
+
+
+class IncompleteCheckpoint(RuntimeError):
+    """A checkpoint directory that is missing a file or holds a truncated one."""
+
+
+def write_manifest(directory: str | Path, rank: int, world_size: int) -> None:
+    """Last file a rank writes into its part of a checkpoint: its files and their sizes."""
+    directory = Path(directory)
+    files = {p.name: p.stat().st_size for p in sorted(directory.iterdir())
+             if p.is_file() and not p.name.startswith((".", "manifest_"))}
+    write_bytes_atomic(directory / MANIFEST.format(rank),
+                       json.dumps({"rank": rank, "world_size": world_size, "files": files}).encode())
+
+
+def verify(directory: str | Path) -> None:
+    """Raise IncompleteCheckpoint unless every rank's manifest is there and every file it names is whole."""
+    directory = Path(directory)
+    first = directory / MANIFEST.format(0)
+    if not first.exists():
+        raise IncompleteCheckpoint(f"checkpoint {directory}: no {first.name} (written last, so the checkpoint "
+                                   f"was never completed)")
+    world_size = json.loads(first.read_text())["world_size"]
+    for rank in range(world_size):
+        manifest = directory / MANIFEST.format(rank)
+        if not manifest.exists():
+            raise IncompleteCheckpoint(f"checkpoint {directory}: rank {rank}'s part is missing ({manifest.name})")
+        for name, size in json.loads(manifest.read_text())["files"].items():
+            found = (directory / name).stat().st_size if (directory / name).exists() else None
+            if found != size:
+                raise IncompleteCheckpoint(f"checkpoint {directory}: {name} has {found} of {size} bytes")
+
+
+def staging_dir(run_dir: str | Path, rank: int) -> Path:
+    """Where a rank writes a checkpoint before Ray copies it to storage: local disk, one per run and rank, so
+    a new attempt can remove what a killed one left (see `fresh_staging_dir`)."""
+    key = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / "rayscale-staging" / f"{key}-rank{rank}"
+
+
+def fresh_staging_dir(run_dir: str | Path, rank: int) -> Path:
+    import shutil
+
+    path = staging_dir(run_dir, rank)
+    shutil.rmtree(path, ignore_errors=True)  # left by a killed attempt: no live writer uses it now
+    path.mkdir(parents=True)
+    return path
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

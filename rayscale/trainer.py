@@ -355,6 +355,7 @@ def write_outputs(prepared: PreparedRun, result, started: float, first_step_at: 
     if result.checkpoint is None:
         raise RuntimeError("training ended without a checkpoint; see the log above")
     with result.checkpoint.as_directory() as directory:
+        checkpoint.verify(directory)
         state = checkpoint.load(Path(directory) / checkpoint.STATE_FILE)
         logged = Path(directory) / METRICS_FILE
         # Rank 0 may have run on another node: the final checkpoint carries its metrics.jsonl.

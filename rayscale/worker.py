@@ -156,6 +156,7 @@ def train_worker(payload: dict) -> None:
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as directory:
+            checkpoint.verify(directory)
             state = checkpoint.load(Path(directory) / checkpoint.STATE_FILE)
             if rank == 0:
                 _restore_metrics(metrics_path, Path(directory) / METRICS_FILE, state["progress"]["samples_seen"])
@@ -177,13 +178,15 @@ def train_worker(payload: dict) -> None:
             with open(metrics_path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
 
+    staging_root = None if local_mode else checkpoint.fresh_staging_dir(run_dir, rank)
+
     def save_and_report(metrics: dict) -> None:
         """Every rank writes its part (rank 0 the state, each rank its RNG) into one merged checkpoint."""
         # Local mode keeps no copy in Ray's storage, so its checkpoints stay in the run directory.
-        local_store = run_dir / "checkpoints" if local_mode else None
-        if local_store is not None:
-            local_store.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix="checkpoint-", dir=local_store))
+        if local_mode:
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix="checkpoint-", dir=run_dir / "checkpoints" if local_mode
+                                        else staging_root))
         progress["nonfinite_skipped"] = guard.skipped_total
         if rank == 0:
             checkpoint.save_atomic(checkpoint.capture(model, optimizer, precision.scaler, progress),
@@ -191,6 +194,7 @@ def train_worker(payload: dict) -> None:
             if metrics_path.exists():  # the log so far travels with the checkpoint (multi-node: to the driver)
                 shutil.copyfile(metrics_path, staging / METRICS_FILE)
         checkpoint.save_atomic(checkpoint.rng_states(), staging / f"rng_rank{rank}.pt")
+        checkpoint.write_manifest(staging, rank, world_size)  # last: its presence says the part is whole
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(staging)))
         if not local_mode:  # uploaded to the run's storage by now
             shutil.rmtree(staging, ignore_errors=True)

@@ -20,10 +20,13 @@ pytestmark = pytest.mark.slow
 
 SLOW_MODEL = textwrap.dedent('''
     """The built-in MLP, slowed down (numerics untouched) so a test can kill a worker mid-epoch; each worker
-    process records its pid in $RAYSCALE_TEST_PID_DIR."""
+    process records its pid in $RAYSCALE_TEST_PID_DIR. `ballast_mb` adds an untrained buffer to the state,
+    so that writing and copying a checkpoint takes long enough to kill a worker inside it."""
     import os
     import time
     from pathlib import Path
+
+    import torch
 
     from rayscale.models import MLP
 
@@ -35,8 +38,10 @@ SLOW_MODEL = textwrap.dedent('''
             return super().forward(x)
 
 
-    def make(**kwargs):
-        return Slow(in_features=64, num_outputs=10, hidden_sizes=(256, 256))
+    def make(ballast_mb=0, **kwargs):
+        model = Slow(in_features=64, num_outputs=10, hidden_sizes=(256, 256))
+        model.register_buffer("ballast", torch.zeros(ballast_mb * 2**18))
+        return model
 ''')
 
 
@@ -229,19 +234,50 @@ def _new_pid(pid_dir: Path, seen: set[int], timeout: float) -> int | None:
     return None
 
 
+def _kill_inside_a_checkpoint_copy(store: Path, workers: set[int]) -> Path | None:
+    """SIGKILL the worker that is copying a new checkpoint into Ray's storage (it holds a file there open) while
+    that checkpoint is still incomplete; returns the checkpoint directory, or None if none was caught in 120 s."""
+    import signal
+
+    from rayscale import checkpoint
+
+    known = set(store.glob("checkpoint_*"))
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        for directory in set(store.glob("checkpoint_*")) - known:
+            for pid in workers:
+                try:
+                    writing = any(os.readlink(fd).startswith(str(directory)) for fd in Path(f"/proc/{pid}/fd").iterdir())
+                except OSError:  # the process or the descriptor went away meanwhile
+                    continue
+                if writing:
+                    try:
+                        checkpoint.verify(directory)
+                    except (checkpoint.IncompleteCheckpoint, OSError, ValueError):
+                        os.kill(pid, signal.SIGKILL)
+                        return directory
+        time.sleep(0.002)
+    return None
+
+
 def test_killed_then_frozen_worker_restart_from_checkpoints_and_match_bitwise(reference, ray_session, tmp_path):
     """Two real faults in one run, each to a Train worker process by pid, mid-epoch:
-    SIGKILL: the run restarts from its last checkpoint by itself;
+    SIGKILL while the worker copies a checkpoint into Ray's storage (Ray #41700): the half-copied checkpoint is
+    never restored; the run restarts from the previous whole one by itself;
     then SIGSTOP to a worker of the new group: after run.hang_timeout_s its peer's collective fails and the group
     restarts again (the frozen process is killed with it).
     The run ends with the uninterrupted run's model, bit for bit: no sample lost or trained twice across either."""
     import signal
 
+    from rayscale import checkpoint
+
     _, expected_summary, expected = reference
     # 20 s: short for a test, long enough that a loaded 2-core machine does not time out a healthy step.
-    thread, outcome, pid_dir = _train_until_first_checkpoint(tmp_path, "faults", "run.hang_timeout_s=20")
+    thread, outcome, pid_dir = _train_until_first_checkpoint(tmp_path, "faults", "run.hang_timeout_s=20",
+                                                             "model.kwargs={ballast_mb: 64}")
     seen = {int(p.name) for p in pid_dir.iterdir()}
-    os.kill(max(seen), signal.SIGKILL)
+    partial = _kill_inside_a_checkpoint_copy(tmp_path / "faults" / "checkpoints", seen)
+    assert partial is not None, "no checkpoint copy was caught in progress"
     frozen = _new_pid(pid_dir, seen, timeout=180)  # the restarted group trains: freeze one of its workers
     assert frozen is not None and thread.is_alive(), outcome
     os.kill(frozen, signal.SIGSTOP)
@@ -262,3 +298,6 @@ def test_killed_then_frozen_worker_restart_from_checkpoints_and_match_bitwise(re
     assert all(torch.equal(expected[k], model[k]) for k in expected)
     records = trainer.read_metrics(tmp_path / "faults")
     assert [r["samples_seen"] for r in records] == sorted(r["samples_seen"] for r in records)
+    if partial.exists():  # Ray deletes only the checkpoints it registered: this one it never did
+        with pytest.raises(checkpoint.IncompleteCheckpoint):
+            checkpoint.verify(partial)
