@@ -65,6 +65,10 @@ class DataConfig:
     shuffle: str = key("local", "per-epoch shuffle: local (block order + seeded buffer), full, none",
                        choices=("local", "full", "none"))
     shuffle_buffer_rows: int = key(2048, "local shuffle buffer", unit="rows", minimum=1)
+    cache_mb: float = key(1024.0, "a worker keeps a split (training or validation) in memory after its first full "
+                                  "pass when it is at most this size, and replays later epochs from there in "
+                                  "the order Ray Data would stream them (0: stream every epoch; never for "
+                                  "sequences or shuffle full)", unit="MiB", minimum=0.0)
     bucket_by_length: bool = key(False, "group sequences of similar length to cut padding")
     stratified: bool = key(False, "class-balanced batches (classification)")
     synthetic: SyntheticConfig = section(SyntheticConfig, "generator settings for source=synthetic")

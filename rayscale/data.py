@@ -86,15 +86,21 @@ def _concat(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts)
 
 
+def chunk_order(num_chunks: int, shuffle: str, seed: int, epoch: int | None) -> np.ndarray:
+    """The order in which an epoch streams a split's chunks: block (file / row-group) order, fresh each epoch
+    under local shuffle, else row-id order."""
+    order = np.arange(num_chunks)
+    if shuffle == "local" and epoch is not None:
+        order = np.random.default_rng([seed, epoch, 17]).permutation(order)
+    return order
+
+
 def build_dataset(spec: SplitSpec, epoch: int | None = None):
     """A lazy Ray Dataset of the split; for training, ordered (or shuffled) for `epoch`."""
     import ray.data
 
-    order = np.arange(len(spec.info.chunks))
     shuffle = spec.data.shuffle if spec.split == "train" else "none"
-    if shuffle == "local" and epoch is not None:  # block (file / row-group) order, fresh each epoch
-        order = np.random.default_rng([spec.seed, epoch, 17]).permutation(order)
-    items = [{"chunk": int(i)} for i in order]
+    items = [{"chunk": int(i)} for i in chunk_order(len(spec.info.chunks), shuffle, spec.seed, epoch)]
     # A fraction of a CPU per read task: Ray Data's budget excludes every running trainer's CPUs, so with
     # concurrent Tune trials less than one whole CPU may be left, and a 1-CPU task would never start.
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
@@ -104,7 +110,64 @@ def build_dataset(spec: SplitSpec, epoch: int | None = None):
     return dataset
 
 
+def cache_plan(spec: SplitSpec, rows: int, limit_mb: float) -> list[tuple[int, int]] | None:
+    """The chunk bounds a worker needs to replay the split from memory, or None when it should stream every
+    epoch: caching is off, the rows would not fit the limit, the rows vary in length, or a full shuffle
+    (done by Ray Data, differently each epoch) decides the order."""
+    shape = spec.info.spec.input_shape
+    if limit_mb <= 0 or spec.data.sequence is not None or (spec.split == "train" and spec.data.shuffle == "full"):
+        return None
+    row_bytes = 4 * int(np.prod(shape[1:] if shape and shape[0] is None else shape)) + 8 + 8 + 4  # x, y, id, weight
+    if rows * row_bytes > limit_mb * 2**20:
+        return None
+    return [(chunk.start, chunk.stop) for chunk in spec.info.chunks]
+
+
 # ------------------------------------------------------------------------------------------- worker side
+
+class SplitCache:
+    """A split's rows kept by a worker after one whole pass from Ray Data, replayed in later epochs in exactly
+    the order Ray Data would stream them (chunk by chunk in `chunk_order`, rows in row-id order inside a
+    chunk), so a run is bitwise the same with or without it; it saves a Ray Data execution per epoch.
+
+    `record` passes a stream through and keeps it; the cache is ready only if the stream was read to its end
+    and stayed under `limit_bytes` (checked on the real arrays, not the driver's estimate).
+    """
+
+    def __init__(self, bounds: list[tuple[int, int]], limit_bytes: float):
+        self.starts = np.array([a for a, _ in bounds], dtype=np.int64)
+        self.stops = np.array([b for _, b in bounds], dtype=np.int64)
+        self.limit_bytes = limit_bytes
+        self.columns: dict[str, np.ndarray] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.columns is not None
+
+    def record(self, batches: Iterable[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+        kept: list[dict[str, np.ndarray]] | None = [] if not self.ready else None
+        size = 0
+        for batch in batches:
+            if kept is not None and len(batch["row_id"]):  # an empty block adds nothing (see StepAssembler)
+                size += sum(value.nbytes for value in batch.values())
+                if size > self.limit_bytes or any(value.dtype == object for value in batch.values()):
+                    kept = None
+                else:
+                    kept.append(batch)
+            yield batch
+        if kept:  # the whole pass arrived
+            columns = {key: np.concatenate([b[key] for b in kept]) for key in kept[0]}
+            by_id = np.argsort(columns["row_id"], kind="stable")
+            self.columns = {key: value[by_id] for key, value in columns.items()}
+
+    def replay(self, order: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
+        assert self.columns is not None
+        row_ids = self.columns["row_id"]
+        low, high = np.searchsorted(row_ids, self.starts), np.searchsorted(row_ids, self.stops)
+        for index in order:
+            if high[index] > low[index]:
+                yield {key: value[low[index]:high[index]] for key, value in self.columns.items()}
+
 
 @dataclass
 class StepRows:
@@ -138,6 +201,8 @@ class StepAssembler:
         pending: list[dict[str, np.ndarray]] = []
         pending_rows, window_index = 0, 0
         for batch in batches:
+            if not len(batch["row_id"]):  # a chunk with no rows of this split (its x may have lost its dtype)
+                continue
             pending.append(batch)
             pending_rows += len(batch["row_id"])
             while pending_rows >= self.window_rows:

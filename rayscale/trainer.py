@@ -250,6 +250,10 @@ def payload(prepared: PreparedRun, eval_at_samples: list[int] | tuple[int, ...] 
         "val_rows": prepared.val_rows,
         "run_dir": str(prepared.run_dir),
         "local_mode": prepared.cfg.scaling.num_workers == 0,
+        "cache_mb": prepared.cfg.data.cache_mb,
+        "train_cache": data.cache_plan(prepared.train, prepared.train_rows, prepared.cfg.data.cache_mb),
+        "val_cache": data.cache_plan(prepared.val, prepared.val_rows, prepared.cfg.data.cache_mb)
+        if prepared.val is not None else None,
     }
 
 

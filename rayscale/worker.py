@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from rayscale import checkpoint, config, tasks
 from rayscale.batching import plan_batches
-from rayscale.data import StepAssembler, micro_batches
+from rayscale.data import SplitCache, StepAssembler, chunk_order, micro_batches
 from rayscale.models import build_model
 from rayscale.optimizers import build_optimizer
 from rayscale.schedules import scaled_lr, schedule_from_config
@@ -87,13 +87,14 @@ def _restore_metrics(path: Path, saved: Path, samples_seen: int) -> None:
     checkpoint.write_bytes_atomic(path, "".join(line + "\n" for line in keep).encode())
 
 
-def evaluate(model, shard, plan, rank, spec: tasks.DataSpec, precision, device) -> dict[str, float]:
-    """Validation loss (and accuracy) over all validation rows, each rank taking its slice."""
+def evaluate(model, batches, plan, rank, spec: tasks.DataSpec, precision, device) -> dict[str, float]:
+    """Validation loss (and accuracy) over all validation rows (`batches`: numpy blocks in order), each rank
+    taking its slice."""
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
     assembler = StepAssembler(plan, rank, seed=0, epoch=0, shuffle="none", window_rows=plan.global_batch_size)
     with torch.no_grad():
-        for step in assembler.steps(shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)):
+        for step in assembler.steps(batches):
             for batch in micro_batches(step, plan.micro_batch_size, device):
                 with precision.autocast():
                     output = tasks.forward(model, batch)
@@ -233,22 +234,33 @@ def train_worker(payload: dict) -> None:
         record["_report"] = wants > 0
         return record
 
+    limit = payload.get("cache_mb", 0) * 2**20
+    train_cache = SplitCache(payload["train_cache"], limit) if payload.get("train_cache") else None
+    val_cache = SplitCache(payload["val_cache"], limit) if payload.get("val_cache") else None
+
+    def rows_of(name: str, cache: SplitCache | None, order_epoch: int | None, shuffle: str, prefetch: int):
+        """An epoch's numpy blocks: replayed from the worker's cache once it holds the split, else streamed
+        from Ray Data (and kept on the way when it may be cached)."""
+        if cache is not None and cache.ready:
+            return cache.replay(chunk_order(len(cache.starts), shuffle, cfg.seed, order_epoch))
+        stream = ray.train.get_dataset_shard(name).iter_batches(batch_size=None, batch_format="numpy",
+                                                                prefetch_batches=prefetch)
+        return cache.record(stream) if cache is not None else stream
+
     def validate() -> dict[str, float]:
         """Validation metrics; its time is left out of the interval's samples/s and data-wait fraction."""
         began = time.perf_counter()
-        val = evaluate(model, ray.train.get_dataset_shard("val"), plan, rank, spec, precision, device)
+        val = evaluate(model, rows_of("val", val_cache, None, "none", 2), plan, rank, spec, precision, device)
         interval.started += time.perf_counter() - began
         return val
 
     for epoch in range(progress["epoch"], epochs):
         skip = progress["step_in_epoch"] if epoch == progress["epoch"] else 0
         progress["epoch"], progress["step_in_epoch"] = epoch, 0
-        shard = ray.train.get_dataset_shard(f"train_{epoch}")
         assembler = StepAssembler(plan, rank, seed=cfg.seed, epoch=epoch, shuffle=cfg.data.shuffle,
                                   window_rows=cfg.data.shuffle_buffer_rows,
                                   bucket_by_length=cfg.data.bucket_by_length, stratified=cfg.data.stratified)
-        stream = iter(assembler.steps(shard.iter_batches(batch_size=None, batch_format="numpy",
-                                                         prefetch_batches=4)))
+        stream = iter(assembler.steps(rows_of(f"train_{epoch}", train_cache, epoch, cfg.data.shuffle, 4)))
         model.train()
         waited_from = time.perf_counter()
         for step_in_epoch, step_rows in enumerate(stream):

@@ -9,9 +9,12 @@ from rayscale import sources
 from rayscale.batching import plan_batches
 from rayscale.config import DataConfig, SyntheticConfig
 from rayscale.data import (
+    SplitCache,
     SplitSpec,
     StepAssembler,
     StepRows,
+    cache_plan,
+    chunk_order,
     collate,
     count_rows,
     is_validation,
@@ -419,3 +422,65 @@ def test_count_rows_across_its_counting_chunks():
     held = int(is_validation(np.arange(num_rows), 0.1).sum())
     assert count_rows(info, "val", 0.1) == held
     assert count_rows(info, "train", 0.1) == num_rows - held
+
+
+def _ray_like_stream(columns_by_chunk, order, block_rows):
+    """What Ray Data hands a worker: the chunks in `order`, re-cut into blocks of arbitrary size."""
+    joined = {k: np.concatenate([columns_by_chunk[i][k] for i in order]) for k in columns_by_chunk[0]}
+    total = len(joined["row_id"])
+    return [{k: v[a:a + block_rows] for k, v in joined.items()} for a in range(0, total, block_rows)]
+
+
+@pytest.mark.parametrize("shuffle", ["local", "none"])
+def test_cache_replays_each_epoch_exactly_as_ray_data_streams_it(shuffle):
+    bounds = [(0, 40), (40, 100), (100, 130)]
+    rng = np.random.default_rng(3)
+    held_out = {5, 17, 41, 99, 100}  # a split keeps some rows of each chunk, in row-id order
+    chunks = []
+    for a, b in bounds:
+        ids = np.array([i for i in range(a, b) if i not in held_out], dtype=np.int64)
+        chunks.append({"row_id": ids, "x": rng.normal(size=(len(ids), 3)).astype(np.float32), "y": ids % 7})
+    cache = SplitCache(bounds, limit_bytes=1 << 20)
+    first = list(cache.record(_ray_like_stream(chunks, chunk_order(3, shuffle, 11, 0), block_rows=17)))
+    assert cache.ready and len(first) == -(-125 // 17)
+    for epoch in (1, 2, 5):
+        order = chunk_order(3, shuffle, 11, epoch)
+        streamed = _ray_like_stream(chunks, order, block_rows=23)
+        replayed = list(cache.replay(order))
+        for key in ("row_id", "x", "y"):
+            assert np.array_equal(np.concatenate([b[key] for b in replayed]), np.concatenate([b[key] for b in streamed]))
+    assert shuffle == "none" or any(not np.array_equal(chunk_order(3, shuffle, 11, e), np.arange(3)) for e in range(5))
+
+
+def test_cache_is_not_used_over_its_limit_or_after_a_partial_pass():
+    blocks = [{"row_id": np.arange(i * 10, i * 10 + 10), "x": np.zeros((10, 4), np.float32)} for i in range(3)]
+    small = SplitCache([(0, 30)], limit_bytes=100)
+    assert len(list(small.record(blocks))) == 3 and not small.ready  # every block still passes through
+    partial = SplitCache([(0, 30)], limit_bytes=1 << 20)
+    stream = partial.record(blocks)
+    next(stream)
+    stream.close()  # the epoch ended early (an abort): not a whole pass
+    assert not partial.ready
+
+
+def test_cache_plan_only_for_fixed_width_rows_under_the_limit():
+    info = sources.inspect_source("digits", DataConfig(), 0)
+    spec = SplitSpec(info, "train", 0.2, DataConfig(), 0)
+    assert cache_plan(spec, 1450, 1024) == [(c.start, c.stop) for c in info.chunks]
+    assert cache_plan(spec, 1450, 0) is None
+    assert cache_plan(spec, 1450, 0.01) is None  # 1,450 rows of 64 floats are more than 10 KiB
+    assert cache_plan(SplitSpec(info, "train", 0.2, DataConfig(shuffle="full"), 0), 1450, 1024) is None
+    assert cache_plan(SplitSpec(info, "val", 0.2, DataConfig(shuffle="full"), 0), 347, 1024) is not None
+
+
+def test_an_empty_block_of_another_dtype_changes_nothing():
+    """Ray Data turns a zero-row 2-D column into pickled objects; such a block must not make x an object array."""
+    plan = plan_batches(4, 2, 1)
+    rows = {"row_id": np.arange(8), "x": np.ones((8, 3), np.float32), "y": np.arange(8)}
+    empty = {"row_id": np.arange(0), "x": np.empty(0, dtype=object), "y": np.arange(0)}
+    assembler = StepAssembler(plan, 0, seed=0, epoch=0, shuffle="none", window_rows=4)
+    steps = list(assembler.steps([empty, rows, empty]))
+    assert [s.rows["x"].dtype for s in steps] == [np.float32, np.float32]
+    cache = SplitCache([(0, 8)], limit_bytes=1 << 20)
+    list(cache.record([empty, rows]))
+    assert cache.ready and cache.columns["x"].dtype == np.float32

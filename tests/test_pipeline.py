@@ -102,11 +102,13 @@ def test_two_workers_learn_and_count_every_row(reference):
 
 
 def test_same_config_and_seed_with_mid_epoch_validation_give_a_bitwise_identical_model(reference, tmp_path):
-    """Run again with the same config and seed, validating mid-epoch as well: the same model, bit for bit
-    (reproducible, and validation touches no training state), and the validations are reported."""
+    """Run again with the same config and seed, validating mid-epoch as well and streaming every epoch from Ray
+    Data (the reference replays epochs 2+ from each worker's cache): the same model, bit for bit (reproducible,
+    validation touches no training state, the cache replays Ray Data's order), and the validations are
+    reported."""
     _, summary, model = reference
     _, evaluated = run(tmp_path, "evaluated", "batch.micro_batch_size=8", "run.checkpoint_every_samples=320",
-                       "train.eval_every_samples=400")
+                       "train.eval_every_samples=400", "data.cache_mb=0")
     assert all(torch.equal(model[k], evaluated[k]) for k in model)  # validation touches no training state
     records = trainer.read_metrics(tmp_path / "evaluated")
     mid = [r for r in records if r.get("evaluation") and not r.get("epoch_end")]
