@@ -30,5 +30,9 @@ test: setup system-deps
 train: setup
 	$(VENV)/bin/rayscale train
 
+# Side-by-side benchmarks (not timed tests): writes benchmarks/results/*.json and summary.md.
+bench: setup
+	$(PY) -m benchmarks
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,6 +1,16 @@
 """The benchmark scripts' own arithmetic (the scripts themselves are not part of the test run)."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
 from benchmarks.chaos import account
+
+REPO = Path(__file__).resolve().parents[1]
 
 # The uninterrupted run: two ranks, each a sequence of micro-batches (row indices).
 REFERENCE = {101: [(0.0, (0, 1)), (0.1, (4, 5)), (0.2, (8, 9))],
@@ -21,3 +31,22 @@ def test_a_resume_past_the_checkpoint_loses_rows():
 def test_a_resumed_stream_that_drifts_is_counted_both_ways():
     attempts = {1: [(0, (0, 1)), (0, (4, 5)), (0, (4, 5))], 2: [(0, (2, 3)), (0, (6, 7)), (0, (10, 11))]}
     assert account(REFERENCE, attempts) == {"rows_lost": 2, "rows_duplicated": 2}
+
+
+@pytest.mark.slow
+def test_the_benchmark_suite_runs_at_tiny_sizes(tmp_path):
+    """`python -m benchmarks --smoke`: every benchmark runs and writes its result; the figures mean nothing."""
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--output-dir", str(tmp_path / "work"),
+                           "--results-dir", str(tmp_path / "results")], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in ("throughput", "accumulation", "mfu"):
+        result = json.loads((tmp_path / "results" / f"{name}.smoke.json").read_text())
+        assert result["targets"] and result["machine"]["cpus"], name
+    throughput = json.loads((tmp_path / "results" / "throughput.smoke.json").read_text())
+    assert all(throughput[k]["samples_per_sec"] > 0 for k in ("rayscale", "ray_train", "plain_ddp"))
+    accumulation = json.loads((tmp_path / "results" / "accumulation.smoke.json").read_text())
+    assert accumulation["rayscale"]["allreduce_rounds_per_step"] == 1
+    assert accumulation["naive"]["allreduce_rounds_per_step"] == 4
+    assert "| benchmark | measure |" in (tmp_path / "results" / "summary.smoke.md").read_text()

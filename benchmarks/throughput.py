@@ -1,0 +1,196 @@
+"""Training throughput, side by side in one run: the same model, the same rows, 2 workers, 1 thread each.
+
+  (a) `rayscale train` (Ray Data streaming the synthetic source, each worker's cache from epoch 2, a checkpoint
+      and a report at every epoch end);
+  (b) a minimal Ray Train `TorchTrainer` loop in the style of Ray's docs: in-memory tensors, `prepare_model`,
+      `prepare_data_loader`, a `ray.train.report` with a checkpoint at every epoch end;
+  (c) a plain `torch.distributed` DDP script: two processes, gloo on 127.0.0.1, in-memory tensors, no Ray.
+
+Steady state is measured from the end of epoch 1 to the end of the last epoch (so each includes the same
+epoch-end reports); start-up (launch to the first optimizer step) is reported separately.
+Targets (issue 7, CPU): a/b >= 1.0, a/c >= 0.90.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SIZES = {
+    "full": {"rows": 100_000, "features": 64, "hidden": [512, 512], "classes": 10, "global_batch": 256, "epochs": 3},
+    "smoke": {"rows": 2_048, "features": 16, "hidden": [32], "classes": 10, "global_batch": 64, "epochs": 2},
+}
+WORKERS = 2
+LR = 0.05
+
+
+def _config_overrides(size: dict, output_dir: Path, name: str) -> list[str]:
+    return [f"run.output_dir={output_dir}", f"run.name={name}", "data.source=synthetic",
+            f"data.synthetic.rows={size['rows']}", f"data.synthetic.num_features={size['features']}",
+            f"data.synthetic.num_classes={size['classes']}", "data.val_fraction=0", "data.shuffle=none",
+            f"model.kwargs={{hidden_sizes: {size['hidden']}}}", f"scaling.num_workers={WORKERS}",
+            f"batch.global_batch_size={size['global_batch']}",
+            f"batch.micro_batch_size={size['global_batch'] // WORKERS}", f"train.epochs={size['epochs']}",
+            f"train.log_every_samples={size['rows']}", "optim.name=sgd", f"optim.lr={LR}",
+            "optim.scaling_rule=none", "schedule.name=constant", "schedule.warmup_samples=0"]
+
+
+def load_rows(size: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Every row of rayscale's synthetic source, read the way its Ray Data tasks read them."""
+    from rayscale import config, sources
+
+    cfg = config.load(overrides=_config_overrides(size, Path("/tmp"), "rows"))
+    info = sources.inspect_source("synthetic", cfg.data, cfg.seed)
+    parts = [sources.read_chunk(info.kind, chunk, cfg.data, cfg.seed) for chunk in info.chunks]
+    return np.concatenate([p["x"] for p in parts]).astype(np.float32), np.concatenate([p["y"] for p in parts])
+
+
+def _model(size: dict):
+    from rayscale.models import MLP
+
+    return MLP(in_features=size["features"], num_outputs=size["classes"], hidden_sizes=tuple(size["hidden"]))
+
+
+# ------------------------------------------------------------------------------------------ (a) rayscale
+
+def run_rayscale(size: dict, output_dir: Path) -> dict:
+    from rayscale import config, trainer
+
+    cfg = config.load(overrides=_config_overrides(size, output_dir, "rayscale"))
+    summary = trainer.train(cfg)
+    ends = [r for r in trainer.read_metrics(Path(summary["run_dir"])) if r.get("epoch_end")]
+    first, last = ends[0], ends[-1]
+    return {"samples_per_sec": (last["samples_seen"] - first["samples_seen"]) / (last["time"] - first["time"]),
+            "startup_s": summary["startup_time_s"], "wall_s": summary["wall_time_s"]}
+
+
+# -------------------------------------------------------------------------------- (b) minimal Ray Train
+
+def _ray_train_loop(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    size = config["size"]
+    x, y = load_rows(size)
+    per_worker = size["global_batch"] // WORKERS
+    loader = ray.train.torch.prepare_data_loader(
+        DataLoader(TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=per_worker))
+    model = ray.train.torch.prepare_model(_model(size))
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    rank = ray.train.get_context().get_world_rank()
+    first_step_at, epoch_ends = None, []
+    for epoch in range(size["epochs"]):
+        if ray.train.get_context().get_world_size() > 1:
+            loader.sampler.set_epoch(epoch)
+        for features, labels in loader:
+            loss = loss_fn(model(features), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            first_step_at = first_step_at or time.time()
+        epoch_ends.append(time.time())
+        with tempfile.TemporaryDirectory() as directory:
+            checkpoint = None
+            if rank == 0:
+                torch.save(model.module.state_dict() if hasattr(model, "module") else model.state_dict(),
+                           os.path.join(directory, "model.pt"))
+                checkpoint = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report({"epoch": epoch, "loss": loss.item(), "epoch_ends": epoch_ends,
+                              "first_step_at": first_step_at}, checkpoint=checkpoint)
+
+
+def run_ray_train(size: dict, output_dir: Path) -> dict:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    launched = time.time()
+    result = TorchTrainer(_ray_train_loop, train_loop_config={"size": size},
+                          scaling_config=ScalingConfig(num_workers=WORKERS),
+                          run_config=RunConfig(name="ray_train", storage_path=str(output_dir))).fit()
+    ends = result.metrics["epoch_ends"]
+    steady_samples = size["rows"] * (len(ends) - 1)
+    return {"samples_per_sec": steady_samples / (ends[-1] - ends[0]),
+            "startup_s": result.metrics["first_step_at"] - launched, "wall_s": time.time() - launched}
+
+
+# ------------------------------------------------------------------------------------- (c) plain DDP
+
+def _ddp_process(rank: int, size: dict, port: int, out: str, launched: float) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)  # as a 1-CPU Ray worker gets
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORKERS)
+    x, y = (torch.from_numpy(a) for a in load_rows(size))
+    torch.manual_seed(0)
+    model = DistributedDataParallel(_model(size))
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    per_worker, global_batch = size["global_batch"] // WORKERS, size["global_batch"]
+    first_step_at, epoch_ends = None, []
+    for _ in range(size["epochs"]):
+        for start in range(0, size["rows"], global_batch):
+            low = start + rank * per_worker
+            features, labels = x[low:low + per_worker], y[low:low + per_worker]
+            loss = loss_fn(model(features), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            first_step_at = first_step_at or time.time()
+        epoch_ends.append(time.time())
+    if rank == 0:
+        Path(out).write_text(json.dumps({"epoch_ends": epoch_ends, "first_step_at": first_step_at}))
+    dist.barrier()
+    os._exit(0)  # gloo's teardown can abort the process after the work is done
+
+
+def run_plain_ddp(size: dict, output_dir: Path) -> dict:
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = output_dir / "plain_ddp.json"
+    launched = time.time()
+    mp.start_processes(_ddp_process, args=(size, port, str(out), launched), nprocs=WORKERS, start_method="spawn")
+    measured = json.loads(out.read_text())
+    ends = measured["epoch_ends"]
+    return {"samples_per_sec": size["rows"] * (len(ends) - 1) / (ends[-1] - ends[0]),
+            "startup_s": measured["first_step_at"] - launched, "wall_s": time.time() - launched}
+
+
+def run(size_name: str, output_dir: Path) -> dict:
+    """All three, (c) first (no Ray), then (b) and (a) on one embedded Ray."""
+    from rayscale import config, trainer
+
+    size = SIZES[size_name]
+    result = {"size": size, "workers": WORKERS}
+    result["plain_ddp"] = run_plain_ddp(size, output_dir)
+    trainer.connect(None, config.load())
+    result["ray_train"] = run_ray_train(size, output_dir)
+    result["rayscale"] = run_rayscale(size, output_dir)
+    a, b, c = (result[k]["samples_per_sec"] for k in ("rayscale", "ray_train", "plain_ddp"))
+    result["targets"] = [
+        {"name": "rayscale / minimal Ray Train samples/s", "value": a / b, "target": ">= 1.0", "pass": a / b >= 1.0},
+        {"name": "rayscale / plain DDP samples/s", "value": a / c, "target": ">= 0.90", "pass": a / c >= 0.90},
+    ]
+    return result
+
+
+def table(result: dict) -> str:
+    lines = ["| | steady samples/s | start-up s | wall s |", "|---|---|---|---|"]
+    for key, label in (("rayscale", "(a) rayscale train"), ("ray_train", "(b) minimal Ray Train loop"),
+                       ("plain_ddp", "(c) plain torch DDP")):
+        r = result[key]
+        lines.append(f"| {label} | {r['samples_per_sec']:,.0f} | {r['startup_s']:.1f} | {r['wall_s']:.1f} |")
+    return "\n".join(lines)
