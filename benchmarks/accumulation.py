@@ -3,8 +3,9 @@
 Two processes, gloo on 127.0.0.1, 1 thread each, 4 micro-batches per optimizer step, the engine's own
 `train_step` (rayscale.step) against the same step written the naive way (a synchronising backward for every
 micro-batch). A DDP communication hook counts the gradient all-reduces (per bucket; DDP's bucketing is the same
-in both), and a wrapper counts the other all-reduces: the engine makes one more per step, of one float64 (the
-step's sample count across ranks, which normalises the loss before the first backward). Targets (issue 7):
+in both), and a wrapper counts the other all-reduces: with sample weights or token losses the engine makes one
+more per step, of one float64 (the step's count across ranks, which normalises the loss before the first
+backward); for unweighted rows, as here, the worker passes the step's row count and makes none. Targets (issue 7):
 gradient all-reduce rounds per optimizer step = 1, naive / rayscale step time >= 1.3.
 """
 
@@ -62,7 +63,9 @@ def _process(rank: int, size: dict, port: int, out: str) -> None:
         optimizer.step()
 
     def engine_step() -> None:
-        train_step(model, batches, optimizer, task="classification", lr=0.01, precision=precision)
+        # As the worker calls it for unweighted rows: the step's row count is known, no normaliser all-reduce.
+        train_step(model, batches, optimizer, task="classification", lr=0.01, precision=precision,
+                   global_count=size["micro"] * MICRO_BATCHES * WORKERS)
 
     results = {}
     for name, step in (("naive", naive_step), ("rayscale", engine_step)):

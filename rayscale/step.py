@@ -96,7 +96,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]],
                optimizer: torch.optim.Optimizer, *, task: str, lr: float, precision: Precision,
-               grad_clip: float | None = None) -> StepResult:
+               grad_clip: float | None = None, global_count: float | None = None) -> StepResult:
     """Accumulate gradients over `micro_batches` and apply one optimizer step at `lr`.
 
     Every worker must call this the same number of times, each with at least one micro-batch (a rank with
@@ -107,9 +107,13 @@ def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tenso
     optimizer.zero_grad(set_to_none=True)
     world_size = _world_size(model)
 
-    # The normaliser must be known before the first backward; one scalar all-reduce gives it.
+    # The normaliser must be known before the first backward: the caller passes it when the step's size says
+    # it (unweighted rows), else one scalar all-reduce gives it (sample weights, token counts).
     local_count = sum(tasks.count(task, mb) for mb in micro_batches)
-    global_count = _all_reduce_sum(local_count.detach().clone().to(torch.float64)).clamp_min(1e-12)
+    if global_count is None:
+        global_count = _all_reduce_sum(local_count.detach().clone().to(torch.float64)).clamp_min(1e-12)
+    else:
+        global_count = torch.tensor(max(float(global_count), 1e-12), dtype=torch.float64, device=local_count.device)
     # DDP averages gradients over ranks, so each rank scales by world_size to get sum / global_count.
     loss_scale = world_size / global_count
 

@@ -149,6 +149,9 @@ def train_worker(payload: dict) -> None:
     train_rows, epochs = payload["train_rows"], cfg.train.epochs
     lr_multiplier = schedule_from_config(cfg.schedule, total_samples=epochs * train_rows)
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
+    # Unweighted per-row losses: a step's loss normaliser is its row count, known on every rank without the
+    # scalar all-reduce train_step would otherwise make (zero-weight padding rows are not in rows_in_step).
+    rows_are_the_count = spec.task in ("classification", "regression") and cfg.data.weight is None
 
     progress = {"epoch": 0, "step_in_epoch": 0, "samples_seen": 0, "step": 0, "nonfinite_skipped": 0,
                 "resumes": 0, "val_loss": None, "val_accuracy": None}
@@ -272,7 +275,8 @@ def train_worker(payload: dict) -> None:
             samples_after = progress["samples_seen"] + step_rows.rows_in_step
             result = train_step(model, batch, optimizer, task=spec.task,
                                 lr=peak_lr * lr_multiplier(samples_after), precision=precision,
-                                grad_clip=cfg.train.grad_clip)
+                                grad_clip=cfg.train.grad_clip,
+                                global_count=step_rows.rows_in_step if rows_are_the_count else None)
             overflow_only = result.skipped and precision.scaler is not None and bool(
                 torch.isfinite(result.loss_sum))  # fp16 loss-scale overflow: the scaler handles it
             guard.observe(not result.skipped or overflow_only, progress["step"])

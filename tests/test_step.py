@@ -232,7 +232,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, rows_per_rank, micro, result_path):
+def _ddp_worker(rank, world, port, rows_per_rank, micro, result_path, known_count):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -253,8 +253,9 @@ def _ddp_worker(rank, world, port, rows_per_rank, micro, result_path):
 
     model.register_comm_hook(None, counting_hook)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    for _ in range(2):
-        train_step(model, mbs, optimizer, task="classification", lr=0.5, precision=FP32)
+    for _ in range(2):  # the step's global row count, when given, replaces the normaliser's all-reduce
+        train_step(model, mbs, optimizer, task="classification", lr=0.5, precision=FP32,
+                   global_count=sum(rows_per_rank) if known_count else None)
     if rank == 0:
         torch.save({"params": [p.detach() for p in model.module.parameters()], "hook_calls": len(calls),
                     "micro_batches": len(mbs)}, result_path)
@@ -264,14 +265,15 @@ def _ddp_worker(rank, world, port, rows_per_rank, micro, result_path):
     os._exit(0)
 
 
-@pytest.mark.parametrize("rows_per_rank, micro", [
-    pytest.param([8, 8], 2, id="even-4-microbatches"),
-    pytest.param([8, 3], 2, id="partial-tail-uneven-ranks"),  # rank 1 has fewer rows and micro-batches
-    pytest.param([5, 0], 2, id="empty-rank"),  # rank 1 has nothing left in the last window
+@pytest.mark.parametrize("rows_per_rank, micro, known_count", [
+    pytest.param([8, 8], 2, False, id="even-4-microbatches"),
+    pytest.param([8, 3], 2, False, id="partial-tail-uneven-ranks"),  # rank 1 has fewer rows and micro-batches
+    pytest.param([5, 0], 2, False, id="empty-rank"),  # rank 1 has nothing left in the last window
+    pytest.param([5, 0], 2, True, id="empty-rank-count-given"),  # the worker's path for unweighted rows
 ])
-def test_ddp_two_processes_match_one_process(tmp_path, rows_per_rank, micro):
+def test_ddp_two_processes_match_one_process(tmp_path, rows_per_rank, micro, known_count):
     result_path = tmp_path / "rank0.pt"
-    mp.spawn(_ddp_worker, args=(2, _free_port(), rows_per_rank, micro, str(result_path)), nprocs=2)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), rows_per_rank, micro, str(result_path), known_count), nprocs=2)
     got = torch.load(result_path)
     # Same two steps in one process on all rows as a single batch.
     x, y = dataset(sum(rows_per_rank))
