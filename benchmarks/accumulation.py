@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from pathlib import Path
+
+from benchmarks import gloo
 
 SIZES = {"full": {"features": 256, "hidden": [1024, 1024], "micro": 16, "steps": 30},
          "smoke": {"features": 16, "hidden": [32], "micro": 4, "steps": 3}}
@@ -23,7 +24,7 @@ MICRO_BATCHES = 4
 WORKERS = 2
 
 
-def _process(rank: int, size: dict, port: int, out: str) -> None:
+def _process(rank: int, port: int, size: dict, out: str) -> None:
     import torch
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -84,21 +85,12 @@ def _process(rank: int, size: dict, port: int, out: str) -> None:
     for name in results:
         results[name]["allreduce_rounds_per_step"] = results[name]["hook_calls_per_step"] / buckets
     results["buckets"] = buckets
-    if rank == 0:
-        Path(out).write_text(json.dumps(results))
-    dist.barrier()
-    os._exit(0)  # gloo's teardown can abort the process after the work is done
+    gloo.finish(rank, out, results)
 
 
 def run(size_name: str, output_dir: Path) -> dict:
-    import torch.multiprocessing as mp
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    out = output_dir / "accumulation.json"
-    mp.start_processes(_process, args=(SIZES[size_name], port, str(out)), nprocs=WORKERS, start_method="spawn")
-    result = {"size": SIZES[size_name], "micro_batches": MICRO_BATCHES, **json.loads(out.read_text())}
+    measured = gloo.spawn(_process, (SIZES[size_name],), WORKERS, output_dir / "accumulation.json")
+    result = {"size": SIZES[size_name], "micro_batches": MICRO_BATCHES, **measured}
     rounds = result["rayscale"]["allreduce_rounds_per_step"]
     speedup = result["naive"]["step_s"] / result["rayscale"]["step_s"]
     result["targets"] = [

@@ -13,14 +13,14 @@ Targets (issue 7, CPU): a/b >= 1.0, a/c >= 0.90.
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks import gloo
 
 SIZES = {
     "full": {"rows": 100_000, "features": 64, "hidden": [512, 512], "classes": 10, "global_batch": 256, "epochs": 3},
@@ -124,7 +124,9 @@ def run_ray_train(size: dict, output_dir: Path) -> dict:
 
 # ------------------------------------------------------------------------------------- (c) plain DDP
 
-def _ddp_process(rank: int, size: dict, port: int, out: str, launched: float) -> None:
+def _ddp_process(rank: int, port: int, size: dict, out: str) -> None:
+    """The plain script's loop, written out in full as its users would (not shared with (b)'s on purpose: each
+    baseline stands alone)."""
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -148,22 +150,12 @@ def _ddp_process(rank: int, size: dict, port: int, out: str, launched: float) ->
             optimizer.step()
             first_step_at = first_step_at or time.time()
         epoch_ends.append(time.time())
-    if rank == 0:
-        Path(out).write_text(json.dumps({"epoch_ends": epoch_ends, "first_step_at": first_step_at}))
-    dist.barrier()
-    os._exit(0)  # gloo's teardown can abort the process after the work is done
+    gloo.finish(rank, out, {"epoch_ends": epoch_ends, "first_step_at": first_step_at})
 
 
 def run_plain_ddp(size: dict, output_dir: Path) -> dict:
-    import torch.multiprocessing as mp
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    out = output_dir / "plain_ddp.json"
     launched = time.time()
-    mp.start_processes(_ddp_process, args=(size, port, str(out), launched), nprocs=WORKERS, start_method="spawn")
-    measured = json.loads(out.read_text())
+    measured = gloo.spawn(_ddp_process, (size,), WORKERS, output_dir / "plain_ddp.json")
     ends = measured["epoch_ends"]
     return {"samples_per_sec": size["rows"] * (len(ends) - 1) / (ends[-1] - ends[0]),
             "startup_s": measured["first_step_at"] - launched, "wall_s": time.time() - launched}
