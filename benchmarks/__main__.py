@@ -1,6 +1,6 @@
 """`python -m benchmarks` (or `make bench`): every side-by-side benchmark in one run, ratios from the same run.
 
-    python -m benchmarks [--smoke] [--only throughput,accumulation,mfu] [--output-dir DIR] [--results-dir DIR]
+    python -m benchmarks [--smoke] [--only throughput,ingest,accumulation,mfu] [--output-dir DIR] [--results-dir DIR]
 
 Writes benchmarks/results/<name>.json per benchmark (`.smoke` added with --smoke) and
 benchmarks/results/summary[.smoke].md, and prints the Markdown. Exit code 0 whatever the targets say (a missed
@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BENCHMARKS = ("throughput", "accumulation", "mfu")
+BENCHMARKS = ("throughput", "ingest", "accumulation", "mfu")
 
 
 def machine() -> dict:

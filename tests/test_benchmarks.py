@@ -41,11 +41,13 @@ def test_the_benchmark_suite_runs_at_tiny_sizes(tmp_path):
                            "--results-dir", str(tmp_path / "results")], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for name in ("throughput", "accumulation", "mfu"):
+    for name in ("throughput", "ingest", "accumulation", "mfu"):
         result = json.loads((tmp_path / "results" / f"{name}.smoke.json").read_text())
         assert result["targets"] and result["machine"]["cpus"], name
     throughput = json.loads((tmp_path / "results" / "throughput.smoke.json").read_text())
     assert all(throughput[k]["samples_per_sec"] > 0 for k in ("rayscale", "ray_train", "plain_ddp"))
+    ingest = json.loads((tmp_path / "results" / "ingest.smoke.json").read_text())
+    assert all(0 <= ingest[k]["steady_data_wait_fraction"] <= 1 for k in ("streamed", "cached"))
     accumulation = json.loads((tmp_path / "results" / "accumulation.smoke.json").read_text())
     assert accumulation["rayscale"]["allreduce_rounds_per_step"] == 1
     assert accumulation["naive"]["allreduce_rounds_per_step"] == 4
