@@ -52,12 +52,14 @@ def run(size_name: str, output_dir: Path) -> dict:
     size = SIZES[size_name]
     source = write_parquet(size, output_dir / "rows.parquet")
     trainer.connect(None, config.load())
-    result = {"size": size, "streamed": _train(size, output_dir, "streamed", source, 0),
-              "cached": _train(size, output_dir, "cached", source, 1024)}
+    # The smoke run (CI) only proves the script works: one run, Ray Data streaming every epoch; the cache's
+    # path is the default of every other run in the test suite.
+    variants = {"streamed": 0, "cached": 1024} if size_name != "smoke" else {"streamed": 0}
+    result = {"size": size, **{kind: _train(size, output_dir, kind, source, mb) for kind, mb in variants.items()}}
     result["targets"] = [
         {"name": f"steady data wait / step time, {kind}", "value": result[kind]["steady_data_wait_fraction"],
          "target": f"< {TARGET_WAIT:g}", "pass": result[kind]["steady_data_wait_fraction"] < TARGET_WAIT}
-        for kind in ("streamed", "cached")]
+        for kind in variants]
     return result
 
 
@@ -66,6 +68,8 @@ def table(result: dict) -> str:
              "|---|---|---|---|---|"]
     for key, label in (("streamed", "streamed by Ray Data (`data.cache_mb=0`)"),
                        ("cached", "epoch 1 streamed, then the worker cache")):
+        if key not in result:
+            continue
         r = result[key]
         lines.append(f"| {label} | {r['epoch1_data_wait_fraction']:.1%} | {r['steady_data_wait_fraction']:.1%} | "
                      f"{r['startup_s']:.1f} | {r['steady_samples_per_sec']:,.0f} |")

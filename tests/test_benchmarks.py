@@ -47,7 +47,7 @@ def test_the_benchmark_suite_runs_at_tiny_sizes(tmp_path):
     throughput = json.loads((tmp_path / "results" / "throughput.smoke.json").read_text())
     assert all(throughput[k]["samples_per_sec"] > 0 for k in ("rayscale", "ray_train", "plain_ddp"))
     ingest = json.loads((tmp_path / "results" / "ingest.smoke.json").read_text())
-    assert all(0 <= ingest[k]["steady_data_wait_fraction"] <= 1 for k in ("streamed", "cached"))
+    assert 0 <= ingest["streamed"]["steady_data_wait_fraction"] <= 1
     accumulation = json.loads((tmp_path / "results" / "accumulation.smoke.json").read_text())
     assert accumulation["rayscale"]["allreduce_rounds_per_step"] == 1
     assert accumulation["naive"]["allreduce_rounds_per_step"] == 4
