@@ -20,7 +20,8 @@ import time
 import traceback
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks import RESULTS
+
 BENCHMARKS = ("throughput", "ingest", "accumulation", "mfu")
 
 

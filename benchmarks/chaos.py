@@ -30,6 +30,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from benchmarks import RESULTS
+
 MODEL = textwrap.dedent('''
     import os
     import time
@@ -54,7 +56,6 @@ MODEL = textwrap.dedent('''
         return RowLogging(in_features=64, num_outputs=10, hidden_sizes=(256, 256))
 ''')
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def write_data(directory: Path) -> Path:

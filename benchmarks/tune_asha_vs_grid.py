@@ -31,7 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from benchmarks import RESULTS
+
 METRIC = "val_loss"
 MAX_SAMPLE_FRACTION = 0.35  # target: ASHA's samples / the grid's samples
 MAX_RELATIVE_GAP = 0.02  # target: (asha_best - grid_best) / grid_best
@@ -315,9 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = (".smoke" if args.smoke else "") + (f".epochs{args.epochs}" if args.epochs else "")
-    result_path = RESULTS_DIR / f"tune_asha_vs_grid{suffix}.json"
+    result_path = RESULTS / f"tune_asha_vs_grid{suffix}.json"
     result_path.write_text(json.dumps({
         "settings": {**settings, "train_rows": train_rows, "samples_per_trial": budget,
                      "reduction_factor": REDUCTION_FACTOR, "max_concurrent_trials": MAX_CONCURRENT_TRIALS,

@@ -25,6 +25,9 @@ from rayscale.schedules import scaled_lr
 
 HEALTH_CHECK_TIMEOUT_ENV = "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S"  # Train's controller reads it (default 600)
 POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # and this one (default 2 s)
+SHUTDOWN_TIMEOUT_ENV = "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S"  # Train's torch backend reads it (default 30)
+SHUTDOWN_TIMEOUT_S = 5
+GROUPS_FILE = "worker_groups.jsonl"  # one line per worker group started (see _controller_callback)
 
 
 @dataclass
@@ -300,13 +303,6 @@ def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, nam
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
     )
-
-
-GROUPS_FILE = "worker_groups.jsonl"
-
-
-SHUTDOWN_TIMEOUT_ENV = "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S"  # Train's torch backend reads it (default 30)
-SHUTDOWN_TIMEOUT_S = 5
 
 
 def _controller_callback(groups_file: Path):
