@@ -96,23 +96,28 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 
 def capture(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scaler: torch.amp.GradScaler | None, progress: dict[str, Any]) -> dict[str, Any]:
+            scaler: torch.amp.GradScaler | None, progress: dict[str, Any], average=None) -> dict[str, Any]:
+    """`average`: the run's WeightAverage (train.ema_half_life_samples), saved as "average" when on."""
     return {
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
+        "average": average.state_dict() if average is not None else None,
         "progress": dict(progress),
         "rng": rng_states(),
     }
 
 
 def restore(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scaler: torch.amp.GradScaler | None) -> dict[str, Any]:
+            scaler: torch.amp.GradScaler | None, average=None) -> dict[str, Any]:
     """Load `state` into the live objects; returns the training position."""
     unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler") is not None:
         scaler.load_state_dict(state["scaler"])
+    if average is not None:
+        # A run that turned the average on at resume starts it from the restored weights.
+        average.load_state_dict(state.get("average") or state["model"])
     set_rng_states(state["rng"])
     return dict(state["progress"])
 

@@ -361,7 +361,8 @@ def write_outputs(prepared: PreparedRun, result, started: float, first_step_at: 
         # Rank 0 may have run on another node: the final checkpoint carries its metrics.jsonl.
         if logged.exists():
             checkpoint.write_bytes_atomic(run_dir / METRICS_FILE, logged.read_bytes())
-    checkpoint.save_atomic(state["model"], run_dir / "model.pt")
+    # With train.ema_half_life_samples the averaged weights are the ones validated, so they are the model.
+    checkpoint.save_atomic(state.get("average") or state["model"], run_dir / "model.pt")
     records = read_metrics(run_dir)
     epoch_ends = [r for r in records if r.get("epoch_end")]
     final = dict(epoch_ends[-1]) if epoch_ends else (records[-1] if records else {})

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from rayscale import checkpoint, config, tasks
+from rayscale.averaging import WeightAverage
 from rayscale.batching import plan_batches
 from rayscale.data import SplitCache, StepAssembler, chunk_order, micro_batches
 from rayscale.models import build_model
@@ -145,6 +146,8 @@ def train_worker(payload: dict) -> None:
     model = _prepare_model(build_model(cfg.model, spec), device, world_size)
     peak_lr = scaled_lr(cfg.optim.lr, plan.global_batch_size, cfg.optim.base_batch_size, cfg.optim.scaling_rule)
     optimizer = build_optimizer(cfg.optim, model, peak_lr)
+    half_life = cfg.train.ema_half_life_samples
+    average = WeightAverage(model, half_life) if half_life else None
     precision = make_precision(cfg.train.precision, device)
     train_rows, epochs = payload["train_rows"], cfg.train.epochs
     lr_multiplier = schedule_from_config(cfg.schedule, total_samples=epochs * train_rows)
@@ -164,7 +167,7 @@ def train_worker(payload: dict) -> None:
             state = checkpoint.load(Path(directory) / checkpoint.STATE_FILE)
             if rank == 0:
                 _restore_metrics(metrics_path, Path(directory) / METRICS_FILE, state["progress"]["samples_seen"])
-            progress = checkpoint.restore(state, model, optimizer, precision.scaler)
+            progress = checkpoint.restore(state, model, optimizer, precision.scaler, average)
             own_rng = Path(directory) / f"rng_rank{rank}.pt"
             if own_rng.exists():  # each rank continues its own dropout stream
                 checkpoint.set_rng_states(checkpoint.load(own_rng))
@@ -193,7 +196,7 @@ def train_worker(payload: dict) -> None:
                                         else staging_root))
         progress["nonfinite_skipped"] = guard.skipped_total
         if rank == 0:
-            checkpoint.save_atomic(checkpoint.capture(model, optimizer, precision.scaler, progress),
+            checkpoint.save_atomic(checkpoint.capture(model, optimizer, precision.scaler, progress, average),
                                    staging / checkpoint.STATE_FILE)
             if metrics_path.exists():  # the log so far travels with the checkpoint (multi-node: to the driver)
                 shutil.copyfile(metrics_path, staging / METRICS_FILE)
@@ -253,7 +256,8 @@ def train_worker(payload: dict) -> None:
     def validate() -> dict[str, float]:
         """Validation metrics; its time is left out of the interval's samples/s and data-wait fraction."""
         began = time.perf_counter()
-        val = evaluate(model, rows_of("val", val_cache, None, "none", 2), plan, rank, spec, precision, device)
+        val = evaluate(average.module if average else model, rows_of("val", val_cache, None, "none", 2), plan,
+                       rank, spec, precision, device)
         interval.started += time.perf_counter() - began
         return val
 
@@ -280,6 +284,8 @@ def train_worker(payload: dict) -> None:
             overflow_only = result.skipped and precision.scaler is not None and bool(
                 torch.isfinite(result.loss_sum))  # fp16 loss-scale overflow: the scaler handles it
             guard.observe(not result.skipped or overflow_only, progress["step"])
+            if average is not None and not result.skipped:
+                average.update(model, step_rows.rows_in_step)
             interval.loss_sum += result.loss_sum
             interval.count += result.local_count.double()
             interval.grad_norm_sum += torch.nan_to_num(result.grad_norm.double(), nan=0.0, posinf=0.0)

@@ -62,6 +62,11 @@ def ray_session(tmp_path_factory):
     ray.shutdown()
 
 
+# The runs compared with the reference validate and export a weight average, so the fault tests also prove that
+# its state is checkpointed and restored bit for bit.
+AVERAGED = "train.ema_half_life_samples=200"
+
+
 def run(tmp_path, name, *overrides):
     cfg = config.load(overrides=[f"run.output_dir={tmp_path}", f"run.name={name}", "train.epochs=2",
                                  "batch.global_batch_size=64", *overrides])
@@ -85,11 +90,27 @@ def test_local_mode_trains_and_writes_outputs(ray_session, tmp_path):
     assert records[-1]["val_accuracy"] > 0.5
 
 
+def test_weight_average_is_validated_and_exported_and_leaves_training_alone(ray_session, tmp_path):
+    """Local mode, with and without train.ema_half_life_samples: the raw weights train identically, model.pt
+    is the average (saved in the checkpoint beside the raw weights), and the validation is the average's."""
+    from rayscale import checkpoint
+
+    plain_summary, plain = run(tmp_path, "plain", "scaling.num_workers=0")
+    summary, exported = run(tmp_path, "averaged", "scaling.num_workers=0", AVERAGED)
+    final = max((tmp_path / "averaged" / "checkpoints").glob("checkpoint-*"), key=lambda p: p.stat().st_mtime)
+    state = checkpoint.load(final / checkpoint.STATE_FILE)
+    assert all(torch.equal(plain[k], state["model"][k]) for k in plain)  # training never reads the average
+    assert all(torch.equal(exported[k], state["average"][k]) for k in exported)
+    assert any(not torch.allclose(exported[k], plain[k]) for k in plain)
+    assert summary["final"]["val_loss"] != plain_summary["final"]["val_loss"]  # the average was validated
+    assert summary["final"]["val_accuracy"] > 0.8
+
+
 @pytest.fixture(scope="module")
 def reference(ray_session, tmp_path_factory):
     """Two workers, micro-batch 8 of a global 64 (4 accumulation steps per worker)."""
     tmp = tmp_path_factory.mktemp("reference")
-    summary, model = run(tmp, "micro8", "batch.micro_batch_size=8", "run.checkpoint_every_samples=320")
+    summary, model = run(tmp, "micro8", "batch.micro_batch_size=8", "run.checkpoint_every_samples=320", AVERAGED)
     return tmp, summary, model
 
 
@@ -108,7 +129,7 @@ def test_same_config_and_seed_with_mid_epoch_validation_give_a_bitwise_identical
     reported."""
     _, summary, model = reference
     _, evaluated = run(tmp_path, "evaluated", "batch.micro_batch_size=8", "run.checkpoint_every_samples=320",
-                       "train.eval_every_samples=400", "data.cache_mb=0")
+                       "train.eval_every_samples=400", "data.cache_mb=0", AVERAGED)
     assert all(torch.equal(model[k], evaluated[k]) for k in model)  # validation touches no training state
     records = trainer.read_metrics(tmp_path / "evaluated")
     mid = [r for r in records if r.get("evaluation") and not r.get("epoch_end")]
@@ -124,7 +145,7 @@ def test_same_config_and_seed_with_mid_epoch_validation_give_a_bitwise_identical
 
 def test_two_workers_micro_batch_size_does_not_change_the_model(reference, tmp_path):
     _, _, micro8 = reference
-    _, micro32 = run(tmp_path, "micro32", "batch.micro_batch_size=32")  # no accumulation at 2 workers
+    _, micro32 = run(tmp_path, "micro32", "batch.micro_batch_size=32", AVERAGED)  # no accumulation at 2 workers
     for key in micro8:
         assert torch.allclose(micro8[key], micro32[key], rtol=1e-4, atol=1e-5), key
     assert any(not torch.equal(micro8[k], micro32[k]) for k in micro8)  # different sums, same maths
@@ -164,7 +185,7 @@ def _train_until_first_checkpoint(tmp_path, name: str, *overrides: str):
     def train() -> None:
         try:
             outcome["result"] = run(tmp_path, name, "batch.micro_batch_size=8", "run.checkpoint_every_samples=320",
-                                    "model.name=slow_model:make", *overrides)
+                                    "model.name=slow_model:make", AVERAGED, *overrides)
         except BaseException as exc:  # noqa: BLE001 - the test reports it
             outcome["error"] = exc
 
@@ -195,7 +216,7 @@ def test_killed_driver_rerun_resumes_from_storage_path_and_matches_bitwise(refer
                "--set", f"run.output_dir={tmp_path}", "--set", "run.name=driver", "--set", "train.epochs=2",
                "--set", "batch.global_batch_size=64", "--set", "batch.micro_batch_size=8",
                "--set", "run.checkpoint_every_samples=320", "--set", "model.name=slow_model:make",
-               "--set", f"run.storage_path={store}", "--set", "train.log_every_samples=128"]
+               "--set", f"run.storage_path={store}", "--set", "train.log_every_samples=128", "--set", AVERAGED]
     log = open(tmp_path / "first.log", "w")
     driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 300

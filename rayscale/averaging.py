@@ -1,0 +1,53 @@
+"""An exponential moving average of the weights, with its horizon in samples. No Ray in here.
+
+Why it is here: at a high learning rate the weights bounce around the valley they are in, so a validation
+loss taken mid-training measures that bounce as much as the valley. The average sits near the valley floor,
+where the decayed lr would take the weights later (the reason SWA and LAWA work), so mid-training losses
+rank runs by where they are heading. Tune's early stopping judges trials on exactly those mid-training
+losses: benchmarks/tune_asha_vs_grid.py shows ASHA cutting the eventual winner on its raw loss and keeping
+it on the average's.
+
+The half-life is in samples, like every schedule here, so it means the same stretch of data at every batch
+size: a step of B samples moves the average by 1 - 0.5 ** (B / half_life). Buffers (BatchNorm statistics)
+are copied, not averaged: they are running averages already, and integer counters cannot be.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from rayscale.checkpoint import unwrap
+
+
+class WeightAverage:
+    """`module` is the averaged copy: evaluate it, save its `state_dict()`."""
+
+    def __init__(self, model: torch.nn.Module, half_life_samples: int):
+        if half_life_samples <= 0:
+            raise ValueError(f"half_life_samples must be positive, got {half_life_samples}")
+        self.half_life_samples = half_life_samples
+        self.module = copy.deepcopy(unwrap(model)).eval()
+        self.module.requires_grad_(False)
+
+    def decay(self, samples: int) -> float:
+        """Weight of the old average after a step of `samples` samples."""
+        return 0.5 ** (samples / self.half_life_samples)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, samples: int) -> None:
+        """Fold in the weights after an optimizer step that trained `samples` samples."""
+        source = unwrap(model)
+        averaged = list(self.module.parameters())
+        current = [p.detach() for p in source.parameters()]
+        if averaged:
+            torch._foreach_lerp_(averaged, current, 1.0 - self.decay(samples))
+        for mine, theirs in zip(self.module.buffers(), source.buffers(), strict=True):
+            mine.copy_(theirs)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)
+

@@ -1,0 +1,91 @@
+"""The weight average (train.ema_half_life_samples): its arithmetic, its horizon in samples, its checkpoint."""
+
+import pytest
+import torch
+
+from rayscale import checkpoint
+from rayscale.averaging import WeightAverage
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
+
+
+def _set_weights(model: torch.nn.Module, value: float) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(value)
+
+
+def test_updates_follow_the_exponential_average_with_the_step_size_in_samples():
+    model = _model()
+    average = WeightAverage(model, half_life_samples=100)
+    expected = [p.detach().double().clone() for p in model.parameters()]
+    generator = torch.Generator().manual_seed(1)
+    for samples in (64, 64, 64, 17):  # a short last step moves the average less
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=generator))
+        average.update(model, samples)
+        keep = 0.5 ** (samples / 100)
+        expected = [keep * e + (1 - keep) * p.detach().double() for e, p in zip(expected, model.parameters())]
+    for got, want in zip(average.module.parameters(), expected):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(got, now) for got, now in zip(average.module.parameters(), model.parameters()))
+
+
+def test_half_life_is_in_samples_whatever_the_batch_size():
+    """From weights 0 to weights held at 1: after half_life samples the average is 0.5, taken in one step of
+    128 samples, two of 64 or sixteen of 8."""
+    for step_samples in (128, 64, 8):
+        model = _model()
+        _set_weights(model, 0.0)
+        average = WeightAverage(model, half_life_samples=128)
+        _set_weights(model, 1.0)
+        for _ in range(128 // step_samples):
+            average.update(model, step_samples)
+        for p in average.module.parameters():
+            torch.testing.assert_close(p, torch.full_like(p, 0.5))
+
+
+def test_buffers_are_copied_and_the_average_never_trains():
+    model = _model()
+    average = WeightAverage(model, half_life_samples=50)
+    model.train()
+    model(torch.randn(8, 4))  # BatchNorm updates its running statistics and counter
+    average.update(model, 8)
+    for mine, theirs in zip(average.module.buffers(), model.buffers()):
+        assert torch.equal(mine, theirs)
+    assert int(average.module[1].num_batches_tracked) == 1
+    assert not any(p.requires_grad for p in average.module.parameters())
+    assert all(p.requires_grad for p in model.parameters())  # the copy, not the model, was frozen
+
+
+def test_half_life_must_be_positive():
+    with pytest.raises(ValueError, match="half_life_samples"):
+        WeightAverage(_model(), half_life_samples=0)
+
+
+def test_checkpoint_carries_the_average_and_restores_it():
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    average = WeightAverage(model, half_life_samples=10)
+    _set_weights(model, 3.0)
+    average.update(model, 10)
+    state = checkpoint.capture(model, optimizer, None, {"samples_seen": 10}, average)
+
+    fresh_model = _model()
+    fresh_average = WeightAverage(fresh_model, half_life_samples=10)
+    checkpoint.restore(state, fresh_model, torch.optim.SGD(fresh_model.parameters(), lr=0.1), None, fresh_average)
+    for a, b in zip(fresh_average.module.state_dict().values(), average.module.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not all(torch.equal(a, b) for a, b in zip(fresh_average.module.parameters(), fresh_model.parameters()))
+
+    # A checkpoint written with the average off: turning it on at resume starts it from the restored weights.
+    state_without = checkpoint.capture(model, optimizer, None, {"samples_seen": 10})
+    assert state_without["average"] is None
+    later = WeightAverage(_model(), half_life_samples=10)
+    checkpoint.restore(state_without, _model(), torch.optim.SGD(_model().parameters(), lr=0.1), None, later)
+    for a, b in zip(later.module.parameters(), model.parameters()):
+        assert torch.equal(a, b)
