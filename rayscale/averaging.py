@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 
 import torch
+
 from rayscale.checkpoint import unwrap
 
 

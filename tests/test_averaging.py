@@ -29,10 +29,12 @@ def test_updates_follow_the_exponential_average_with_the_step_size_in_samples():
                 p.add_(torch.randn(p.shape, generator=generator))
         average.update(model, samples)
         keep = 0.5 ** (samples / 100)
-        expected = [keep * e + (1 - keep) * p.detach().double() for e, p in zip(expected, model.parameters())]
-    for got, want in zip(average.module.parameters(), expected):
+        expected = [keep * e + (1 - keep) * p.detach().double()
+                    for e, p in zip(expected, model.parameters(), strict=True)]
+    for got, want in zip(average.module.parameters(), expected, strict=True):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
-    assert any(not torch.allclose(got, now) for got, now in zip(average.module.parameters(), model.parameters()))
+    assert any(not torch.allclose(got, now)
+               for got, now in zip(average.module.parameters(), model.parameters(), strict=True))
 
 
 def test_half_life_is_in_samples_whatever_the_batch_size():
@@ -55,7 +57,7 @@ def test_buffers_are_copied_and_the_average_never_trains():
     model.train()
     model(torch.randn(8, 4))  # BatchNorm updates its running statistics and counter
     average.update(model, 8)
-    for mine, theirs in zip(average.module.buffers(), model.buffers()):
+    for mine, theirs in zip(average.module.buffers(), model.buffers(), strict=True):
         assert torch.equal(mine, theirs)
     assert int(average.module[1].num_batches_tracked) == 1
     assert not any(p.requires_grad for p in average.module.parameters())
@@ -78,14 +80,15 @@ def test_checkpoint_carries_the_average_and_restores_it():
     fresh_model = _model()
     fresh_average = WeightAverage(fresh_model, half_life_samples=10)
     checkpoint.restore(state, fresh_model, torch.optim.SGD(fresh_model.parameters(), lr=0.1), None, fresh_average)
-    for a, b in zip(fresh_average.module.state_dict().values(), average.module.state_dict().values()):
+    for a, b in zip(fresh_average.module.state_dict().values(), average.module.state_dict().values(), strict=True):
         assert torch.equal(a, b)
-    assert not all(torch.equal(a, b) for a, b in zip(fresh_average.module.parameters(), fresh_model.parameters()))
+    assert not all(torch.equal(a, b)
+                   for a, b in zip(fresh_average.module.parameters(), fresh_model.parameters(), strict=True))
 
     # A checkpoint written with the average off: turning it on at resume starts it from the restored weights.
     state_without = checkpoint.capture(model, optimizer, None, {"samples_seen": 10})
     assert state_without["average"] is None
     later = WeightAverage(_model(), half_life_samples=10)
     checkpoint.restore(state_without, _model(), torch.optim.SGD(_model().parameters(), lr=0.1), None, later)
-    for a, b in zip(later.module.parameters(), model.parameters()):
+    for a, b in zip(later.module.parameters(), model.parameters(), strict=True):
         assert torch.equal(a, b)
