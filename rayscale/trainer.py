@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -389,6 +390,8 @@ def write_outputs(prepared: PreparedRun, result, started: float, first_step_at: 
         "restarts": max(progress.get("resumes", 0), _lines(run_dir / GROUPS_FILE) - 1),
         "nonfinite_skipped": progress.get("nonfinite_skipped", 0),
         "precision": cfg.train.precision,
+        # The driver only plans and collects: this stays flat however many rows stream past it.
+        "driver_peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_curves(records, run_dir / "curves.png", title=cfg.run.name)

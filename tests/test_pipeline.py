@@ -85,8 +85,10 @@ def test_local_mode_trains_and_writes_outputs(ray_session, tmp_path):
     assert summary["samples_seen"] == 2 * summary["train_rows"]
     assert summary["rows_left_out"] == 0
     for key in ("step", "epoch", "samples_seen", "train_loss", "lr", "grad_norm", "samples_per_sec",
-                "data_wait_fraction", "peak_memory_mb"):
+                "data_wait_fraction", "peak_memory_mb", "memory_mb"):
         assert key in records[0], key
+    assert 0 < records[-1]["memory_mb"] <= records[-1]["peak_memory_mb"]
+    assert 0 < summary["driver_peak_memory_mb"]
     assert records[-1]["val_accuracy"] > 0.5
 
 

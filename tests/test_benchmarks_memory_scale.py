@@ -1,0 +1,55 @@
+"""The memory and scale benchmarks: their arithmetic, and a smoke run of both (a file of its own, so that pytest-xdist
+can run it beside tests/test_benchmarks.py's smoke run)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.memory import activation_mb
+from benchmarks.scale import parameters, steady_samples_per_sec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_parameter_count_matches_the_built_mlp():
+    from rayscale.models import MLP
+
+    for hidden in ([8], [64, 32], [256, 256]):
+        model = MLP(in_features=32, num_outputs=10, hidden_sizes=tuple(hidden))
+        assert parameters(32, hidden) == sum(p.numel() for p in model.parameters())
+
+
+def test_steady_rate_leaves_out_the_first_interval_and_evaluations():
+    records = [{"samples_seen": 1000, "time": 10.0},  # start-up is in here: left out
+               {"samples_seen": 2000, "time": 11.0},
+               {"samples_seen": 2000, "time": 13.0, "evaluation": True},
+               {"samples_seen": 4000, "time": 12.0}]
+    assert steady_samples_per_sec(records) == pytest.approx(3000 / 2.0)
+    assert steady_samples_per_sec(records[:1]) is None
+
+
+def test_activation_estimate_scales_with_the_micro_batch():
+    assert activation_mb(256, [1024, 1024]) == pytest.approx(256 * 2048 * 2 * 4 / 2**20)
+    assert activation_mb(512, [1024]) == pytest.approx(2 * activation_mb(256, [1024]))
+
+
+@pytest.mark.slow
+def test_memory_and_scale_benchmarks_run_at_tiny_sizes(tmp_path):
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--only", "memory,scale",
+                           "--output-dir", str(tmp_path / "work"), "--results-dir", str(tmp_path / "results")],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    memory = json.loads((tmp_path / "results" / "memory.smoke.json").read_text())
+    assert [p["micro_batch_size"] for p in memory["micro_sweep"]] == [64, 16]
+    assert all(p["peak_memory_mb"] > 0 for p in memory["micro_sweep"])
+    assert [e["epoch"] for e in memory["epochs"]] == [1, 2, 3] and all(e["memory_mb"] > 0 for e in memory["epochs"])
+    scale = json.loads((tmp_path / "results" / "scale.smoke.json").read_text())
+    assert [p["rows"] for p in scale["dataset_sizes"]] == [1000, 4000]
+    assert all(p["driver_peak_memory_mb"] > 0 and p["samples_per_sec"] > 0 for p in scale["dataset_sizes"])
+    assert scale["tune"]["one_at_a_time"]["trials"] == 1
+    assert "| memory |" in (tmp_path / "results" / "summary.smoke.md").read_text()
