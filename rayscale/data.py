@@ -271,6 +271,10 @@ def collate(rows: dict[str, np.ndarray], device: torch.device) -> dict[str, torc
     else:
         batch["x"] = torch.from_numpy(np.ascontiguousarray(x))
         batch["y"] = torch.from_numpy(np.ascontiguousarray(y))
+        if y.ndim == 2 and np.issubdtype(y.dtype, np.integer):
+            # Token sequences that all have the same length arrive from Arrow as a 2-D array, not as objects:
+            # every position is a real token.
+            batch["mask"] = torch.ones(y.shape, dtype=torch.bool)
     if "weight" in rows:
         batch["weight"] = torch.from_numpy(np.ascontiguousarray(rows["weight"], dtype=np.float32))
     non_blocking = device.type == "cuda"

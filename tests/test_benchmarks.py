@@ -36,7 +36,7 @@ def test_a_resumed_stream_that_drifts_is_counted_both_ways():
 @pytest.mark.slow
 def test_the_benchmark_suite_runs_at_tiny_sizes(tmp_path):
     """`python -m benchmarks --smoke`: each benchmark runs and writes its result; the figures mean nothing.
-    (Memory and scale: tests/test_benchmarks_memory_scale.py, a file of its own so it can run beside this.)"""
+    (Memory and scale: tests/test_benchmarks_memory_scale_gpu.py, a file of its own so it can run beside this.)"""
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     done = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--output-dir", str(tmp_path / "work"),
                            "--results-dir", str(tmp_path / "results"),

@@ -347,6 +347,18 @@ def test_collate_pads_sequences_to_the_longest_with_a_mask():
     assert batch["weight"].tolist() == [1.0, 0.0, 0.5]
 
 
+def test_collate_masks_equal_length_sequences_that_arrive_as_a_2d_array():
+    """Arrow hands a block whose sequences all have one length over as a 2-D int array, not objects: the
+    engine's token counts still need the mask (a KeyError before this was handled)."""
+    tokens = np.arange(12, dtype=np.int64).reshape(3, 4)
+    batch = collate({"row_id": np.arange(3), "x": tokens, "y": tokens + 1}, CPU)
+    assert batch["mask"].dtype == torch.bool and batch["mask"].shape == (3, 4) and bool(batch["mask"].all())
+    assert torch.equal(batch["y"], torch.from_numpy(tokens + 1))
+    from rayscale import tasks
+
+    assert float(tasks.count("token_classification", batch)) == 12
+
+
 def test_collate_pads_per_micro_batch_not_per_dataset():
     columns = sequence_rows(40, max_length=64, seed=4)
     lengths = np.array([len(seq) for seq in columns["x"]])

@@ -166,6 +166,15 @@ def test_build_optimizer_returns_named_class_with_initial_lr(name, expected_cls)
     assert [group["weight_decay"] for group in optimizer.param_groups] == [0.01, 0.0]
 
 
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_fused_kernels_only_for_cuda_parameters(name):
+    cpu = build_optimizer(OptimConfig(name=name), torch.nn.Linear(3, 2), lr=0.1)
+    assert not cpu.defaults.get("fused")
+    if torch.cuda.is_available():  # checked where a GPU is lent; the CPU half above runs everywhere
+        gpu = build_optimizer(OptimConfig(name=name), torch.nn.Linear(3, 2).cuda(), lr=0.1)
+        assert gpu.defaults["fused"] is True
+
+
 def test_build_optimizer_passes_hyperparameters_through():
     lars = build_optimizer(OptimConfig(name="lars", momentum=0.8, trust_coefficient=0.02), small_model(), 1.0)
     assert (lars.defaults["momentum"], lars.defaults["trust_coefficient"]) == (0.8, 0.02)

@@ -1,4 +1,4 @@
-"""The memory and scale benchmarks: their arithmetic, and a smoke run of both (a file of its own, so that pytest-xdist
+"""The memory, scale and GPU benchmarks: their arithmetic, and smoke runs (a file of its own, so that pytest-xdist
 can run it beside tests/test_benchmarks.py's smoke run)."""
 
 import json
@@ -53,3 +53,23 @@ def test_memory_and_scale_benchmarks_run_at_tiny_sizes(tmp_path):
     assert all(p["driver_peak_memory_mb"] > 0 and p["samples_per_sec"] > 0 for p in scale["dataset_sizes"])
     assert scale["tune"]["one_at_a_time"]["trials"] == 1
     assert "| memory |" in (tmp_path / "results" / "summary.smoke.md").read_text()
+
+
+@pytest.mark.slow
+def test_gpu_mfu_script_runs_at_tiny_sizes_and_refuses_a_full_run_without_a_gpu(tmp_path):
+    """The GPU benchmark's whole path (Parquet sequences, the GPT factory in a Ray worker, bf16, the raw loop,
+    FLOP counting) at tiny sizes; on the CPU when no GPU is here."""
+    import torch
+
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_mfu", "--smoke", "--output-dir", str(tmp_path),
+                           "--results-dir", str(tmp_path / "results")], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "results" / "gpu_mfu.smoke.json").read_text())
+    assert result["flops_per_token"] > 0
+    assert result["raw"]["tokens_per_sec"] > 0 and result["rayscale"]["tokens_per_sec"] > 0
+    if not torch.cuda.is_available():
+        refused = subprocess.run([sys.executable, "-m", "benchmarks.gpu_mfu"], env=env, cwd=REPO,
+                                 capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and "no CUDA GPU" in refused.stderr
