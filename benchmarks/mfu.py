@@ -3,7 +3,7 @@
 One process, 1 thread (what a 1-CPU Ray worker gets): the peak is the best of several large fp32 matmuls; the
 step is the engine's `train_step` on the throughput benchmark's MLP, its FLOPs counted by PyTorch's
 FlopCounterMode (forward and backward). On a GPU machine the same question is asked by a bf16 GPT-style model
-(issue 7, item 4); that script is not written yet.
+(issue 7, item 4): benchmarks/gpu_mfu.py.
 """
 
 from __future__ import annotations
