@@ -137,6 +137,9 @@ def quiet_ray_data() -> None:
 
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    # Blocks in chunk order, always. Train passes DataConfig's execution options to its workers' shards, but a
+    # local-mode run (the loop in the driver) gets none: without this, two identical local runs differed.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
 
 
 def train_worker(payload: dict) -> None:
