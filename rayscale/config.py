@@ -111,6 +111,8 @@ class TrainConfig:
                                   unit="samples", minimum=0)
     report_every_seconds: float = key(10.0, "ray.train.report at most this often (plus epoch ends)",
                                       unit="seconds", minimum=0.0)
+    noise_scale: bool = key(True, "measure the gradient noise scale, the critical batch size and this batch's "
+                                  "statistical efficiency (needs 2+ workers or 2+ micro-batches; not with fp16)")
     ema_half_life_samples: int | None = key(
         None, "validate and export an exponential moving average of the weights with this half-life (null: "
               "off); steadier mid-training val_loss for Tune's early stopping", unit="samples", minimum=1)

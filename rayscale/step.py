@@ -54,6 +54,38 @@ class StepResult:
     global_count: torch.Tensor  # all workers' real samples or tokens: the loss normaliser
     grad_norm: torch.Tensor  # global L2 norm before clipping
     skipped: bool  # no update was applied (non-finite gradients or an fp16 overflow)
+    # The noise scale's small batch (see noise_scale.py), when measured: the squared norm of the mean gradient
+    # over `small_count` samples, and the count.
+    small_sq: torch.Tensor | None = None
+    small_count: torch.Tensor | None = None
+
+
+class LocalGradientNorm:
+    """A DDP communication hook that notes the squared norm of this rank's gradient before the all-reduce (the
+    noise scale's small batch), then all-reduces as DDP's default does. Costs one pass over the buckets."""
+
+    def __init__(self) -> None:
+        self.squared: torch.Tensor | None = None
+
+    def install(self, model: DistributedDataParallel) -> None:
+        model.register_comm_hook(self, LocalGradientNorm._hook)
+
+    @staticmethod
+    def _hook(state, bucket):  # unannotated: DDP rejects the string annotations of `from __future__`
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        squared = bucket.buffer().detach().double().pow(2).sum()
+        state.squared = squared if state.squared is None else state.squared + squared
+        return allreduce_hook(None, bucket)
+
+    def take(self) -> torch.Tensor | None:
+        squared, self.squared = self.squared, None
+        return squared
+
+
+def _squared_norm(parameters: list[torch.Tensor]) -> torch.Tensor:
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return torch.stack([norm.double() for norm in torch._foreach_norm(grads)]).pow(2).sum()
 
 
 @dataclass
@@ -96,11 +128,15 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]],
                optimizer: torch.optim.Optimizer, *, task: str, lr: float, precision: Precision,
-               grad_clip: float | None = None, global_count: float | None = None) -> StepResult:
+               grad_clip: float | None = None, global_count: float | None = None,
+               local_norm: LocalGradientNorm | None = None, measure_noise: bool = False) -> StepResult:
     """Accumulate gradients over `micro_batches` and apply one optimizer step at `lr`.
 
     Every worker must call this the same number of times, each with at least one micro-batch (a rank with
     no real rows passes a zero-weight one), because the last backward is a collective under DDP.
+
+    `measure_noise`: also return the noise scale's small batch: this rank's share of the step, from
+    `local_norm` (installed on the DDP model), or with one worker and several micro-batches, the first one.
     """
     if not micro_batches:
         raise ValueError("train_step needs at least one micro-batch (use a zero-weight one on empty ranks)")
@@ -119,6 +155,8 @@ def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tenso
 
     loss_sum = torch.zeros((), dtype=torch.float64, device=local_count.device)
     last = len(micro_batches) - 1
+    small_sq = small_count = None
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
     for index, micro_batch in enumerate(micro_batches):
         # The forward must sit inside no_sync too: DDP prepares its all-reduce hooks during forward.
         sync = index == last or not isinstance(model, DistributedDataParallel)
@@ -131,10 +169,18 @@ def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tenso
                 scaled = precision.scaler.scale(scaled)
             scaled.backward()
         loss_sum += micro_loss.detach().to(torch.float64)
+        if measure_noise and world_size == 1 and index == 0 and last > 0:
+            small_count = tasks.count(task, micro_batch).detach().to(torch.float64)
+            small_sq = _squared_norm(parameters)
+    if measure_noise and world_size > 1 and local_norm is not None:
+        small_count, small_sq = local_count.detach().to(torch.float64), local_norm.take()
+    if small_sq is not None:
+        # The gradients hold sum / global_count x world_size: back to this batch's mean gradient.
+        small_sq = small_sq * (global_count / (world_size * small_count.clamp_min(1e-12))) ** 2
 
     if precision.scaler is not None:
         precision.scaler.unscale_(optimizer)
-    parameters = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    parameters = [p for p in parameters if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm=grad_clip or float("inf"))
     # One host sync per optimizer step (never per micro-batch). The norm is taken after the all-reduce,
     # so every rank reaches the same decision and optimizer states never diverge.
@@ -147,4 +193,5 @@ def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tenso
         optimizer.step()
     if not finite:
         optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_sum, local_count.detach(), global_count, grad_norm.detach(), skipped=not finite)
+    return StepResult(loss_sum, local_count.detach(), global_count, grad_norm.detach(), skipped=not finite,
+                      small_sq=small_sq, small_count=small_count)

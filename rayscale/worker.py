@@ -12,7 +12,9 @@ import json
 import resource
 import shutil
 import tempfile
+import threading
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,9 +28,10 @@ from rayscale.averaging import WeightAverage
 from rayscale.batching import plan_batches
 from rayscale.data import SplitCache, StepAssembler, chunk_order, micro_batches
 from rayscale.models import build_model
+from rayscale.noise_scale import NoiseScale, efficiency
 from rayscale.optimizers import build_optimizer
 from rayscale.schedules import scaled_lr, schedule_from_config
-from rayscale.step import NonFiniteGuard, make_precision, train_step
+from rayscale.step import LocalGradientNorm, NonFiniteGuard, make_precision, train_step
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -40,6 +43,7 @@ class Interval:
     loss_sum: torch.Tensor
     count: torch.Tensor
     grad_norm_sum: torch.Tensor
+    noise: torch.Tensor  # sums of the per-step |G|^2 and tr(S) estimates, and how many steps gave one
     steps: int = 0
     samples: int = 0
     data_wait: float = 0.0
@@ -48,7 +52,7 @@ class Interval:
     @classmethod
     def fresh(cls, device: torch.device) -> Interval:
         zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
-        return cls(zero(), zero(), zero())
+        return cls(zero(), zero(), zero(), torch.zeros(3, dtype=torch.float64, device=device))
 
 
 def _all_reduce(values: list[float] | torch.Tensor, device: torch.device, op=None) -> torch.Tensor:
@@ -156,6 +160,39 @@ def train_worker(payload: dict) -> None:
     local_mode = payload["local_mode"]
 
     plan = plan_batches(cfg.batch.global_batch_size, cfg.batch.micro_batch_size, world_size)
+    train_rows, epochs = payload["train_rows"], cfg.train.epochs
+    metrics_path = run_dir / METRICS_FILE
+    run_dir.mkdir(parents=True, exist_ok=True)  # rank 0 may run on a node where the driver created nothing
+    restored = ray.train.get_checkpoint()
+    state = own_rng = None
+    if restored is not None:
+        with restored.as_directory() as directory:
+            checkpoint.verify(directory)
+            state = checkpoint.load(Path(directory) / checkpoint.STATE_FILE)
+            if rank == 0:
+                _restore_metrics(metrics_path, Path(directory) / METRICS_FILE, state["progress"]["samples_seen"])
+            if (Path(directory) / f"rng_rank{rank}.pt").exists():  # each rank continues its own dropout stream
+                own_rng = checkpoint.load(Path(directory) / f"rng_rank{rank}.pt")
+
+    limit = payload.get("cache_mb", 0) * 2**20
+    train_cache = SplitCache(payload["train_cache"], limit) if payload.get("train_cache") else None
+    val_cache = SplitCache(payload["val_cache"], limit) if payload.get("val_cache") else None
+
+    def rows_of(name: str, cache: SplitCache | None, order_epoch: int | None, shuffle: str, prefetch: int):
+        """An epoch's numpy blocks: replayed from the worker's cache once it holds the split, else streamed
+        from Ray Data (and kept on the way when it may be cached)."""
+        if cache is not None and cache.ready:
+            return cache.replay(chunk_order(len(cache.starts), shuffle, cfg.seed, order_epoch))
+        stream = ray.train.get_dataset_shard(name).iter_batches(batch_size=None, batch_format="numpy",
+                                                                prefetch_batches=prefetch)
+        return cache.record(stream) if cache is not None else stream
+
+    # Ray Data's first blocks take seconds (read tasks start in new processes) and so does building DDP (its
+    # constructor imports torch._dynamo, ~1.8 s): the first epoch starts streaming while the model is built.
+    first_epoch = state["progress"]["epoch"] if state is not None else 0
+    first_stream = started_early(rows_of(f"train_{first_epoch}", train_cache, first_epoch, cfg.data.shuffle, 4)) \
+        if first_epoch < epochs else None
+
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     np.random.seed(cfg.seed)
     model = _prepare_model(build_model(cfg.model, spec), device, world_size)
@@ -164,7 +201,15 @@ def train_worker(payload: dict) -> None:
     half_life = cfg.train.ema_half_life_samples
     average = WeightAverage(model, half_life) if half_life else None
     precision = make_precision(cfg.train.precision, device)
-    train_rows, epochs = payload["train_rows"], cfg.train.epochs
+    # The noise scale needs two batch sizes in one step: a worker's share and the whole step (2+ workers), or
+    # the first micro-batch and the step (1 worker). fp16 leaves it out: its gradients carry the loss scale.
+    measure_noise = cfg.train.noise_scale and precision.scaler is None and (
+        world_size > 1 or plan.accumulation_steps > 1)
+    local_norm = LocalGradientNorm() if measure_noise and world_size > 1 else None
+    if local_norm is not None:
+        local_norm.install(model)
+    noise = NoiseScale()
+    base_batch = cfg.optim.base_batch_size or plan.micro_batch_size
     lr_multiplier = schedule_from_config(cfg.schedule, total_samples=epochs * train_rows)
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
     # Unweighted per-row losses: a step's loss normaliser is its row count, known on every rank without the
@@ -173,19 +218,12 @@ def train_worker(payload: dict) -> None:
 
     progress = {"epoch": 0, "step_in_epoch": 0, "samples_seen": 0, "step": 0, "nonfinite_skipped": 0,
                 "resumes": 0, "val_loss": None, "val_accuracy": None}
-    metrics_path = run_dir / METRICS_FILE
-    run_dir.mkdir(parents=True, exist_ok=True)  # rank 0 may run on a node where the driver created nothing
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as directory:
-            checkpoint.verify(directory)
-            state = checkpoint.load(Path(directory) / checkpoint.STATE_FILE)
-            if rank == 0:
-                _restore_metrics(metrics_path, Path(directory) / METRICS_FILE, state["progress"]["samples_seen"])
-            progress = checkpoint.restore(state, model, optimizer, precision.scaler, average)
-            own_rng = Path(directory) / f"rng_rank{rank}.pt"
-            if own_rng.exists():  # each rank continues its own dropout stream
-                checkpoint.set_rng_states(checkpoint.load(own_rng))
+    if state is not None:
+        progress = checkpoint.restore(state, model, optimizer, precision.scaler, average)
+        if progress.get("noise_scale"):
+            noise.load_state_dict(progress["noise_scale"])
+        if own_rng is not None:
+            checkpoint.set_rng_states(own_rng)
         progress["resumes"] += 1
         guard.skipped_total = progress["nonfinite_skipped"]
     if rank == 0:
@@ -210,6 +248,7 @@ def train_worker(payload: dict) -> None:
         staging = Path(tempfile.mkdtemp(prefix="checkpoint-", dir=run_dir / "checkpoints" if local_mode
                                         else staging_root))
         progress["nonfinite_skipped"] = guard.skipped_total
+        progress["noise_scale"] = noise.state_dict()
         if rank == 0:
             checkpoint.save_atomic(checkpoint.capture(model, optimizer, precision.scaler, progress, average),
                                    staging / checkpoint.STATE_FILE)
@@ -235,8 +274,12 @@ def train_worker(payload: dict) -> None:
         nonlocal interval, last_report
         elapsed = time.perf_counter() - interval.started
         want_report = float(rank == 0 and time.perf_counter() - last_report >= cfg.train.report_every_seconds)
-        loss_sum, count, wants = _all_reduce([interval.loss_sum.item(), interval.count.item(), want_report],
-                                             device).tolist()
+        loss_sum, count, wants, true_sq, trace, estimates = _all_reduce(
+            [interval.loss_sum.item(), interval.count.item(), want_report, *interval.noise.tolist()],
+            device).tolist()
+        if estimates:  # every rank updates its own copy with the same all-reduced means: all stay equal
+            noise.update(true_sq / estimates, trace / estimates)
+        noise_scale = noise.value
         peak, now = _all_reduce([peak_memory_mb(device), memory_mb(device)], device,
                                 op=dist.ReduceOp.MAX if dist.is_initialized() else None).tolist()
         record = {
@@ -246,6 +289,11 @@ def train_worker(payload: dict) -> None:
             "grad_norm": interval.grad_norm_sum.item() / max(interval.steps, 1),
             "samples_per_sec": interval.samples / elapsed if elapsed > 0 else None,
             "data_wait_fraction": interval.data_wait / elapsed if elapsed > 0 else None,
+            "gradient_noise_scale": noise_scale,
+            "critical_batch_size": round(noise_scale) if noise_scale is not None else None,
+            # Sequences count tokens, so their noise scale is in tokens; efficiency is given for rows only.
+            "batch_efficiency": efficiency(noise_scale, plan.global_batch_size, base_batch)
+            if noise_scale is not None and spec.task != "token_classification" else None,
             "peak_memory_mb": peak, "memory_mb": now, "nonfinite_skipped": guard.skipped_total, "time": time.time() - started,
             "started_at": started,
             **(extra or {}),
@@ -254,19 +302,6 @@ def train_worker(payload: dict) -> None:
         interval = Interval.fresh(device)
         record["_report"] = wants > 0
         return record
-
-    limit = payload.get("cache_mb", 0) * 2**20
-    train_cache = SplitCache(payload["train_cache"], limit) if payload.get("train_cache") else None
-    val_cache = SplitCache(payload["val_cache"], limit) if payload.get("val_cache") else None
-
-    def rows_of(name: str, cache: SplitCache | None, order_epoch: int | None, shuffle: str, prefetch: int):
-        """An epoch's numpy blocks: replayed from the worker's cache once it holds the split, else streamed
-        from Ray Data (and kept on the way when it may be cached)."""
-        if cache is not None and cache.ready:
-            return cache.replay(chunk_order(len(cache.starts), shuffle, cfg.seed, order_epoch))
-        stream = ray.train.get_dataset_shard(name).iter_batches(batch_size=None, batch_format="numpy",
-                                                                prefetch_batches=prefetch)
-        return cache.record(stream) if cache is not None else stream
 
     def validate() -> dict[str, float]:
         """Validation metrics; its time is left out of the interval's samples/s and data-wait fraction."""
@@ -282,7 +317,9 @@ def train_worker(payload: dict) -> None:
         assembler = StepAssembler(plan, rank, seed=cfg.seed, epoch=epoch, shuffle=cfg.data.shuffle,
                                   window_rows=cfg.data.shuffle_buffer_rows,
                                   bucket_by_length=cfg.data.bucket_by_length, stratified=cfg.data.stratified)
-        stream = iter(assembler.steps(rows_of(f"train_{epoch}", train_cache, epoch, cfg.data.shuffle, 4)))
+        blocks = first_stream if epoch == first_epoch else rows_of(f"train_{epoch}", train_cache, epoch,
+                                                                   cfg.data.shuffle, 4)
+        stream = iter(assembler.steps(blocks))
         model.train()
         waited_from = time.perf_counter()
         for step_in_epoch, step_rows in enumerate(stream):
@@ -295,7 +332,8 @@ def train_worker(payload: dict) -> None:
             result = train_step(model, batch, optimizer, task=spec.task,
                                 lr=peak_lr * lr_multiplier(samples_after), precision=precision,
                                 grad_clip=cfg.train.grad_clip,
-                                global_count=step_rows.rows_in_step if rows_are_the_count else None)
+                                global_count=step_rows.rows_in_step if rows_are_the_count else None,
+                                local_norm=local_norm, measure_noise=measure_noise)
             overflow_only = result.skipped and precision.scaler is not None and bool(
                 torch.isfinite(result.loss_sum))  # fp16 loss-scale overflow: the scaler handles it
             guard.observe(not result.skipped or overflow_only, progress["step"])
@@ -304,6 +342,9 @@ def train_worker(payload: dict) -> None:
             interval.loss_sum += result.loss_sum
             interval.count += result.local_count.double()
             interval.grad_norm_sum += torch.nan_to_num(result.grad_norm.double(), nan=0.0, posinf=0.0)
+            if result.small_sq is not None and not result.skipped:
+                interval.noise += step_noise_estimates(result.small_sq, result.small_count,
+                                                       result.grad_norm.double() ** 2, result.global_count)
             interval.steps += 1
             interval.samples += step_rows.rows_in_step
             progress.update(samples_seen=samples_after, step=progress["step"] + 1,
@@ -346,6 +387,45 @@ def train_worker(payload: dict) -> None:
                   flush=True)
         last_report = time.perf_counter()
         save_and_report({**record, "epoch": epoch + 1, "training_done": epoch + 1 == epochs})
+
+
+def step_noise_estimates(small_sq: torch.Tensor, small: torch.Tensor, big_sq: torch.Tensor,
+                         big: torch.Tensor) -> torch.Tensor:
+    """[|G|^2, tr(S), 1] from one step (noise_scale.two_batch_estimates on the device, no host sync), or zeros
+    when the small batch is empty or the whole step (a rank with no rows, a lone micro-batch)."""
+    valid = (small > 0) & (small < big)
+    small, big = small.clamp_min(1e-12), torch.maximum(big, small + 1)
+    true_sq = (big * big_sq - small * small_sq) / (big - small)
+    trace = (small_sq - big_sq) / (1.0 / small - 1.0 / big)
+    estimates = torch.stack([true_sq, trace, torch.ones_like(true_sq)])
+    return torch.where(valid, estimates, torch.zeros_like(estimates))
+
+
+def started_early(blocks: Iterable) -> Iterator:
+    """`blocks`, with the first one already being fetched by a thread: the fetch overlaps what the caller does
+    next, and the caller's first `next` waits for it (and raises what it raised)."""
+    source, box = iter(blocks), {}
+
+    def fetch() -> None:
+        try:
+            box["first"] = next(source)
+        except StopIteration:
+            pass
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = error
+
+    thread = threading.Thread(target=fetch, name="rayscale-first-block", daemon=True)
+    thread.start()
+
+    def rest() -> Iterator:
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        if "first" in box:
+            yield box["first"]
+            yield from source
+
+    return rest()
 
 
 def next_evaluation(samples_seen: int, every: int, at: list[int] | tuple[int, ...] = ()) -> int | None:

@@ -40,10 +40,10 @@ def test_the_benchmark_suite_runs_at_tiny_sizes(tmp_path):
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     done = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--output-dir", str(tmp_path / "work"),
                            "--results-dir", str(tmp_path / "results"),
-                           "--only", "throughput,ingest,accumulation,mfu"], env=env, cwd=REPO,
+                           "--only", "throughput,ingest,accumulation,noise_overhead,mfu"], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for name in ("throughput", "ingest", "accumulation", "mfu"):
+    for name in ("throughput", "ingest", "accumulation", "noise_overhead", "mfu"):
         result = json.loads((tmp_path / "results" / f"{name}.smoke.json").read_text())
         assert result["targets"] and result["machine"]["cpus"], name
     throughput = json.loads((tmp_path / "results" / "throughput.smoke.json").read_text())
@@ -53,4 +53,6 @@ def test_the_benchmark_suite_runs_at_tiny_sizes(tmp_path):
     accumulation = json.loads((tmp_path / "results" / "accumulation.smoke.json").read_text())
     assert accumulation["rayscale"]["allreduce_rounds_per_step"] == 1
     assert accumulation["naive"]["allreduce_rounds_per_step"] == 4
+    noise = json.loads((tmp_path / "results" / "noise_overhead.smoke.json").read_text())
+    assert noise["estimates_taken"] > 0 and noise["step_s"]["on"] > 0
     assert "| benchmark | measure |" in (tmp_path / "results" / "summary.smoke.md").read_text()

@@ -128,6 +128,11 @@ def test_two_workers_learn_and_count_every_row(reference):
     assert summary["batch_plan"]["accumulation_steps"] == 4
     assert summary["samples_seen"] == 2 * summary["train_rows"]  # the partial last step is trained too
     assert summary["final"]["val_accuracy"] > 0.8
+    # The noise scale's small batch is each worker's share (the DDP hook): measured from the first log line.
+    logged = [r for r in trainer.read_metrics(Path(summary["run_dir"])) if not r.get("evaluation")]
+    assert logged and all(r["gradient_noise_scale"] > 0 for r in logged)
+    assert all(r["critical_batch_size"] == round(r["gradient_noise_scale"]) for r in logged)
+    assert all(0 < r["batch_efficiency"] < 1 for r in logged)  # base batch: the micro-batch, 8 < 64
 
 
 def test_same_config_and_seed_with_mid_epoch_validation_give_a_bitwise_identical_model(reference, tmp_path):

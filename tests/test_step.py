@@ -285,3 +285,66 @@ def test_ddp_two_processes_match_one_process(tmp_path, rows_per_rank, micro, kno
         assert torch.allclose(a, b.detach(), rtol=1e-12, atol=1e-14)
     # One gradient all-reduce per optimizer step (the model fits one DDP bucket), none per micro-batch.
     assert got["hook_calls"] == 2
+
+
+# ------------------------------------------------------------------------------ the noise scale's small batch
+
+def _mean_gradient_squared_norm(x, y):
+    """|g|^2 of the mean loss over (x, y) at tiny_model's init: the quantity the step must report."""
+    model = tiny_model()
+    nn.functional.cross_entropy(model(x), y).backward()
+    return sum((p.grad ** 2).sum() for p in model.parameters()).item()
+
+
+def test_one_worker_reports_its_first_micro_batch_as_the_small_batch():
+    x, y = dataset(10)
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    result = train_step(model, split(x, y, [4, 4, 2]), optimizer, task="classification", lr=0.5, precision=FP32,
+                        measure_noise=True)
+    assert result.small_count.item() == 4
+    assert result.small_sq.item() == pytest.approx(_mean_gradient_squared_norm(x[:4], y[:4]), rel=1e-10)
+    assert result.grad_norm.item() ** 2 == pytest.approx(_mean_gradient_squared_norm(x, y), rel=1e-10)
+    # Off by default, and nothing to measure with a single micro-batch on one worker.
+    assert step_params(tiny_model(), split(x, y, [4, 6]))[1].small_sq is None
+    assert step_params(tiny_model(), split(x, y, [10]), measure_noise=True)[1].small_sq is None
+
+
+def _ddp_noise_worker(rank, world, port, rows_per_rank, result_dir):
+    from rayscale.step import LocalGradientNorm
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    x, y = dataset(sum(rows_per_rank))
+    start = sum(rows_per_rank[:rank])
+    mine_x, mine_y = x[start:start + rows_per_rank[rank]], y[start:start + rows_per_rank[rank]]
+    model = DistributedDataParallel(tiny_model())
+    local_norm = LocalGradientNorm()
+    local_norm.install(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    sizes = [2] * (len(mine_x) // 2) + [1] * (len(mine_x) % 2)  # micro-batches of 2 and a short last one
+    result = train_step(model, split(mine_x, mine_y, sizes), optimizer, task="classification", lr=0.5,
+                        precision=FP32, local_norm=local_norm, measure_noise=True)
+    torch.save({"small_sq": result.small_sq.item(), "small_count": result.small_count.item(),
+                "params": [p.detach() for p in model.module.parameters()]}, f"{result_dir}/rank{rank}.pt")
+    dist.barrier()
+    os._exit(0)  # see _ddp_worker
+
+
+def test_ddp_reports_each_ranks_share_as_the_small_batch_and_still_averages_exactly(tmp_path):
+    """The communication hook notes each rank's gradient before the all-reduce and then all-reduces as DDP
+    does: every rank's small batch is its own rows, and the update is the one-process update."""
+    rows_per_rank = [6, 3]
+    mp.spawn(_ddp_noise_worker, args=(2, _free_port(), rows_per_rank, str(tmp_path)), nprocs=2)
+    x, y = dataset(sum(rows_per_rank))
+    for rank, (start, rows) in enumerate([(0, 6), (6, 3)]):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["small_count"] == rows
+        assert got["small_sq"] == pytest.approx(_mean_gradient_squared_norm(x[start:start + rows],
+                                                                            y[start:start + rows]), rel=1e-10)
+    model = tiny_model()
+    train_step(model, [{"x": x, "y": y}], torch.optim.SGD(model.parameters(), lr=0.5), task="classification",
+               lr=0.5, precision=FP32)
+    for a, b in zip(torch.load(tmp_path / "rank0.pt")["params"], model.parameters(), strict=True):
+        assert torch.allclose(a, b.detach(), rtol=1e-12, atol=1e-14)
