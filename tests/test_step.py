@@ -232,13 +232,18 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, rows_per_rank, micro, result_path, known_count):
+def _join(rank, world, port, rows_per_rank):
+    """Join the gloo group; every row of the test data and this rank's consecutive share of them."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     x, y = dataset(sum(rows_per_rank))
     start = sum(rows_per_rank[:rank])
-    mine_x, mine_y = x[start:start + rows_per_rank[rank]], y[start:start + rows_per_rank[rank]]
+    return x, y, x[start:start + rows_per_rank[rank]], y[start:start + rows_per_rank[rank]]
+
+
+def _ddp_worker(rank, world, port, rows_per_rank, micro, result_path, known_count):
+    x, y, mine_x, mine_y = _join(rank, world, port, rows_per_rank)
     if len(mine_x) == 0:  # an empty rank still takes part with a zero-weight row
         mbs = [{"x": x[:1], "y": y[:1], "weight": torch.zeros(1, dtype=torch.float64)}]
     else:
@@ -313,12 +318,7 @@ def test_one_worker_reports_its_first_micro_batch_as_the_small_batch():
 def _ddp_noise_worker(rank, world, port, rows_per_rank, result_dir):
     from rayscale.step import LocalGradientNorm
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    x, y = dataset(sum(rows_per_rank))
-    start = sum(rows_per_rank[:rank])
-    mine_x, mine_y = x[start:start + rows_per_rank[rank]], y[start:start + rows_per_rank[rank]]
+    _, _, mine_x, mine_y = _join(rank, world, port, rows_per_rank)
     model = DistributedDataParallel(tiny_model())
     local_norm = LocalGradientNorm()
     local_norm.install(model)
