@@ -1,6 +1,6 @@
 """`python -m benchmarks` (or `make bench`): every side-by-side benchmark in one run, ratios from the same run.
 
-    python -m benchmarks [--smoke] [--only throughput,ingest,accumulation,noise_overhead,mfu,memory,scale] [--output-dir DIR] [--results-dir DIR]
+    python -m benchmarks [--smoke] [--only throughput,ingest,accumulation,noise_overhead,mfu,memory,scale,gpu_mfu] [--output-dir DIR] [--results-dir DIR]
 
 Writes benchmarks/results/<name>.json per benchmark (`.smoke` added with --smoke) and
 benchmarks/results/summary[.smoke].md, and prints the Markdown. Exit code 0 whatever the targets say (a missed
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from benchmarks import RESULTS
 
-BENCHMARKS = ("throughput", "ingest", "accumulation", "noise_overhead", "mfu", "memory", "scale")
+BENCHMARKS = ("throughput", "ingest", "accumulation", "noise_overhead", "mfu", "memory", "scale", "gpu_mfu")
 
 
 def machine() -> dict:
@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmarks: --only {','.join(unknown)}: expected some of {', '.join(BENCHMARKS)}", file=sys.stderr)
         return 2
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before anything imports ray
+    from benchmarks.gpu_mfu import add_repository_to_worker_path
+
+    add_repository_to_worker_path()
     scratch = args.output_dir or Path(tempfile.mkdtemp(prefix="rayscale-bench-"))
     scratch.mkdir(parents=True, exist_ok=True)
     size = "smoke" if args.smoke else "full"

@@ -129,6 +129,50 @@ def run_rayscale(size: dict, output_dir: Path, use_gpu: bool) -> dict:
             "wall_s": summary["wall_time_s"]}
 
 
+def run(size_name: str, output_dir: Path, peak_tflops: float = H100_BF16_PEAK_TFLOPS) -> dict:
+    """The benchmark, for `python -m benchmarks` and `main`. A full run without a GPU is reported as not run."""
+    import torch
+
+    use_gpu = torch.cuda.is_available()
+    if not use_gpu and size_name != "smoke":
+        return {"device": "cpu", "not_run": "no CUDA GPU on this machine", "targets": []}
+    device = torch.device("cuda" if use_gpu else "cpu")
+    size = SIZES[size_name]
+    flops_per_token = step_flops(size, device) / (size["batch"] * size["length"])
+    raw = run_raw(size, device)
+    if use_gpu:
+        torch.cuda.empty_cache()  # the raw loop's model and optimizer go before rayscale's worker starts
+    ours = run_rayscale(size, output_dir, use_gpu)
+    peak = peak_tflops * 1e12
+    for part in (raw, ours):
+        part["mfu"] = part["tokens_per_sec"] * flops_per_token / peak if part["tokens_per_sec"] else None
+    ratio = ours["tokens_per_sec"] / raw["tokens_per_sec"] if ours["tokens_per_sec"] else None
+    return {
+        "size": size, "device": torch.cuda.get_device_name(0) if use_gpu else "cpu", "peak_tflops": peak_tflops,
+        "flops_per_token": flops_per_token, "raw": raw, "rayscale": ours, "ratio": ratio,
+        "targets": [  # verdicts only on a GPU: the CPU smoke proves the script, not the figures
+            {"name": "rayscale MFU (bf16)", "value": ours["mfu"] or 0.0, "target": f">= {TARGET_MFU:.0%}",
+             "pass": (ours["mfu"] is not None and ours["mfu"] >= TARGET_MFU) if use_gpu else None},
+            {"name": "rayscale / raw PyTorch tokens/s", "value": ratio or 0.0, "target": f">= {TARGET_RATIO}",
+             "pass": (ratio is not None and ratio >= TARGET_RATIO) if use_gpu else None},
+        ],
+    }
+
+
+def table(result: dict) -> str:
+    if "not_run" in result:
+        return f"Not run: {result['not_run']}."
+    size = result["size"]
+    lines = [f"GPT-style model, d_model {size['d_model']}, {size['n_layer']} layers, {size['length']} tokens, "
+             f"batch {size['batch']}, bf16, on {result['device']} (peak {result['peak_tflops']:g} TFLOP/s)", "",
+             "| | tokens/s | MFU |", "|---|---|---|"]
+    for label, part in (("(a) rayscale train", result["rayscale"]), ("(b) raw PyTorch loop", result["raw"])):
+        mfu = f"{part['mfu']:.1%}" if part["mfu"] is not None else "-"
+        lines.append(f"| {label} | {part['tokens_per_sec'] or 0:,.0f} | {mfu} |")
+    lines.append(f"\nrayscale / raw: {result['ratio']:.3f}" if result["ratio"] else "\nrayscale / raw: -")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes; on the CPU when there is no GPU")
@@ -139,52 +183,26 @@ def main(argv: list[str] | None = None) -> int:
                                                                           "benchmarks/results)")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before anything imports ray
-    # The workers import the model factory (benchmarks.gpt); they inherit this when the embedded Ray starts.
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    import torch
-
-    use_gpu = torch.cuda.is_available()
-    if not use_gpu and not args.smoke:
+    add_repository_to_worker_path()
+    output_dir = args.output_dir or Path(tempfile.mkdtemp(prefix="rayscale-gpu-mfu-"))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    result = run("smoke" if args.smoke else "full", output_dir, args.peak_tflops)
+    if "not_run" in result:
         print("benchmarks.gpu_mfu: no CUDA GPU here; run it on a GPU machine (or --smoke to check the script)",
               file=sys.stderr)
         return 2
-    device = torch.device("cuda" if use_gpu else "cpu")
-    size = SIZES["smoke" if args.smoke else "full"]
-    output_dir = args.output_dir or Path(tempfile.mkdtemp(prefix="rayscale-gpu-mfu-"))
-    output_dir.mkdir(parents=True, exist_ok=True)
-
-    flops_per_token = step_flops(size, device) / (size["batch"] * size["length"])
-    raw = run_raw(size, device)
-    if use_gpu:
-        torch.cuda.empty_cache()  # the raw loop's model and optimizer go before rayscale's worker starts
-    ours = run_rayscale(size, output_dir, use_gpu)
-    peak = args.peak_tflops * 1e12
-    result = {"size": size, "device": torch.cuda.get_device_name(0) if use_gpu else "cpu",
-              "peak_tflops": args.peak_tflops, "flops_per_token": flops_per_token, "raw": raw, "rayscale": ours}
-    for part in (raw, ours):
-        part["mfu"] = part["tokens_per_sec"] * flops_per_token / peak if part["tokens_per_sec"] else None
-    ratio = ours["tokens_per_sec"] / raw["tokens_per_sec"] if ours["tokens_per_sec"] else None
-    result["ratio"] = ratio
-    result["targets"] = [
-        {"name": "rayscale MFU (bf16)", "value": ours["mfu"], "target": f">= {TARGET_MFU:.0%}",
-         "pass": use_gpu and ours["mfu"] is not None and ours["mfu"] >= TARGET_MFU},
-        {"name": "rayscale / raw PyTorch tokens/s", "value": ratio, "target": f">= {TARGET_RATIO}",
-         "pass": use_gpu and ratio is not None and ratio >= TARGET_RATIO},
-    ]
-    lines = [f"GPT-style model, d_model {size['d_model']}, {size['n_layer']} layers, {size['length']} tokens, "
-             f"batch {size['batch']}, bf16, on {result['device']} (peak {args.peak_tflops:g} TFLOP/s)", "",
-             "| | tokens/s | MFU |", "|---|---|---|"]
-    for label, part in (("(a) rayscale train", ours), ("(b) raw PyTorch loop", raw)):
-        mfu = f"{part['mfu']:.1%}" if part["mfu"] is not None else "-"
-        lines.append(f"| {label} | {part['tokens_per_sec'] or 0:,.0f} | {mfu} |")
-    lines.append(f"\nrayscale / raw: {ratio:.3f}" if ratio else "\nrayscale / raw: -")
-    table = "\n".join(lines)
-    print(table)
+    print(table(result))
     args.results_dir.mkdir(parents=True, exist_ok=True)
     path = args.results_dir / f"gpu_mfu{'.smoke' if args.smoke else ''}.json"
-    path.write_text(json.dumps({**result, "table": table}, indent=2) + "\n")
+    path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"[benchmark] wrote {path}")
     return 0
+
+
+def add_repository_to_worker_path() -> None:
+    """The workers import the model factory (benchmarks.gpt): they inherit PYTHONPATH when the embedded Ray
+    starts, so this must run before it does."""
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 
 if __name__ == "__main__":
