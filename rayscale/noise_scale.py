@@ -24,9 +24,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-def two_batch_estimates(small_sq: float, small: float, big_sq: float, big: float) -> tuple[float, float]:
-    """(|G|^2, tr(S)) from one step: squared norms of the mean gradients over `small` and `big` samples."""
-    if not 0 < small < big:
+def two_batch_estimates(small_sq, small, big_sq, big):
+    """(|G|^2, tr(S)) from one step: squared norms of the mean gradients over `small` and `big` samples.
+    Plain arithmetic, so it takes floats or tensors alike (the worker passes tensors and checks 0 < small < big
+    on the device; numbers are checked here)."""
+    if isinstance(small, (int, float)) and isinstance(big, (int, float)) and not 0 < small < big:
         raise ValueError(f"need 0 < small < big batch, got {small} and {big}")
     true_sq = (big * big_sq - small * small_sq) / (big - small)
     trace = (small_sq - big_sq) / (1.0 / small - 1.0 / big)

@@ -28,7 +28,7 @@ from rayscale.averaging import WeightAverage
 from rayscale.batching import plan_batches
 from rayscale.data import SplitCache, StepAssembler, chunk_order, micro_batches
 from rayscale.models import build_model
-from rayscale.noise_scale import NoiseScale, efficiency
+from rayscale.noise_scale import NoiseScale, efficiency, two_batch_estimates
 from rayscale.optimizers import build_optimizer
 from rayscale.schedules import scaled_lr, schedule_from_config
 from rayscale.step import LocalGradientNorm, NonFiniteGuard, make_precision, train_step
@@ -394,9 +394,8 @@ def step_noise_estimates(small_sq: torch.Tensor, small: torch.Tensor, big_sq: to
     """[|G|^2, tr(S), 1] from one step (noise_scale.two_batch_estimates on the device, no host sync), or zeros
     when the small batch is empty or the whole step (a rank with no rows, a lone micro-batch)."""
     valid = (small > 0) & (small < big)
-    small, big = small.clamp_min(1e-12), torch.maximum(big, small + 1)
-    true_sq = (big * big_sq - small * small_sq) / (big - small)
-    trace = (small_sq - big_sq) / (1.0 / small - 1.0 / big)
+    small, big = small.clamp_min(1e-12), torch.maximum(big, small + 1)  # finite where not valid
+    true_sq, trace = two_batch_estimates(small_sq, small, big_sq, big)
     estimates = torch.stack([true_sq, trace, torch.ones_like(true_sq)])
     return torch.where(valid, estimates, torch.zeros_like(estimates))
 

@@ -70,3 +70,13 @@ def test_efficiency_is_one_at_the_base_batch_and_falls_past_the_noise_scale():
 def test_small_batch_must_be_smaller():
     with pytest.raises(ValueError, match="small < big"):
         two_batch_estimates(1.0, 64, 1.0, 64)
+
+
+def test_the_workers_device_estimates_match_and_skip_steps_without_a_small_batch():
+    from rayscale.worker import step_noise_estimates
+
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    got = step_noise_estimates(t(5.75), t(8.0), t(2.5), t(64.0))
+    assert got.tolist() == pytest.approx([*two_batch_estimates(5.75, 8, 2.5, 64), 1.0])
+    for small, big in ((0.0, 64.0), (64.0, 64.0)):  # an empty rank; a lone micro-batch is the whole step
+        assert step_noise_estimates(t(5.75), t(small), t(2.5), t(big)).tolist() == [0.0, 0.0, 0.0]
