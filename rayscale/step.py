@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from rayscale import tasks
 from rayscale.errors import ConfigError, NonFiniteError
+from rayscale.step_clock import StepClock
 
 
 @dataclass
@@ -131,7 +132,8 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]],
                optimizer: torch.optim.Optimizer, *, task: str, lr: float, precision: Precision,
                grad_clip: float | None = None, global_count: float | None = None,
-               local_norm: LocalGradientNorm | None = None, measure_noise: bool = False) -> StepResult:
+               local_norm: LocalGradientNorm | None = None, measure_noise: bool = False,
+               clock: StepClock | None = None) -> StepResult:
     """Accumulate gradients over `micro_batches` and apply one optimizer step at `lr`.
 
     Every worker must call this the same number of times, each with at least one micro-batch (a rank with
@@ -139,9 +141,12 @@ def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tenso
 
     `measure_noise`: also return the noise scale's small batch: this rank's share of the step, from
     `local_norm` (installed on the DDP model), or with one worker and several micro-batches, the first one.
+    `clock`: marks where the step's time goes (step_clock.py).
     """
     if not micro_batches:
         raise ValueError("train_step needs at least one micro-batch (use a zero-weight one on empty ranks)")
+    if clock is not None:
+        clock.mark("start", len(micro_batches))
     optimizer.zero_grad(set_to_none=True)
     world_size = _world_size(model)
 
@@ -158,10 +163,14 @@ def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tenso
     loss_sum = torch.zeros((), dtype=torch.float64, device=local_count.device)
     last = len(micro_batches) - 1
     small_sq = small_count = None
+    if clock is not None:
+        clock.mark("micro_batches")
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     for index, micro_batch in enumerate(micro_batches):
         # The forward must sit inside no_sync too: DDP prepares its all-reduce hooks during forward.
         sync = index == last or not isinstance(model, DistributedDataParallel)
+        if clock is not None and index == last:
+            clock.mark("last_micro_batch")
         with contextlib.nullcontext() if sync else model.no_sync():
             with precision.autocast():
                 output = tasks.forward(model, micro_batch)
@@ -174,6 +183,8 @@ def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tenso
         if measure_noise and world_size == 1 and index == 0 and last > 0:
             small_count = tasks.count(task, micro_batch).detach().to(torch.float64)
             small_sq = _squared_norm(parameters)
+    if clock is not None:
+        clock.mark("backward_done")
     if measure_noise and world_size > 1 and local_norm is not None:
         small_count, small_sq = local_count.detach().to(torch.float64), local_norm.take()
     if small_sq is not None:
@@ -195,5 +206,7 @@ def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tenso
         optimizer.step()
     if not finite:
         optimizer.zero_grad(set_to_none=True)
+    if clock is not None:
+        clock.mark("end")
     return StepResult(loss_sum, local_count.detach(), global_count, grad_norm.detach(), skipped=not finite,
                       small_sq=small_sq, small_count=small_count)

@@ -32,6 +32,7 @@ from rayscale.noise_scale import NoiseScale, efficiency, two_batch_estimates
 from rayscale.optimizers import build_optimizer
 from rayscale.schedules import scaled_lr, schedule_from_config
 from rayscale.step import LocalGradientNorm, NonFiniteGuard, make_precision, train_step
+from rayscale.step_clock import StepClock
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -47,12 +48,14 @@ class Interval:
     steps: int = 0
     samples: int = 0
     data_wait: float = 0.0
+    clock: StepClock | None = None
     started: float = field(default_factory=time.perf_counter)
 
     @classmethod
     def fresh(cls, device: torch.device) -> Interval:
         zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
-        return cls(zero(), zero(), zero(), torch.zeros(3, dtype=torch.float64, device=device))
+        return cls(zero(), zero(), zero(), torch.zeros(3, dtype=torch.float64, device=device),
+                   clock=StepClock(device))
 
 
 def _all_reduce(values: list[float] | torch.Tensor, device: torch.device, op=None) -> torch.Tensor:
@@ -280,8 +283,11 @@ def train_worker(payload: dict) -> None:
         if estimates:  # every rank updates its own copy with the same all-reduced means: all stay equal
             noise.update(true_sq / estimates, trace / estimates)
         noise_scale = noise.value
-        peak, now = _all_reduce([peak_memory_mb(device), memory_mb(device)], device,
-                                op=dist.ReduceOp.MAX if dist.is_initialized() else None).tolist()
+        # The slowest rank sets the step time; -1 stands for "not measured" (no no-sync micro-batch).
+        timings = interval.clock.take().means()
+        peak, now, *timed = _all_reduce([peak_memory_mb(device), memory_mb(device),
+                                         *(-1.0 if t is None else t for t in timings.values())], device,
+                                        op=dist.ReduceOp.MAX if dist.is_initialized() else None).tolist()
         record = {
             "step": progress["step"], "epoch": epoch, "samples_seen": progress["samples_seen"],
             "train_loss": loss_sum / count if count else None,
@@ -294,7 +300,10 @@ def train_worker(payload: dict) -> None:
             # Sequences count tokens, so their noise scale is in tokens; efficiency is given for rows only.
             "batch_efficiency": efficiency(noise_scale, plan.global_batch_size, base_batch)
             if noise_scale is not None and spec.task != "token_classification" else None,
-            "peak_memory_mb": peak, "memory_mb": now, "nonfinite_skipped": guard.skipped_total, "time": time.time() - started,
+            # Where a step's time goes (step_clock.py): what `rayscale suggest` predicts other batch sizes from.
+            **{key: (value if value >= 0 else None) for key, value in zip(timings, timed, strict=True)},
+            "peak_memory_mb": peak, "memory_mb": now, "nonfinite_skipped": guard.skipped_total,
+            "time": time.time() - started,
             "started_at": started,
             **(extra or {}),
         }
@@ -333,7 +342,7 @@ def train_worker(payload: dict) -> None:
                                 lr=peak_lr * lr_multiplier(samples_after), precision=precision,
                                 grad_clip=cfg.train.grad_clip,
                                 global_count=step_rows.rows_in_step if rows_are_the_count else None,
-                                local_norm=local_norm, measure_noise=measure_noise)
+                                local_norm=local_norm, measure_noise=measure_noise, clock=interval.clock)
             overflow_only = result.skipped and precision.scaler is not None and bool(
                 torch.isfinite(result.loss_sum))  # fp16 loss-scale overflow: the scaler handles it
             guard.observe(not result.skipped or overflow_only, progress["step"])

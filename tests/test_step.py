@@ -3,6 +3,7 @@
 import copy
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from rayscale import checkpoint
 from rayscale.errors import ConfigError, NonFiniteError
 from rayscale.step import NonFiniteGuard, Precision, make_precision, train_step
+from rayscale.step_clock import StepClock
 
 FP32 = Precision("fp32", "cpu")
 
@@ -348,3 +350,38 @@ def test_ddp_reports_each_ranks_share_as_the_small_batch_and_still_averages_exac
                lr=0.5, precision=FP32)
     for a, b in zip(torch.load(tmp_path / "rank0.pt")["params"], model.parameters(), strict=True):
         assert torch.allclose(a, b.detach(), rtol=1e-12, atol=1e-14)
+
+
+class _Sleepy(nn.Module):
+    """tiny_model whose forward takes at least 20 ms."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = tiny_model()
+
+    def forward(self, x):
+        time.sleep(0.02)
+        return self.inner(x)
+
+
+def test_step_clock_splits_a_step_into_micro_batches_and_the_update():
+    """What `rayscale suggest` predicts other batch sizes from: the no-sync micro-batches, the last one, and
+    the update, each timed apart (the optimizer step here takes at least 200 ms, a micro-batch 20 ms)."""
+    x, y = dataset(12)
+    model = _Sleepy()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    plain_step = optimizer.step
+    optimizer.step = lambda: (time.sleep(0.2), plain_step())
+    clock = StepClock(torch.device("cpu"))
+    for _ in range(2):
+        train_step(model, split(x, y, [4, 4, 4]), optimizer, task="classification", lr=0.5, precision=FP32,
+                   clock=clock)
+    times = clock.take()
+    assert (times.steps, times.no_sync_micro_batches) == (2, 4)
+    means = times.means()
+    assert 0.02 <= means["micro_batch_s"] < 0.2 and 0.02 <= means["sync_micro_batch_s"] < 0.2
+    assert means["update_s"] >= 0.2
+    assert clock.take().steps == 0  # taken: the next interval starts afresh
+    train_step(model, split(x, y, [12]), optimizer, task="classification", lr=0.5, precision=FP32, clock=clock)
+    lone = clock.take().means()  # one micro-batch: nothing accumulated without a sync
+    assert lone["micro_batch_s"] is None and lone["sync_micro_batch_s"] >= 0.02
