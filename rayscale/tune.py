@@ -37,6 +37,7 @@ def _tune_domain(domain: space.Domain):
 
 
 STOP_MARKER = ".tune_stopped"
+RUNGS_FILE = "asha_rungs.json"  # ASHA's recorded rungs, for --resume (asha.py)
 
 
 def _trial_callbacks(metric: str, stop_marker: Path) -> list:
@@ -211,7 +212,8 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False) -> 
           f"{concurrency} trials at once", flush=True)
 
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+
+    from rayscale.asha import ResumableASHA
 
     # A trial's driver only waits on its TorchTrainer: it holds almost no CPU. It runs on this node (Ray's
     # built-in node:<ip> resource), and so does its Train controller (Train places it beside the driver): the
@@ -227,8 +229,9 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False) -> 
     else:
         # stop_last_trials=False: a trial that reaches max_t finishes by itself and writes its outputs
         # (summary.json, model.pt), which is also how --resume recognises it as finished.
-        scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=max_t, grace_period=grace,
-                                  reduction_factor=cfg.tune.reduction_factor, stop_last_trials=False)
+        scheduler = ResumableASHA(time_attr=TIME_ATTR, max_t=max_t, grace_period=grace,
+                                  reduction_factor=cfg.tune.reduction_factor, stop_last_trials=False,
+                                  state_file=search_dir / RUNGS_FILE)
         tuner = Tuner(
             trainable,
             param_space={d.key: _tune_domain(d) for d in domains},

@@ -30,7 +30,7 @@ def args(*overrides):
 
 @pytest.fixture(scope="module")
 def search(tmp_path_factory):
-    """Two good learning rates first, then two hopeless ones: ASHA must stop at least one of the latter.
+    """A good learning rate first, then two hopeless ones: ASHA must stop both.
 
     The search's driver is SIGKILLed (with its embedded Ray) once the first trial has finished and the second is
     under way; the same command with --resume then finishes it, in this process, whose embedded Ray the other
@@ -42,7 +42,7 @@ def search(tmp_path_factory):
     out = tmp_path_factory.mktemp("tune")
     search_args = args(*SMALL, f"run.output_dir={out}", "run.name=grid", "train.epochs=1",
                        "tune.reduction_factor=2", "tune.num_samples=1",
-                       "tune.space={optim.lr: {grid: [0.3, 0.2, 0.0003, 0.0001]}}")
+                       "tune.space={optim.lr: {grid: [0.3, 0.0003, 0.0001]}}")
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     trials = out / "grid" / "trials"
     with open(out / "first.log", "w") as log:
@@ -75,14 +75,14 @@ def test_every_trial_reports_and_asha_stops_one_early(search, capsys):
     code, search_dir, _ = search
     assert code == 0
     table = rows(search_dir)
-    assert sorted(float(r["optim.lr"]) for r in table) == [0.0001, 0.0003, 0.2, 0.3]
+    assert sorted(float(r["optim.lr"]) for r in table) == [0.0001, 0.0003, 0.3]
     assert all(int(r["samples_seen"]) > 0 and r["best_val_loss"] for r in table)
     statuses = [r["status"] for r in table]
     assert "stopped early" in statuses and "completed" in statuses
     status = {float(r["optim.lr"]): r["status"] for r in table}
     assert status[0.0003] == status[0.0001] == "stopped early"  # hopeless: cut at the first rung
     assert status[float(table[0]["optim.lr"])] == "completed"  # the best ran its whole budget
-    assert float(table[0]["optim.lr"]) >= 0.2  # ranked best first
+    assert float(table[0]["optim.lr"]) == 0.3  # ranked best first
     stopped = [r for r in table if r["status"] == "stopped early"]
     assert all(int(r["samples_seen"]) < int(table[0]["samples_seen"]) for r in stopped)
     # The only rung (the 1,024-sample warmup, 8 steps of 128) falls inside the one epoch (~1,440 rows): the
@@ -157,7 +157,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials_or_exceeding_it
     code, search_dir, (finished_summary, stamp) = search
     assert code == 0
     assert finished_summary.stat().st_mtime_ns == stamp  # the trial finished before the kill was not run again
-    assert len(rows(search_dir)) == 4
+    assert len(rows(search_dir)) == 3
     # tune.max_concurrent_trials=1 holds across the resume: no two trials ever trained at the same time.
     spans = []
     for trial in (search_dir / "trials").iterdir():
