@@ -165,8 +165,10 @@ def test_two_workers_micro_batch_size_does_not_change_the_model(reference, tmp_p
 
 
 def test_one_worker_micro_64_vs_8_at_global_64(ray_session, tmp_path):
-    _, full = run(tmp_path, "w1_micro64", "scaling.num_workers=1", "batch.micro_batch_size=64")
-    _, accumulated = run(tmp_path, "w1_micro8", "scaling.num_workers=1", "batch.micro_batch_size=8")
+    """One worker accumulating 8 micro-batches gives the model of one batch of 64. Local mode: the same worker
+    loop, without 2 x ~15 s of Ray Train start-up (a 1-worker Ray run is every Tune trial in test_tune.py)."""
+    _, full = run(tmp_path, "w1_micro64", "scaling.num_workers=0", "batch.micro_batch_size=64")
+    _, accumulated = run(tmp_path, "w1_micro8", "scaling.num_workers=0", "batch.micro_batch_size=8")
     for key in full:
         assert torch.allclose(full[key], accumulated[key], rtol=1e-4, atol=1e-5), key
 
