@@ -19,13 +19,23 @@ class BatchPlan:
     per_worker_batch_size: int  # samples one worker contributes to a step
     micro_batch_size: int  # samples per forward/backward
     accumulation_steps: int  # micro-batches per worker per optimizer step
+    auto: bool = False  # batch.micro_batch_size auto: the micro-batch above is where it starts
 
     def describe(self) -> str:
-        return (f"global batch {self.global_batch_size} = micro-batch {self.micro_batch_size} "
+        micro = f"micro-batch auto (from {self.micro_batch_size})" if self.auto else \
+            f"micro-batch {self.micro_batch_size}"
+        return (f"global batch {self.global_batch_size} = {micro} "
                 f"x {self.accumulation_steps} accumulation steps x {self.num_workers} workers")
 
 
-def plan_batches(global_batch_size: int, micro_batch_size: int | None, num_workers: int) -> BatchPlan:
+AUTO = "auto"
+
+
+def plan_batches(global_batch_size: int, micro_batch_size: int | str | None, num_workers: int) -> BatchPlan:
+    """`micro_batch_size` auto starts at the whole per-worker batch (see smaller_micro_batch)."""
+    if micro_batch_size == AUTO:
+        plan = plan_batches(global_batch_size, None, num_workers)
+        return BatchPlan(**{**plan.__dict__, "auto": True})
     workers = max(num_workers, 1)  # num_workers=0 is Ray Train's local mode: one process
     if global_batch_size % workers:
         raise ConfigError(
@@ -63,17 +73,29 @@ def micro_batch_bounds(rows: int, micro_batch_size: int) -> list[tuple[int, int]
     return [(start, min(start + micro_batch_size, rows)) for start in range(0, rows, micro_batch_size)]
 
 
+def smaller_micro_batch(size: int) -> int:
+    """The next micro-batch after running out of memory at `size`: half (Composer's rule). The global batch
+    stays: more accumulation steps, the same update (Accelerate shrinks the global batch instead, which
+    changes training)."""
+    if size <= 1:
+        raise ConfigError("batch.micro_batch_size auto: out of device memory even at micro-batch 1; use a smaller "
+                          "model or sequences, train.precision bf16, or a device with more memory")
+    return size // 2
+
+
 def steps_per_epoch(rows: int, global_batch_size: int) -> int:
     """Optimizer steps in an epoch of `rows` rows; the last one is partial when rows do not divide."""
     return -(-rows // global_batch_size)
 
 
-def fit_micro_batch(per_worker_batch_size: int, limit: int | None) -> int | None:
+def fit_micro_batch(per_worker_batch_size: int, limit: int | str | None) -> int | str | None:
     """The largest divisor of the per-worker batch not above `limit` (null stays null).
 
     Tune trials sample the global batch; a fixed micro-batch would not divide every sample, so in a search
     `batch.micro_batch_size` is the memory limit and each trial uses the largest micro-batch that fits it.
     """
+    if limit == AUTO:
+        return AUTO
     if limit is None or per_worker_batch_size <= limit:
         return None if limit is None else per_worker_batch_size
     return max(d for d in range(1, limit + 1) if per_worker_batch_size % d == 0)

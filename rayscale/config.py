@@ -22,10 +22,11 @@ from rayscale.errors import ConfigError
 
 
 def key(default: Any, doc: str, *, unit: str | None = None, choices: tuple | None = None,
-        minimum: float | None = None, exclusive_minimum: bool = False) -> Any:
-    """A config field with its documentation; `minimum` is inclusive unless `exclusive_minimum`."""
+        minimum: float | None = None, exclusive_minimum: bool = False, words: tuple[str, ...] = ()) -> Any:
+    """A config field with its documentation; `minimum` is inclusive unless `exclusive_minimum`; `words`: the
+    only strings a numeric key also takes (e.g. auto)."""
     meta = {"doc": doc, "unit": unit, "choices": choices, "minimum": minimum,
-            "exclusive_minimum": exclusive_minimum}
+            "exclusive_minimum": exclusive_minimum, "words": words}
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -85,8 +86,10 @@ class ModelConfig:
 class BatchConfig:
     global_batch_size: int = key(128, "samples per optimizer step, all workers together", unit="samples",
                                  minimum=1)
-    micro_batch_size: int | None = key(32, "samples per forward/backward on one worker; null: the whole "
-                                           "per-worker batch (no accumulation)", unit="samples", minimum=1)
+    micro_batch_size: int | str | None = key(
+        32, "samples per forward/backward on one worker; null: the whole per-worker batch (no accumulation); "
+            "auto: start there and halve it on every worker whenever one runs out of device memory (the step is "
+            "redone, the global batch kept)", unit="samples", minimum=1, words=("auto",))
 
 
 @dataclass
@@ -302,6 +305,10 @@ def _check_ranges(obj: Any, prefix: str) -> None:
         value = getattr(obj, f.name)
         choices, minimum = f.metadata.get("choices"), f.metadata.get("minimum")
         path = f"{prefix}{f.name}"
+        words = f.metadata.get("words")
+        if words and isinstance(value, str) and value not in words:
+            raise ConfigError(f"{path}: expected a number{', null' if 'None' in str(f.type) else ''} or "
+                              f"{' or '.join(words)}, got {value!r}")
         if choices and value not in choices:
             close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
@@ -410,7 +417,10 @@ def describe() -> list[tuple[str, str, str, str]]:
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             doc = f.metadata["doc"] + (f" [{f.metadata['unit']}]" if f.metadata.get("unit") else "")
-            rows.append((f"{prefix}{f.name}", _type_name(tp), yaml.safe_dump(default).strip()
+            type_name = _type_name(tp)
+            if f.metadata.get("words"):  # "an integer or a string or null" says less than the words it takes
+                type_name = type_name.replace("a string", " or ".join(f.metadata["words"]))
+            rows.append((f"{prefix}{f.name}", type_name, yaml.safe_dump(default).strip()
                          .removesuffix("...").strip(), doc))
 
     walk(Config, "")

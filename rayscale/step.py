@@ -86,6 +86,37 @@ class LocalGradientNorm:
         return squared
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """A device out-of-memory error: CUDA's OutOfMemoryError, or another backend's RuntimeError saying so."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+
+
+class MicroBatchTooLarge(Exception):
+    """Some rank ran out of device memory in this step's micro-batches: every rank redoes it smaller."""
+
+
+def _average_gradients(parameters: list[torch.Tensor], world_size: int, bucket_mb: float = 25.0) -> None:
+    """What DDP's all-reduce does (sum over ranks / world size), in flat buckets, for a step accumulated
+    entirely under no_sync. A parameter without a gradient counts as zero, so every rank makes the same calls."""
+    for p in parameters:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    groups: dict[tuple, list[list[torch.Tensor]]] = {}
+    limit = bucket_mb * 2**20
+    for p in parameters:
+        buckets = groups.setdefault((p.grad.dtype, p.grad.device), [[]])
+        if buckets[-1] and sum(g.numel() * g.element_size() for g in buckets[-1]) >= limit:
+            buckets.append([])
+        buckets[-1].append(p.grad)
+    for buckets in groups.values():
+        for bucket in buckets:
+            flat = torch._utils._flatten_dense_tensors(bucket)
+            dist.all_reduce(flat.div_(world_size))
+            for grad, synced in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket), strict=True):
+                grad.copy_(synced)
+
+
 def _squared_norm(parameters: list[torch.Tensor]) -> torch.Tensor:
     grads = [p.grad for p in parameters if p.grad is not None]
     return torch.stack([norm.double() for norm in torch._foreach_norm(grads)]).pow(2).sum()
@@ -133,7 +164,7 @@ def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tenso
                optimizer: torch.optim.Optimizer, *, task: str, lr: float, precision: Precision,
                grad_clip: float | None = None, global_count: float | None = None,
                local_norm: LocalGradientNorm | None = None, measure_noise: bool = False,
-               clock: StepClock | None = None) -> StepResult:
+               clock: StepClock | None = None, oom_safe: bool = False) -> StepResult:
     """Accumulate gradients over `micro_batches` and apply one optimizer step at `lr`.
 
     Every worker must call this the same number of times, each with at least one micro-batch (a rank with
@@ -142,6 +173,12 @@ def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tenso
     `measure_noise`: also return the noise scale's small batch: this rank's share of the step, from
     `local_norm` (installed on the DDP model), or with one worker and several micro-batches, the first one.
     `clock`: marks where the step's time goes (step_clock.py).
+    `oom_safe` (batch.micro_batch_size: auto): a device out-of-memory error in a micro-batch raises
+    MicroBatchTooLarge on every rank, with no gradient applied, so the caller can redo the step with smaller
+    micro-batches. Under DDP the ranks must agree first, and a rank that ran out of memory before its last
+    backward would leave the others waiting in that backward's all-reduce: so every micro-batch runs under
+    no_sync, one scalar all-reduce says whether any rank failed, and the gradients are then averaged in one
+    pass (the last micro-batch's backward no longer overlaps the all-reduce: the price of never hanging).
     """
     if not micro_batches:
         raise ValueError("train_step needs at least one micro-batch (use a zero-weight one on empty ranks)")
@@ -166,27 +203,47 @@ def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tenso
     if clock is not None:
         clock.mark("micro_batches")
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    out_of_memory = False
     for index, micro_batch in enumerate(micro_batches):
         # The forward must sit inside no_sync too: DDP prepares its all-reduce hooks during forward.
-        sync = index == last or not isinstance(model, DistributedDataParallel)
+        sync = (index == last and not oom_safe) or not isinstance(model, DistributedDataParallel)
         if clock is not None and index == last:
             clock.mark("last_micro_batch")
-        with contextlib.nullcontext() if sync else model.no_sync():
-            with precision.autocast():
-                output = tasks.forward(model, micro_batch)
-            micro_loss = tasks.loss_sum(task, output, micro_batch)
-            scaled = micro_loss * loss_scale.to(micro_loss.dtype)
-            if precision.scaler is not None:
-                scaled = precision.scaler.scale(scaled)
-            scaled.backward()
+        try:
+            with contextlib.nullcontext() if sync else model.no_sync():
+                with precision.autocast():
+                    output = tasks.forward(model, micro_batch)
+                micro_loss = tasks.loss_sum(task, output, micro_batch)
+                scaled = micro_loss * loss_scale.to(micro_loss.dtype)
+                if precision.scaler is not None:
+                    scaled = precision.scaler.scale(scaled)
+                scaled.backward()
+        except Exception as error:
+            if not (oom_safe and is_out_of_memory(error)):
+                raise
+            out_of_memory = True
+            break
         loss_sum += micro_loss.detach().to(torch.float64)
         if measure_noise and world_size == 1 and index == 0 and last > 0:
             small_count = tasks.count(task, micro_batch).detach().to(torch.float64)
             small_sq = _squared_norm(parameters)
+    if oom_safe:
+        output = micro_loss = scaled = None  # free the failed micro-batch's activations before the retry
+        failed = torch.tensor(float(out_of_memory), device=local_count.device)
+        if world_size > 1:
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item():
+            optimizer.zero_grad(set_to_none=True)
+            raise MicroBatchTooLarge()
     if clock is not None:
         clock.mark("backward_done")
-    if measure_noise and world_size > 1 and local_norm is not None:
-        small_count, small_sq = local_count.detach().to(torch.float64), local_norm.take()
+    if measure_noise and world_size > 1:
+        if oom_safe:  # this rank's gradient, before averaging: what LocalGradientNorm takes from the buckets
+            small_count, small_sq = local_count.detach().to(torch.float64), _squared_norm(parameters)
+        elif local_norm is not None:
+            small_count, small_sq = local_count.detach().to(torch.float64), local_norm.take()
+    if oom_safe and world_size > 1:
+        _average_gradients([p for p in parameters if p.requires_grad], world_size)
     if small_sq is not None:
         # The gradients hold sum / global_count x world_size: back to this batch's mean gradient.
         small_sq = small_sq * (global_count / (world_size * small_count.clamp_min(1e-12))) ** 2

@@ -380,7 +380,7 @@ def write_outputs(prepared: PreparedRun, result, started: float, first_step_at: 
         "wall_time_s": round(wall, 3),
         "startup_time_s": round(first_step_at - started, 3) if first_step_at else None,
         "world_size": prepared.plan.num_workers,
-        "batch_plan": dataclasses.asdict(prepared.plan),
+        "batch_plan": _final_plan(prepared.plan, progress),
         "effective_lr": scaled_lr(cfg.optim.lr, cfg.batch.global_batch_size, cfg.optim.base_batch_size,
                                   cfg.optim.scaling_rule),
         "train_rows": prepared.train_rows,
@@ -396,6 +396,15 @@ def write_outputs(prepared: PreparedRun, result, started: float, first_step_at: 
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_curves(records, run_dir / "curves.png", title=cfg.run.name)
     return summary
+
+
+def _final_plan(plan: BatchPlan, progress: dict) -> dict:
+    """The batch plan as the run ended: under batch.micro_batch_size auto, with the micro-batch it settled on."""
+    found = progress.get("micro_batch_size")
+    if not plan.auto or not found:
+        return dataclasses.asdict(plan)
+    return {**dataclasses.asdict(plan), "micro_batch_size": found,
+            "accumulation_steps": -(-plan.per_worker_batch_size // found)}
 
 
 def _lines(path: Path) -> int:

@@ -8,6 +8,7 @@ step: it is a barrier across workers).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 import shutil
@@ -25,13 +26,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from rayscale import checkpoint, config, tasks
 from rayscale.averaging import WeightAverage
-from rayscale.batching import plan_batches
+from rayscale.batching import plan_batches, smaller_micro_batch
 from rayscale.data import SplitCache, StepAssembler, chunk_order, micro_batches
 from rayscale.models import build_model
 from rayscale.noise_scale import NoiseScale, efficiency, two_batch_estimates
 from rayscale.optimizers import build_optimizer
 from rayscale.schedules import scaled_lr, schedule_from_config
-from rayscale.step import LocalGradientNorm, NonFiniteGuard, make_precision, train_step
+from rayscale.step import LocalGradientNorm, MicroBatchTooLarge, NonFiniteGuard, make_precision, train_step
 from rayscale.step_clock import StepClock
 
 METRICS_FILE = "metrics.jsonl"
@@ -206,9 +207,13 @@ def train_worker(payload: dict) -> None:
     precision = make_precision(cfg.train.precision, device)
     # The noise scale needs two batch sizes in one step: a worker's share and the whole step (2+ workers), or
     # the first micro-batch and the step (1 worker). fp16 leaves it out: its gradients carry the loss scale.
+    # batch.micro_batch_size auto: from the whole per-worker batch, halved on every rank whenever one runs out of
+    # device memory (the step is redone with the same rows). train_step then accumulates under no_sync and
+    # averages the gradients itself, so the DDP hook is not used.
+    auto_micro = plan.auto
     measure_noise = cfg.train.noise_scale and precision.scaler is None and (
-        world_size > 1 or plan.accumulation_steps > 1)
-    local_norm = LocalGradientNorm() if measure_noise and world_size > 1 else None
+        world_size > 1 or plan.accumulation_steps > 1 or auto_micro)
+    local_norm = LocalGradientNorm() if measure_noise and world_size > 1 and not auto_micro else None
     if local_norm is not None:
         local_norm.install(model)
     noise = NoiseScale()
@@ -229,6 +234,7 @@ def train_worker(payload: dict) -> None:
             checkpoint.set_rng_states(own_rng)
         progress["resumes"] += 1
         guard.skipped_total = progress["nonfinite_skipped"]
+    micro_size = progress.get("micro_batch_size") or plan.micro_batch_size  # a resumed run keeps what it found
     if rank == 0:
         if restored is None and metrics_path.exists():
             metrics_path.unlink()
@@ -302,6 +308,7 @@ def train_worker(payload: dict) -> None:
             if noise_scale is not None and spec.task != "token_classification" else None,
             # Where a step's time goes (step_clock.py): what `rayscale suggest` predicts other batch sizes from.
             **{key: (value if value >= 0 else None) for key, value in zip(timings, timed, strict=True)},
+            **({"micro_batch_size": micro_size} if auto_micro else {}),
             "peak_memory_mb": peak, "memory_mb": now, "nonfinite_skipped": guard.skipped_total,
             "time": time.time() - started,
             "started_at": started,
@@ -315,10 +322,34 @@ def train_worker(payload: dict) -> None:
     def validate() -> dict[str, float]:
         """Validation metrics; its time is left out of the interval's samples/s and data-wait fraction."""
         began = time.perf_counter()
-        val = evaluate(average.module if average else model, rows_of("val", val_cache, None, "none", 2), plan,
-                       rank, spec, precision, device)
+        val = evaluate(average.module if average else model, rows_of("val", val_cache, None, "none", 2),
+                       dataclasses.replace(plan, micro_batch_size=micro_size), rank, spec, precision, device)
         interval.started += time.perf_counter() - began
         return val
+
+    def take_step(batch: list[dict], step_rows, lr: float):
+        """train_step; under batch.micro_batch_size auto, redone with half the micro-batch on every rank until
+        it fits (same rows, same global batch, batch-norm statistics put back)."""
+        nonlocal micro_size
+        buffers = [b.detach().clone() for b in model.buffers()] if auto_micro else []
+        while True:
+            try:
+                return train_step(model, batch, optimizer, task=spec.task, lr=lr, precision=precision,
+                                  grad_clip=cfg.train.grad_clip,
+                                  global_count=step_rows.rows_in_step if rows_are_the_count else None,
+                                  local_norm=local_norm, measure_noise=measure_noise, clock=interval.clock,
+                                  oom_safe=auto_micro)
+            except MicroBatchTooLarge:
+                batch = None
+                for buffer, saved in zip(model.buffers(), buffers, strict=True):
+                    buffer.copy_(saved)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                micro_size = progress["micro_batch_size"] = smaller_micro_batch(micro_size)
+                if rank == 0:
+                    print(f"[rayscale] out of device memory at step {progress['step']}: every worker redoes it "
+                          f"at micro-batch {micro_size} (batch.micro_batch_size auto)", flush=True)
+                batch = micro_batches(step_rows, micro_size, device)
 
     for epoch in range(progress["epoch"], epochs):
         skip = progress["step_in_epoch"] if epoch == progress["epoch"] else 0
@@ -335,14 +366,10 @@ def train_worker(payload: dict) -> None:
             if step_in_epoch < skip:  # committed before the restart: read past, never train twice
                 waited_from = time.perf_counter()
                 continue
-            batch = micro_batches(step_rows, plan.micro_batch_size, device)
+            batch = micro_batches(step_rows, micro_size, device)
             interval.data_wait += time.perf_counter() - waited_from
             samples_after = progress["samples_seen"] + step_rows.rows_in_step
-            result = train_step(model, batch, optimizer, task=spec.task,
-                                lr=peak_lr * lr_multiplier(samples_after), precision=precision,
-                                grad_clip=cfg.train.grad_clip,
-                                global_count=step_rows.rows_in_step if rows_are_the_count else None,
-                                local_norm=local_norm, measure_noise=measure_noise, clock=interval.clock)
+            result = take_step(batch, step_rows, peak_lr * lr_multiplier(samples_after))
             overflow_only = result.skipped and precision.scaler is not None and bool(
                 torch.isfinite(result.loss_sum))  # fp16 loss-scale overflow: the scaler handles it
             guard.observe(not result.skipped or overflow_only, progress["step"])

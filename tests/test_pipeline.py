@@ -44,6 +44,29 @@ SLOW_MODEL = textwrap.dedent('''
         return model
 ''')
 
+CRAMPED_MODEL = textwrap.dedent('''
+    """The built-in MLP on a device that runs out of memory above `limit` rows per forward: the CUDA error,
+    injected, so batch.micro_batch_size auto can be tested on a CPU."""
+    import torch
+
+    from rayscale.models import MLP
+
+
+    class Cramped(MLP):
+        def __init__(self, limit, **kwargs):
+            super().__init__(**kwargs)
+            self.limit = limit
+
+        def forward(self, x):
+            if self.training and len(x) > self.limit:
+                raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(x)} rows")
+            return super().forward(x)
+
+
+    def make(limit, hidden_sizes=(256, 256)):  # the built-in digits MLP: the same initial weights
+        return Cramped(limit, in_features=64, num_outputs=10, hidden_sizes=tuple(hidden_sizes))
+''')
+
 
 @pytest.fixture(scope="module")
 def ray_session(tmp_path_factory):
@@ -51,6 +74,7 @@ def ray_session(tmp_path_factory):
 
     plugin_dir = tmp_path_factory.mktemp("user_models")
     (plugin_dir / "slow_model.py").write_text(SLOW_MODEL)
+    (plugin_dir / "cramped_model.py").write_text(CRAMPED_MODEL)
     os.environ["RAYSCALE_TEST_PID_DIR"] = str(plugin_dir / "pids")
     (plugin_dir / "pids").mkdir()
     # Workers inherit the driver's environment when the embedded Ray starts.
@@ -114,6 +138,30 @@ def test_weight_average_is_validated_and_exported_and_leaves_training_alone(ray_
     assert summary["final"]["val_accuracy"] > 0.8
 
 
+def test_auto_micro_batch_halves_on_out_of_memory_and_trains_the_same_model(ray_session, tmp_path, capsys):
+    """batch.micro_batch_size auto, on a model that runs out of memory above 16 rows: 64 and 32 fail, the run
+    settles on 16 and ends with the model a fixed micro-batch of 16 gives, bit for bit. At 0 rows nothing fits:
+    a one-line error."""
+    from rayscale import cli
+
+    cramped = ("model.name=cramped_model:make", "model.kwargs={limit: 16, hidden_sizes: [32]}",
+               "scaling.num_workers=0")
+    summary, auto = run(tmp_path, "auto", "batch.micro_batch_size=auto", *cramped)
+    _, fixed = run(tmp_path, "fixed", "batch.micro_batch_size=16", *cramped)
+    assert all(torch.equal(auto[k], fixed[k]) for k in fixed)
+    assert summary["batch_plan"]["micro_batch_size"] == 16 and summary["batch_plan"]["accumulation_steps"] == 4
+    logged = [r for r in trainer.read_metrics(tmp_path / "auto") if not r.get("evaluation")]
+    assert logged and all(r["micro_batch_size"] == 16 for r in logged)
+    assert "every worker redoes it at micro-batch 32" in capsys.readouterr().out
+
+    code = cli.main(["train", "--set", f"run.output_dir={tmp_path}", "--set", "run.name=none_fits", "--set",
+                     "batch.micro_batch_size=auto", "--set", "model.name=cramped_model:make", "--set",
+                     "model.kwargs={limit: 0}", "--set", "scaling.num_workers=0", "--set", "train.epochs=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "batch.micro_batch_size auto: out of device memory even at micro-batch 1" in err
+
+
 @pytest.fixture(scope="module")
 def reference(ray_session, tmp_path_factory):
     """Two workers, micro-batch 8 of a global 64 (4 accumulation steps per worker)."""
@@ -157,11 +205,16 @@ def test_same_config_and_seed_with_mid_epoch_validation_give_a_bitwise_identical
 
 
 def test_two_workers_micro_batch_size_does_not_change_the_model(reference, tmp_path):
+    """Micro-batch 16 instead of the reference's 8, found by batch.micro_batch_size auto: the model runs out of
+    memory above 16 rows, so both workers redo the first step at 16 together (the DDP path of an OOM-safe
+    step: no_sync, one flag all-reduce, gradients averaged in one pass). Same maths, other sums."""
     _, _, micro8 = reference
-    _, micro32 = run(tmp_path, "micro32", "batch.micro_batch_size=32", AVERAGED)  # no accumulation at 2 workers
+    summary, micro16 = run(tmp_path, "micro16", "batch.micro_batch_size=auto", "model.name=cramped_model:make",
+                           "model.kwargs={limit: 16}", AVERAGED)
+    assert summary["batch_plan"]["micro_batch_size"] == 16 and summary["batch_plan"]["accumulation_steps"] == 2
     for key in micro8:
-        assert torch.allclose(micro8[key], micro32[key], rtol=1e-4, atol=1e-5), key
-    assert any(not torch.equal(micro8[k], micro32[k]) for k in micro8)  # different sums, same maths
+        assert torch.allclose(micro8[key], micro16[key], rtol=1e-4, atol=1e-5), key
+    assert any(not torch.equal(micro8[k], micro16[k]) for k in micro8)  # different sums, same maths
 
 
 def test_one_worker_micro_64_vs_8_at_global_64(ray_session, tmp_path):

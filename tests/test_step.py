@@ -14,7 +14,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from rayscale import checkpoint
 from rayscale.errors import ConfigError, NonFiniteError
-from rayscale.step import NonFiniteGuard, Precision, make_precision, train_step
+from rayscale.step import (
+    MicroBatchTooLarge,
+    NonFiniteGuard,
+    Precision,
+    is_out_of_memory,
+    make_precision,
+    train_step,
+)
 from rayscale.step_clock import StepClock
 
 FP32 = Precision("fp32", "cpu")
@@ -385,3 +392,79 @@ def test_step_clock_splits_a_step_into_micro_batches_and_the_update():
     train_step(model, split(x, y, [12]), optimizer, task="classification", lr=0.5, precision=FP32, clock=clock)
     lone = clock.take().means()  # one micro-batch: nothing accumulated without a sync
     assert lone["micro_batch_s"] is None and lone["sync_micro_batch_s"] >= 0.02
+
+
+# ------------------------------------------------------------------------ batch.micro_batch_size auto (OOM)
+
+class _Cramped(nn.Module):
+    """tiny_model on a device that runs out of memory above `limit` rows per forward (an injected CUDA OOM)."""
+
+    def __init__(self, limit):
+        super().__init__()
+        self.inner, self.limit = tiny_model(), limit
+
+    def forward(self, x):
+        if len(x) > self.limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(x)} rows")
+        return self.inner(x)
+
+
+def test_an_oom_safe_step_raises_for_a_retry_and_changes_nothing():
+    x, y = dataset(16)
+    model = _Cramped(limit=4)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    with pytest.raises(MicroBatchTooLarge):  # the second micro-batch of 8 fails after the first one's backward
+        train_step(model, split(x, y, [4, 8, 4]), optimizer, task="classification", lr=0.5, precision=FP32,
+                   oom_safe=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(torch.OutOfMemoryError):  # without oom_safe it is an error like any other
+        train_step(model, split(x, y, [8, 8]), optimizer, task="classification", lr=0.5, precision=FP32)
+    # Redone at 4 rows per micro-batch: the update of one batch of 16.
+    got, _ = step_params(model, split(x, y, [4, 4, 4, 4]), oom_safe=True)
+    want, _ = step_params(_Cramped(limit=16), [{"x": x, "y": y}])
+    assert max_rel(got, want) < 1e-12
+
+
+def test_out_of_memory_is_recognised_by_type_or_message():
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 1 GB)"))
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+def _ddp_oom_worker(rank, world, port, rows_per_rank, result_path):
+    """Only rank 1 runs out of memory (at more than 2 rows): both ranks must learn it, redo the step at the
+    next smaller micro-batch together, and still average exactly."""
+    from rayscale.batching import smaller_micro_batch
+
+    _, _, mine_x, mine_y = _join(rank, world, port, rows_per_rank)
+    model = DistributedDataParallel(_Cramped(limit=2 if rank == 1 else 100))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    micro, sizes_tried = len(mine_x), []
+    while True:
+        sizes_tried.append(micro)
+        try:
+            result = train_step(model, split(mine_x, mine_y, [micro] * (len(mine_x) // micro)), optimizer,
+                                task="classification", lr=0.5, precision=FP32, oom_safe=True, measure_noise=True)
+            break
+        except MicroBatchTooLarge:
+            micro = smaller_micro_batch(micro)
+    torch.save({"params": [p.detach() for p in model.module.inner.parameters()], "tried": sizes_tried,
+                "small_count": result.small_count.item()}, f"{result_path}.{rank}")
+    dist.barrier()
+    os._exit(0)  # see _ddp_worker
+
+
+def test_ddp_ranks_agree_to_halve_the_micro_batch_when_one_runs_out_of_memory(tmp_path):
+    mp.spawn(_ddp_oom_worker, args=(2, _free_port(), [8, 8], str(tmp_path / "rank")), nprocs=2)
+    got = [torch.load(tmp_path / f"rank.{rank}") for rank in (0, 1)]
+    assert got[0]["tried"] == got[1]["tried"] == [8, 4, 2]  # rank 0 never failed, yet redid the step with 1
+    assert got[0]["small_count"] == 8  # the noise scale's small batch is still each rank's share
+    x, y = dataset(16)
+    model = tiny_model()
+    train_step(model, [{"x": x, "y": y}], torch.optim.SGD(model.parameters(), lr=0.5), task="classification",
+               lr=0.5, precision=FP32)
+    for rank in (0, 1):
+        for a, b in zip(got[rank]["params"], model.parameters(), strict=True):
+            assert torch.allclose(a, b.detach(), rtol=1e-12, atol=1e-14)
