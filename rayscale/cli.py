@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_args(tune)
     tune.add_argument("--resume", action="store_true", help="continue the search in run.output_dir/run.name")
 
+    suggest = commands.add_parser("suggest", help="recommend a global batch size and lr from a finished run's "
+                                                  "noise scale and step timings")
+    suggest.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by rayscale train")
+    suggest.add_argument("--max-batch", type=int, help="largest global batch to consider (default: 64x the run's)")
+    suggest.add_argument("--plot", help="where to write the figure (default: RUN_DIR/suggest.png)")
+
     show = commands.add_parser("config", help="inspect configs").add_subparsers(dest="action", required=True)
     show_cmd = show.add_parser("show", help="print the resolved config and its derived values")
     _config_args(show_cmd)
@@ -94,11 +100,18 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return tune_from_cli(args.config, args.overrides, address=args.address, resume=args.resume)
 
 
+def cmd_suggest(args: argparse.Namespace) -> int:
+    from rayscale.suggest import suggest_from_cli
+
+    return suggest_from_cli(args.run_dir, max_batch=args.max_batch, plot=args.plot)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {
         "train": cmd_train,
         "tune": cmd_tune,
+        "suggest": cmd_suggest,
         "config": lambda a: cmd_config_show(a) if a.action == "show" else cmd_config_keys(a),
     }[args.command]
     try:

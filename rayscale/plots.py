@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -57,3 +58,30 @@ def plot_tune_curves(rows: list[dict], metric: str, path: Path, title: str = "")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_goodput(rows: list, current: int, recommended: int, path: Path, title: str = "") -> None:
+    """suggest.png: predicted samples/s and goodput against the global batch (log x), the run's own batch and
+    the recommended one marked. `rows` are goodput.Prediction. Written to a temporary file, then renamed."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    batches = [row.global_batch_size for row in rows]
+    ax.plot(batches, [row.samples_per_sec for row in rows], "o-", label="throughput (samples/s)")
+    ax.plot(batches, [row.goodput for row in rows], "s-", label="goodput (samples/s x efficiency)")
+    ax.axvline(current, color="grey", linestyle="--", label=f"this run ({current})")
+    ax.axvline(recommended, color="tab:red", linestyle=":", label=f"recommended ({recommended})")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [str(batch) for batch in batches])
+    ax.set_ylim(bottom=0)
+    ax.set(xlabel="global batch size", ylabel="samples/s",
+           title=f"{title}: predicted throughput and goodput".strip(": "))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
