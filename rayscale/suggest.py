@@ -140,7 +140,8 @@ def lr_at(cfg: config_module.Config, batch: int) -> tuple[float, list[str]]:
 def overrides_for(cfg: config_module.Config, row: goodput.Prediction) -> list[str]:
     sets = [f"batch.global_batch_size={row.global_batch_size}"]
     # A null micro-batch means the whole per-worker batch: keep it null only where that is what the row uses.
-    keeps = cfg.batch.micro_batch_size == row.micro_batch_size or (
+    # Auto finds the micro-batch again at the new size.
+    keeps = cfg.batch.micro_batch_size in ("auto", row.micro_batch_size) or (
         cfg.batch.micro_batch_size is None and row.accumulation_steps == 1)
     if not keeps:
         sets.append(f"batch.micro_batch_size={row.micro_batch_size}")
@@ -162,6 +163,9 @@ def suggest(run_dir: Path, max_batch: int | None = None) -> Suggestion:
     cfg, records = read_run(run_dir)
     metrics_path = run_dir / "metrics.jsonl"
     plan = plan_batches(cfg.batch.global_batch_size, cfg.batch.micro_batch_size, cfg.scaling.num_workers)
+    if plan.auto:  # batch.micro_batch_size auto: the timings are of the micro-batch it settled on
+        found = [r["micro_batch_size"] for r in records if r.get("micro_batch_size")]
+        plan = plan_batches(plan.global_batch_size, found[-1] if found else None, plan.num_workers)
     run = measures(cfg, records, metrics_path)
     smallest = goodput.smallest_candidate(plan.global_batch_size, plan.num_workers)
     if max_batch is not None and max_batch < smallest:

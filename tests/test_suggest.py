@@ -252,3 +252,15 @@ def test_suggest_after_a_local_mode_training_run(tmp_path, capsys):
     assert written["current"] == 128 and written["model"]["micro_batch_measured"]  # 8 micro-batches a step
     assert written["inputs"]["noise_scale"] > 0 and "<- current" in out
     assert (tmp_path / "e2e" / "suggest.png").is_file()
+
+
+def test_a_run_with_auto_micro_batch_is_modelled_at_the_micro_batch_it_settled_on(tmp_path, capsys):
+    """batch.micro_batch_size auto started at 64 and ran out of memory: the lines say 16. The table's plans use
+    16, and the command leaves auto to find it again."""
+    lines = [metrics_line(2048 * i, micro_batch_size=16) for i in range(1, 6)]
+    run_dir = write_run(tmp_path / "run", lines, "batch.micro_batch_size=auto")
+    assert cli.main(["suggest", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    rows = {r["global_batch_size"]: r for r in json.loads((run_dir / "suggest.json").read_text())["candidates"]}
+    assert (rows[128]["micro_batch_size"], rows[128]["accumulation_steps"]) == (16, 4)
+    assert "batch.micro_batch_size=" not in out
