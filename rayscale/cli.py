@@ -42,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_args(tune)
     tune.add_argument("--resume", action="store_true", help="continue the search in run.output_dir/run.name")
 
+    finder = commands.add_parser("find-batch-size", help="the largest micro-batch that fits on the device, and "
+                                                        "the memory per sample")
+    _config_args(finder)
+    finder.add_argument("--max", type=int, help="largest micro-batch to try (default: 8x the per-worker batch)")
+    finder.add_argument("--memory-mb", type=float, help="CPU only: the memory a step may use (default: half of "
+                                                        "what is available now)")
+
     suggest = commands.add_parser("suggest", help="recommend a global batch size and lr from a finished run's "
                                                   "noise scale and step timings")
     suggest.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by rayscale train")
@@ -100,6 +107,34 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return tune_from_cli(args.config, args.overrides, address=args.address, resume=args.resume)
 
 
+def cmd_find_batch_size(args: argparse.Namespace) -> int:
+    from rayscale import batch_size_finder
+
+    if args.max is not None and args.max < 1:
+        raise UserError(f"--max {args.max}: expected a micro-batch of at least 1")
+    if args.memory_mb is not None and args.memory_mb <= 0:
+        raise UserError(f"--memory-mb {args.memory_mb:g}: expected a positive number of MiB")
+    cfg = config_module.load(args.config, args.overrides)
+    print(f"[rayscale] find-batch-size: model {cfg.model.name}, data {cfg.data.source}, {cfg.train.precision}, "
+          f"optimizer {cfg.optim.name}; one training step per probe", flush=True)
+
+    def shown(probe) -> None:
+        memory = f"{probe.peak_mb:,.1f} MiB" if probe.peak_mb is not None else "-"
+        print(f"  micro-batch {probe.micro_batch_size:>7,}  {'fits' if probe.fits else 'does not fit':<12}  "
+              f"{memory:>14}  {probe.seconds:.2f} s", flush=True)
+
+    finding = batch_size_finder.find(cfg, limit=args.max, memory_mb=args.memory_mb, progress=shown)
+    where = finding.device + (f", within {finding.budget_mb:,.0f} MiB of counted tensor memory"
+                              if finding.budget_mb is not None else "")
+    if finding.largest is None:
+        raise UserError(f"find-batch-size: not even micro-batch 1 fits on {where}; use a smaller model or "
+                        f"sequences, or train.precision bf16")
+    print(f"[rayscale] on {where}:")
+    for line in batch_size_finder.report(finding, cfg):
+        print("  " + line)
+    return 0
+
+
 def cmd_suggest(args: argparse.Namespace) -> int:
     from rayscale.suggest import suggest_from_cli
 
@@ -112,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train": cmd_train,
         "tune": cmd_tune,
         "suggest": cmd_suggest,
+        "find-batch-size": cmd_find_batch_size,
         "config": lambda a: cmd_config_show(a) if a.action == "show" else cmd_config_keys(a),
     }[args.command]
     try:
