@@ -71,6 +71,13 @@ class DataConfig:
                                   "sequences or shuffle full)", unit="MiB", minimum=0.0)
     bucket_by_length: bool = key(False, "group sequences of similar length to cut padding")
     stratified: bool = key(False, "class-balanced batches (classification)")
+    curriculum_column: str | None = key(None, "curriculum: a numeric Parquet column, lower = easier; early epochs "
+                                              "are ordered easy to hard (null: off; never a feature)")
+    curriculum_fraction: float = key(0.3, "curriculum: share of training (epochs x training rows) over which "
+                                          "harder rows are admitted; later epochs shuffle as usual",
+                                     minimum=0.0, exclusive_minimum=True)
+    curriculum_start: float = key(0.1, "curriculum: share of rows (the easiest) admitted from the first step",
+                                  minimum=0.0, exclusive_minimum=True)
     synthetic: SyntheticConfig = section(SyntheticConfig, "generator settings for source=synthetic")
 
 

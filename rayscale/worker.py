@@ -46,6 +46,8 @@ class Interval:
     grad_norm_sum: torch.Tensor
     noise: torch.Tensor  # sums of the per-step |G|^2 and tr(S) estimates, and how many steps gave one
     steps: int = 0
+    difficulty_sum: float = 0.0  # data.curriculum_column over this rank's rows (host side: numpy already)
+    difficulty_rows: int = 0
     samples: int = 0
     data_wait: float = 0.0
     clock: StepClock | None = None
@@ -181,10 +183,13 @@ def train_worker(payload: dict) -> None:
     train_cache = SplitCache(payload["train_cache"], limit) if payload.get("train_cache") else None
     val_cache = SplitCache(payload["val_cache"], limit) if payload.get("val_cache") else None
 
+    curriculum_epochs = set(payload.get("curriculum_epochs", ()))
+
     def rows_of(name: str, cache: SplitCache | None, order_epoch: int | None, shuffle: str, prefetch: int):
         """An epoch's numpy blocks: replayed from the worker's cache once it holds the split, else streamed
-        from Ray Data (and kept on the way when it may be cached)."""
-        if cache is not None and cache.ready:
+        from Ray Data (and kept on the way when it may be cached). A curriculum epoch's order is Ray Data's
+        sort, which the cache cannot replay: it always streams (the cache may still record it)."""
+        if cache is not None and cache.ready and order_epoch not in curriculum_epochs:
             return cache.replay(chunk_order(len(cache.starts), shuffle, cfg.seed, order_epoch))
         stream = ray.train.get_dataset_shard(name).iter_batches(batch_size=None, batch_format="numpy",
                                                                 prefetch_batches=prefetch)
@@ -277,9 +282,9 @@ def train_worker(payload: dict) -> None:
         nonlocal interval, last_report
         elapsed = time.perf_counter() - interval.started
         want_report = float(rank == 0 and time.perf_counter() - last_report >= cfg.train.report_every_seconds)
-        loss_sum, count, wants, true_sq, trace, estimates = _all_reduce(
-            [interval.loss_sum.item(), interval.count.item(), want_report, *interval.noise.tolist()],
-            device).tolist()
+        loss_sum, count, wants, true_sq, trace, estimates, difficulty_sum, difficulty_rows = _all_reduce(
+            [interval.loss_sum.item(), interval.count.item(), want_report, *interval.noise.tolist(),
+             interval.difficulty_sum, interval.difficulty_rows], device).tolist()
         if estimates:  # every rank updates its own copy with the same all-reduced means: all stay equal
             noise.update(true_sq / estimates, trace / estimates)
         noise_scale = noise.value
@@ -303,6 +308,9 @@ def train_worker(payload: dict) -> None:
             # Where a step's time goes (step_clock.py): what `rayscale suggest` predicts other batch sizes from.
             **{key: (value if value >= 0 else None) for key, value in zip(timings, timed, strict=True)},
             "peak_memory_mb": peak, "memory_mb": now, "nonfinite_skipped": guard.skipped_total,
+            # Mean data.curriculum_column of the rows trained since the last line: the curriculum at work.
+            **({"curriculum_difficulty": difficulty_sum / difficulty_rows if difficulty_rows else None}
+               if cfg.data.curriculum_column else {}),
             "time": time.time() - started,
             "started_at": started,
             **(extra or {}),
@@ -323,7 +331,9 @@ def train_worker(payload: dict) -> None:
     for epoch in range(progress["epoch"], epochs):
         skip = progress["step_in_epoch"] if epoch == progress["epoch"] else 0
         progress["epoch"], progress["step_in_epoch"] = epoch, 0
-        assembler = StepAssembler(plan, rank, seed=cfg.seed, epoch=epoch, shuffle=cfg.data.shuffle,
+        # A curriculum epoch arrives sorted (data.build_dataset): the assembler keeps that order.
+        assembler = StepAssembler(plan, rank, seed=cfg.seed, epoch=epoch,
+                                  shuffle="none" if epoch in curriculum_epochs else cfg.data.shuffle,
                                   window_rows=cfg.data.shuffle_buffer_rows,
                                   bucket_by_length=cfg.data.bucket_by_length, stratified=cfg.data.stratified)
         blocks = first_stream if epoch == first_epoch else rows_of(f"train_{epoch}", train_cache, epoch,
@@ -356,6 +366,9 @@ def train_worker(payload: dict) -> None:
                                                        result.grad_norm.double() ** 2, result.global_count)
             interval.steps += 1
             interval.samples += step_rows.rows_in_step
+            if "difficulty" in step_rows.rows and not step_rows.padding:
+                interval.difficulty_sum += float(step_rows.rows["difficulty"].sum())
+                interval.difficulty_rows += len(step_rows.rows["difficulty"])
             progress.update(samples_seen=samples_after, step=progress["step"] + 1,
                             step_in_epoch=step_in_epoch + 1)
 
