@@ -78,6 +78,12 @@ class DataConfig:
                                      minimum=0.0, exclusive_minimum=True)
     curriculum_start: float = key(0.1, "curriculum: share of rows (the easiest) admitted from the first step",
                                   minimum=0.0, exclusive_minimum=True)
+    online: bool = key(False, "one pass over data.source, a local directory that may grow while training runs: "
+                              "files in name order, no epochs (train.epochs and data.val_fraction are ignored)")
+    online_poll_s: float = key(2.0, "online: how often rank 0 lists the directory for new files",
+                               unit="seconds", minimum=0.0, exclusive_minimum=True)
+    online_idle_timeout_s: float = key(60.0, "online: the run ends when no new file has appeared for this long "
+                                             "with nothing left to train", unit="seconds", minimum=0.0)
     synthetic: SyntheticConfig = section(SyntheticConfig, "generator settings for source=synthetic")
 
 

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import parquet_fixtures
 import pyarrow as pa
 import pytest
+import torch
 
-from rayscale import cli, curriculum, sources
+from rayscale import cli, config, curriculum, online, sources, trainer
 from rayscale.config import DataConfig
 from rayscale.data import SplitSpec, add_curriculum_keys, build_dataset, curriculum_order, uniform_per_row
 
@@ -117,12 +120,14 @@ def graded_file(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def local_ray():
+def local_ray(tmp_path_factory):
+    """One Ray for the module's end-to-end tests. Its workers can import this module (the recording model)."""
     import ray
 
+    os.environ[SEEN_DIR_ENV] = str(tmp_path_factory.mktemp("seen"))
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
     ray.shutdown()
-    ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, dashboard_host="127.0.0.1",
-             logging_level="WARNING", include_dashboard=False)
+    trainer.connect(None, config.load())  # as `rayscale train` starts it (dashboard on, for Ray Train)
     yield
     ray.shutdown()
 
@@ -183,7 +188,148 @@ def test_curriculum_trains_easy_rows_first_end_to_end(graded_file, tmp_path, loc
     again = [json.loads(line) for line in (Path(tmp_path) / "graded-again" / "metrics.jsonl").read_text()
              .splitlines()]
     assert [r["curriculum_difficulty"] for r in again] == [r["curriculum_difficulty"] for r in records]
-    import torch
-
     first_model, second_model = (torch.load(Path(tmp_path) / name / "model.pt") for name in ("graded", "graded-again"))
     assert all(torch.equal(first_model[k], second_model[k]) for k in first_model)
+
+
+# ----------------------------------------------------------------------------------------------- online
+
+SEEN_DIR_ENV = "RAYSCALE_TEST_SEEN_DIR"
+
+
+class Recording(torch.nn.Module):
+    """A linear model that appends the row id of every training row it sees (`a` = id / 2, see tabular) to a
+    file per process in $RAYSCALE_TEST_SEEN_DIR (local mode: this process; Ray workers: theirs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        if self.training:
+            with open(Path(os.environ[SEEN_DIR_ENV]) / f"{os.getpid()}.txt", "a") as seen:
+                seen.write("".join(f"{i}\n" for i in (x[:, 0] * 2).round().long().tolist()))
+        return self.linear(x * 0.01)
+
+
+def recording_model(**kwargs):
+    return Recording()
+
+
+def seen_rows(directory: Path) -> list[list[int]]:
+    """Row ids each process trained on, in order, and the files emptied for the next run."""
+    out = []
+    for path in sorted(directory.glob("*.txt")):
+        out.append([int(line) for line in path.read_text().split()])
+        path.unlink()
+    return out
+
+
+@pytest.mark.parametrize("present, consumed, idle_for, expected", [
+    (["a.parquet", "b.parquet"], [], 0.0, online.Next(file="a.parquet")),  # the first in name order
+    (["a.parquet", "b.parquet"], ["a.parquet"], 0.0, online.Next(file="b.parquet")),
+    (["a.parquet"], ["a.parquet"], 1.0, online.Next()),  # nothing new yet: wait
+    (["a.parquet"], ["a.parquet"], 5.0, online.Next(stop=True)),  # idle for the whole timeout: stop
+])
+def test_rank_0_decides_the_next_file(tmp_path, present, consumed, expected, idle_for):
+    for name in present:
+        (tmp_path / name).touch()
+    state = {**online.fresh_state(), "files": consumed}
+    assert online.decide(str(tmp_path), state, idle_for, idle_timeout=5.0) == expected
+
+
+def test_a_file_that_sorts_before_a_trained_one_is_refused(tmp_path):
+    for name in ("b.parquet", "a2.parquet"):
+        (tmp_path / name).touch()
+    decision = online.decide(str(tmp_path), {**online.fresh_state(), "files": ["b.parquet"]}, 0.0, 5.0)
+    assert decision.error.startswith("data.source: a2.parquet arrived after b.parquet was trained")
+
+
+def _write_part(directory: Path, name: str, first_row: int, rows: int) -> None:
+    """As a producer should: under a name the reader ignores, then renamed into place."""
+    parquet_fixtures.write(directory / (name + ".tmp"), parquet_fixtures.tabular(first_row, rows), row_group_size=40)
+    os.replace(directory / (name + ".tmp"), directory / name)
+
+
+@pytest.mark.slow
+def test_online_trains_every_file_once_including_one_that_arrives_mid_run(tmp_path, local_ray, seen_dir):
+    stream = tmp_path / "stream"
+    stream.mkdir()
+    _write_part(stream, "part-000.parquet", 0, 100)
+    _write_part(stream, "part-001.parquet", 100, 70)
+    run_dir = tmp_path / "runs" / "online"
+    argv = ["train", "--set", f"data.source={stream}", "--set", "data.online=true", "--set", "data.online_poll_s=0.2",
+            "--set", "data.online_idle_timeout_s=3", "--set", "schedule.name=constant",
+            "--set", "model.name=test_ordering:recording_model", "--set", "scaling.num_workers=0",
+            "--set", "batch.global_batch_size=32", "--set", "batch.micro_batch_size=null",
+            "--set", "train.log_every_samples=64", "--set", f"run.output_dir={tmp_path / 'runs'}",
+            "--set", "run.name=online"]
+    added_at = {}
+
+    def add_third_file() -> None:  # once the first file is trained (its checkpoint exists), a third arrives
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not list((run_dir / "checkpoints").glob("checkpoint*")):
+            time.sleep(0.05)
+        _write_part(stream, "part-002.parquet", 170, 45)
+        added_at["time"] = time.monotonic()
+
+    producer = threading.Thread(target=add_third_file)
+    producer.start()
+    assert cli.main(argv) == 0
+    ended = time.monotonic()
+    producer.join()
+    (seen,) = seen_rows(seen_dir)
+    assert sorted(seen) == list(range(215))  # every row of the three files, each once
+    assert seen[:100] == list(range(100))  # in file (name) order, no shuffle
+    assert ended - added_at["time"] >= 3  # it waited the idle timeout after the last file
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["online_files"] == 3 and summary["online_rows"] == 215 == summary["samples_seen"]
+    assert summary["steps"] == 4 + 3 + 2  # each file's partial last step is trained at once: 100, 70, 45 rows
+
+
+
+@pytest.mark.slow
+def test_online_rerun_resumes_from_its_checkpoint_and_trains_only_new_files(tmp_path, seen_dir):
+    stream = tmp_path / "stream"
+    stream.mkdir()
+    _write_part(stream, "part-000.parquet", 0, 100)
+    argv = ["train", "--set", f"data.source={stream}", "--set", "data.online=true", "--set", "data.online_poll_s=0.2",
+            "--set", "data.online_idle_timeout_s=0.5", "--set", "schedule.name=constant",
+            "--set", "model.name=test_ordering:recording_model", "--set", "scaling.num_workers=0",
+            "--set", "batch.global_batch_size=32", "--set", f"run.output_dir={tmp_path / 'runs'}",
+            "--set", "run.name=online"]
+    assert cli.main(argv) == 0
+    assert seen_rows(seen_dir) == [list(range(100))]
+    _write_part(stream, "part-001.parquet", 100, 33)
+    _write_part(stream, "part-002.parquet", 133, 40)
+    assert cli.main(argv) == 0  # the same command: resumes from the last checkpoint, trains the new files only
+    assert seen_rows(seen_dir) == [list(range(100, 173))]
+    summary = json.loads((tmp_path / "runs" / "online" / "summary.json").read_text())
+    assert summary["online_files"] == 3 and summary["samples_seen"] == 173 and summary["steps"] == 4 + 2 + 2
+    records = [json.loads(line) for line in (tmp_path / "runs" / "online" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["online_rows"] for r in records if r.get("epoch_end")] == [100, 173]  # one log, cut and continued
+
+
+@pytest.fixture
+def seen_dir(local_ray) -> Path:
+    seen_rows(Path(os.environ[SEEN_DIR_ENV]))
+    return Path(os.environ[SEEN_DIR_ENV])
+
+
+@pytest.mark.slow
+def test_online_two_workers_agree_on_files_and_steps(tmp_path, seen_dir):
+    stream = tmp_path / "stream"
+    stream.mkdir()
+    _write_part(stream, "part-000.parquet", 0, 90)  # shares of 16 rows; last steps of 26 and 28 rows: no padding
+    _write_part(stream, "part-001.parquet", 90, 60)
+    argv = ["train", "--set", f"data.source={stream}", "--set", "data.online=true", "--set", "data.online_poll_s=0.2",
+            "--set", "data.online_idle_timeout_s=1", "--set", "schedule.name=constant",
+            "--set", "model.name=test_ordering:recording_model", "--set", "scaling.num_workers=2",
+            "--set", "batch.global_batch_size=32", "--set", "batch.micro_batch_size=null",
+            "--set", f"run.output_dir={tmp_path / 'runs'}", "--set", "run.name=online2"]
+    assert cli.main(argv) == 0
+    ranks = seen_rows(seen_dir)
+    assert len(ranks) == 2 and sorted(ranks[0] + ranks[1]) == list(range(150))  # each row once, on one rank
+    assert ranks[0][:16] == list(range(16)) and ranks[1][:16] == list(range(16, 32))  # the same steps, split
+    summary = json.loads((tmp_path / "runs" / "online2" / "summary.json").read_text())
+    assert summary["online_files"] == 2 and summary["samples_seen"] == 150 and summary["steps"] == 3 + 2
