@@ -60,6 +60,21 @@ def verify(directory: str | Path) -> None:
                 raise IncompleteCheckpoint(f"checkpoint {directory}: {name} has {found} of {size} bytes")
 
 
+def latest_local(directory: str | Path) -> Path | None:
+    """Local mode's own checkpoints (Ray Train does not restore them): the complete one furthest into
+    training under `directory`, or None."""
+    best, best_samples = None, -1
+    for path in sorted(Path(directory).glob("checkpoint-*")):
+        try:
+            verify(path)
+        except IncompleteCheckpoint:
+            continue
+        samples = load(path / STATE_FILE)["progress"]["samples_seen"]
+        if samples > best_samples:
+            best, best_samples = path, samples
+    return best
+
+
 def staging_dir(run_dir: str | Path, rank: int) -> Path:
     """Where a rank writes a checkpoint before Ray copies it to storage: local disk, one per run and rank, so
     a new attempt can remove what a killed one left (see `fresh_staging_dir`)."""

@@ -72,6 +72,19 @@ class DataConfig:
                                   "sequences or shuffle full)", unit="MiB", minimum=0.0)
     bucket_by_length: bool = key(False, "group sequences of similar length to cut padding")
     stratified: bool = key(False, "class-balanced batches (classification)")
+    curriculum_column: str | None = key(None, "curriculum: a numeric Parquet column, lower = easier; early epochs "
+                                              "are ordered easy to hard (null: off; never a feature)")
+    curriculum_fraction: float = key(0.3, "curriculum: share of training (epochs x training rows) over which "
+                                          "harder rows are admitted; later epochs shuffle as usual",
+                                     minimum=0.0, exclusive_minimum=True)
+    curriculum_start: float = key(0.1, "curriculum: share of rows (the easiest) admitted from the first step",
+                                  minimum=0.0, exclusive_minimum=True)
+    online: bool = key(False, "one pass over data.source, a local directory that may grow while training runs: "
+                              "files in name order, no epochs (train.epochs and data.val_fraction are ignored)")
+    online_poll_s: float = key(2.0, "online: how often rank 0 lists the directory for new files",
+                               unit="seconds", minimum=0.0, exclusive_minimum=True)
+    online_idle_timeout_s: float = key(60.0, "online: the run ends when no new file has appeared for this long "
+                                             "with nothing left to train", unit="seconds", minimum=0.0)
     synthetic: SyntheticConfig = section(SyntheticConfig, "generator settings for source=synthetic")
 
 

@@ -19,12 +19,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rayscale import sources
+from rayscale import curriculum, sources
 from rayscale.batching import BatchPlan, micro_batch_bounds, rank_slice
 from rayscale.config import DataConfig
 
 VAL_BUCKETS = 1_000_000
 READ_CPUS = 0.25
+CURRICULUM_KEY = "curriculum_key"  # the sort key column, dropped after the sort
 
 
 def _mix(row_ids: np.ndarray) -> np.ndarray:
@@ -95,11 +96,57 @@ def chunk_order(num_chunks: int, shuffle: str, seed: int, epoch: int | None) -> 
     return order
 
 
-def build_dataset(spec: SplitSpec, epoch: int | None = None):
-    """A lazy Ray Dataset of the split; for training, ordered (or shuffled) for `epoch`."""
+@dataclass(frozen=True)
+class CurriculumOrder:
+    """What a Ray Data task needs to compute one epoch's curriculum sort keys (curriculum.py): plain data."""
+
+    epoch: int
+    train_rows: int  # rows per epoch
+    span: int  # samples over which the competence grows to 1
+    start: float  # data.curriculum_start
+    seed: int
+    histogram: tuple[tuple[float, ...], tuple[int, ...]]  # the difficulty column's (edges, counts)
+
+
+def curriculum_order(spec: SplitSpec, epoch: int, epochs: int, train_rows: int) -> CurriculumOrder | None:
+    """The curriculum order of a training epoch, or None when the curriculum is off or its span is over."""
+    data = spec.data
+    if data.curriculum_column is None or spec.info.difficulty_histogram is None:
+        return None
+    if epoch not in curriculum.curriculum_epochs(data.curriculum_fraction, epochs, train_rows):
+        return None
+    return CurriculumOrder(epoch, train_rows, curriculum.span_samples(data.curriculum_fraction, epochs, train_rows),
+                           data.curriculum_start, spec.seed, spec.info.difficulty_histogram)
+
+
+def uniform_per_row(row_ids: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """A seeded value in [0, 1) per (seed, epoch, row id), whatever the block boundaries or order."""
+    salt = np.uint64((seed * 1_000_003 + epoch * 7919 + 12345) % 2**63)
+    with np.errstate(over="ignore"):
+        mixed = _mix(_mix(row_ids) ^ salt)
+    return (mixed >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def add_curriculum_keys(batch: dict[str, np.ndarray], order: CurriculumOrder) -> dict[str, np.ndarray]:
+    """Ray Data map_batches function: each row's curriculum sort key (ascending = trained first)."""
+    edges, counts = (np.asarray(part, dtype=np.float64) for part in order.histogram)
+    quantile = curriculum.quantiles(batch["difficulty"], edges, counts)
+    keys = curriculum.sort_keys(quantile, uniform_per_row(batch["row_id"], order.seed, order.epoch),
+                                epoch=order.epoch, train_rows=order.train_rows, span=order.span,
+                                start=order.start)
+    return {**batch, CURRICULUM_KEY: keys}
+
+
+def build_dataset(spec: SplitSpec, epoch: int | None = None, order: CurriculumOrder | None = None):
+    """A lazy Ray Dataset of the split; for training, ordered (or shuffled) for `epoch`.
+
+    With a curriculum `order` the epoch's rows are sorted by their curriculum key in Ray Data (a distributed
+    sort, spilled by Ray's object store, never gathered on the driver), ties broken by row id: one total order,
+    so every rank and every run (and a resumed one) streams the same rows in the same order.
+    """
     import ray.data
 
-    shuffle = spec.data.shuffle if spec.split == "train" else "none"
+    shuffle = spec.data.shuffle if spec.split == "train" and order is None else "none"
     items = [{"chunk": int(i)} for i in chunk_order(len(spec.info.chunks), shuffle, spec.seed, epoch)]
     # A fraction of a CPU per read task: Ray Data's budget excludes every running trainer's CPUs, so with
     # concurrent Tune trials less than one whole CPU may be left, and a 1-CPU task would never start.
@@ -107,6 +154,10 @@ def build_dataset(spec: SplitSpec, epoch: int | None = None):
         read_split_chunks, fn_kwargs={"spec": spec}, batch_size=1, batch_format="numpy", num_cpus=READ_CPUS)
     if shuffle == "full" and epoch is not None:
         dataset = dataset.random_shuffle(seed=spec.seed * 1000 + epoch, num_cpus=READ_CPUS)
+    if order is not None:
+        dataset = dataset.map_batches(add_curriculum_keys, fn_kwargs={"order": order}, batch_format="numpy",
+                                      num_cpus=READ_CPUS)
+        dataset = dataset.sort([CURRICULUM_KEY, "row_id"]).drop_columns([CURRICULUM_KEY])
     return dataset
 
 
@@ -175,6 +226,7 @@ class StepRows:
 
     rows: dict[str, np.ndarray]
     rows_in_step: int
+    padding: bool = False  # this rank had no rows in the step: `rows` is one zero-weight stand-in
 
 
 def _take(columns: dict[str, np.ndarray], index: np.ndarray | slice) -> dict[str, np.ndarray]:
@@ -248,7 +300,7 @@ class StepAssembler:
             if high == low:  # nothing left for this rank: one zero-weight row keeps DDP in step
                 mine = _take(step, slice(0, 1))
                 mine["weight"] = np.zeros(1, dtype=np.float32)
-            yield StepRows(mine, rows_in_step)
+            yield StepRows(mine, rows_in_step, padding=high == low)
 
 
 # ------------------------------------------------------------------------------------------------ collate

@@ -57,6 +57,8 @@ class SourceInfo:
     spec: DataSpec  # task, input_shape, num_outputs, vocab_size
     chunks: tuple[Chunk, ...]  # in row-id order, covering [0, num_rows) without gaps
     num_rows: int
+    # data.curriculum_column of the training source: histogram bin edges and counts (curriculum.quantiles)
+    difficulty_histogram: tuple[tuple[float, ...], tuple[int, ...]] | None = None
 
 
 def inspect_source(source: str, data: DataConfig, seed: int, *, key: str = "data.source") -> SourceInfo:
@@ -253,6 +255,7 @@ class _Columns:
     label: str
     weight: str | None
     sequence: str | None
+    difficulty: str | None = None  # data.curriculum_column where the file has it (required in data.source)
 
 
 def _resolve_columns(schema: pa.Schema, data: DataConfig, path: str) -> _Columns:
@@ -264,6 +267,15 @@ def _resolve_columns(schema: pa.Schema, data: DataConfig, path: str) -> _Columns
         return schema.field(name).type
 
     label_type = need(data.label, "data.label")
+    difficulty = data.curriculum_column if data.curriculum_column in names else None
+    if difficulty is not None:
+        tp = schema.field(difficulty).type
+        if not (pa.types.is_integer(tp) or pa.types.is_floating(tp)):
+            raise UserError(f"data.curriculum_column: column {difficulty!r} in {path} is {tp}, expected numbers "
+                            f"(lower = easier)")
+        if difficulty in (data.features or ()) or difficulty in (data.label, data.weight, data.sequence):
+            raise UserError(f"data.curriculum_column: column {difficulty!r} is also used as a feature, label, "
+                            f"weight or sequence; the difficulty must not be an input")
     if data.weight is not None and not _is_number(need(data.weight, "data.weight")):
         raise UserError(f"data.weight: column {data.weight!r} in {path} is {schema.field(data.weight).type}, "
                         f"expected numbers")
@@ -277,7 +289,7 @@ def _resolve_columns(schema: pa.Schema, data: DataConfig, path: str) -> _Columns
                 why = " (one label per token, because data.sequence is set)" if config_key == "data.label" else ""
                 raise UserError(f"{config_key}: column {name!r} in {path} is {tp}, expected a list of "
                                 f"integers{why}")
-        return _Columns((), data.label, data.weight, data.sequence)
+        return _Columns((), data.label, data.weight, data.sequence, difficulty)
 
     if not (_is_number(label_type) or (_is_list(label_type) and pa.types.is_floating(label_type.value_type))):
         raise UserError(f"data.label: column {data.label!r} in {path} is {label_type}, expected integers "
@@ -287,7 +299,7 @@ def _resolve_columns(schema: pa.Schema, data: DataConfig, path: str) -> _Columns
         for name in features:
             need(name, "data.features")
     else:
-        taken = {data.label, data.weight}
+        taken = {data.label, data.weight, data.curriculum_column}  # the difficulty is never a feature
         features = [n for n in names if n not in taken and not n.startswith("__index_level_")]
         if not features:
             raise UserError(f"data.features: no feature columns left in {path} (columns: {', '.join(names)})")
@@ -301,7 +313,7 @@ def _resolve_columns(schema: pa.Schema, data: DataConfig, path: str) -> _Columns
         if not _is_number(tp):
             raise UserError(f"data.features: column {name!r} in {path} is {schema.field(name).type}, "
                             f"expected numbers")
-    return _Columns(tuple(features), data.label, data.weight, None)
+    return _Columns(tuple(features), data.label, data.weight, None, difficulty)
 
 
 def _inspect_parquet(source: str, data: DataConfig, key: str) -> SourceInfo:
@@ -324,6 +336,9 @@ def _inspect_parquet(source: str, data: DataConfig, key: str) -> SourceInfo:
             raise UserError(f"{key}: {path} is not a readable Parquet file ({_first_line(exc)})") from None
         with parquet:
             resolved = _resolve_columns(schema, data, path)
+            if key == "data.source" and data.curriculum_column is not None and resolved.difficulty is None:
+                raise UserError(f"data.curriculum_column: column {data.curriculum_column!r} not in {path} "
+                                f"(columns: {', '.join(schema.names)})")
             if columns is None:
                 columns, first_path = resolved, path
                 types = {name: schema.field(name).type for name in _used(columns)}
@@ -348,7 +363,37 @@ def _inspect_parquet(source: str, data: DataConfig, key: str) -> SourceInfo:
     # checked as every chunk is read (a full scan up front would read the whole dataset twice).
     _read_parquet(chunks[0], data)
     spec = _parquet_spec(columns, types, stats, data, first_path)
-    return SourceInfo("parquet", spec, tuple(chunks), chunks[-1].stop)
+    histogram = _histogram(paths, columns.difficulty) if key == "data.source" and columns.difficulty else None
+    return SourceInfo("parquet", spec, tuple(chunks), chunks[-1].stop, histogram)
+
+
+def _histogram(paths: list[str], name: str) -> tuple[tuple[float, ...], tuple[int, ...]]:
+    """The difficulty column's histogram (curriculum.HISTOGRAM_BINS equal bins from its min to its max), read
+    one row group's column at a time: the driver never holds the column whole."""
+    from rayscale.curriculum import HISTOGRAM_BINS
+
+    def groups():
+        for path in paths:
+            with _open(path) as parquet:
+                for group in range(parquet.metadata.num_row_groups):
+                    values = parquet.read_row_group(group, columns=[name]).column(0)
+                    if values.null_count:
+                        raise UserError(f"data.curriculum_column: column {name!r} in {path} has missing values")
+                    values = values.to_numpy().astype(np.float64)
+                    if len(values) and not np.isfinite(values).all():
+                        raise UserError(f"data.curriculum_column: column {name!r} in {path} has NaN or infinite "
+                                        f"values; expected finite numbers")
+                    yield values
+
+    low, high = np.inf, -np.inf
+    for values in groups():
+        if len(values):
+            low, high = min(low, values.min()), max(high, values.max())
+    edges = np.linspace(low, high if high > low else low + 1.0, HISTOGRAM_BINS + 1)
+    counts = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
+    for values in groups():
+        counts += np.histogram(values, bins=edges)[0]
+    return tuple(edges.tolist()), tuple(counts.tolist())
 
 
 def _used(columns: _Columns) -> list[str]:
@@ -358,6 +403,7 @@ def _used(columns: _Columns) -> list[str]:
 def _roles(columns: _Columns) -> list[tuple[str, str]]:
     roles = [(name, "data.features") for name in columns.features] + [(columns.label, "data.label")]
     roles += [(columns.weight, "data.weight")] if columns.weight else []
+    roles += [(columns.difficulty, "data.curriculum_column")] if columns.difficulty else []
     return roles + ([(columns.sequence, "data.sequence")] if columns.sequence else [])
 
 
@@ -512,6 +558,8 @@ def _read_parquet(chunk: Chunk, data: DataConfig) -> dict[str, np.ndarray]:
                 _check_labels(int(rows["y"].min()), int(rows["y"].max()), columns.label, path, data.num_classes)
     if columns.weight:
         rows["weight"] = _numbers(table.column(columns.weight))
+    if columns.difficulty:
+        rows["difficulty"] = table.column(columns.difficulty).to_numpy().astype(np.float64)
     _check_finite(rows, columns, path, chunk.start)
     return rows
 
@@ -519,7 +567,8 @@ def _read_parquet(chunk: Chunk, data: DataConfig) -> dict[str, np.ndarray]:
 def _check_finite(rows: dict[str, np.ndarray], columns: _Columns, path: str, first_row: int) -> None:
     """NaN or infinity in the inputs would train on silently (or poison every step): refuse, naming the row."""
     keys = {"x": ("data.features", ", ".join(columns.features) if columns.features else columns.sequence),
-            "y": ("data.label", columns.label), "weight": ("data.weight", columns.weight)}
+            "y": ("data.label", columns.label), "weight": ("data.weight", columns.weight),
+            "difficulty": ("data.curriculum_column", columns.difficulty)}
     for name, (config_key, column) in keys.items():
         values = rows.get(name)
         if values is None or values.dtype.kind != "f":

@@ -57,6 +57,8 @@ def prepare(cfg: Config) -> PreparedRun:
         raise UserError("train.precision fp16 needs a GPU (scaling.use_gpu: true); use bf16 on CPU")
     if cfg.data.val_source is None and not 0 <= cfg.data.val_fraction < 1:
         raise UserError(f"data.val_fraction: expected a value in [0, 1), got {cfg.data.val_fraction}")
+    _check_curriculum(cfg)
+    _check_online(cfg)
     info = sources.inspect_source(cfg.data.source, cfg.data, cfg.seed)
     if cfg.data.val_source is not None:
         val_info = sources.inspect_source(cfg.data.val_source, cfg.data, cfg.seed, key="data.val_source")
@@ -67,6 +69,9 @@ def prepare(cfg: Config) -> PreparedRun:
         train = data.SplitSpec(info, "all", 0.0, cfg.data, cfg.seed)
         val = data.SplitSpec(val_info, "all", 0.0, cfg.data, cfg.seed)
         train_rows, val_rows = info.num_rows, val_info.num_rows
+    elif cfg.data.online:  # no held-out split of a stream: validation only with data.val_source
+        train, val = data.SplitSpec(info, "all", 0.0, cfg.data, cfg.seed), None
+        train_rows, val_rows = info.num_rows, 0
     else:
         train = data.SplitSpec(info, "train", cfg.data.val_fraction, cfg.data, cfg.seed)
         val = data.SplitSpec(info, "val", cfg.data.val_fraction, cfg.data, cfg.seed)
@@ -75,13 +80,46 @@ def prepare(cfg: Config) -> PreparedRun:
         val = val if val_rows else None
     if train_rows == 0:
         raise UserError(f"data.source: {cfg.data.source} leaves no training rows")
-    if train_rows < plan.global_batch_size:
+    if train_rows < plan.global_batch_size and not cfg.data.online:  # online: small files are fine
         raise UserError(f"batch.global_batch_size: {plan.global_batch_size} is more than the {train_rows} training "
                         f"rows of {cfg.data.source} (not one full step per epoch); expected at most {train_rows}")
     _check_model(cfg, info.spec)
     run_dir = run_directory(cfg)
     _check_writable(run_dir)
     return PreparedRun(cfg, plan, train, val, train_rows, val_rows, run_dir)
+
+
+def _check_curriculum(cfg: Config) -> None:
+    data = cfg.data
+    if data.curriculum_column is None:
+        return
+    if data.source in sources.BUILTIN:
+        raise UserError(f"data.curriculum_column: data.source {data.source} has no columns; a curriculum needs "
+                        f"a Parquet source with a difficulty column")
+    for name, value in (("curriculum_fraction", data.curriculum_fraction), ("curriculum_start", data.curriculum_start)):
+        if value > 1:
+            raise UserError(f"data.{name}: expected a share in (0, 1], got {value}")
+    if data.stratified or data.bucket_by_length:
+        which = "data.stratified" if data.stratified else "data.bucket_by_length"
+        raise UserError(f"data.curriculum_column: not with {which}, which rearranges rows inside each window "
+                        f"and would undo the curriculum's order")
+
+
+def _check_online(cfg: Config) -> None:
+    data = cfg.data
+    if not data.online:
+        return
+    if data.source in sources.BUILTIN or "://" in data.source or not os.path.isdir(os.path.expanduser(data.source)):
+        raise UserError(f"data.online: data.source must be a local directory of Parquet files that may grow, got "
+                        f"{data.source!r}")
+    if data.curriculum_column is not None:
+        raise UserError("data.curriculum_column: not with data.online (a stream is trained in arrival order)")
+    if cfg.schedule.name != "constant":
+        raise UserError(f"schedule.name: {cfg.schedule.name} decays over the run's length, which data.online does "
+                        f"not know in advance; set schedule.name=constant (warmup still applies)")
+    if data.online_poll_s >= cfg.run.hang_timeout_s:
+        raise UserError(f"data.online_poll_s: {data.online_poll_s:g} s must be below run.hang_timeout_s "
+                        f"({cfg.run.hang_timeout_s:g} s): the other ranks wait for rank 0's poll in a collective")
 
 
 def _check_model(cfg: Config, spec) -> None:
@@ -252,6 +290,7 @@ def payload(prepared: PreparedRun, eval_at_samples: list[int] | tuple[int, ...] 
         "spec": dataclasses.asdict(prepared.spec),
         "train_rows": prepared.train_rows,
         "val_rows": prepared.val_rows,
+        "curriculum_epochs": [epoch for epoch in range(prepared.cfg.train.epochs) if _curriculum(prepared, epoch)],
         "run_dir": str(prepared.run_dir),
         "local_mode": prepared.cfg.scaling.num_workers == 0,
         "cache_mb": prepared.cfg.data.cache_mb,
@@ -278,7 +317,9 @@ def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, nam
     # ray.train.report is a barrier released at the controller's next poll: at Ray's 2 s, a 12-epoch digits run
     # took 82 s, at 0.2 s 33 s (measured, 2 cores). Polling a worker is one small actor call.
     os.environ[POLL_INTERVAL_ENV] = str(cfg.run.poll_interval_s)
-    datasets = {f"train_{epoch}": data.build_dataset(prepared.train, epoch) for epoch in range(cfg.train.epochs)}
+    # Online mode: the workers read the growing directory themselves (online.py), no train datasets.
+    datasets = {f"train_{epoch}": data.build_dataset(prepared.train, epoch, _curriculum(prepared, epoch))
+                for epoch in range(cfg.train.epochs)} if not cfg.data.online else {}
     if prepared.val is not None:
         datasets["val"] = data.build_dataset(prepared.val)
     execution = ray.data.ExecutionOptions(preserve_order=True)  # the same row order on every rank and run
@@ -304,6 +345,10 @@ def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, nam
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
     )
+
+
+def _curriculum(prepared: PreparedRun, epoch: int) -> data.CurriculumOrder | None:
+    return data.curriculum_order(prepared.train, epoch, prepared.cfg.train.epochs, prepared.train_rows)
 
 
 def _controller_callback(groups_file: Path):
@@ -383,9 +428,11 @@ def write_outputs(prepared: PreparedRun, result, started: float, first_step_at: 
         "batch_plan": _final_plan(prepared.plan, progress),
         "effective_lr": scaled_lr(cfg.optim.lr, cfg.batch.global_batch_size, cfg.optim.base_batch_size,
                                   cfg.optim.scaling_rule),
-        "train_rows": prepared.train_rows,
+        "train_rows": progress["online"]["rows"] if cfg.data.online else prepared.train_rows,
         "val_rows": prepared.val_rows,
         "rows_left_out": 0,  # partial last steps are trained, never dropped (see data.py)
+        **({"online_files": len(progress["online"]["files"]), "online_rows": progress["online"]["rows"]}
+           if cfg.data.online else {}),
         # Worker groups started after the first, by this driver or an earlier (killed) one; local mode has none.
         "restarts": max(progress.get("resumes", 0), _lines(run_dir / GROUPS_FILE) - 1),
         "nonfinite_skipped": progress.get("nonfinite_skipped", 0),
@@ -415,7 +462,9 @@ def print_summary(summary: dict) -> None:
     final = summary["final"]
     rows = [
         ("run", summary["run_dir"]),
-        ("samples seen", f"{summary['samples_seen']:,} in {summary['steps']:,} steps, {summary['epochs']} epochs"),
+        ("samples seen", f"{summary['samples_seen']:,} in {summary['steps']:,} steps, "
+                         + (f"{summary['online_files']} files (online)" if "online_files" in summary
+                            else f"{summary['epochs']} epochs")),
         ("batch plan", "global {global_batch_size} = micro {micro_batch_size} x {accumulation_steps} accumulation"
                        " x {num_workers} workers".format(**summary["batch_plan"])),
         ("train loss", _fmt(final.get("train_loss"))),

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from rayscale import checkpoint, config, tasks
+from rayscale import checkpoint, config, online, tasks
 from rayscale.averaging import WeightAverage
 from rayscale.batching import plan_batches, smaller_micro_batch
 from rayscale.data import SplitCache, StepAssembler, chunk_order, micro_batches
@@ -47,6 +47,8 @@ class Interval:
     grad_norm_sum: torch.Tensor
     noise: torch.Tensor  # sums of the per-step |G|^2 and tr(S) estimates, and how many steps gave one
     steps: int = 0
+    difficulty_sum: float = 0.0  # data.curriculum_column over this rank's rows (host side: numpy already)
+    difficulty_rows: int = 0
     samples: int = 0
     data_wait: float = 0.0
     clock: StepClock | None = None
@@ -168,6 +170,9 @@ def train_worker(payload: dict) -> None:
     metrics_path = run_dir / METRICS_FILE
     run_dir.mkdir(parents=True, exist_ok=True)  # rank 0 may run on a node where the driver created nothing
     restored = ray.train.get_checkpoint()
+    if restored is None and local_mode:  # re-running a local-mode run.name resumes it too
+        latest = checkpoint.latest_local(run_dir / "checkpoints")
+        restored = ray.train.Checkpoint.from_directory(str(latest)) if latest is not None else None
     state = own_rng = None
     if restored is not None:
         with restored.as_directory() as directory:
@@ -182,10 +187,13 @@ def train_worker(payload: dict) -> None:
     train_cache = SplitCache(payload["train_cache"], limit) if payload.get("train_cache") else None
     val_cache = SplitCache(payload["val_cache"], limit) if payload.get("val_cache") else None
 
+    curriculum_epochs = set(payload.get("curriculum_epochs", ()))
+
     def rows_of(name: str, cache: SplitCache | None, order_epoch: int | None, shuffle: str, prefetch: int):
         """An epoch's numpy blocks: replayed from the worker's cache once it holds the split, else streamed
-        from Ray Data (and kept on the way when it may be cached)."""
-        if cache is not None and cache.ready:
+        from Ray Data (and kept on the way when it may be cached). A curriculum epoch's order is Ray Data's
+        sort, which the cache cannot replay: it always streams (the cache may still record it)."""
+        if cache is not None and cache.ready and order_epoch not in curriculum_epochs:
             return cache.replay(chunk_order(len(cache.starts), shuffle, cfg.seed, order_epoch))
         stream = ray.train.get_dataset_shard(name).iter_batches(batch_size=None, batch_format="numpy",
                                                                 prefetch_batches=prefetch)
@@ -195,7 +203,7 @@ def train_worker(payload: dict) -> None:
     # constructor imports torch._dynamo, ~1.8 s): the first epoch starts streaming while the model is built.
     first_epoch = state["progress"]["epoch"] if state is not None else 0
     first_stream = started_early(rows_of(f"train_{first_epoch}", train_cache, first_epoch, cfg.data.shuffle, 4)) \
-        if first_epoch < epochs else None
+        if first_epoch < epochs and not cfg.data.online else None
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     np.random.seed(cfg.seed)
@@ -238,7 +246,8 @@ def train_worker(payload: dict) -> None:
     if rank == 0:
         if restored is None and metrics_path.exists():
             metrics_path.unlink()
-        print(f"[rayscale] {plan.describe()}; {train_rows} training rows, {epochs} epochs"
+        print(f"[rayscale] {plan.describe()}; "
+              + (f"online over {cfg.data.source}" if cfg.data.online else f"{train_rows} training rows, {epochs} epochs")
               + (f"; resuming at epoch {progress['epoch']} step {progress['step_in_epoch']}" if restored else ""),
               flush=True)
 
@@ -283,9 +292,9 @@ def train_worker(payload: dict) -> None:
         nonlocal interval, last_report
         elapsed = time.perf_counter() - interval.started
         want_report = float(rank == 0 and time.perf_counter() - last_report >= cfg.train.report_every_seconds)
-        loss_sum, count, wants, true_sq, trace, estimates = _all_reduce(
-            [interval.loss_sum.item(), interval.count.item(), want_report, *interval.noise.tolist()],
-            device).tolist()
+        loss_sum, count, wants, true_sq, trace, estimates, difficulty_sum, difficulty_rows = _all_reduce(
+            [interval.loss_sum.item(), interval.count.item(), want_report, *interval.noise.tolist(),
+             interval.difficulty_sum, interval.difficulty_rows], device).tolist()
         if estimates:  # every rank updates its own copy with the same all-reduced means: all stay equal
             noise.update(true_sq / estimates, trace / estimates)
         noise_scale = noise.value
@@ -310,6 +319,9 @@ def train_worker(payload: dict) -> None:
             **{key: (value if value >= 0 else None) for key, value in zip(timings, timed, strict=True)},
             **({"micro_batch_size": micro_size} if auto_micro else {}),
             "peak_memory_mb": peak, "memory_mb": now, "nonfinite_skipped": guard.skipped_total,
+            # Mean data.curriculum_column of the rows trained since the last line: the curriculum at work.
+            **({"curriculum_difficulty": difficulty_sum / difficulty_rows if difficulty_rows else None}
+               if cfg.data.curriculum_column else {}),
             "time": time.time() - started,
             "started_at": started,
             **(extra or {}),
@@ -351,15 +363,10 @@ def train_worker(payload: dict) -> None:
                           f"at micro-batch {micro_size} (batch.micro_batch_size auto)", flush=True)
                 batch = micro_batches(step_rows, micro_size, device)
 
-    for epoch in range(progress["epoch"], epochs):
-        skip = progress["step_in_epoch"] if epoch == progress["epoch"] else 0
-        progress["epoch"], progress["step_in_epoch"] = epoch, 0
-        assembler = StepAssembler(plan, rank, seed=cfg.seed, epoch=epoch, shuffle=cfg.data.shuffle,
-                                  window_rows=cfg.data.shuffle_buffer_rows,
-                                  bucket_by_length=cfg.data.bucket_by_length, stratified=cfg.data.stratified)
-        blocks = first_stream if epoch == first_epoch else rows_of(f"train_{epoch}", train_cache, epoch,
-                                                                   cfg.data.shuffle, 4)
-        stream = iter(assembler.steps(blocks))
+    def run_steps(stream: Iterator, skip: int, epoch: int, segment_end: int) -> None:
+        """Train the steps of one segment (an epoch, or a file in online mode), skipping the first `skip`
+        (committed before a restart); logs, validates mid-segment and checkpoints on their intervals."""
+        nonlocal next_log, next_eval, next_checkpoint, last_report
         model.train()
         waited_from = time.perf_counter()
         for step_in_epoch, step_rows in enumerate(stream):
@@ -383,6 +390,9 @@ def train_worker(payload: dict) -> None:
                                                        result.grad_norm.double() ** 2, result.global_count)
             interval.steps += 1
             interval.samples += step_rows.rows_in_step
+            if "difficulty" in step_rows.rows and not step_rows.padding:
+                interval.difficulty_sum += float(step_rows.rows["difficulty"].sum())
+                interval.difficulty_rows += len(step_rows.rows["difficulty"])
             progress.update(samples_seen=samples_after, step=progress["step"] + 1,
                             step_in_epoch=step_in_epoch + 1)
 
@@ -390,7 +400,7 @@ def train_worker(payload: dict) -> None:
                 next_log = progress["samples_seen"] + cfg.train.log_every_samples
                 record = log(epoch)
                 if rank == 0:
-                    print(f"[rayscale] epoch {epoch + 1}/{epochs} samples {progress['samples_seen']:,} "
+                    print(f"[rayscale] {where(epoch)} samples {progress['samples_seen']:,} "
                           f"loss {record['train_loss']:.4f} lr {record['lr']:.4g} "
                           f"{record['samples_per_sec']:,.0f} samples/s", flush=True)
                 if record.pop("_report"):
@@ -399,13 +409,13 @@ def train_worker(payload: dict) -> None:
             # Mid-epoch validation (train.eval_every_samples, Tune's rungs); the epoch end validates anyway.
             if next_eval is not None and progress["samples_seen"] >= next_eval:
                 next_eval = next_evaluation(progress["samples_seen"], cfg.train.eval_every_samples, eval_at)
-                if progress["samples_seen"] < (epoch + 1) * train_rows:
+                if progress["samples_seen"] < segment_end:
                     val = validate()
                     progress.update(val)
                     record = log(epoch, {"evaluation": True, **val})
                     record.pop("_report")
                     if rank == 0:
-                        print(f"[rayscale] epoch {epoch + 1}/{epochs} samples {progress['samples_seen']:,} "
+                        print(f"[rayscale] {where(epoch)} samples {progress['samples_seen']:,} "
                               f"{_shown(val)}", flush=True)
                     last_report = time.perf_counter()
                     ray.train.report(record)
@@ -413,6 +423,63 @@ def train_worker(payload: dict) -> None:
                 next_checkpoint = progress["samples_seen"] + every
                 save_and_report({"samples_seen": progress["samples_seen"], "epoch": epoch, **_val(progress)})
             waited_from = time.perf_counter()
+
+    def where(epoch: int) -> str:
+        return "online" if cfg.data.online else f"epoch {epoch + 1}/{epochs}"
+
+    def broadcast(decide_on_rank_0):
+        """Rank 0's answer on every rank (online mode: which file next)."""
+        if world_size == 1:
+            return decide_on_rank_0()
+        box = [decide_on_rank_0() if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    if local_mode and restored is not None and not cfg.data.online and progress["epoch"] >= epochs:
+        # A finished local run, re-run: nothing to train; hand its last checkpoint back for the outputs.
+        ray.train.report({"samples_seen": progress["samples_seen"], "epoch": epochs, "training_done": True},
+                         checkpoint=restored)
+        return
+
+    if cfg.data.online:  # one pass over a growing directory, file by file (online.py)
+        stream_state = progress.setdefault("online", online.fresh_state())
+        while (name := online.wait_for_file(cfg.data.source, stream_state, cfg.data, broadcast)) is not None:
+            skip = progress["step_in_epoch"] if stream_state["current"] == name else 0
+            stream_state["current"], progress["step_in_epoch"] = name, 0
+            chunks = online.file_chunks(cfg.data.source, name, cfg.data, cfg.seed, spec, stream_state["rows"])
+            file_rows = chunks[-1].stop - stream_state["rows"]
+            assembler = StepAssembler(plan, rank, seed=cfg.seed, epoch=0, shuffle="none",
+                                      window_rows=plan.global_batch_size)
+            run_steps(iter(assembler.steps(online.read_file(chunks, cfg.data, cfg.seed))), skip, 0,
+                      stream_state["rows"] + file_rows)
+            stream_state["files"].append(name)
+            stream_state.update(rows=stream_state["rows"] + file_rows, current=None)
+            progress["step_in_epoch"] = 0
+            save_and_report({"samples_seen": progress["samples_seen"], "epoch": 0, "online_files":
+                             len(stream_state["files"]), **_val(progress)})
+        val = validate() if payload["val_rows"] else {}
+        progress.update(epoch=1, step_in_epoch=0, **val)
+        record = log(0, {"epoch_end": True, "evaluation": bool(val), "online_files": len(stream_state["files"]),
+                         "online_rows": stream_state["rows"], **val})
+        record.pop("_report")
+        if rank == 0:
+            print(f"[rayscale] online done: {len(stream_state['files'])} files, {stream_state['rows']:,} rows, "
+                  f"nothing new for {cfg.data.online_idle_timeout_s:g} s {_shown(val)}", flush=True)
+        save_and_report({**record, "epoch": 1, "training_done": True})
+        return
+
+    for epoch in range(progress["epoch"], epochs):
+        skip = progress["step_in_epoch"] if epoch == progress["epoch"] else 0
+        progress["epoch"], progress["step_in_epoch"] = epoch, 0
+        # A curriculum epoch arrives sorted (data.build_dataset): the assembler keeps that order.
+        assembler = StepAssembler(plan, rank, seed=cfg.seed, epoch=epoch,
+                                  shuffle="none" if epoch in curriculum_epochs else cfg.data.shuffle,
+                                  window_rows=cfg.data.shuffle_buffer_rows,
+                                  bucket_by_length=cfg.data.bucket_by_length, stratified=cfg.data.stratified)
+        blocks = first_stream if epoch == first_epoch else rows_of(f"train_{epoch}", train_cache, epoch,
+                                                                   cfg.data.shuffle, 4)
+        stream = iter(assembler.steps(blocks))
+        run_steps(stream, skip, epoch, (epoch + 1) * train_rows)
 
         val = validate() if payload["val_rows"] else {}
         progress.update(epoch=epoch + 1, step_in_epoch=0, **val)
