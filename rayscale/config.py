@@ -103,6 +103,19 @@ class BatchConfig:
         32, "samples per forward/backward on one worker; null: the whole per-worker batch (no accumulation); "
             "auto: start there and halve it on every worker whenever one runs out of device memory (the step is "
             "redone, the global batch kept)", unit="samples", minimum=1, words=("auto",))
+    adaptive: str = key("none", "change the global batch at epoch ends: none; step (x batch.growth_factor every "
+                                "batch.growth_every_samples: Smith et al. 2018, grow the batch instead of decaying "
+                                "the lr); goodput (the best predicted goodput from the measured noise scale and "
+                                "step times: Pollux). The lr follows optim.scaling_rule",
+                        choices=("none", "step", "goodput"))
+    growth_factor: float = key(2.0, "batch.adaptive step: the global batch is multiplied by this at each milestone",
+                               minimum=1.0, exclusive_minimum=True)
+    growth_every_samples: int | None = key(None, "batch.adaptive step: a milestone every this many samples (the "
+                                                 "batch grows at the first epoch end past it)", unit="samples",
+                                           minimum=1)
+    max_global_batch_size: int | None = key(None, "batch.adaptive: the largest global batch (null: the initial one "
+                                                  "doubled up to 64x, at most the training rows)", unit="samples",
+                                            minimum=1)
 
 
 @dataclass

@@ -83,6 +83,7 @@ def prepare(cfg: Config) -> PreparedRun:
     if train_rows < plan.global_batch_size and not cfg.data.online:  # online: small files are fine
         raise UserError(f"batch.global_batch_size: {plan.global_batch_size} is more than the {train_rows} training "
                         f"rows of {cfg.data.source} (not one full step per epoch); expected at most {train_rows}")
+    _check_adaptive(cfg, plan, train_rows)
     _check_model(cfg, info.spec)
     run_dir = run_directory(cfg)
     _check_writable(run_dir)
@@ -120,6 +121,28 @@ def _check_online(cfg: Config) -> None:
     if data.online_poll_s >= cfg.run.hang_timeout_s:
         raise UserError(f"data.online_poll_s: {data.online_poll_s:g} s must be below run.hang_timeout_s "
                         f"({cfg.run.hang_timeout_s:g} s): the other ranks wait for rank 0's poll in a collective")
+
+
+def _check_adaptive(cfg: Config, plan: BatchPlan, train_rows: int) -> None:
+    from rayscale.adaptive_batch import upper_limit
+
+    batch = cfg.batch
+    if batch.adaptive == "none":
+        return
+    if cfg.data.online:
+        raise UserError(f"batch.adaptive {batch.adaptive}: not with data.online (the batch changes at epoch ends, "
+                        f"and a stream has none)")
+    if batch.adaptive == "step" and batch.growth_every_samples is None:
+        raise UserError("batch.growth_every_samples: batch.adaptive step needs it (how many samples between "
+                        "two growths)")
+    if batch.adaptive == "goodput" and (not cfg.train.noise_scale or cfg.train.precision == "fp16"):
+        raise UserError("batch.adaptive goodput needs the noise scale: train.noise_scale true, and not "
+                        "train.precision fp16")
+    if batch.adaptive == "goodput" and plan.num_workers == 1 and plan.accumulation_steps == 1 and not plan.auto:
+        raise UserError("batch.adaptive goodput needs the noise scale, which one worker measures only with 2+ "
+                        "micro-batches per step: set batch.micro_batch_size below batch.global_batch_size")
+    upper_limit(batch.max_global_batch_size, plan.global_batch_size, train_rows, plan.num_workers,
+                batch.micro_batch_size)
 
 
 def _check_model(cfg: Config, spec) -> None:
@@ -425,9 +448,10 @@ def write_outputs(prepared: PreparedRun, result, started: float, first_step_at: 
         "wall_time_s": round(wall, 3),
         "startup_time_s": round(first_step_at - started, 3) if first_step_at else None,
         "world_size": prepared.plan.num_workers,
-        "batch_plan": _final_plan(prepared.plan, progress),
-        "effective_lr": scaled_lr(cfg.optim.lr, cfg.batch.global_batch_size, cfg.optim.base_batch_size,
-                                  cfg.optim.scaling_rule),
+        "batch_plan": _final_plan(prepared.plan, progress, cfg.batch.micro_batch_size),
+        # At the batch the run ended with (batch.adaptive scales from the initial batch when the base is null).
+        "effective_lr": scaled_lr(cfg.optim.lr, progress.get("global_batch_size", cfg.batch.global_batch_size),
+                                  cfg.optim.base_batch_size or cfg.batch.global_batch_size, cfg.optim.scaling_rule),
         "train_rows": progress["online"]["rows"] if cfg.data.online else prepared.train_rows,
         "val_rows": prepared.val_rows,
         "rows_left_out": 0,  # partial last steps are trained, never dropped (see data.py)
@@ -445,8 +469,13 @@ def write_outputs(prepared: PreparedRun, result, started: float, first_step_at: 
     return summary
 
 
-def _final_plan(plan: BatchPlan, progress: dict) -> dict:
-    """The batch plan as the run ended: under batch.micro_batch_size auto, with the micro-batch it settled on."""
+def _final_plan(plan: BatchPlan, progress: dict, micro_batch_size: int | str | None) -> dict:
+    """The batch plan as the run ended: under batch.adaptive, at the last epoch's global batch; under
+    batch.micro_batch_size auto, with the micro-batch it settled on."""
+    from rayscale.adaptive_batch import plan_for
+
+    if progress.get("global_batch_size", plan.global_batch_size) != plan.global_batch_size:
+        plan = plan_for(progress["global_batch_size"], micro_batch_size, plan.num_workers)
     found = progress.get("micro_batch_size")
     if not plan.auto or not found:
         return dataclasses.asdict(plan)

@@ -25,8 +25,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from rayscale import checkpoint, config, online, tasks
+from rayscale.adaptive_batch import goodput_batch, plan_for, step_batch, upper_limit
 from rayscale.averaging import WeightAverage
-from rayscale.batching import plan_batches, smaller_micro_batch
+from rayscale.batching import smaller_micro_batch
 from rayscale.data import SplitCache, StepAssembler, chunk_order, micro_batches
 from rayscale.models import build_model
 from rayscale.noise_scale import NoiseScale, efficiency, two_batch_estimates
@@ -165,8 +166,11 @@ def train_worker(payload: dict) -> None:
     device = ray.train.torch.get_device()
     local_mode = payload["local_mode"]
 
-    plan = plan_batches(cfg.batch.global_batch_size, cfg.batch.micro_batch_size, world_size)
     train_rows, epochs = payload["train_rows"], cfg.train.epochs
+    # batch.adaptive: each epoch's global batch (adaptive_batch.py); the one the next epoch uses is checkpointed.
+    initial_batch, adaptive = cfg.batch.global_batch_size, cfg.batch.adaptive
+    batch_limit = upper_limit(cfg.batch.max_global_batch_size, initial_batch, train_rows, world_size,
+                              cfg.batch.micro_batch_size) if adaptive != "none" else initial_batch
     metrics_path = run_dir / METRICS_FILE
     run_dir.mkdir(parents=True, exist_ok=True)  # rank 0 may run on a node where the driver created nothing
     restored = ray.train.get_checkpoint()
@@ -205,10 +209,15 @@ def train_worker(payload: dict) -> None:
     first_stream = started_early(rows_of(f"train_{first_epoch}", train_cache, first_epoch, cfg.data.shuffle, 4)) \
         if first_epoch < epochs and not cfg.data.online else None
 
+    plan = plan_for((state["progress"].get("global_batch_size") if state else None) or initial_batch,
+                    cfg.batch.micro_batch_size, world_size)
+    # The lr scales from optim.base_batch_size, or (null) from the initial global batch: an adaptive batch
+    # moves the lr by the scaling rule; a fixed one is its own base (scaled_lr leaves the lr as it is).
+    lr_base = cfg.optim.base_batch_size or initial_batch
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     np.random.seed(cfg.seed)
     model = _prepare_model(build_model(cfg.model, spec), device, world_size)
-    peak_lr = scaled_lr(cfg.optim.lr, plan.global_batch_size, cfg.optim.base_batch_size, cfg.optim.scaling_rule)
+    peak_lr = scaled_lr(cfg.optim.lr, plan.global_batch_size, lr_base, cfg.optim.scaling_rule)
     optimizer = build_optimizer(cfg.optim, model, peak_lr)
     half_life = cfg.train.ema_half_life_samples
     average = WeightAverage(model, half_life) if half_life else None
@@ -219,13 +228,14 @@ def train_worker(payload: dict) -> None:
     # device memory (the step is redone with the same rows). train_step then accumulates under no_sync and
     # averages the gradients itself, so the DDP hook is not used.
     auto_micro = plan.auto
-    measure_noise = cfg.train.noise_scale and precision.scaler is None and (
-        world_size > 1 or plan.accumulation_steps > 1 or auto_micro)
+    noise_possible = cfg.train.noise_scale and precision.scaler is None
+    measure_noise = noise_possible and (world_size > 1 or plan.accumulation_steps > 1 or auto_micro)
     local_norm = LocalGradientNorm() if measure_noise and world_size > 1 and not auto_micro else None
     if local_norm is not None:
         local_norm.install(model)
     noise = NoiseScale()
-    base_batch = cfg.optim.base_batch_size or plan.micro_batch_size
+    base_batch = cfg.optim.base_batch_size or plan_for(initial_batch, cfg.batch.micro_batch_size,
+                                                       world_size).micro_batch_size
     lr_multiplier = schedule_from_config(cfg.schedule, total_samples=epochs * train_rows)
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
     # Unweighted per-row losses: a step's loss normaliser is its row count, known on every rank without the
@@ -273,12 +283,14 @@ def train_worker(payload: dict) -> None:
             if metrics_path.exists():  # the log so far travels with the checkpoint (multi-node: to the driver)
                 shutil.copyfile(metrics_path, staging / METRICS_FILE)
         checkpoint.save_atomic(checkpoint.rng_states(), staging / f"rng_rank{rank}.pt")
-        checkpoint.write_manifest(staging, rank, world_size)  # last: its presence says the part is whole
+        # Last: its presence says the part is whole.
+        checkpoint.write_manifest(staging, rank, world_size)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(staging)))
         if not local_mode:  # uploaded to the run's storage by now
             shutil.rmtree(staging, ignore_errors=True)
 
     interval = Interval.fresh(device)
+    epoch_records: list[dict] = []  # this epoch's log lines: batch.adaptive goodput decides from them
     next_log = progress["samples_seen"] + cfg.train.log_every_samples
     every = cfg.run.checkpoint_every_samples
     next_checkpoint = progress["samples_seen"] + every if every else None
@@ -318,6 +330,7 @@ def train_worker(payload: dict) -> None:
             # Where a step's time goes (step_clock.py): what `rayscale suggest` predicts other batch sizes from.
             **{key: (value if value >= 0 else None) for key, value in zip(timings, timed, strict=True)},
             **({"micro_batch_size": micro_size} if auto_micro else {}),
+            **({"global_batch_size": plan.global_batch_size} if adaptive != "none" else {}),
             "peak_memory_mb": peak, "memory_mb": now, "nonfinite_skipped": guard.skipped_total,
             # Mean data.curriculum_column of the rows trained since the last line: the curriculum at work.
             **({"curriculum_difficulty": difficulty_sum / difficulty_rows if difficulty_rows else None}
@@ -327,6 +340,7 @@ def train_worker(payload: dict) -> None:
             **(extra or {}),
         }
         write_line(record)
+        epoch_records.append(record)
         interval = Interval.fresh(device)
         record["_report"] = wants > 0
         return record
@@ -338,6 +352,17 @@ def train_worker(payload: dict) -> None:
                        dataclasses.replace(plan, micro_batch_size=micro_size), rank, spec, precision, device)
         interval.started += time.perf_counter() - began
         return val
+
+    def next_global_batch(records: list[dict], plan) -> int:
+        """The next epoch's global batch. Goodput's inputs (times) differ between ranks, so rank 0 decides and
+        every rank takes its answer: they must cut the same steps."""
+        if adaptive == "step":
+            return step_batch(progress["samples_seen"], initial_batch, cfg.batch.growth_factor,
+                              cfg.batch.growth_every_samples, batch_limit, world_size)
+        chosen = [goodput_batch(records, plan, initial_batch, batch_limit) or plan.global_batch_size]
+        if dist.is_available() and dist.is_initialized() and world_size > 1:
+            dist.broadcast_object_list(chosen, src=0)
+        return chosen[0]
 
     def take_step(batch: list[dict], step_rows, lr: float):
         """train_step; under batch.micro_batch_size auto, redone with half the micro-batch on every rank until
@@ -469,6 +494,12 @@ def train_worker(payload: dict) -> None:
         return
 
     for epoch in range(progress["epoch"], epochs):
+        if progress.get("global_batch_size", plan.global_batch_size) != plan.global_batch_size:
+            plan = plan_for(progress["global_batch_size"], cfg.batch.micro_batch_size, world_size)
+            peak_lr = scaled_lr(cfg.optim.lr, plan.global_batch_size, lr_base, cfg.optim.scaling_rule)
+            micro_size = progress.get("micro_batch_size") or plan.micro_batch_size
+            measure_noise = measure_noise or (noise_possible and plan.accumulation_steps > 1)
+        epoch_records = []
         skip = progress["step_in_epoch"] if epoch == progress["epoch"] else 0
         progress["epoch"], progress["step_in_epoch"] = epoch, 0
         # A curriculum epoch arrives sorted (data.build_dataset): the assembler keeps that order.
@@ -488,6 +519,13 @@ def train_worker(payload: dict) -> None:
         if rank == 0:
             print(f"[rayscale] epoch {epoch + 1}/{epochs} done: samples {progress['samples_seen']:,} {_shown(val)}",
                   flush=True)
+        if adaptive != "none" and epoch + 1 < epochs:
+            progress["global_batch_size"] = next_global_batch(epoch_records, plan)
+            if rank == 0 and progress["global_batch_size"] != plan.global_batch_size:
+                print(f"[rayscale] epoch {epoch + 2}/{epochs}: global batch {plan.global_batch_size} -> "
+                      f"{progress['global_batch_size']} (batch.adaptive {adaptive}), peak lr "
+                      f"{scaled_lr(cfg.optim.lr, progress['global_batch_size'], lr_base, cfg.optim.scaling_rule):.4g}",
+                      flush=True)
         last_report = time.perf_counter()
         save_and_report({**record, "epoch": epoch + 1, "training_done": epoch + 1 == epochs})
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from rayscale import config, trainer
+from rayscale.schedules import schedule_from_config
 
 pytestmark = pytest.mark.slow
 
@@ -67,6 +68,32 @@ CRAMPED_MODEL = textwrap.dedent('''
         return Cramped(limit, in_features=64, num_outputs=10, hidden_sizes=tuple(hidden_sizes))
 ''')
 
+CRASH_ONCE_MODEL = textwrap.dedent('''
+    """A small MLP whose process dies once (a RuntimeError) at its `after`-th training forward, unless `marker`
+    exists: a crashed run, for a re-run to resume."""
+    from pathlib import Path
+
+    from rayscale.models import MLP
+
+
+    class CrashOnce(MLP):
+        def __init__(self, after, marker):
+            super().__init__(in_features=64, num_outputs=10, hidden_sizes=(32,))
+            self.after, self.marker, self.calls = after, marker, 0
+
+        def forward(self, x):
+            if self.training:
+                self.calls += 1
+                if self.calls == self.after and not Path(self.marker).exists():
+                    Path(self.marker).touch()
+                    raise RuntimeError("injected crash")
+            return super().forward(x)
+
+
+    def make(after, marker):
+        return CrashOnce(after, marker)
+''')
+
 
 @pytest.fixture(scope="module")
 def ray_session(tmp_path_factory):
@@ -75,6 +102,7 @@ def ray_session(tmp_path_factory):
     plugin_dir = tmp_path_factory.mktemp("user_models")
     (plugin_dir / "slow_model.py").write_text(SLOW_MODEL)
     (plugin_dir / "cramped_model.py").write_text(CRAMPED_MODEL)
+    (plugin_dir / "crash_once_model.py").write_text(CRASH_ONCE_MODEL)
     os.environ["RAYSCALE_TEST_PID_DIR"] = str(plugin_dir / "pids")
     (plugin_dir / "pids").mkdir()
     # Workers inherit the driver's environment when the embedded Ray starts.
@@ -160,6 +188,51 @@ def test_auto_micro_batch_halves_on_out_of_memory_and_trains_the_same_model(ray_
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert "batch.micro_batch_size auto: out of device memory even at micro-batch 1" in err
+
+
+def test_adaptive_batch_grows_at_epoch_ends_and_a_crashed_run_resumes_at_the_grown_batch(ray_session, tmp_path):
+    """batch.adaptive step in local mode: 32 for two epochs, then 64, then 128, the lr following the linear rule.
+    A run that crashes in epoch 4 (global batch 64) and is started again resumes from its last checkpoint at 64,
+    and ends with the uninterrupted run's model, bit for bit."""
+    def adaptive(name, crash_after):
+        return run(tmp_path, name, "scaling.num_workers=0", "train.epochs=5", "batch.global_batch_size=32",
+                   "batch.micro_batch_size=16", "batch.adaptive=step", "batch.growth_every_samples=2800",
+                   "optim.scaling_rule=linear", "model.name=crash_once_model:make",
+                   f"model.kwargs={{after: {crash_after}, marker: {tmp_path / name}.marker}}")
+
+    summary, expected = adaptive("whole", 10**9)
+    rows = summary["train_rows"]
+    assert 1400 < rows < 1500  # so the milestones at 2,800 and 5,600 samples fall in epochs 2 and 4
+    lines = trainer.read_metrics(tmp_path / "whole")
+    batches = {r["epoch"]: r["global_batch_size"] for r in lines}
+    assert batches == {0: 32, 1: 32, 2: 64, 3: 64, 4: 128}
+    # The peak lr follows the linear rule from the initial batch: lr / schedule multiplier = 0.1 x B / 32.
+    multiplier = schedule_from_config(config.load().schedule, total_samples=5 * rows)
+    for line in (line for line in lines if multiplier(line["samples_seen"]) > 1e-3):  # cosine ends at 0
+        peak = line["lr"] / multiplier(line["samples_seen"])
+        assert peak == pytest.approx(0.1 * line["global_batch_size"] / 32, rel=1e-9), line
+    assert summary["batch_plan"]["global_batch_size"] == 128 and summary["batch_plan"]["accumulation_steps"] == 8
+    assert summary["samples_seen"] == 5 * rows  # every row, every epoch, whatever the batch
+
+    # 3 epochs (2 at 32, 1 at 64) are about 3 x 1437 / 16 + ... forwards: crash inside epoch 4.
+    crash_at = 2 * (-(-rows // 32)) * 2 + (-(-rows // 64)) * 4 + 20
+    with pytest.raises(RuntimeError, match="injected crash"):
+        adaptive("crashed", crash_at)
+    resumed_summary, resumed = adaptive("crashed", crash_at)
+    assert resumed_summary["restarts"] == 1  # resumed, not retrained from scratch (which gives the same model)
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)
+    again = trainer.read_metrics(tmp_path / "crashed")
+    assert {r["epoch"]: r["global_batch_size"] for r in again} == batches
+
+    # goodput: the second epoch's batch is what adaptive_batch.goodput_batch makes of the first epoch's lines.
+    from rayscale.adaptive_batch import goodput_batch, plan_for
+
+    summary, _ = run(tmp_path, "goodput", "scaling.num_workers=0", "train.epochs=2", "batch.global_batch_size=32",
+                     "batch.micro_batch_size=16", "batch.adaptive=goodput", "train.log_every_samples=256")
+    lines = trainer.read_metrics(tmp_path / "goodput")
+    first = [r for r in lines if r["epoch"] == 0]
+    chosen = goodput_batch(first, plan_for(32, 16, 1), 32, 1024)
+    assert chosen is not None and [r["global_batch_size"] for r in lines if r["epoch"] == 1][0] == chosen
 
 
 @pytest.fixture(scope="module")
