@@ -340,7 +340,8 @@ def train_worker(payload: dict) -> None:
             **(extra or {}),
         }
         write_line(record)
-        epoch_records.append(record)
+        if adaptive == "goodput":  # kept only where they are used: an online run logs without end
+            epoch_records.append(record)
         interval = Interval.fresh(device)
         record["_report"] = wants > 0
         return record
