@@ -2,12 +2,22 @@
 the staleness bound, checkpoint state."""
 
 import copy
+import dataclasses
+import json
+import os
 import random
+import sys
+import textwrap
+import threading
+import time
 
 import pytest
+import ray
 import torch
 
+from rayscale import config, ps_actors, sources, trainer
 from rayscale.config import OptimConfig
+from rayscale.models import build_model
 from rayscale.optimizers import build_optimizer
 from rayscale.parameter_server import (
     ShardState,
@@ -165,3 +175,124 @@ def test_state_round_trips_through_load():
     a, _ = merge_states([s.state() for s in servers])
     b, _ = merge_states([s.state() for s in fresh])
     assert all(torch.equal(a[i], b[i]) for i in a)
+
+
+# ------------------------------------------------------------------------------------- through Ray
+
+SLOW_MODEL = textwrap.dedent('''
+    """The digits MLP, slowed down (numerics untouched) so that a test can kill a server actor mid-run."""
+    import time
+
+    from rayscale.models import MLP
+
+
+    class Slow(MLP):
+        def forward(self, x):
+            time.sleep(0.01)
+            return super().forward(x)
+
+
+    def make(**kwargs):
+        return Slow(in_features=64, num_outputs=10, hidden_sizes=(64, 64))
+''')
+
+
+@pytest.fixture(scope="module")
+def ray_session(tmp_path_factory):
+    """One embedded Ray for the module, started as `rayscale train` starts it, with the slow model importable."""
+    import ray
+
+    plugin_dir = tmp_path_factory.mktemp("ps_models")
+    (plugin_dir / "ps_slow_model.py").write_text(SLOW_MODEL)
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(plugin_dir), os.environ.get("PYTHONPATH", "")])
+    sys.path.insert(0, str(plugin_dir))
+    ray.shutdown()
+    trainer.connect(None, config.load())
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_async_servers_keep_the_staleness_bound_under_concurrent_workers(ray_session):
+    """Three threads, each a worker with its own ParameterClient, pushing as fast as they can to two real server
+    actors with ps.max_staleness 1: no applied gradient is staler than 1, some are refused and redone, and every
+    admitted one is applied on both shards."""
+    cfg = config.load(overrides=["train.strategy=parameter_server", "ps.mode=async", "ps.max_staleness=1",
+                                 "scaling.num_workers=3", "model.kwargs={hidden_sizes: [16]}"])
+    spec = sources.inspect_source("digits", cfg.data, 0).spec
+    spec_dict = dataclasses.asdict(spec)
+    names, shards, handles = ps_actors.start_servers(cfg, spec_dict, 0.01)
+    models = [build_model(cfg.model, spec) for _ in range(3)]
+    clients = [ps_actors.ParameterClient(names, shards, model, "async", rank, grad_clip=1.0)
+               for rank, model in enumerate(models)]
+    clients[0].reset(None, 0)
+    errors = []
+
+    def work(client, model):
+        try:
+            for step in range(15):
+                while True:
+                    client.pull(step)
+                    for p in model.parameters():
+                        p.grad = torch.full_like(p, 0.01)
+                    try:
+                        client.update(list(model.parameters()), 0.01)
+                        break
+                    except ps_actors.StaleGradient:
+                        continue
+        except Exception as error:  # noqa: BLE001 - reported by the test
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=pair) for pair in zip(clients, models, strict=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors
+    counters = [client.take_counters() for client in clients]
+    assert sum(c["staleness_count"] for c in counters) == 45
+    assert max(c["staleness_max"] for c in counters) <= 1
+    states = ray.get([handle.state.remote() for handle in handles])
+    assert [state["version"] for state in states] == [45, 45]
+    for handle in handles:
+        ray.kill(handle)
+
+
+def _run(tmp_path, name, *overrides):
+    cfg = config.load(overrides=[f"run.output_dir={tmp_path}", f"run.name={name}", "train.epochs=3",
+                                 "batch.global_batch_size=128", "model.name=ps_slow_model:make", "model.kwargs={}",
+                                 "train.grad_clip=0.5", "train.noise_scale=false", *overrides])
+    summary = trainer.train(cfg)
+    return summary, torch.load(tmp_path / name / "model.pt")
+
+
+def _kill_a_server_after_the_first_checkpoint(run_dir, killed: list) -> None:
+    """Once epoch 1 is logged (its checkpoint follows), kill server 0; Ray restarts it empty."""
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and any(json.loads(line).get("epoch_end") for line in metrics.read_text().splitlines()):
+            time.sleep(0.5)
+            names = sorted(name for name in ray.util.list_named_actors() if name.startswith("rayscale-ps-"))
+            ray.kill(ray.get_actor(names[0]), no_restart=False)
+            killed.append(names[0])
+            return
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sync_parameter_server_matches_ddp_and_survives_a_killed_server(ray_session, tmp_path):
+    """The same data order, the same clipping: the model of the sync parameter server (two servers, one killed
+    mid-run and the run restarted from its last checkpoint) equals DDP's within fp32 rounding."""
+    ddp_summary, ddp = _run(tmp_path, "ddp")
+    killed: list = []
+    killer = threading.Thread(target=_kill_a_server_after_the_first_checkpoint, args=(tmp_path / "ps", killed))
+    killer.start()
+    ps_summary, ps = _run(tmp_path, "ps", "train.strategy=parameter_server", "ps.num_servers=2")
+    killer.join()
+    assert killed and ps_summary["restarts"] >= 1
+    assert ps_summary["samples_seen"] == ddp_summary["samples_seen"] == 3 * ddp_summary["train_rows"]
+    for key in ddp:
+        torch.testing.assert_close(ps[key], ddp[key], rtol=1e-4, atol=1e-5)
+    logged = trainer.read_metrics(tmp_path / "ps")
+    assert all(r["bytes_pushed_per_step"] > 0 for r in logged if not r.get("evaluation"))
