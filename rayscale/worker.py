@@ -71,6 +71,11 @@ def _all_reduce(values: list[float] | torch.Tensor, device: torch.device, op=Non
     return tensor
 
 
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -264,7 +269,7 @@ def train_worker(payload: dict) -> None:
         if rank == 0:  # the servers restart from this checkpoint (or the initial weights): nothing committed lost
             client.reset(optimizer.state_dict() if state is not None else None,
                          progress["step"] if cfg.ps.mode == "sync" else 0)
-        dist.barrier()
+        _barrier()
     if rank == 0:
         if restored is None and metrics_path.exists():
             metrics_path.unlink()
@@ -290,7 +295,7 @@ def train_worker(payload: dict) -> None:
         progress["nonfinite_skipped"] = guard.skipped_total
         progress["noise_scale"] = noise.state_dict()
         if client is not None:
-            dist.barrier()  # async: every worker's last update is in
+            _barrier()  # async: every worker's last update is in
             if rank == 0:  # the servers hold the model and the optimizer state: the checkpoint is theirs
                 parameters, optimizer_state = client.full_state()
                 with torch.no_grad():
@@ -370,7 +375,7 @@ def train_worker(payload: dict) -> None:
         """Validation metrics; its time is left out of the interval's samples/s and data-wait fraction."""
         began = time.perf_counter()
         if client is not None:  # the newest parameters: every worker's updates in
-            dist.barrier()
+            _barrier()
             client.pull(progress["step"])
         val = evaluate(average.module if average else model, rows_of("val", val_cache, None, "none", 2),
                        dataclasses.replace(plan, micro_batch_size=micro_size), rank, spec, precision, device)
