@@ -142,9 +142,24 @@ class TrainConfig:
                                       unit="seconds", minimum=0.0)
     noise_scale: bool = key(True, "measure the gradient noise scale, the critical batch size and this batch's "
                                   "statistical efficiency (needs 2+ workers or 2+ micro-batches; not with fp16)")
+    strategy: str = key("ddp", "how workers combine gradients: ddp (all-reduce, every worker steps its own copy) "
+                               "or parameter_server (workers pull the parameters from ps.num_servers Ray "
+                               "actors, push gradients, and the optimizer steps on the servers)",
+                        choices=("ddp", "parameter_server"))
     ema_half_life_samples: int | None = key(
         None, "validate and export an exponential moving average of the weights with this half-life (null: "
               "off); steadier mid-training val_loss for Tune's early stopping", unit="samples", minimum=1)
+
+
+@dataclass
+class ParameterServerConfig:
+    num_servers: int = key(2, "server actors; the parameters are split between them by size, whole tensors "
+                              "each", minimum=1)
+    mode: str = key("sync", "sync: the servers wait for every worker's gradient, then step once (the model DDP "
+                            "gives); async: each worker's gradient is applied as it arrives",
+                    choices=("sync", "async"))
+    max_staleness: int = key(2, "async: a gradient computed from parameters more than this many updates old is "
+                                "refused, and the worker pulls and recomputes it", unit="updates", minimum=0)
 
 
 @dataclass
@@ -222,6 +237,7 @@ class Config:
     scaling: ScalingConfig = section(ScalingConfig, "Ray Train workers")
     train: TrainConfig = section(TrainConfig, "training loop")
     optim: OptimConfig = section(OptimConfig, "optimizer and learning-rate scaling")
+    ps: ParameterServerConfig = section(ParameterServerConfig, "train.strategy parameter_server: servers and mode")
     schedule: ScheduleConfig = section(ScheduleConfig, "warmup and decay, measured in samples")
     run: RunConfig = section(RunConfig, "outputs and checkpoints")
     tune: TuneConfig = section(TuneConfig, "rayscale tune: search space and ASHA")

@@ -12,6 +12,7 @@ micro-batches give exactly the update of one batch with the same samples.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -164,7 +165,9 @@ def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tenso
                optimizer: torch.optim.Optimizer, *, task: str, lr: float, precision: Precision,
                grad_clip: float | None = None, global_count: float | None = None,
                local_norm: LocalGradientNorm | None = None, measure_noise: bool = False,
-               clock: StepClock | None = None, oom_safe: bool = False) -> StepResult:
+               clock: StepClock | None = None, oom_safe: bool = False,
+               update: Callable[[list[torch.Tensor], float], tuple[torch.Tensor, bool]] | None = None
+               ) -> StepResult:
     """Accumulate gradients over `micro_batches` and apply one optimizer step at `lr`.
 
     Every worker must call this the same number of times, each with at least one micro-batch (a rank with
@@ -179,6 +182,9 @@ def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tenso
     backward would leave the others waiting in that backward's all-reduce: so every micro-batch runs under
     no_sync, one scalar all-reduce says whether any rank failed, and the gradients are then averaged in one
     pass (the last micro-batch's backward no longer overlaps the all-reduce: the price of never hanging).
+    `update` (train.strategy parameter_server): instead of clipping and stepping here, hand the gradients
+    (each rank's sum / global count: they add up over ranks) and the lr to it; it returns the global norm and
+    whether the step was applied (ps_actors.ParameterClient.update).
     """
     if not micro_batches:
         raise ValueError("train_step needs at least one micro-batch (use a zero-weight one on empty ranks)")
@@ -248,6 +254,14 @@ def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tenso
         # The gradients hold sum / global_count x world_size: back to this batch's mean gradient.
         small_sq = small_sq * (global_count / (world_size * small_count.clamp_min(1e-12))) ** 2
 
+    if update is not None:
+        set_lr(optimizer, lr)  # the servers step; the local copy's lr is what the log reports
+        grad_norm, finite = update(parameters, lr)
+        optimizer.zero_grad(set_to_none=True)
+        if clock is not None:
+            clock.mark("end")
+        return StepResult(loss_sum, local_count.detach(), global_count, grad_norm.detach(), skipped=not finite,
+                          small_sq=small_sq, small_count=small_count)
     if precision.scaler is not None:
         precision.scaler.unscale_(optimizer)
     parameters = [p for p in parameters if p.grad is not None]

@@ -59,6 +59,7 @@ def prepare(cfg: Config) -> PreparedRun:
         raise UserError(f"data.val_fraction: expected a value in [0, 1), got {cfg.data.val_fraction}")
     _check_curriculum(cfg)
     _check_online(cfg)
+    _check_parameter_server(cfg)
     info = sources.inspect_source(cfg.data.source, cfg.data, cfg.seed)
     if cfg.data.val_source is not None:
         val_info = sources.inspect_source(cfg.data.val_source, cfg.data, cfg.seed, key="data.val_source")
@@ -104,6 +105,29 @@ def _check_curriculum(cfg: Config) -> None:
         which = "data.stratified" if data.stratified else "data.bucket_by_length"
         raise UserError(f"data.curriculum_column: not with {which}, which rearranges rows inside each window "
                         f"and would undo the curriculum's order")
+
+
+def _check_parameter_server(cfg: Config) -> None:
+    """What train.strategy parameter_server does not combine with, each named by its key."""
+    if cfg.train.strategy != "parameter_server":
+        return
+    unsupported = [
+        (cfg.scaling.num_workers == 0, "scaling.num_workers: train.strategy parameter_server needs at least 1 "
+                                       "Ray Train worker (0 is local mode, with no cluster for the servers)"),
+        (cfg.train.precision == "fp16", "train.precision fp16: not with train.strategy parameter_server (the "
+                                        "GradScaler's loss scale would have to travel with every gradient); use "
+                                        "bf16 or fp32"),
+        (cfg.batch.micro_batch_size == "auto", "batch.micro_batch_size auto: not with train.strategy "
+                                               "parameter_server; set a number"),
+        (cfg.batch.adaptive != "none", f"batch.adaptive {cfg.batch.adaptive}: not with train.strategy "
+                                       f"parameter_server; set batch.adaptive none"),
+        (cfg.data.online, "data.online: not with train.strategy parameter_server"),
+        (cfg.train.ema_half_life_samples is not None, "train.ema_half_life_samples: not with train.strategy "
+                                                      "parameter_server (the weights live on the servers)"),
+    ]
+    for refused, message in unsupported:
+        if refused:
+            raise UserError(message)
 
 
 def _check_online(cfg: Config) -> None:
@@ -346,9 +370,18 @@ def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, nam
     if prepared.val is not None:
         datasets["val"] = data.build_dataset(prepared.val)
     execution = ray.data.ExecutionOptions(preserve_order=True)  # the same row order on every rank and run
+    loop_config = payload(prepared, eval_at_samples)
+    if cfg.train.strategy == "parameter_server":
+        from rayscale.ps_actors import start_servers
+
+        lr = scaled_lr(cfg.optim.lr, prepared.plan.global_batch_size,
+                       cfg.optim.base_batch_size or cfg.batch.global_batch_size, cfg.optim.scaling_rule)
+        names, shards, handles = start_servers(cfg, loop_config["spec"], lr)
+        loop_config.update(ps_servers=names, ps_shards=shards)
+        _SERVERS[str(prepared.run_dir)] = handles  # owned by this process: they live as long as it does
     return TorchTrainer(
         _worker_entry,
-        train_loop_config=payload(prepared, eval_at_samples),
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
                                                            **({"GPU": 1} if cfg.scaling.use_gpu else {})}),
@@ -368,6 +401,16 @@ def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, nam
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
     )
+
+
+_SERVERS: dict[str, list] = {}  # parameter-server actors by run directory (see build_trainer)
+
+
+def stop_servers(run_dir: Path) -> None:
+    import ray
+
+    for handle in _SERVERS.pop(str(run_dir), []):
+        ray.kill(handle)
 
 
 def _curriculum(prepared: PreparedRun, epoch: int) -> data.CurriculumOrder | None:
@@ -539,6 +582,8 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
         if found is None:
             raise
         raise UserError(str(found)) from exc
+    finally:
+        stop_servers(prepared.run_dir)
     records = read_metrics(prepared.run_dir)
     # Start-up: from this command's start to the moment the (latest) worker group began training.
     first_step_at = records[-1].get("started_at") if records else None

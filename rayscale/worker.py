@@ -32,6 +32,7 @@ from rayscale.data import SplitCache, StepAssembler, chunk_order, micro_batches
 from rayscale.models import build_model
 from rayscale.noise_scale import NoiseScale, efficiency, two_batch_estimates
 from rayscale.optimizers import build_optimizer
+from rayscale.ps_actors import ParameterClient, StaleGradient
 from rayscale.schedules import scaled_lr, schedule_from_config
 from rayscale.step import LocalGradientNorm, MicroBatchTooLarge, NonFiniteGuard, make_precision, train_step
 from rayscale.step_clock import StepClock
@@ -68,6 +69,11 @@ def _all_reduce(values: list[float] | torch.Tensor, device: torch.device, op=Non
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
     return tensor
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -216,7 +222,9 @@ def train_worker(payload: dict) -> None:
     lr_base = cfg.optim.base_batch_size or initial_batch
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     np.random.seed(cfg.seed)
-    model = _prepare_model(build_model(cfg.model, spec), device, world_size)
+    # train.strategy parameter_server: no DDP; the gradients go to the servers (ps_actors.py), which step.
+    parameter_server = cfg.train.strategy == "parameter_server"
+    model = _prepare_model(build_model(cfg.model, spec), device, 1 if parameter_server else world_size)
     peak_lr = scaled_lr(cfg.optim.lr, plan.global_batch_size, lr_base, cfg.optim.scaling_rule)
     optimizer = build_optimizer(cfg.optim, model, peak_lr)
     half_life = cfg.train.ema_half_life_samples
@@ -229,7 +237,8 @@ def train_worker(payload: dict) -> None:
     # averages the gradients itself, so the DDP hook is not used.
     auto_micro = plan.auto
     noise_possible = cfg.train.noise_scale and precision.scaler is None
-    measure_noise = noise_possible and (world_size > 1 or plan.accumulation_steps > 1 or auto_micro)
+    measure_noise = noise_possible and not parameter_server and (
+        world_size > 1 or plan.accumulation_steps > 1 or auto_micro)
     local_norm = LocalGradientNorm() if measure_noise and world_size > 1 and not auto_micro else None
     if local_norm is not None:
         local_norm.install(model)
@@ -253,6 +262,14 @@ def train_worker(payload: dict) -> None:
         progress["resumes"] += 1
         guard.skipped_total = progress["nonfinite_skipped"]
     micro_size = progress.get("micro_batch_size") or plan.micro_batch_size  # a resumed run keeps what it found
+    client = None
+    if parameter_server:
+        client = ParameterClient(payload["ps_servers"], payload["ps_shards"], model, cfg.ps.mode, rank,
+                                 cfg.train.grad_clip)
+        if rank == 0:  # the servers restart from this checkpoint (or the initial weights): nothing committed lost
+            client.reset(optimizer.state_dict() if state is not None else None,
+                         progress["step"] if cfg.ps.mode == "sync" else 0)
+        _barrier()
     if rank == 0:
         if restored is None and metrics_path.exists():
             metrics_path.unlink()
@@ -277,6 +294,14 @@ def train_worker(payload: dict) -> None:
                                         else staging_root))
         progress["nonfinite_skipped"] = guard.skipped_total
         progress["noise_scale"] = noise.state_dict()
+        if client is not None:
+            _barrier()  # async: every worker's last update is in
+            if rank == 0:  # the servers hold the model and the optimizer state: the checkpoint is theirs
+                parameters, optimizer_state = client.full_state()
+                with torch.no_grad():
+                    for parameter, value in zip(model.parameters(), parameters, strict=True):
+                        parameter.copy_(value)
+                optimizer.load_state_dict(optimizer_state)
         if rank == 0:
             checkpoint.save_atomic(checkpoint.capture(model, optimizer, precision.scaler, progress, average),
                                    staging / checkpoint.STATE_FILE)
@@ -317,6 +342,7 @@ def train_worker(payload: dict) -> None:
                                         op=dist.ReduceOp.MAX if dist.is_initialized() else None).tolist()
         record = {
             "step": progress["step"], "epoch": epoch, "samples_seen": progress["samples_seen"],
+            **(_server_metrics(client, interval.steps, device) if client is not None else {}),
             "train_loss": loss_sum / count if count else None,
             "lr": optimizer.param_groups[0]["lr"],
             "grad_norm": interval.grad_norm_sum.item() / max(interval.steps, 1),
@@ -349,6 +375,9 @@ def train_worker(payload: dict) -> None:
     def validate() -> dict[str, float]:
         """Validation metrics; its time is left out of the interval's samples/s and data-wait fraction."""
         began = time.perf_counter()
+        if client is not None:  # the newest parameters: every worker's updates in
+            _barrier()
+            client.pull(progress["step"])
         val = evaluate(average.module if average else model, rows_of("val", val_cache, None, "none", 2),
                        dataclasses.replace(plan, micro_batch_size=micro_size), rank, spec, precision, device)
         interval.started += time.perf_counter() - began
@@ -372,11 +401,15 @@ def train_worker(payload: dict) -> None:
         buffers = [b.detach().clone() for b in model.buffers()] if auto_micro else []
         while True:
             try:
+                if client is not None:
+                    client.pull(progress["step"])
                 return train_step(model, batch, optimizer, task=spec.task, lr=lr, precision=precision,
                                   grad_clip=cfg.train.grad_clip,
                                   global_count=step_rows.rows_in_step if rows_are_the_count else None,
                                   local_norm=local_norm, measure_noise=measure_noise, clock=interval.clock,
-                                  oom_safe=auto_micro)
+                                  oom_safe=auto_micro, update=client.update if client is not None else None)
+            except StaleGradient:  # async: computed from too old parameters; pull the newest and redo it
+                continue
             except MicroBatchTooLarge:
                 batch = None
                 for buffer, saved in zip(model.buffers(), buffers, strict=True):
@@ -529,6 +562,23 @@ def train_worker(payload: dict) -> None:
                       flush=True)
         last_report = time.perf_counter()
         save_and_report({**record, "epoch": epoch + 1, "training_done": epoch + 1 == epochs})
+
+
+def _server_metrics(client, steps: int, device: torch.device) -> dict:
+    """Per log line under the parameter server: bytes each worker pulled and pushed per step (mean over
+    workers), and in async mode the staleness of the applied gradients (in updates) and how many were refused."""
+    counters = client.take_counters()
+    pulled, pushed, total, count, refused = _all_reduce(
+        [counters["bytes_pulled"], counters["bytes_pushed"], counters["staleness_sum"],
+         counters["staleness_count"], counters["refused"]], device).tolist()
+    worst = _all_reduce([counters["staleness_max"]], device, op=dist.ReduceOp.MAX).item()
+    workers = dist.get_world_size() if dist.is_initialized() else 1
+    metrics = {"bytes_pulled_per_step": pulled / workers / max(steps, 1),
+               "bytes_pushed_per_step": pushed / workers / max(steps, 1)}
+    if client.mode == "async":
+        metrics.update(staleness_mean=total / count if count else None, staleness_max=int(worst),
+                       stale_refused=int(refused))
+    return metrics
 
 
 def step_noise_estimates(small_sq: torch.Tensor, small: torch.Tensor, big_sq: torch.Tensor,
