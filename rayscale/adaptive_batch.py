@@ -15,8 +15,6 @@ every checkpoint: a restarted run continues with the same sequence of batches.
 
 from __future__ import annotations
 
-import statistics
-
 from rayscale import goodput
 from rayscale.batching import BatchPlan, fit_micro_batch, plan_batches
 from rayscale.errors import ConfigError
@@ -59,24 +57,19 @@ def step_batch(samples_seen: int, initial: int, factor: float, every: int, limit
 
 def goodput_batch(records: list[dict], plan: BatchPlan, initial: int, limit: int) -> int | None:
     """The candidate (initial x powers of two, up to `limit`) with the best predicted goodput from an epoch's log
-    lines (medians), or None where they do not say (no timing or noise scale yet)."""
-    timed = [r for r in records if not r.get("evaluation") and r.get("samples_per_sec")
-             and r.get("sync_micro_batch_s") is not None and r.get("update_s") is not None
-             and r.get("gradient_noise_scale")]
-    if not timed:
+    lines (goodput.medians, as `rayscale suggest` reads a run), or None where they do not say (no timing or
+    noise scale yet)."""
+    timed = [r for r in goodput.timed_lines(records) if not r.get("evaluation")]
+    noise_lines = [r for r in timed if r.get("gradient_noise_scale")]
+    if not noise_lines:
         return None
-
-    def median(key: str) -> float | None:
-        values = [r[key] for r in timed if r.get(key) is not None]
-        return statistics.median(values) if values else None
-
+    found = goodput.medians(timed, noise_lines)
     model = goodput.calibrate(plan.global_batch_size, plan.micro_batch_size, plan.num_workers,
-                              samples_per_sec=median("samples_per_sec"),
-                              data_wait_fraction=median("data_wait_fraction") or 0.0,
-                              micro_batch_s=median("micro_batch_s"), sync_micro_batch_s=median("sync_micro_batch_s"),
-                              update_s=median("update_s"))
+                              samples_per_sec=found["samples_per_sec"],
+                              data_wait_fraction=found["data_wait_fraction"], micro_batch_s=found["micro_batch_s"],
+                              sync_micro_batch_s=found["sync_micro_batch_s"], update_s=found["update_s"])
     candidates = [batch for batch in ladder(initial, limit) if batch % plan.num_workers == 0]
-    return goodput.best(goodput.predict(model, candidates, median("gradient_noise_scale"))).global_batch_size
+    return goodput.best(goodput.predict(model, candidates, found["noise_scale"])).global_batch_size
 
 
 def ladder(initial: int, limit: int) -> list[int]:

@@ -28,6 +28,7 @@ B0": the row with the highest goodput reaches a given loss soonest, if the noise
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 from rayscale.batching import fit_micro_batch
@@ -80,6 +81,33 @@ def calibrate(global_batch_size: int, micro_batch_size: int, num_workers: int, *
     other = max(step - data_s - bare.step_s(global_batch_size), 0.0)
     return StepModel(global_batch_size, micro_batch_size, num_workers, micro_s, bare.comm_s, update_s,
                      data_s / global_batch_size, other, measured)
+
+
+def later_half(values: list) -> list:
+    """Skip the first (it holds start-up and the first compilations) when there is more, keep the later half:
+    the steady state, where a run at another batch size will spend its time."""
+    values = values[1:] if len(values) > 1 else values
+    return values[len(values) // 2:]
+
+
+def timed_lines(records: list[dict]) -> list[dict]:
+    """The log lines that timed training steps (step_clock.py)."""
+    return [r for r in records if r.get("samples_per_sec") and r.get("sync_micro_batch_s") is not None
+            and r.get("update_s") is not None]
+
+
+def medians(timed: list[dict], noise_lines: list[dict]) -> dict:
+    """The inputs of `calibrate` and `predict`: medians over the later half of the timed lines (and of the lines
+    that measured the noise scale, an EMA that settles as training goes on)."""
+    used = later_half(timed)
+    micro = [r["micro_batch_s"] for r in used if r.get("micro_batch_s") is not None]
+    return {"lines_used": len(used),
+            "samples_per_sec": statistics.median(r["samples_per_sec"] for r in used),
+            "data_wait_fraction": statistics.median(r.get("data_wait_fraction") or 0.0 for r in used),
+            "micro_batch_s": statistics.median(micro) if micro else None,
+            "sync_micro_batch_s": statistics.median(r["sync_micro_batch_s"] for r in used),
+            "update_s": statistics.median(r["update_s"] for r in used),
+            "noise_scale": statistics.median(r["gradient_noise_scale"] for r in later_half(noise_lines))}
 
 
 def candidate_batches(global_batch_size: int, num_workers: int, max_batch: int | None = None) -> list[int]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -70,13 +69,6 @@ def read_run(run_dir: Path) -> tuple[config_module.Config, list[dict]]:
     return cfg, records
 
 
-def _later_half(values: list) -> list:
-    """Skip the first (it holds start-up and the first compilations) when there is more, keep the later half:
-    the steady state, where the next run at another batch size will spend its time."""
-    values = values[1:] if len(values) > 1 else values
-    return values[len(values) // 2:]
-
-
 def _why_no_noise_scale(cfg: config_module.Config, accumulation_steps: int, workers: int) -> str:
     if not cfg.train.noise_scale:
         return "train.noise_scale was false; train with it true"
@@ -94,8 +86,7 @@ def measures(cfg: config_module.Config, records: list[dict], metrics_path: Path)
     if not any("sync_micro_batch_s" in r for r in records):
         raise UserError(f"{metrics_path}: no step timings ({', '.join(TIMING_KEYS)}); the run is from an older "
                         f"rayscale: train it again with this one")
-    timed = [r for r in records if r.get("samples_per_sec") and r.get("sync_micro_batch_s") is not None
-             and r.get("update_s") is not None]
+    timed = goodput.timed_lines(records)
     if not timed:
         raise UserError(f"{metrics_path}: no log line timed a training step (samples_per_sec, sync_micro_batch_s); "
                         f"expected a run that trained at least one log interval")
@@ -106,18 +97,8 @@ def measures(cfg: config_module.Config, records: list[dict], metrics_path: Path)
     if all(r.get("batch_efficiency") is None for r in measured_noise):
         raise UserError(f"{metrics_path}: the gradient_noise_scale is in tokens (a sequence task); suggest "
                         f"compares batch sizes in rows and supports row tasks only")
-    used = _later_half(timed)
-    micro = [r["micro_batch_s"] for r in used if r.get("micro_batch_s") is not None]
-    return RunMeasures(
-        lines_timed=len(timed),
-        lines_used=len(used),
-        samples_per_sec=statistics.median(r["samples_per_sec"] for r in used),
-        data_wait_fraction=statistics.median(r.get("data_wait_fraction") or 0.0 for r in used),
-        micro_batch_s=statistics.median(micro) if micro else None,
-        sync_micro_batch_s=statistics.median(r["sync_micro_batch_s"] for r in used),
-        update_s=statistics.median(r["update_s"] for r in used),
-        # An EMA already; the later half is where it has settled (it tends to grow as the loss falls).
-        noise_scale=statistics.median(r["gradient_noise_scale"] for r in _later_half(measured_noise)))
+    found = goodput.medians(timed, measured_noise)
+    return RunMeasures(lines_timed=len(timed), **found)
 
 
 def lr_at(cfg: config_module.Config, batch: int) -> tuple[float, list[str]]:
