@@ -15,13 +15,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from rayscale import curriculum, sources
 from rayscale.batching import BatchPlan, micro_batch_bounds, rank_slice
 from rayscale.config import DataConfig
+
+if TYPE_CHECKING:
+    import torch
 
 VAL_BUCKETS = 1_000_000
 READ_CPUS = 0.25
@@ -149,9 +152,13 @@ def build_dataset(spec: SplitSpec, epoch: int | None = None, order: CurriculumOr
     shuffle = spec.data.shuffle if spec.split == "train" and order is None else "none"
     items = [{"chunk": int(i)} for i in chunk_order(len(spec.info.chunks), shuffle, spec.seed, epoch)]
     # A fraction of a CPU per read task: Ray Data's budget excludes every running trainer's CPUs, so with
-    # concurrent Tune trials less than one whole CPU may be left, and a 1-CPU task would never start.
+    # concurrent Tune trials less than one whole CPU may be left, and a 1-CPU task would never start. But no
+    # more tasks at once than the cluster has CPUs: each new task process pays ~4 s of CPU to start (Ray Data's
+    # imports, the source's), and 4 per core made a digits run's first pass 25 s instead of 8-10 (measured).
+    tasks_at_once = ray.data.TaskPoolStrategy(size=max(1, int(ray.cluster_resources().get("CPU", 1))))
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        read_split_chunks, fn_kwargs={"spec": spec}, batch_size=1, batch_format="numpy", num_cpus=READ_CPUS)
+        read_split_chunks, fn_kwargs={"spec": spec}, batch_size=1, batch_format="numpy", num_cpus=READ_CPUS,
+        compute=tasks_at_once)
     if shuffle == "full" and epoch is not None:
         dataset = dataset.random_shuffle(seed=spec.seed * 1000 + epoch, num_cpus=READ_CPUS)
     if order is not None:
@@ -307,6 +314,10 @@ class StepAssembler:
 
 def collate(rows: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
     """numpy rows -> tensors; sequences are padded to the longest in this batch, with a mask."""
+    # Imported here, not at the top: every Ray Data read task imports this module (read_split_chunks), and
+    # torch's import (~2.7 s of CPU) in each of those processes delayed a digits run's first batch by ~30 s.
+    import torch
+
     batch: dict[str, torch.Tensor] = {}
     x, y = rows["x"], rows["y"]
     if x.dtype == object:  # variable-length token sequences

@@ -31,7 +31,19 @@ import pyarrow.parquet as pq
 
 from rayscale.config import DataConfig, SyntheticConfig
 from rayscale.errors import UserError
-from rayscale.tasks import DataSpec
+
+TASKS = ("classification", "regression", "token_classification")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What the model must accept and produce; derived from the data, handed to the model factory.
+    (Here, not in tasks.py: Ray Data's read tasks unpickle it, and tasks.py imports torch.)"""
+
+    task: str  # one of TASKS
+    input_shape: tuple[int, ...]  # per-sample shape of x: (F,), (C, H, W) or (L,) for sequences
+    num_outputs: int  # classes for classification tasks, targets for regression
+    vocab_size: int | None = None  # sequences only
 
 BUILTIN = ("digits", "synthetic")
 DIGITS_CHUNKS = 8  # ~225 rows each, so that shuffling the block order has something to shuffle

@@ -13,22 +13,10 @@ micro-batches equal one big batch, a partial last window included.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-TASKS = ("classification", "regression", "token_classification")
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """What the model must accept and produce; derived from the data, handed to the model factory."""
-
-    task: str  # one of TASKS
-    input_shape: tuple[int, ...]  # per-sample shape of x: (F,), (C, H, W) or (L,) for sequences
-    num_outputs: int  # classes for classification tasks, targets for regression
-    vocab_size: int | None = None  # sequences only
+from rayscale.sources import TASKS, DataSpec  # noqa: F401 - defined with the sources (no torch in Ray Data tasks)
 
 
 def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
