@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import yaml
@@ -37,6 +38,9 @@ def _tune_domain(domain: space.Domain):
 
 
 STOP_MARKER = ".tune_stopped"
+THREAD_TIMEOUT_ENV = "TUNE_FUNCTION_THREAD_TIMEOUT_S"  # read in the trial's actor when Tune reuses it
+THREAD_TIMEOUT_S = 30
+RELEASE_DELAY_S = 10.0  # after a trial ends, before its left placement groups are removed
 RUNGS_FILE = "asha_rungs.json"  # ASHA's recorded rungs, for --resume (asha.py)
 
 
@@ -99,6 +103,33 @@ def _watch_for_stop(stop_marker: Path) -> None:
     threading.Thread(target=watch, name="rayscale-stop-watch", daemon=True).start()
 
 
+def _release_stopped_trials(trials_dir: Path, delay_s: float):
+    """A Tune callback, in the search's driver: a while after a trial ends, remove any placement group its
+    Train run still holds (trainer.remove_placement_groups_left says how one is left), so that later trials
+    never wait for CPUs that nothing uses (Ray #54305)."""
+    import time
+
+    from ray import tune
+
+    class ReleaseStoppedTrials(tune.Callback):
+        def __init__(self) -> None:
+            self.ended: dict[str, float] = {}
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            self.ended[trial.trial_id] = time.monotonic()
+
+        on_trial_error = on_trial_complete
+
+        def on_step_begin(self, iteration, trials, **info) -> None:
+            now = time.monotonic()
+            for trial_id, ended in list(self.ended.items()):
+                if now - ended >= delay_s:  # its controller has had time to abort and clean up itself
+                    trainer.remove_placement_groups_left(trials_dir / trial_id)
+                    del self.ended[trial_id]
+
+    return ReleaseStoppedTrials()
+
+
 def _finished_records(cfg: Config) -> list[dict] | None:
     """A trial that already finished (found again on --resume) is reported from its files, not re-run."""
     run_dir = trainer.run_directory(cfg)
@@ -119,6 +150,10 @@ def _trial(sampled: dict, base: dict, search_dir: str, metric: str, eval_at_samp
         for record in finished:
             tune.report(record)
         return
+    # When ASHA stops this trial, Tune reuses this actor for the next one only once this function has returned
+    # (the controller aborts at its next poll), and waits for that 2 s by default; an actor it gives up on is
+    # ended with the abort half done (see trainer.remove_placement_groups_left).
+    os.environ[THREAD_TIMEOUT_ENV] = str(THREAD_TIMEOUT_S)
     stop_marker = trainer.run_directory(cfg) / STOP_MARKER
     stop_marker.parent.mkdir(parents=True, exist_ok=True)
     stop_marker.unlink(missing_ok=True)  # a resumed trial runs again
@@ -238,9 +273,13 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False) -> 
             tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=scheduler,
                                         num_samples=cfg.tune.num_samples, max_concurrent_trials=concurrency,
                                         search_alg=search_alg),
-            run_config=tune.RunConfig(name="tune", storage_path=str(search_dir), verbose=1),
+            run_config=tune.RunConfig(name="tune", storage_path=str(search_dir), verbose=1,
+                                      callbacks=[_release_stopped_trials(search_dir / "trials", RELEASE_DELAY_S)]),
         )
     results = tuner.fit()
+    # The last trials' actors are ended as the search finishes, possibly in the middle of their abort.
+    for trial_dir in sorted((search_dir / "trials").glob("*")):
+        trainer.remove_placement_groups_left(trial_dir)
     rows = summarize(results, cfg, domains, max_t)
     write_outputs(rows, cfg, search_dir)
     print_ranking(rows, cfg, domains)

@@ -32,6 +32,10 @@ def args(*overrides):
 def search(tmp_path_factory):
     """A good learning rate first, then two hopeless ones: ASHA must stop both.
 
+    Every trial trains with train.strategy parameter_server (one server actor per trial, sync): Tune over
+    the parameter server is the same driver code as over DDP, and this search is also its end-to-end test
+    (its stopped trials, the killed search and the resume included).
+
     The search's driver is SIGKILLed (with its embedded Ray) once the first trial has finished and the second is
     under way; the same command with --resume then finishes it, in this process, whose embedded Ray the other
     tests inspect. Yields the exit code, the search directory and the finished trial's summary.json with its
@@ -41,7 +45,7 @@ def search(tmp_path_factory):
     ray.shutdown()
     out = tmp_path_factory.mktemp("tune")
     search_args = args(*SMALL, f"run.output_dir={out}", "run.name=grid", "train.epochs=1",
-                       "tune.reduction_factor=2", "tune.num_samples=1",
+                       "tune.reduction_factor=2", "tune.num_samples=1", "train.strategy=parameter_server",
                        "tune.space={optim.lr: {grid: [0.3, 0.0003, 0.0001]}}")
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     trials = out / "grid" / "trials"
@@ -107,9 +111,32 @@ def test_stopped_trials_give_their_resources_back(search):
     assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
 
 
+def test_placement_groups_a_run_left_are_removed(search, tmp_path):
+    """What the search does after each trial (trainer.remove_placement_groups_left): a placement group that a
+    run's worker_groups.jsonl names and that is still held is removed; removed ones and old lines are left."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table
+
+    held = placement_group([{"CPU": 0.01}])
+    ray.get(held.ready(), timeout=60)
+    lines = [{"started_at": 0.0}, {"started_at": 1.0, "placement_group": held.id.hex()}]
+    (tmp_path / trainer.GROUPS_FILE).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert trainer.remove_placement_groups_left(tmp_path) == 1
+    assert placement_group_table(held)["state"] == "REMOVED"
+    assert trainer.remove_placement_groups_left(tmp_path) == 0
+
+
+def test_every_trial_names_its_placement_group(search):
+    _, search_dir, _ = search
+    for trial in (search_dir / "trials").iterdir():
+        lines = [json.loads(line) for line in (trial / trainer.GROUPS_FILE).read_text().splitlines()]
+        assert lines and all(len(line["placement_group"]) > 0 for line in lines)
+
+
 def test_best_config_trains_as_it_is_and_reproduces_the_trial(search, tmp_path):
     _, search_dir, _ = search
     best = yaml.safe_load((search_dir / "best_config.yaml").read_text())
+    assert best["train"]["strategy"] == "parameter_server"
     best["run"]["output_dir"] = str(tmp_path)  # written for the search's output dir; keep this test's apart
     (tmp_path / "best.yaml").write_text(yaml.safe_dump(best))
     assert cli.main(["train", "-c", str(tmp_path / "best.yaml")]) == 0
