@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import random
+import signal
 import sys
 import textwrap
 import threading
@@ -15,7 +16,7 @@ import pytest
 import ray
 import torch
 
-from rayscale import config, ps_actors, sources, trainer
+from rayscale import checkpoint, cli, config, ps_actors, sources, trainer
 from rayscale.config import OptimConfig
 from rayscale.models import build_model
 from rayscale.optimizers import build_optimizer
@@ -180,14 +181,18 @@ def test_state_round_trips_through_load():
 # ------------------------------------------------------------------------------------- through Ray
 
 SLOW_MODEL = textwrap.dedent('''
-    """The digits MLP, slowed down (numerics untouched) so that a test can kill a server actor mid-run."""
+    """The digits MLP, slowed down (numerics untouched) so that a test can kill a server actor or a worker
+    mid-run; each process that trains it records its pid in $RAYSCALE_TEST_PID_DIR."""
+    import os
     import time
+    from pathlib import Path
 
     from rayscale.models import MLP
 
 
     class Slow(MLP):
         def forward(self, x):
+            Path(os.environ["RAYSCALE_TEST_PID_DIR"], str(os.getpid())).touch()
             time.sleep(0.02)
             return super().forward(x)
 
@@ -204,11 +209,13 @@ def ray_session(tmp_path_factory):
 
     plugin_dir = tmp_path_factory.mktemp("ps_models")
     (plugin_dir / "ps_slow_model.py").write_text(SLOW_MODEL)
+    os.environ["RAYSCALE_TEST_PID_DIR"] = str(plugin_dir / "pids")  # inherited by the Ray it starts
+    (plugin_dir / "pids").mkdir()
     os.environ["PYTHONPATH"] = os.pathsep.join([str(plugin_dir), os.environ.get("PYTHONPATH", "")])
     sys.path.insert(0, str(plugin_dir))
     ray.shutdown()
     trainer.connect(None, config.load())
-    yield
+    yield plugin_dir
     ray.shutdown()
 
 
@@ -300,3 +307,53 @@ def test_sync_parameter_server_matches_ddp_and_survives_a_killed_server(ray_sess
         torch.testing.assert_close(ps[key], ddp[key], rtol=1e-4, atol=1e-5)
     logged = trainer.read_metrics(tmp_path / "ps")
     assert all(r["bytes_pushed_per_step"] > 0 for r in logged if not r.get("evaluation"))
+
+
+def _kill_a_worker_after_the_first_checkpoint(run_dir, pid_dir, killed: list) -> None:
+    """Once epoch 1 is logged and its checkpoint is in, SIGKILL one training worker process."""
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and any(json.loads(line).get("epoch_end") for line in metrics.read_text().splitlines()):
+            time.sleep(1.0)
+            pid = int(sorted(pid_dir.iterdir())[0].name)
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            return
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_async_parameter_server_from_the_cli_keeps_its_staleness_bound_and_survives_a_killed_worker(
+        ray_session, tmp_path, capsys):
+    """`rayscale train` with ps.mode async and 2 workers: one worker is SIGKILLed after the first checkpoint. Ray
+    Train restarts the group from that checkpoint and rank 0 reloads the servers from it, so the run trains
+    every epoch, its learning continues where the checkpoint left it, and no applied gradient was ever more
+    than ps.max_staleness updates old."""
+    pid_dir = ray_session / "pids"
+    for stale in pid_dir.iterdir():
+        stale.unlink()
+    killed: list = []
+    killer = threading.Thread(target=_kill_a_worker_after_the_first_checkpoint,
+                              args=(tmp_path / "async", pid_dir, killed))
+    killer.start()
+    overrides = [f"run.output_dir={tmp_path}", "run.name=async", "train.epochs=4", "batch.global_batch_size=128",
+                 "model.name=ps_slow_model:make", "model.kwargs={}", "train.noise_scale=false",
+                 "train.strategy=parameter_server", "ps.mode=async", "ps.max_staleness=1", "ps.num_servers=2"]
+    code = cli.main(["train", *[arg for item in overrides for arg in ("--set", item)]])
+    killer.join()
+    assert code == 0 and killed
+    summary = json.loads((tmp_path / "async" / "summary.json").read_text())
+    assert summary["restarts"] >= 1
+    assert summary["samples_seen"] == 4 * summary["train_rows"]
+    latest = max((checkpoint.load(d / checkpoint.STATE_FILE) for d in (tmp_path / "async" / "checkpoints").rglob(
+        "checkpoint_*") if (d / checkpoint.STATE_FILE).exists()), key=lambda state: state["progress"]["samples_seen"])
+    assert latest["progress"]["resumes"] >= 1  # the new group started from a checkpoint, not from scratch
+    logged = trainer.read_metrics(tmp_path / "async")
+    measured = [r for r in logged if r.get("staleness_max") is not None]
+    assert measured and all(r["staleness_max"] <= 1 for r in measured)
+    assert all(0 <= r["staleness_mean"] <= r["staleness_max"] for r in measured)
+    epoch_losses = [r["val_loss"] for r in logged if r.get("epoch_end")]
+    assert len(epoch_losses) == 4 and epoch_losses[-1] < epoch_losses[0]
+    assert summary["final"]["val_accuracy"] > 0.6
+    assert "rayscale: error" not in capsys.readouterr().err
