@@ -200,7 +200,10 @@ class Recording(torch.nn.Module):
 
     def forward(self, x):
         if self.training:
-            with open(Path(os.environ[SEEN_DIR_ENV]) / f"{os.getpid()}.txt", "a") as seen:
+            # Named by rank (Ray Train sets RANK in its workers) so that seen_rows lists rank 0 first: process
+            # ids need not sort in rank order (seen failing in CI).
+            name = f"rank{os.environ.get('RANK', '0')}-{os.getpid()}.txt"
+            with open(Path(os.environ[SEEN_DIR_ENV]) / name, "a") as seen:
                 seen.write("".join(f"{i}\n" for i in (x[:, 0] * 2).round().long().tolist()))
         return self.linear(x * 0.01)
 
@@ -210,7 +213,8 @@ def recording_model(**kwargs):
 
 
 def seen_rows(directory: Path) -> list[list[int]]:
-    """Row ids each process trained on, in order, and the files emptied for the next run."""
+    """Row ids each process trained on, in order (by rank, then process id), and the files emptied for the next
+    run."""
     out = []
     for path in sorted(directory.glob("*.txt")):
         out.append([int(line) for line in path.read_text().split()])
