@@ -245,7 +245,13 @@ def cluster():
                             address=f"http://127.0.0.1:{ports['dashboard']}", ports=ports,
                             token=home / "auth_token", down=False)
     try:
-        up = ray_cli("up", "-y", str(config), "--no-config-cache", "--disable-usage-stats", timeout=600)
+        for _ in range(3):
+            up = ray_cli("up", "-y", str(config), "--no-config-cache", "--disable-usage-stats", timeout=600)
+            # `ray start` gives the head's raylet a fixed 30 s (ray/_private/node.py) to register with the GCS,
+            # which a 2-core machine running another module's Ray tests missed in 2 of 3 full runs (session 6); the head's
+            # start commands begin with `ray stop`, so running `ray up` again starts it afresh.
+            if up.returncode == 0 or "timed out during startup" not in up.stdout + up.stderr:
+                break
         assert up.returncode == 0, up.stdout[-4000:] + up.stderr[-4000:]
         # The README's next step: copy the head's token (written there by `ray start`) to the client.
         state.fetched = ray_cli("rsync-down", str(config), "~/.ray/auth_token", str(state.token))
