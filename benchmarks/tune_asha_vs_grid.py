@@ -5,9 +5,12 @@ exactly the same configurations, with the same seed, trained by the same code:
 
   (a) grid: `tune.grace_samples` is a whole trial's budget, so ASHA has a single rung at max_t and stops
       nothing early — every configuration trains all its epochs;
-  (b) ASHA: `tune.grace_samples`' default (a 27th of the budget, a third of an epoch at 9 epochs) and
-      reduction factor 3, so rungs at 1/27, 1/9, 1/3 of the budget and its end; the workers validate at each
-      rung milestone, mid-epoch.
+  (b) ASHA: a one-epoch grace and reduction factor 4 (ASHA's paper's usual eta), so over the default 27 epochs
+      rungs at 1, 4 and 16 epochs and the end.
+
+Both run the grid in the same seeded random order (`tune.grid_order: shuffled`, rayscale's default): ASHA
+promotes a trial that beats what its rung has recorded so far, so the order matters, and Tune's own
+enumeration (learning rates upwards here) lets nearly every trial through (session 6: 41% of the samples).
 
 Both searches validate every `grace` samples (`train.eval_every_samples`), so both see the same validation
 points — the grid's curves are exactly what ASHA's trials train, and neither gets more chances to dip.
@@ -48,8 +51,10 @@ FULL = {
         "optim.lr": {"grid": [0.03, 0.1, 0.3]},
         "schedule.name": {"grid": ["cosine", "step"]},
     },  # 12 configurations
-    "epochs": 9,  # a trial's budget (--epochs): 9 epochs of ~1,450 rows
-    "warmup_samples": 256,  # below the grace (1/27 of the budget), so the default grace applies
+    "epochs": 27,  # a trial's budget (--epochs): 27 epochs of ~1,450 rows
+    "grace_epochs": 1,  # ASHA's first rung
+    "reduction_factor": 4.0,
+    "warmup_samples": 256,  # below the grace, so the grace is as set
     "ema_half_life_samples": 256,  # both searches validate the weight average (--raw: the weights themselves)
 }
 SMOKE = {
@@ -59,13 +64,14 @@ SMOKE = {
         "schedule.name": {"grid": ["cosine"]},
     },
     "epochs": 2,
+    "grace_epochs": 1,
+    "reduction_factor": 4.0,
     "warmup_samples": 64,
     "ema_half_life_samples": 128,
 }
 # One trial at a time: ASHA's decisions then depend only on the metrics, not on which of two concurrent trials
 # reaches a rung first, so the sample counts repeat from run to run (tests/test_tune.py does the same).
 MAX_CONCURRENT_TRIALS = 1
-REDUCTION_FACTOR = 3.0
 
 
 def build_config(settings: dict, output_dir: Path, name: str, grace_samples: int | None, eval_every: int):
@@ -79,7 +85,8 @@ def build_config(settings: dict, output_dir: Path, name: str, grace_samples: int
         "run": {"output_dir": str(output_dir), "name": name},
         "tune": {"space": settings["space"], "num_samples": 1,  # num_samples repeats the whole grid
                  "metric": METRIC, "mode": "min", "grace_samples": grace_samples,
-                 "reduction_factor": REDUCTION_FACTOR, "max_concurrent_trials": MAX_CONCURRENT_TRIALS},
+                 "reduction_factor": settings["reduction_factor"],
+                 "max_concurrent_trials": MAX_CONCURRENT_TRIALS},
     })
 
 
@@ -113,6 +120,7 @@ def run_search(cfg, keys: list[str], budget: int) -> dict:
     return {
         "search_dir": str(search_dir),
         "grace_samples": effective_grace(cfg, budget),
+        "reduction_factor": cfg.tune.reduction_factor,
         "trials": len(rows),
         "completed": sum(r["status"] == "completed" for r in rows),
         "stopped_early": sum(r["status"] == "stopped early" for r in rows),
@@ -141,13 +149,13 @@ def largest_history_difference(grid: dict, asha: dict, keys: list[str]) -> float
     return max(differences, default=None)
 
 
-def replay_in_random_orders(grid: dict, grace: int, budget: int, orders: int = 2000,
-                            reduction_factor: float = REDUCTION_FACTOR, running_min: bool = False) -> dict | None:
+def replay_in_random_orders(grid: dict, grace: int, budget: int, reduction_factor: float, orders: int = 2000,
+                            running_min: bool = False) -> dict | None:
     """How much one run's result owes to the order the trials came in.
 
     ASHA promotes a trial that beats the results recorded so far at its rung, and early trials face few (the
     first one always trains its whole budget). This replays Ray's own ASHA rule over the grid's curves — what
-    ASHA's trials train too, same seed — one trial at a time, in the grid's order (it must reproduce the live
+    ASHA's trials train too, same seed — one trial at a time, in the run's order (it must reproduce the live
     ASHA run) and in random orders. `running_min`: ASHA is given each trial's best value so far instead of its
     latest (a what-if, not what rayscale does).
     """
@@ -179,10 +187,10 @@ def replay_in_random_orders(grid: dict, grace: int, budget: int, orders: int = 2
     shuffled = [replay(random.Random(seed).sample(range(len(curves)), len(curves))) for seed in range(orders)]
     fractions = sorted(fraction for fraction, _ in shuffled)
     meets = [(f <= MAX_SAMPLE_FRACTION, gap <= MAX_RELATIVE_GAP) for f, gap in shuffled]
-    in_grid_order = replay(range(len(curves)))
+    in_run_order = replay(range(len(curves)))
     return {
-        "grid_order_sample_fraction": in_grid_order[0],
-        "grid_order_relative_gap": in_grid_order[1],
+        "run_order_sample_fraction": in_run_order[0],
+        "run_order_relative_gap": in_run_order[1],
         "orders": orders,
         "sample_fraction_p10_p50_p90": [fractions[orders // 10], fractions[orders // 2],
                                         fractions[orders * 9 // 10]],
@@ -199,15 +207,15 @@ def sensitivity(result_path: Path, orders: int = 1000) -> str:
     grid, budget, interval = saved["grid"], saved["settings"]["samples_per_trial"], saved["asha"]["grace_samples"]
     lines = [f"ASHA replayed over the grid's curves in {result_path.name} ({len(grid['rows'])} configurations, "
              f"validation every {interval:,} samples, {orders:,} random trial orders)", "",
-             "| grace | reduction factor | ASHA sees | grid order: samples, gap | random orders: median samples | "
+             "| grace | reduction factor | ASHA sees | the run's order: samples, gap | random orders: median samples | "
              "gap target met | both targets met |", "|---|---|---|---|---|---|---|"]
     for grace in (interval, 2 * interval, 3 * interval):
         for factor in (2.0, 3.0, 4.0):
             for running_min in (False, True):
-                r = replay_in_random_orders(grid, grace, budget, orders, factor, running_min)
+                r = replay_in_random_orders(grid, grace, budget, factor, orders, running_min)
                 lines.append(
                     f"| {grace:,} | {factor:g} | {'best so far' if running_min else 'latest'} | "
-                    f"{r['grid_order_sample_fraction']:.1%}, {r['grid_order_relative_gap']:+.1%} | "
+                    f"{r['run_order_sample_fraction']:.1%}, {r['run_order_relative_gap']:+.1%} | "
                     f"{r['sample_fraction_p10_p50_p90'][1]:.1%} | {r['share_meeting_gap_target']:.0%} | "
                     f"{r['share_meeting_both']:.0%} |")
     return "\n".join(lines)
@@ -225,7 +233,7 @@ def compare(grid: dict, asha: dict, keys: list[str], budget: int) -> dict:
         "same_best_config": asha["best_config"] == grid["best_config"],
         "asha_best_config_rank_in_grid": grid_ranking.index(config_key(asha["best_config"], keys)) + 1,
         "largest_history_difference": largest_history_difference(grid, asha, keys),
-        "random_orders": replay_in_random_orders(grid, asha["grace_samples"], budget),
+        "random_orders": replay_in_random_orders(grid, asha["grace_samples"], budget, asha["reduction_factor"]),
         "targets": {
             f"asha samples <= {MAX_SAMPLE_FRACTION:.0%} of grid": sample_fraction <= MAX_SAMPLE_FRACTION,
             f"asha best {METRIC} within {MAX_RELATIVE_GAP:.0%} of grid": relative_gap <= MAX_RELATIVE_GAP,
@@ -272,8 +280,8 @@ def markdown(grid: dict, asha: dict, comparison: dict, keys: list[str]) -> str:
             f"{p50:.0%} of the grid's (10-90%: {p10:.0%}-{p90:.0%}); samples target met in "
             f"{orders['share_meeting_sample_target']:.0%} of orders, {METRIC} target in "
             f"{orders['share_meeting_gap_target']:.0%}, both in "
-            f"{orders['share_meeting_both']:.0%} (the grid's own order replays to "
-            f"{orders['grid_order_sample_fraction']:.1%})")
+            f"{orders['share_meeting_both']:.0%} (the run's own order replays to "
+            f"{orders['run_order_sample_fraction']:.1%})")
     lines += [f"- {'PASS' if ok else 'FAIL'}: {target}" for target, ok in comparison["targets"].items()]
     return "\n".join(lines)
 
@@ -286,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="2x1x1 grid, 2 epochs: proves the script runs")
     parser.add_argument("--epochs", type=int, default=None,
-                        help="a trial's budget in epochs (default: 9, --smoke: 2); the grace is a 27th of it")
+                        help="a trial's budget in epochs (default: 27, --smoke: 2); ASHA's grace is one epoch")
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="where the two searches are written (default: a new temporary directory)")
     parser.add_argument("--raw", action="store_true",
@@ -313,14 +321,14 @@ def main(argv: list[str] | None = None) -> int:
     probe = build_config(settings, output_dir, "grid", None, 0)
     train_rows = trainer.prepare(probe).train_rows
     budget = settings["epochs"] * train_rows  # a trial's samples: max_t of both searches
-    grace = effective_grace(probe, budget)  # ASHA's, with tune.grace_samples at its default
+    grace = settings["grace_epochs"] * train_rows  # ASHA's
     print(f"[benchmark] {space.grid_size(space.parse_space(settings['space']))} configurations x "
           f"{settings['epochs']} epochs x {train_rows:,} rows = {budget:,} samples per trial; "
           f"output in {output_dir}", flush=True)
 
     # The first search starts the embedded Ray (loopback only); the second finds it running and reuses it.
     grid = run_search(build_config(settings, output_dir, "grid", budget, eval_every=grace), keys, budget)
-    asha = run_search(build_config(settings, output_dir, "asha", None, eval_every=grace), keys, budget)
+    asha = run_search(build_config(settings, output_dir, "asha", grace, eval_every=grace), keys, budget)
     comparison = compare(grid, asha, keys, budget)
     table = markdown(grid, asha, comparison, keys)
     print("\n" + table, flush=True)
@@ -334,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     result_path = RESULTS / f"tune_asha_vs_grid{suffix}.json"
     result_path.write_text(json.dumps({
         "settings": {**settings, "train_rows": train_rows, "samples_per_trial": budget,
-                     "reduction_factor": REDUCTION_FACTOR, "max_concurrent_trials": MAX_CONCURRENT_TRIALS,
+                     "max_concurrent_trials": MAX_CONCURRENT_TRIALS,
                      "metric": METRIC},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(),

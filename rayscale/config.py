@@ -222,6 +222,9 @@ class TuneConfig:
                                           "in the space", unit="samples", minimum=1)
     reduction_factor: float = key(3.0, "ASHA keeps 1/reduction_factor of trials at each rung", minimum=1.0,
                                   exclusive_minimum=True)
+    grid_order: str = key("shuffled", "order the grid domains' combinations run in: shuffled (seeded by seed; "
+                                      "what ASHA assumes) or listed (as written, last key fastest)",
+                          choices=("shuffled", "listed"))
     search: str = key("random", "search algorithm (grid domains are enumerated by every one); optuna and "
                                 "hyperopt need their packages", choices=("random", "optuna", "hyperopt"))
     max_concurrent_trials: int | None = key(None, "trials at once (null: as many as the cluster's CPUs or GPUs "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import random
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -146,3 +147,19 @@ def max_value(domains: list[Domain], key: str, default: float) -> float:
 
 def grid_size(domains: list[Domain]) -> int:
     return math.prod(len(d.values) for d in domains if d.kind == "grid")
+
+
+def grid_points(domains: list[Domain], order: str = "shuffled", seed: int = 0) -> list[dict[str, Any]]:
+    """Every combination of the grid domains, in the order the trials will run them.
+
+    `listed`: as written (the last key varies fastest). `shuffled`: a permutation seeded by `seed`. Order
+    matters to ASHA: a trial is promoted when it beats what its rung has recorded so far, and a grid listed
+    from the smallest learning rate up makes every new trial beat the ones before it, so nearly all are
+    promoted; a random order is what ASHA's analysis assumes (Li et al. 2020, trials drawn at random).
+    """
+    grids = [d for d in domains if d.kind == "grid"]
+    points = [dict(zip((d.key for d in grids), values, strict=True))
+              for values in itertools.product(*(d.values for d in grids))]
+    if order == "shuffled":
+        random.Random(seed).shuffle(points)
+    return points if grids else []

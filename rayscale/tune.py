@@ -25,16 +25,35 @@ TIME_ATTR = "samples_seen"
 
 
 def _tune_domain(domain: space.Domain):
+    """A sampled domain as Tune's (grid domains: param_space)."""
     from ray import tune
 
     low_high = domain.values
     return {
         "choice": lambda: tune.choice(list(domain.values)),
-        "grid": lambda: tune.grid_search(list(domain.values)),
         "uniform": lambda: tune.uniform(*low_high),
         "loguniform": lambda: tune.loguniform(*low_high),
         "randint": lambda: tune.randint(int(low_high[0]), int(low_high[1]) + 1),  # inclusive high
     }[domain.kind]()
+
+
+GRID_KEY = "grid"  # Tune's one grid domain: the space's grid combinations, in tune.grid_order
+
+
+def param_space(domains: list[space.Domain], cfg: Config) -> dict:
+    """Tune's search space. Tune enumerates several grid domains in a fixed nested order, so the grid
+    combinations are given to it as one grid domain whose values are already in the order to run them."""
+    from ray import tune
+
+    points = space.grid_points(domains, cfg.tune.grid_order, cfg.seed)
+    grid = {GRID_KEY: tune.grid_search(points)} if points else {}
+    return {**grid, **{d.key: _tune_domain(d) for d in domains if d.kind != "grid"}}
+
+
+def sampled_values(trial_config: dict) -> dict:
+    """A trial's dotted keys and values, its grid combination included."""
+    values = {k: v for k, v in trial_config.items() if k != GRID_KEY}
+    return {**trial_config.get(GRID_KEY, {}), **values}
 
 
 STOP_MARKER = ".tune_stopped"
@@ -142,7 +161,7 @@ def _finished_records(cfg: Config) -> list[dict] | None:
 def _trial(sampled: dict, base: dict, search_dir: str, metric: str, eval_at_samples: list[int]) -> None:
     from ray import tune
 
-    cfg = space.apply(base, sampled)
+    cfg = space.apply(base, sampled_values(sampled))
     cfg.run.output_dir = str(Path(search_dir) / "trials")
     cfg.run.name = tune.get_context().get_trial_id()
     finished = _finished_records(cfg)
@@ -244,7 +263,8 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False) -> 
         (search_dir / "search.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
     print(f"[rayscale] search in {search_dir}: {len(domains)} keys, {cfg.tune.num_samples} samples, ASHA on "
           f"{TIME_ATTR} (max {max_t:,}, grace {grace:,}, reduction {cfg.tune.reduction_factor:g}), "
-          f"{concurrency} trials at once", flush=True)
+          f"{concurrency} trials at once"
+          + (f", grid {cfg.tune.grid_order}" if space.grid_size(domains) > 1 else ""), flush=True)
 
     from ray import tune
 
@@ -269,7 +289,7 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False) -> 
                                   state_file=search_dir / RUNGS_FILE)
         tuner = Tuner(
             trainable,
-            param_space={d.key: _tune_domain(d) for d in domains},
+            param_space=param_space(domains, cfg),
             tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=scheduler,
                                         num_samples=cfg.tune.num_samples, max_concurrent_trials=concurrency,
                                         search_alg=search_alg),
@@ -302,7 +322,7 @@ def summarize(results, cfg: Config, domains: list[space.Domain], max_t: int) -> 
         rows.append({
             "trial_id": (result.metrics or {}).get("trial_id") or Path(result.path).name,
             "status": status,
-            **{d.key: (result.config or {}).get(d.key) for d in domains},
+            **{d.key: sampled_values(result.config or {}).get(d.key) for d in domains},
             TIME_ATTR: samples,
             f"best_{cfg.tune.metric}": best,
             f"last_{cfg.tune.metric}": history[-1][1] if history else None,

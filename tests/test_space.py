@@ -305,6 +305,55 @@ def test_grid_size(raw, expected):
     assert space.grid_size(space.parse_space(raw)) == expected
 
 
+GRIDS = {"optim.lr": {"grid": [0.03, 0.1, 0.3]}, "schedule.name": {"grid": ["cosine", "step"]},
+         "batch.global_batch_size": {"grid": [64, 128]}, "optim.weight_decay": {"uniform": [0.0, 0.1]}}
+
+
+def test_grid_points_listed_run_as_written_last_key_fastest():
+    points = space.grid_points(space.parse_space(GRIDS), "listed")
+    assert len(points) == 12
+    assert points[:3] == [{"optim.lr": 0.03, "schedule.name": "cosine", "batch.global_batch_size": 64},
+                          {"optim.lr": 0.03, "schedule.name": "cosine", "batch.global_batch_size": 128},
+                          {"optim.lr": 0.03, "schedule.name": "step", "batch.global_batch_size": 64}]
+    assert points[-1] == {"optim.lr": 0.3, "schedule.name": "step", "batch.global_batch_size": 128}
+
+
+def test_grid_points_shuffled_are_a_seeded_permutation_of_the_listed():
+    domains = space.parse_space(GRIDS)
+    listed = space.grid_points(domains, "listed")
+    shuffled = space.grid_points(domains, "shuffled", seed=0)
+    key = lambda p: tuple(p.values())  # noqa: E731
+    assert sorted(shuffled, key=key) == sorted(listed, key=key)  # every combination once, nothing else
+    assert shuffled != listed
+    assert shuffled == space.grid_points(domains, "shuffled", seed=0)  # the same seed, the same order
+    assert shuffled != space.grid_points(domains, "shuffled", seed=1)
+    # learning rates no longer come smallest first (what made ASHA promote nearly every trial)
+    assert [p["optim.lr"] for p in shuffled] != sorted(p["optim.lr"] for p in shuffled)
+
+
+def test_grid_points_without_grid_domains_are_none():
+    assert space.grid_points(space.parse_space({"optim.lr": {"choice": [0.1, 0.2]}})) == []
+
+
+@pytest.mark.parametrize("order", ["shuffled", "listed"])
+def test_tune_gets_one_grid_domain_in_the_order_chosen_and_trials_see_dotted_keys(order):
+    from ray.tune.search.variant_generator import generate_variants
+
+    cfg = config.load(overrides=[f"tune.grid_order={order}", "seed=3"])
+    domains = space.parse_space(GRIDS)
+    trial_configs = [c for _, c in generate_variants(tune.param_space(domains, cfg))]
+    expected = space.grid_points(domains, order, seed=3)
+    assert [tune.sampled_values(c) for c in trial_configs] == [
+        {**point, "optim.weight_decay": c["optim.weight_decay"]}
+        for point, c in zip(expected, trial_configs, strict=True)]
+    assert all(0.0 <= c["optim.weight_decay"] <= 0.1 for c in trial_configs)  # sampled domains unchanged
+
+
+def test_a_space_without_grids_gives_tune_no_grid_domain():
+    cfg = config.load()
+    assert set(tune.param_space(space.parse_space({"optim.lr": {"choice": [0.1]}}), cfg)) == {"optim.lr"}
+
+
 # ----------------------------------------------------------------------------- summarize and print_ranking
 
 class FakeResult:
@@ -370,6 +419,14 @@ def test_summarize_sorts_best_first(mode, order):
     rows = tune.summarize(four_trials(), cfg, space.parse_space({"optim.lr": {"choice": [0.1]}}), MAX_T)
     assert [r["trial_id"] for r in rows] == order
     assert {r["trial_id"]: r["optim.lr"] for r in rows} == {"a": 0.1, "b": 0.2, "c": 0.3, "e": 0.4, "d": 0.5}
+
+
+def test_summarize_reads_the_grid_combination_from_the_trial_config():
+    cfg = config.load()
+    domains = space.parse_space({"optim.lr": {"grid": [0.1, 0.2]}, "schedule.name": {"choice": ["step"]}})
+    result = FakeResult("a", [300], [0.4], config={tune.GRID_KEY: {"optim.lr": 0.2}, "schedule.name": "step"})
+    (row,) = tune.summarize([result], cfg, domains, MAX_T)
+    assert (row["optim.lr"], row["schedule.name"]) == (0.2, "step")
 
 
 def test_summarize_names_the_metric_and_falls_back_to_the_path():

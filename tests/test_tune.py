@@ -17,8 +17,9 @@ from rayscale import cli, trainer
 pytestmark = pytest.mark.slow
 
 RAYSCALE = str(Path(sys.executable).parent / "rayscale")
-# Trials one at a time, so ASHA's decisions do not depend on which trial finishes first.
-SMALL = ["scaling.num_workers=1", "tune.max_concurrent_trials=1", "data.val_fraction=0.2"]
+# Trials one at a time, so ASHA's decisions do not depend on which trial finishes first; grids in the order
+# written, so each test knows which trial runs first.
+SMALL = ["scaling.num_workers=1", "tune.max_concurrent_trials=1", "data.val_fraction=0.2", "tune.grid_order=listed"]
 
 
 def args(*overrides):
