@@ -6,7 +6,9 @@ exactly the same configurations, with the same seed, trained by the same code:
   (a) grid: `tune.grace_samples` is a whole trial's budget, so ASHA has a single rung at max_t and stops
       nothing early — every configuration trains all its epochs;
   (b) ASHA: a one-epoch grace and reduction factor 4 (ASHA's paper's usual eta), so over the default 27 epochs
-      rungs at 1, 4 and 16 epochs and the end.
+      rungs at 1, 4 and 16 epochs and the end. By default ASHA by promotion (`tune.asha_variant: promotion`,
+      rayscale/promotion.py): trials pause at each rung and the best are resumed; `--variant stopping` runs
+      Ray's ASHA instead, where a trial at a rung goes on only if it beats what the rung has recorded so far.
 
 Both run the grid in the same seeded random order (`tune.grid_order: shuffled`, rayscale's default): ASHA
 promotes a trial that beats what its rung has recorded so far, so the order matters, and Tune's own
@@ -22,7 +24,8 @@ one such swing (+62% gap, session 2); the average shows where a trial is heading
 Targets (from the issue): ASHA trains at most 35% of the grid's samples, and its best val_loss is within 2% of
 the grid's best. PASS/FAIL is printed per target; the script always exits 0 (a benchmark, not a test).
 
-    python -m benchmarks.tune_asha_vs_grid [--smoke] [--epochs N] [--raw] [--output-dir DIR]
+    python -m benchmarks.tune_asha_vs_grid [--smoke] [--epochs N] [--raw] [--variant promotion|stopping]
+                                           [--grid-from RESULT_JSON] [--output-dir DIR]
     python -m benchmarks.tune_asha_vs_grid --sensitivity benchmarks/results/tune_asha_vs_grid.json
 
 Writes benchmarks/results/tune_asha_vs_grid.json (`--smoke`, `--epochs N`, `--raw` add .smoke, .epochsN, .raw
@@ -74,7 +77,8 @@ SMOKE = {
 MAX_CONCURRENT_TRIALS = 1
 
 
-def build_config(settings: dict, output_dir: Path, name: str, grace_samples: int | None, eval_every: int):
+def build_config(settings: dict, output_dir: Path, name: str, grace_samples: int | None, eval_every: int,
+                 variant: str = "stopping"):
     from rayscale import config as config_module
 
     return config_module.from_dict({
@@ -85,7 +89,7 @@ def build_config(settings: dict, output_dir: Path, name: str, grace_samples: int
         "run": {"output_dir": str(output_dir), "name": name},
         "tune": {"space": settings["space"], "num_samples": 1,  # num_samples repeats the whole grid
                  "metric": METRIC, "mode": "min", "grace_samples": grace_samples,
-                 "reduction_factor": settings["reduction_factor"],
+                 "reduction_factor": settings["reduction_factor"], "asha_variant": variant,
                  "max_concurrent_trials": MAX_CONCURRENT_TRIALS},
     })
 
@@ -297,8 +301,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="a trial's budget in epochs (default: 27, --smoke: 2); ASHA's grace is one epoch")
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="where the two searches are written (default: a new temporary directory)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where the result JSON goes")
     parser.add_argument("--raw", action="store_true",
                         help="validate the raw weights, not their average (train.ema_half_life_samples: null)")
+    parser.add_argument("--variant", choices=("promotion", "stopping"), default="promotion",
+                        help="ASHA by promotion (rayscale's, the default) or Ray's stopping ASHA")
+    parser.add_argument("--grid-from", type=Path, default=None, metavar="RESULT_JSON",
+                        help="take the grid search from a saved result of the same settings instead of running "
+                             "it again (the same configurations and seed train the same curves: the result's "
+                             "largest_history_difference checks it)")
     parser.add_argument("--sensitivity", type=Path, default=None, metavar="RESULT_JSON",
                         help="print a what-if table (grace, reduction factor) from a saved result; trains nothing")
     args = parser.parse_args(argv)
@@ -327,8 +338,16 @@ def main(argv: list[str] | None = None) -> int:
           f"output in {output_dir}", flush=True)
 
     # The first search starts the embedded Ray (loopback only); the second finds it running and reuses it.
-    grid = run_search(build_config(settings, output_dir, "grid", budget, eval_every=grace), keys, budget)
-    asha = run_search(build_config(settings, output_dir, "asha", grace, eval_every=grace), keys, budget)
+    if args.grid_from:
+        saved = json.loads(args.grid_from.read_text())
+        different = {k: (saved["settings"].get(k), v) for k, v in settings.items() if saved["settings"].get(k) != v}
+        if different:
+            raise SystemExit(f"--grid-from {args.grid_from}: other settings (saved, now): {different}")
+        grid = saved["grid"]
+    else:
+        grid = run_search(build_config(settings, output_dir, "grid", budget, eval_every=grace), keys, budget)
+    asha = run_search(build_config(settings, output_dir, "asha", grace, eval_every=grace, variant=args.variant),
+                      keys, budget)
     comparison = compare(grid, asha, keys, budget)
     table = markdown(grid, asha, comparison, keys)
     print("\n" + table, flush=True)
@@ -336,13 +355,14 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.results_dir.mkdir(parents=True, exist_ok=True)
     suffix = (".smoke" if args.smoke else "") + (f".epochs{args.epochs}" if args.epochs else "") + \
-        (".raw" if args.raw else "")
-    result_path = RESULTS / f"tune_asha_vs_grid{suffix}.json"
+        (".raw" if args.raw else "") + (f".{args.variant}" if args.variant != "promotion" else "")
+    result_path = args.results_dir / f"tune_asha_vs_grid{suffix}.json"
     result_path.write_text(json.dumps({
         "settings": {**settings, "train_rows": train_rows, "samples_per_trial": budget,
-                     "max_concurrent_trials": MAX_CONCURRENT_TRIALS,
+                     "max_concurrent_trials": MAX_CONCURRENT_TRIALS, "asha_variant": args.variant,
+                     "grid_from": str(args.grid_from) if args.grid_from else None,
                      "metric": METRIC},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(),

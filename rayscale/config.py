@@ -222,6 +222,10 @@ class TuneConfig:
                                           "in the space", unit="samples", minimum=1)
     reduction_factor: float = key(3.0, "ASHA keeps 1/reduction_factor of trials at each rung", minimum=1.0,
                                   exclusive_minimum=True)
+    asha_variant: str = key("stopping", "stopping: Ray's ASHA, a trial at a rung goes on only if it beats what "
+                                        "the rung has recorded so far; promotion: Li et al.'s, trials pause at "
+                                        "each rung and the best are resumed (fair whatever the trial order)",
+                            choices=("stopping", "promotion"))
     grid_order: str = key("shuffled", "order the grid domains' combinations run in: shuffled (seeded by seed; "
                                       "what ASHA assumes) or listed (as written, last key fastest)",
                           choices=("shuffled", "listed"))

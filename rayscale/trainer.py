@@ -329,10 +329,12 @@ def _check_fits(cfg: Config, cpus: float, gpus: float, has: str) -> None:
         raise UserError(f"scaling.use_gpu: {workers} workers need {workers} GPUs, {has.format(gpus)}")
 
 
-def payload(prepared: PreparedRun, eval_at_samples: list[int] | tuple[int, ...] = ()) -> dict:
+def payload(prepared: PreparedRun, eval_at_samples: list[int] | tuple[int, ...] = (),
+            pause_at_samples: list[int] | tuple[int, ...] = ()) -> dict:
     """What crosses into the workers: plain data only."""
     return {
         "eval_at_samples": [int(point) for point in eval_at_samples],
+        "pause_at_samples": [int(point) for point in pause_at_samples],
         "config": config_module.to_dict(prepared.cfg),
         "spec": dataclasses.asdict(prepared.spec),
         "train_rows": prepared.train_rows,
@@ -348,7 +350,8 @@ def payload(prepared: PreparedRun, eval_at_samples: list[int] | tuple[int, ...] 
 
 
 def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, name: str = "checkpoints",
-                  callbacks: list | None = None, eval_at_samples: list[int] | tuple[int, ...] = ()):
+                  callbacks: list | None = None, eval_at_samples: list[int] | tuple[int, ...] = (),
+                  pause_at_samples: list[int] | tuple[int, ...] = ()):
     import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -370,7 +373,7 @@ def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, nam
     if prepared.val is not None:
         datasets["val"] = data.build_dataset(prepared.val)
     execution = ray.data.ExecutionOptions(preserve_order=True)  # the same row order on every rank and run
-    loop_config = payload(prepared, eval_at_samples)
+    loop_config = payload(prepared, eval_at_samples, pause_at_samples)
     if cfg.train.strategy == "parameter_server":
         from rayscale.ps_actors import start_servers
 
@@ -582,9 +585,12 @@ def _fmt(value, spec: str = ".4f") -> str:
 
 
 def train(cfg: Config, *, address: str | None = None, callbacks: list | None = None,
-          eval_at_samples: list[int] | tuple[int, ...] = ()) -> dict:
+          eval_at_samples: list[int] | tuple[int, ...] = (), pause_at_samples: list[int] | tuple[int, ...] = ()
+          ) -> dict:
     """Validate, run and write outputs; returns the summary. `eval_at_samples`: extra points (samples seen)
-    at which the workers validate mid-epoch — Tune's rung milestones."""
+    at which the workers validate mid-epoch — Tune's rung milestones. `pause_at_samples`: the run ends at the
+    first of these past where it starts, with a checkpoint there (ASHA by promotion: a trial paused at a rung);
+    the same call again resumes from it."""
     started = time.time()
     prepared = prepare(cfg)
     _check_same_config(cfg, prepared.run_dir)
@@ -600,7 +606,7 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
     print(f"[rayscale] run directory {prepared.run_dir}", flush=True)
     try:
         result = build_trainer(prepared, callbacks=[*(callbacks or []), _controller_callback(groups)],
-                               eval_at_samples=eval_at_samples).fit()
+                               eval_at_samples=eval_at_samples, pause_at_samples=pause_at_samples).fit()
     except Exception as exc:
         # Bad input found only while the data streams (a NaN in a later row group, a file changed mid-run)
         # is still the user's one-line error, not a traceback from inside a worker.

@@ -61,6 +61,7 @@ THREAD_TIMEOUT_ENV = "TUNE_FUNCTION_THREAD_TIMEOUT_S"  # read in the trial's act
 THREAD_TIMEOUT_S = 30
 RELEASE_DELAY_S = 10.0  # after a trial ends, before its left placement groups are removed
 RUNGS_FILE = "asha_rungs.json"  # ASHA's recorded rungs, for --resume (asha.py)
+PROMOTION_FILE = "asha_promotions.json"  # tune.asha_variant promotion: rungs and promotions (promotion.py)
 
 
 def _trial_callbacks(metric: str, stop_marker: Path) -> list:
@@ -158,17 +159,27 @@ def _finished_records(cfg: Config) -> list[dict] | None:
     return [r for r in trainer.read_metrics(run_dir) if r.get("evaluation")]
 
 
-def _trial(sampled: dict, base: dict, search_dir: str, metric: str, eval_at_samples: list[int]) -> None:
+def _trial(sampled: dict, base: dict, search_dir: str, metric: str, eval_at_samples: list[int],
+           promotion: bool = False) -> None:
     from ray import tune
+
+    from rayscale.asha import RUNG_PAUSE, read_promotion_state
 
     cfg = space.apply(base, sampled_values(sampled))
     cfg.run.output_dir = str(Path(search_dir) / "trials")
-    cfg.run.name = tune.get_context().get_trial_id()
+    trial_id = cfg.run.name = tune.get_context().get_trial_id()
     finished = _finished_records(cfg)
     if finished:
         for record in finished:
             tune.report(record)
         return
+    if promotion:
+        # Waiting at a rung, not promoted: restored so by --resume. Pause again before training anything.
+        rungs = read_promotion_state(Path(search_dir) / PROMOTION_FILE)
+        if rungs is not None and rungs.waiting_at(trial_id) is not None:
+            last = [r for r in trainer.read_metrics(trainer.run_directory(cfg)) if r.get("evaluation")]
+            tune.report({**(last[-1] if last else {}), RUNG_PAUSE: True})
+            return
     # When ASHA stops this trial, Tune reuses this actor for the next one only once this function has returned
     # (the controller aborts at its next poll), and waits for that 2 s by default; an actor it gives up on is
     # ended with the abort half done (see trainer.remove_placement_groups_left).
@@ -177,7 +188,20 @@ def _trial(sampled: dict, base: dict, search_dir: str, metric: str, eval_at_samp
     stop_marker.parent.mkdir(parents=True, exist_ok=True)
     stop_marker.unlink(missing_ok=True)  # a resumed trial runs again
     _watch_for_stop(stop_marker)
-    trainer.train(cfg, callbacks=_trial_callbacks(metric, stop_marker), eval_at_samples=eval_at_samples)
+    summary = trainer.train(cfg, callbacks=_trial_callbacks(metric, stop_marker), eval_at_samples=eval_at_samples,
+                            pause_at_samples=eval_at_samples if promotion else ())
+    if promotion and summary["epochs"] < cfg.train.epochs:
+        # The run stopped at a rung, its workers gone and its checkpoint there: now PromotingASHA pauses the
+        # trial (this report blocks until it does), never while the run still holds its workers.
+        last = [r for r in trainer.read_metrics(trainer.run_directory(cfg)) if r.get("evaluation")]
+        tune.report({**last[-1], RUNG_PAUSE: True})
+
+
+def trial_share(concurrency: int) -> float:
+    """The share of the driver node's `node:<ip>` resource (1.0 in all) each trial holds under promotion, so
+    that Ray itself runs at most `concurrency` trials at once and a paused trial holds none of it. Ray counts
+    resources in 1/10,000ths: rounded down, `concurrency` shares always fit and one more never does."""
+    return math.floor(10_000 / concurrency) / 10_000
 
 
 def max_concurrent(cfg: Config) -> int:
@@ -268,30 +292,38 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False) -> 
 
     from ray import tune
 
-    from rayscale.asha import ResumableASHA
+    from rayscale.asha import PromotingASHA, ResumableASHA
 
     # A trial's driver only waits on its TorchTrainer: it holds almost no CPU. It runs on this node (Ray's
     # built-in node:<ip> resource), and so does its Train controller (Train places it beside the driver): the
     # trial directories, the stop markers and the search's outputs are then all on one filesystem, on a
     # multi-node cluster too; only the workers spread out (their checkpoints go to run.storage_path).
     here = _this_node_resource()
+    milestones = rung_milestones(grace, max_t, cfg.tune.reduction_factor)
+    promotion = cfg.tune.asha_variant == "promotion"
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=base, search_dir=str(search_dir), metric=cfg.tune.metric,
-                             eval_at_samples=rung_milestones(grace, max_t, cfg.tune.reduction_factor)),
-        {"CPU": 0.01, here: 0.001})
+                             eval_at_samples=milestones, promotion=promotion),
+        {"CPU": 0.01, here: trial_share(concurrency) if promotion else 0.001})
     if resume:
         tuner = Tuner.restore(str(tuner_dir), trainable, resume_unfinished=True, restart_errored=True)
     else:
         # stop_last_trials=False: a trial that reaches max_t finishes by itself and writes its outputs
         # (summary.json, model.pt), which is also how --resume recognises it as finished.
-        scheduler = ResumableASHA(time_attr=TIME_ATTR, max_t=max_t, grace_period=grace,
-                                  reduction_factor=cfg.tune.reduction_factor, stop_last_trials=False,
-                                  state_file=search_dir / RUNGS_FILE)
+        scheduler = PromotingASHA(time_attr=TIME_ATTR, milestones=milestones,
+                                  reduction_factor=cfg.tune.reduction_factor,
+                                  state_file=search_dir / PROMOTION_FILE) if promotion else \
+            ResumableASHA(time_attr=TIME_ATTR, max_t=max_t, grace_period=grace,
+                          reduction_factor=cfg.tune.reduction_factor, stop_last_trials=False,
+                          state_file=search_dir / RUNGS_FILE)
         tuner = Tuner(
             trainable,
             param_space=param_space(domains, cfg),
             tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=scheduler,
-                                        num_samples=cfg.tune.num_samples, max_concurrent_trials=concurrency,
+                                        num_samples=cfg.tune.num_samples,
+                                        # Tune counts paused trials against its limit: promotion would
+                                        # deadlock once every slot waits at a rung (trial_share instead).
+                                        max_concurrent_trials=None if promotion else concurrency,
                                         search_alg=search_alg),
             run_config=tune.RunConfig(name="tune", storage_path=str(search_dir), verbose=1,
                                       callbacks=[_release_stopped_trials(search_dir / "trials", RELEASE_DELAY_S)]),
@@ -314,6 +346,8 @@ def summarize(results, cfg: Config, domains: list[space.Domain], max_t: int) -> 
         history, samples = [], 0
         if frame is not None and TIME_ATTR in frame and len(frame):
             samples = int(frame[TIME_ATTR].max())  # how far it trained, whatever its metric did
+            if "rung_pause" in frame:  # PromotingASHA's pause signal repeats the rung's result
+                frame = frame[frame["rung_pause"] != True]  # noqa: E712 - NaN where absent
             if cfg.tune.metric in frame:
                 history = [(int(s), float(m)) for s, m in zip(frame[TIME_ATTR], frame[cfg.tune.metric],
                                                               strict=True) if m == m]  # drop NaN

@@ -322,6 +322,8 @@ def train_worker(payload: dict) -> None:
     eval_at = tuple(payload.get("eval_at_samples", ()))
     next_eval = next_evaluation(progress["samples_seen"], cfg.train.eval_every_samples, eval_at) \
         if payload["val_rows"] else None
+    # ASHA by promotion: this run ends at the first rung past where it starts, checkpointed there.
+    pause_at = next((p for p in payload.get("pause_at_samples", ()) if p > progress["samples_seen"]), None)
     last_report = time.perf_counter()
     started = time.time()
 
@@ -422,9 +424,10 @@ def train_worker(payload: dict) -> None:
                           f"at micro-batch {micro_size} (batch.micro_batch_size auto)", flush=True)
                 batch = micro_batches(step_rows, micro_size, device)
 
-    def run_steps(stream: Iterator, skip: int, epoch: int, segment_end: int) -> None:
+    def run_steps(stream: Iterator, skip: int, epoch: int, segment_end: int) -> bool:
         """Train the steps of one segment (an epoch, or a file in online mode), skipping the first `skip`
-        (committed before a restart); logs, validates mid-segment and checkpoints on their intervals."""
+        (committed before a restart); logs, validates mid-segment and checkpoints on their intervals. True:
+        stopped mid-segment at `pause_at`, checkpointed there."""
         nonlocal next_log, next_eval, next_checkpoint, last_report
         model.train()
         waited_from = time.perf_counter()
@@ -477,11 +480,15 @@ def train_worker(payload: dict) -> None:
                         print(f"[rayscale] {where(epoch)} samples {progress['samples_seen']:,} "
                               f"{_shown(val)}", flush=True)
                     last_report = time.perf_counter()
+                    if pause_at is not None and progress["samples_seen"] >= pause_at:
+                        save_and_report({**record, "epoch": epoch})  # the rung's result and checkpoint
+                        return True
                     ray.train.report(record)
             if next_checkpoint is not None and progress["samples_seen"] >= next_checkpoint:
                 next_checkpoint = progress["samples_seen"] + every
                 save_and_report({"samples_seen": progress["samples_seen"], "epoch": epoch, **_val(progress)})
             waited_from = time.perf_counter()
+        return False
 
     def where(epoch: int) -> str:
         return "online" if cfg.data.online else f"epoch {epoch + 1}/{epochs}"
@@ -544,7 +551,8 @@ def train_worker(payload: dict) -> None:
         blocks = first_stream if epoch == first_epoch else rows_of(f"train_{epoch}", train_cache, epoch,
                                                                    cfg.data.shuffle, 4)
         stream = iter(assembler.steps(blocks))
-        run_steps(stream, skip, epoch, (epoch + 1) * train_rows)
+        if run_steps(stream, skip, epoch, (epoch + 1) * train_rows):
+            return
 
         val = validate() if payload["val_rows"] else {}
         progress.update(epoch=epoch + 1, step_in_epoch=0, **val)
@@ -562,6 +570,8 @@ def train_worker(payload: dict) -> None:
                       flush=True)
         last_report = time.perf_counter()
         save_and_report({**record, "epoch": epoch + 1, "training_done": epoch + 1 == epochs})
+        if pause_at is not None and progress["samples_seen"] >= pause_at:
+            return
 
 
 def _server_metrics(client, steps: int, device: torch.device) -> dict:
