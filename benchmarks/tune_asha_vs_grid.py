@@ -125,6 +125,7 @@ def run_search(cfg, keys: list[str], budget: int) -> dict:
         "search_dir": str(search_dir),
         "grace_samples": effective_grace(cfg, budget),
         "reduction_factor": cfg.tune.reduction_factor,
+        "variant": cfg.tune.asha_variant,
         "trials": len(rows),
         "completed": sum(r["status"] == "completed" for r in rows),
         "stopped_early": sum(r["status"] == "stopped early" for r in rows),
@@ -154,14 +155,15 @@ def largest_history_difference(grid: dict, asha: dict, keys: list[str]) -> float
 
 
 def replay_in_random_orders(grid: dict, grace: int, budget: int, reduction_factor: float, orders: int = 2000,
-                            running_min: bool = False) -> dict | None:
+                            running_min: bool = False, variant: str = "stopping") -> dict | None:
     """How much one run's result owes to the order the trials came in.
 
     ASHA promotes a trial that beats the results recorded so far at its rung, and early trials face few (the
     first one always trains its whole budget). This replays Ray's own ASHA rule over the grid's curves — what
     ASHA's trials train too, same seed — one trial at a time, in the run's order (it must reproduce the live
     ASHA run) and in random orders. `running_min`: ASHA is given each trial's best value so far instead of its
-    latest (a what-if, not what rayscale does).
+    latest (a what-if, not what rayscale does). `variant` promotion: rayscale's PromotingASHA, replayed by
+    rayscale.promotion.replay_one_at_a_time.
     """
     import random
     from types import SimpleNamespace
@@ -173,7 +175,19 @@ def replay_in_random_orders(grid: dict, grace: int, budget: int, reduction_facto
     by_creation = sorted(grid["rows"], key=lambda r: r["trial_id"])  # the order Tune created the trials in
     curves = [r["history"] for r in by_creation]
 
+    def replay_promotion(order) -> tuple[float, float]:
+        from rayscale.promotion import replay_one_at_a_time
+        from rayscale.tune import rung_milestones
+
+        scores = {i: [(samples, -value) for samples, value in curve] for i, curve in enumerate(curves)}
+        trained = replay_one_at_a_time(scores, list(order), rung_milestones(grace, budget, reduction_factor),
+                                       reduction_factor)
+        best = min(value for i, samples in trained.items() for s, value in curves[i] if s <= samples)
+        return sum(trained.values()) / grid["samples"], (best - grid["best"]) / grid["best"]
+
     def replay(order) -> tuple[float, float]:
+        if variant == "promotion":
+            return replay_promotion(order)
         bracket = _Bracket(min_t=grace, max_t=budget, reduction_factor=reduction_factor, s=0,
                            stop_last_trials=False)  # as rayscale.tune configures its ASHAScheduler
         used, best = 0, float("inf")
@@ -211,14 +225,14 @@ def sensitivity(result_path: Path, orders: int = 1000) -> str:
     grid, budget, interval = saved["grid"], saved["settings"]["samples_per_trial"], saved["asha"]["grace_samples"]
     lines = [f"ASHA replayed over the grid's curves in {result_path.name} ({len(grid['rows'])} configurations, "
              f"validation every {interval:,} samples, {orders:,} random trial orders)", "",
-             "| grace | reduction factor | ASHA sees | the run's order: samples, gap | random orders: median samples | "
+             "| grace | reduction factor | ASHA variant, sees | the run's order: samples, gap | random orders: median samples | "
              "gap target met | both targets met |", "|---|---|---|---|---|---|---|"]
     for grace in (interval, 2 * interval, 3 * interval):
         for factor in (2.0, 3.0, 4.0):
-            for running_min in (False, True):
-                r = replay_in_random_orders(grid, grace, budget, factor, orders, running_min)
+            for variant, running_min in (("stopping", False), ("stopping", True), ("promotion", False)):
+                r = replay_in_random_orders(grid, grace, budget, factor, orders, running_min, variant)
                 lines.append(
-                    f"| {grace:,} | {factor:g} | {'best so far' if running_min else 'latest'} | "
+                    f"| {grace:,} | {factor:g} | {variant}, {'best so far' if running_min else 'latest'} | "
                     f"{r['run_order_sample_fraction']:.1%}, {r['run_order_relative_gap']:+.1%} | "
                     f"{r['sample_fraction_p10_p50_p90'][1]:.1%} | {r['share_meeting_gap_target']:.0%} | "
                     f"{r['share_meeting_both']:.0%} |")
@@ -237,7 +251,8 @@ def compare(grid: dict, asha: dict, keys: list[str], budget: int) -> dict:
         "same_best_config": asha["best_config"] == grid["best_config"],
         "asha_best_config_rank_in_grid": grid_ranking.index(config_key(asha["best_config"], keys)) + 1,
         "largest_history_difference": largest_history_difference(grid, asha, keys),
-        "random_orders": replay_in_random_orders(grid, asha["grace_samples"], budget, asha["reduction_factor"]),
+        "random_orders": replay_in_random_orders(grid, asha["grace_samples"], budget, asha["reduction_factor"],
+                                                 variant=asha["variant"]),
         "targets": {
             f"asha samples <= {MAX_SAMPLE_FRACTION:.0%} of grid": sample_fraction <= MAX_SAMPLE_FRACTION,
             f"asha best {METRIC} within {MAX_RELATIVE_GAP:.0%} of grid": relative_gap <= MAX_RELATIVE_GAP,

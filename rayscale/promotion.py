@@ -110,3 +110,33 @@ class Rungs:
     def from_dict(cls, saved: dict) -> Rungs:
         return cls(milestones=list(saved["milestones"]), reduction_factor=saved["reduction_factor"],
                    recorded=[dict(r) for r in saved["recorded"]], promoted=[list(p) for p in saved["promoted"]])
+
+
+def replay_one_at_a_time(curves: dict[str, list[tuple[int, float]]], order: list[str], milestones: list[int],
+                         reduction_factor: float) -> dict[str, int]:
+    """What PromotingASHA does with one trial at a time, replayed over known curves (trial -> [(samples, score)],
+    higher is better). After each trial's run, as Tune asks the scheduler between runs, the trials that have
+    earned it are promoted and the hopeless stopped; a promoted trial runs after the trials already queued (Ray
+    grants queued resource requests in order). Returns the samples each trial trains."""
+    rungs = Rungs(list(milestones), reduction_factor)
+    trained = dict.fromkeys(order, 0)
+    queue, waiting = list(order), set()
+    while queue:
+        trial = queue.pop(0)
+        for samples, score in curves[trial]:
+            if samples <= trained[trial]:
+                continue
+            trained[trial] = samples
+            if rungs.record(trial, samples, score) is not None:
+                waiting.add(trial)
+                break
+        while True:
+            settled = rungs.settled({t: rungs.target(t) for t in queue}, exhausted=True)
+            waiting -= set(rungs.hopeless(waiting, settled))
+            chosen = rungs.to_promote(waiting, settled)
+            if not chosen:
+                break
+            rungs.promote(chosen[0])
+            waiting.discard(chosen[0])
+            queue.append(chosen[0])
+    return trained

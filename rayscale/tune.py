@@ -285,7 +285,8 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False) -> 
     search_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         (search_dir / "search.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
-    print(f"[rayscale] search in {search_dir}: {len(domains)} keys, {cfg.tune.num_samples} samples, ASHA on "
+    print(f"[rayscale] search in {search_dir}: {len(domains)} keys, {cfg.tune.num_samples} samples, ASHA by "
+          f"{cfg.tune.asha_variant} on "
           f"{TIME_ATTR} (max {max_t:,}, grace {grace:,}, reduction {cfg.tune.reduction_factor:g}), "
           f"{concurrency} trials at once"
           + (f", grid {cfg.tune.grid_order}" if space.grid_size(domains) > 1 else ""), flush=True)
