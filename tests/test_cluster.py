@@ -341,8 +341,11 @@ TRAINING = ("RayTrainWorker", "TrainController", "jobs/train.py")
 
 @pytest.mark.slow
 def test_train_job_stops_cleanly_and_resubmitting_resumes(cluster, tmp_path):
-    epochs = 20  # an epoch of digits takes 0.5-2 s: enough left to stop it after the first
+    # An epoch of digits at batch 64 (23 steps) takes ~1 s once the data is cached: 40 leave the stop below time
+    # to land (at 20 epochs of batch 128, a fresh-clone CI run finished the job before `ray job stop` did).
+    epochs = 40
     entrypoint = ["jobs/train.py", "-c", "configs/digits_mlp.yaml", "--set", f"train.epochs={epochs}",
+                  "--set", "batch.global_batch_size=64",
                   "--set", f"run.output_dir={tmp_path}", "--set", "run.name=stopped"]
     first = _submit(cluster, *entrypoint, wait=False, submission_id="rayscale-stop-1")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
