@@ -17,7 +17,7 @@ from pathlib import Path
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
-from rayscale.promotion import Rungs
+from rayscale.promotion import RUNG_PAUSE, Rungs
 
 
 class ResumableASHA(AsyncHyperBandScheduler):
@@ -70,9 +70,6 @@ class ResumableASHA(AsyncHyperBandScheduler):
         self._save()
 
 
-RUNG_PAUSE = "rung_pause"  # a trial's report that its Train run stopped at a rung (rayscale.tune._trial)
-
-
 class PromotingASHA(FIFOScheduler):
     """`tune.asha_variant: promotion` (rayscale/promotion.py says why): a trial reports its rung's validation,
     its Train run ends at the rung with a checkpoint there, and the trial reports RUNG_PAUSE; it is paused then,
@@ -87,12 +84,13 @@ class PromotingASHA(FIFOScheduler):
         self._state_file = str(state_file)
         self._rungs = Rungs(milestones=list(milestones), reduction_factor=reduction_factor)
         self._loaded = False
+        self._mode = "min"
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_loaded": False}
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec) -> bool:
-        self._mode = mode or getattr(self, "_mode", "min")
+        self._mode = mode or self._mode
         return super().set_search_properties(metric, mode, **spec)
 
     def rungs(self) -> Rungs:
@@ -130,16 +128,13 @@ class PromotingASHA(FIFOScheduler):
         waiting = {t.trial_id for t in trials if t.status == Trial.PAUSED and rungs.waiting_at(t.trial_id) is not None}
         moving = {t.trial_id: rungs.target(t.trial_id) for t in trials if t.trial_id not in waiting}
         search_alg = tune_controller.search_alg
-        exhausted = search_alg is None or search_alg.is_finished()
-        settled = rungs.settled(moving, exhausted)
+        hopeless, chosen = rungs.decide(waiting, moving, exhausted=search_alg is None or search_alg.is_finished())
         by_id = {t.trial_id: t for t in trials}
-        for trial_id in rungs.hopeless(waiting, settled):
+        for trial_id in hopeless:
             tune_controller.stop_trial(by_id[trial_id])
-        chosen = rungs.to_promote(waiting, settled)
-        if chosen:
-            rungs.promote(chosen[0])
+        if chosen is not None:
             self._save()
-            return by_id[chosen[0]]
+            return by_id[chosen]
         # Promoted but not restarted yet (Tune may ask again before it stages the trial).
         return next((t for t in trials if t.status == Trial.PAUSED and t.trial_id not in waiting), None)
 

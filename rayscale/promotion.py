@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+RUNG_PAUSE = "rung_pause"  # a trial's report that its Train run stopped at a rung (rayscale.tune._trial)
+
 
 @dataclass
 class Rungs:
@@ -100,6 +102,15 @@ class Rungs:
                         and t not in keep]
         return out
 
+    def decide(self, waiting: set[str], moving: dict[str, int], exhausted: bool) -> tuple[list[str], str | None]:
+        """One scheduling decision: the waiting trials to stop, and the one to promote now (marked promoted)."""
+        settled = self.settled(moving, exhausted)
+        hopeless = self.hopeless(waiting, settled)
+        chosen = self.to_promote(waiting - set(hopeless), settled)
+        if chosen:
+            self.promote(chosen[0])
+        return hopeless, chosen[0] if chosen else None
+
     # --------------------------------------------------------------------------------------------- state
 
     def to_dict(self) -> dict:
@@ -131,12 +142,9 @@ def replay_one_at_a_time(curves: dict[str, list[tuple[int, float]]], order: list
                 waiting.add(trial)
                 break
         while True:
-            settled = rungs.settled({t: rungs.target(t) for t in queue}, exhausted=True)
-            waiting -= set(rungs.hopeless(waiting, settled))
-            chosen = rungs.to_promote(waiting, settled)
-            if not chosen:
+            hopeless, chosen = rungs.decide(waiting, {t: rungs.target(t) for t in queue}, exhausted=True)
+            waiting -= {*hopeless, chosen}
+            if chosen is None:
                 break
-            rungs.promote(chosen[0])
-            waiting.discard(chosen[0])
-            queue.append(chosen[0])
+            queue.append(chosen)
     return trained

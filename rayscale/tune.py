@@ -20,6 +20,7 @@ from rayscale import config as config_module
 from rayscale import space, trainer
 from rayscale.config import Config
 from rayscale.errors import UserError
+from rayscale.promotion import RUNG_PAUSE
 
 TIME_ATTR = "samples_seen"
 
@@ -163,7 +164,7 @@ def _trial(sampled: dict, base: dict, search_dir: str, metric: str, eval_at_samp
            promotion: bool = False) -> None:
     from ray import tune
 
-    from rayscale.asha import RUNG_PAUSE, read_promotion_state
+    from rayscale.asha import read_promotion_state
 
     cfg = space.apply(base, sampled_values(sampled))
     cfg.run.output_dir = str(Path(search_dir) / "trials")
@@ -177,8 +178,7 @@ def _trial(sampled: dict, base: dict, search_dir: str, metric: str, eval_at_samp
         # Waiting at a rung, not promoted: restored so by --resume. Pause again before training anything.
         rungs = read_promotion_state(Path(search_dir) / PROMOTION_FILE)
         if rungs is not None and rungs.waiting_at(trial_id) is not None:
-            last = [r for r in trainer.read_metrics(trainer.run_directory(cfg)) if r.get("evaluation")]
-            tune.report({**(last[-1] if last else {}), RUNG_PAUSE: True})
+            tune.report({**_last_evaluation(cfg), RUNG_PAUSE: True})
             return
     # When ASHA stops this trial, Tune reuses this actor for the next one only once this function has returned
     # (the controller aborts at its next poll), and waits for that 2 s by default; an actor it gives up on is
@@ -193,8 +193,12 @@ def _trial(sampled: dict, base: dict, search_dir: str, metric: str, eval_at_samp
     if promotion and summary["epochs"] < cfg.train.epochs:
         # The run stopped at a rung, its workers gone and its checkpoint there: now PromotingASHA pauses the
         # trial (this report blocks until it does), never while the run still holds its workers.
-        last = [r for r in trainer.read_metrics(trainer.run_directory(cfg)) if r.get("evaluation")]
-        tune.report({**last[-1], RUNG_PAUSE: True})
+        tune.report({**_last_evaluation(cfg), RUNG_PAUSE: True})
+
+
+def _last_evaluation(cfg: Config) -> dict:
+    """The run's latest validation record: what a paused trial repeats with its pause signal."""
+    return next((r for r in reversed(trainer.read_metrics(trainer.run_directory(cfg))) if r.get("evaluation")), {})
 
 
 def trial_share(concurrency: int) -> float:
@@ -347,8 +351,8 @@ def summarize(results, cfg: Config, domains: list[space.Domain], max_t: int) -> 
         history, samples = [], 0
         if frame is not None and TIME_ATTR in frame and len(frame):
             samples = int(frame[TIME_ATTR].max())  # how far it trained, whatever its metric did
-            if "rung_pause" in frame:  # PromotingASHA's pause signal repeats the rung's result
-                frame = frame[frame["rung_pause"] != True]  # noqa: E712 - NaN where absent
+            if RUNG_PAUSE in frame:  # PromotingASHA's pause signal repeats the rung's result
+                frame = frame[frame[RUNG_PAUSE] != True]  # noqa: E712 - NaN where absent
             if cfg.tune.metric in frame:
                 history = [(int(s), float(m)) for s, m in zip(frame[TIME_ATTR], frame[cfg.tune.metric],
                                                               strict=True) if m == m]  # drop NaN

@@ -481,7 +481,7 @@ def train_worker(payload: dict) -> None:
                               f"{_shown(val)}", flush=True)
                     last_report = time.perf_counter()
                     if pause_at is not None and progress["samples_seen"] >= pause_at:
-                        save_and_report({**record, "epoch": epoch})  # the rung's result and checkpoint
+                        save_and_report(record)  # the rung's result and its checkpoint
                         return True
                     ray.train.report(record)
             if next_checkpoint is not None and progress["samples_seen"] >= next_checkpoint:

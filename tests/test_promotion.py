@@ -10,8 +10,8 @@ import pytest
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
-from rayscale.asha import RUNG_PAUSE, PromotingASHA, read_promotion_state
-from rayscale.promotion import Rungs, replay_one_at_a_time
+from rayscale.asha import PromotingASHA, read_promotion_state
+from rayscale.promotion import RUNG_PAUSE, Rungs, replay_one_at_a_time
 
 MILESTONES = [100, 400, 1600]  # budget 2,700: as the benchmark's 1, 4, 16 of 27 epochs
 BUDGET = 2700
