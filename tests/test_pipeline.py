@@ -256,6 +256,16 @@ def test_two_workers_learn_and_count_every_row(reference):
     assert all(0 < r["batch_efficiency"] < 1 for r in logged)  # base batch: the micro-batch, 8 < 64
 
 
+def test_the_embedded_ray_starts_no_preemption_watcher(reference):
+    """One node has no drains to watch: the reference run's controller started no PreemptionWatcher actor
+    (trainer.connect turns it off for the embedded Ray; ~7 CPU-seconds a run)."""
+    from ray.util.state import list_actors
+
+    classes = {actor.class_name for actor in list_actors(limit=10_000)}  # dead ones included
+    assert "TrainController" in classes and "RayTrainWorker" in classes
+    assert "PreemptionWatcher" not in classes
+
+
 def test_same_config_and_seed_with_mid_epoch_validation_give_a_bitwise_identical_model(reference, tmp_path):
     """Run again with the same config and seed, validating mid-epoch as well and streaming every epoch from Ray
     Data (the reference replays epochs 2+ from each worker's cache): the same model, bit for bit (reproducible,
