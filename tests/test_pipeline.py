@@ -259,9 +259,12 @@ def test_two_workers_learn_and_count_every_row(reference):
 def test_the_embedded_ray_starts_no_preemption_watcher(reference):
     """One node has no drains to watch: the reference run's controller started no PreemptionWatcher actor
     (trainer.connect turns it off for the embedded Ray; ~7 CPU-seconds a run)."""
+    import ray
     from ray.util.state import list_actors
 
-    classes = {actor.class_name for actor in list_actors(limit=10_000)}  # dead ones included
+    # This process's Ray by address: the other xdist worker's Ray runs on this machine too.
+    address = ray.get_runtime_context().gcs_address
+    classes = {actor.class_name for actor in list_actors(address=address, limit=10_000)}  # dead ones included
     assert "TrainController" in classes and "RayTrainWorker" in classes
     assert "PreemptionWatcher" not in classes
 
