@@ -445,10 +445,14 @@ def _controller_callback(groups_file: Path):
 
         def after_worker_group_start(self, worker_group) -> None:
             group = worker_group.get_worker_group_state().placement_group_handle.placement_group
-            with open(groups_file, "a") as handle:
-                handle.write(json.dumps({"started_at": time.time(), "placement_group": group.id.hex()}) + "\n")
+            _record_group(groups_file, placement_group=group.id.hex())
 
     return RunControl()
+
+
+def _record_group(groups_file: Path, **fields) -> None:
+    with open(groups_file, "a") as handle:
+        handle.write(json.dumps({"started_at": time.time(), **fields}) + "\n")
 
 
 def remove_placement_groups_left(run_dir: Path) -> int:
@@ -516,6 +520,7 @@ def write_outputs(prepared: PreparedRun, result, started: float, first_step_at: 
     for key in ("_report", "epoch_end"):
         final.pop(key, None)
     progress = state["progress"]
+    rung_resumes = progress.get("rung_resumes", 0)
     wall = time.time() - started
     summary = {
         "run_dir": str(run_dir),
@@ -535,8 +540,10 @@ def write_outputs(prepared: PreparedRun, result, started: float, first_step_at: 
         "rows_left_out": 0,  # partial last steps are trained, never dropped (see data.py)
         **({"online_files": len(progress["online"]["files"]), "online_rows": progress["online"]["rows"]}
            if cfg.data.online else {}),
-        # Worker groups started after the first, by this driver or an earlier (killed) one; local mode has none.
-        "restarts": max(progress.get("resumes", 0), _lines(run_dir / GROUPS_FILE) - 1),
+        # Worker groups started after the first, by this driver or an earlier (killed) one, less the planned
+        # resumes from a rung's pause (ASHA by promotion); in local mode, attempts of this driver's loop.
+        "restarts": max(progress.get("resumes", 0), _lines(run_dir / GROUPS_FILE) - 1) - rung_resumes,
+        "rung_resumes": rung_resumes,
         "nonfinite_skipped": progress.get("nonfinite_skipped", 0),
         "precision": cfg.train.precision,
         # The driver only plans and collects: this stays flat however many rows stream past it.
@@ -580,6 +587,7 @@ def print_summary(summary: dict) -> None:
         ("wall time", f"{summary['wall_time_s']:.1f} s (start-up {_fmt(summary['startup_time_s'], '.1f')} s)"),
         ("rows left out", str(summary["rows_left_out"])),
         ("restarts", str(summary["restarts"])),
+        *([("rung resumes", str(summary["rung_resumes"]))] if summary["rung_resumes"] else []),
         ("non-finite steps skipped", str(summary["nonfinite_skipped"])),
     ]
     width = max(len(k) for k, _ in rows)
@@ -610,6 +618,8 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
     (prepared.run_dir / "config.yaml").write_text(
         yaml.safe_dump(config_module.to_dict(cfg), sort_keys=False))
     print(f"[rayscale] run directory {prepared.run_dir}", flush=True)
+    if cfg.scaling.num_workers == 0:  # local mode: this process is the one "worker group" (no controller)
+        _record_group(groups, local=True)
     try:
         result = build_trainer(prepared, callbacks=[*(callbacks or []), _controller_callback(groups)],
                                eval_at_samples=eval_at_samples, pause_at_samples=pause_at_samples).fit()

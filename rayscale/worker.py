@@ -260,6 +260,10 @@ def train_worker(payload: dict) -> None:
         if own_rng is not None:
             checkpoint.set_rng_states(own_rng)
         progress["resumes"] += 1
+        # Resumed from a rung's pause (ASHA by promotion): planned, not a fault. A crash that restores the same
+        # checkpoint again counts it again from the same saved count, so this stays one per pause.
+        if progress.pop("paused", False):
+            progress["rung_resumes"] = progress.get("rung_resumes", 0) + 1
         guard.skipped_total = progress["nonfinite_skipped"]
     micro_size = progress.get("micro_batch_size") or plan.micro_batch_size  # a resumed run keeps what it found
     client = None
@@ -481,6 +485,7 @@ def train_worker(payload: dict) -> None:
                               f"{_shown(val)}", flush=True)
                     last_report = time.perf_counter()
                     if pause_at is not None and progress["samples_seen"] >= pause_at:
+                        progress["paused"] = True  # the run resumed from here continues as planned
                         save_and_report(record)  # the rung's result and its checkpoint
                         return True
                     ray.train.report(record)
@@ -569,8 +574,9 @@ def train_worker(payload: dict) -> None:
                       f"{scaled_lr(cfg.optim.lr, progress['global_batch_size'], lr_base, cfg.optim.scaling_rule):.4g}",
                       flush=True)
         last_report = time.perf_counter()
+        progress["paused"] = pause_at is not None and progress["samples_seen"] >= pause_at
         save_and_report({**record, "epoch": epoch + 1, "training_done": epoch + 1 == epochs})
-        if pause_at is not None and progress["samples_seen"] >= pause_at:
+        if progress["paused"]:
             return
 
 

@@ -52,5 +52,7 @@ def test_a_promoted_trial_resumes_from_its_rung_and_trains_exactly_as_without_th
     completed = next(r for r in asha["rows"] if r["status"] == "completed")
     groups = (Path(asha["search_dir"]) / "trials" / completed["trial_id"] / trainer.GROUPS_FILE)
     assert len(groups.read_text().splitlines()) == 2  # to the rung, then from it to the end
+    summary = json.loads((groups.parent / "summary.json").read_text())
+    assert (summary["rung_resumes"], summary["restarts"]) == (1, 0)  # a planned resume, not a fault
     # Same configuration, same seed: the paused and resumed curve is the grid's, value for value.
     assert result["comparison"]["largest_history_difference"] < 1e-9

@@ -6,6 +6,7 @@ its TorchTrainer.
 
 import json
 import os
+import re
 import sys
 import textwrap
 import time
@@ -233,6 +234,38 @@ def test_adaptive_batch_grows_at_epoch_ends_and_a_crashed_run_resumes_at_the_gro
     first = [r for r in lines if r["epoch"] == 0]
     chosen = goodput_batch(first, plan_for(32, 16, 1), 32, 1024)
     assert chosen is not None and [r["global_batch_size"] for r in lines if r["epoch"] == 1][0] == chosen
+
+
+def test_a_resume_from_a_rung_pause_is_no_restart_and_a_crash_after_it_is_one(ray_session, tmp_path, capsys):
+    """A run paused at 320 samples (ASHA by promotion's rung) and started again: `rung_resumes` 1, `restarts` 0.
+    A run that, resumed from the pause, crashes before its next checkpoint and is started again restores the
+    pause checkpoint a second time: still one rung resume, now one restart, and the uninterrupted model."""
+    def paused(name, crash_after):
+        cfg = config.load(overrides=[f"run.output_dir={tmp_path}", f"run.name={name}", "train.epochs=2",
+                                     "batch.global_batch_size=32", "batch.micro_batch_size=16",
+                                     "scaling.num_workers=0", "model.name=crash_once_model:make",
+                                     f"model.kwargs={{after: {crash_after}, marker: {tmp_path / name}.marker}}"])
+        return trainer.train(cfg, eval_at_samples=[320], pause_at_samples=[320])
+
+    _, expected = run(tmp_path, "whole", "scaling.num_workers=0", "batch.global_batch_size=32",
+                      "batch.micro_batch_size=16", "model.name=crash_once_model:make",
+                      f"model.kwargs={{after: {10**9}, marker: {tmp_path}/whole.marker}}")
+    at_rung = paused("clean", 10**9)
+    assert (at_rung["samples_seen"], at_rung["epochs"], at_rung["rung_resumes"], at_rung["restarts"]) == (320, 0, 0, 0)
+    capsys.readouterr()
+    resumed = paused("clean", 10**9)
+    assert (resumed["samples_seen"], resumed["rung_resumes"], resumed["restarts"]) == (2 * resumed["train_rows"], 1, 0)
+    printed = capsys.readouterr().out
+    assert re.search(r"restarts +0\n +rung resumes +1\n", printed), printed[-2000:]
+
+    # 2 forwards a step: 10 steps to the rung (20 forwards) trains on; 30 steps past it, inside epoch 1, crash.
+    assert paused("crashed", 60)["samples_seen"] == 320
+    with pytest.raises(RuntimeError, match="injected crash"):
+        paused("crashed", 60)
+    summary = paused("crashed", 60)
+    assert (summary["rung_resumes"], summary["restarts"]) == (1, 1)
+    model = torch.load(tmp_path / "crashed" / "model.pt")
+    assert all(torch.equal(expected[k], model[k]) for k in expected)
 
 
 @pytest.fixture(scope="module")
