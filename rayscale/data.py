@@ -140,6 +140,23 @@ def add_curriculum_keys(batch: dict[str, np.ndarray], order: CurriculumOrder) ->
     return {**batch, CURRICULUM_KEY: keys}
 
 
+def read_tasks_at_once(chunks: int) -> int:
+    """The most read tasks a split runs at once: as many as the cluster has CPUs (or, autoscaling, can have).
+
+    A fraction of a CPU per read task: Ray Data's budget excludes every running trainer's CPUs, so with
+    concurrent Tune trials less than one whole CPU may be left, and a 1-CPU task would never start. But no
+    more tasks at once than CPUs: each new task process pays ~4 s of CPU to start (Ray Data's imports, the
+    source's), and 4 per core made a digits run's first pass 25 s instead of 8-10 (measured). On an autoscaling
+    cluster the dataset is built before the training nodes exist, so the bound is the configured maximum (what
+    Ray Data's own shuffle sizes itself by), not the head node alone; Ray Data's budget still limits the tasks
+    to the CPUs there are at each moment."""
+    import ray
+
+    cpus = (ray._private.state.state.get_max_resources_from_cluster_config() or {}).get("CPU") \
+        or ray.cluster_resources().get("CPU", 1)
+    return max(1, min(chunks, int(cpus)))
+
+
 def build_dataset(spec: SplitSpec, epoch: int | None = None, order: CurriculumOrder | None = None):
     """A lazy Ray Dataset of the split; for training, ordered (or shuffled) for `epoch`.
 
@@ -151,11 +168,7 @@ def build_dataset(spec: SplitSpec, epoch: int | None = None, order: CurriculumOr
 
     shuffle = spec.data.shuffle if spec.split == "train" and order is None else "none"
     items = [{"chunk": int(i)} for i in chunk_order(len(spec.info.chunks), shuffle, spec.seed, epoch)]
-    # A fraction of a CPU per read task: Ray Data's budget excludes every running trainer's CPUs, so with
-    # concurrent Tune trials less than one whole CPU may be left, and a 1-CPU task would never start. But no
-    # more tasks at once than the cluster has CPUs: each new task process pays ~4 s of CPU to start (Ray Data's
-    # imports, the source's), and 4 per core made a digits run's first pass 25 s instead of 8-10 (measured).
-    tasks_at_once = ray.data.TaskPoolStrategy(size=max(1, int(ray.cluster_resources().get("CPU", 1))))
+    tasks_at_once = ray.data.TaskPoolStrategy(size=read_tasks_at_once(len(items)))
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         read_split_chunks, fn_kwargs={"spec": spec}, batch_size=1, batch_format="numpy", num_cpus=READ_CPUS,
         compute=tasks_at_once)

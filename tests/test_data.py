@@ -20,6 +20,7 @@ from rayscale.data import (
     is_validation,
     micro_batches,
     read_split_chunks,
+    read_tasks_at_once,
 )
 
 CPU = torch.device("cpu")
@@ -511,3 +512,20 @@ def test_the_ray_data_read_path_does_not_import_torch():
             "assert len(rows['row_id']) > 0; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_read_tasks_are_bounded_by_the_cpus_the_cluster_has_or_can_autoscale_to(monkeypatch):
+    """No more read tasks at once than CPUs, nor than chunks; on an autoscaling cluster (its configured maximum
+    known) the maximum, since the dataset is built before the training nodes exist."""
+    import ray
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})  # the head node alone
+    state = ray._private.state.state
+    monkeypatch.setattr(state, "get_max_resources_from_cluster_config", lambda: None)  # no autoscaler
+    assert (read_tasks_at_once(100), read_tasks_at_once(3)) == (8, 3)
+    monkeypatch.setattr(state, "get_max_resources_from_cluster_config", lambda: {"CPU": 72, "GPU": 8})
+    assert (read_tasks_at_once(100), read_tasks_at_once(3)) == (72, 3)
+    monkeypatch.setattr(state, "get_max_resources_from_cluster_config", lambda: {"GPU": 8, "CPU": 0})
+    assert read_tasks_at_once(100) == 8
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {})
+    assert read_tasks_at_once(100) == 1
