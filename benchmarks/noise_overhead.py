@@ -1,10 +1,12 @@
 """What measuring the gradient noise scale costs per optimizer step (issue 8: target < 3% of step time).
 
 Two processes, gloo on 127.0.0.1, 1 thread each, 4 micro-batches per step, the engine's `train_step` as the
-worker calls it: (a) with `train.noise_scale` off, DDP's own all-reduce; (b) with it on, the communication hook
-that notes each rank's gradient norm before the all-reduce, and the per-step estimates on the device (what the
-worker adds). Same model, weights and batches; blocks of steps alternate between the two so that drift of the
-machine falls on both. Overhead = (b - a) / a of the median block time per step.
+worker calls it: (a) with `train.noise_scale` off; (b) with it on, as the worker measures: one step in
+`train.noise_scale_every_steps` (default 4) accumulates under no_sync, takes each rank's gradient norm and
+all-reduces after its backward, and its estimates are summed on the device. Same model, weights and batches; blocks of steps alternate between the two so that drift of the
+machine falls on both. Overhead: the median over blocks of (b - a) / a, each b against the a next to it in
+time (a shared 2-core machine drifts by more than the few percent measured: medians of each side's blocks
+alone gave +2.4% to +12.4% over four runs of the same code).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from benchmarks import gloo
 
-SIZES = {"full": {"features": 256, "hidden": [1024, 1024], "micro": 16, "steps": 10, "blocks": 12},
+SIZES = {"full": {"features": 256, "hidden": [1024, 1024], "micro": 16, "steps": 30, "blocks": 24},
          "smoke": {"features": 16, "hidden": [32], "micro": 4, "steps": 2, "blocks": 2}}
 MICRO_BATCHES = 4
 WORKERS = 2
@@ -27,19 +29,19 @@ def _process(rank: int, port: int, size: dict, out: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    from rayscale.config import TrainConfig
     from rayscale.models import MLP
-    from rayscale.step import LocalGradientNorm, make_precision, train_step
+    from rayscale.step import make_precision, train_step
     from rayscale.worker import step_noise_estimates
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORKERS)
-    models, optimizers = {}, {}
-    local_norm = LocalGradientNorm()
+    models, optimizers, steps = {}, {}, {"off": 0, "on": 0}
+    every = TrainConfig().noise_scale_every_steps
     for name in ("off", "on"):
         torch.manual_seed(0)
         models[name] = DistributedDataParallel(MLP(size["features"], 10, tuple(size["hidden"])))
         optimizers[name] = torch.optim.SGD(models[name].parameters(), lr=0.01)
-    local_norm.install(models["on"])
     precision = make_precision("fp32", torch.device("cpu"))
     batches = [{"x": torch.randn(size["micro"], size["features"]), "y": torch.randint(0, 10, (size["micro"],))}
                for _ in range(MICRO_BATCHES)]
@@ -49,8 +51,9 @@ def _process(rank: int, port: int, size: dict, out: str) -> None:
     def step(name: str) -> None:
         nonlocal sums
         result = train_step(models[name], batches, optimizers[name], task="classification", lr=0.01,
-                            precision=precision, global_count=rows, local_norm=local_norm if name == "on" else None,
-                            measure_noise=name == "on")
+                            precision=precision, global_count=rows,
+                            measure_noise=name == "on" and steps[name] % every == 0)
+        steps[name] += 1
         if result.small_sq is not None:
             sums = sums + step_noise_estimates(result.small_sq, result.small_count, result.grad_norm.double() ** 2,
                                                result.global_count)
@@ -66,14 +69,14 @@ def _process(rank: int, port: int, size: dict, out: str) -> None:
             for _ in range(size["steps"]):
                 step(name)
             times[name].append((time.perf_counter() - began) / size["steps"])
+    paired = [(on - off) / off for off, on in zip(times["off"], times["on"], strict=True)]
     gloo.finish(rank, out, {"step_s": {name: statistics.median(values) for name, values in times.items()},
-                            "estimates_taken": int(sums[2].item())})
+                            "paired_overhead": statistics.median(paired), "estimates_taken": int(sums[2].item())})
 
 
 def run(size_name: str, output_dir: Path) -> dict:
     measured = gloo.spawn(_process, (SIZES[size_name],), WORKERS, output_dir / "noise_overhead.json")
-    off, on = measured["step_s"]["off"], measured["step_s"]["on"]
-    overhead = (on - off) / off
+    overhead = measured["paired_overhead"]
     return {"size": SIZES[size_name], "micro_batches": MICRO_BATCHES, **measured, "overhead": overhead,
             "targets": [{"name": "noise scale measurement, extra step time", "value": overhead,
                          "target": f"< {MAX_OVERHEAD:.0%}", "pass": overhead < MAX_OVERHEAD}]}
@@ -83,4 +86,4 @@ def table(result: dict) -> str:
     step = result["step_s"]
     return "\n".join(["| train.noise_scale | ms per optimizer step (median of blocks) |", "|---|---|",
                       f"| off | {step['off'] * 1000:.2f} |", f"| on | {step['on'] * 1000:.2f} |",
-                      f"\noverhead: {result['overhead']:+.1%}"])
+                      f"\noverhead (median over adjacent pairs of blocks): {result['overhead']:+.1%}"])

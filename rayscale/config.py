@@ -142,6 +142,9 @@ class TrainConfig:
                                       unit="seconds", minimum=0.0)
     noise_scale: bool = key(True, "measure the gradient noise scale, the critical batch size and this batch's "
                                   "statistical efficiency (needs 2+ workers or 2+ micro-batches; not with fp16)")
+    noise_scale_every_steps: int = key(4, "measure the noise scale on one optimizer step in this many (with 2+ "
+                                          "workers a measured step all-reduces after its backward, not during "
+                                          "it)", unit="steps", minimum=1)
     strategy: str = key("ddp", "how workers combine gradients: ddp (all-reduce, every worker steps its own copy) "
                                "or parameter_server (workers pull the parameters from ps.num_servers Ray "
                                "actors, push gradients, and the optimizer steps on the servers)",

@@ -11,9 +11,10 @@ doubling the batch nearly halves the steps needed; above it, it buys little. Eac
 very noisy, so numerator and denominator are averaged separately (an exponential moving average, as in the
 paper) before dividing.
 
-In rayscale the small batch is one worker's share of the step (its gradient before DDP's all-reduce, seen by a
-communication hook) or, with one worker, its first micro-batch; the big batch is the whole step. Neither costs
-a pass: only a squared norm over the gradients.
+In rayscale the small batch is one worker's share of the step (its gradient before the all-reduce: a measured
+step accumulates under no_sync and all-reduces after its backward) or, with one worker, its first micro-batch;
+the big batch is the whole step. Neither costs a pass: only a squared norm over the gradients. One step in
+train.noise_scale_every_steps is measured; the estimates are averaged over a log interval anyway.
 
 Statistical efficiency (Pollux/adaptdl, Qiao et al. 2021): a batch of B samples makes (phi + B0) / (phi + B) of
 the progress per sample that a batch of B0 would, phi being the noise scale. Throughput x efficiency = goodput.

@@ -62,31 +62,6 @@ class StepResult:
     small_count: torch.Tensor | None = None
 
 
-class LocalGradientNorm:
-    """A DDP communication hook that notes the squared norm of this rank's gradient before the all-reduce (the
-    noise scale's small batch), then all-reduces as DDP's default does. Costs one pass over the buckets."""
-
-    def __init__(self) -> None:
-        self.squared: torch.Tensor | None = None
-
-    def install(self, model: DistributedDataParallel) -> None:
-        model.register_comm_hook(self, LocalGradientNorm._hook)
-
-    @staticmethod
-    def _hook(state, bucket):  # unannotated: DDP rejects the string annotations of `from __future__`
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-        # In the bucket's own dtype: asking vector_norm for float64 converts the whole bucket first, which cost
-        # 12% of a step in benchmarks.noise_overhead; this costs about nothing.
-        squared = torch.linalg.vector_norm(bucket.buffer().detach()).double() ** 2
-        state.squared = squared if state.squared is None else state.squared + squared
-        return allreduce_hook(None, bucket)
-
-    def take(self) -> torch.Tensor | None:
-        squared, self.squared = self.squared, None
-        return squared
-
-
 def is_out_of_memory(error: BaseException) -> bool:
     """A device out-of-memory error: CUDA's OutOfMemoryError, or another backend's RuntimeError saying so."""
     return isinstance(error, torch.OutOfMemoryError) or (
@@ -163,8 +138,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]],
                optimizer: torch.optim.Optimizer, *, task: str, lr: float, precision: Precision,
-               grad_clip: float | None = None, global_count: float | None = None,
-               local_norm: LocalGradientNorm | None = None, measure_noise: bool = False,
+               grad_clip: float | None = None, global_count: float | None = None, measure_noise: bool = False,
                clock: StepClock | None = None, oom_safe: bool = False,
                update: Callable[[list[torch.Tensor], float], tuple[torch.Tensor, bool]] | None = None
                ) -> StepResult:
@@ -173,8 +147,12 @@ def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tenso
     Every worker must call this the same number of times, each with at least one micro-batch (a rank with
     no real rows passes a zero-weight one), because the last backward is a collective under DDP.
 
-    `measure_noise`: also return the noise scale's small batch: this rank's share of the step, from
-    `local_norm` (installed on the DDP model), or with one worker and several micro-batches, the first one.
+    `measure_noise`: also return the noise scale's small batch: under DDP this rank's share of the step (every
+    micro-batch then runs under no_sync, the norm of this rank's gradient is taken, and the gradients are
+    averaged in one pass after the backward, as under `oom_safe`), or with one worker and several micro-batches,
+    the first one. Under DDP the step loses the overlap of its last backward with the all-reduce, which is why
+    the worker measures only one step in train.noise_scale_every_steps; on 2 CPU processes it cost nothing
+    measurable, where a Python communication hook that took the norm on every step cost 5-13%.
     `clock`: marks where the step's time goes (step_clock.py).
     `oom_safe` (batch.micro_batch_size: auto): a device out-of-memory error in a micro-batch raises
     MicroBatchTooLarge on every rank, with no gradient applied, so the caller can redo the step with smaller
@@ -210,9 +188,11 @@ def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tenso
         clock.mark("micro_batches")
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     out_of_memory = False
+    ddp = isinstance(model, DistributedDataParallel)
+    average_after = ddp and (oom_safe or (measure_noise and world_size > 1))  # every micro-batch under no_sync
     for index, micro_batch in enumerate(micro_batches):
         # The forward must sit inside no_sync too: DDP prepares its all-reduce hooks during forward.
-        sync = (index == last and not oom_safe) or not isinstance(model, DistributedDataParallel)
+        sync = (index == last and not average_after) or not ddp
         if clock is not None and index == last:
             clock.mark("last_micro_batch")
         try:
@@ -243,12 +223,9 @@ def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tenso
             raise MicroBatchTooLarge()
     if clock is not None:
         clock.mark("backward_done")
-    if measure_noise and world_size > 1:
-        if oom_safe:  # this rank's gradient, before averaging: what LocalGradientNorm takes from the buckets
-            small_count, small_sq = local_count.detach().to(torch.float64), _squared_norm(parameters)
-        elif local_norm is not None:
-            small_count, small_sq = local_count.detach().to(torch.float64), local_norm.take()
-    if oom_safe and world_size > 1:
+    if measure_noise and average_after:  # this rank's gradient, before averaging
+        small_count, small_sq = local_count.detach().to(torch.float64), _squared_norm(parameters)
+    if average_after and world_size > 1:
         _average_gradients([p for p in parameters if p.requires_grad], world_size)
     if small_sq is not None:
         # The gradients hold sum / global_count x world_size: back to this batch's mean gradient.
@@ -265,7 +242,11 @@ def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tenso
     if precision.scaler is not None:
         precision.scaler.unscale_(optimizer)
     parameters = [p for p in parameters if p.grad is not None]
-    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm=grad_clip or float("inf"))
+    # The norm is logged and guards every step; scaling the gradients by 1 (clip_grad_norm_ with no limit) would
+    # cost a pass over them for nothing.
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+    if grad_clip is not None:
+        torch.nn.utils.clip_grads_with_norm_(parameters, grad_clip, grad_norm)
     # One host sync per optimizer step (never per micro-batch). The norm is taken after the all-reduce,
     # so every rank reaches the same decision and optimizer states never diverge.
     finite = bool(torch.isfinite(grad_norm))

@@ -42,6 +42,8 @@ def count(task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def loss_sum(task: str, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of weighted per-sample (or per-token) losses, computed in float32 or wider."""
     output = output.float() if output.dtype in (torch.float16, torch.bfloat16) else output
+    if task == "classification" and "weight" not in batch:  # every weight 1: no per-sample pass, forward or back
+        return F.cross_entropy(output, batch["y"], reduction="sum")
     weights = sample_weights(batch).to(output.dtype)
     if task == "classification":
         per_sample = F.cross_entropy(output, batch["y"], reduction="none")

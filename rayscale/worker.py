@@ -34,7 +34,7 @@ from rayscale.noise_scale import NoiseScale, efficiency, two_batch_estimates
 from rayscale.optimizers import build_optimizer
 from rayscale.ps_actors import ParameterClient, StaleGradient
 from rayscale.schedules import scaled_lr, schedule_from_config
-from rayscale.step import LocalGradientNorm, MicroBatchTooLarge, NonFiniteGuard, make_precision, train_step
+from rayscale.step import MicroBatchTooLarge, NonFiniteGuard, make_precision, train_step
 from rayscale.step_clock import StepClock
 
 METRICS_FILE = "metrics.jsonl"
@@ -233,15 +233,12 @@ def train_worker(payload: dict) -> None:
     # The noise scale needs two batch sizes in one step: a worker's share and the whole step (2+ workers), or
     # the first micro-batch and the step (1 worker). fp16 leaves it out: its gradients carry the loss scale.
     # batch.micro_batch_size auto: from the whole per-worker batch, halved on every rank whenever one runs out of
-    # device memory (the step is redone with the same rows). train_step then accumulates under no_sync and
-    # averages the gradients itself, so the DDP hook is not used.
+    # device memory (the step is redone with the same rows). Under DDP a measured step accumulates under no_sync
+    # and averages the gradients after its backward (train_step): one step in train.noise_scale_every_steps.
     auto_micro = plan.auto
     noise_possible = cfg.train.noise_scale and precision.scaler is None
     measure_noise = noise_possible and not parameter_server and (
         world_size > 1 or plan.accumulation_steps > 1 or auto_micro)
-    local_norm = LocalGradientNorm() if measure_noise and world_size > 1 and not auto_micro else None
-    if local_norm is not None:
-        local_norm.install(model)
     noise = NoiseScale()
     base_batch = cfg.optim.base_batch_size or plan_for(initial_batch, cfg.batch.micro_batch_size,
                                                        world_size).micro_batch_size
@@ -412,7 +409,9 @@ def train_worker(payload: dict) -> None:
                 return train_step(model, batch, optimizer, task=spec.task, lr=lr, precision=precision,
                                   grad_clip=cfg.train.grad_clip,
                                   global_count=step_rows.rows_in_step if rows_are_the_count else None,
-                                  local_norm=local_norm, measure_noise=measure_noise, clock=interval.clock,
+                                  measure_noise=measure_noise
+                                  and progress["step"] % cfg.train.noise_scale_every_steps == 0,
+                                  clock=interval.clock,
                                   oom_safe=auto_micro, update=client.update if client is not None else None)
             except StaleGradient:  # async: computed from too old parameters; pull the newest and redo it
                 continue

@@ -325,25 +325,27 @@ def test_one_worker_reports_its_first_micro_batch_as_the_small_batch():
 
 
 def _ddp_noise_worker(rank, world, port, rows_per_rank, result_dir):
-    from rayscale.step import LocalGradientNorm
-
     _, _, mine_x, mine_y = _join(rank, world, port, rows_per_rank)
     model = DistributedDataParallel(tiny_model())
-    local_norm = LocalGradientNorm()
-    local_norm.install(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     sizes = [2] * (len(mine_x) // 2) + [1] * (len(mine_x) % 2)  # micro-batches of 2 and a short last one
     result = train_step(model, split(mine_x, mine_y, sizes), optimizer, task="classification", lr=0.5,
-                        precision=FP32, local_norm=local_norm, measure_noise=True)
-    torch.save({"small_sq": result.small_sq.item(), "small_count": result.small_count.item(),
-                "params": [p.detach() for p in model.module.parameters()]}, f"{result_dir}/rank{rank}.pt")
+                        precision=FP32, measure_noise=True)
+    measured = {"small_sq": result.small_sq.item(), "small_count": result.small_count.item(),
+                "params": [p.detach().clone() for p in model.module.parameters()]}
+    # The next step, not measured, syncs through DDP's own all-reduce as usual: the same update as a measured one.
+    after = [train_step(model, split(mine_x, mine_y, sizes), optimizer, task="classification", lr=0.5,
+                        precision=FP32, measure_noise=flag).small_sq for flag in (False, True)]
+    torch.save({**measured, "unmeasured_small_sq": after[0], "params_after": [p.detach() for p in model.module.parameters()]},
+               f"{result_dir}/rank{rank}.pt")
     dist.barrier()
     os._exit(0)  # see _ddp_worker
 
 
 def test_ddp_reports_each_ranks_share_as_the_small_batch_and_still_averages_exactly(tmp_path):
-    """The communication hook notes each rank's gradient before the all-reduce and then all-reduces as DDP
-    does: every rank's small batch is its own rows, and the update is the one-process update."""
+    """A measured step takes each rank's gradient norm before averaging the gradients itself: every rank's small
+    batch is its own rows, and the update is the one-process update, as is that of the steps after it, measured
+    (averaged by train_step) or not (by DDP)."""
     rows_per_rank = [6, 3]
     mp.spawn(_ddp_noise_worker, args=(2, _free_port(), rows_per_rank, str(tmp_path)), nprocs=2)
     x, y = dataset(sum(rows_per_rank))
@@ -353,9 +355,15 @@ def test_ddp_reports_each_ranks_share_as_the_small_batch_and_still_averages_exac
         assert got["small_sq"] == pytest.approx(_mean_gradient_squared_norm(x[start:start + rows],
                                                                             y[start:start + rows]), rel=1e-10)
     model = tiny_model()
-    train_step(model, [{"x": x, "y": y}], torch.optim.SGD(model.parameters(), lr=0.5), task="classification",
-               lr=0.5, precision=FP32)
-    for a, b in zip(torch.load(tmp_path / "rank0.pt")["params"], model.parameters(), strict=True):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    train_step(model, [{"x": x, "y": y}], optimizer, task="classification", lr=0.5, precision=FP32)
+    got = torch.load(tmp_path / "rank0.pt")
+    for a, b in zip(got["params"], model.parameters(), strict=True):
+        assert torch.allclose(a, b.detach(), rtol=1e-12, atol=1e-14)
+    for _ in range(2):
+        train_step(model, [{"x": x, "y": y}], optimizer, task="classification", lr=0.5, precision=FP32)
+    assert got["unmeasured_small_sq"] is None
+    for a, b in zip(got["params_after"], model.parameters(), strict=True):
         assert torch.allclose(a, b.detach(), rtol=1e-12, atol=1e-14)
 
 
