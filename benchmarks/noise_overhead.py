@@ -3,10 +3,11 @@
 Two processes, gloo on 127.0.0.1, 1 thread each, 4 micro-batches per step, the engine's `train_step` as the
 worker calls it: (a) with `train.noise_scale` off; (b) with it on, as the worker measures: one step in
 `train.noise_scale_every_steps` (default 4) accumulates under no_sync, takes each rank's gradient norm and
-all-reduces after its backward, and its estimates are summed on the device. Same model, weights and batches; blocks of steps alternate between the two so that drift of the
-machine falls on both. Overhead: the median over blocks of (b - a) / a, each b against the a next to it in
-time (a shared 2-core machine drifts by more than the few percent measured: medians of each side's blocks
-alone gave +2.4% to +12.4% over four runs of the same code).
+all-reduces after its backward, and its estimates are summed on the device. Same model, weights and batches;
+blocks of steps alternate between the two so that drift of the machine falls on both. Overhead: the median
+over blocks of (b - a) / a, each b against the a next to it in time (a shared 2-core machine drifts by more
+than the few percent measured: medians of each side's blocks alone gave +2.4% to +12.4% over four runs of the
+same code).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """One optimizer step over a worker's micro-batches. No Ray in here.
 
 zero grads -> for each micro-batch { no_sync unless last; forward; loss / global count; backward }
+-> [a step that measures the noise scale or is OOM-safe: every micro-batch no_sync, then one all-reduce]
 -> unscale / clip -> skip if non-finite -> step
 
 The loss of every micro-batch is its *sum* divided by the real sample (or token) count of the whole global

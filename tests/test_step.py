@@ -336,7 +336,8 @@ def _ddp_noise_worker(rank, world, port, rows_per_rank, result_dir):
     # The next step, not measured, syncs through DDP's own all-reduce as usual: the same update as a measured one.
     after = [train_step(model, split(mine_x, mine_y, sizes), optimizer, task="classification", lr=0.5,
                         precision=FP32, measure_noise=flag).small_sq for flag in (False, True)]
-    torch.save({**measured, "unmeasured_small_sq": after[0], "params_after": [p.detach() for p in model.module.parameters()]},
+    params_after = [p.detach() for p in model.module.parameters()]
+    torch.save({**measured, "unmeasured_small_sq": after[0], "params_after": params_after},
                f"{result_dir}/rank{rank}.pt")
     dist.barrier()
     os._exit(0)  # see _ddp_worker
