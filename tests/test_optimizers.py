@@ -167,9 +167,24 @@ def test_build_optimizer_returns_named_class_with_initial_lr(name, expected_cls)
 
 
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
-def test_fused_kernels_only_for_cuda_parameters(name):
-    cpu = build_optimizer(OptimConfig(name=name), torch.nn.Linear(3, 2), lr=0.1)
-    assert not cpu.defaults.get("fused")
+def test_fused_kernels_on_cpu_and_cuda_give_the_per_tensor_update(name):
+    torch.manual_seed(0)
+    fused_model, plain_model = small_model(), small_model()
+    plain_model.load_state_dict(fused_model.state_dict())
+    cfg = OptimConfig(name=name, momentum=0.9, weight_decay=0.01)
+    fused = build_optimizer(cfg, fused_model, lr=0.1)
+    assert fused.defaults["fused"] is True
+    groups = param_groups(plain_model, cfg.weight_decay)
+    plain = (torch.optim.SGD(groups, lr=0.1, momentum=0.9) if name == "sgd"
+             else torch.optim.AdamW(groups, lr=0.1, betas=cfg.betas, eps=cfg.eps))
+    for _ in range(3):
+        x = torch.randn(8, 4)
+        for model, optimizer in ((fused_model, fused), (plain_model, plain)):
+            optimizer.zero_grad()
+            model(x).square().sum().backward()
+            optimizer.step()
+    for a, b in zip(fused_model.parameters(), plain_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     if torch.cuda.is_available():  # checked where a GPU is lent; the CPU half above runs everywhere
         gpu = build_optimizer(OptimConfig(name=name), torch.nn.Linear(3, 2).cuda(), lr=0.1)
         assert gpu.defaults["fused"] is True
