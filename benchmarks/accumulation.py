@@ -28,15 +28,14 @@ def _process(rank: int, port: int, size: dict, out: str) -> None:
     import torch
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-    from torch.nn.parallel import DistributedDataParallel
 
     from rayscale.models import MLP
-    from rayscale.step import make_precision, train_step
+    from rayscale.step import make_precision, prepare_model, train_step
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORKERS)
     torch.manual_seed(0)
-    model = DistributedDataParallel(MLP(size["features"], 10, tuple(size["hidden"])))
+    model = prepare_model(MLP(size["features"], 10, tuple(size["hidden"])), torch.device("cpu"), WORKERS)
     calls = {"n": 0, "other": 0}
 
     def counting_hook(state, bucket):

@@ -28,11 +28,10 @@ MAX_OVERHEAD = 0.03
 def _process(rank: int, port: int, size: dict, out: str) -> None:
     import torch
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
     from rayscale.config import TrainConfig
     from rayscale.models import MLP
-    from rayscale.step import make_precision, train_step
+    from rayscale.step import make_precision, prepare_model, train_step
     from rayscale.worker import step_noise_estimates
 
     torch.set_num_threads(1)
@@ -41,7 +40,7 @@ def _process(rank: int, port: int, size: dict, out: str) -> None:
     every = TrainConfig().noise_scale_every_steps
     for name in ("off", "on"):
         torch.manual_seed(0)
-        models[name] = DistributedDataParallel(MLP(size["features"], 10, tuple(size["hidden"])))
+        models[name] = prepare_model(MLP(size["features"], 10, tuple(size["hidden"])), torch.device("cpu"), WORKERS)
         optimizers[name] = torch.optim.SGD(models[name].parameters(), lr=0.01)
     precision = make_precision("fp32", torch.device("cpu"))
     batches = [{"x": torch.randn(size["micro"], size["features"]), "y": torch.randint(0, 10, (size["micro"],))}

@@ -63,6 +63,22 @@ class StepResult:
     small_count: torch.Tensor | None = None
 
 
+def prepare_model(model: torch.nn.Module, device: torch.device, world_size: int) -> torch.nn.Module:
+    """The model on `device`, wrapped in DDP when there are several workers."""
+    # Batch statistics over all ranks on GPU; PyTorch's SyncBatchNorm refuses CPU modules under DDP, so on
+    # CPU each rank normalises with its own micro-batch statistics.
+    if world_size > 1 and device.type == "cuda" and any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if world_size > 1:
+        # Gradients as views into DDP's all-reduce buckets: no copy of every gradient out of the bucket after
+        # each all-reduce, and one gradient-sized buffer less per worker.
+        model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                        gradient_as_bucket_view=True)
+    return model
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """A device out-of-memory error: CUDA's OutOfMemoryError, or another backend's RuntimeError saying so."""
     return isinstance(error, torch.OutOfMemoryError) or (
@@ -174,15 +190,20 @@ def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tenso
 
     # The normaliser must be known before the first backward: the caller passes it when the step's size says
     # it (unweighted rows), else one scalar all-reduce gives it (sample weights, token counts).
-    local_count = sum(tasks.count(task, mb) for mb in micro_batches)
+    counts = [tasks.count(task, mb) for mb in micro_batches]
+    local_count = counts[0] if len(counts) == 1 else torch.stack(counts).sum()
+    # DDP averages gradients over ranks, so each rank scales by world_size to get sum / global_count. A count
+    # the caller knows scales the loss as a Python number (no tensor op) and is filled in on the device (on a
+    # GPU, torch.tensor would copy it from the host and wait for the stream).
     if global_count is None:
         global_count = _all_reduce_sum(local_count.detach().clone().to(torch.float64)).clamp_min(1e-12)
+        loss_scale = world_size / global_count
     else:
-        global_count = torch.tensor(max(float(global_count), 1e-12), dtype=torch.float64, device=local_count.device)
-    # DDP averages gradients over ranks, so each rank scales by world_size to get sum / global_count.
-    loss_scale = world_size / global_count
+        loss_scale = world_size / max(float(global_count), 1e-12)
+        global_count = torch.full((), max(float(global_count), 1e-12), dtype=torch.float64,
+                                  device=local_count.device)
 
-    loss_sum = torch.zeros((), dtype=torch.float64, device=local_count.device)
+    losses = []
     last = len(micro_batches) - 1
     small_sq = small_count = None
     if clock is not None:
@@ -201,7 +222,8 @@ def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tenso
                 with precision.autocast():
                     output = tasks.forward(model, micro_batch)
                 micro_loss = tasks.loss_sum(task, output, micro_batch)
-                scaled = micro_loss * loss_scale.to(micro_loss.dtype)
+                scale = loss_scale if isinstance(loss_scale, float) else loss_scale.to(micro_loss.dtype)
+                scaled = micro_loss * scale
                 if precision.scaler is not None:
                     scaled = precision.scaler.scale(scaled)
                 scaled.backward()
@@ -210,7 +232,7 @@ def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tenso
                 raise
             out_of_memory = True
             break
-        loss_sum += micro_loss.detach().to(torch.float64)
+        losses.append(micro_loss.detach())
         if measure_noise and world_size == 1 and index == 0 and last > 0:
             small_count = tasks.count(task, micro_batch).detach().to(torch.float64)
             small_sq = _squared_norm(parameters)
@@ -224,6 +246,7 @@ def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tenso
             raise MicroBatchTooLarge()
     if clock is not None:
         clock.mark("backward_done")
+    loss_sum = (losses[0] if len(losses) == 1 else torch.stack(losses).sum(dtype=torch.float64)).to(torch.float64)
     if measure_noise and average_after:  # this rank's gradient, before averaging
         small_count, small_sq = local_count.detach().to(torch.float64), _squared_norm(parameters)
     if average_after and world_size > 1:

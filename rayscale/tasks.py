@@ -33,6 +33,8 @@ def sample_weights(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def count(task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The normaliser this batch contributes: summed sample weights, or weighted real tokens."""
+    if "weight" not in batch and task != "token_classification":  # every weight 1: the row count
+        return batch["x"].new_full((), batch["x"].shape[0], dtype=torch.float32)
     weights = sample_weights(batch)
     if task == "token_classification":
         return (batch["mask"].to(weights.dtype) * weights[:, None]).sum()

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from rayscale import checkpoint, config, online, tasks
 from rayscale.adaptive_batch import goodput_batch, plan_for, step_batch, upper_limit
@@ -34,7 +33,7 @@ from rayscale.noise_scale import NoiseScale, efficiency, two_batch_estimates
 from rayscale.optimizers import build_optimizer
 from rayscale.ps_actors import ParameterClient, StaleGradient
 from rayscale.schedules import scaled_lr, schedule_from_config
-from rayscale.step import MicroBatchTooLarge, NonFiniteGuard, make_precision, train_step
+from rayscale.step import MicroBatchTooLarge, NonFiniteGuard, make_precision, prepare_model, train_step
 from rayscale.step_clock import StepClock
 
 METRICS_FILE = "metrics.jsonl"
@@ -92,18 +91,6 @@ def memory_mb(device: torch.device) -> float:
             return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
     except OSError:
         return 0.0
-
-
-def _prepare_model(model: torch.nn.Module, device: torch.device, world_size: int) -> torch.nn.Module:
-    # Batch statistics over all ranks on GPU; PyTorch's SyncBatchNorm refuses CPU modules under DDP, so on
-    # CPU each rank normalises with its own micro-batch statistics.
-    if world_size > 1 and device.type == "cuda" and any(
-            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device)
-    if world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    return model
 
 
 def _restore_metrics(path: Path, saved: Path, samples_seen: int) -> None:
@@ -224,7 +211,7 @@ def train_worker(payload: dict) -> None:
     np.random.seed(cfg.seed)
     # train.strategy parameter_server: no DDP; the gradients go to the servers (ps_actors.py), which step.
     parameter_server = cfg.train.strategy == "parameter_server"
-    model = _prepare_model(build_model(cfg.model, spec), device, 1 if parameter_server else world_size)
+    model = prepare_model(build_model(cfg.model, spec), device, 1 if parameter_server else world_size)
     peak_lr = scaled_lr(cfg.optim.lr, plan.global_batch_size, lr_base, cfg.optim.scaling_rule)
     optimizer = build_optimizer(cfg.optim, model, peak_lr)
     half_life = cfg.train.ema_half_life_samples
@@ -447,9 +434,11 @@ def train_worker(payload: dict) -> None:
             guard.observe(not result.skipped or overflow_only, progress["step"])
             if average is not None and not result.skipped:
                 average.update(model, step_rows.rows_in_step)
+            # In place into the float64 sums (no conversion op); a skipped step's norm is not finite: it adds 0.
             interval.loss_sum += result.loss_sum
-            interval.count += result.local_count.double()
-            interval.grad_norm_sum += torch.nan_to_num(result.grad_norm.double(), nan=0.0, posinf=0.0)
+            interval.count += result.local_count
+            if not result.skipped:
+                interval.grad_norm_sum += result.grad_norm
             if result.small_sq is not None and not result.skipped:
                 interval.noise += step_noise_estimates(result.small_sq, result.small_count,
                                                        result.grad_norm.double() ** 2, result.global_count)

@@ -10,7 +10,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from rayscale import checkpoint
 from rayscale.errors import ConfigError, NonFiniteError
@@ -20,6 +19,7 @@ from rayscale.step import (
     Precision,
     is_out_of_memory,
     make_precision,
+    prepare_model,
     train_step,
 )
 from rayscale.step_clock import StepClock
@@ -257,7 +257,7 @@ def _ddp_worker(rank, world, port, rows_per_rank, micro, result_path, known_coun
         mbs = [{"x": x[:1], "y": y[:1], "weight": torch.zeros(1, dtype=torch.float64)}]
     else:
         mbs = [{"x": mine_x[i:i + micro], "y": mine_y[i:i + micro]} for i in range(0, len(mine_x), micro)]
-    model = DistributedDataParallel(tiny_model())
+    model = prepare_model(tiny_model(), torch.device("cpu"), world)  # as the worker wraps it
     calls = []
 
     def counting_hook(state, bucket):
@@ -326,7 +326,7 @@ def test_one_worker_reports_its_first_micro_batch_as_the_small_batch():
 
 def _ddp_noise_worker(rank, world, port, rows_per_rank, result_dir):
     _, _, mine_x, mine_y = _join(rank, world, port, rows_per_rank)
-    model = DistributedDataParallel(tiny_model())
+    model = prepare_model(tiny_model(), torch.device("cpu"), world)  # as the worker wraps it
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     sizes = [2] * (len(mine_x) // 2) + [1] * (len(mine_x) % 2)  # micro-batches of 2 and a short last one
     result = train_step(model, split(mine_x, mine_y, sizes), optimizer, task="classification", lr=0.5,
@@ -448,7 +448,7 @@ def _ddp_oom_worker(rank, world, port, rows_per_rank, result_path):
     from rayscale.batching import smaller_micro_batch
 
     _, _, mine_x, mine_y = _join(rank, world, port, rows_per_rank)
-    model = DistributedDataParallel(_Cramped(limit=2 if rank == 1 else 100))
+    model = prepare_model(_Cramped(limit=2 if rank == 1 else 100), torch.device("cpu"), world)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     micro, sizes_tried = len(mine_x), []
     while True:
