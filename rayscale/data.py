@@ -230,6 +230,8 @@ class SplitCache:
             columns = {key: np.concatenate([b[key] for b in kept]) for key in kept[0]}
             by_id = np.argsort(columns["row_id"], kind="stable")
             self.columns = {key: value[by_id] for key, value in columns.items()}
+            for value in self.columns.values():  # replayed as views: collate copies what a step trains on
+                value.flags.writeable = False
 
     def replay(self, order: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
         assert self.columns is not None
@@ -251,6 +253,24 @@ class StepRows:
 
 def _take(columns: dict[str, np.ndarray], index: np.ndarray | slice) -> dict[str, np.ndarray]:
     return {key: value[index] for key, value in columns.items()}
+
+
+def _split_rows(parts: list[dict[str, np.ndarray]], rows: int) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """The first `rows` rows of `parts` as one set of columns, and the parts left. Copies only to join rows
+    that straddle parts; within one part, views."""
+    taken, left, need = [], [], rows
+    for part in parts:
+        size = len(part["row_id"])
+        if need >= size:
+            taken.append(part)
+        elif need > 0:
+            taken.append(_take(part, slice(0, need)))
+            left.append(_take(part, slice(need, None)))
+        else:
+            left.append(part)
+        need = max(0, need - size)
+    joined = taken[0] if len(taken) == 1 else {key: _concat([t[key] for t in taken]) for key in taken[0]}
+    return joined, left
 
 
 class StepAssembler:
@@ -278,28 +298,31 @@ class StepAssembler:
             pending.append(batch)
             pending_rows += len(batch["row_id"])
             while pending_rows >= self.window_rows:
-                columns = {k: _concat([b[k] for b in pending]) for k in pending[0]}
-                window, rest = _take(columns, slice(0, self.window_rows)), _take(columns, slice(self.window_rows, None))
+                window, pending = _split_rows(pending, self.window_rows)
+                pending_rows -= self.window_rows
                 yield from self._window_steps(window, window_index)
                 window_index += 1
-                pending, pending_rows = [rest], len(rest["row_id"])
         if pending_rows:
-            columns = {k: _concat([b[k] for b in pending]) for k in pending[0]}
-            yield from self._window_steps(columns, window_index)
+            yield from self._window_steps(_split_rows(pending, pending_rows)[0], window_index)
 
-    def _arrange(self, window: dict[str, np.ndarray], window_index: int) -> np.ndarray:
+    def _arrange(self, window: dict[str, np.ndarray], window_index: int) -> np.ndarray | None:
+        """The window's rows in training order, as indices; None: in the order they came."""
         size = len(window["row_id"])
         rng = np.random.default_rng([self.seed, self.epoch, window_index])
-        order = rng.permutation(size) if self.shuffle == "local" else np.arange(size)
+        order = rng.permutation(size) if self.shuffle == "local" else None
         batch = self.plan.global_batch_size
-        if self.bucket_by_length and window["x"].dtype == object:
+        bucketed = self.bucket_by_length and window["x"].dtype == object
+        stratified = self.stratified and window["y"].ndim == 1 and window["y"].dtype.kind in "iu"
+        if order is None and (bucketed or stratified):
+            order = np.arange(size)
+        if bucketed:
             lengths = np.fromiter((len(window["x"][i]) for i in order), dtype=np.int64, count=size)
             order = order[np.argsort(lengths, kind="stable")]
             groups = [order[i:i + batch] for i in range(0, size, batch)]
             full = [g for g in groups if len(g) == batch]
             tail = [g for g in groups if len(g) < batch]
             order = np.concatenate([full[i] for i in rng.permutation(len(full))] + tail) if full else order
-        elif self.stratified and window["y"].ndim == 1 and window["y"].dtype.kind in "iu":
+        elif stratified:
             # Spread each class evenly through the window: sort by a row's position within its class.
             labels = window["y"][order]
             position = np.zeros(size)
@@ -310,20 +333,30 @@ class StepAssembler:
         return order
 
     def _window_steps(self, window: dict[str, np.ndarray], window_index: int) -> Iterator[StepRows]:
-        window = _take(window, self._arrange(window, window_index))
+        # Only this rank's rows of each step are gathered (a view where the order is the stream's): the
+        # window as a whole is never copied, though every rank reads all of it.
+        order = self._arrange(window, window_index)
         size = len(window["row_id"])
         for start in range(0, size, self.plan.global_batch_size):
-            step = _take(window, slice(start, start + self.plan.global_batch_size))
-            rows_in_step = len(step["row_id"])
+            rows_in_step = min(self.plan.global_batch_size, size - start)
             low, high = rank_slice(rows_in_step, self.plan, self.rank)
-            mine = _take(step, slice(low, high))
-            if high == low:  # nothing left for this rank: one zero-weight row keeps DDP in step
-                mine = _take(step, slice(0, 1))
+            padding = high == low
+            if padding:  # nothing left for this rank: one zero-weight row (the step's first) keeps DDP in step
+                low, high = 0, 1
+            index = slice(start + low, start + high) if order is None else order[start + low:start + high]
+            mine = _take(window, index)
+            if padding:
                 mine["weight"] = np.zeros(1, dtype=np.float32)
-            yield StepRows(mine, rows_in_step, padding=high == low)
+            yield StepRows(mine, rows_in_step, padding=padding)
 
 
 # ------------------------------------------------------------------------------------------------ collate
+
+def _owned(array: np.ndarray) -> np.ndarray:
+    """`array` where the tensor may share it (contiguous and writable), else a contiguous copy. Read-only
+    arrays are Arrow's memory or the worker's cache, which a model writing to its input must not change."""
+    return array if array.flags.c_contiguous and array.flags.writeable else np.array(array, order="C")
+
 
 def collate(rows: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
     """numpy rows -> tensors; sequences are padded to the longest in this batch, with a mask."""
@@ -345,14 +378,14 @@ def collate(rows: dict[str, np.ndarray], device: torch.device) -> dict[str, torc
         batch["y"] = torch.from_numpy(labels)
         batch["mask"] = torch.from_numpy(np.arange(width)[None, :] < lengths[:, None])
     else:
-        batch["x"] = torch.from_numpy(np.ascontiguousarray(x))
-        batch["y"] = torch.from_numpy(np.ascontiguousarray(y))
+        batch["x"] = torch.from_numpy(_owned(x))
+        batch["y"] = torch.from_numpy(_owned(y))
         if y.ndim == 2 and np.issubdtype(y.dtype, np.integer):
             # Token sequences that all have the same length arrive from Arrow as a 2-D array, not as objects:
             # every position is a real token.
             batch["mask"] = torch.ones(y.shape, dtype=torch.bool)
     if "weight" in rows:
-        batch["weight"] = torch.from_numpy(np.ascontiguousarray(rows["weight"], dtype=np.float32))
+        batch["weight"] = torch.from_numpy(_owned(rows["weight"].astype(np.float32, copy=False)))
     non_blocking = device.type == "cuda"
     return {key: value.to(device, non_blocking=non_blocking) for key, value in batch.items()}
 

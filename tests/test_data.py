@@ -499,6 +499,37 @@ def test_an_empty_block_of_another_dtype_changes_nothing():
     assert cache.ready and cache.columns["x"].dtype == np.float32
 
 
+def test_steps_are_views_of_their_block_and_only_a_straddling_window_is_joined():
+    """Without shuffling, a rank's rows of a step are a view of the block they came in (every rank reads every
+    row, so copying whole windows cost each rank the whole stream); a window across two blocks is one copy."""
+    columns = tabular_rows(40)
+    blocks = cut(columns, 24)  # windows of 8 rows: the third (rows 16-23) ends a block, rows 24-31 start one
+    plan = plan_batches(4, 2, 2)
+    steps = list(StepAssembler(plan, 1, seed=0, epoch=0, shuffle="none", window_rows=8).steps(blocks))
+    assert [s.rows["row_id"].tolist() for s in steps] == [[r + 2, r + 3] for r in range(0, 40, 4)]
+    shared = [any(np.shares_memory(s.rows["x"], b["x"]) for b in blocks) for s in steps]
+    assert shared == [True] * 10
+    small_blocks = cut(columns, 6)  # every window spans two or three blocks
+    straddling = list(StepAssembler(plan, 0, seed=0, epoch=0, shuffle="none", window_rows=8).steps(small_blocks))
+    assert [s.rows["row_id"].tolist() for s in straddling] == [[r, r + 1] for r in range(0, 40, 4)]
+    assert not any(np.shares_memory(s.rows["x"], b["x"]) for s in straddling for b in small_blocks)
+
+
+def test_collate_shares_writable_rows_and_copies_read_only_ones():
+    """A model that writes to its input must not change the worker's cache (or Arrow's read-only memory): the
+    cache's columns are read-only, and collate copies such rows; a writable contiguous batch is shared."""
+    columns = tabular_rows(8)
+    cache = SplitCache([(0, 8)], limit_bytes=1 << 20)
+    list(cache.record([columns]))
+    replayed = next(cache.replay(np.array([0])))
+    batch = collate(replayed, CPU)
+    assert not np.shares_memory(batch["x"].numpy(), cache.columns["x"])
+    batch["x"].mul_(0)  # what an in-place first layer would do
+    assert next(cache.replay(np.array([0])))["x"][:, 0].tolist() == list(range(8))
+    writable = tabular_rows(8)
+    assert np.shares_memory(collate(writable, CPU)["x"].numpy(), writable["x"])
+
+
 def test_the_ray_data_read_path_does_not_import_torch():
     """Every Ray Data read task process imports rayscale.data (read_split_chunks, SplitSpec): torch's ~2.7 s import
     in each of them delayed a digits run's first batch by ~30 s on 2 cores."""
