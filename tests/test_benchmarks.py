@@ -48,6 +48,9 @@ def test_the_benchmark_suite_runs_at_tiny_sizes(tmp_path):
         assert result["targets"] and result["machine"]["cpus"], name
     throughput = json.loads((tmp_path / "results" / "throughput.smoke.json").read_text())
     assert all(throughput[k]["samples_per_sec"] > 0 for k in ("rayscale", "ray_train", "plain_ddp"))
+    (only_round,) = throughput["rounds"]  # the smoke size runs one round; each ratio is that round's own
+    assert throughput["targets"][0]["value"] == pytest.approx(
+        only_round["rayscale"]["samples_per_sec"] / only_round["ray_train"]["samples_per_sec"])
     ingest = json.loads((tmp_path / "results" / "ingest.smoke.json").read_text())
     assert 0 <= ingest["streamed"]["steady_data_wait_fraction"] <= 1
     accumulation = json.loads((tmp_path / "results" / "accumulation.smoke.json").read_text())
