@@ -59,3 +59,17 @@ def test_the_benchmark_suite_runs_at_tiny_sizes(tmp_path):
     noise = json.loads((tmp_path / "results" / "noise_overhead.smoke.json").read_text())
     assert noise["estimates_taken"] > 0 and noise["step_s"]["on"] > 0
     assert "| benchmark | measure |" in (tmp_path / "results" / "summary.smoke.md").read_text()
+
+
+def test_the_step_overhead_diagnostic_runs_and_prints_every_loop():
+    """`python -m benchmarks.step_overhead` at 2 blocks of 2 steps: every loop gets a row of positive figures."""
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.step_overhead", "--blocks", "2", "--steps", "2"],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| loop")}
+    assert set(rows) == {"bare", "settings", "rayscale"}
+    for line in rows.values():
+        wall, cpu, speed = (float(cell) for cell in line.split("|")[2:5])
+        assert wall > 0 and cpu > 0 and speed > 0
