@@ -301,6 +301,43 @@ def test_ddp_two_processes_match_one_process(tmp_path, rows_per_rank, micro, kno
     assert got["hook_calls"] == 2
 
 
+def _bucket_worker(rank, world, port, result_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    # 1.6 MB of float32 gradients: over PyTorch's 1 MiB first bucket, under rayscale's cap.
+    model = prepare_model(nn.Sequential(nn.Linear(64, 600), nn.ReLU(), nn.Linear(600, 600), nn.ReLU(),
+                                        nn.Linear(600, 10)), torch.device("cpu"), world)
+    calls = []
+
+    def counting_hook(state, bucket):
+        calls.append(1)
+        return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(
+            lambda fut: fut.value()[0] / world)
+
+    model.register_comm_hook(None, counting_hook)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 64), torch.randint(0, 10, (16,))
+    per_step = []
+    for _ in range(4):  # DDP rebuilds its buckets in the order gradients arrive after the first step
+        before = len(calls)
+        train_step(model, [{"x": x, "y": y}], optimizer, task="classification", lr=0.1,
+                   precision=Precision("fp32", "cpu"), global_count=32)
+        per_step.append(len(calls) - before)
+    if rank == 0:
+        torch.save(per_step, result_path)
+    dist.barrier()
+    os._exit(0)  # see _ddp_worker
+
+
+def test_on_cpu_the_gradients_of_a_step_go_in_one_all_reduce(tmp_path):
+    """gloo's fixed cost per all-reduce call outweighs the overlap of PyTorch's small first bucket: a model with
+    more than 1 MiB of gradients still makes one all-reduce a step once DDP has rebuilt its buckets."""
+    result_path = tmp_path / "calls.pt"
+    mp.spawn(_bucket_worker, args=(2, _free_port(), str(result_path)), nprocs=2)
+    assert torch.load(result_path)[1:] == [1, 1, 1]
+
+
 # ------------------------------------------------------------------------------ the noise scale's small batch
 
 def _mean_gradient_squared_norm(x, y):
