@@ -251,13 +251,8 @@ def _join(rank, world, port, rows_per_rank):
     return x, y, x[start:start + rows_per_rank[rank]], y[start:start + rows_per_rank[rank]]
 
 
-def _ddp_worker(rank, world, port, rows_per_rank, micro, result_path, known_count):
-    x, y, mine_x, mine_y = _join(rank, world, port, rows_per_rank)
-    if len(mine_x) == 0:  # an empty rank still takes part with a zero-weight row
-        mbs = [{"x": x[:1], "y": y[:1], "weight": torch.zeros(1, dtype=torch.float64)}]
-    else:
-        mbs = [{"x": mine_x[i:i + micro], "y": mine_y[i:i + micro]} for i in range(0, len(mine_x), micro)]
-    model = prepare_model(tiny_model(), torch.device("cpu"), world)  # as the worker wraps it
+def _count_gradient_all_reduces(model, world) -> list:
+    """A DDP communication hook that does what DDP's own does and appends to the returned list per call."""
     calls = []
 
     def counting_hook(state, bucket):
@@ -266,6 +261,17 @@ def _ddp_worker(rank, world, port, rows_per_rank, micro, result_path, known_coun
             lambda fut: fut.value()[0] / world)
 
     model.register_comm_hook(None, counting_hook)
+    return calls
+
+
+def _ddp_worker(rank, world, port, rows_per_rank, micro, result_path, known_count):
+    x, y, mine_x, mine_y = _join(rank, world, port, rows_per_rank)
+    if len(mine_x) == 0:  # an empty rank still takes part with a zero-weight row
+        mbs = [{"x": x[:1], "y": y[:1], "weight": torch.zeros(1, dtype=torch.float64)}]
+    else:
+        mbs = [{"x": mine_x[i:i + micro], "y": mine_y[i:i + micro]} for i in range(0, len(mine_x), micro)]
+    model = prepare_model(tiny_model(), torch.device("cpu"), world)  # as the worker wraps it
+    calls = _count_gradient_all_reduces(model, world)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     for _ in range(2):  # the step's global row count, when given, replaces the normaliser's all-reduce
         train_step(model, mbs, optimizer, task="classification", lr=0.5, precision=FP32,
@@ -308,14 +314,7 @@ def _bucket_worker(rank, world, port, result_path):
     # 1.6 MB of float32 gradients: over PyTorch's 1 MiB first bucket, under rayscale's cap.
     model = prepare_model(nn.Sequential(nn.Linear(64, 600), nn.ReLU(), nn.Linear(600, 600), nn.ReLU(),
                                         nn.Linear(600, 10)), torch.device("cpu"), world)
-    calls = []
-
-    def counting_hook(state, bucket):
-        calls.append(1)
-        return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(
-            lambda fut: fut.value()[0] / world)
-
-    model.register_comm_hook(None, counting_hook)
+    calls = _count_gradient_all_reduces(model, world)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(16, 64), torch.randint(0, 10, (16,))
     per_step = []
