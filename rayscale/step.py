@@ -97,7 +97,9 @@ class MicroBatchTooLarge(Exception):
 
 def _average_gradients(parameters: list[torch.Tensor], world_size: int, bucket_mb: float = 25.0) -> None:
     """What DDP's all-reduce does (sum over ranks / world size), in flat buckets, for a step accumulated
-    entirely under no_sync. A parameter without a gradient counts as zero, so every rank makes the same calls."""
+    entirely under no_sync. A parameter without a gradient counts as zero, so every rank makes the same calls.
+    Each gradient becomes a view of its reduced bucket, as under DDP's gradient_as_bucket_view: no copy back
+    (the next step's zero_grad(set_to_none=True) lets DDP put its own bucket views in again)."""
     for p in parameters:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -105,15 +107,16 @@ def _average_gradients(parameters: list[torch.Tensor], world_size: int, bucket_m
     limit = bucket_mb * 2**20
     for p in parameters:
         buckets = groups.setdefault((p.grad.dtype, p.grad.device), [[]])
-        if buckets[-1] and sum(g.numel() * g.element_size() for g in buckets[-1]) >= limit:
+        if buckets[-1] and sum(q.grad.numel() * q.grad.element_size() for q in buckets[-1]) >= limit:
             buckets.append([])
-        buckets[-1].append(p.grad)
+        buckets[-1].append(p)
     for buckets in groups.values():
         for bucket in buckets:
-            flat = torch._utils._flatten_dense_tensors(bucket)
+            grads = [p.grad for p in bucket]
+            flat = torch._utils._flatten_dense_tensors(grads)
             dist.all_reduce(flat.div_(world_size))
-            for grad, synced in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket), strict=True):
-                grad.copy_(synced)
+            for p, synced in zip(bucket, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+                p.grad = synced
 
 
 def _squared_norm(parameters: list[torch.Tensor]) -> torch.Tensor:
