@@ -86,10 +86,7 @@ def _process(rank: int, port: int, blocks: int, steps: int, out: str) -> None:
         step_rows = next(stream)
         result = train_step(model, micro_batches(step_rows, PER_WORKER, device), optimizer, task="classification",
                             lr=LR, precision=precision, global_count=step_rows.rows_in_step, clock=interval.clock)
-        interval.loss_sum += result.loss_sum
-        interval.count += result.local_count
-        if not result.skipped:
-            interval.grad_norm_sum += result.grad_norm
+        interval.add_step(result)
 
     wall = {name: [] for name in LOOPS}
     cpu = {name: [] for name in LOOPS}

@@ -255,7 +255,7 @@ def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tenso
             raise MicroBatchTooLarge()
     if clock is not None:
         clock.mark("backward_done")
-    loss_sum = (losses[0] if len(losses) == 1 else torch.stack(losses).sum(dtype=torch.float64)).to(torch.float64)
+    loss_sum = losses[0].to(torch.float64) if len(losses) == 1 else torch.stack(losses).sum(dtype=torch.float64)
     if measure_noise and average_after:  # this rank's gradient, before averaging
         small_count, small_sq = local_count.detach().to(torch.float64), _squared_norm(parameters)
     if average_after and world_size > 1:

@@ -61,6 +61,14 @@ class Interval:
         return cls(zero(), zero(), zero(), torch.zeros(3, dtype=torch.float64, device=device),
                    clock=StepClock(device))
 
+    def add_step(self, result) -> None:
+        """A train_step result's loss, count and norm, in place into the float64 sums (no conversion op); a
+        skipped step's norm is not finite and the host knows it was skipped: it adds nothing."""
+        self.loss_sum += result.loss_sum
+        self.count += result.local_count
+        if not result.skipped:
+            self.grad_norm_sum += result.grad_norm
+
 
 def _all_reduce(values: list[float] | torch.Tensor, device: torch.device, op=None) -> torch.Tensor:
     tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.float64)
@@ -434,11 +442,7 @@ def train_worker(payload: dict) -> None:
             guard.observe(not result.skipped or overflow_only, progress["step"])
             if average is not None and not result.skipped:
                 average.update(model, step_rows.rows_in_step)
-            # In place into the float64 sums (no conversion op); a skipped step's norm is not finite: it adds 0.
-            interval.loss_sum += result.loss_sum
-            interval.count += result.local_count
-            if not result.skipped:
-                interval.grad_norm_sum += result.grad_norm
+            interval.add_step(result)
             if result.small_sq is not None and not result.skipped:
                 interval.noise += step_noise_estimates(result.small_sq, result.small_count,
                                                        result.grad_norm.double() ** 2, result.global_count)
