@@ -454,8 +454,13 @@ def train_worker(payload: dict) -> None:
             progress.update(samples_seen=samples_after, step=progress["step"] + 1,
                             step_in_epoch=step_in_epoch + 1)
 
-            if progress["samples_seen"] >= next_log:
+            due = progress["samples_seen"] >= next_log
+            if due:
                 next_log = progress["samples_seen"] + cfg.train.log_every_samples
+            # A line due at an epoch's last step is the epoch-end line written after this loop: written here as
+            # well, that one would cover no steps (nulls in summary.json's final). Online, at a file's last
+            # step, these steps go into the next line.
+            if due and progress["samples_seen"] < segment_end:
                 record = log(epoch)
                 if rank == 0:
                     print(f"[rayscale] {where(epoch)} samples {progress['samples_seen']:,} "

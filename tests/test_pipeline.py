@@ -514,3 +514,16 @@ def test_killed_then_frozen_worker_restart_from_checkpoints_and_match_bitwise(re
     if partial.exists():  # Ray deletes only the checkpoints it registered: this one it never did
         with pytest.raises(checkpoint.IncompleteCheckpoint):
             checkpoint.verify(partial)
+
+
+def test_a_log_line_due_at_the_epoch_end_is_the_epoch_end_line(ray_session, tmp_path):
+    """train.log_every_samples dividing the epoch: the line due at its last step is the epoch-end line itself,
+    so that line (summary.json's "final", the curves' last point) carries the interval's loss and rate instead
+    of an empty interval's nulls, and no two lines stand at the same sample count."""
+    summary, _ = run(tmp_path, "aligned", "scaling.num_workers=0", "data.source=synthetic",
+                     "data.synthetic.rows=512", "data.val_fraction=0", "train.log_every_samples=256")
+    records = [json.loads(line) for line in (tmp_path / "aligned" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["samples_seen"], bool(r.get("epoch_end"))) for r in records] == [
+        (256, False), (512, True), (768, False), (1024, True)]
+    assert all(r["train_loss"] is not None and r["samples_per_sec"] > 0 and r["grad_norm"] > 0 for r in records)
+    assert summary["final"]["train_loss"] == records[-1]["train_loss"]
