@@ -358,13 +358,24 @@ def _owned(array: np.ndarray) -> np.ndarray:
     return array if array.flags.c_contiguous and array.flags.writeable else np.array(array, order="C")
 
 
-def collate(rows: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-    """numpy rows -> tensors; sequences are padded to the longest in this batch, with a mask."""
-    # Imported here, not at the top: every Ray Data read task imports this module (read_split_chunks), and
-    # torch's import (~2.7 s of CPU) in each of those processes delayed a digits run's first batch by ~30 s.
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """On CPU a tensor sharing `array` where it may (`_owned`). On a GPU one copy into page-locked host memory,
+    then an asynchronous copy: from ordinary (pageable) memory CUDA first waits for every kernel already queued
+    on the stream, so the host would stall at each batch until the previous step had finished instead of
+    preparing the next batch while the GPU works. PyTorch's caching host allocator keeps the page-locked block
+    until the copy has run, and reuses it."""
     import torch
 
-    batch: dict[str, torch.Tensor] = {}
+    if device.type != "cuda":
+        return torch.from_numpy(_owned(array))
+    dtype = torch.from_numpy(np.empty(0, dtype=array.dtype)).dtype
+    staged = torch.empty(array.shape, dtype=dtype, pin_memory=True)
+    staged.numpy()[...] = array
+    return staged.to(device, non_blocking=True)
+
+
+def collate(rows: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """numpy rows -> tensors on `device`; sequences are padded to the longest in this batch, with a mask."""
     x, y = rows["x"], rows["y"]
     if x.dtype == object:  # variable-length token sequences
         lengths = np.fromiter((len(seq) for seq in x), dtype=np.int64, count=len(x))
@@ -374,20 +385,18 @@ def collate(rows: dict[str, np.ndarray], device: torch.device) -> dict[str, torc
         for i, (seq, lab) in enumerate(zip(x, y, strict=True)):
             tokens[i, :len(seq)] = seq
             labels[i, :len(lab)] = lab
-        batch["x"] = torch.from_numpy(tokens)
-        batch["y"] = torch.from_numpy(labels)
-        batch["mask"] = torch.from_numpy(np.arange(width)[None, :] < lengths[:, None])
+        arrays = {"x": tokens, "y": labels, "mask": np.arange(width)[None, :] < lengths[:, None]}
     else:
-        batch["x"] = torch.from_numpy(_owned(x))
-        batch["y"] = torch.from_numpy(_owned(y))
+        arrays = {"x": x, "y": y}
         if y.ndim == 2 and np.issubdtype(y.dtype, np.integer):
             # Token sequences that all have the same length arrive from Arrow as a 2-D array, not as objects:
             # every position is a real token.
-            batch["mask"] = torch.ones(y.shape, dtype=torch.bool)
+            arrays["mask"] = np.ones(y.shape, dtype=bool)
     if "weight" in rows:
-        batch["weight"] = torch.from_numpy(_owned(rows["weight"].astype(np.float32, copy=False)))
-    non_blocking = device.type == "cuda"
-    return {key: value.to(device, non_blocking=non_blocking) for key, value in batch.items()}
+        arrays["weight"] = rows["weight"].astype(np.float32, copy=False)
+    # Imported in to_device, not at the top: every Ray Data read task imports this module (read_split_chunks),
+    # and torch's import (~2.7 s of CPU) in each of those processes delayed a digits run's first batch by ~30 s.
+    return {key: to_device(value, device) for key, value in arrays.items()}
 
 
 def micro_batches(step: StepRows, micro_batch_size: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
