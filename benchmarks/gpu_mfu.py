@@ -2,20 +2,27 @@
 against a raw PyTorch loop on the same GPU (issue 7, item 4).
 
   (a) rayscale: `rayscale train`, 1 GPU worker, bf16 autocast, AdamW, the model `benchmarks.gpt:make`, reading
-      fixed-length token sequences from a Parquet file this script writes (Ray Data, the worker cache from
-      epoch 2). Steady tokens/s from the workers' log lines after the first.
+      fixed-length token sequences from a Parquet file this script writes (Ray Data). One epoch: its steady
+      tokens/s run from the workers' first log line to the epoch's last, so start-up and the first steps are
+      left out, and so is the epoch-end checkpoint (the model and AdamW's moments, ~10 GB at the full size),
+      which the raw loop does not write.
   (b) raw: the same model, optimizer, batch and autocast in a plain loop over random tokens already on the GPU,
       timed with `torch.cuda.synchronize`.
+  (c) rayscale's step alone: `rayscale.step.train_step` (loss as a sum over the global token count, gradient
+      norm and non-finite guard, fused AdamW) in the same plain loop as (b), without Ray or the data path. A gap
+      between (a) and (b) splits into the step's share, (c)/(b), and Ray's and the data path's, (a)/(c).
 
 Training FLOPs per step are counted by PyTorch's FlopCounterMode on one forward and backward of (b) (matmuls
 and attention, causal attention counted whole as in PaLM's MFU). MFU = achieved FLOP/s / --peak-tflops
-(default 989: H100 SXM, bf16, dense). Targets: MFU >= 40%, rayscale / raw >= 0.97.
+(default 989: H100 SXM, bf16, dense; the H200 has the same tensor cores). The script also times a large bf16
+matrix product on the card, the rate a real GEMM reaches there, and reports MFU against that too.
+Targets: MFU >= 40%, rayscale / raw >= 0.97.
 
     python -m benchmarks.gpu_mfu [--peak-tflops 989] [--output-dir DIR] [--results-dir DIR]
     python -m benchmarks.gpu_mfu --smoke     # tiny, on the CPU when there is no GPU: proves the script runs
 
 Writes benchmarks/results/gpu_mfu[.smoke].json and prints a Markdown table. Without a GPU (and without
---smoke) it says so and exits 2.
+--smoke) it says so and exits 2. On a lent GPU machine, benchmarks/gpu_check.sh runs it (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -33,13 +41,17 @@ from benchmarks import RESULTS
 REPO = Path(__file__).resolve().parents[1]
 
 SIZES = {
-    "full": {"d_model": 2048, "n_layer": 16, "n_head": 16, "length": 1024, "vocab": 8192, "batch": 16,
-             "rows": 2048, "epochs": 2, "raw_steps": 30},
+    # ~440M parameters: d_model sets the matmuls' size (and so MFU); 8 layers keep the epoch-end checkpoint (the
+    # weights and AdamW's two moments, ~5 GB, written twice: staged, then into the run's storage) small on a
+    # lent machine's 64 GiB disk.
+    "full": {"d_model": 2048, "n_layer": 8, "n_head": 16, "length": 1024, "vocab": 8192, "batch": 16,
+             "rows": 2048, "timed_steps": 30, "matmul": 8192},
     "smoke": {"d_model": 32, "n_layer": 2, "n_head": 2, "length": 16, "vocab": 64, "batch": 8,
-              "rows": 64, "epochs": 2, "raw_steps": 3},
+              "rows": 64, "timed_steps": 3, "matmul": 256},
 }
 H100_BF16_PEAK_TFLOPS = 989.0
 TARGET_MFU, TARGET_RATIO = 0.40, 0.97
+LR = 1e-4
 
 
 def write_sequences(path: Path, size: dict, seed: int = 0) -> None:
@@ -59,6 +71,12 @@ def model_kwargs(size: dict) -> dict:
             "d_model": size["d_model"], "n_layer": size["n_layer"], "n_head": size["n_head"]}
 
 
+def _tokens(size: dict, device):
+    import torch
+
+    return torch.randint(0, size["vocab"], (size["batch"], size["length"]), device=device)
+
+
 def step_flops(size: dict, device) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -66,12 +84,43 @@ def step_flops(size: dict, device) -> float:
     from benchmarks.gpt import make
 
     model = make(**model_kwargs(size)).to(device)
-    x = torch.randint(0, size["vocab"], (size["batch"], size["length"]), device=device)
+    x = _tokens(size, device)
     with FlopCounterMode(display=False) as counter:
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
             logits = model(x)
         torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x.flatten()).backward()
     return float(counter.get_total_flops())
+
+
+def _synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(step, size: dict, device) -> dict:
+    """Tokens/s of `step` over size["timed_steps"] calls, after 3 untimed ones (kernel choice, allocator)."""
+    for _ in range(3):
+        step()
+    _synchronize(device)
+    began = time.perf_counter()
+    for _ in range(size["timed_steps"]):
+        step()
+    _synchronize(device)
+    seconds = time.perf_counter() - began
+    return {"tokens_per_sec": size["timed_steps"] * size["batch"] * size["length"] / seconds,
+            "steps_per_sec": size["timed_steps"] / seconds}
+
+
+def matmul_tflops(size: dict, device) -> float:
+    """What one large bf16 matrix product reaches on this device (random operands: zeros run faster)."""
+    import torch
+
+    n = size["matmul"]
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    timed = _timed(lambda: a @ b, {"timed_steps": 10, "batch": 1, "length": 1}, device)
+    return 2 * n**3 * timed["steps_per_sec"] / 1e12
 
 
 def run_raw(size: dict, device) -> dict:
@@ -81,9 +130,9 @@ def run_raw(size: dict, device) -> dict:
 
     torch.manual_seed(0)
     model = make(**model_kwargs(size)).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    x = torch.randint(0, size["vocab"], (size["batch"], size["length"]), device=device)
-    y = torch.randint(0, size["vocab"], (size["batch"], size["length"]), device=device)
+    # rayscale's optim.weight_decay defaults to 0: the same update, in the same fused kernel on CUDA.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, fused=device.type == "cuda")
+    x, y = _tokens(size, device), _tokens(size, device)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -92,20 +141,31 @@ def run_raw(size: dict, device) -> dict:
         torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
         optimizer.step()
 
-    def synchronize():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    return _timed(step, size, device)
 
-    for _ in range(3):
-        step()
-    synchronize()
-    began = time.perf_counter()
-    for _ in range(size["raw_steps"]):
-        step()
-    synchronize()
-    seconds = time.perf_counter() - began
-    return {"tokens_per_sec": size["raw_steps"] * size["batch"] * size["length"] / seconds,
-            "steps_per_sec": size["raw_steps"] / seconds}
+
+def run_step_only(size: dict, device) -> dict:
+    """(c): rayscale's train_step, built as the worker builds it, over the same tensors as the raw loop."""
+    import torch
+
+    from benchmarks.gpt import make
+    from rayscale.config import OptimConfig
+    from rayscale.optimizers import build_optimizer
+    from rayscale.step import make_precision, train_step
+
+    torch.manual_seed(0)
+    model = make(**model_kwargs(size)).to(device)
+    optimizer = build_optimizer(OptimConfig(name="adamw", lr=LR), model, LR)
+    precision = make_precision("bf16", device)
+    x, y = _tokens(size, device), _tokens(size, device)
+    batch = {"x": x, "y": y, "mask": torch.ones_like(x, dtype=torch.bool)}
+    return _timed(lambda: train_step(model, [batch], optimizer, task="token_classification", lr=LR,
+                                     precision=precision), size, device)
+
+
+def log_every_samples(size: dict) -> int:
+    """About a dozen log lines in the epoch: the steady window runs from the first to the last."""
+    return size["batch"] * max(1, size["rows"] // size["batch"] // 12)
 
 
 def run_rayscale(size: dict, output_dir: Path, use_gpu: bool) -> dict:
@@ -119,14 +179,16 @@ def run_rayscale(size: dict, output_dir: Path, use_gpu: bool) -> dict:
         f"run.output_dir={output_dir}", "run.name=gpt", f"data.source={data}", "data.sequence=tokens",
         "data.label=labels", f"data.num_classes={size['vocab']}", "data.val_fraction=0", "data.shuffle=none",
         "model.name=benchmarks.gpt:make", f"model.kwargs={kwargs}", "scaling.num_workers=1",
-        f"scaling.use_gpu={str(use_gpu).lower()}", "train.precision=bf16", f"train.epochs={size['epochs']}",
+        f"scaling.use_gpu={str(use_gpu).lower()}", "train.precision=bf16", "train.epochs=1",
         f"batch.global_batch_size={size['batch']}", f"batch.micro_batch_size={size['batch']}",
-        f"train.log_every_samples={size['batch'] * 10}", "optim.name=adamw", "optim.lr=1e-4",
+        f"train.log_every_samples={log_every_samples(size)}", "optim.name=adamw", f"optim.lr={LR}",
         "schedule.name=constant", "schedule.warmup_samples=0"])
     summary = trainer.train(cfg)
-    rate = steady_samples_per_sec(trainer.read_metrics(Path(summary["run_dir"])))
+    records = trainer.read_metrics(Path(summary["run_dir"]))
+    rate = steady_samples_per_sec(records)
     return {"tokens_per_sec": rate * size["length"] if rate else None, "startup_s": summary["startup_time_s"],
-            "wall_s": summary["wall_time_s"]}
+            "wall_s": summary["wall_time_s"], "steady_lines": len(records),
+            "peak_memory_mb": max((r.get("peak_memory_mb") or 0 for r in records), default=None)}
 
 
 def run(size_name: str, output_dir: Path, peak_tflops: float = H100_BF16_PEAK_TFLOPS) -> dict:
@@ -138,23 +200,32 @@ def run(size_name: str, output_dir: Path, peak_tflops: float = H100_BF16_PEAK_TF
         return {"device": "cpu", "not_run": "no CUDA GPU on this machine", "targets": []}
     device = torch.device("cuda" if use_gpu else "cpu")
     size = SIZES[size_name]
+    measured_peak = matmul_tflops(size, device)
     flops_per_token = step_flops(size, device) / (size["batch"] * size["length"])
-    raw = run_raw(size, device)
-    if use_gpu:
-        torch.cuda.empty_cache()  # the raw loop's model and optimizer go before rayscale's worker starts
-    ours = run_rayscale(size, output_dir, use_gpu)
-    peak = peak_tflops * 1e12
-    for part in (raw, ours):
-        part["mfu"] = part["tokens_per_sec"] * flops_per_token / peak if part["tokens_per_sec"] else None
-    ratio = ours["tokens_per_sec"] / raw["tokens_per_sec"] if ours["tokens_per_sec"] else None
+    parts = {}
+    for name, measure in (("raw", run_raw), ("step_only", run_step_only)):
+        parts[name] = measure(size, device)
+        print(f"[gpu_mfu] {name}: {parts[name]['tokens_per_sec']:,.0f} tokens/s", flush=True)
+        if use_gpu:
+            torch.cuda.empty_cache()  # this loop's model and optimizer go before the next one starts
+    parts["rayscale"] = run_rayscale(size, output_dir, use_gpu)
+    for part in parts.values():
+        rate = part["tokens_per_sec"]
+        part["tflops"] = rate * flops_per_token / 1e12 if rate else None
+        part["mfu"] = part["tflops"] * 1e12 / (peak_tflops * 1e12) if rate else None
+        part["of_measured_matmul"] = part["tflops"] / measured_peak if rate else None
+    raw, ours = parts["raw"]["tokens_per_sec"], parts["rayscale"]["tokens_per_sec"]
+    ratio = ours / raw if ours else None
     return {
         "size": size, "device": torch.cuda.get_device_name(0) if use_gpu else "cpu", "peak_tflops": peak_tflops,
-        "flops_per_token": flops_per_token, "raw": raw, "rayscale": ours, "ratio": ratio,
+        "measured_matmul_tflops": measured_peak, "flops_per_token": flops_per_token, **parts, "ratio": ratio,
+        "step_only_ratio": parts["step_only"]["tokens_per_sec"] / raw,
         "targets": [  # verdicts only on a GPU: the CPU smoke proves the script, not the figures
-            {"name": "rayscale MFU (bf16)", "value": ours["mfu"] or 0.0, "target": f">= {TARGET_MFU:.0%}",
-             "pass": (ours["mfu"] is not None and ours["mfu"] >= TARGET_MFU) if use_gpu else None},
+            {"name": "rayscale MFU (bf16)", "value": parts["rayscale"]["mfu"] or 0.0,
+             "target": f">= {TARGET_MFU:.0%}",
+             "pass": (parts["rayscale"]["mfu"] or 0.0) >= TARGET_MFU if use_gpu else None},
             {"name": "rayscale / raw PyTorch tokens/s", "value": ratio or 0.0, "target": f">= {TARGET_RATIO}",
-             "pass": (ratio is not None and ratio >= TARGET_RATIO) if use_gpu else None},
+             "pass": (ratio or 0.0) >= TARGET_RATIO if use_gpu else None},
         ],
     }
 
@@ -164,12 +235,17 @@ def table(result: dict) -> str:
         return f"Not run: {result['not_run']}."
     size = result["size"]
     lines = [f"GPT-style model, d_model {size['d_model']}, {size['n_layer']} layers, {size['length']} tokens, "
-             f"batch {size['batch']}, bf16, on {result['device']} (peak {result['peak_tflops']:g} TFLOP/s)", "",
-             "| | tokens/s | MFU |", "|---|---|---|"]
-    for label, part in (("(a) rayscale train", result["rayscale"]), ("(b) raw PyTorch loop", result["raw"])):
-        mfu = f"{part['mfu']:.1%}" if part["mfu"] is not None else "-"
-        lines.append(f"| {label} | {part['tokens_per_sec'] or 0:,.0f} | {mfu} |")
-    lines.append(f"\nrayscale / raw: {result['ratio']:.3f}" if result["ratio"] else "\nrayscale / raw: -")
+             f"batch {size['batch']}, bf16, on {result['device']} (peak {result['peak_tflops']:g} TFLOP/s; a "
+             f"{size['matmul']}-square bf16 matrix product measured {result['measured_matmul_tflops']:,.1f})", "",
+             "| | tokens/s | TFLOP/s | MFU | of the measured matmul |", "|---|---|---|---|---|"]
+    for label, key in (("(a) rayscale train", "rayscale"), ("(b) raw PyTorch loop", "raw"),
+                       ("(c) rayscale's train_step in (b)'s loop", "step_only")):
+        part = result[key]
+        cells = [f"{part[f]:.1%}" if part[f] is not None else "-" for f in ("mfu", "of_measured_matmul")]
+        tflops = f"{part['tflops']:,.1f}" if part["tflops"] is not None else "-"
+        lines.append(f"| {label} | {part['tokens_per_sec'] or 0:,.0f} | {tflops} | {cells[0]} | {cells[1]} |")
+    ratio = f"{result['ratio']:.3f}" if result["ratio"] else "-"
+    lines.append(f"\nrayscale / raw: {ratio}; rayscale's step alone / raw: {result['step_only_ratio']:.3f}")
     return "\n".join(lines)
 
 
@@ -186,7 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     add_repository_to_worker_path()
     output_dir = args.output_dir or Path(tempfile.mkdtemp(prefix="rayscale-gpu-mfu-"))
     output_dir.mkdir(parents=True, exist_ok=True)
-    result = run("smoke" if args.smoke else "full", output_dir, args.peak_tflops)
+    try:
+        result = run("smoke" if args.smoke else "full", output_dir, args.peak_tflops)
+    finally:
+        if args.output_dir is None:  # our own scratch: the run's checkpoints are gigabytes at the full size
+            shutil.rmtree(output_dir, ignore_errors=True)
     if "not_run" in result:
         print("benchmarks.gpu_mfu: no CUDA GPU here; run it on a GPU machine (or --smoke to check the script)",
               file=sys.stderr)
