@@ -4,7 +4,7 @@ against a raw PyTorch loop on the same GPU (issue 7, item 4).
   (a) rayscale: `rayscale train`, 1 GPU worker, bf16 autocast, AdamW, the model `benchmarks.gpt:make`, reading
       fixed-length token sequences from a Parquet file this script writes (Ray Data). One epoch: its steady
       tokens/s run from the workers' first log line to the epoch's last, so start-up and the first steps are
-      left out, and so is the epoch-end checkpoint (the model and AdamW's moments, ~10 GB at the full size),
+      left out, and so is the epoch-end checkpoint (the model and AdamW's moments, ~5 GB at the full size),
       which the raw loop does not write.
   (b) raw: the same model, optimizer, batch and autocast in a plain loop over random tokens already on the GPU,
       timed with `torch.cuda.synchronize`.
@@ -187,7 +187,7 @@ def run_rayscale(size: dict, output_dir: Path, use_gpu: bool) -> dict:
     records = trainer.read_metrics(Path(summary["run_dir"]))
     rate = steady_samples_per_sec(records)
     return {"tokens_per_sec": rate * size["length"] if rate else None, "startup_s": summary["startup_time_s"],
-            "wall_s": summary["wall_time_s"], "steady_lines": len(records),
+            "wall_s": summary["wall_time_s"], "log_lines": len(records),
             "peak_memory_mb": max((r.get("peak_memory_mb") or 0 for r in records), default=None)}
 
 
@@ -212,7 +212,7 @@ def run(size_name: str, output_dir: Path, peak_tflops: float = H100_BF16_PEAK_TF
     for part in parts.values():
         rate = part["tokens_per_sec"]
         part["tflops"] = rate * flops_per_token / 1e12 if rate else None
-        part["mfu"] = part["tflops"] * 1e12 / (peak_tflops * 1e12) if rate else None
+        part["mfu"] = part["tflops"] / peak_tflops if rate else None
         part["of_measured_matmul"] = part["tflops"] / measured_peak if rate else None
     raw, ours = parts["raw"]["tokens_per_sec"], parts["rayscale"]["tokens_per_sec"]
     ratio = ours / raw if ours else None

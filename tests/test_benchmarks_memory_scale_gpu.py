@@ -58,7 +58,7 @@ def test_memory_scale_and_gpu_benchmarks_run_at_tiny_sizes(tmp_path):
     gpu = json.loads((tmp_path / "results" / "gpu_mfu.smoke.json").read_text())
     assert gpu["flops_per_token"] > 0 and gpu["measured_matmul_tflops"] > 0
     assert all(gpu[part]["tokens_per_sec"] > 0 for part in ("raw", "step_only", "rayscale"))
-    assert gpu["rayscale"]["steady_lines"] >= 2  # one epoch, logged often enough for a steady window
+    assert gpu["rayscale"]["log_lines"] >= 2  # one epoch, logged often enough for a steady window
     assert "| memory |" in (tmp_path / "results" / "summary.smoke.md").read_text()
 
 
