@@ -190,7 +190,8 @@ def run_rayscale(size: dict, output_dir: Path, use_gpu: bool) -> dict:
     # Each log interval's rate and time blocked on data, so a missed ratio shows whether it is steady or spiky and
     # whether the data path is in it.
     return {"tokens_per_sec": rate * size["length"] if rate else None, "startup_s": summary["startup_time_s"],
-            "wall_s": summary["wall_time_s"], "log_lines": len(records),
+            "startup_phases_s": summary["startup_phases_s"], "wall_s": summary["wall_time_s"],
+            "log_lines": len(records),
             "interval_tokens_per_sec": [round((r.get("samples_per_sec") or 0) * size["length"]) for r in lines],
             "data_wait_fraction": [r.get("data_wait_fraction") for r in lines],
             "peak_memory_mb": max((r.get("peak_memory_mb") or 0 for r in records), default=None)}

@@ -497,7 +497,21 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def write_outputs(prepared: PreparedRun, result, started: float, first_step_at: float | None) -> dict:
+def startup_phases(started: float, connecting: float, connected: float, record: dict) -> dict:
+    """Where start-up went, in seconds: `prepare` (the config checked, the data's metadata read), `connect` (Ray
+    started or joined), `launch` (Train's controller, the worker processes, their process group and dataset
+    shards, up to the latest worker group entering the training function) and `worker_setup` (the checkpoint
+    restored, model, DDP and optimizer built, up to its first step). The last two are read off rank 0's clock:
+    across nodes they carry the clocks' skew, as the start-up time itself does."""
+    entered, began = record.get("entered_at"), record.get("started_at")
+    phases = {"prepare": connecting - started, "connect": connected - connecting,
+              "launch": entered - connected if entered else None,
+              "worker_setup": began - entered if entered and began else None}
+    return {name: (round(value, 3) if value is not None else None) for name, value in phases.items()}
+
+
+def write_outputs(prepared: PreparedRun, result, started: float, first_step_at: float | None,
+                  phases: dict | None = None) -> dict:
 
     from rayscale import checkpoint
     from rayscale.plots import plot_curves
@@ -530,6 +544,7 @@ def write_outputs(prepared: PreparedRun, result, started: float, first_step_at: 
         "epochs": progress["epoch"],
         "wall_time_s": round(wall, 3),
         "startup_time_s": round(first_step_at - started, 3) if first_step_at else None,
+        "startup_phases_s": phases or {},
         "world_size": prepared.plan.num_workers,
         "batch_plan": _final_plan(prepared.plan, progress, cfg.batch.micro_batch_size),
         # At the batch the run ended with (batch.adaptive scales from the initial batch when the base is null).
@@ -584,7 +599,8 @@ def print_summary(summary: dict) -> None:
         ("train loss", _fmt(final.get("train_loss"))),
         ("val loss", _fmt(final.get("val_loss"))),
         ("val accuracy", _fmt(final.get("val_accuracy"))),
-        ("wall time", f"{summary['wall_time_s']:.1f} s (start-up {_fmt(summary['startup_time_s'], '.1f')} s)"),
+        ("wall time", f"{summary['wall_time_s']:.1f} s (start-up {_fmt(summary['startup_time_s'], '.1f')} s"
+                      + _phases(summary.get("startup_phases_s") or {}) + ")"),
         ("rows left out", str(summary["rows_left_out"])),
         ("restarts", str(summary["restarts"])),
         *([("rung resumes", str(summary["rung_resumes"]))] if summary["rung_resumes"] else []),
@@ -592,6 +608,13 @@ def print_summary(summary: dict) -> None:
     ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"  {k:<{width}}  {v}" for k, v in rows), flush=True)
+
+
+def _phases(phases: dict) -> str:
+    """': prepare 0.1, Ray 4.2, launch 6.0, worker setup 3.1' (seconds), or nothing when unknown."""
+    names = {"prepare": "prepare", "connect": "Ray", "launch": "launch", "worker_setup": "worker setup"}
+    known = [f"{names[key]} {value:.1f}" for key, value in phases.items() if value is not None and key in names]
+    return ": " + ", ".join(known) if known else ""
 
 
 def _fmt(value, spec: str = ".4f") -> str:
@@ -609,7 +632,9 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
     prepared = prepare(cfg)
     _check_same_config(cfg, prepared.run_dir)
     check_fits_before_start(address, cfg)
+    connecting = time.time()
     connect(address, cfg)
+    connected = time.time()
     check_cluster_fits(cfg)
     prepared.run_dir.mkdir(parents=True, exist_ok=True)
     groups = prepared.run_dir / GROUPS_FILE
@@ -635,7 +660,8 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
     records = read_metrics(prepared.run_dir)
     # Start-up: from this command's start to the moment the (latest) worker group began training.
     first_step_at = records[-1].get("started_at") if records else None
-    summary = write_outputs(prepared, result, started, first_step_at)
+    phases = startup_phases(started, connecting, connected, records[-1] if records else {})
+    summary = write_outputs(prepared, result, started, first_step_at, phases)
     print_summary(summary)
     return summary
 

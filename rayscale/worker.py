@@ -155,6 +155,7 @@ def quiet_ray_data() -> None:
 
 
 def train_worker(payload: dict) -> None:
+    entered = time.time()  # start-up's split: launching the group before this, setting up the worker after
     import ray.train
     import ray.train.torch
 
@@ -361,6 +362,7 @@ def train_worker(payload: dict) -> None:
                if cfg.data.curriculum_column else {}),
             "time": time.time() - started,
             "started_at": started,
+            "entered_at": entered,
             **(extra or {}),
         }
         write_line(record)

@@ -289,6 +289,19 @@ def test_two_workers_learn_and_count_every_row(reference):
     assert all(0 < r["batch_efficiency"] < 1 for r in logged)  # base batch: the micro-batch, 8 < 64
 
 
+def test_start_up_splits_into_phases_that_add_up_to_it(reference, capsys):
+    """Ray was already up (the session's): launch and worker setup are the rest, each measured."""
+    _, summary, _ = reference
+    phases = summary["startup_phases_s"]
+    assert set(phases) == {"prepare", "connect", "launch", "worker_setup"}
+    assert all(value is not None and value >= 0 for value in phases.values())
+    assert phases["launch"] > 0 and phases["worker_setup"] > 0
+    assert sum(phases.values()) == pytest.approx(summary["startup_time_s"], abs=0.01)
+    assert json.loads((Path(summary["run_dir"]) / "summary.json").read_text())["startup_phases_s"] == phases
+    trainer.print_summary(summary)
+    assert f"worker setup {phases['worker_setup']:.1f}" in capsys.readouterr().out
+
+
 def test_the_embedded_ray_starts_no_preemption_watcher(reference):
     """One node has no drains to watch: the reference run's controller started no PreemptionWatcher actor
     (trainer.connect turns it off for the embedded Ray; ~7 CPU-seconds a run)."""
