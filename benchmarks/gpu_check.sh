@@ -5,7 +5,7 @@
 # Then:         the device tool's run, carry [".whl"], timeout_s 540, command: bash benchmarks/gpu_check.sh
 #
 # 1. installs the carried wheels beside the machine's own PyTorch (its Python 3.12, into /tmp/site);
-# 2. the CUDA tests: tests/test_gpu.py (page-locked batches, one host sync per step, bf16) and fp16's GradScaler;
+# 2. the CUDA tests: tests/test_gpu.py (page-locked batches, no host sync in a step, bf16) and fp16's GradScaler;
 # 3. benchmarks.gpu_mfu at full size: MFU and rayscale / raw PyTorch (issue 7's GPU targets).
 # The log and gpu_mfu.json go to $OUT (what the device tool brings back); the table is printed last.
 # Inner limits (120 s of tests, 360 s of gpu_mfu, whose full run is estimated at ~2-3 min) stay inside the 540 s of

@@ -36,13 +36,20 @@ class WeightAverage:
         return 0.5 ** (samples / self.half_life_samples)
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module, samples: int) -> None:
-        """Fold in the weights after an optimizer step that trained `samples` samples."""
+    def update(self, model: torch.nn.Module, samples: int, skipped: torch.Tensor | None = None) -> None:
+        """Fold in the weights after an optimizer step that trained `samples` samples. `skipped`: a bool on the
+        device saying the step was skipped there (then nothing moves), read without a host sync."""
         source = unwrap(model)
         averaged = list(self.module.parameters())
         current = [p.detach() for p in source.parameters()]
-        if averaged:
+        if averaged and skipped is None:
             torch._foreach_lerp_(averaged, current, 1.0 - self.decay(samples))
+        elif averaged:
+            # A tensor weight as a plain argument would be read on the host: as a (broadcast) tensor per weight,
+            # lerp takes it on the device.
+            weight = (~skipped).to(torch.float32) * (1.0 - self.decay(samples))
+            by_dtype = {a.dtype: weight.to(a.dtype) for a in averaged}
+            torch._foreach_lerp_(averaged, current, [by_dtype[a.dtype].expand_as(a) for a in averaged])
         for mine, theirs in zip(self.module.buffers(), source.buffers(), strict=True):
             mine.copy_(theirs)
 

@@ -56,7 +56,9 @@ class StepResult:
     local_count: torch.Tensor  # this worker's real samples or tokens
     global_count: torch.Tensor  # all workers' real samples or tokens: the loss normaliser
     grad_norm: torch.Tensor  # global L2 norm before clipping
-    skipped: bool  # no update was applied (non-finite gradients or an fp16 overflow)
+    # No update was applied (non-finite gradients or an fp16 overflow). A bool tensor on the device when the
+    # optimizer skipped on the device (skips_on_device): reading it waits for the step, so the worker doesn't.
+    skipped: bool | torch.Tensor
     # The noise scale's small batch (see noise_scale.py), when measured: the squared norm of the mean gradient
     # over `small_count` samples, and the count.
     small_sq: torch.Tensor | None = None
@@ -131,6 +133,23 @@ class NonFiniteGuard:
     max_in_a_row: int
     skipped_total: int = 0
     in_a_row: int = field(default=0)
+    pending: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+
+    def observe_on_device(self, skipped: torch.Tensor, step: int) -> None:
+        """A step the optimizer may have skipped on the device: read at the next `settle`, not now (reading
+        it would make the host wait for the step to finish)."""
+        self.pending.append((step, skipped))
+
+    def settle(self) -> None:
+        """Read the flags observed on the device since the last call (one host sync) and apply the rule in
+        step order: the error still names the step that reached the limit, found at most one log interval
+        later (the steps in between were skipped too, so the weights are untouched)."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        flags = torch.stack([skipped for _, skipped in pending]).tolist()
+        for (step, _), skipped in zip(pending, flags, strict=True):
+            self.observe(not skipped, step)
 
     def observe(self, finite: bool, step: int) -> None:
         if finite:
@@ -155,6 +174,13 @@ def _world_size(model: torch.nn.Module) -> int:
     if isinstance(model, DistributedDataParallel) and dist.is_initialized():
         return dist.get_world_size()
     return 1
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """PyTorch's fused Adam, AdamW and SGD skip their whole update (weights, moments, step count) on the device
+    when given a `found_inf` flag, as GradScaler gives them: the non-finite guard then needs no host sync.
+    (Fused SGD's momentum buffers must exist before a skipped first step: optimizers.build_optimizer.)"""
+    return bool(optimizer.defaults.get("fused")) and getattr(optimizer, "_step_supports_amp_scaling", False)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -280,18 +306,29 @@ def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tenso
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
     if grad_clip is not None:
         torch.nn.utils.clip_grads_with_norm_(parameters, grad_clip, grad_norm)
-    # One host sync per optimizer step (never per micro-batch). The norm is taken after the all-reduce,
-    # so every rank reaches the same decision and optimizer states never diverge.
-    finite = bool(torch.isfinite(grad_norm))
+    # The norm is taken after the all-reduce, so every rank reaches the same decision and optimizer states
+    # never diverge.
+    finite = torch.isfinite(grad_norm)
     set_lr(optimizer, lr)
-    if precision.scaler is not None:
-        precision.scaler.step(optimizer)  # skips the update by itself on overflow
-        precision.scaler.update()
-    elif finite:
-        optimizer.step()
-    if not finite:
-        optimizer.zero_grad(set_to_none=True)
+    if precision.scaler is None and skips_on_device(optimizer):
+        # No host sync: the fused kernels read the flag on the device and leave everything as it was.
+        optimizer.found_inf, optimizer.grad_scale = (~finite).to(torch.float32), None
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf, optimizer.grad_scale
+        skipped = ~finite
+    else:
+        # One host sync per optimizer step (never per micro-batch): fp16, LARS, LAMB, unfused optimizers.
+        skipped = not bool(finite)
+        if precision.scaler is not None:
+            precision.scaler.step(optimizer)  # skips the update by itself on overflow
+            precision.scaler.update()
+        elif not skipped:
+            optimizer.step()
+        if skipped:
+            optimizer.zero_grad(set_to_none=True)
     if clock is not None:
         clock.mark("end")
-    return StepResult(loss_sum, local_count.detach(), global_count, grad_norm.detach(), skipped=not finite,
+    return StepResult(loss_sum, local_count.detach(), global_count, grad_norm.detach(), skipped=skipped,
                       small_sq=small_sq, small_count=small_count)

@@ -63,10 +63,12 @@ class Interval:
 
     def add_step(self, result) -> None:
         """A train_step result's loss, count and norm, in place into the float64 sums (no conversion op); a
-        skipped step's norm is not finite and the host knows it was skipped: it adds nothing."""
+        skipped step's norm is not finite: it adds nothing (decided on the device when it was skipped there)."""
         self.loss_sum += result.loss_sum
         self.count += result.local_count
-        if not result.skipped:
+        if isinstance(result.skipped, torch.Tensor):
+            self.grad_norm_sum += torch.where(result.skipped, 0.0, result.grad_norm)
+        elif not result.skipped:
             self.grad_norm_sum += result.grad_norm
 
 
@@ -289,6 +291,7 @@ def train_worker(payload: dict) -> None:
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix="checkpoint-", dir=run_dir / "checkpoints" if local_mode
                                         else staging_root))
+        guard.settle()  # steps skipped on the device, counted before they are saved (or the run aborts here)
         progress["nonfinite_skipped"] = guard.skipped_total
         progress["noise_scale"] = noise.state_dict()
         if client is not None:
@@ -326,6 +329,7 @@ def train_worker(payload: dict) -> None:
 
     def log(epoch: int, extra: dict | None = None) -> dict:
         nonlocal interval, last_report
+        guard.settle()  # the interval's steps skipped on the device: counted, or the run aborts here
         elapsed = time.perf_counter() - interval.started
         want_report = float(rank == 0 and time.perf_counter() - last_report >= cfg.train.report_every_seconds)
         loss_sum, count, wants, true_sq, trace, estimates, difficulty_sum, difficulty_rows = _all_reduce(
@@ -439,15 +443,24 @@ def train_worker(payload: dict) -> None:
             interval.data_wait += time.perf_counter() - waited_from
             samples_after = progress["samples_seen"] + step_rows.rows_in_step
             result = take_step(batch, step_rows, peak_lr * lr_multiplier(samples_after))
-            overflow_only = result.skipped and precision.scaler is not None and bool(
-                torch.isfinite(result.loss_sum))  # fp16 loss-scale overflow: the scaler handles it
-            guard.observe(not result.skipped or overflow_only, progress["step"])
-            if average is not None and not result.skipped:
-                average.update(model, step_rows.rows_in_step)
+            if isinstance(result.skipped, torch.Tensor):  # skipped or not on the device: nothing waits for it
+                guard.observe_on_device(result.skipped, progress["step"])
+                if average is not None:
+                    average.update(model, step_rows.rows_in_step, skipped=result.skipped)
+                if result.small_sq is not None:
+                    estimates = step_noise_estimates(result.small_sq, result.small_count,
+                                                     result.grad_norm.double() ** 2, result.global_count)
+                    interval.noise += torch.where(result.skipped, 0.0, estimates)
+            else:
+                overflow_only = result.skipped and precision.scaler is not None and bool(
+                    torch.isfinite(result.loss_sum))  # fp16 loss-scale overflow: the scaler handles it
+                guard.observe(not result.skipped or overflow_only, progress["step"])
+                if average is not None and not result.skipped:
+                    average.update(model, step_rows.rows_in_step)
+                if result.small_sq is not None and not result.skipped:
+                    interval.noise += step_noise_estimates(result.small_sq, result.small_count,
+                                                           result.grad_norm.double() ** 2, result.global_count)
             interval.add_step(result)
-            if result.small_sq is not None and not result.skipped:
-                interval.noise += step_noise_estimates(result.small_sq, result.small_count,
-                                                       result.grad_norm.double() ** 2, result.global_count)
             interval.steps += 1
             interval.samples += step_rows.rows_in_step
             if "difficulty" in step_rows.rows and not step_rows.padding:

@@ -37,6 +37,21 @@ def test_updates_follow_the_exponential_average_with_the_step_size_in_samples():
                for got, now in zip(average.module.parameters(), model.parameters(), strict=True))
 
 
+def test_a_step_flagged_on_the_device_folds_in_exactly_as_a_host_one_and_a_skipped_one_not_at_all():
+    """With fused optimizers the step's "skipped" stays on the device (step.skips_on_device)."""
+    model = _model()
+    on_host, on_device = WeightAverage(model, half_life_samples=100), WeightAverage(model, half_life_samples=100)
+    _set_weights(model, 1.0)
+    on_host.update(model, 64)
+    on_device.update(model, 64, skipped=torch.tensor(False))
+    for a, b in zip(on_host.module.parameters(), on_device.module.parameters(), strict=True):
+        assert torch.equal(a, b)
+    before = [p.clone() for p in on_device.module.parameters()]
+    _set_weights(model, 5.0)
+    on_device.update(model, 64, skipped=torch.tensor(True))
+    assert all(torch.equal(a, b) for a, b in zip(before, on_device.module.parameters(), strict=True))
+
+
 def test_half_life_is_in_samples_whatever_the_batch_size():
     """From weights 0 to weights held at 1: after half_life samples the average is 0.5, taken in one step of
     128 samples, two of 64 or sixteen of 8."""

@@ -1,5 +1,6 @@
-"""What only a CUDA device can show: batches reach it through page-locked memory, a step waits for the device
-once (the non-finite guard) however many micro-batches it has, and bf16 / fp16 autocast train there.
+"""What only a CUDA device can show: batches reach it through page-locked memory, a step with a fused optimizer
+never waits for the device however many micro-batches it has (the non-finite guard's flag stays there), and
+bf16 / fp16 autocast train there.
 
 Skipped without CUDA (CI has none); benchmarks/gpu_check.sh runs this file on a lent GPU machine."""
 
@@ -56,8 +57,9 @@ def _model(dtype=torch.float32):
     return nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 10)).to(CUDA, dtype)
 
 
-def test_a_step_of_four_micro_batches_waits_for_the_device_once():
-    """The non-finite guard reads one flag per optimizer step; nothing else in the step may synchronise."""
+def test_a_step_of_four_micro_batches_never_waits_for_the_device():
+    """The fused AdamW skips a non-finite step on the device: nothing in the step may synchronise. (Until
+    2026-12-04 the guard read its flag on the host: exactly 1 synchronisation, seen on an H200.)"""
     model = _model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     precision = make_precision("bf16", CUDA)
@@ -78,8 +80,8 @@ def test_a_step_of_four_micro_batches_waits_for_the_device_once():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    assert len(syncs) == 1, [str(w.message) for w in syncs]
-    assert not result.skipped
+    assert not syncs, [str(w.message) for w in syncs]
+    assert not bool(result.skipped)
 
 
 def test_bf16_on_cuda_trains_close_to_fp32():

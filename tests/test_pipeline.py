@@ -5,6 +5,7 @@ its TorchTrainer.
 """
 
 import json
+import math
 import os
 import re
 import sys
@@ -96,6 +97,30 @@ CRASH_ONCE_MODEL = textwrap.dedent('''
 ''')
 
 
+NAN_MODEL = textwrap.dedent('''
+    """A small MLP whose training forwards number `at` (from 0) give NaN: non-finite steps where the test says."""
+    from rayscale.models import MLP
+
+
+    class NanAt(MLP):
+        def __init__(self, at):
+            super().__init__(in_features=64, num_outputs=10, hidden_sizes=(32,))
+            self.at, self.calls = set(at), 0
+
+        def forward(self, x):
+            out = super().forward(x)
+            if self.training:
+                self.calls += 1
+                if self.calls - 1 in self.at:
+                    out = out * float("nan")
+            return out
+
+
+    def make(at=()):
+        return NanAt(at)
+''')
+
+
 @pytest.fixture(scope="module")
 def ray_session(tmp_path_factory):
     import ray
@@ -104,6 +129,7 @@ def ray_session(tmp_path_factory):
     (plugin_dir / "slow_model.py").write_text(SLOW_MODEL)
     (plugin_dir / "cramped_model.py").write_text(CRAMPED_MODEL)
     (plugin_dir / "crash_once_model.py").write_text(CRASH_ONCE_MODEL)
+    (plugin_dir / "nan_model.py").write_text(NAN_MODEL)
     os.environ["RAYSCALE_TEST_PID_DIR"] = str(plugin_dir / "pids")
     (plugin_dir / "pids").mkdir()
     # Workers inherit the driver's environment when the embedded Ray starts.
@@ -540,3 +566,20 @@ def test_a_log_line_due_at_the_epoch_end_is_the_epoch_end_line(ray_session, tmp_
         (256, False), (512, True), (768, False), (1024, True)]
     assert all(r["train_loss"] is not None and r["samples_per_sec"] > 0 and r["grad_norm"] > 0 for r in records)
     assert summary["final"]["train_loss"] == records[-1]["train_loss"]
+
+
+def test_nonfinite_steps_are_skipped_counted_and_abort_the_run_when_too_many_in_a_row(ray_session, tmp_path):
+    """rayscale's default SGD is fused: the worker never reads the skipped flag per step, yet the count, the
+    average, the logged norm and the abort (naming the step that reached train.max_nonfinite_steps) hold."""
+    common = ["scaling.num_workers=0", "train.epochs=1", "batch.micro_batch_size=64", "train.log_every_samples=256",
+              "model.name=nan_model:make", AVERAGED]
+    summary, model = run(tmp_path, "two_bad", *common, "model.kwargs={at: [2, 4]}")
+    assert summary["nonfinite_skipped"] == 2
+    assert all(torch.isfinite(tensor).all() for tensor in model.values())
+    logged = [r for r in trainer.read_metrics(Path(summary["run_dir"])) if not r.get("evaluation")]
+    assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in logged)
+    assert logged[-1]["nonfinite_skipped"] == 2
+    with pytest.raises(Exception, match="at step 5: 3 steps in a row were skipped"):
+        run(tmp_path, "from_third", *common, "model.kwargs={at: [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]}",
+            "train.max_nonfinite_steps=3")
+

@@ -20,6 +20,7 @@ from rayscale.step import (
     is_out_of_memory,
     make_precision,
     prepare_model,
+    skips_on_device,
     train_step,
 )
 from rayscale.step_clock import StepClock
@@ -160,6 +161,87 @@ def test_guard_aborts_after_n_in_a_row_naming_the_step():
     assert guard.skipped_total == 4
     with pytest.raises(NonFiniteError, match="at step 5: 3 steps in a row"):
         guard.observe(False, 5)
+
+
+def _fused(name: str, model) -> torch.optim.Optimizer:
+    from rayscale.config import OptimConfig
+    from rayscale.optimizers import build_optimizer
+
+    return build_optimizer(OptimConfig(name=name, lr=0.1, momentum=0.9), model, 0.1)
+
+
+def _state(optimizer) -> dict:
+    return {(index, key): value.clone() for index, per_param in enumerate(optimizer.state.values())
+            for key, value in per_param.items()}
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_a_fused_optimizer_skips_a_nonfinite_step_on_the_device_as_if_it_never_came(name):
+    """rayscale's SGD and AdamW are PyTorch's fused kernels: train_step hands them the non-finite flag instead
+    of reading it, and they leave weights, moments and step counts as they were. Fused SGD's momentum buffers
+    exist from the start, so a skipped first step leaves no uninitialised memory behind (it did before)."""
+    x, y = dataset(8, torch.float32)
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    model, reference = tiny_model(torch.float32), tiny_model(torch.float32)
+    optimizer, reference_optimizer = _fused(name, model), _fused(name, reference)
+    assert skips_on_device(optimizer)
+    before, state_before = copy.deepcopy(model.state_dict()), _state(optimizer)
+    result = train_step(model, [{"x": bad, "y": y}], optimizer, task="classification", lr=0.1, precision=FP32)
+    assert isinstance(result.skipped, torch.Tensor) and bool(result.skipped)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # AdamW makes its state at its first step, skipped or not: zero moments at step 0, as if none yet.
+    assert all(torch.equal(value, state_before.get(key, torch.zeros_like(value)))
+               for key, value in _state(optimizer).items())
+    for _ in range(2):  # then it trains exactly as an optimizer that never saw the bad step
+        for net, opt in ((model, optimizer), (reference, reference_optimizer)):
+            result = train_step(net, [{"x": x, "y": y}], opt, task="classification", lr=0.1, precision=FP32)
+            assert not bool(result.skipped)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters(), strict=True))
+
+
+def test_zeroed_momentum_buffers_give_pytorchs_first_sgd_step():
+    """The buffers made up front change nothing: the same weights as PyTorch's own SGD after 3 steps."""
+    x, y = dataset(8, torch.float32)
+    model, reference = tiny_model(torch.float32), tiny_model(torch.float32)
+    optimizer = _fused("sgd", model)
+    plain = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        for net, opt in ((model, optimizer), (reference, plain)):
+            train_step(net, [{"x": x, "y": y}], opt, task="classification", lr=0.1, precision=FP32)
+    assert max(max_rel(a.detach(), b.detach()) for a, b in zip(model.parameters(), reference.parameters(),
+                                                                 strict=True)) < 1e-6
+
+
+def test_a_step_with_a_fused_optimizer_reads_nothing_back_from_the_device(monkeypatch):
+    """What makes the host wait for a GPU: a tensor read as a Python value. On CPU, forbid every such read in
+    a step of 4 micro-batches (tests/test_gpu.py counts the real synchronisations on CUDA)."""
+    x, y = dataset(32, torch.float32)
+    model = tiny_model(torch.float32)
+    optimizer = _fused("adamw", model)
+
+    def read(*_args, **_kwargs):
+        raise AssertionError("a tensor was read on the host inside the step")
+
+    for method in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, method, read)
+    result = train_step(model, split(x, y, [8, 8, 8, 8]), optimizer, task="classification", lr=0.1,
+                        precision=FP32, global_count=32)
+    monkeypatch.undo()
+    assert not bool(result.skipped) and torch.isfinite(result.grad_norm)
+
+
+def test_guard_reads_device_flags_when_settled_and_names_the_step():
+    guard = NonFiniteGuard(max_in_a_row=3)
+    flags = [True, False, True, True]
+    for step, skipped in enumerate(flags):
+        guard.observe_on_device(torch.tensor(skipped), step)
+    assert guard.skipped_total == 0  # nothing read yet
+    guard.settle()
+    assert (guard.skipped_total, guard.in_a_row) == (3, 2)
+    guard.observe_on_device(torch.tensor(True), 4)
+    with pytest.raises(NonFiniteError, match="at step 4: 3 steps in a row"):
+        guard.settle()
 
 
 def test_bf16_autocast_on_cpu_trains_close_to_fp32():
