@@ -195,16 +195,7 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, lr: float) -> torch.opti
         if cfg.nesterov and cfg.momentum == 0:
             raise ConfigError(f"optim.nesterov: needs optim.momentum > 0, got {cfg.momentum:g}")
         # Plain SGD's weight_decay is L2 (added to the gradient); each group carries its own value.
-        optimizer = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **fused)
-        if fused and cfg.momentum:
-            # train_step lets the fused kernel skip a non-finite step on the device; fused SGD creates its
-            # momentum buffers uninitialised at the first step and fills them in the kernel, so a skipped first
-            # step would leave garbage there. Zeros from the start give the same first step (buf = momentum x 0
-            # + grad = grad, as PyTorch's buf = grad: dampening is 0).
-            for group in optimizer.param_groups:
-                for parameter in group["params"]:
-                    optimizer.state[parameter]["momentum_buffer"] = torch.zeros_like(parameter)
-        return optimizer
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **fused)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=cfg.eps, **fused)
     if cfg.name == "lars":

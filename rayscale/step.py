@@ -142,8 +142,8 @@ class NonFiniteGuard:
 
     def settle(self) -> None:
         """Read the flags observed on the device since the last call (one host sync) and apply the rule in
-        step order: the error still names the step that reached the limit, found at most one log interval
-        later (the steps in between were skipped too, so the weights are untouched)."""
+        step order: the error still names the step that reached the limit, found up to one log interval later
+        (the worker settles before every log line and checkpoint, so nothing after that step is saved)."""
         if not self.pending:
             return
         pending, self.pending = self.pending, []
@@ -179,8 +179,23 @@ def _world_size(model: torch.nn.Module) -> int:
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     """PyTorch's fused Adam, AdamW and SGD skip their whole update (weights, moments, step count) on the device
     when given a `found_inf` flag, as GradScaler gives them: the non-finite guard then needs no host sync.
-    (Fused SGD's momentum buffers must exist before a skipped first step: optimizers.build_optimizer.)"""
-    return bool(optimizer.defaults.get("fused")) and getattr(optimizer, "_step_supports_amp_scaling", False)
+    SGD only without dampening (see _momentum_buffers_made)."""
+    if not (optimizer.defaults.get("fused") and getattr(optimizer, "_step_supports_amp_scaling", False)):
+        return False
+    return not isinstance(optimizer, torch.optim.SGD) or all(g["dampening"] == 0 for g in optimizer.param_groups)
+
+
+def _momentum_buffers_made(optimizer: torch.optim.Optimizer) -> None:
+    """Fused SGD creates a momentum buffer uninitialised at a parameter's first step and fills it in the kernel:
+    a first step skipped on the device would leave garbage in it. A zero buffer made before gives the same
+    first step (buf = momentum x 0 + grad = grad, as PyTorch's buf = grad; dampening is 0)."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        return
+    for group in optimizer.param_groups:
+        if group["momentum"]:
+            for parameter in group["params"]:
+                if parameter.grad is not None and "momentum_buffer" not in optimizer.state[parameter]:
+                    optimizer.state[parameter]["momentum_buffer"] = torch.zeros_like(parameter)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -312,6 +327,7 @@ def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tenso
     set_lr(optimizer, lr)
     if precision.scaler is None and skips_on_device(optimizer):
         # No host sync: the fused kernels read the flag on the device and leave everything as it was.
+        _momentum_buffers_made(optimizer)
         optimizer.found_inf, optimizer.grad_scale = (~finite).to(torch.float32), None
         try:
             optimizer.step()

@@ -289,9 +289,9 @@ def train_worker(payload: dict) -> None:
         # Local mode keeps no copy in Ray's storage, so its checkpoints stay in the run directory.
         if local_mode:
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        guard.settle()  # steps skipped on the device, counted before they are saved (or the run aborts here)
         staging = Path(tempfile.mkdtemp(prefix="checkpoint-", dir=run_dir / "checkpoints" if local_mode
                                         else staging_root))
-        guard.settle()  # steps skipped on the device, counted before they are saved (or the run aborts here)
         progress["nonfinite_skipped"] = guard.skipped_total
         progress["noise_scale"] = noise.state_dict()
         if client is not None:
