@@ -443,23 +443,22 @@ def train_worker(payload: dict) -> None:
             interval.data_wait += time.perf_counter() - waited_from
             samples_after = progress["samples_seen"] + step_rows.rows_in_step
             result = take_step(batch, step_rows, peak_lr * lr_multiplier(samples_after))
-            if isinstance(result.skipped, torch.Tensor):  # skipped or not on the device: nothing waits for it
-                guard.observe_on_device(result.skipped, progress["step"])
-                if average is not None:
-                    average.update(model, step_rows.rows_in_step, skipped=result.skipped)
-                if result.small_sq is not None:
-                    estimates = step_noise_estimates(result.small_sq, result.small_count,
-                                                     result.grad_norm.double() ** 2, result.global_count)
-                    interval.noise += torch.where(result.skipped, 0.0, estimates)
+            # Skipped or not: a flag on the device when the optimizer skipped there (nothing here may wait for
+            # it, so what a skipped step must not touch is masked), else the host's bool.
+            skipped = result.skipped
+            on_device = isinstance(skipped, torch.Tensor)
+            if on_device:
+                guard.observe_on_device(skipped, progress["step"])
             else:
-                overflow_only = result.skipped and precision.scaler is not None and bool(
+                overflow_only = skipped and precision.scaler is not None and bool(
                     torch.isfinite(result.loss_sum))  # fp16 loss-scale overflow: the scaler handles it
-                guard.observe(not result.skipped or overflow_only, progress["step"])
-                if average is not None and not result.skipped:
-                    average.update(model, step_rows.rows_in_step)
-                if result.small_sq is not None and not result.skipped:
-                    interval.noise += step_noise_estimates(result.small_sq, result.small_count,
-                                                           result.grad_norm.double() ** 2, result.global_count)
+                guard.observe(not skipped or overflow_only, progress["step"])
+            if average is not None and (on_device or not skipped):
+                average.update(model, step_rows.rows_in_step, skipped=skipped if on_device else None)
+            if result.small_sq is not None and (on_device or not skipped):
+                estimates = step_noise_estimates(result.small_sq, result.small_count,
+                                                 result.grad_norm.double() ** 2, result.global_count)
+                interval.noise += torch.where(skipped, 0.0, estimates) if on_device else estimates
             interval.add_step(result)
             interval.steps += 1
             interval.samples += step_rows.rows_in_step
