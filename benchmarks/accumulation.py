@@ -29,8 +29,10 @@ def _process(rank: int, port: int, size: dict, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
+    from rayscale.engine.precision import make_precision
+    from rayscale.engine.step import train_step
+    from rayscale.engine.strategies.ddp import prepare_model
     from rayscale.models import MLP
-    from rayscale.step import make_precision, prepare_model, train_step
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORKERS)

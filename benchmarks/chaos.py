@@ -123,7 +123,8 @@ def account(reference: dict[int, list], attempts: dict[int, list]) -> dict:
 def run_training(cfg_overrides: list[str]) -> tuple[dict, dict]:
     import torch
 
-    from rayscale import config, trainer
+    from rayscale import config
+    from rayscale.launch import trainer
 
     cfg = config.load(overrides=cfg_overrides)
     summary = trainer.train(cfg)
@@ -182,6 +183,7 @@ def chaos_run(index: int, args, data: Path, log_dir: Path, rng: random.Random) -
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rayscale.launch.connect import connect
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3, help="interrupted runs (default 3)")
@@ -206,9 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     sys.path.insert(0, str(args.output_dir))
 
-    from rayscale import config, trainer
 
-    trainer.connect(None, config.load())
+    connect(None)
     print("chaos: uninterrupted reference run", flush=True)
     summary, args.reference_model = run_training(overrides(args.output_dir, "reference", data, args.epochs,
                                                            args.workers))

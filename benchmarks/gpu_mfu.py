@@ -150,8 +150,9 @@ def run_step_only(size: dict, device) -> dict:
 
     from benchmarks.gpt import make
     from rayscale.config import OptimConfig
-    from rayscale.optimizers import build_optimizer
-    from rayscale.step import make_precision, train_step
+    from rayscale.engine.optimizers import build_optimizer
+    from rayscale.engine.precision import make_precision
+    from rayscale.engine.step import train_step
 
     torch.manual_seed(0)
     model = make(**model_kwargs(size)).to(device)
@@ -170,7 +171,9 @@ def log_every_samples(size: dict) -> int:
 
 def run_rayscale(size: dict, output_dir: Path, use_gpu: bool) -> dict:
     from benchmarks.scale import steady_samples_per_sec
-    from rayscale import config, trainer
+    from rayscale import config
+    from rayscale.driver.outputs import read_metrics
+    from rayscale.launch import trainer
 
     data = output_dir / "sequences.parquet"
     write_sequences(data, size)
@@ -184,7 +187,7 @@ def run_rayscale(size: dict, output_dir: Path, use_gpu: bool) -> dict:
         f"train.log_every_samples={log_every_samples(size)}", "optim.name=adamw", f"optim.lr={LR}",
         "schedule.name=constant", "schedule.warmup_samples=0"])
     summary = trainer.train(cfg)
-    records = trainer.read_metrics(Path(summary["run_dir"]))
+    records = read_metrics(Path(summary["run_dir"]))
     rate = steady_samples_per_sec(records)
     lines = [r for r in records if not r.get("evaluation")]
     # Each log interval's rate and time blocked on data, so a missed ratio shows whether it is steady or spiky and

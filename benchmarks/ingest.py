@@ -29,7 +29,9 @@ def write_parquet(size: dict, path: Path) -> Path:
 
 
 def _train(size: dict, output_dir: Path, name: str, source: Path, cache_mb: float) -> dict:
-    from rayscale import config, trainer
+    from rayscale import config
+    from rayscale.driver.outputs import read_metrics
+    from rayscale.launch import trainer
 
     overrides = [o for o in _config_overrides(size, output_dir, name)
                  if not o.startswith(("data.source", "train.log_every_samples"))]
@@ -37,7 +39,7 @@ def _train(size: dict, output_dir: Path, name: str, source: Path, cache_mb: floa
     cfg = config.load(overrides=[*overrides, f"data.source={source}", f"data.cache_mb={cache_mb}",
                                  f"train.log_every_samples={size['rows'] * size['epochs'] * 10}"])
     summary = trainer.train(cfg)
-    ends = [r for r in trainer.read_metrics(Path(summary["run_dir"])) if r.get("epoch_end")]
+    ends = [r for r in read_metrics(Path(summary["run_dir"])) if r.get("epoch_end")]
     later = ends[1:]
     return {"startup_s": summary["startup_time_s"],
             "epoch1_data_wait_fraction": ends[0]["data_wait_fraction"],
@@ -47,11 +49,11 @@ def _train(size: dict, output_dir: Path, name: str, source: Path, cache_mb: floa
 
 
 def run(size_name: str, output_dir: Path) -> dict:
-    from rayscale import config, trainer
+    from rayscale.launch.connect import connect
 
     size = SIZES[size_name]
     source = write_parquet(size, output_dir / "rows.parquet")
-    trainer.connect(None, config.load())
+    connect(None)
     # The smoke run (CI) only proves the script works: one run, Ray Data streaming every epoch; the cache's
     # path is the default of every other run in the test suite.
     variants = {"streamed": 0, "cached": 1024} if size_name != "smoke" else {"streamed": 0}

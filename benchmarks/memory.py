@@ -45,7 +45,9 @@ def activation_mb(micro: int, hidden: list[int]) -> float:
 
 
 def micro_sweep(size: dict, output_dir: Path) -> list[dict]:
-    from rayscale import config, trainer
+    from rayscale import config
+    from rayscale.driver.outputs import read_metrics
+    from rayscale.launch import trainer
 
     rows = size["global_batch"] * size["steps"]
     points = []
@@ -53,7 +55,7 @@ def micro_sweep(size: dict, output_dir: Path) -> list[dict]:
         cfg = config.load(overrides=_overrides(output_dir, f"micro{micro}", size["workers"], rows, size["features"],
                                                size["hidden"], size["global_batch"], micro, 1))
         summary = trainer.train(cfg)
-        records = trainer.read_metrics(Path(summary["run_dir"]))
+        records = read_metrics(Path(summary["run_dir"]))
         points.append({"micro_batch_size": micro, "accumulation_steps": summary["batch_plan"]["accumulation_steps"],
                        "peak_memory_mb": max(r["peak_memory_mb"] for r in records),
                        "activation_estimate_mb": activation_mb(micro, size["hidden"])})
@@ -62,22 +64,24 @@ def micro_sweep(size: dict, output_dir: Path) -> list[dict]:
 
 
 def over_epochs(size: dict, output_dir: Path) -> list[dict]:
-    from rayscale import config, trainer
+    from rayscale import config
+    from rayscale.driver.outputs import read_metrics
+    from rayscale.launch import trainer
 
     cfg = config.load(overrides=_overrides(output_dir, "epochs", size["workers"], size["epoch_rows"],
                                            size["features"], size["epoch_hidden"], size["epoch_batch"], 32,
                                            size["epochs"]))
     summary = trainer.train(cfg)
-    ends = [r for r in trainer.read_metrics(Path(summary["run_dir"])) if r.get("epoch_end")]
+    ends = [r for r in read_metrics(Path(summary["run_dir"])) if r.get("epoch_end")]
     return [{"epoch": r["epoch"] + 1, "memory_mb": r["memory_mb"], "peak_memory_mb": r["peak_memory_mb"]}
             for r in ends]
 
 
 def run(size_name: str, output_dir: Path) -> dict:
-    from rayscale import config, trainer
+    from rayscale.launch.connect import connect
 
     size = SIZES[size_name]
-    trainer.connect(None, config.load())
+    connect(None)
     sweep = micro_sweep(size, output_dir)
     epochs = over_epochs(size, output_dir)
     largest, smallest = sweep[0], sweep[-1]

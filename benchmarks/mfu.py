@@ -32,8 +32,9 @@ def run(size_name: str, output_dir: Path) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from rayscale.engine.precision import make_precision
+    from rayscale.engine.step import train_step
     from rayscale.models import MLP
-    from rayscale.step import make_precision, train_step
 
     size = SIZES[size_name]
     threads = torch.get_num_threads()

@@ -30,9 +30,11 @@ def _process(rank: int, port: int, size: dict, out: str) -> None:
     import torch.distributed as dist
 
     from rayscale.config import TrainConfig
+    from rayscale.engine.components.noise_scale import step_noise_estimates
+    from rayscale.engine.precision import make_precision
+    from rayscale.engine.step import train_step
+    from rayscale.engine.strategies.ddp import prepare_model
     from rayscale.models import MLP
-    from rayscale.step import make_precision, prepare_model, train_step
-    from rayscale.worker import step_noise_estimates
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORKERS)

@@ -68,10 +68,10 @@ def train_in_own_driver(address: str, overrides: list[str], run_dir: Path) -> di
     done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         raise RuntimeError(f"rayscale train failed ({done.returncode}): {done.stderr[-2000:]}")
-    from rayscale import trainer
+    from rayscale.driver.outputs import read_metrics
 
     summary = json.loads((run_dir / "summary.json").read_text())
-    return {"summary": summary, "records": trainer.read_metrics(run_dir), "wall_s": time.perf_counter() - began}
+    return {"summary": summary, "records": read_metrics(run_dir), "wall_s": time.perf_counter() - began}
 
 
 def dataset_sizes(size: dict, output_dir: Path, address: str) -> list[dict]:
@@ -91,7 +91,9 @@ def dataset_sizes(size: dict, output_dir: Path, address: str) -> list[dict]:
 
 
 def model_sizes(size: dict, output_dir: Path) -> list[dict]:
-    from rayscale import config, trainer
+    from rayscale import config
+    from rayscale.driver.outputs import read_metrics
+    from rayscale.launch import trainer
 
     points = []
     for hidden in size["models"]:
@@ -99,7 +101,7 @@ def model_sizes(size: dict, output_dir: Path) -> list[dict]:
         cfg = config.load(overrides=_overrides(output_dir, name, size, size["model_rows"], hidden))
         began = time.perf_counter()
         summary = trainer.train(cfg)
-        rate = steady_samples_per_sec(trainer.read_metrics(Path(summary["run_dir"])))
+        rate = steady_samples_per_sec(read_metrics(Path(summary["run_dir"])))
         count = parameters(size["features"], hidden)
         points.append({"hidden": hidden, "parameters": count, "wall_s": round(time.perf_counter() - began, 1),
                        "samples_per_sec": rate, "train_gflops": 6 * count * rate / 1e9 if rate else None})
@@ -108,7 +110,10 @@ def model_sizes(size: dict, output_dir: Path) -> list[dict]:
 
 
 def tune_overhead(size: dict, output_dir: Path) -> dict:
-    from rayscale import config, trainer, tune
+    from rayscale import config
+    from rayscale.driver.prepare import prepare
+    from rayscale.launch import trainer
+    from rayscale.tune import search as tune
 
     rows, lrs = size["tune_rows"], size["tune_lrs"]
     # Validation on in both, as Tune needs its metric.
@@ -120,7 +125,7 @@ def tune_overhead(size: dict, output_dir: Path) -> dict:
         began = time.perf_counter()
         trainer.train(cfg)
         singles.append(time.perf_counter() - began)
-    budget = trainer.prepare(config.load(overrides=base)).train_rows  # one epoch: a trial's samples
+    budget = prepare(config.load(overrides=base)).train_rows  # one epoch: a trial's samples
     searches = {}
     kinds = (("one_at_a_time", 1), ("default_concurrency", None))
     for name, concurrency in kinds if size["tune_default_concurrency"] else kinds[:1]:
@@ -141,10 +146,11 @@ def tune_overhead(size: dict, output_dir: Path) -> dict:
 def run(size_name: str, output_dir: Path) -> dict:
     import ray
 
-    from rayscale import config, trainer
+    from rayscale.launch.connect import connect
+
 
     size = SIZES[size_name]
-    trainer.connect(None, config.load())
+    connect(None)
     address = ray.get_runtime_context().gcs_address
     by_rows = dataset_sizes(size, output_dir, address)
     by_model = model_sizes(size, output_dir)

@@ -34,13 +34,17 @@ def _process(rank: int, port: int, blocks: int, steps: int, out: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from rayscale.batching import plan_batches
     from rayscale.config import OptimConfig
-    from rayscale.data import SplitCache, StepAssembler, chunk_order, micro_batches
+    from rayscale.data.assembly import SplitCache, StepAssembler
+    from rayscale.data.collate import micro_batches
+    from rayscale.data.splits import chunk_order
+    from rayscale.engine.metrics import Interval
+    from rayscale.engine.optimizers import build_optimizer
+    from rayscale.engine.precision import make_precision
+    from rayscale.engine.step import train_step
+    from rayscale.engine.strategies.ddp import prepare_model
+    from rayscale.math.batching import plan_batches
     from rayscale.models import MLP
-    from rayscale.optimizers import build_optimizer
-    from rayscale.step import make_precision, prepare_model, train_step
-    from rayscale.worker import Interval
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORKERS)
@@ -86,7 +90,7 @@ def _process(rank: int, port: int, blocks: int, steps: int, out: str) -> None:
         step_rows = next(stream)
         result = train_step(model, micro_batches(step_rows, PER_WORKER, device), optimizer, task="classification",
                             lr=LR, precision=precision, global_count=step_rows.rows_in_step, clock=interval.clock)
-        interval.add_step(result)
+        interval.add_step(result, step_rows.rows_in_step)
 
     wall = {name: [] for name in LOOPS}
     cpu = {name: [] for name in LOOPS}

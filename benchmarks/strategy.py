@@ -35,16 +35,18 @@ def _overrides(size: dict, output_dir: Path, name: str) -> list[str]:
 
 
 def _one(size: dict, output_dir: Path, name: str) -> dict:
-    from rayscale import config, trainer
+    from rayscale import config
+    from rayscale.driver.outputs import read_metrics
+    from rayscale.launch import trainer
 
     cfg = config.load(overrides=[*_overrides(size, output_dir, name), *STRATEGIES[name]])
     summary = trainer.train(cfg)
-    records = trainer.read_metrics(Path(summary["run_dir"]))
+    records = read_metrics(Path(summary["run_dir"]))
     ends = [r for r in records if r.get("epoch_end")]
     first, last = ends[0], ends[-1]
     steps = [r for r in records if not r.get("evaluation") and r.get("bytes_pulled_per_step") is not None]
     if name == "ddp":
-        from rayscale import sources
+        from rayscale.data import sources
         from rayscale.models import build_model
 
         spec = sources.inspect_source(cfg.data.source, cfg.data, cfg.seed).spec

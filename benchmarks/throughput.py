@@ -50,7 +50,8 @@ def _config_overrides(size: dict, output_dir: Path, name: str) -> list[str]:
 
 def load_rows(size: dict) -> tuple[np.ndarray, np.ndarray]:
     """Every row of rayscale's synthetic source, read the way its Ray Data tasks read them."""
-    from rayscale import config, sources
+    from rayscale import config
+    from rayscale.data import sources
 
     cfg = config.load(overrides=_config_overrides(size, Path("/tmp"), "rows"))
     info = sources.inspect_source("synthetic", cfg.data, cfg.seed)
@@ -67,11 +68,13 @@ def _model(size: dict):
 # ------------------------------------------------------------------------------------------ (a) rayscale
 
 def run_rayscale(size: dict, output_dir: Path) -> dict:
-    from rayscale import config, trainer
+    from rayscale import config
+    from rayscale.driver.outputs import read_metrics
+    from rayscale.launch import trainer
 
     cfg = config.load(overrides=_config_overrides(size, output_dir, "rayscale"))
     summary = trainer.train(cfg)
-    ends = [r for r in trainer.read_metrics(Path(summary["run_dir"])) if r.get("epoch_end")]
+    ends = [r for r in read_metrics(Path(summary["run_dir"])) if r.get("epoch_end")]
     first, last = ends[0], ends[-1]
     return {"samples_per_sec": (last["samples_seen"] - first["samples_seen"]) / (last["time"] - first["time"]),
             "startup_s": summary["startup_time_s"], "wall_s": summary["wall_time_s"]}
@@ -174,7 +177,8 @@ def run(size_name: str, output_dir: Path) -> dict:
 
     import ray
 
-    from rayscale import config, trainer
+    from rayscale.launch.connect import connect
+
 
     size = SIZES[size_name]
     rounds = []
@@ -184,7 +188,7 @@ def run(size_name: str, output_dir: Path) -> dict:
         if ray.is_initialized():
             ray.shutdown()  # (c) as its users run it: no Ray on the machine
         measured = {"plain_ddp": run_plain_ddp(size, directory)}
-        trainer.connect(None, config.load())
+        connect(None)
         order = (("ray_train", run_ray_train), ("rayscale", run_rayscale))
         for key, runner in order if index % 2 == 0 else order[::-1]:
             measured[key] = runner(size, directory)

@@ -110,7 +110,7 @@ def effective_grace(cfg, budget: int) -> int:
 
 
 def run_search(cfg, keys: list[str], budget: int) -> dict:
-    from rayscale import tune
+    from rayscale.tune import search as tune
 
     started = time.perf_counter()
     rows = tune.search(cfg)
@@ -163,7 +163,7 @@ def replay_in_random_orders(grid: dict, grace: int, budget: int, reduction_facto
     ASHA's trials train too, same seed — one trial at a time, in the run's order (it must reproduce the live
     ASHA run) and in random orders. `running_min`: ASHA is given each trial's best value so far instead of its
     latest (a what-if, not what rayscale does). `variant` promotion: rayscale's PromotingASHA, replayed by
-    rayscale.promotion.replay_one_at_a_time.
+    rayscale.tune.promotion.replay_one_at_a_time.
     """
     import random
     from types import SimpleNamespace
@@ -176,8 +176,8 @@ def replay_in_random_orders(grid: dict, grace: int, budget: int, reduction_facto
     curves = [r["history"] for r in by_creation]
 
     def replay_promotion(order) -> tuple[float, float]:
-        from rayscale.promotion import replay_one_at_a_time
         from rayscale.tune import rung_milestones
+        from rayscale.tune.promotion import replay_one_at_a_time
 
         scores = {i: [(samples, -value) for samples, value in curve] for i, curve in enumerate(curves)}
         trained = replay_one_at_a_time(scores, list(order), rung_milestones(grace, budget, reduction_factor),
@@ -310,6 +310,7 @@ def _number(value: float | None, spec: str = ".2g") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rayscale.driver.prepare import prepare
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="2x1x1 grid, 2 epochs: proves the script runs")
     parser.add_argument("--epochs", type=int, default=None,
@@ -336,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
-    from rayscale import space, trainer
+
+    from rayscale.tune import space
 
     settings = dict(SMOKE if args.smoke else FULL)
     settings["epochs"] = args.epochs or settings["epochs"]
@@ -345,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = args.output_dir or Path(tempfile.mkdtemp(prefix="rayscale-asha-vs-grid-"))
     keys = [d.key for d in space.parse_space(settings["space"])]
     probe = build_config(settings, output_dir, "grid", None, 0)
-    train_rows = trainer.prepare(probe).train_rows
+    train_rows = prepare(probe).train_rows
     budget = settings["epochs"] * train_rows  # a trial's samples: max_t of both searches
     grace = settings["grace_epochs"] * train_rows  # ASHA's
     print(f"[benchmark] {space.grid_size(space.parse_space(settings['space']))} configurations x "

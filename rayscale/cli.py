@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def derived_values(cfg: config_module.Config) -> dict:
     """What follows from the config: the batch plan and the learning rate after the scaling rule."""
-    from rayscale.batching import plan_batches
-    from rayscale.schedules import scaled_lr
+    from rayscale.math.batching import plan_batches
+    from rayscale.math.schedules import peak_lr
 
     plan = plan_batches(cfg.batch.global_batch_size, cfg.batch.micro_batch_size, cfg.scaling.num_workers)
     return {
@@ -73,8 +73,7 @@ def derived_values(cfg: config_module.Config) -> dict:
         "per_worker_batch_size": plan.per_worker_batch_size,
         "micro_batch_size": plan.micro_batch_size,
         "accumulation_steps": plan.accumulation_steps,
-        "effective_lr": scaled_lr(cfg.optim.lr, cfg.batch.global_batch_size, cfg.optim.base_batch_size,
-                                  cfg.optim.scaling_rule),
+        "effective_lr": peak_lr(cfg.optim, cfg.batch.global_batch_size, cfg.batch.global_batch_size),
     }
 
 
@@ -96,19 +95,19 @@ def cmd_config_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from rayscale.trainer import train_from_cli
+    from rayscale.launch.trainer import train_from_cli
 
     return train_from_cli(args.config, args.overrides, address=args.address)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from rayscale.tune import tune_from_cli
+    from rayscale.tune.search import tune_from_cli
 
     return tune_from_cli(args.config, args.overrides, address=args.address, resume=args.resume)
 
 
 def cmd_find_batch_size(args: argparse.Namespace) -> int:
-    from rayscale import batch_size_finder
+    from rayscale.tools import batch_size_finder
 
     if args.max is not None and args.max < 1:
         raise UserError(f"--max {args.max}: expected a micro-batch of at least 1")
@@ -136,7 +135,7 @@ def cmd_find_batch_size(args: argparse.Namespace) -> int:
 
 
 def cmd_suggest(args: argparse.Namespace) -> int:
-    from rayscale.suggest import suggest_from_cli
+    from rayscale.tools.suggest import suggest_from_cli
 
     return suggest_from_cli(args.run_dir, max_batch=args.max_batch, plot=args.plot)
 

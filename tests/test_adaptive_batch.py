@@ -3,8 +3,8 @@
 import pytest
 
 from rayscale import cli
-from rayscale.adaptive_batch import goodput_batch, ladder, plan_for, step_batch, upper_limit
 from rayscale.errors import ConfigError
+from rayscale.math.adaptive_batch import goodput_batch, ladder, plan_for, step_batch, upper_limit
 
 
 def test_step_mode_multiplies_the_batch_at_each_milestone_up_to_the_limit():

@@ -1,10 +1,13 @@
 """The weight average (train.ema_half_life_samples): its arithmetic, its horizon in samples, its checkpoint."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from rayscale import checkpoint
-from rayscale.averaging import WeightAverage
+from rayscale.engine import checkpoint
+from rayscale.engine.components.weight_average import Averaging, WeightAverage, exported_weights
+from rayscale.engine.state import TrainState
 
 
 def _model() -> torch.nn.Module:
@@ -84,26 +87,40 @@ def test_half_life_must_be_positive():
         WeightAverage(_model(), half_life_samples=0)
 
 
-def test_checkpoint_carries_the_average_and_restores_it():
+def test_checkpoint_carries_the_average_and_restores_it(tmp_path):
+    """Through the checkpoint files: the Averaging component's part is saved in the training state, restored
+    bit for bit, and is what model.pt exports; a checkpoint without it (the average turned on at resume) starts
+    the average from the restored weights."""
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    average = WeightAverage(model, half_life_samples=10)
+    averaging = Averaging(model, half_life_samples=10)
     _set_weights(model, 3.0)
-    average.update(model, 10)
-    state = checkpoint.capture(model, optimizer, None, {"samples_seen": 10}, average)
+    averaging.average.update(model, 10)
+    state = TrainState(samples_seen=10, parts={Averaging.name: averaging.part(SimpleNamespace(model=model))})
+    checkpoint.save_atomic(checkpoint.capture(model, optimizer, None, state), tmp_path / checkpoint.STATE_FILE)
+    saved = checkpoint.read_state(tmp_path)
 
     fresh_model = _model()
-    fresh_average = WeightAverage(fresh_model, half_life_samples=10)
-    checkpoint.restore(state, fresh_model, torch.optim.SGD(fresh_model.parameters(), lr=0.1), None, fresh_average)
-    for a, b in zip(fresh_average.module.state_dict().values(), average.module.state_dict().values(), strict=True):
+    fresh = Averaging(fresh_model, half_life_samples=10)
+    checkpoint.restore(saved, fresh_model, torch.optim.SGD(fresh_model.parameters(), lr=0.1), None)
+    fresh.restore(SimpleNamespace(model=fresh_model), saved.train_state.parts.get(Averaging.name))
+    for a, b in zip(fresh.average.module.state_dict().values(), averaging.average.module.state_dict().values(),
+                    strict=True):
         assert torch.equal(a, b)
     assert not all(torch.equal(a, b)
-                   for a, b in zip(fresh_average.module.parameters(), fresh_model.parameters(), strict=True))
+                   for a, b in zip(fresh.average.module.parameters(), fresh_model.parameters(), strict=True))
+    exported = exported_weights(saved)
+    assert all(torch.equal(exported[k], v) for k, v in averaging.average.state_dict().items())
 
     # A checkpoint written with the average off: turning it on at resume starts it from the restored weights.
-    state_without = checkpoint.capture(model, optimizer, None, {"samples_seen": 10})
-    assert state_without["average"] is None
-    later = WeightAverage(_model(), half_life_samples=10)
-    checkpoint.restore(state_without, _model(), torch.optim.SGD(_model().parameters(), lr=0.1), None, later)
-    for a, b in zip(later.module.parameters(), model.parameters(), strict=True):
+    checkpoint.save_atomic(checkpoint.capture(model, optimizer, None, TrainState(samples_seen=10)),
+                           tmp_path / checkpoint.STATE_FILE)
+    without = checkpoint.read_state(tmp_path)
+    assert Averaging.name not in without.train_state.parts
+    assert all(torch.equal(exported_weights(without)[k], v) for k, v in model.state_dict().items())
+    later_model = _model()
+    later = Averaging(later_model, half_life_samples=10)
+    checkpoint.restore(without, later_model, torch.optim.SGD(later_model.parameters(), lr=0.1), None)
+    later.restore(SimpleNamespace(model=later_model), None)
+    for a, b in zip(later.average.module.parameters(), model.parameters(), strict=True):
         assert torch.equal(a, b)

@@ -15,8 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rayscale import cli, trainer
+from rayscale import cli
 from rayscale.errors import UserError
+from rayscale.launch import trainer
+from rayscale.launch.fit import check_cluster_fits
+from rayscale.launch.trainer import user_error_inside
 
 
 def _parquet(path: Path, rows: int = 64, **columns) -> str:
@@ -198,11 +201,11 @@ def test_cluster_bigger_than_asked_is_checked_with_the_numbers(monkeypatch):
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 2.0})
     cfg = config.load(overrides=["scaling.num_workers=4", "scaling.use_gpu=true", "batch.micro_batch_size=32"])
     with pytest.raises(UserError, match=r"scaling.use_gpu: 4 workers need 4 GPUs, the cluster has 2"):
-        trainer.check_cluster_fits(cfg)
+        check_cluster_fits(cfg)
     cfg = config.load(overrides=["scaling.num_workers=16", "batch.global_batch_size=256",
                                  "batch.micro_batch_size=16"])
     with pytest.raises(UserError, match=r"16 workers x 1 CPUs need 16 CPUs, the cluster has 8"):
-        trainer.check_cluster_fits(cfg)
+        check_cluster_fits(cfg)
 
 
 def test_user_error_raised_inside_a_worker_is_found_through_rays_wrappers():
@@ -212,5 +215,5 @@ def test_user_error_raised_inside_a_worker_is_found_through_rays_wrappers():
     original = UserError("data.features: column 'f0' in x.parquet has NaN or infinite values (row 70000)")
     wrapped = RayTaskError("read", "Traceback ...", original).as_instanceof_cause()
     failure = WorkerGroupError("Training failed", worker_failures={0: RuntimeError("other"), 1: wrapped})
-    assert trainer.user_error_inside(failure) is original
-    assert trainer.user_error_inside(WorkerGroupError("x", worker_failures={0: RuntimeError("no")})) is None
+    assert user_error_inside(failure) is original
+    assert user_error_inside(WorkerGroupError("x", worker_failures={0: RuntimeError("no")})) is None

@@ -7,8 +7,9 @@ import textwrap
 import pytest
 import torch
 
-from rayscale import batch_size_finder, cli, config
-from rayscale.batch_size_finder import Probe, largest_fitting, memory_per_sample
+from rayscale import cli, config
+from rayscale.tools import batch_size_finder
+from rayscale.tools.batch_size_finder import Probe, largest_fitting, memory_per_sample
 
 CRAMPED = textwrap.dedent('''
     import torch

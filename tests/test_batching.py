@@ -2,8 +2,8 @@
 
 import pytest
 
-from rayscale.batching import micro_batch_bounds, plan_batches, rank_slice, steps_per_epoch
 from rayscale.errors import ConfigError
+from rayscale.math.batching import micro_batch_bounds, plan_batches, rank_slice, steps_per_epoch
 
 
 @pytest.mark.parametrize("global_bs, micro, workers, per_worker, expected_micro, accumulation", [

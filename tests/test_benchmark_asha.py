@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rayscale import trainer
+from rayscale.files import GROUPS_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +50,7 @@ def test_a_promoted_trial_resumes_from_its_rung_and_trains_exactly_as_without_th
     result, _ = smoke
     asha = result["asha"]
     completed = next(r for r in asha["rows"] if r["status"] == "completed")
-    groups = (Path(asha["search_dir"]) / "trials" / completed["trial_id"] / trainer.GROUPS_FILE)
+    groups = (Path(asha["search_dir"]) / "trials" / completed["trial_id"] / GROUPS_FILE)
     assert len(groups.read_text().splitlines()) == 2  # to the rung, then from it to the end
     summary = json.loads((groups.parent / "summary.json").read_text())
     assert (summary["rung_resumes"], summary["restarts"]) == (1, 0)  # a planned resume, not a fault

@@ -2,7 +2,7 @@
 
 import pytest
 
-from rayscale import checkpoint
+from rayscale.engine import checkpoint
 
 
 def _rank_part(directory, rank, world_size, files):

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rayscale import cli, config, sources
-from rayscale.batching import plan_batches
+from rayscale import cli, config
+from rayscale.data import sources
+from rayscale.math.batching import plan_batches
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
@@ -31,7 +32,7 @@ def _load_job(name: str):
 def ray_cluster():
     """One local Ray for the slow tests of this module, shut down afterwards so later modules start clean.
 
-    Started as trainer.connect starts it (which then finds it running). address="local" keeps it our own:
+    Started as connect starts it (which then finds it running). address="local" keeps it our own:
     a bare ray.init() would join any cluster that a `ray start` on this machine recorded in
     /tmp/ray/ray_current_cluster, such as another test session's.
     """

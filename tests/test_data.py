@@ -5,23 +5,20 @@ import numpy as np
 import pytest
 import torch
 
-from rayscale import sources
-from rayscale.batching import plan_batches
 from rayscale.config import DataConfig, SyntheticConfig
-from rayscale.data import (
-    SplitCache,
+from rayscale.data import sources
+from rayscale.data.assembly import SplitCache, StepAssembler, StepRows
+from rayscale.data.collate import collate, micro_batches
+from rayscale.data.datasets import read_tasks_at_once
+from rayscale.data.splits import (
     SplitSpec,
-    StepAssembler,
-    StepRows,
     cache_plan,
     chunk_order,
-    collate,
     count_rows,
     is_validation,
-    micro_batches,
     read_split_chunks,
-    read_tasks_at_once,
 )
+from rayscale.math.batching import plan_batches
 
 CPU = torch.device("cpu")
 FEATURES = 3
@@ -355,7 +352,7 @@ def test_collate_masks_equal_length_sequences_that_arrive_as_a_2d_array():
     batch = collate({"row_id": np.arange(3), "x": tokens, "y": tokens + 1}, CPU)
     assert batch["mask"].dtype == torch.bool and batch["mask"].shape == (3, 4) and bool(batch["mask"].all())
     assert torch.equal(batch["y"], torch.from_numpy(tokens + 1))
-    from rayscale import tasks
+    from rayscale.engine import tasks
 
     assert float(tasks.count("token_classification", batch)) == 12
 
@@ -536,10 +533,10 @@ def test_the_ray_data_read_path_does_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import pickle, sys; from rayscale import config, data, sources; "
+    code = ("import pickle, sys; from rayscale import config; from rayscale.data import sources, splits; "
             "info = sources.inspect_source('digits', config.DataConfig(), 0); "
-            "spec = pickle.loads(pickle.dumps(data.SplitSpec(info, 'train', 0.2, config.DataConfig(), 0))); "
-            "rows = data.read_split_chunks({'chunk': [0]}, spec); "
+            "spec = pickle.loads(pickle.dumps(splits.SplitSpec(info, 'train', 0.2, config.DataConfig(), 0))); "
+            "rows = splits.read_split_chunks({'chunk': [0]}, spec); "
             "assert len(rows['row_id']) > 0; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from rayscale.data import collate
-from rayscale.step import make_precision, train_step
+from rayscale.data.collate import collate
+from rayscale.engine.precision import make_precision
+from rayscale.engine.step import train_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -9,11 +9,10 @@ import textwrap
 import pytest
 import torch
 
-from rayscale import models
 from rayscale.config import ModelConfig
+from rayscale.engine.tasks import DataSpec, forward, loss_sum
 from rayscale.errors import UserError
-from rayscale.models import build_model
-from rayscale.tasks import DataSpec, forward, loss_sum
+from rayscale.models import build_model, builtin
 
 TABULAR = DataSpec("classification", (6,), num_outputs=3)
 REGRESSION = DataSpec("regression", (6,), num_outputs=2)
@@ -78,8 +77,8 @@ def test_activation_checkpointing_matches_plain(name, spec, kwargs, blocks, monk
     checkpointed = build_model(ModelConfig(name=name, kwargs=kwargs, activation_checkpointing=True), spec)
     checkpointed.load_state_dict(plain.state_dict())
     calls = []
-    real_checkpoint = models.checkpoint
-    monkeypatch.setattr(models, "checkpoint", lambda *a, **kw: calls.append(1) or real_checkpoint(*a, **kw))
+    real_checkpoint = builtin.checkpoint
+    monkeypatch.setattr(builtin, "checkpoint", lambda *a, **kw: calls.append(1) or real_checkpoint(*a, **kw))
     batch = make_batch(spec, lengths=[8, 5, 1, 3] if spec.vocab_size else None)
 
     plain_loss, plain_grads = loss_and_grads(plain, spec, batch)
@@ -96,7 +95,7 @@ def test_activation_checkpointing_matches_plain(name, spec, kwargs, blocks, monk
 
 def test_checkpointing_is_off_in_eval(monkeypatch):
     model = build_model(ModelConfig(name="mlp", activation_checkpointing=True), TABULAR).eval()
-    monkeypatch.setattr(models, "checkpoint", lambda *a, **kw: pytest.fail("checkpoint used in eval"))
+    monkeypatch.setattr(builtin, "checkpoint", lambda *a, **kw: pytest.fail("checkpoint used in eval"))
     forward(model, make_batch(TABULAR))
 
 
@@ -204,8 +203,6 @@ def test_user_factory_gets_kwargs(user_module):
     pytest.param(ModelConfig(name="user_model_example:make", kwargs={"width": 3}), TABULAR,
                  "model.kwargs: make(in_features=6, num_outputs=3, bias=True) does not accept them",
                  id="factory-rejects-kwargs"),
-    pytest.param(ModelConfig(name="user_model_example:make", activation_checkpointing=True), TABULAR,
-                 "model.activation_checkpointing: only built-in models support it", id="user-checkpointing"),
 ])
 def test_build_errors(cfg, spec, message, user_module):
     with pytest.raises(UserError, match=re.escape(message)):

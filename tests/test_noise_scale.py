@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rayscale.noise_scale import NoiseScale, efficiency, two_batch_estimates
+from rayscale.math.noise_scale import NoiseScale, efficiency, two_batch_estimates
 
 
 def _per_example_gradients(rows: int = 2048, features: int = 8, classes: int = 4) -> torch.Tensor:
@@ -73,7 +73,7 @@ def test_small_batch_must_be_smaller():
 
 
 def test_the_workers_device_estimates_match_and_skip_steps_without_a_small_batch():
-    from rayscale.worker import step_noise_estimates
+    from rayscale.engine.components.noise_scale import step_noise_estimates
 
     t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
     got = step_noise_estimates(t(5.75), t(8.0), t(2.5), t(64.0))

@@ -14,9 +14,13 @@ import pyarrow as pa
 import pytest
 import torch
 
-from rayscale import cli, config, curriculum, online, sources, trainer
+from rayscale import cli
 from rayscale.config import DataConfig
-from rayscale.data import SplitSpec, add_curriculum_keys, build_dataset, curriculum_order, uniform_per_row
+from rayscale.data import online, sources
+from rayscale.data.datasets import build_dataset
+from rayscale.data.splits import SplitSpec, add_curriculum_keys, curriculum_order, uniform_per_row
+from rayscale.launch.connect import connect
+from rayscale.math import curriculum
 
 # ------------------------------------------------------------------------------------------- pure math
 
@@ -127,7 +131,7 @@ def local_ray(tmp_path_factory):
     os.environ[SEEN_DIR_ENV] = str(tmp_path_factory.mktemp("seen"))
     os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
     ray.shutdown()
-    trainer.connect(None, config.load())  # as `rayscale train` starts it (dashboard on, for Ray Train)
+    connect(None)  # as `rayscale train` starts it (dashboard on, for Ray Train)
     yield
     ray.shutdown()
 
@@ -231,14 +235,13 @@ def seen_rows(directory: Path) -> list[list[int]]:
 def test_rank_0_decides_the_next_file(tmp_path, present, consumed, expected, idle_for):
     for name in present:
         (tmp_path / name).touch()
-    state = {**online.fresh_state(), "files": consumed}
-    assert online.decide(str(tmp_path), state, idle_for, idle_timeout=5.0) == expected
+    assert online.decide(str(tmp_path), consumed, idle_for, idle_timeout=5.0) == expected
 
 
 def test_a_file_that_sorts_before_a_trained_one_is_refused(tmp_path):
     for name in ("b.parquet", "a2.parquet"):
         (tmp_path / name).touch()
-    decision = online.decide(str(tmp_path), {**online.fresh_state(), "files": ["b.parquet"]}, 0.0, 5.0)
+    decision = online.decide(str(tmp_path), ["b.parquet"], 0.0, 5.0)
     assert decision.error.startswith("data.source: a2.parquet arrived after b.parquet was trained")
 
 

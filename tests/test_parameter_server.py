@@ -2,7 +2,6 @@
 the staleness bound, checkpoint state."""
 
 import copy
-import dataclasses
 import json
 import os
 import random
@@ -16,17 +15,22 @@ import pytest
 import ray
 import torch
 
-from rayscale import checkpoint, cli, config, ps_actors, sources, trainer
+from rayscale import cli, config
 from rayscale.config import OptimConfig
-from rayscale.models import build_model
-from rayscale.optimizers import build_optimizer
-from rayscale.parameter_server import (
+from rayscale.data import sources
+from rayscale.driver.outputs import read_metrics
+from rayscale.engine import checkpoint
+from rayscale.engine.optimizers import build_optimizer
+from rayscale.engine.strategies.ps_shards import (
     ShardState,
     StalenessGate,
     clip_coefficient,
     merge_states,
     shard_parameters,
 )
+from rayscale.launch import ps_actors, trainer
+from rayscale.launch.connect import connect
+from rayscale.models import build_model
 
 
 @pytest.mark.parametrize("sizes, shards", [
@@ -214,7 +218,7 @@ def ray_session(tmp_path_factory):
     os.environ["PYTHONPATH"] = os.pathsep.join([str(plugin_dir), os.environ.get("PYTHONPATH", "")])
     sys.path.insert(0, str(plugin_dir))
     ray.shutdown()
-    trainer.connect(None, config.load())
+    connect(None)
     yield plugin_dir
     ray.shutdown()
 
@@ -227,8 +231,7 @@ def test_async_servers_keep_the_staleness_bound_under_concurrent_workers(ray_ses
     cfg = config.load(overrides=["train.strategy=parameter_server", "ps.mode=async", "ps.max_staleness=1",
                                  "scaling.num_workers=3", "model.kwargs={hidden_sizes: [16]}"])
     spec = sources.inspect_source("digits", cfg.data, 0).spec
-    spec_dict = dataclasses.asdict(spec)
-    names, shards, handles = ps_actors.start_servers(cfg, spec_dict, 0.01)
+    names, shards, handles = ps_actors.start_servers(cfg, spec, 0.01)
     models = [build_model(cfg.model, spec) for _ in range(3)]
     clients = [ps_actors.ParameterClient(names, shards, model, "async", rank, grad_clip=1.0)
                for rank, model in enumerate(models)]
@@ -305,7 +308,7 @@ def test_sync_parameter_server_matches_ddp_and_survives_a_killed_server(ray_sess
     assert ps_summary["samples_seen"] == ddp_summary["samples_seen"] == 4 * ddp_summary["train_rows"]
     for key in ddp:
         torch.testing.assert_close(ps[key], ddp[key], rtol=1e-4, atol=1e-5)
-    logged = trainer.read_metrics(tmp_path / "ps")
+    logged = read_metrics(tmp_path / "ps")
     assert all(r["bytes_pushed_per_step"] > 0 for r in logged if not r.get("evaluation"))
 
 
@@ -346,10 +349,10 @@ def test_async_parameter_server_from_the_cli_keeps_its_staleness_bound_and_survi
     summary = json.loads((tmp_path / "async" / "summary.json").read_text())
     assert summary["restarts"] >= 1
     assert summary["samples_seen"] == 4 * summary["train_rows"]
-    latest = max((checkpoint.load(d / checkpoint.STATE_FILE) for d in (tmp_path / "async" / "checkpoints").rglob(
-        "checkpoint_*") if (d / checkpoint.STATE_FILE).exists()), key=lambda state: state["progress"]["samples_seen"])
-    assert latest["progress"]["resumes"] >= 1  # the new group started from a checkpoint, not from scratch
-    logged = trainer.read_metrics(tmp_path / "async")
+    latest = max((checkpoint.read_state(d).train_state for d in (tmp_path / "async" / "checkpoints").rglob(
+        "checkpoint_*") if (d / checkpoint.STATE_FILE).exists()), key=lambda state: state.samples_seen)
+    assert latest.resumes >= 1  # the new group started from a checkpoint, not from scratch
+    logged = read_metrics(tmp_path / "async")
     measured = [r for r in logged if r.get("staleness_max") is not None]
     assert measured and all(r["staleness_max"] <= 1 for r in measured)
     assert all(0 <= r["staleness_mean"] <= r["staleness_max"] for r in measured)

@@ -16,8 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from rayscale import config, trainer
-from rayscale.schedules import schedule_from_config
+from rayscale import config
+from rayscale.driver.outputs import print_summary, read_metrics
+from rayscale.launch import trainer
+from rayscale.launch.connect import connect
+from rayscale.math.schedules import schedule_from_config
 
 pytestmark = pytest.mark.slow
 
@@ -136,7 +139,7 @@ def ray_session(tmp_path_factory):
     os.environ["PYTHONPATH"] = os.pathsep.join([str(plugin_dir), os.environ.get("PYTHONPATH", "")])
     sys.path.insert(0, str(plugin_dir))
     ray.shutdown()
-    trainer.connect(None, config.load())
+    connect(None)
     yield plugin_dir
     ray.shutdown()
 
@@ -146,12 +149,12 @@ def ray_session(tmp_path_factory):
 AVERAGED = "train.ema_half_life_samples=200"
 
 
-def _latest_state(directories) -> dict:
+def _latest_state(directories):
     """The state of the checkpoint furthest into training (directory times can tie on a coarse clock)."""
-    from rayscale import checkpoint
+    from rayscale.engine import checkpoint
 
-    states = [checkpoint.load(d / checkpoint.STATE_FILE) for d in directories]
-    return max(states, key=lambda state: state["progress"]["samples_seen"])
+    states = [checkpoint.read_state(d) for d in directories]
+    return max(states, key=lambda state: state.train_state.samples_seen)
 
 
 def run(tmp_path, name, *overrides):
@@ -186,8 +189,9 @@ def test_weight_average_is_validated_and_exported_and_leaves_training_alone(ray_
     plain_summary, plain = run(tmp_path, "plain", "scaling.num_workers=0")
     summary, exported = run(tmp_path, "averaged", "scaling.num_workers=0", AVERAGED)
     state = _latest_state((tmp_path / "averaged" / "checkpoints").glob("checkpoint-*"))
-    assert all(torch.equal(plain[k], state["model"][k]) for k in plain)  # training never reads the average
-    assert all(torch.equal(exported[k], state["average"][k]) for k in exported)
+    average = state.train_state.parts["weight_average"]["weights"]
+    assert all(torch.equal(plain[k], state.model[k]) for k in plain)  # training never reads the average
+    assert all(torch.equal(exported[k], average[k]) for k in exported)
     assert any(not torch.allclose(exported[k], plain[k]) for k in plain)
     assert summary["final"]["val_loss"] != plain_summary["final"]["val_loss"]  # the average was validated
     assert summary["final"]["val_accuracy"] > 0.8
@@ -205,7 +209,7 @@ def test_auto_micro_batch_halves_on_out_of_memory_and_trains_the_same_model(ray_
     _, fixed = run(tmp_path, "fixed", "batch.micro_batch_size=16", *cramped)
     assert all(torch.equal(auto[k], fixed[k]) for k in fixed)
     assert summary["batch_plan"]["micro_batch_size"] == 16 and summary["batch_plan"]["accumulation_steps"] == 4
-    logged = [r for r in trainer.read_metrics(tmp_path / "auto") if not r.get("evaluation")]
+    logged = [r for r in read_metrics(tmp_path / "auto") if not r.get("evaluation")]
     assert logged and all(r["micro_batch_size"] == 16 for r in logged)
     assert "every worker redoes it at micro-batch 32" in capsys.readouterr().out
 
@@ -230,7 +234,7 @@ def test_adaptive_batch_grows_at_epoch_ends_and_a_crashed_run_resumes_at_the_gro
     summary, expected = adaptive("whole", 10**9)
     rows = summary["train_rows"]
     assert 1400 < rows < 1500  # so the milestones at 2,800 and 5,600 samples fall in epochs 2 and 4
-    lines = trainer.read_metrics(tmp_path / "whole")
+    lines = read_metrics(tmp_path / "whole")
     batches = {r["epoch"]: r["global_batch_size"] for r in lines}
     assert batches == {0: 32, 1: 32, 2: 64, 3: 64, 4: 128}
     # The peak lr follows the linear rule from the initial batch: lr / schedule multiplier = 0.1 x B / 32.
@@ -248,15 +252,15 @@ def test_adaptive_batch_grows_at_epoch_ends_and_a_crashed_run_resumes_at_the_gro
     resumed_summary, resumed = adaptive("crashed", crash_at)
     assert resumed_summary["restarts"] == 1  # resumed, not retrained from scratch (which gives the same model)
     assert all(torch.equal(expected[k], resumed[k]) for k in expected)
-    again = trainer.read_metrics(tmp_path / "crashed")
+    again = read_metrics(tmp_path / "crashed")
     assert {r["epoch"]: r["global_batch_size"] for r in again} == batches
 
     # goodput: the second epoch's batch is what adaptive_batch.goodput_batch makes of the first epoch's lines.
-    from rayscale.adaptive_batch import goodput_batch, plan_for
+    from rayscale.math.adaptive_batch import goodput_batch, plan_for
 
     summary, _ = run(tmp_path, "goodput", "scaling.num_workers=0", "train.epochs=2", "batch.global_batch_size=32",
                      "batch.micro_batch_size=16", "batch.adaptive=goodput", "train.log_every_samples=256")
-    lines = trainer.read_metrics(tmp_path / "goodput")
+    lines = read_metrics(tmp_path / "goodput")
     first = [r for r in lines if r["epoch"] == 0]
     chosen = goodput_batch(first, plan_for(32, 16, 1), 32, 1024)
     assert chosen is not None and [r["global_batch_size"] for r in lines if r["epoch"] == 1][0] == chosen
@@ -309,7 +313,7 @@ def test_two_workers_learn_and_count_every_row(reference):
     assert summary["samples_seen"] == 2 * summary["train_rows"]  # the partial last step is trained too
     assert summary["final"]["val_accuracy"] > 0.8
     # The noise scale's small batch is each worker's share (the DDP hook): measured from the first log line.
-    logged = [r for r in trainer.read_metrics(Path(summary["run_dir"])) if not r.get("evaluation")]
+    logged = [r for r in read_metrics(Path(summary["run_dir"])) if not r.get("evaluation")]
     assert logged and all(r["gradient_noise_scale"] > 0 for r in logged)
     assert all(r["critical_batch_size"] == round(r["gradient_noise_scale"]) for r in logged)
     assert all(0 < r["batch_efficiency"] < 1 for r in logged)  # base batch: the micro-batch, 8 < 64
@@ -324,13 +328,13 @@ def test_start_up_splits_into_phases_that_add_up_to_it(reference, capsys):
     assert phases["launch"] > 0 and phases["worker_setup"] > 0
     assert sum(phases.values()) == pytest.approx(summary["startup_time_s"], abs=0.01)
     assert json.loads((Path(summary["run_dir"]) / "summary.json").read_text())["startup_phases_s"] == phases
-    trainer.print_summary(summary)
+    print_summary(summary)
     assert f"worker setup {phases['worker_setup']:.1f}" in capsys.readouterr().out
 
 
 def test_the_embedded_ray_starts_no_preemption_watcher(reference):
     """One node has no drains to watch: the reference run's controller started no PreemptionWatcher actor
-    (trainer.connect turns it off for the embedded Ray; ~7 CPU-seconds a run)."""
+    (connect turns it off for the embedded Ray; ~7 CPU-seconds a run)."""
     import ray
     from ray.util.state import list_actors
 
@@ -350,7 +354,7 @@ def test_same_config_and_seed_with_mid_epoch_validation_give_a_bitwise_identical
     _, evaluated = run(tmp_path, "evaluated", "batch.micro_batch_size=8", "run.checkpoint_every_samples=320",
                        "train.eval_every_samples=400", "data.cache_mb=0", AVERAGED)
     assert all(torch.equal(model[k], evaluated[k]) for k in model)  # validation touches no training state
-    records = trainer.read_metrics(tmp_path / "evaluated")
+    records = read_metrics(tmp_path / "evaluated")
     mid = [r for r in records if r.get("evaluation") and not r.get("epoch_end")]
     rows = summary["train_rows"]
     # Validated after the first step at or past each multiple of 400, unless that step ends an epoch (the
@@ -465,12 +469,12 @@ def test_killed_driver_rerun_resumes_from_storage_path_and_matches_bitwise(refer
     # It resumed (not retrained from scratch, which would give the same model): the final checkpoint's progress
     # counts one restore. (The worker's "resuming at epoch" line can reach this driver's stdout after it exits.)
 
-    assert _latest_state(p for p in (store / "driver").glob("checkpoint_*") if p.is_dir())["progress"]["resumes"] == 1
+    assert _latest_state(p for p in (store / "driver").glob("checkpoint_*") if p.is_dir()).train_state.resumes == 1
     summary = json.loads((tmp_path / "driver" / "summary.json").read_text())
     assert summary["samples_seen"] == expected_summary["samples_seen"]
     model = torch.load(tmp_path / "driver" / "model.pt")
     assert all(torch.equal(expected[k], model[k]) for k in expected)
-    samples = [r["samples_seen"] for r in trainer.read_metrics(tmp_path / "driver")]
+    samples = [r["samples_seen"] for r in read_metrics(tmp_path / "driver")]
     assert samples == sorted(samples)  # lines after the checkpoint were replaced, not duplicated
     assert samples[0] <= 128  # the lines from before the kill came back with the checkpoint
 
@@ -491,7 +495,7 @@ def _kill_inside_a_checkpoint_copy(store: Path, workers: set[int]) -> Path | Non
     that checkpoint is still incomplete; returns the checkpoint directory, or None if none was caught in 120 s."""
     import signal
 
-    from rayscale import checkpoint
+    from rayscale.engine import checkpoint
 
     known = set(store.glob("checkpoint_*"))
     deadline = time.time() + 120
@@ -521,7 +525,7 @@ def test_killed_then_frozen_worker_restart_from_checkpoints_and_match_bitwise(re
     The run ends with the uninterrupted run's model, bit for bit: no sample lost or trained twice across either."""
     import signal
 
-    from rayscale import checkpoint
+    from rayscale.engine import checkpoint
 
     _, expected_summary, expected = reference
     # 20 s: short for a test, long enough that a loaded 2-core machine does not time out a healthy step.
@@ -548,7 +552,7 @@ def test_killed_then_frozen_worker_restart_from_checkpoints_and_match_bitwise(re
     assert summary["restarts"] >= 2
     assert summary["samples_seen"] == expected_summary["samples_seen"]
     assert all(torch.equal(expected[k], model[k]) for k in expected)
-    records = trainer.read_metrics(tmp_path / "faults")
+    records = read_metrics(tmp_path / "faults")
     assert [r["samples_seen"] for r in records] == sorted(r["samples_seen"] for r in records)
     if partial.exists():  # Ray deletes only the checkpoints it registered: this one it never did
         with pytest.raises(checkpoint.IncompleteCheckpoint):
@@ -576,7 +580,7 @@ def test_nonfinite_steps_are_skipped_counted_and_abort_the_run_when_too_many_in_
     summary, model = run(tmp_path, "two_bad", *common, "model.kwargs={at: [2, 4]}")
     assert summary["nonfinite_skipped"] == 2
     assert all(torch.isfinite(tensor).all() for tensor in model.values())
-    logged = [r for r in trainer.read_metrics(Path(summary["run_dir"])) if not r.get("evaluation")]
+    logged = [r for r in read_metrics(Path(summary["run_dir"])) if not r.get("evaluation")]
     assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in logged)
     assert logged[-1]["nonfinite_skipped"] == 2
     with pytest.raises(Exception, match="at step 5: 3 steps in a row were skipped"):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from rayscale.schedules import lr_multiplier, scaled_lr
+from rayscale.math.schedules import lr_multiplier, scaled_lr
 
 COMMON = dict(warmup_samples=0, step_samples=None, gamma=0.1, power=2.0, final_lr_ratio=0.0)
 

@@ -19,9 +19,9 @@ from parquet_fixtures import (
 )
 
 from rayscale.config import DataConfig, SyntheticConfig
+from rayscale.data.sources import GENERATION_BLOCK_ROWS, Chunk, inspect_source, read_chunk
+from rayscale.engine.tasks import DataSpec
 from rayscale.errors import UserError
-from rayscale.sources import GENERATION_BLOCK_ROWS, Chunk, inspect_source, read_chunk
-from rayscale.tasks import DataSpec
 
 
 def concat(parts):
@@ -225,8 +225,6 @@ def name_only(name):
     pytest.param(one_file, {"sequence": "a"}, "data.source",
                  ["data.sequence: column 'a' in", "t.parquet is double, expected a list of integers"],
                  id="sequence-not-a-list"),
-    pytest.param(token_sequences, {"sequence": "tokens", "label": "tokens", "features": ["tags"]}, "data.source",
-                 ["data.features: set either data.features or data.sequence"], id="features-and-sequence"),
     pytest.param(string_feature, {}, "data.source",
                  ["data.features: column 'name' in", "s.parquet is string, expected numbers"], id="string-feature"),
     pytest.param(no_rows, {}, "data.source", ["data.source:", "empty.parquet has no rows"], id="no-rows"),

@@ -13,10 +13,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from rayscale import config, space, tune
-from rayscale.batching import fit_micro_batch
+from rayscale import config
 from rayscale.errors import ConfigError
-from rayscale.space import Domain
+from rayscale.math.batching import fit_micro_batch
+from rayscale.tune import search as tune
+from rayscale.tune import space
+from rayscale.tune.space import Domain
 
 
 def base_dict(*overrides: str) -> dict:

@@ -11,19 +11,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from rayscale import checkpoint
+from rayscale.engine import checkpoint
+from rayscale.engine.clock import StepClock
+from rayscale.engine.guard import NonFiniteGuard
+from rayscale.engine.precision import Precision, make_precision
+from rayscale.engine.state import TrainState
+from rayscale.engine.step import MicroBatchTooLarge, is_out_of_memory, skips_on_device, train_step
+from rayscale.engine.strategies.ddp import prepare_model
 from rayscale.errors import ConfigError, NonFiniteError
-from rayscale.step import (
-    MicroBatchTooLarge,
-    NonFiniteGuard,
-    Precision,
-    is_out_of_memory,
-    make_precision,
-    prepare_model,
-    skips_on_device,
-    train_step,
-)
-from rayscale.step_clock import StepClock
 
 FP32 = Precision("fp32", "cpu")
 
@@ -165,7 +160,7 @@ def test_guard_aborts_after_n_in_a_row_naming_the_step():
 
 def _fused(name: str, model) -> torch.optim.Optimizer:
     from rayscale.config import OptimConfig
-    from rayscale.optimizers import build_optimizer
+    from rayscale.engine.optimizers import build_optimizer
 
     return build_optimizer(OptimConfig(name=name, lr=0.1, momentum=0.9), model, 0.1)
 
@@ -260,8 +255,14 @@ def test_bf16_autocast_on_cpu_trains_close_to_fp32():
     assert not torch.equal(bf16, fp32)  # autocast really ran in lower precision
 
 
-def test_fp16_on_cpu_is_a_config_error():
+def test_fp16_on_cpu_is_refused_before_a_run_and_by_the_engine():
+    """The user's error comes from the one table of rules (before any resource is claimed); the engine, handed
+    a CPU device anyway, refuses too, as a bug in its caller."""
+    from rayscale import config, rules
+
     with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        rules.check(config.load(overrides=["train.precision=fp16"]))
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
         make_precision("fp16", torch.device("cpu"))
 
 
@@ -290,15 +291,16 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path):
     model = tiny_model(torch.float32, dropout=0.3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     steps(model, optimizer, 3, 0)
-    checkpoint.save_atomic(checkpoint.capture(model, optimizer, None, {"step": 3}), tmp_path / "state.pt")
+    checkpoint.save_atomic(checkpoint.capture(model, optimizer, None, TrainState(step=3)), tmp_path / "state.pt")
     steps(model, optimizer, 3, 3)
     uninterrupted = [p.detach().clone() for p in model.parameters()]
 
     torch.manual_seed(999)  # a fresh process would start from other RNG states
     resumed = tiny_model(torch.float32, seed=123, dropout=0.3)
     resumed_opt = torch.optim.SGD(resumed.parameters(), lr=0.1, momentum=0.9)
-    progress = checkpoint.restore(checkpoint.load(tmp_path / "state.pt"), resumed, resumed_opt, None)
-    assert progress == {"step": 3}
+    saved = checkpoint.read_state(tmp_path)
+    checkpoint.restore(saved, resumed, resumed_opt, None)
+    assert saved.train_state == TrainState(step=3)
     steps(resumed, resumed_opt, 3, 3)
     for a, b in zip(uninterrupted, resumed.parameters(), strict=True):
         assert torch.equal(a, b)
@@ -566,7 +568,7 @@ def test_out_of_memory_is_recognised_by_type_or_message():
 def _ddp_oom_worker(rank, world, port, rows_per_rank, result_path):
     """Only rank 1 runs out of memory (at more than 2 rows): both ranks must learn it, redo the step at the
     next smaller micro-batch together, and still average exactly."""
-    from rayscale.batching import smaller_micro_batch
+    from rayscale.math.batching import smaller_micro_batch
 
     _, _, mine_x, mine_y = _join(rank, world, port, rows_per_rank)
     model = prepare_model(_Cramped(limit=2 if rank == 1 else 100), torch.device("cpu"), world)

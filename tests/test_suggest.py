@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rayscale import cli, config, goodput, suggest
-from rayscale.batching import plan_batches
-from rayscale.noise_scale import efficiency
-from rayscale.schedules import scaled_lr
+from rayscale import cli, config
+from rayscale.math import goodput
+from rayscale.math.batching import plan_batches
+from rayscale.math.noise_scale import efficiency
+from rayscale.math.schedules import scaled_lr
+from rayscale.tools import suggest
 
 
 def model(*, micro=0.010, sync=0.012, update=0.002, data=0.0, other=0.0, batch=128, micro_batch=32, workers=2,

@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rayscale import cli, trainer
+from rayscale import cli
+from rayscale.driver.outputs import read_metrics
+from rayscale.files import GROUPS_FILE
+from rayscale.launch.callbacks import remove_placement_groups_left
 
 pytestmark = pytest.mark.slow
 
@@ -113,7 +116,7 @@ def test_stopped_trials_give_their_resources_back(search):
 
 
 def test_placement_groups_a_run_left_are_removed(search, tmp_path):
-    """What the search does after each trial (trainer.remove_placement_groups_left): a placement group that a
+    """What the search does after each trial (remove_placement_groups_left): a placement group that a
     run's worker_groups.jsonl names and that is still held is removed; removed ones and old lines are left."""
     import ray
     from ray.util.placement_group import placement_group, placement_group_table
@@ -121,16 +124,16 @@ def test_placement_groups_a_run_left_are_removed(search, tmp_path):
     held = placement_group([{"CPU": 0.01}])
     ray.get(held.ready(), timeout=60)
     lines = [{"started_at": 0.0}, {"started_at": 1.0, "placement_group": held.id.hex()}]
-    (tmp_path / trainer.GROUPS_FILE).write_text("".join(json.dumps(line) + "\n" for line in lines))
-    assert trainer.remove_placement_groups_left(tmp_path) == 1
+    (tmp_path / GROUPS_FILE).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert remove_placement_groups_left(tmp_path) == 1
     assert placement_group_table(held)["state"] == "REMOVED"
-    assert trainer.remove_placement_groups_left(tmp_path) == 0
+    assert remove_placement_groups_left(tmp_path) == 0
 
 
 def test_every_trial_names_its_placement_group(search):
     _, search_dir, _ = search
     for trial in (search_dir / "trials").iterdir():
-        lines = [json.loads(line) for line in (trial / trainer.GROUPS_FILE).read_text().splitlines()]
+        lines = [json.loads(line) for line in (trial / GROUPS_FILE).read_text().splitlines()]
         assert lines and all(len(line["placement_group"]) > 0 for line in lines)
 
 
@@ -189,7 +192,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials_or_exceeding_it
     # tune.max_concurrent_trials=1 holds across the resume: no two trials ever trained at the same time.
     spans = []
     for trial in (search_dir / "trials").iterdir():
-        lines = trainer.read_metrics(trial)
+        lines = read_metrics(trial)
         assert lines, trial
         spans.append((min(r["started_at"] for r in lines), max(r["started_at"] + r["time"] for r in lines)))
     spans.sort()

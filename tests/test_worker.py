@@ -2,7 +2,7 @@
 
 import pytest
 
-from rayscale.worker import next_evaluation
+from rayscale.engine.components.validation import next_evaluation
 
 
 @pytest.mark.parametrize("seen, every, at, expected", [

@@ -1,0 +1,620 @@
+"""Where rows come from: the bundled digits, seeded synthetic generators, and Parquet (local or on a URI).
+
+Every source is a list of *chunks*: contiguous ranges of global row ids that can be read on their own (a
+Parquet row group, a slice of digits, a block of generated rows). The driver calls `inspect_source` once, which
+looks at metadata only, and ships the chunks; Ray Data tasks call `read_chunk` to turn one chunk into numpy
+columns:
+
+  row_id  int64 (n,)   global row id, chunk.start .. chunk.stop - 1
+  x       float32 (n, F) tabular | float32 (n, 1, H, W) images | object (n,) of int64 token arrays
+  y       int64 (n,) classes | float32 (n, K) regression targets | object (n,) of int64 per-token classes
+  weight  float32 (n,), only when data.weight is set
+
+This module imports neither Ray nor torch and never downloads anything.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import glob
+import os
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from urllib.parse import urlsplit
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from rayscale.config import DataConfig, SyntheticConfig
+from rayscale.errors import UserError
+
+TASKS = ("classification", "regression", "token_classification")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What the model must accept and produce; derived from the data, handed to the model factory.
+    (Here, not in tasks.py: Ray Data's read tasks unpickle it, and tasks.py imports torch.)"""
+
+    task: str  # one of TASKS
+    input_shape: tuple[int, ...]  # per-sample shape of x: (F,), (C, H, W) or (L,) for sequences
+    num_outputs: int  # classes for classification tasks, targets for regression
+    vocab_size: int | None = None  # sequences only
+
+BUILTIN = ("digits", "synthetic")
+DIGITS_CHUNKS = 8  # ~225 rows each, so that shuffling the block order has something to shuffle
+GENERATION_BLOCK_ROWS = 8192  # synthetic rows are generated per block of this many rows, keyed by block index
+TEACHER_HIDDEN = 16  # width of the regression teacher's hidden layer
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One unit of lazy reading: global row ids [start, stop)."""
+
+    start: int  # global row id of the chunk's first row
+    stop: int  # one past the last row id
+    path: str | None = None  # Parquet file (local path or URI) for Parquet sources
+    row_group: int | None = None  # row group inside `path`
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What the driver knows about a source without reading its rows."""
+
+    kind: str  # "digits" | "synthetic" | "parquet"
+    spec: DataSpec  # task, input_shape, num_outputs, vocab_size
+    chunks: tuple[Chunk, ...]  # in row-id order, covering [0, num_rows) without gaps
+    num_rows: int
+    # data.curriculum_column of the training source: histogram bin edges and counts (curriculum.quantiles)
+    difficulty_histogram: tuple[tuple[float, ...], tuple[int, ...]] | None = None
+
+
+def inspect_source(source: str, data: DataConfig, seed: int, *, key: str = "data.source") -> SourceInfo:
+    """Driver side, cheap: no rows are read or generated. For Parquet: every footer and schema, plus the label
+    column's range when the class count is inferred (footer statistics where the writer stored them) and, for
+    sequences, the token column (longest sequence, vocabulary).
+
+    `key` names the config key `source` came from (data.source or data.val_source) in error messages.
+    """
+    if source == "digits":
+        return _inspect_digits()
+    if source == "synthetic":
+        return _inspect_synthetic(data.synthetic)
+    return _inspect_parquet(source, data, key)
+
+
+def read_chunk(info_kind: str, chunk: Chunk, data: DataConfig, seed: int) -> dict[str, np.ndarray]:
+    """Worker side: the rows of one chunk as numpy columns (see the module docstring)."""
+    if info_kind == "digits":
+        x, y = _digits()
+        rows = slice(chunk.start, chunk.stop)  # copies, so that no caller can change the cached arrays
+        return {"row_id": np.arange(chunk.start, chunk.stop, dtype=np.int64), "x": x[rows].copy(),
+                "y": y[rows].copy()}
+    if info_kind == "synthetic":
+        return _read_synthetic(chunk, data.synthetic, seed)
+    if info_kind == "parquet":
+        return _read_parquet(chunk, data)
+    raise ValueError(f"unknown source kind {info_kind!r}")
+
+
+# ------------------------------------------------------------------------------------------------ digits
+
+@functools.lru_cache(maxsize=1)
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits  # the 8x8 digits ship inside the scikit-learn wheel
+
+    digits = load_digits()
+    return (digits.data / 16.0).astype(np.float32), digits.target.astype(np.int64)
+
+
+def _inspect_digits() -> SourceInfo:
+    num_rows = 1797
+    bounds = np.linspace(0, num_rows, DIGITS_CHUNKS + 1).astype(int)
+    chunks = tuple(Chunk(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+    return SourceInfo("digits", DataSpec("classification", (64,), 10), chunks, num_rows)
+
+
+# --------------------------------------------------------------------------------------------- synthetic
+#
+# Determinism: the teacher (weights, image templates) comes from the seed alone; the rows of generation block b
+# (row ids b * GENERATION_BLOCK_ROWS ...) come from an RNG keyed by (seed, b), and a whole block is always
+# generated and then sliced. So a row id maps to the same row whatever chunks are read, whatever `rows` is.
+
+def _inspect_synthetic(synthetic: SyntheticConfig) -> SourceInfo:
+    s = synthetic
+    spec = {
+        "classification": DataSpec("classification", (s.num_features,), s.num_classes),
+        "regression": DataSpec("regression", (s.num_features,), 1),
+        "image": DataSpec("classification", (1, s.image_size, s.image_size), s.num_classes),
+        "sequence": DataSpec("token_classification", (s.max_length,), s.num_classes, s.vocab_size),
+    }[s.kind]
+    chunks = tuple(Chunk(start, min(start + GENERATION_BLOCK_ROWS, s.rows))
+                   for start in range(0, s.rows, GENERATION_BLOCK_ROWS))
+    return SourceInfo("synthetic", spec, chunks, s.rows)
+
+
+def _rng(seed: int, *stream: int) -> np.random.Generator:
+    # spawn_key keeps the teacher's stream and every block's stream apart, whatever the values.
+    return np.random.default_rng(np.random.SeedSequence(seed % 2**64, spawn_key=stream))
+
+
+def _teacher(s: SyntheticConfig, seed: int) -> dict[str, np.ndarray]:
+    rng = _rng(seed, 0)
+    if s.kind == "classification":  # logits with std ~2: noise 0.5 leaves ~80% of labels on the argmax
+        return {"w": rng.standard_normal((s.num_features, s.num_classes)) * 2 / np.sqrt(s.num_features),
+                "b": rng.standard_normal(s.num_classes) * 0.1}
+    if s.kind == "regression":
+        return {"w1": rng.standard_normal((s.num_features, TEACHER_HIDDEN)) * 2 / np.sqrt(s.num_features),
+                "w2": rng.standard_normal(TEACHER_HIDDEN) / np.sqrt(TEACHER_HIDDEN)}
+    if s.kind == "image":  # white noise blurred by a Gaussian along both axes, scaled to unit std
+        side = np.arange(s.image_size)
+        blur = np.exp(-0.5 * ((side[:, None] - side[None, :]) / (s.image_size / 6)) ** 2)
+        templates = blur @ rng.standard_normal((s.num_classes, s.image_size, s.image_size)) @ blur.T
+        templates -= templates.mean(axis=(1, 2), keepdims=True)
+        return {"templates": templates / templates.std(axis=(1, 2), keepdims=True)}
+    return {}  # sequence labels are a fixed function of the tokens
+
+
+def _generate_block(s: SyntheticConfig, teacher: dict[str, np.ndarray], seed: int,
+                    block: int) -> tuple[np.ndarray, np.ndarray]:
+    rng, n = _rng(seed, 1, block), GENERATION_BLOCK_ROWS
+    if s.kind in ("classification", "regression"):
+        x = rng.standard_normal((n, s.num_features))
+        if s.kind == "classification":
+            logits = x @ teacher["w"] + teacher["b"] + s.noise * rng.standard_normal((n, s.num_classes))
+            return x.astype(np.float32), logits.argmax(axis=1).astype(np.int64)
+        y = np.tanh(x @ teacher["w1"]) @ teacher["w2"] + s.noise * rng.standard_normal(n)
+        return x.astype(np.float32), y.astype(np.float32)[:, None]
+    if s.kind == "image":
+        y = rng.integers(0, s.num_classes, size=n)
+        x = teacher["templates"][y] + s.noise * rng.standard_normal((n, s.image_size, s.image_size))
+        return x.astype(np.float32)[:, None], y.astype(np.int64)
+    # sequence: the label of token t is (token_t + token_{t-1}) % num_classes, so it needs context
+    lengths = rng.integers(2, s.max_length + 1, size=n)
+    tokens = rng.integers(0, s.vocab_size, size=int(lengths.sum()), dtype=np.int64)
+    starts = np.cumsum(lengths)[:-1]
+    previous = np.concatenate(([0], tokens[:-1]))
+    previous[starts] = 0  # token_{-1} = 0 at the start of every sequence
+    labels = (tokens + previous) % s.num_classes
+    x, y = np.empty(n, dtype=object), np.empty(n, dtype=object)
+    for i, (seq, seq_labels) in enumerate(zip(np.split(tokens, starts), np.split(labels, starts), strict=True)):
+        x[i], y[i] = seq, seq_labels
+    return x, y
+
+
+def _read_synthetic(chunk: Chunk, s: SyntheticConfig, seed: int) -> dict[str, np.ndarray]:
+    teacher = _teacher(s, seed)
+    first, last = chunk.start // GENERATION_BLOCK_ROWS, (chunk.stop - 1) // GENERATION_BLOCK_ROWS
+    blocks = [_generate_block(s, teacher, seed, b) for b in range(first, last + 1)]
+    offset = first * GENERATION_BLOCK_ROWS
+    rows = slice(chunk.start - offset, chunk.stop - offset)
+    x = blocks[0][0] if len(blocks) == 1 else np.concatenate([b[0] for b in blocks])
+    y = blocks[0][1] if len(blocks) == 1 else np.concatenate([b[1] for b in blocks])
+    # copy: a slice would keep the whole generated block alive
+    return {"row_id": np.arange(chunk.start, chunk.stop, dtype=np.int64), "x": x[rows].copy(), "y": y[rows].copy()}
+
+
+# ----------------------------------------------------------------------------------------------- Parquet
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _open(path: str) -> pq.ParquetFile:
+    """Open one Parquet file, a local path or a URI; raises pyarrow's errors unchanged."""
+    if _is_uri(path):
+        filesystem, inner = pafs.FileSystem.from_uri(path)
+        return pq.ParquetFile(inner, filesystem=filesystem)
+    return pq.ParquetFile(path)
+
+
+def _list_files(source: str, key: str) -> list[str]:
+    """Sorted Parquet files named by `source`: a file, a directory (every *.parquet below), a glob or a URI."""
+    has_glob = any(c in source for c in "*?[")
+    if not _is_uri(source):
+        local = os.path.expanduser(source)
+        matches = sorted(glob.glob(local, recursive=True)) if has_glob else [local]
+        files = []
+        for match in matches:
+            if os.path.isdir(match):
+                files += sorted(glob.glob(os.path.join(match, "**", "*.parquet"), recursive=True))
+            elif os.path.isfile(match):
+                files.append(match)
+        return files
+    try:
+        filesystem, inner = pafs.FileSystem.from_uri(source)
+        split = urlsplit(source)
+        # s3://bucket/key gives the path "bucket/key", hdfs://host/path gives "/path": rebuild URIs to match
+        prefix = f"{split.scheme}://" + ("" if inner.startswith(split.netloc) else split.netloc)
+        suffix = f"?{split.query}" if split.query else ""
+        if has_glob:  # list below the part of the path before the first wildcard, then match
+            base = inner[:min(inner.find(c) for c in "*?[" if c in inner)].rsplit("/", 1)[0]
+            infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+            paths = [i.path for i in infos if i.type == pafs.FileType.File and fnmatch(i.path, inner)]
+        else:
+            info = filesystem.get_file_info(inner)
+            if info.type == pafs.FileType.Directory:
+                infos = filesystem.get_file_info(pafs.FileSelector(inner, recursive=True))
+                paths = [i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")]
+            else:
+                paths = [inner] if info.type == pafs.FileType.File else []
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise UserError(f"{key}: cannot open {source!r} ({_first_line(exc)})") from None
+    return [prefix + p + suffix for p in sorted(paths)]
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _is_number(tp: pa.DataType) -> bool:
+    return pa.types.is_integer(tp) or pa.types.is_floating(tp) or pa.types.is_boolean(tp)
+
+
+def _is_list(tp: pa.DataType) -> bool:
+    return pa.types.is_list(tp) or pa.types.is_large_list(tp) or pa.types.is_fixed_size_list(tp)
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """Which Parquet columns play which part, resolved from the config and one file's schema."""
+
+    features: tuple[str, ...]  # empty for sequence data
+    label: str
+    weight: str | None
+    sequence: str | None
+    difficulty: str | None = None  # data.curriculum_column where the file has it (required in data.source)
+
+
+def _resolve_columns(schema: pa.Schema, data: DataConfig, path: str) -> _Columns:
+    names = schema.names
+
+    def need(name: str, config_key: str) -> pa.DataType:
+        if name not in names:
+            raise UserError(f"{config_key}: column {name!r} not in {path} (columns: {', '.join(names)})")
+        return schema.field(name).type
+
+    label_type = need(data.label, "data.label")
+    difficulty = data.curriculum_column if data.curriculum_column in names else None
+    if difficulty is not None:
+        tp = schema.field(difficulty).type
+        if not (pa.types.is_integer(tp) or pa.types.is_floating(tp)):
+            raise UserError(f"data.curriculum_column: column {difficulty!r} in {path} is {tp}, expected numbers "
+                            f"(lower = easier)")
+        if difficulty in (data.features or ()) or difficulty in (data.label, data.weight, data.sequence):
+            raise UserError(f"data.curriculum_column: column {difficulty!r} is also used as a feature, label, "
+                            f"weight or sequence; the difficulty must not be an input")
+    if data.weight is not None and not _is_number(need(data.weight, "data.weight")):
+        raise UserError(f"data.weight: column {data.weight!r} in {path} is {schema.field(data.weight).type}, "
+                        f"expected numbers")
+    if data.sequence is not None:  # (data.features with it: refused by rules.py)
+        for name, config_key in ((data.sequence, "data.sequence"), (data.label, "data.label")):
+            tp = need(name, config_key)
+            if not (_is_list(tp) and pa.types.is_integer(tp.value_type)):
+                why = " (one label per token, because data.sequence is set)" if config_key == "data.label" else ""
+                raise UserError(f"{config_key}: column {name!r} in {path} is {tp}, expected a list of "
+                                f"integers{why}")
+        return _Columns((), data.label, data.weight, data.sequence, difficulty)
+
+    if not (_is_number(label_type) or (_is_list(label_type) and pa.types.is_floating(label_type.value_type))):
+        raise UserError(f"data.label: column {data.label!r} in {path} is {label_type}, expected integers "
+                        f"(classes) or floats (regression targets); per-token labels need data.sequence")
+    if data.features is not None:
+        features = list(data.features)
+        for name in features:
+            need(name, "data.features")
+    else:
+        taken = {data.label, data.weight, data.curriculum_column}  # the difficulty is never a feature
+        features = [n for n in names if n not in taken and not n.startswith("__index_level_")]
+        if not features:
+            raise UserError(f"data.features: no feature columns left in {path} (columns: {', '.join(names)})")
+    for name in features:
+        tp = schema.field(name).type
+        if _is_list(tp):
+            if len(features) > 1:
+                raise UserError(f"data.features: column {name!r} in {path} is a list column, which must be the "
+                                f"only feature column (features: {', '.join(features)})")
+            tp = tp.value_type
+        if not _is_number(tp):
+            raise UserError(f"data.features: column {name!r} in {path} is {schema.field(name).type}, "
+                            f"expected numbers")
+    return _Columns(tuple(features), data.label, data.weight, None, difficulty)
+
+
+def _inspect_parquet(source: str, data: DataConfig, key: str) -> SourceInfo:
+    paths = _list_files(source, key)
+    if not paths:
+        close = difflib.get_close_matches(source, BUILTIN, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UserError(f"{key}: no Parquet file at {source!r} (expected a file, a directory of .parquet files, "
+                        f"a glob or a URI){hint}")
+    chunks: list[Chunk] = []
+    columns: _Columns | None = None
+    types: dict[str, pa.DataType] = {}
+    first_path = paths[0]
+    stats = _Stats()
+    for path in paths:
+        try:
+            parquet = _open(path)
+            schema = parquet.schema_arrow
+        except (pa.ArrowException, OSError) as exc:
+            raise UserError(f"{key}: {path} is not a readable Parquet file ({_first_line(exc)})") from None
+        with parquet:
+            resolved = _resolve_columns(schema, data, path)
+            if key == "data.source" and data.curriculum_column is not None and resolved.difficulty is None:
+                raise UserError(f"data.curriculum_column: column {data.curriculum_column!r} not in {path} "
+                                f"(columns: {', '.join(schema.names)})")
+            if columns is None:
+                columns, first_path = resolved, path
+                types = {name: schema.field(name).type for name in _used(columns)}
+            elif resolved != columns:
+                raise UserError(f"data.features: {first_path} and {path} have different feature columns "
+                                f"({', '.join(columns.features)} vs {', '.join(resolved.features)}); "
+                                f"set data.features")
+            for name, config_key in _roles(columns):
+                if schema.field(name).type != types[name]:
+                    raise UserError(f"{config_key}: column {name!r} is {types[name]} in {first_path} but "
+                                    f"{schema.field(name).type} in {path}")
+            for group in range(parquet.metadata.num_row_groups):
+                rows = parquet.metadata.row_group(group).num_rows
+                if rows:
+                    start = chunks[-1].stop if chunks else 0
+                    chunks.append(Chunk(start, start + rows, path, group))
+            stats.update(parquet, columns, data)
+    if not chunks:
+        raise UserError(f"{key}: {source} has no rows")
+    assert columns is not None
+    # Bad values in the first row group are found now, before any cluster resource is claimed; the rest are
+    # checked as every chunk is read (a full scan up front would read the whole dataset twice).
+    _read_parquet(chunks[0], data)
+    spec = _parquet_spec(columns, types, stats, data, first_path)
+    histogram = _histogram(paths, columns.difficulty) if key == "data.source" and columns.difficulty else None
+    return SourceInfo("parquet", spec, tuple(chunks), chunks[-1].stop, histogram)
+
+
+def _histogram(paths: list[str], name: str) -> tuple[tuple[float, ...], tuple[int, ...]]:
+    """The difficulty column's histogram (curriculum.HISTOGRAM_BINS equal bins from its min to its max), read
+    one row group's column at a time: the driver never holds the column whole."""
+    from rayscale.math.curriculum import HISTOGRAM_BINS
+
+    def groups():
+        for path in paths:
+            with _open(path) as parquet:
+                for group in range(parquet.metadata.num_row_groups):
+                    values = parquet.read_row_group(group, columns=[name]).column(0)
+                    if values.null_count:
+                        raise UserError(f"data.curriculum_column: column {name!r} in {path} has missing values")
+                    values = values.to_numpy().astype(np.float64)
+                    if len(values) and not np.isfinite(values).all():
+                        raise UserError(f"data.curriculum_column: column {name!r} in {path} has NaN or infinite "
+                                        f"values; expected finite numbers")
+                    yield values
+
+    low, high = np.inf, -np.inf
+    for values in groups():
+        if len(values):
+            low, high = min(low, values.min()), max(high, values.max())
+    edges = np.linspace(low, high if high > low else low + 1.0, HISTOGRAM_BINS + 1)
+    counts = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
+    for values in groups():
+        counts += np.histogram(values, bins=edges)[0]
+    return tuple(edges.tolist()), tuple(counts.tolist())
+
+
+def _used(columns: _Columns) -> list[str]:
+    return [name for name, _ in _roles(columns)]
+
+
+def _roles(columns: _Columns) -> list[tuple[str, str]]:
+    roles = [(name, "data.features") for name in columns.features] + [(columns.label, "data.label")]
+    roles += [(columns.weight, "data.weight")] if columns.weight else []
+    roles += [(columns.difficulty, "data.curriculum_column")] if columns.difficulty else []
+    return roles + ([(columns.sequence, "data.sequence")] if columns.sequence else [])
+
+
+class _Stats:
+    """What inspection scans: the label's range (when the class count is inferred) and, for sequences, the
+    token range and the longest sequence. Footer statistics answer min/max where the writer stored them."""
+
+    def __init__(self) -> None:
+        self.label_min: int | None = None
+        self.label_max: int | None = None
+        self.token_min: int | None = None
+        self.token_max: int | None = None
+        self.longest = 0
+        self.widths: dict[str, int] = {}  # values per row of variable-length list columns, from a first row
+
+    def update(self, parquet: pq.ParquetFile, columns: _Columns, data: DataConfig) -> None:
+        schema = parquet.schema_arrow
+        if data.num_classes is None and (pa.types.is_integer(schema.field(columns.label).type) or columns.sequence):
+            low, high = _min_max(parquet, columns.label)
+            self.label_min, self.label_max = _merge(min, self.label_min, low), _merge(max, self.label_max, high)
+        if columns.sequence:
+            for group in range(parquet.metadata.num_row_groups):
+                tokens = parquet.read_row_group(group, columns=[columns.sequence]).column(0)
+                if len(tokens):
+                    self.longest = max(self.longest, pc.max(pc.list_value_length(tokens)).as_py() or 0)
+                    found = pc.min_max(pc.list_flatten(tokens))
+                    self.token_min = _merge(min, self.token_min, found["min"].as_py())
+                    self.token_max = _merge(max, self.token_max, found["max"].as_py())
+            return
+        for name in (*columns.features, columns.label):  # every row must match (checked when read)
+            if _is_list(schema.field(name).type) and name not in self.widths:
+                width = _first_row_length(parquet, name)
+                if width is not None:
+                    self.widths[name] = width
+
+
+def _merge(pick, current, new):
+    if new is None:
+        return current
+    return new if current is None else pick(current, new)
+
+
+def _min_max(parquet: pq.ParquetFile, name: str) -> tuple[int | None, int | None]:
+    """Min and max of an integer column (scalar or list), from footer statistics or else by reading it."""
+    metadata, low, high = parquet.metadata, None, None
+    leaves = [j for j in range(metadata.num_columns)
+              if metadata.schema.column(j).path == name or metadata.schema.column(j).path.startswith(name + ".")]
+    for group in range(metadata.num_row_groups):
+        statistics = metadata.row_group(group).column(leaves[0]).statistics if len(leaves) == 1 else None
+        if statistics is not None and statistics.has_min_max:
+            group_low, group_high = statistics.min, statistics.max
+        else:
+            values = parquet.read_row_group(group, columns=[name]).column(0)
+            if pa.types.is_list(values.type) or pa.types.is_large_list(values.type) \
+                    or pa.types.is_fixed_size_list(values.type):
+                values = pc.list_flatten(values)
+            found = pc.min_max(values)
+            group_low, group_high = found["min"].as_py(), found["max"].as_py()
+        low, high = _merge(min, low, group_low), _merge(max, high, group_high)
+    return low, high
+
+
+def _first_row_length(parquet: pq.ParquetFile, name: str) -> int | None:
+    for batch in parquet.iter_batches(batch_size=1, columns=[name]):
+        if batch.num_rows:
+            return pc.list_value_length(batch.column(0))[0].as_py()
+    return None
+
+
+def _list_width(tp: pa.DataType, name: str, stats: _Stats) -> int:
+    return tp.list_size if pa.types.is_fixed_size_list(tp) else stats.widths.get(name, 0)
+
+
+def _parquet_spec(columns: _Columns, types: dict[str, pa.DataType], stats: _Stats, data: DataConfig,
+                  path: str) -> DataSpec:
+    def classes() -> int:
+        if data.num_classes is not None:
+            return data.num_classes
+        _check_labels(stats.label_min, None, columns.label, path)
+        return max(2, (stats.label_max or 0) + 1)  # at least two: a label that is always 0 still trains
+
+    if columns.sequence:
+        if stats.token_min is not None and stats.token_min < 0:
+            raise UserError(f"data.sequence: column {columns.sequence!r} in {path} has negative tokens "
+                            f"(min {stats.token_min}); expected token ids 0, 1, 2, ...")
+        return DataSpec("token_classification", (max(stats.longest, 1),), classes(), (stats.token_max or 0) + 1)
+    first = columns.features[0]
+    list_feature = len(columns.features) == 1 and _is_list(types[first])
+    width = _list_width(types[first], first, stats) if list_feature else len(columns.features)
+    label_type = types[columns.label]
+    if pa.types.is_integer(label_type):
+        return DataSpec("classification", (width,), classes())
+    if pa.types.is_boolean(label_type):
+        return DataSpec("classification", (width,), 2)
+    if _is_list(label_type):  # a list of floats per row: several regression targets
+        return DataSpec("regression", (width,), _list_width(label_type, columns.label, stats))
+    return DataSpec("regression", (width,), 1)
+
+
+def _check_labels(low: int | None, high: int | None, name: str, path: str, num_classes: int | None = None) -> None:
+    if low is not None and low < 0:
+        raise UserError(f"data.label: column {name!r} in {path} has negative labels (min {low}); expected "
+                        f"classes 0, 1, 2, ...")
+    if num_classes is not None and high is not None and high >= num_classes:
+        raise UserError(f"data.label: column {name!r} in {path} has label {high}, but data.num_classes is "
+                        f"{num_classes} (expected labels 0 to {num_classes - 1})")
+
+
+# --------------------------------------------------------------------------------------- Parquet reading
+
+def _read_parquet(chunk: Chunk, data: DataConfig) -> dict[str, np.ndarray]:
+    path = chunk.path
+    assert path is not None and chunk.row_group is not None, chunk
+    with _open(path) as parquet:
+        columns = _resolve_columns(parquet.schema_arrow, data, path)
+        table = parquet.read_row_group(chunk.row_group, columns=_used(columns))
+    if table.num_rows != chunk.stop - chunk.start:
+        raise UserError(f"data.source: {path} row group {chunk.row_group} has {table.num_rows} rows, "
+                        f"expected {chunk.stop - chunk.start} (did the file change since the run started?)")
+    for name, config_key in _roles(columns):
+        if table.column(name).null_count:
+            raise UserError(f"{config_key}: column {name!r} in {path} has missing values")
+    rows = {"row_id": np.arange(chunk.start, chunk.stop, dtype=np.int64)}
+    if columns.sequence:
+        rows["x"] = _sequences(table.column(columns.sequence), f"data.sequence: column {columns.sequence!r} in "
+                                                                f"{path}")
+        rows["y"] = _sequences(table.column(columns.label), f"data.label: column {columns.label!r} in {path}")
+        for i, (tokens, labels) in enumerate(zip(rows["x"], rows["y"], strict=True)):
+            if len(tokens) != len(labels):
+                raise UserError(f"data.label: row {chunk.start + i} of {path} has {len(labels)} labels for "
+                                f"{len(tokens)} tokens (expected one label per token)")
+        if len(rows["x"]) and min(len(t) for t in rows["x"]) == 0:
+            raise UserError(f"data.sequence: column {columns.sequence!r} in {path} has an empty sequence")
+        flat = [seq for seq in rows["y"] if len(seq)]
+        if flat:
+            labels = np.concatenate(flat)
+            _check_labels(int(labels.min()), int(labels.max()), columns.label, path, data.num_classes)
+    else:
+        if len(columns.features) == 1 and _is_list(table.column(columns.features[0]).type):
+            rows["x"] = _matrix(table.column(columns.features[0]), f"data.features: column "
+                                                                   f"{columns.features[0]!r} in {path}")
+        else:
+            rows["x"] = np.stack([_numbers(table.column(name)) for name in columns.features], axis=1)
+        label = table.column(columns.label)
+        if _is_list(label.type):
+            rows["y"] = _matrix(label, f"data.label: column {columns.label!r} in {path}")
+        elif pa.types.is_floating(label.type):
+            rows["y"] = _numbers(label)[:, None]
+        else:
+            rows["y"] = label.to_numpy().astype(np.int64)
+            if len(rows["y"]):
+                _check_labels(int(rows["y"].min()), int(rows["y"].max()), columns.label, path, data.num_classes)
+    if columns.weight:
+        rows["weight"] = _numbers(table.column(columns.weight))
+    if columns.difficulty:
+        rows["difficulty"] = table.column(columns.difficulty).to_numpy().astype(np.float64)
+    _check_finite(rows, columns, path, chunk.start)
+    return rows
+
+
+def _check_finite(rows: dict[str, np.ndarray], columns: _Columns, path: str, first_row: int) -> None:
+    """NaN or infinity in the inputs would train on silently (or poison every step): refuse, naming the row."""
+    keys = {"x": ("data.features", ", ".join(columns.features) if columns.features else columns.sequence),
+            "y": ("data.label", columns.label), "weight": ("data.weight", columns.weight),
+            "difficulty": ("data.curriculum_column", columns.difficulty)}
+    for name, (config_key, column) in keys.items():
+        values = rows.get(name)
+        if values is None or values.dtype.kind != "f":
+            continue
+        bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+        if bad.any():
+            raise UserError(f"{config_key}: column {column!r} in {path} has NaN or infinite values (row "
+                            f"{first_row + int(np.argmax(bad))}); expected finite numbers")
+
+
+def _numbers(column: pa.ChunkedArray) -> np.ndarray:
+    return column.to_numpy().astype(np.float32)
+
+
+def _matrix(column: pa.ChunkedArray, what: str) -> np.ndarray:
+    """A list column with the same length in every row -> float32 (n, width)."""
+    array = column.combine_chunks()
+    lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False)
+    if len(lengths) and lengths.min() != lengths.max():
+        raise UserError(f"{what} has lists of lengths {lengths.min()} to {lengths.max()}, expected the same "
+                        f"length in every row")
+    values = pc.list_flatten(array)
+    if values.null_count:
+        raise UserError(f"{what} has missing values inside its lists")
+    width = int(lengths[0]) if len(lengths) else 0
+    return values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(lengths), width)
+
+
+def _sequences(column: pa.ChunkedArray, what: str) -> np.ndarray:
+    """A list<int> column -> object array of int64 arrays, one per row."""
+    array = column.combine_chunks()
+    values = pc.list_flatten(array)
+    if values.null_count:
+        raise UserError(f"{what} has missing values inside its lists")
+    lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False)
+    flat = values.to_numpy(zero_copy_only=False).astype(np.int64)
+    out = np.empty(len(lengths), dtype=object)
+    for i, seq in enumerate(np.split(flat, np.cumsum(lengths)[:-1])):
+        out[i] = seq.copy()  # own memory: a view would keep the whole chunk's tokens alive
+    return out

@@ -1,0 +1,152 @@
+"""[2c] The run directory after training: metrics.jsonl brought back with the final checkpoint, model.pt,
+summary.json and curves.png, and the summary table printed at the end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import time
+from pathlib import Path
+
+from rayscale.driver.prepare import PreparedRun
+from rayscale.engine import checkpoint
+from rayscale.engine.components import read_part
+from rayscale.engine.components.adaptive_batch import AdaptiveBatch, AdaptiveBatchPart
+from rayscale.engine.components.micro_batch import AutoMicroBatch, MicroBatchPart
+from rayscale.engine.components.online_feed import OnlineFeed, OnlinePart
+from rayscale.engine.components.rung_pause import RungPause, RungPausePart
+from rayscale.engine.components.weight_average import exported_weights
+from rayscale.engine.state import TrainState
+from rayscale.files import CURVES_FILE, GROUPS_FILE, METRICS_FILE, MODEL_FILE, SUMMARY_FILE
+from rayscale.math.adaptive_batch import plan_for
+from rayscale.math.batching import BatchPlan
+from rayscale.math.schedules import peak_lr
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def startup_phases(started: float, connecting: float, connected: float, record: dict) -> dict:
+    """Where start-up went, in seconds: `prepare` (the config checked, the data's metadata read), `connect` (Ray
+    started or joined), `launch` (Train's controller, the worker processes, their process group and dataset
+    shards, up to the latest worker group entering the training function) and `worker_setup` (the checkpoint
+    restored, model, DDP and optimizer built, up to its first step). The last two are read off rank 0's clock:
+    across nodes they carry the clocks' skew, as the start-up time itself does."""
+    entered, began = record.get("entered_at"), record.get("started_at")
+    phases = {"prepare": connecting - started, "connect": connected - connecting,
+              "launch": entered - connected if entered else None,
+              "worker_setup": began - entered if entered and began else None}
+    return {name: (round(value, 3) if value is not None else None) for name, value in phases.items()}
+
+
+def write_outputs(prepared: PreparedRun, final_checkpoint: Path, started: float, first_step_at: float | None,
+                  phases: dict | None = None) -> dict:
+    """From the run's final checkpoint directory: every output file; returns the summary."""
+    from rayscale.tools.plots import plot_curves
+
+    run_dir = prepared.run_dir
+    checkpoint.verify(final_checkpoint)
+    saved = checkpoint.read_state(final_checkpoint)
+    logged = final_checkpoint / METRICS_FILE
+    # Rank 0 may have run on another node: the final checkpoint carries its metrics.jsonl.
+    if logged.exists():
+        checkpoint.write_bytes_atomic(run_dir / METRICS_FILE, logged.read_bytes())
+    # With train.ema_half_life_samples the averaged weights are the ones validated, so they are the model.
+    checkpoint.save_atomic(exported_weights(saved), run_dir / MODEL_FILE)
+    records = read_metrics(run_dir)
+    summary = summarize(prepared, saved.train_state, records, started, first_step_at, phases)
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    plot_curves(records, run_dir / CURVES_FILE, title=prepared.cfg.run.name)
+    return summary
+
+
+def summarize(prepared: PreparedRun, state: TrainState, records: list[dict], started: float,
+              first_step_at: float | None, phases: dict | None) -> dict:
+    cfg = prepared.cfg
+    epoch_ends = [r for r in records if r.get("epoch_end")]
+    final = dict(epoch_ends[-1]) if epoch_ends else (records[-1] if records else {})
+    final.pop("epoch_end", None)
+    online = read_part(state, OnlineFeed.name, OnlinePart)
+    rung_resumes = read_part(state, RungPause.name, RungPausePart).rung_resumes
+    batch = read_part(state, AdaptiveBatch.name, AdaptiveBatchPart).global_batch_size or cfg.batch.global_batch_size
+    return {
+        "run_dir": str(prepared.run_dir),
+        "final": final,
+        "samples_seen": state.samples_seen,
+        "steps": state.step,
+        "epochs": state.epoch,
+        "wall_time_s": round(time.time() - started, 3),
+        "startup_time_s": round(first_step_at - started, 3) if first_step_at else None,
+        "startup_phases_s": phases or {},
+        "world_size": prepared.plan.num_workers,
+        "batch_plan": final_plan(prepared.plan, batch, read_part(state, AutoMicroBatch.name, MicroBatchPart),
+                                 cfg.batch.micro_batch_size),
+        "effective_lr": peak_lr(cfg.optim, batch, cfg.batch.global_batch_size),  # at the batch it ended with
+        "train_rows": online.rows if cfg.data.online else prepared.train_rows,
+        "val_rows": prepared.val_rows,
+        "rows_left_out": 0,  # partial last steps are trained, never dropped (data/assembly.py)
+        **({"online_files": len(online.files), "online_rows": online.rows} if cfg.data.online else {}),
+        # Worker groups started after the first, by this driver or an earlier (killed) one, less the planned
+        # resumes from a rung's pause (ASHA by promotion); in local mode, attempts of this driver's loop.
+        "restarts": max(state.resumes, _lines(prepared.run_dir / GROUPS_FILE) - 1) - rung_resumes,
+        "rung_resumes": rung_resumes,
+        "nonfinite_skipped": state.nonfinite_skipped,
+        "precision": cfg.train.precision,
+        # The driver only plans and collects: this stays flat however many rows stream past it.
+        "driver_peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def final_plan(plan: BatchPlan, global_batch_size: int, found: MicroBatchPart,
+               micro_batch_size: int | str | None) -> dict:
+    """The batch plan as the run ended: under batch.adaptive, at the last epoch's global batch; under
+    batch.micro_batch_size auto, with the micro-batch it settled on."""
+    if global_batch_size != plan.global_batch_size:
+        plan = plan_for(global_batch_size, micro_batch_size, plan.num_workers)
+    if not plan.auto or not found.micro_batch_size:
+        return dataclasses.asdict(plan)
+    return {**dataclasses.asdict(plan), "micro_batch_size": found.micro_batch_size,
+            "accumulation_steps": -(-plan.per_worker_batch_size // found.micro_batch_size)}
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def print_summary(summary: dict) -> None:
+    final = summary["final"]
+    rows = [
+        ("run", summary["run_dir"]),
+        ("samples seen", f"{summary['samples_seen']:,} in {summary['steps']:,} steps, "
+                         + (f"{summary['online_files']} files (online)" if "online_files" in summary
+                            else f"{summary['epochs']} epochs")),
+        ("batch plan", "global {global_batch_size} = micro {micro_batch_size} x {accumulation_steps} accumulation"
+                       " x {num_workers} workers".format(**summary["batch_plan"])),
+        ("train loss", _fmt(final.get("train_loss"))),
+        ("val loss", _fmt(final.get("val_loss"))),
+        ("val accuracy", _fmt(final.get("val_accuracy"))),
+        ("wall time", f"{summary['wall_time_s']:.1f} s (start-up {_fmt(summary['startup_time_s'], '.1f')} s"
+                      + _phases(summary.get("startup_phases_s") or {}) + ")"),
+        ("rows left out", str(summary["rows_left_out"])),
+        ("restarts", str(summary["restarts"])),
+        *([("rung resumes", str(summary["rung_resumes"]))] if summary["rung_resumes"] else []),
+        ("non-finite steps skipped", str(summary["nonfinite_skipped"])),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"  {k:<{width}}  {v}" for k, v in rows), flush=True)
+
+
+def _phases(phases: dict) -> str:
+    """': prepare 0.1, Ray 4.2, launch 6.0, worker setup 3.1' (seconds), or nothing when unknown."""
+    names = {"prepare": "prepare", "connect": "Ray", "launch": "launch", "worker_setup": "worker setup"}
+    known = [f"{names[key]} {value:.1f}" for key, value in phases.items() if value is not None and key in names]
+    return ": " + ", ".join(known) if known else ""
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)

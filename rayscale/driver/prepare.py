@@ -1,0 +1,136 @@
+"""[2a] Everything that can be checked without a cluster (config, rules, batch plan, data sources and columns, the
+model, the output directory), so bad input costs no cluster resources and leaves no half-written run directory;
+and what the driver then sends every worker (`worker_payload`)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from rayscale import config as config_module
+from rayscale import rules
+from rayscale.config import Config
+from rayscale.data import sources
+from rayscale.data.splits import SplitSpec, cache_plan, count_rows, curriculum_order
+from rayscale.engine.state import WorkerPayload
+from rayscale.errors import UserError
+from rayscale.files import CONFIG_FILE
+from rayscale.math.adaptive_batch import upper_limit
+from rayscale.math.batching import BatchPlan, plan_batches
+
+
+@dataclass
+class PreparedRun:
+    cfg: Config
+    plan: BatchPlan
+    train: SplitSpec
+    val: SplitSpec | None
+    train_rows: int
+    val_rows: int
+    run_dir: Path
+
+    @property
+    def spec(self) -> sources.DataSpec:
+        return self.train.info.spec
+
+
+def run_directory(cfg: Config) -> Path:
+    return Path(cfg.run.output_dir).expanduser().resolve() / cfg.run.name
+
+
+def prepare(cfg: Config, scope: str = "run") -> PreparedRun:
+    """Every check that needs no cluster. Raises UserError; writes nothing."""
+    plan = plan_batches(cfg.batch.global_batch_size, cfg.batch.micro_batch_size, cfg.scaling.num_workers)
+    rules.check(cfg, scope)
+    train, val, train_rows, val_rows = _splits(cfg)
+    if train_rows == 0:
+        raise UserError(f"data.source: {cfg.data.source} leaves no training rows")
+    if train_rows < plan.global_batch_size and not cfg.data.online:  # online: small files are fine
+        raise UserError(f"batch.global_batch_size: {plan.global_batch_size} is more than the {train_rows} training "
+                        f"rows of {cfg.data.source} (not one full step per epoch); expected at most {train_rows}")
+    if cfg.batch.adaptive != "none":
+        upper_limit(cfg.batch.max_global_batch_size, plan.global_batch_size, train_rows, plan.num_workers,
+                    cfg.batch.micro_batch_size)
+    _check_model(cfg, train.info.spec)
+    run_dir = run_directory(cfg)
+    _check_writable(run_dir)
+    return PreparedRun(cfg, plan, train, val, train_rows, val_rows, run_dir)
+
+
+def _splits(cfg: Config) -> tuple[SplitSpec, SplitSpec | None, int, int]:
+    """(training split, validation split or None, their rows), from the sources' metadata."""
+    info = sources.inspect_source(cfg.data.source, cfg.data, cfg.seed)
+    if cfg.data.val_source is not None:
+        val_info = sources.inspect_source(cfg.data.val_source, cfg.data, cfg.seed, key="data.val_source")
+        if val_info.spec.input_shape[1:] != info.spec.input_shape[1:] or val_info.spec.task != info.spec.task:
+            raise UserError(f"data.val_source: {cfg.data.val_source} does not match data.source "
+                            f"({val_info.spec.task} {val_info.spec.input_shape} vs {info.spec.task} "
+                            f"{info.spec.input_shape})")
+        return (SplitSpec(info, "all", 0.0, cfg.data, cfg.seed), SplitSpec(val_info, "all", 0.0, cfg.data, cfg.seed),
+                info.num_rows, val_info.num_rows)
+    if cfg.data.online:  # no held-out split of a stream: validation only with data.val_source
+        return SplitSpec(info, "all", 0.0, cfg.data, cfg.seed), None, info.num_rows, 0
+    val_rows = count_rows(info, "val", cfg.data.val_fraction)
+    val = SplitSpec(info, "val", cfg.data.val_fraction, cfg.data, cfg.seed) if val_rows else None
+    return (SplitSpec(info, "train", cfg.data.val_fraction, cfg.data, cfg.seed), val,
+            count_rows(info, "train", cfg.data.val_fraction), val_rows)
+
+
+def _check_model(cfg: Config, spec: sources.DataSpec) -> None:
+    """Build the model once on the driver (CPU, tiny) so a bad name or kwargs fails before Ray starts."""
+    from rayscale.engine.optimizers import build_optimizer
+    from rayscale.models import build_model
+
+    model = build_model(cfg.model, spec)
+    build_optimizer(cfg.optim, model, cfg.optim.lr)
+
+
+def _check_writable(run_dir: Path) -> None:
+    probe = run_dir
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"run.output_dir: cannot write to {probe} (needed for {run_dir})")
+
+
+def check_same_config(cfg: Config, run_dir: Path) -> None:
+    """Resuming a run with other training settings would silently mix two experiments."""
+    existing = run_dir / CONFIG_FILE
+    if not existing.exists():
+        return
+    old = yaml.safe_load(existing.read_text()) or {}
+    new = config_module.to_dict(cfg)
+    for section in new:
+        if section in ("run", "scaling", "tune"):
+            continue  # where and on how much hardware may change between attempts; tune is not training
+        if old.get(section) != new[section]:
+            raise UserError(f"run.name {cfg.run.name}: {run_dir} holds a run with a different '{section}' "
+                            f"config; pick another run.name or the same config to resume it")
+
+
+def curriculum_epochs(prepared: PreparedRun) -> tuple[int, ...]:
+    """The epochs whose order the curriculum sets."""
+    cfg = prepared.cfg
+    return tuple(epoch for epoch in range(cfg.train.epochs)
+                 if curriculum_order(prepared.train, epoch, cfg.train.epochs, prepared.train_rows))
+
+
+def worker_payload(prepared: PreparedRun, eval_at_samples=(), pause_at_samples=()) -> WorkerPayload:
+    """What every worker gets: plain data (the Ray layer adds the parameter servers' names)."""
+    cfg = prepared.cfg
+    return WorkerPayload(
+        config=config_module.to_dict(cfg), spec=prepared.spec, run_dir=str(prepared.run_dir),
+        train_rows=prepared.train_rows, val_rows=prepared.val_rows, local_mode=cfg.scaling.num_workers == 0,
+        curriculum_epochs=curriculum_epochs(prepared),
+        train_cache=_bounds(cache_plan(prepared.train, prepared.train_rows, cfg.data.cache_mb)),
+        val_cache=_bounds(cache_plan(prepared.val, prepared.val_rows, cfg.data.cache_mb)
+                          if prepared.val is not None else None),
+        eval_at_samples=tuple(int(point) for point in eval_at_samples),
+        pause_at_samples=tuple(int(point) for point in pause_at_samples))
+
+
+def _bounds(plan: list[tuple[int, int]] | None) -> tuple[tuple[int, int], ...] | None:
+    return tuple(plan) if plan is not None else None

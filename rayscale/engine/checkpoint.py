@@ -1,0 +1,185 @@
+"""Everything a resumed run needs to continue exactly, saved atomically and checked whole before use.
+
+A checkpoint's state file holds the model (unwrapped from DDP), the optimizer, the GradScaler, the training
+state (`state.TrainState`: position, counters, every component's part) and every RNG state that training draws
+from. Each file is written to a temporary file and renamed into place, so a kill mid-write leaves the previous
+file untouched.
+
+A checkpoint is one directory merged from every rank's files (Ray copies each rank's staging directory into
+it). Each rank writes its manifest last, naming its files and their sizes, and `verify` checks every rank's
+manifest before a restore: a directory left by a kill during Ray's copy (Ray #41700) is refused by name,
+never loaded half-written. (Ray Train V2 also registers a checkpoint only after every rank reported it, so a
+restart picks the previous whole one; a fault test kills a worker inside that copy.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from rayscale.engine.state import TrainState
+
+STATE_FILE = "state.pt"
+MANIFEST = "manifest_rank{}.json"
+RNG_FILE = "rng_rank{}.pt"
+
+
+class IncompleteCheckpoint(RuntimeError):
+    """A checkpoint directory that is missing a file or holds a truncated one."""
+
+
+def write_manifest(directory: str | Path, rank: int, world_size: int) -> None:
+    """Last file a rank writes into its part of a checkpoint: its files and their sizes."""
+    directory = Path(directory)
+    files = {p.name: p.stat().st_size for p in sorted(directory.iterdir())
+             if p.is_file() and not p.name.startswith((".", "manifest_"))}
+    write_bytes_atomic(directory / MANIFEST.format(rank),
+                       json.dumps({"rank": rank, "world_size": world_size, "files": files}).encode())
+
+
+def verify(directory: str | Path) -> None:
+    """Raise IncompleteCheckpoint unless every rank's manifest is there and every file it names is whole."""
+    directory = Path(directory)
+    first = directory / MANIFEST.format(0)
+    if not first.exists():
+        raise IncompleteCheckpoint(f"checkpoint {directory}: no {first.name} (written last, so the checkpoint "
+                                   f"was never completed)")
+    world_size = json.loads(first.read_text())["world_size"]
+    for rank in range(world_size):
+        manifest = directory / MANIFEST.format(rank)
+        if not manifest.exists():
+            raise IncompleteCheckpoint(f"checkpoint {directory}: rank {rank}'s part is missing ({manifest.name})")
+        for name, size in json.loads(manifest.read_text())["files"].items():
+            found = (directory / name).stat().st_size if (directory / name).exists() else None
+            if found != size:
+                raise IncompleteCheckpoint(f"checkpoint {directory}: {name} has {found} of {size} bytes")
+
+
+def latest_local(directory: str | Path) -> Path | None:
+    """Checkpoints kept in a run directory (local mode, the in-process context; Ray Train does not restore
+    them): the complete one furthest into training under `directory`, or None."""
+    best, best_samples = None, -1
+    for path in sorted(Path(directory).glob("checkpoint-*")):
+        try:
+            verify(path)
+        except IncompleteCheckpoint:
+            continue
+        samples = read_state(path).train_state.samples_seen
+        if samples > best_samples:
+            best, best_samples = path, samples
+    return best
+
+
+def staging_dir(run_dir: str | Path, rank: int) -> Path:
+    """Where a rank writes a checkpoint before Ray copies it to storage: local disk, one per run and rank, so
+    a new attempt can remove what a killed one left (see `fresh_staging_dir`)."""
+    key = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / "rayscale-staging" / f"{key}-rank{rank}"
+
+
+def fresh_staging_dir(run_dir: str | Path, rank: int) -> Path:
+    path = staging_dir(run_dir, rank)
+    shutil.rmtree(path, ignore_errors=True)  # left by a killed attempt: no live writer uses it now
+    path.mkdir(parents=True)
+    return path
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def rng_states() -> dict[str, Any]:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+@dataclass
+class SavedState:
+    """A checkpoint's state file, read."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict
+    scaler: dict | None
+    rng: dict[str, Any]  # rank 0's RNG states at the save (each rank's own are in rng_rank<r>.pt)
+    train_state: TrainState
+
+
+def capture(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+            train_state: TrainState) -> dict[str, Any]:
+    """What rank 0 writes to STATE_FILE."""
+    return {
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "train_state": train_state.to_checkpoint(),
+        "rng": rng_states(),
+    }
+
+
+def read_state(directory: str | Path) -> SavedState:
+    """The state file of the checkpoint in `directory`, any version this rayscale reads."""
+    path = Path(directory) / STATE_FILE
+    raw = load(path)
+    if "train_state" in raw:
+        train_state = TrainState.from_checkpoint(raw["train_state"], str(directory))
+    else:  # version 1: a `progress` dict, and the weight average beside the model
+        train_state = TrainState.from_checkpoint({"version": 1, **raw["progress"]}, str(directory))
+        if raw.get("average") is not None:
+            train_state.parts["weight_average"] = {"weights": raw["average"]}
+    return SavedState(raw["model"], raw["optimizer"], raw.get("scaler"), raw["rng"], train_state)
+
+
+def restore(saved: SavedState, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler | None) -> None:
+    """Load the weights, optimizer, scaler and (rank 0's) RNG states into the live objects."""
+    unwrap(model).load_state_dict(saved.model)
+    optimizer.load_state_dict(saved.optimizer)
+    if scaler is not None and saved.scaler is not None:
+        scaler.load_state_dict(saved.scaler)
+    set_rng_states(saved.rng)
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """torch.save to `path` via a temporary file, fsync and rename: readers see the old file or the new one."""
+    _write_atomic(path, lambda handle: torch.save(obj, handle))
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """`data` to `path` the same way: never a half-written file."""
+    _write_atomic(path, lambda handle: handle.write(data))
+
+
+def _write_atomic(path: str | Path, write) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    # weights_only=False: the state holds RNG tuples and numpy arrays, and it is our own file.
+    return torch.load(Path(path), map_location="cpu", weights_only=False)

@@ -1,0 +1,53 @@
+"""Checkpoints from the loop's side: when one is due (run.checkpoint_every_samples, besides every epoch end),
+what each rank writes into it, and what a restarted rank reads back (the file formats: engine/checkpoint.py)."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from rayscale.engine import checkpoint
+from rayscale.engine.run import Run
+from rayscale.files import METRICS_FILE
+
+
+@dataclass
+class Restored:
+    """What a rank resumes from."""
+
+    directory: Path
+    saved: checkpoint.SavedState
+    own_rng: dict | None  # this rank's RNG states (each rank continues its own dropout stream)
+
+
+def read(directory: Path | None, rank: int) -> Restored | None:
+    if directory is None:
+        return None
+    checkpoint.verify(directory)
+    own = directory / checkpoint.RNG_FILE.format(rank)
+    return Restored(directory, checkpoint.read_state(directory), checkpoint.load(own) if own.exists() else None)
+
+
+class CheckpointSchedule:
+    def __init__(self, every: int | None, samples_seen: int):
+        self.every = every
+        self.next_at = samples_seen + every if every else None
+
+    def due(self, samples_seen: int) -> bool:
+        if self.next_at is None or samples_seen < self.next_at:
+            return False
+        self.next_at = samples_seen + self.every
+        return True
+
+
+def write_part(run: Run, directory: Path, metrics_path: Path) -> None:
+    """This rank's files of a checkpoint: rank 0 the state and the log so far, every rank its RNG states, and
+    last its manifest (its presence says the part is whole)."""
+    if run.rank == 0:
+        checkpoint.save_atomic(checkpoint.capture(run.model, run.optimizer, run.precision.scaler, run.state),
+                               directory / checkpoint.STATE_FILE)
+        if metrics_path.exists():  # the log travels with the checkpoint (multi-node: to the driver)
+            shutil.copyfile(metrics_path, directory / METRICS_FILE)
+    checkpoint.save_atomic(checkpoint.rng_states(), directory / checkpoint.RNG_FILE.format(run.rank))
+    checkpoint.write_manifest(directory, run.rank, run.world_size)

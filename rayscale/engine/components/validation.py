@@ -1,0 +1,71 @@
+"""Validation: at every epoch end, every train.eval_every_samples and at Tune's rung milestones. Each rank
+evaluates its slice of every validation step; the sums are all-reduced once."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from rayscale.data.assembly import StepAssembler
+from rayscale.data.collate import micro_batches
+from rayscale.data.sources import DataSpec
+from rayscale.engine import distributed, tasks
+from rayscale.engine.precision import Precision
+from rayscale.math.batching import BatchPlan
+
+
+def next_evaluation(samples_seen: int, every: int, at: tuple[int, ...] = ()) -> int | None:
+    """The first sample count past `samples_seen` at which to validate mid-epoch: the next multiple of
+    `every` (0: none) or the next of the fixed points `at` (Tune's rung milestones), whichever comes first."""
+    candidates = [point for point in at if point > samples_seen]
+    if every:
+        candidates.append((samples_seen // every + 1) * every)
+    return min(candidates, default=None)
+
+
+class ValidationSchedule:
+    """When the next mid-epoch validation is due (None: only at epoch ends, or never without validation rows)."""
+
+    def __init__(self, every: int, at: tuple[int, ...], samples_seen: int, has_rows: bool):
+        self.every, self.at = every, at
+        self.next_at = next_evaluation(samples_seen, every, at) if has_rows else None
+
+    def due(self, samples_seen: int) -> bool:
+        if self.next_at is None or samples_seen < self.next_at:
+            return False
+        self.next_at = next_evaluation(samples_seen, self.every, self.at)
+        return True
+
+
+def evaluate(model: torch.nn.Module, blocks, plan: BatchPlan, rank: int, spec: DataSpec, precision: Precision,
+             device: torch.device) -> dict[str, float]:
+    """Validation loss (and accuracy) over all validation rows (`blocks`: numpy blocks in order), each rank
+    taking its slice of each step of `plan`."""
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
+    assembler = StepAssembler(plan, rank, seed=0, epoch=0, shuffle="none", window_rows=plan.global_batch_size)
+    with torch.no_grad():
+        for step in assembler.steps(blocks):
+            for batch in micro_batches(step, plan.micro_batch_size, device):
+                with precision.autocast():
+                    output = tasks.forward(model, batch)
+                sums[0] += tasks.loss_sum(spec.task, output, batch).double()
+                hits = tasks.correct(spec.task, output, batch)
+                if hits is not None:
+                    sums[1] += hits.double()
+                sums[2] += tasks.count(spec.task, batch).double()
+    model.train()
+    loss, correct, count = distributed.all_reduce(sums, device).tolist()
+    metrics = {"val_loss": loss / max(count, 1e-12)}
+    if spec.task != "regression":
+        metrics["val_accuracy"] = correct / max(count, 1e-12)
+    return metrics
+
+
+def at_micro_batch(plan: BatchPlan, micro_batch_size: int) -> BatchPlan:
+    return dataclasses.replace(plan, micro_batch_size=micro_batch_size)
+
+
+def shown(metrics: dict[str, float]) -> str:
+    return " ".join(f"{key} {value:.4f}" for key, value in metrics.items())

@@ -1,0 +1,76 @@
+"""The collectives the engine makes, in one place. Each is a no-op with one process (or none initialised),
+so the same code runs in local mode, in-process tests and a Ray Train worker group."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_distributed() -> bool:
+    return world_size() > 1
+
+
+def all_reduce(values: Sequence[float] | torch.Tensor, device: torch.device, op: str = "sum") -> torch.Tensor:
+    """`values` summed (or their max, `op="max"`) over every rank, as float64 on `device`."""
+    tensor = values if isinstance(values, torch.Tensor) else torch.tensor(list(values), dtype=torch.float64)
+    tensor = tensor.to(device=device, dtype=torch.float64)
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_sum_(value: torch.Tensor) -> torch.Tensor:
+    """`value` summed over every rank, in place (any dtype, on its own device)."""
+    if is_distributed():
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def from_rank_0(decide: Callable[[], T], rank: int) -> T:
+    """Rank 0's answer on every rank: `decide` runs on rank 0 only (a file listing, a choice from timings
+    that differ between ranks), and every rank gets what it returned."""
+    if not is_distributed():
+        return decide()
+    box = [decide() if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def average_gradients(parameters: list[torch.Tensor], bucket_mb: float = 25.0) -> None:
+    """What DDP's all-reduce does (sum over ranks / world size), in flat buckets, for a step accumulated
+    entirely under no_sync. A parameter without a gradient counts as zero, so every rank makes the same calls.
+    Each gradient becomes a view of its reduced bucket, as under DDP's gradient_as_bucket_view: no copy back
+    (the next step's zero_grad(set_to_none=True) lets DDP put its own bucket views in again)."""
+    ranks = world_size()
+    for p in parameters:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    groups: dict[tuple, list[list[torch.Tensor]]] = {}
+    limit = bucket_mb * 2**20
+    for p in parameters:
+        buckets = groups.setdefault((p.grad.dtype, p.grad.device), [[]])
+        if buckets[-1] and sum(q.grad.numel() * q.grad.element_size() for q in buckets[-1]) >= limit:
+            buckets.append([])
+        buckets[-1].append(p)
+    for buckets in groups.values():
+        for bucket in buckets:
+            grads = [p.grad for p in bucket]
+            flat = torch._utils._flatten_dense_tensors(grads)
+            dist.all_reduce(flat.div_(ranks))
+            for p, synced in zip(bucket, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+                p.grad = synced

@@ -1,0 +1,11 @@
+"""The name of every file a run directory holds: one constant each (the reference: docs/reference/outputs.md)."""
+
+CONFIG_FILE = "config.yaml"  # the resolved config; a re-run resumes only with the same training sections
+METRICS_FILE = "metrics.jsonl"  # one line per log interval and per epoch end (engine/metrics.py)
+SUMMARY_FILE = "summary.json"  # final metrics, times, counts (driver/outputs.py)
+MODEL_FILE = "model.pt"  # the final state_dict (the weight average where the run kept one)
+CURVES_FILE = "curves.png"
+GROUPS_FILE = "worker_groups.jsonl"  # one line per worker group started (launch/callbacks.py)
+CHECKPOINTS_DIR = "checkpoints"
+SUGGEST_JSON = "suggest.json"  # rayscale suggest RUN_DIR writes these two
+SUGGEST_PLOT = "suggest.png"

@@ -1,0 +1,169 @@
+"""[2] The driver on Ray: validates a run, builds its TorchTrainer, runs it and writes the run's outputs.
+
+The only place that builds Ray Train objects (Tune builds its trials with `train` from here too). The checks
+that need no cluster come first (driver/prepare.py), so bad input costs no cluster resources.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import yaml
+
+from rayscale import config as config_module
+from rayscale.config import Config
+from rayscale.data.datasets import build_dataset, quiet_ray_data
+from rayscale.data.splits import curriculum_order
+from rayscale.driver.outputs import print_summary, read_metrics, startup_phases, write_outputs
+from rayscale.driver.prepare import PreparedRun, check_same_config, prepare, worker_payload
+from rayscale.errors import UserError
+from rayscale.files import CONFIG_FILE, GROUPS_FILE
+from rayscale.launch.callbacks import controller_callback, record_group
+from rayscale.launch.connect import connect
+from rayscale.launch.fit import check_cluster_fits, check_fits_before_start
+from rayscale.math.schedules import peak_lr
+
+HEALTH_CHECK_TIMEOUT_ENV = "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S"  # Train's controller reads it (default 600)
+POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # and this one (default 2 s)
+
+
+def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, name: str = "checkpoints",
+                  callbacks: list | None = None, eval_at_samples: list[int] | tuple[int, ...] = (),
+                  pause_at_samples: list[int] | tuple[int, ...] = ()):
+    import ray.data
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from rayscale.launch.worker import train_worker
+
+    cfg = prepared.cfg
+    quiet_ray_data()
+    # A SIGSTOPped or deadlocked worker: its peers' next collective times out after run.hang_timeout_s
+    # (TorchConfig below), and a lone worker stops answering the controller's health check, whose timeout
+    # Train takes from the environment it passes to its controller. Both far below Ray's 30 and 10 minutes.
+    os.environ[HEALTH_CHECK_TIMEOUT_ENV] = str(cfg.run.hang_timeout_s)
+    # ray.train.report is a barrier released at the controller's next poll: at Ray's 2 s, a 12-epoch digits run
+    # took 82 s, at 0.2 s 33 s (measured, 2 cores). Polling a worker is one small actor call.
+    os.environ[POLL_INTERVAL_ENV] = str(cfg.run.poll_interval_s)
+    # Online mode: the workers read the growing directory themselves (data/online.py), no train datasets.
+    datasets = {f"train_{epoch}": build_dataset(prepared.train, epoch, curriculum_order(
+        prepared.train, epoch, cfg.train.epochs, prepared.train_rows)) for epoch in range(cfg.train.epochs)} \
+        if not cfg.data.online else {}
+    if prepared.val is not None:
+        datasets["val"] = build_dataset(prepared.val)
+    execution = ray.data.ExecutionOptions(preserve_order=True)  # the same row order on every rank and run
+    payload = worker_payload(prepared, eval_at_samples, pause_at_samples)
+    if cfg.train.strategy == "parameter_server":
+        from rayscale.launch.ps_actors import start_servers
+
+        lr = peak_lr(cfg.optim, prepared.plan.global_batch_size, cfg.batch.global_batch_size)
+        names, shards, handles = start_servers(cfg, prepared.spec, lr)
+        payload = dataclasses.replace(payload, ps_servers=tuple(names), ps_shards=tuple(map(tuple, shards)))
+        _SERVERS[str(prepared.run_dir)] = handles  # owned by this process: they live as long as it does
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=payload.to_dict(),
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
+                                                           **({"GPU": 1} if cfg.scaling.use_gpu else {})}),
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo",
+                                 timeout_s=int(cfg.run.hang_timeout_s)),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=execution),
+        run_config=RunConfig(
+            # Without run.storage_path the checkpoints live in the run directory; with it (a bucket or a shared
+            # mount, which multi-node clusters need), under <storage_path>/<run.name>.
+            name=cfg.run.name if cfg.run.storage_path and storage_path is None else name,
+            storage_path=storage_path or cfg.run.storage_path or str(prepared.run_dir),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=3),
+            callbacks=callbacks or [],
+            # Train V2 re-routes print() through its logger, which echoes every progress line twice.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        ),
+    )
+
+
+_SERVERS: dict[str, list] = {}  # parameter-server actors by run directory (see build_trainer)
+
+
+def stop_servers(run_dir: Path) -> None:
+    import ray
+
+    for handle in _SERVERS.pop(str(run_dir), []):
+        ray.kill(handle)
+
+
+def user_error_inside(exc: BaseException) -> UserError | None:
+    """The UserError a training failure carries: Ray wraps a worker's (or a Ray Data task's) exception in
+    RayTaskError (`.cause`), Train in WorkerGroupError (`.worker_failures`) or ControllerError."""
+    stack, seen = [exc], set()
+    while stack:
+        error = stack.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        cause = getattr(error, "cause", None)
+        if isinstance(error, UserError) and not isinstance(cause, BaseException):
+            return error
+        stack += [cause if isinstance(cause, BaseException) else None, error.__cause__, error.__context__,
+                  getattr(error, "controller_failure", None),
+                  *(getattr(error, "worker_failures", None) or {}).values()]
+    return None
+
+
+def train(cfg: Config, *, address: str | None = None, callbacks: list | None = None,
+          eval_at_samples: list[int] | tuple[int, ...] = (), pause_at_samples: list[int] | tuple[int, ...] = ()
+          ) -> dict:
+    """Validate, run and write outputs; returns the summary. `eval_at_samples`: extra points (samples seen)
+    at which the workers validate mid-epoch — Tune's rung milestones. `pause_at_samples`: the run ends at the
+    first of these past where it starts, with a checkpoint there (ASHA by promotion: a trial paused at a rung);
+    the same call again resumes from it."""
+    started = time.time()
+    prepared = prepare(cfg)
+    check_same_config(cfg, prepared.run_dir)
+    check_fits_before_start(address, cfg)
+    connecting = time.time()
+    connect(address)
+    connected = time.time()
+    check_cluster_fits(cfg)
+    prepared.run_dir.mkdir(parents=True, exist_ok=True)
+    groups = prepared.run_dir / GROUPS_FILE
+    if not (prepared.run_dir / CONFIG_FILE).exists():  # a new run; otherwise earlier attempts count
+        groups.unlink(missing_ok=True)
+    (prepared.run_dir / CONFIG_FILE).write_text(
+        yaml.safe_dump(config_module.to_dict(cfg), sort_keys=False))
+    print(f"[rayscale] run directory {prepared.run_dir}", flush=True)
+    if cfg.scaling.num_workers == 0:  # local mode: this process is the one "worker group" (no controller)
+        record_group(groups, local=True)
+    try:
+        result = build_trainer(prepared, callbacks=[*(callbacks or []), controller_callback(groups)],
+                               eval_at_samples=eval_at_samples, pause_at_samples=pause_at_samples).fit()
+    except Exception as exc:
+        # Bad input found only while the data streams (a NaN in a later row group, a file changed mid-run)
+        # is still the user's one-line error, not a traceback from inside a worker.
+        found = user_error_inside(exc)
+        if found is None:
+            raise
+        raise UserError(str(found)) from exc
+    finally:
+        stop_servers(prepared.run_dir)
+    records = read_metrics(prepared.run_dir)
+    # Start-up: from this command's start to the moment the (latest) worker group began training.
+    first_step_at = records[-1].get("started_at") if records else None
+    phases = startup_phases(started, connecting, connected, records[-1] if records else {})
+    if result.checkpoint is None:
+        raise RuntimeError("training ended without a checkpoint; see the log above")
+    with result.checkpoint.as_directory() as directory:
+        summary = write_outputs(prepared, Path(directory), started, first_step_at, phases)
+    print_summary(summary)
+    return summary
+
+
+def train_from_cli(config_path: str | None, overrides: list[str], address: str | None = None) -> int:
+    cfg = config_module.load(config_path, overrides)
+    train(cfg, address=address)
+    return 0

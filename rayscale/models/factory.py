@@ -1,0 +1,96 @@
+"""The model is built from `model.name`: a built-in sized by the data, or a user factory by import path.
+
+Built-ins take their data-derived sizes (input width, classes, vocabulary) from the `DataSpec`, so users
+only ever set the knobs in `model.kwargs`. A user factory gets `model.kwargs` and nothing else: it owns its
+shapes. Either way the engine calls `model(x, mask)` for sequences and `model(x)` otherwise (engine/tasks.py).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import math
+
+from torch import nn
+
+from rayscale.config import ModelConfig
+from rayscale.data.sources import DataSpec
+from rayscale.errors import UserError
+from rayscale.models.builtin import CNN, MLP, Transformer
+
+BUILTIN_MODELS = ("mlp", "cnn", "transformer")
+
+
+def _data_sizes(name: str, spec: DataSpec) -> dict:
+    """The constructor arguments a built-in takes from the data rather than from model.kwargs."""
+    shape = tuple(spec.input_shape)
+    if name == "transformer":
+        if spec.vocab_size is None or len(shape) != 1:
+            raise UserError(f"model.name 'transformer': expects token sequences (data with a vocabulary), "
+                            f"got input shape {shape}")
+        return {"vocab_size": spec.vocab_size, "max_length": shape[0], "num_outputs": spec.num_outputs}
+    if spec.vocab_size is not None:
+        raise UserError(f"model.name '{name}': token sequences need transformer or a user model")
+    if name == "cnn":
+        if len(shape) != 3:
+            raise UserError(f"model.name 'cnn': expects image input (C, H, W), got input shape {shape}")
+        channels, height, width = shape
+        return {"in_channels": channels, "image_size": min(height, width), "num_outputs": spec.num_outputs}
+    return {"in_features": math.prod(shape), "num_outputs": spec.num_outputs}
+
+
+def _build_builtin(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
+    model_class = {"mlp": MLP, "cnn": CNN, "transformer": Transformer}[cfg.name]
+    sizes = _data_sizes(cfg.name, spec)
+    # Sizes come from the data and checkpointing from its own key, so neither is a user kwarg.
+    tunable = [p for p in inspect.signature(model_class).parameters
+               if p not in sizes and p != "activation_checkpointing"]
+    for kwarg in cfg.kwargs:
+        if kwarg not in tunable:
+            raise UserError(f"model.kwargs.{kwarg}: {cfg.name} does not take {kwarg} "
+                            f"(it takes {', '.join(tunable)})")
+    return model_class(**sizes, **cfg.kwargs, activation_checkpointing=cfg.activation_checkpointing)
+
+
+def _build_user(cfg: ModelConfig) -> nn.Module:
+    where = f"model.name {cfg.name!r}"
+    module_name, _, attribute = cfg.name.partition(":")
+    if not module_name or not attribute:
+        raise UserError(f"{where}: expected package.module:factory")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UserError(f"{where}: cannot import {module_name} ({exc})") from None
+    factory = getattr(module, attribute, None)
+    if factory is None:
+        raise UserError(f"{where}: {module_name} has no attribute {attribute}")
+    if not callable(factory):
+        raise UserError(f"{where}: {module_name}.{attribute} is not callable")
+    # Check the kwargs against the signature up front, so a TypeError raised inside the factory stays a bug
+    # with its traceback rather than being blamed on the config.
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # some C callables have no signature; let the call itself decide
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(**cfg.kwargs)
+        except TypeError as exc:
+            raise UserError(f"model.kwargs: {attribute}{signature} does not accept them ({exc})") from None
+    model = factory(**cfg.kwargs)
+    if not isinstance(model, nn.Module):
+        raise UserError(f"{where}: factory returned {type(model).__name__}, expected a torch.nn.Module")
+    return model
+
+
+def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
+    """A fresh model for this data; seed torch first if the initial weights must be reproducible."""
+    if cfg.name in BUILTIN_MODELS:
+        return _build_builtin(cfg, spec)
+    if ":" in cfg.name:
+        return _build_user(cfg)
+    close = difflib.get_close_matches(cfg.name, BUILTIN_MODELS, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise UserError(f"model.name: expected mlp, cnn, transformer or package.module:factory, "
+                    f"got {cfg.name!r}{hint}")

@@ -1,0 +1,169 @@
+"""Which settings cannot combine, and why: one table, checked once before any cluster resource is claimed.
+
+Each rule names the keys it is about, refuses a config with one message (the first key named, what to change,
+and why), and carries an example that breaks it (tests/test_rules.py checks every example against its rule).
+Rules that need the data (its row count, its columns) are checked by `driver.prepare` once the data is known;
+rules on a single key's value (types, ranges, finiteness, names) live with the key in config.py.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from rayscale.config import Config
+from rayscale.errors import ConfigError
+from rayscale.math.batching import plan_batches
+
+BUILTIN_SOURCES = ("digits", "synthetic")
+
+
+@dataclass(frozen=True)
+class Rule:
+    keys: tuple[str, ...]  # what it is about; the message starts with the first
+    refuses: Callable[[Config], bool]
+    message: Callable[[Config], str]
+    example: tuple[str, ...]  # --set overrides that break it
+    scope: str = "run"  # run: every command that trains; search: rayscale tune only
+
+
+def _parameter_server(cfg: Config) -> bool:
+    return cfg.train.strategy == "parameter_server"
+
+
+def _online_source_unusable(cfg: Config) -> bool:
+    source = cfg.data.source
+    return source in BUILTIN_SOURCES or "://" in source or not os.path.isdir(os.path.expanduser(source))
+
+
+def _one_step_per_micro_batch(cfg: Config) -> bool:
+    plan = plan_batches(cfg.batch.global_batch_size, cfg.batch.micro_batch_size, cfg.scaling.num_workers)
+    return plan.num_workers == 1 and plan.accumulation_steps == 1 and not plan.auto
+
+
+def _has_grid(cfg: Config) -> bool:
+    return any(isinstance(domain, dict) and "grid" in domain for domain in cfg.tune.space.values())
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(("train.precision", "scaling.use_gpu"),
+         lambda c: c.train.precision == "fp16" and not c.scaling.use_gpu,
+         lambda c: "train.precision fp16 needs a GPU (scaling.use_gpu: true); use bf16 on CPU",
+         ("train.precision=fp16",)),
+    Rule(("data.val_fraction", "data.val_source"),
+         lambda c: c.data.val_source is None and not 0 <= c.data.val_fraction < 1,
+         lambda c: f"data.val_fraction: expected a value in [0, 1), got {c.data.val_fraction}",
+         ("data.val_fraction=1",)),
+    Rule(("data.features", "data.sequence"),
+         lambda c: c.data.sequence is not None and c.data.features is not None,
+         lambda c: "data.features: set either data.features or data.sequence (the tokens are the input), not both",
+         ("data.sequence=tokens", "data.features=[a]")),
+    Rule(("model.activation_checkpointing", "model.name"),
+         lambda c: c.model.activation_checkpointing and ":" in c.model.name,
+         lambda c: "model.activation_checkpointing: only built-in models support it",
+         ("model.activation_checkpointing=true", "model.name=my_models:make")),
+    Rule(("optim.nesterov", "optim.momentum"),
+         lambda c: c.optim.name == "sgd" and c.optim.nesterov and c.optim.momentum == 0,
+         lambda c: f"optim.nesterov: needs optim.momentum > 0, got {c.optim.momentum:g}",
+         ("optim.nesterov=true", "optim.momentum=0")),
+    # The curriculum orders rows by a column and keeps that order through the step assembly.
+    Rule(("data.curriculum_column", "data.source"),
+         lambda c: c.data.curriculum_column is not None and c.data.source in BUILTIN_SOURCES,
+         lambda c: f"data.curriculum_column: data.source {c.data.source} has no columns; a curriculum needs a "
+                   f"Parquet source with a difficulty column",
+         ("data.curriculum_column=hardness",)),
+    *(Rule((f"data.{name}", "data.curriculum_column"),
+           lambda c, name=name: c.data.curriculum_column is not None and getattr(c.data, name) > 1,
+           lambda c, name=name: f"data.{name}: expected a share in (0, 1], got {getattr(c.data, name)}",
+           ("data.source=x.parquet", "data.curriculum_column=hardness", f"data.{name}=1.5"))
+      for name in ("curriculum_fraction", "curriculum_start")),
+    *(Rule(("data.curriculum_column", f"data.{name}"),
+           lambda c, name=name: c.data.curriculum_column is not None and getattr(c.data, name),
+           lambda c, name=name: f"data.curriculum_column: not with data.{name}, which rearranges rows inside each "
+                                f"window and would undo the curriculum's order",
+           ("data.source=x.parquet", "data.curriculum_column=hardness", f"data.{name}=true"))
+      for name in ("stratified", "bucket_by_length")),
+    # Online mode: one pass over a growing directory, with no length known in advance and no epochs.
+    Rule(("data.online", "data.source"),
+         lambda c: c.data.online and _online_source_unusable(c),
+         lambda c: f"data.online: data.source must be a local directory of Parquet files that may grow, got "
+                   f"{c.data.source!r}",
+         ("data.online=true",)),
+    Rule(("data.curriculum_column", "data.online"),
+         lambda c: c.data.online and c.data.curriculum_column is not None,
+         lambda c: "data.curriculum_column: not with data.online (a stream is trained in arrival order)",
+         ("data.source=.", "data.online=true", "data.curriculum_column=hardness", "schedule.name=constant")),
+    Rule(("schedule.name", "data.online"),
+         lambda c: c.data.online and c.schedule.name != "constant",
+         lambda c: f"schedule.name: {c.schedule.name} decays over the run's length, which data.online does not "
+                   f"know in advance; set schedule.name=constant (warmup still applies)",
+         ("data.source=.", "data.online=true")),
+    Rule(("data.online_poll_s", "run.hang_timeout_s"),
+         lambda c: c.data.online and c.data.online_poll_s >= c.run.hang_timeout_s,
+         lambda c: f"data.online_poll_s: {c.data.online_poll_s:g} s must be below run.hang_timeout_s "
+                   f"({c.run.hang_timeout_s:g} s): the other ranks wait for rank 0's poll in a collective",
+         ("data.source=.", "data.online=true", "schedule.name=constant", "data.online_poll_s=90")),
+    Rule(("batch.adaptive", "data.online"),
+         lambda c: c.batch.adaptive != "none" and c.data.online,
+         lambda c: f"batch.adaptive {c.batch.adaptive}: not with data.online (the batch changes at epoch ends, "
+                   f"and a stream has none)",
+         ("data.source=.", "data.online=true", "schedule.name=constant", "batch.adaptive=step",
+          "batch.growth_every_samples=100")),
+    # batch.adaptive needs what each mode decides from.
+    Rule(("batch.growth_every_samples", "batch.adaptive"),
+         lambda c: c.batch.adaptive == "step" and c.batch.growth_every_samples is None,
+         lambda c: "batch.growth_every_samples: batch.adaptive step needs it (how many samples between two "
+                   "growths)",
+         ("batch.adaptive=step",)),
+    Rule(("batch.adaptive", "train.noise_scale", "train.precision"),
+         lambda c: c.batch.adaptive == "goodput" and (not c.train.noise_scale or c.train.precision == "fp16"),
+         lambda c: "batch.adaptive goodput needs the noise scale: train.noise_scale true, and not "
+                   "train.precision fp16",
+         ("batch.adaptive=goodput", "train.noise_scale=false")),
+    Rule(("batch.adaptive", "batch.micro_batch_size", "scaling.num_workers"),
+         lambda c: c.batch.adaptive == "goodput" and _one_step_per_micro_batch(c),
+         lambda c: "batch.adaptive goodput needs the noise scale, which one worker measures only with 2+ "
+                   "micro-batches per step: set batch.micro_batch_size below batch.global_batch_size",
+         ("batch.adaptive=goodput", "scaling.num_workers=1", "batch.micro_batch_size=null")),
+    # The parameter server keeps the weights and optimizer on Ray actors, and steps there.
+    Rule(("scaling.num_workers", "train.strategy"),
+         lambda c: _parameter_server(c) and c.scaling.num_workers == 0,
+         lambda c: "scaling.num_workers: train.strategy parameter_server needs at least 1 Ray Train worker (0 is "
+                   "local mode, with no cluster for the servers)",
+         ("train.strategy=parameter_server", "scaling.num_workers=0")),
+    Rule(("train.precision", "train.strategy"),
+         lambda c: _parameter_server(c) and c.train.precision == "fp16",
+         lambda c: "train.precision fp16: not with train.strategy parameter_server (the GradScaler's loss scale "
+                   "would have to travel with every gradient); use bf16 or fp32",
+         ("train.strategy=parameter_server", "train.precision=fp16", "scaling.use_gpu=true")),
+    Rule(("batch.micro_batch_size", "train.strategy"),
+         lambda c: _parameter_server(c) and c.batch.micro_batch_size == "auto",
+         lambda c: "batch.micro_batch_size auto: not with train.strategy parameter_server; set a number",
+         ("train.strategy=parameter_server", "batch.micro_batch_size=auto")),
+    Rule(("batch.adaptive", "train.strategy"),
+         lambda c: _parameter_server(c) and c.batch.adaptive != "none",
+         lambda c: f"batch.adaptive {c.batch.adaptive}: not with train.strategy parameter_server; set "
+                   f"batch.adaptive none",
+         ("train.strategy=parameter_server", "batch.adaptive=step", "batch.growth_every_samples=100")),
+    Rule(("data.online", "train.strategy"),
+         lambda c: _parameter_server(c) and c.data.online,
+         lambda c: "data.online: not with train.strategy parameter_server",
+         ("train.strategy=parameter_server", "data.source=.", "data.online=true", "schedule.name=constant")),
+    Rule(("train.ema_half_life_samples", "train.strategy"),
+         lambda c: _parameter_server(c) and c.train.ema_half_life_samples is not None,
+         lambda c: "train.ema_half_life_samples: not with train.strategy parameter_server (the weights live on "
+                   "the servers)",
+         ("train.strategy=parameter_server", "train.ema_half_life_samples=100")),
+    Rule(("tune.search", "tune.space"),
+         lambda c: c.tune.search != "random" and _has_grid(c),
+         lambda c: f"tune.search {c.tune.search}: grid domains need tune.search random",
+         ("tune.search=optuna", "tune.space={optim.lr: {grid: [0.1, 0.2]}}"), scope="search"),
+)
+
+
+def check(cfg: Config, scope: str = "run") -> None:
+    """Raise ConfigError with the message of the first rule `cfg` breaks (search: the run's rules too)."""
+    for rule in RULES:
+        if (rule.scope == "run" or rule.scope == scope) and rule.refuses(cfg):
+            raise ConfigError(rule.message(cfg))

@@ -1,0 +1,420 @@
+"""[3] `rayscale tune`: Ray Tune over the driver's own trainer (launch/trainer.py), ASHA on samples seen.
+
+Each trial is a Tune function trainable that builds its TorchTrainer with `trainer.train` — the same driver
+code as `rayscale train`, never a second training loop — and forwards its validation reports to Tune (Train V2
+interop: a callback on the trainer's RunConfig). ASHA's clock is `samples_seen`, so trials with different
+batch sizes are compared after the same amount of data, not after the same number of reports.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+import yaml
+
+from rayscale import config as config_module
+from rayscale.config import Config
+from rayscale.driver.outputs import read_metrics
+from rayscale.driver.prepare import prepare, run_directory
+from rayscale.errors import UserError
+from rayscale.files import CONFIG_FILE, SUMMARY_FILE
+from rayscale.launch import trainer
+from rayscale.launch.callbacks import remove_placement_groups_left
+from rayscale.launch.connect import connect, loopback_unless_joining
+from rayscale.launch.fit import check_cluster_fits, check_fits_before_start
+from rayscale.tune import space
+from rayscale.tune.promotion import RUNG_PAUSE
+
+TIME_ATTR = "samples_seen"
+
+
+def _tune_domain(domain: space.Domain):
+    """A sampled domain as Tune's (grid domains: param_space)."""
+    from ray import tune
+
+    low_high = domain.values
+    return {
+        "choice": lambda: tune.choice(list(domain.values)),
+        "uniform": lambda: tune.uniform(*low_high),
+        "loguniform": lambda: tune.loguniform(*low_high),
+        "randint": lambda: tune.randint(int(low_high[0]), int(low_high[1]) + 1),  # inclusive high
+    }[domain.kind]()
+
+
+GRID_KEY = "grid"  # Tune's one grid domain: the space's grid combinations, in tune.grid_order
+
+
+def param_space(domains: list[space.Domain], cfg: Config) -> dict:
+    """Tune's search space. Tune enumerates several grid domains in a fixed nested order, so the grid
+    combinations are given to it as one grid domain whose values are already in the order to run them."""
+    from ray import tune
+
+    points = space.grid_points(domains, cfg.tune.grid_order, cfg.seed)
+    grid = {GRID_KEY: tune.grid_search(points)} if points else {}
+    return {**grid, **{d.key: _tune_domain(d) for d in domains if d.kind != "grid"}}
+
+
+def sampled_values(trial_config: dict) -> dict:
+    """A trial's dotted keys and values, its grid combination included."""
+    values = {k: v for k, v in trial_config.items() if k != GRID_KEY}
+    return {**trial_config.get(GRID_KEY, {}), **values}
+
+
+STOP_MARKER = ".tune_stopped"
+THREAD_TIMEOUT_ENV = "TUNE_FUNCTION_THREAD_TIMEOUT_S"  # read in the trial's actor when Tune reuses it
+THREAD_TIMEOUT_S = 30
+RELEASE_DELAY_S = 10.0  # after a trial ends, before its left placement groups are removed
+RUNGS_FILE = "asha_rungs.json"  # ASHA's recorded rungs, for --resume (asha.py)
+PROMOTION_FILE = "asha_promotions.json"  # tune.asha_variant promotion: rungs and promotions (promotion.py)
+
+
+def _trial_callbacks(metric: str, stop_marker: Path) -> list:
+    """Run in the trial's TrainController (placed on the trial driver's node, so both see the marker file)."""
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EvaluationReport(TuneReportCallback):
+        """Forward only the reports that measured the metric at that point (epoch ends and Tune's rung
+        milestones): interval reports carry the last validation, which would be stale at their sample count."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metrics[0].get("evaluation") and metric in metrics[0] and not stop_marker.exists():
+                super().after_report(run_context, metrics, checkpoint)
+
+    class AbortWhenStopped(WorkerGroupCallback):
+        """When ASHA stops a trial, Tune ends the trial's session but its TorchTrainer's controller and workers
+        keep training and holding their CPUs (Ray #54305, seen here: later trials then time out waiting for
+        workers). The controller polls its workers every run.poll_interval_s (0.25 s): abort on the
+        first poll after the trial driver marked the trial stopped."""
+
+        def after_worker_group_poll_status(self, worker_group_status):
+            if stop_marker.exists():
+                import ray
+
+                ray.get_runtime_context().current_actor.abort.remote()
+
+    return [EvaluationReport(), AbortWhenStopped()]
+
+
+def default_grace(grace_samples: int | None, max_t: int, reduction_factor: float, warmup: int) -> int:
+    """ASHA's grace period: tune.grace_samples, else max_t / reduction_factor**3 (four rungs: 1/27, 1/9, 1/3
+    of the budget and the end at the default factor 3), and never inside the warmup, where every trial's
+    loss still says more about the warmup than about its settings."""
+    return max(grace_samples or int(max_t / reduction_factor ** 3), warmup, 1)
+
+
+def rung_milestones(grace: int, max_t: int, reduction_factor: float) -> list[int]:
+    """Where ASHA decides: the samples of its rungs below max_t (Ray's `_Bracket` rule, bracket 0). The
+    workers validate at exactly these points, so a rung compares every trial on the same amount of data."""
+    rungs = int(math.log(max_t / grace) / math.log(reduction_factor) + 1)
+    return sorted({math.ceil(grace * reduction_factor ** k) for k in range(rungs)} - {max_t})
+
+
+def _watch_for_stop(stop_marker: Path) -> None:
+    """Mark the trial stopped as soon as Tune stops it, for the controller-side callback to see."""
+    import threading
+
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    if session is None:
+        return
+
+    def watch() -> None:
+        session.stop_event.wait()
+        stop_marker.touch()
+
+    threading.Thread(target=watch, name="rayscale-stop-watch", daemon=True).start()
+
+
+def _release_stopped_trials(trials_dir: Path, delay_s: float):
+    """A Tune callback, in the search's driver: a while after a trial ends, remove any placement group its
+    Train run still holds (launch/callbacks.py says how one is left), so that later trials
+    never wait for CPUs that nothing uses (Ray #54305)."""
+    import time
+
+    from ray import tune
+
+    class ReleaseStoppedTrials(tune.Callback):
+        def __init__(self) -> None:
+            self.ended: dict[str, float] = {}
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            self.ended[trial.trial_id] = time.monotonic()
+
+        on_trial_error = on_trial_complete
+
+        def on_step_begin(self, iteration, trials, **info) -> None:
+            now = time.monotonic()
+            for trial_id, ended in list(self.ended.items()):
+                if now - ended >= delay_s:  # its controller has had time to abort and clean up itself
+                    remove_placement_groups_left(trials_dir / trial_id)
+                    del self.ended[trial_id]
+
+    return ReleaseStoppedTrials()
+
+
+def _finished_records(cfg: Config) -> list[dict] | None:
+    """A trial that already finished (found again on --resume) is reported from its files, not re-run."""
+    run_dir = run_directory(cfg)
+    summary = run_dir / SUMMARY_FILE
+    if not summary.exists() or json.loads(summary.read_text()).get("epochs") != cfg.train.epochs:
+        return None
+    return [r for r in read_metrics(run_dir) if r.get("evaluation")]
+
+
+def _trial(sampled: dict, base: dict, search_dir: str, metric: str, eval_at_samples: list[int],
+           promotion: bool = False) -> None:
+    from ray import tune
+
+    from rayscale.tune.asha import read_promotion_state
+
+    cfg = space.apply(base, sampled_values(sampled))
+    cfg.run.output_dir = str(Path(search_dir) / "trials")
+    trial_id = cfg.run.name = tune.get_context().get_trial_id()
+    finished = _finished_records(cfg)
+    if finished:
+        for record in finished:
+            tune.report(record)
+        return
+    if promotion:
+        # Waiting at a rung, not promoted: restored so by --resume. Pause again before training anything.
+        rungs = read_promotion_state(Path(search_dir) / PROMOTION_FILE)
+        if rungs is not None and rungs.waiting_at(trial_id) is not None:
+            tune.report({**_last_evaluation(cfg), RUNG_PAUSE: True})
+            return
+    # When ASHA stops this trial, Tune reuses this actor for the next one only once this function has returned
+    # (the controller aborts at its next poll), and waits for that 2 s by default; an actor it gives up on is
+    # ended with the abort half done (see launch/callbacks.py).
+    os.environ[THREAD_TIMEOUT_ENV] = str(THREAD_TIMEOUT_S)
+    stop_marker = run_directory(cfg) / STOP_MARKER
+    stop_marker.parent.mkdir(parents=True, exist_ok=True)
+    stop_marker.unlink(missing_ok=True)  # a resumed trial runs again
+    _watch_for_stop(stop_marker)
+    summary = trainer.train(cfg, callbacks=_trial_callbacks(metric, stop_marker), eval_at_samples=eval_at_samples,
+                            pause_at_samples=eval_at_samples if promotion else ())
+    if promotion and summary["epochs"] < cfg.train.epochs:
+        # The run stopped at a rung, its workers gone and its checkpoint there: now PromotingASHA pauses the
+        # trial (this report blocks until it does), never while the run still holds its workers.
+        tune.report({**_last_evaluation(cfg), RUNG_PAUSE: True})
+
+
+def _last_evaluation(cfg: Config) -> dict:
+    """The run's latest validation record: what a paused trial repeats with its pause signal."""
+    return next((r for r in reversed(read_metrics(run_directory(cfg))) if r.get("evaluation")), {})
+
+
+def trial_share(concurrency: int) -> float:
+    """The share of the driver node's `node:<ip>` resource (1.0 in all) each trial holds under promotion, so
+    that Ray itself runs at most `concurrency` trials at once and a paused trial holds none of it. Ray counts
+    resources in 1/10,000ths: rounded down, `concurrency` shares always fit and one more never does."""
+    return math.floor(10_000 / concurrency) / 10_000
+
+
+def max_concurrent(cfg: Config) -> int:
+    """Trials that fit the cluster at once, keeping one CPU for Ray Data's read tasks."""
+    import ray
+
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    total = ray.cluster_resources()
+    workers = max(cfg.scaling.num_workers, 1)
+    if cfg.scaling.use_gpu:
+        return max(1, int(total.get("GPU", 0) // workers))
+    if cfg.scaling.cpus_per_worker == 0:  # workers reserve nothing: only the number of trials bounds it
+        return cfg.tune.num_samples
+    return max(1, int((total.get("CPU", 1) - 1) // (workers * cfg.scaling.cpus_per_worker)))
+
+
+def _search_alg(cfg: Config):
+    if cfg.tune.search == "random":
+        return None  # Tune's BasicVariantGenerator: random samples, grid domains enumerated
+    if cfg.tune.search == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+
+            return OptunaSearch()
+        except (ImportError, AssertionError):
+            raise UserError("tune.search optuna: the optuna package is not installed "
+                            "(pip install 'rayscale[optuna]')") from None
+    try:
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        return HyperOptSearch()
+    except (ImportError, AssertionError):
+        raise UserError("tune.search hyperopt: the hyperopt package is not installed "
+                        "(pip install 'rayscale[hyperopt]')") from None
+
+
+def _this_node_resource() -> str:
+    """The `node:<ip>` resource of the node this driver runs on (as the cluster knows it)."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
+    return next(k for k in node["Resources"] if k.startswith("node:") and k != "node:__internal_head__")
+
+
+def search(cfg: Config, *, address: str | None = None, resume: bool = False) -> list[dict]:
+    """Validate everything, run (or resume) the search, write its outputs; returns trial rows, best first."""
+    base = config_module.to_dict(cfg)
+    domains = space.parse_space(cfg.tune.space)
+    space.validate(base, domains)
+    prepared = prepare(cfg, scope="search")
+    max_t = cfg.train.epochs * prepared.train_rows
+    if cfg.tune.metric.startswith("val_") and prepared.val_rows == 0:
+        raise UserError(f"tune.metric {cfg.tune.metric}: there is no validation data (data.val_fraction is 0 and "
+                        f"data.val_source is not set)")
+    warmup = space.max_value(domains, "schedule.warmup_samples", cfg.schedule.warmup_samples)
+    grace = default_grace(cfg.tune.grace_samples, max_t, cfg.tune.reduction_factor, int(warmup))
+    if grace > max_t:
+        raise UserError(f"tune.grace_samples: {grace} (at least the longest warmup) exceeds a trial's "
+                        f"{max_t} samples (train.epochs x {prepared.train_rows} rows)")
+    search_dir = prepared.run_dir
+    tuner_dir = search_dir / "tune"
+
+    loopback_unless_joining(address)
+    from ray.tune import Tuner
+
+    if resume and not Tuner.can_restore(str(tuner_dir)):
+        raise UserError(f"--resume: no search to resume in {search_dir} (run.output_dir / run.name)")
+    if not resume and tuner_dir.exists():
+        raise UserError(f"run.name {cfg.run.name}: {search_dir} already holds a search; add --resume to "
+                        f"continue it or pick another run.name")
+
+    search_alg = _search_alg(cfg)  # a missing optional package is known before any resource is claimed
+    check_fits_before_start(address, cfg)
+    connect(address)
+    check_cluster_fits(cfg)
+    concurrency = max_concurrent(cfg)
+    search_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (search_dir / "search.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
+    print(f"[rayscale] search in {search_dir}: {len(domains)} keys, {cfg.tune.num_samples} samples, ASHA by "
+          f"{cfg.tune.asha_variant} on "
+          f"{TIME_ATTR} (max {max_t:,}, grace {grace:,}, reduction {cfg.tune.reduction_factor:g}), "
+          f"{concurrency} trials at once"
+          + (f", grid {cfg.tune.grid_order}" if space.grid_size(domains) > 1 else ""), flush=True)
+
+    from ray import tune
+
+    from rayscale.tune.asha import PromotingASHA, ResumableASHA
+
+    # A trial's driver only waits on its TorchTrainer: it holds almost no CPU. It runs on this node (Ray's
+    # built-in node:<ip> resource), and so does its Train controller (Train places it beside the driver): the
+    # trial directories, the stop markers and the search's outputs are then all on one filesystem, on a
+    # multi-node cluster too; only the workers spread out (their checkpoints go to run.storage_path).
+    here = _this_node_resource()
+    milestones = rung_milestones(grace, max_t, cfg.tune.reduction_factor)
+    promotion = cfg.tune.asha_variant == "promotion"
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base=base, search_dir=str(search_dir), metric=cfg.tune.metric,
+                             eval_at_samples=milestones, promotion=promotion),
+        {"CPU": 0.01, here: trial_share(concurrency) if promotion else 0.001})
+    if resume:
+        tuner = Tuner.restore(str(tuner_dir), trainable, resume_unfinished=True, restart_errored=True)
+    else:
+        # stop_last_trials=False: a trial that reaches max_t finishes by itself and writes its outputs
+        # (summary.json, model.pt), which is also how --resume recognises it as finished.
+        scheduler = PromotingASHA(time_attr=TIME_ATTR, milestones=milestones,
+                                  reduction_factor=cfg.tune.reduction_factor,
+                                  state_file=search_dir / PROMOTION_FILE) if promotion else \
+            ResumableASHA(time_attr=TIME_ATTR, max_t=max_t, grace_period=grace,
+                          reduction_factor=cfg.tune.reduction_factor, stop_last_trials=False,
+                          state_file=search_dir / RUNGS_FILE)
+        tuner = Tuner(
+            trainable,
+            param_space=param_space(domains, cfg),
+            tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=scheduler,
+                                        num_samples=cfg.tune.num_samples,
+                                        # Tune counts paused trials against its limit: promotion would
+                                        # deadlock once every slot waits at a rung (trial_share instead).
+                                        max_concurrent_trials=None if promotion else concurrency,
+                                        search_alg=search_alg),
+            run_config=tune.RunConfig(name="tune", storage_path=str(search_dir), verbose=1,
+                                      callbacks=[_release_stopped_trials(search_dir / "trials", RELEASE_DELAY_S)]),
+        )
+    results = tuner.fit()
+    # The last trials' actors are ended as the search finishes, possibly in the middle of their abort.
+    for trial_dir in sorted((search_dir / "trials").glob("*")):
+        remove_placement_groups_left(trial_dir)
+    rows = summarize(results, cfg, domains, max_t)
+    write_outputs(rows, cfg, search_dir)
+    print_ranking(rows, cfg, domains)
+    return rows
+
+
+def summarize(results, cfg: Config, domains: list[space.Domain], max_t: int) -> list[dict]:
+    sign = 1 if cfg.tune.mode == "min" else -1
+    rows = []
+    for result in results:
+        frame = result.metrics_dataframe
+        history, samples = [], 0
+        if frame is not None and TIME_ATTR in frame and len(frame):
+            samples = int(frame[TIME_ATTR].max())  # how far it trained, whatever its metric did
+            if RUNG_PAUSE in frame:  # PromotingASHA's pause signal repeats the rung's result
+                frame = frame[frame[RUNG_PAUSE] != True]  # noqa: E712 - NaN where absent
+            if cfg.tune.metric in frame:
+                history = [(int(s), float(m)) for s, m in zip(frame[TIME_ATTR], frame[cfg.tune.metric],
+                                                              strict=True) if m == m]  # drop NaN
+        status = "error" if result.error else ("completed" if samples >= max_t else "stopped early")
+        best = min((m for _, m in history), key=lambda m: sign * m) if history else None
+        rows.append({
+            "trial_id": (result.metrics or {}).get("trial_id") or Path(result.path).name,
+            "status": status,
+            **{d.key: sampled_values(result.config or {}).get(d.key) for d in domains},
+            TIME_ATTR: samples,
+            f"best_{cfg.tune.metric}": best,
+            f"last_{cfg.tune.metric}": history[-1][1] if history else None,
+            "history": history,
+        })
+    rows.sort(key=lambda r: (r[f"best_{cfg.tune.metric}"] is None, sign * (r[f"best_{cfg.tune.metric}"] or 0)))
+    return rows
+
+
+def write_outputs(rows: list[dict], cfg: Config, search_dir: Path) -> None:
+    from rayscale.tools.plots import plot_tune_curves
+
+    fields = [k for k in rows[0] if k != "history"] if rows else ["trial_id"]
+    with open(search_dir / "trials.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    best = next((r for r in rows if r[f"best_{cfg.tune.metric}"] is not None), None)
+    if best is not None:
+        trial_config = yaml.safe_load((search_dir / "trials" / best["trial_id"] / CONFIG_FILE).read_text())
+        trial_config["run"].update(output_dir=cfg.run.output_dir, name=f"{cfg.run.name}-best")
+        trial_config.pop("tune", None)
+        (search_dir / "best_config.yaml").write_text(
+            f"# Best trial {best['trial_id']} of search {cfg.run.name}: "
+            f"best {cfg.tune.metric} {best[f'best_{cfg.tune.metric}']:.4f}\n"
+            f"# Train it with: rayscale train -c {search_dir / 'best_config.yaml'}\n"
+            + yaml.safe_dump(trial_config, sort_keys=False))
+    plot_tune_curves(rows, cfg.tune.metric, search_dir / "tune_curves.png", title=cfg.run.name)
+
+
+def print_ranking(rows: list[dict], cfg: Config, domains: list[space.Domain]) -> None:
+    metric = cfg.tune.metric
+    headers = ["rank", "trial", *[d.key for d in domains], f"best {metric}", "samples", "status"]
+    table = [[str(i + 1), r["trial_id"], *[_short(r[d.key]) for d in domains], _short(r[f"best_{metric}"]),
+              f"{r[TIME_ATTR]:,}", r["status"]] for i, r in enumerate(rows)]
+    widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return "-" if value is None else str(value)
+
+
+def tune_from_cli(config_path: str | None, overrides: list[str], address: str | None, resume: bool) -> int:
+    cfg = config_module.load(config_path, overrides)
+    search(cfg, address=address, resume=resume)
+    return 0

@@ -1,0 +1,91 @@
+"""The engine without Ray, for tests: a config trained by `engine.loop.TrainLoop` through the in-process context,
+in this process (one rank) or in spawned gloo processes (several), its outputs written as `rayscale train` writes
+them (driver/outputs.py). What `rayscale train` adds on top is Ray: tests/test_pipeline.py runs that."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import yaml
+
+from rayscale import config
+from rayscale.data.local_feed import LocalFeed
+from rayscale.driver.outputs import read_metrics, write_outputs
+from rayscale.driver.prepare import check_same_config, prepare, worker_payload
+from rayscale.engine import checkpoint
+from rayscale.engine.context import InProcessContext
+from rayscale.engine.loop import TrainLoop
+from rayscale.files import CHECKPOINTS_DIR, CONFIG_FILE, GROUPS_FILE, MODEL_FILE
+from rayscale.launch.callbacks import record_group
+
+
+@dataclass
+class Trained:
+    summary: dict
+    model: dict[str, torch.Tensor]  # model.pt
+    reports: list[tuple[dict, Path | None]]  # rank 0's, in order
+    run_dir: Path
+
+    @property
+    def lines(self) -> list[dict]:
+        return read_metrics(self.run_dir)
+
+
+def train(output_dir: Path, name: str, *overrides: str, workers: int = 1, eval_at_samples=(),
+          pause_at_samples=()) -> Trained:
+    """`rayscale train` for `overrides`, without Ray. Re-running the same name resumes, as there."""
+    cfg = config.load(overrides=[f"run.output_dir={output_dir}", f"run.name={name}",
+                                 f"scaling.num_workers={workers}", *overrides])
+    started = time.time()
+    prepared = prepare(cfg)
+    check_same_config(cfg, prepared.run_dir)
+    prepared.run_dir.mkdir(parents=True, exist_ok=True)
+    groups = prepared.run_dir / GROUPS_FILE
+    if not (prepared.run_dir / CONFIG_FILE).exists():  # a new run; otherwise earlier attempts count
+        groups.unlink(missing_ok=True)
+    record_group(groups, in_process=True)  # as local mode does: each run of the loop is one worker group
+    (prepared.run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(cfg), sort_keys=False))
+    payload = worker_payload(prepared, eval_at_samples, pause_at_samples)
+    feed = LocalFeed(prepared.train, prepared.val, cfg.train.epochs, prepared.train_rows)
+    if workers == 1:
+        reports = _rank(0, 1, 0, payload, feed)
+    else:
+        out = prepared.run_dir / ".reports"
+        mp.start_processes(_spawned, args=(workers, _free_port(), payload, feed, str(out)), nprocs=workers,
+                           start_method="spawn")
+        reports = pickle.loads(out.read_bytes())
+    final = checkpoint.latest_local(prepared.run_dir / CHECKPOINTS_DIR)
+    summary = write_outputs(prepared, final, started, first_step_at=None)
+    return Trained(summary, torch.load(prepared.run_dir / MODEL_FILE), reports, prepared.run_dir)
+
+
+def _rank(rank: int, world_size: int, port: int, payload, feed) -> list:
+    context = InProcessContext(payload.run_dir, feed, rank=rank, world_size=world_size)
+    TrainLoop(payload, context).train()
+    return context.reports
+
+
+def _spawned(rank: int, world_size: int, port: int, payload, feed, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ["RANK"] = str(rank)  # what a test model may read to tell the ranks apart
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        reports = _rank(rank, world_size, port, payload, feed)
+        if rank == 0:
+            Path(out).write_bytes(pickle.dumps(reports))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

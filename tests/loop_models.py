@@ -1,0 +1,69 @@
+"""Models for the loop's tests (`model.name: loop_models:<factory>`): the built-in MLP with one behaviour
+injected each, numerics otherwise untouched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rayscale.models import MLP
+
+
+class Cramped(MLP):
+    """Runs out of device memory above `limit` rows per training forward (CUDA's error, injected), so
+    batch.micro_batch_size auto can be tested on a CPU."""
+
+    def __init__(self, limit, **kwargs):
+        super().__init__(**kwargs)
+        self.limit = limit
+
+    def forward(self, x):
+        if self.training and len(x) > self.limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(x)} rows")
+        return super().forward(x)
+
+
+def cramped(limit, hidden_sizes=(256, 256)):  # the built-in digits MLP: the same initial weights
+    return Cramped(limit, in_features=64, num_outputs=10, hidden_sizes=tuple(hidden_sizes))
+
+
+class CrashOnce(MLP):
+    """Dies once (a RuntimeError) at its `after`-th training forward, unless `marker` exists: a crashed run, for a
+    re-run to resume."""
+
+    def __init__(self, after, marker):
+        super().__init__(in_features=64, num_outputs=10, hidden_sizes=(32,))
+        self.after, self.marker, self.calls = after, marker, 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if self.calls == self.after and not Path(self.marker).exists():
+                Path(self.marker).touch()
+                raise RuntimeError("injected crash")
+        return super().forward(x)
+
+
+def crash_once(after, marker):
+    return CrashOnce(after, marker)
+
+
+class NanAt(MLP):
+    """Training forwards number `at` (from 0) give NaN: non-finite steps where the test says."""
+
+    def __init__(self, at):
+        super().__init__(in_features=64, num_outputs=10, hidden_sizes=(32,))
+        self.at, self.calls = set(at), 0
+
+    def forward(self, x):
+        out = super().forward(x)
+        if self.training:
+            self.calls += 1
+            if self.calls - 1 in self.at:
+                out = out * float("nan")
+        return out
+
+
+def nan_at(at=()):
+    return NanAt(at)

@@ -1,0 +1,266 @@
+"""The training loop's behaviours, through the in-process context: no Ray, one rank in this process or two gloo
+processes where DDP matters (tests/inprocess.py). What needs Ray itself is in test_pipeline.py."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from inprocess import train
+
+from rayscale import config
+from rayscale.engine import checkpoint
+from rayscale.engine.components import checkpointing
+from rayscale.errors import ConfigError
+from rayscale.math.adaptive_batch import goodput_batch, plan_for
+from rayscale.math.schedules import schedule_from_config
+
+BASE = ("train.epochs=2", "batch.global_batch_size=64")
+AVERAGED = "train.ema_half_life_samples=200"
+CRAMPED = ("model.name=loop_models:cramped", "model.kwargs={limit: 16, hidden_sizes: [32]}")
+
+
+def crash_once(tmp_path, name, after):
+    """A model that raises once, at its `after`-th training forward: a crashed run, for a re-run to resume."""
+    return ("model.name=loop_models:crash_once", f"model.kwargs={{after: {after}, marker: {tmp_path / name}.marker}}")
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def crash_after_a_checkpoint(monkeypatch):
+    """The next run dies (a RuntimeError out of the loop) 128 samples after its first mid-epoch checkpoint."""
+    real, saved = checkpointing.CheckpointSchedule.due, []
+
+    def due(self, samples_seen):
+        if saved and samples_seen >= saved[0] + 128:
+            monkeypatch.setattr(checkpointing.CheckpointSchedule, "due", real)
+            raise RuntimeError("injected crash")
+        answer = real(self, samples_seen)
+        if answer:
+            saved.append(samples_seen)
+        return answer
+
+    monkeypatch.setattr(checkpointing.CheckpointSchedule, "due", due)
+
+
+def test_the_loop_trains_and_writes_the_run_directory(tmp_path):
+    run = train(tmp_path, "plain", *BASE, "batch.micro_batch_size=16")
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "model.pt", "curves.png"):
+        assert (run.run_dir / name).stat().st_size > 0, name
+    losses = [r["train_loss"] for r in run.lines if r["train_loss"] is not None]
+    assert losses[-1] < losses[0] * 0.7  # it learned
+    assert run.summary["samples_seen"] == 2 * run.summary["train_rows"] and run.summary["rows_left_out"] == 0
+    for key in ("step", "epoch", "samples_seen", "train_loss", "lr", "grad_norm", "samples_per_sec",
+                "data_wait_fraction", "peak_memory_mb", "memory_mb", "gradient_noise_scale", "update_s"):
+        assert key in run.lines[0], key
+    assert run.lines[-1]["memory_mb"] > 0 and run.lines[-1]["val_accuracy"] > 0.5
+    # Each epoch end is a checkpoint, reported with its line.
+    saved = [(metrics["epoch"], metrics["training_done"]) for metrics, directory in run.reports if directory]
+    assert saved == [(1, False), (2, True)]
+
+
+def test_weight_average_is_validated_and_exported_and_leaves_training_alone(tmp_path):
+    plain = train(tmp_path, "plain", *BASE)
+    averaged = train(tmp_path, "averaged", *BASE, AVERAGED)
+    state = checkpoint.read_state(checkpoint.latest_local(averaged.run_dir / "checkpoints"))
+    assert same(plain.model, state.model)  # training never reads the average
+    assert same(averaged.model, state.train_state.parts["weight_average"]["weights"])
+    assert not same(averaged.model, plain.model)
+    assert averaged.summary["final"]["val_loss"] != plain.summary["final"]["val_loss"]  # the average validated
+    assert averaged.summary["final"]["val_accuracy"] > 0.8
+
+
+def test_auto_micro_batch_halves_on_out_of_memory_and_trains_the_same_model(tmp_path, capsys):
+    """A model that runs out of memory above 16 rows: 64 and 32 fail, the run settles on 16 and ends with the
+    model a fixed micro-batch of 16 gives, bit for bit. At 0 rows nothing fits: a one-line error."""
+    auto = train(tmp_path, "auto", *BASE, "batch.micro_batch_size=auto", *CRAMPED)
+    fixed = train(tmp_path, "fixed", *BASE, "batch.micro_batch_size=16", *CRAMPED)
+    assert same(auto.model, fixed.model)
+    assert (auto.summary["batch_plan"]["micro_batch_size"], auto.summary["batch_plan"]["accumulation_steps"]) == (16, 4)
+    logged = [r for r in auto.lines if not r.get("evaluation")]
+    assert logged and all(r["micro_batch_size"] == 16 for r in logged)
+    assert "every worker redoes it at micro-batch 32" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="batch.micro_batch_size auto: out of device memory even at micro-batch 1"):
+        train(tmp_path, "none_fits", "train.epochs=1", "batch.micro_batch_size=auto", "model.name=loop_models:cramped",
+              "model.kwargs={limit: 0}")
+
+
+def test_a_crashed_run_resumes_mid_epoch_at_the_micro_batch_it_found(tmp_path, capsys, crash_after_a_checkpoint):
+    """Killed mid-epoch after a checkpoint and started again: it resumes from that checkpoint at micro-batch 16
+    (without running out of memory again), and ends with the uninterrupted run's model, bit for bit."""
+    overrides = (*BASE, "batch.micro_batch_size=auto", *CRAMPED, "run.checkpoint_every_samples=320")
+    with pytest.raises(RuntimeError, match="injected crash"):
+        train(tmp_path, "crashed", *overrides)
+    capsys.readouterr()
+    resumed = train(tmp_path, "crashed", *overrides)
+    assert "out of device memory" not in capsys.readouterr().out
+    whole = train(tmp_path, "whole", *overrides)
+    assert resumed.summary["restarts"] == 1 and resumed.summary["batch_plan"]["micro_batch_size"] == 16
+    assert same(whole.model, resumed.model)
+    samples = [r["samples_seen"] for r in resumed.lines]
+    assert samples == sorted(samples) and len(samples) == len(whole.lines)  # lines after the checkpoint replaced
+
+
+def test_adaptive_batch_grows_at_epoch_ends_and_a_crashed_run_resumes_at_the_grown_batch(tmp_path):
+    """batch.adaptive step: 32 for two epochs, then 64, then 128, the lr following the linear rule. A run that
+    crashes in epoch 4 (global batch 64) and is started again resumes from its last checkpoint at 64, and ends with
+    the uninterrupted run's model, bit for bit. Goodput: the second epoch's batch is what the decision makes of the
+    first epoch's lines."""
+    def adaptive(name, crash_after):
+        return train(tmp_path, name, "train.epochs=5", "batch.global_batch_size=32", "batch.micro_batch_size=16",
+                     "batch.adaptive=step", "batch.growth_every_samples=2800", "optim.scaling_rule=linear",
+                     *crash_once(tmp_path, name, crash_after))
+
+    whole = adaptive("whole", 10**9)
+    rows = whole.summary["train_rows"]
+    assert 1400 < rows < 1500  # so the milestones at 2,800 and 5,600 samples fall in epochs 2 and 4
+    batches = {r["epoch"]: r["global_batch_size"] for r in whole.lines}
+    assert batches == {0: 32, 1: 32, 2: 64, 3: 64, 4: 128}
+    multiplier = schedule_from_config(config.load().schedule, total_samples=5 * rows)
+    for line in (line for line in whole.lines if multiplier(line["samples_seen"]) > 1e-3):  # cosine ends at 0
+        assert line["lr"] / multiplier(line["samples_seen"]) == pytest.approx(0.1 * line["global_batch_size"] / 32,
+                                                                              rel=1e-9), line
+    plan = whole.summary["batch_plan"]
+    assert (plan["global_batch_size"], plan["accumulation_steps"]) == (128, 8)
+    assert whole.summary["samples_seen"] == 5 * rows  # every row, every epoch, whatever the batch
+
+    crash_at = 2 * (-(-rows // 32)) * 2 + (-(-rows // 64)) * 4 + 20  # forwards: inside epoch 4
+    with pytest.raises(RuntimeError, match="injected crash"):
+        adaptive("crashed", crash_at)
+    resumed = adaptive("crashed", crash_at)
+    assert resumed.summary["restarts"] == 1  # resumed, not retrained from scratch (which gives the same model)
+    assert same(whole.model, resumed.model)
+    assert {r["epoch"]: r["global_batch_size"] for r in resumed.lines} == batches
+
+    goodput = train(tmp_path, "goodput", "train.epochs=2", "batch.global_batch_size=32", "batch.micro_batch_size=16",
+                    "batch.adaptive=goodput", "train.log_every_samples=256")
+    first = [r for r in goodput.lines if r["epoch"] == 0]
+    chosen = goodput_batch(first, plan_for(32, 16, 1), 32, 1024)
+    assert chosen is not None and [r["global_batch_size"] for r in goodput.lines if r["epoch"] == 1][0] == chosen
+
+
+def test_a_resume_from_a_rung_pause_is_no_restart_and_a_crash_after_it_is_one(tmp_path):
+    """Paused at 320 samples (ASHA by promotion's rung) and started again: `rung_resumes` 1, `restarts` 0. Resumed
+    from the pause, crashed before the next checkpoint and started again: the pause checkpoint is restored a second
+    time, still one rung resume, now one restart, and the uninterrupted model."""
+    def paused(name, crash_after):
+        return train(tmp_path, name, "train.epochs=2", "batch.global_batch_size=32", "batch.micro_batch_size=16",
+                     *crash_once(tmp_path, name, crash_after), eval_at_samples=[320], pause_at_samples=[320]).summary
+
+    expected = train(tmp_path, "whole", "train.epochs=2", "batch.global_batch_size=32", "batch.micro_batch_size=16",
+                     *crash_once(tmp_path, "whole", 10**9)).model
+    at_rung = paused("clean", 10**9)
+    assert (at_rung["samples_seen"], at_rung["epochs"], at_rung["rung_resumes"], at_rung["restarts"]) == (320, 0, 0, 0)
+    resumed = paused("clean", 10**9)
+    assert (resumed["samples_seen"], resumed["rung_resumes"], resumed["restarts"]) == (2 * resumed["train_rows"], 1, 0)
+
+    # 2 forwards a step: 10 steps to the rung (20 forwards) trains on; 30 steps past it, inside epoch 1, crash.
+    assert paused("crashed", 60)["samples_seen"] == 320
+    with pytest.raises(RuntimeError, match="injected crash"):
+        paused("crashed", 60)
+    summary = paused("crashed", 60)
+    assert (summary["rung_resumes"], summary["restarts"]) == (1, 1)
+    assert same(expected, torch.load(tmp_path / "crashed" / "model.pt"))
+
+
+def test_a_log_line_due_at_the_epoch_end_is_the_epoch_end_line(tmp_path):
+    """train.log_every_samples dividing the epoch: the line due at its last step is the epoch-end line itself, so
+    it carries the interval's loss and rate, and no two lines stand at the same sample count."""
+    run = train(tmp_path, "aligned", *BASE, "data.source=synthetic", "data.synthetic.rows=512", "data.val_fraction=0",
+                "train.log_every_samples=256")
+    assert [(r["samples_seen"], bool(r.get("epoch_end"))) for r in run.lines] == [
+        (256, False), (512, True), (768, False), (1024, True)]
+    assert all(r["train_loss"] is not None and r["samples_per_sec"] > 0 and r["grad_norm"] > 0 for r in run.lines)
+    assert run.summary["final"]["train_loss"] == run.lines[-1]["train_loss"]
+
+
+def test_nonfinite_steps_are_skipped_counted_and_abort_the_run_when_too_many_in_a_row(tmp_path):
+    """The default SGD is fused: the loop never reads the skipped flag per step, yet the count, the average, the
+    logged norm and the abort (naming the step that reached train.max_nonfinite_steps) hold."""
+    common = ["train.epochs=1", "batch.global_batch_size=64", "batch.micro_batch_size=64",
+              "train.log_every_samples=256", "model.name=loop_models:nan_at", AVERAGED]
+    run = train(tmp_path, "two_bad", *common, "model.kwargs={at: [2, 4]}")
+    assert run.summary["nonfinite_skipped"] == 2
+    assert all(torch.isfinite(tensor).all() for tensor in run.model.values())
+    logged = [r for r in run.lines if not r.get("evaluation")]
+    assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in logged)
+    assert logged[-1]["nonfinite_skipped"] == 2
+    with pytest.raises(Exception, match="at step 5: 3 steps in a row were skipped"):
+        train(tmp_path, "from_third", *common, "model.kwargs={at: [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]}",
+              "train.max_nonfinite_steps=3")
+
+
+def test_one_rank_accumulating_8_micro_batches_trains_the_model_of_one_batch_of_64(tmp_path):
+    full = train(tmp_path, "micro64", *BASE, "batch.micro_batch_size=64")
+    accumulated = train(tmp_path, "micro8", *BASE, "batch.micro_batch_size=8")
+    for key in full.model:
+        assert torch.allclose(full.model[key], accumulated.model[key], rtol=1e-4, atol=1e-5), key
+
+
+def test_a_finished_run_started_again_trains_nothing(tmp_path):
+    first = train(tmp_path, "done", "train.epochs=1")
+    again = train(tmp_path, "done", "train.epochs=1")
+    assert same(first.model, again.model) and again.summary["steps"] == first.summary["steps"]
+    assert again.reports == [({"samples_seen": first.summary["samples_seen"], "epoch": 1, "training_done": True},
+                              None)]
+
+
+# --------------------------------------------------------------------------------- two ranks (gloo, DDP)
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Two ranks, micro-batch 8 of a global 64 (4 accumulation steps each), checkpoints mid-epoch."""
+    tmp = tmp_path_factory.mktemp("two_ranks")
+    return train(tmp, "micro8", *BASE, "batch.micro_batch_size=8", "run.checkpoint_every_samples=320", AVERAGED,
+                 workers=2)
+
+
+def test_two_ranks_learn_count_every_row_and_measure_the_noise_scale(two_ranks):
+    summary = two_ranks.summary
+    assert summary["world_size"] == 2 and summary["batch_plan"]["accumulation_steps"] == 4
+    assert summary["samples_seen"] == 2 * summary["train_rows"]  # the partial last step is trained too
+    assert summary["final"]["val_accuracy"] > 0.8
+    logged = [r for r in two_ranks.lines if not r.get("evaluation")]
+    assert logged and all(r["gradient_noise_scale"] > 0 for r in logged)  # a rank's share is the small batch
+    assert all(r["critical_batch_size"] == round(r["gradient_noise_scale"]) for r in logged)
+    assert all(0 < r["batch_efficiency"] < 1 for r in logged)  # base batch: the micro-batch, 8 < 64
+
+
+def test_two_ranks_validating_mid_epoch_and_streaming_every_epoch_train_the_same_model(two_ranks, tmp_path):
+    """The same config and seed, validating mid-epoch too and reading every epoch from the feed (the reference
+    replays epochs 2+ from each rank's cache): the same model, bit for bit, and the validations are logged."""
+    evaluated = train(tmp_path, "evaluated", *BASE, "batch.micro_batch_size=8", "run.checkpoint_every_samples=320",
+                      "train.eval_every_samples=400", "data.cache_mb=0", AVERAGED, workers=2)
+    assert same(two_ranks.model, evaluated.model)  # validation touches no training state; the cache replays
+    rows = two_ranks.summary["train_rows"]
+    step_ends = [epoch * rows + min(k * 64, rows) for epoch in (0, 1) for k in range(1, -(-rows // 64) + 1)]
+    crossings = [next(end for end in step_ends if end >= point) for point in range(400, 2 * rows, 400)]
+    mid = [r for r in evaluated.lines if r.get("evaluation") and not r.get("epoch_end")]
+    assert [r["samples_seen"] for r in mid] == [end for end in crossings if end % rows]
+    assert all(0 < r["val_loss"] < 10 and 0 <= r["val_accuracy"] <= 1 for r in mid)
+
+
+def test_two_ranks_agree_to_halve_the_micro_batch_and_train_the_same_maths(two_ranks, tmp_path):
+    """Micro-batch 16 found by batch.micro_batch_size auto (both ranks redo the first step at 16 together: the DDP
+    path of an OOM-safe step) instead of the reference's 8: the same maths, other sums."""
+    found = train(tmp_path, "micro16", *BASE, "batch.micro_batch_size=auto", "model.name=loop_models:cramped",
+                  "model.kwargs={limit: 16}", AVERAGED, workers=2)
+    assert (found.summary["batch_plan"]["micro_batch_size"], found.summary["batch_plan"]["accumulation_steps"]) == (16, 2)
+    for key in two_ranks.model:
+        assert torch.allclose(two_ranks.model[key], found.model[key], rtol=1e-4, atol=1e-5), key
+    assert not same(two_ranks.model, found.model)
+
+
+def test_the_log_is_written_by_rank_0_once_and_travels_with_every_checkpoint(two_ranks):
+    lines = (two_ranks.run_dir / "metrics.jsonl").read_text().splitlines()
+    samples = [json.loads(line)["samples_seen"] for line in lines]
+    assert samples == sorted(samples) and len(samples) == len(set(zip(samples, lines, strict=True)))
+    final = checkpoint.latest_local(two_ranks.run_dir / "checkpoints")
+    assert (final / "metrics.jsonl").read_text().splitlines() == lines
+    assert sorted(p.name for p in final.iterdir()) == ["manifest_rank0.json", "manifest_rank1.json", "metrics.jsonl",
+                                                      "rng_rank0.pt", "rng_rank1.pt", "state.pt"]
