@@ -1,0 +1,149 @@
+"""Which rows of a source a split holds and in what order an epoch reads its chunks: plain data and numpy only,
+so the Ray Data tasks that read chunks (`read_split_chunks`) never import torch, and the in-process feed
+(local_feed.py) reads exactly what they read.
+
+Validation rows are a fixed pseudo-random subset by row id (`is_validation`), the same every epoch and run,
+counted without reading data (`count_rows`). A curriculum epoch's order is a sort key per row
+(`add_curriculum_keys`, from math/curriculum.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from rayscale.config import DataConfig
+from rayscale.data import sources
+from rayscale.math import curriculum
+
+VAL_BUCKETS = 1_000_000
+CURRICULUM_KEY = "curriculum_key"  # the sort key column, dropped after the sort
+
+
+def _mix(row_ids: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: a stable pseudo-random value per row id, independent of order and chunking."""
+    z = row_ids.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def is_validation(row_ids: np.ndarray, val_fraction: float) -> np.ndarray:
+    """Rows held out for validation: a fixed pseudo-random subset, the same in every epoch and run."""
+    return (_mix(row_ids) % np.uint64(VAL_BUCKETS)) < np.uint64(round(val_fraction * VAL_BUCKETS))
+
+
+def count_rows(info: sources.SourceInfo, split: str, val_fraction: float) -> int:
+    """Rows in `split` ("train", "val" or "all"), counted from row ids only, without reading data."""
+    if split == "all" or val_fraction == 0:
+        return info.num_rows if split != "val" else 0
+    held_out = 0
+    for start in range(0, info.num_rows, 1 << 22):  # bounded memory for billions of rows
+        held_out += int(is_validation(np.arange(start, min(start + (1 << 22), info.num_rows)), val_fraction).sum())
+    return held_out if split == "val" else info.num_rows - held_out
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """Which rows of which source a dataset holds: plain data, shipped to Ray Data tasks."""
+
+    info: sources.SourceInfo
+    split: str  # "train" | "val" | "all"
+    val_fraction: float
+    data: DataConfig
+    seed: int
+
+
+def read_split_chunks(batch: dict[str, np.ndarray], spec: SplitSpec) -> dict[str, np.ndarray]:
+    """Ray Data map_batches function: chunk descriptors in, those chunks' rows (of this split) out."""
+    outputs = [_read_split_chunk(int(index), spec) for index in batch["chunk"]]
+    return {key: concat_columns([out[key] for out in outputs]) for key in outputs[0]}
+
+
+def _read_split_chunk(index: int, spec: SplitSpec) -> dict[str, np.ndarray]:
+    rows = sources.read_chunk(spec.info.kind, spec.info.chunks[index], spec.data, spec.seed)
+    if spec.split == "all" or spec.val_fraction == 0:
+        return rows
+    keep = is_validation(rows["row_id"], spec.val_fraction)
+    if spec.split == "train":
+        keep = ~keep
+    return {key: value[keep] for key, value in rows.items()}
+
+
+def concat_columns(parts: list[np.ndarray]) -> np.ndarray:
+    if parts[0].dtype == object:
+        out = np.empty(sum(len(p) for p in parts), dtype=object)
+        out[:] = [item for part in parts for item in part]
+        return out
+    return np.concatenate(parts)
+
+
+def chunk_order(num_chunks: int, shuffle: str, seed: int, epoch: int | None) -> np.ndarray:
+    """The order in which an epoch streams a split's chunks: block (file / row-group) order, fresh each epoch
+    under local shuffle, else row-id order."""
+    order = np.arange(num_chunks)
+    if shuffle == "local" and epoch is not None:
+        order = np.random.default_rng([seed, epoch, 17]).permutation(order)
+    return order
+
+
+def epoch_shuffle(spec: SplitSpec, order: CurriculumOrder | None) -> str:
+    """The shuffle an epoch of `spec` gets: data.shuffle for training, none for validation and for a curriculum
+    epoch (its order is the curriculum's sort)."""
+    return spec.data.shuffle if spec.split == "train" and order is None else "none"
+
+
+@dataclass(frozen=True)
+class CurriculumOrder:
+    """What a Ray Data task needs to compute one epoch's curriculum sort keys (curriculum.py): plain data."""
+
+    epoch: int
+    train_rows: int  # rows per epoch
+    span: int  # samples over which the competence grows to 1
+    start: float  # data.curriculum_start
+    seed: int
+    histogram: tuple[tuple[float, ...], tuple[int, ...]]  # the difficulty column's (edges, counts)
+
+
+def curriculum_order(spec: SplitSpec, epoch: int, epochs: int, train_rows: int) -> CurriculumOrder | None:
+    """The curriculum order of a training epoch, or None when the curriculum is off or its span is over."""
+    data = spec.data
+    if data.curriculum_column is None or spec.info.difficulty_histogram is None:
+        return None
+    if epoch not in curriculum.curriculum_epochs(data.curriculum_fraction, epochs, train_rows):
+        return None
+    return CurriculumOrder(epoch, train_rows, curriculum.span_samples(data.curriculum_fraction, epochs, train_rows),
+                           data.curriculum_start, spec.seed, spec.info.difficulty_histogram)
+
+
+def uniform_per_row(row_ids: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """A seeded value in [0, 1) per (seed, epoch, row id), whatever the block boundaries or order."""
+    salt = np.uint64((seed * 1_000_003 + epoch * 7919 + 12345) % 2**63)
+    with np.errstate(over="ignore"):
+        mixed = _mix(_mix(row_ids) ^ salt)
+    return (mixed >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def add_curriculum_keys(batch: dict[str, np.ndarray], order: CurriculumOrder) -> dict[str, np.ndarray]:
+    """Ray Data map_batches function: each row's curriculum sort key (ascending = trained first)."""
+    edges, counts = (np.asarray(part, dtype=np.float64) for part in order.histogram)
+    quantile = curriculum.quantiles(batch["difficulty"], edges, counts)
+    keys = curriculum.sort_keys(quantile, uniform_per_row(batch["row_id"], order.seed, order.epoch),
+                                epoch=order.epoch, train_rows=order.train_rows, span=order.span,
+                                start=order.start)
+    return {**batch, CURRICULUM_KEY: keys}
+
+
+def cache_plan(spec: SplitSpec, rows: int, limit_mb: float) -> list[tuple[int, int]] | None:
+    """The chunk bounds a worker needs to replay the split from memory, or None when it should stream every
+    epoch: caching is off, the rows would not fit the limit, the rows vary in length, or a full shuffle
+    (done by Ray Data, differently each epoch) decides the order."""
+    shape = spec.info.spec.input_shape
+    if limit_mb <= 0 or spec.data.sequence is not None or (spec.split == "train" and spec.data.shuffle == "full"):
+        return None
+    row_bytes = 4 * int(np.prod(shape[1:] if shape and shape[0] is None else shape)) + 8 + 8 + 4  # x, y, id, weight
+    if rows * row_bytes > limit_mb * 2**20:
+        return None
+    return [(chunk.start, chunk.stop) for chunk in spec.info.chunks]

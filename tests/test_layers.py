@@ -1,0 +1,47 @@
+"""The layers the folders show: pure math (no torch, no Ray), the engine (torch, no Ray), the Ray layer. A lint
+rule (ruff's banned-api, one ruff.toml per folder) refuses a Ray import where it does not belong, and the engine
+really loads and trains without Ray."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RUFF = Path(sys.executable).parent / "ruff"
+
+
+@pytest.mark.parametrize("path, source, refused", [
+    ("rayscale/engine/loop.py", "import ray\n", True),
+    ("rayscale/engine/components/new_feature.py", "def f():\n    from ray import train\n    return train\n", True),
+    ("rayscale/engine/loop.py", "import torch\n", False),
+    ("rayscale/math/schedules.py", "def f():\n    import torch.nn\n    return torch.nn\n", True),
+    ("rayscale/math/schedules.py", "import ray.data\n", True),
+    ("rayscale/data/splits.py", "import ray\n", True),
+    ("rayscale/data/datasets.py", "import ray\n", False),  # the data layer's Ray code
+    ("rayscale/driver/prepare.py", "import ray\n", True),
+    ("rayscale/launch/trainer.py", "import ray\n", False),  # the Ray layer
+])
+def test_the_lint_rule_keeps_ray_and_torch_in_their_layers(path, source, refused):
+    found = subprocess.run([str(RUFF), "check", "--select", "TID251", "--stdin-filename", path, "-"], input=source,
+                           capture_output=True, text=True, cwd=REPO)
+    assert (found.returncode != 0) == refused, found.stdout
+    if refused:
+        assert "TID251" in found.stdout
+
+
+def test_the_engine_trains_without_ray_in_the_process(tmp_path):
+    """The whole loop through the in-process context, in a fresh interpreter: Ray is never imported."""
+    code = f"""
+import sys
+sys.path.insert(0, {str(REPO / "tests")!r})
+from inprocess import train
+run = train({str(tmp_path)!r}, "no_ray", "train.epochs=1", "data.source=synthetic", "data.synthetic.rows=256",
+            "batch.global_batch_size=64")
+assert run.summary["samples_seen"] == run.summary["train_rows"]
+print("ray" in sys.modules, any(name.startswith("ray.") for name in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "False False"
