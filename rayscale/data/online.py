@@ -18,8 +18,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from rayscale.data import sources
 from rayscale.config import DataConfig
+from rayscale.data import sources
 from rayscale.errors import UserError
 
 
