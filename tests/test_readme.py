@@ -1,4 +1,5 @@
-"""The README is part of the code: its key table matches the config, its main command does what it says."""
+"""The README is part of the code: the key table in the config reference matches the config, the tests the docs
+name exist, and the README's main command does what it says."""
 
 import json
 import os
@@ -7,39 +8,48 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rayscale import config
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+CONFIG_REFERENCE = ROOT / "docs" / "reference" / "config.md"  # the key table, between its markers
+DOCS = [README, *sorted((ROOT / "docs").rglob("*.md"))]
 
 
 def key_table() -> str:
     lines = ["| key | default | meaning |", "|---|---|---|"]
     for name, type_name, default, doc in config.describe():
+        if "\n" in default:  # a block-style YAML list would break the table's row: write it inline
+            default = yaml.safe_dump(yaml.safe_load(default), default_flow_style=True).strip()
         lines.append(f"| `{name}` | `{default}` | {doc} ({type_name}) |")
     return "\n".join(lines)
 
 
 def test_readme_key_table_matches_the_config():
-    text = README.read_text()
+    text = CONFIG_REFERENCE.read_text()
     start, end = text.index("<!-- keys:start -->"), text.index("<!-- keys:end -->")
     assert text[start:end].split("\n", 1)[1].strip() == key_table(), (
-        "README key table is stale: run `python tests/test_readme.py` to regenerate it")
+        "the key table in docs/reference/config.md is stale: run `python tests/test_readme.py` to regenerate it")
 
 
 def test_readme_test_command_is_what_ci_runs():
-    ci = (README.parent / ".ci" / "run").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in README.read_text()
     assert [line for line in ci.splitlines() if line and not line.startswith(("#", "set ", "cd "))] == ["make test"]
 
 
 def test_tests_the_readme_names_exist():
+    """Every `test_...` the README or a page of docs/ names is a test that exists."""
     import re
 
-    named = set(re.findall(r"`(test_\w+)`", README.read_text()))
-    defined = set(re.findall(r"^def (test_\w+)", "".join(p.read_text() for p in README.parent.glob("tests/*.py")),
+    named = {(doc.relative_to(ROOT).as_posix(), name) for doc in DOCS
+             for name in re.findall(r"`(test_\w+)`", doc.read_text())}
+    defined = set(re.findall(r"^def (test_\w+)", "".join(p.read_text() for p in ROOT.glob("tests/*.py")),
                              re.MULTILINE))
-    assert named and not named - defined, named - defined
+    missing = sorted((doc, name) for doc, name in named if name not in defined)
+    assert {doc for doc, _ in named} >= {"README.md", "docs/guide/failures.md"} and not missing, missing
 
 
 @pytest.mark.slow
@@ -56,7 +66,7 @@ def test_main_command_trains_the_embedded_default_to_95_percent(tmp_path):
     assert "val accuracy" in result.stdout
 
 
-if __name__ == "__main__":  # regenerate the table in place
-    text = README.read_text()
+if __name__ == "__main__":  # regenerate the table in docs/reference/config.md in place
+    text = CONFIG_REFERENCE.read_text()
     start, end = text.index("<!-- keys:start -->"), text.index("<!-- keys:end -->")
-    README.write_text(text[:start] + "<!-- keys:start -->\n" + key_table() + "\n" + text[end:])
+    CONFIG_REFERENCE.write_text(text[:start] + "<!-- keys:start -->\n" + key_table() + "\n" + text[end:])
