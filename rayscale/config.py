@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,11 +24,13 @@ from rayscale.errors import ConfigError
 
 
 def key(default: Any, doc: str, *, unit: str | None = None, choices: tuple | None = None,
-        minimum: float | None = None, exclusive_minimum: bool = False, words: tuple[str, ...] = ()) -> Any:
+        minimum: float | None = None, exclusive_minimum: bool = False, words: tuple[str, ...] = (),
+        name_in: str | None = None) -> Any:
     """A config field with its documentation; `minimum` is inclusive unless `exclusive_minimum`; `words`: the
-    only strings a numeric key also takes (e.g. auto)."""
+    only strings a numeric key also takes (e.g. auto); `name_in`: the value names one entry of that directory
+    (a file or directory name, never a path that could lead outside it). Every number must be finite."""
     meta = {"doc": doc, "unit": unit, "choices": choices, "minimum": minimum,
-            "exclusive_minimum": exclusive_minimum, "words": words}
+            "exclusive_minimum": exclusive_minimum, "words": words, "name_in": name_in}
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -122,7 +126,8 @@ class BatchConfig:
 class ScalingConfig:
     num_workers: int = key(2, "Ray Train workers (0: local mode, the loop runs in the driver)", minimum=0)
     use_gpu: bool = key(False, "one GPU per worker, nccl backend")
-    cpus_per_worker: float = key(1.0, "CPUs reserved per worker", minimum=0.0)
+    # Ray refuses a worker bundle of zero resources (and a GPU worker still runs its loop on a CPU).
+    cpus_per_worker: float = key(1.0, "CPUs reserved per worker", minimum=0.0, exclusive_minimum=True)
 
 
 @dataclass
@@ -197,7 +202,8 @@ class ScheduleConfig:
 @dataclass
 class RunConfig:
     output_dir: str = key("runs", "where run directories are written (a local or shared-filesystem path)")
-    name: str = key("default", "run directory name; re-running the same name resumes it")
+    name: str = key("default", "run directory name; re-running the same name resumes it",
+                    name_in="run.output_dir")
     storage_path: str | None = key(None, "where Ray Train keeps checkpoints (null: <run dir>/checkpoints); on a "
                                          "multi-node cluster a URI every node reaches (s3://bucket/prefix, "
                                          "gs://..., or a shared mount)")
@@ -354,22 +360,37 @@ def _build(cls: type, raw: dict, prefix: str = "") -> Any:
 
 def _check_ranges(obj: Any, prefix: str) -> None:
     for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        choices, minimum = f.metadata.get("choices"), f.metadata.get("minimum")
-        path = f"{prefix}{f.name}"
-        words = f.metadata.get("words")
-        if words and isinstance(value, str) and value not in words:
-            raise ConfigError(f"{path}: expected a number{', null' if 'None' in str(f.type) else ''} or "
-                              f"{' or '.join(words)}, got {value!r}")
-        if choices and value not in choices:
-            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ConfigError(f"{path}: expected one of {', '.join(map(str, choices))}, got {value!r}{hint}")
-        if minimum is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
-            if f.metadata.get("exclusive_minimum") and value <= minimum:
-                raise ConfigError(f"{path}: expected a value greater than {minimum:g}, got {value!r}")
-            if value < minimum:
-                raise ConfigError(f"{path}: expected a value of at least {minimum:g}, got {value!r}")
+        _check_value(getattr(obj, f.name), f.metadata, f"{prefix}{f.name}", nullable="None" in str(f.type))
+
+
+def _check_value(value: Any, meta: typing.Mapping[str, Any], path: str, nullable: bool) -> None:
+    """The schema's checks on one coerced value: its words or choices, finite, its minimum, a plain name."""
+    words, choices, minimum, name_in = (meta.get(k) for k in ("words", "choices", "minimum", "name_in"))
+    if words and isinstance(value, str) and value not in words:
+        raise ConfigError(f"{path}: expected a number{', null' if nullable else ''} or "
+                          f"{' or '.join(words)}, got {value!r}")
+    if choices and value not in choices:
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"{path}: expected one of {', '.join(map(str, choices))}, got {value!r}{hint}")
+    # nan passes every comparison below and inf is no amount of anything: no key takes either. YAML's .nan
+    # and .inf, and nan or inf written as a string, all arrive here as floats.
+    if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+        raise ConfigError(f"{path}: expected a finite number, got {value!r}")
+    if minimum is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if meta.get("exclusive_minimum") and value <= minimum:
+            raise ConfigError(f"{path}: expected a value greater than {minimum:g}, got {value!r}")
+        if value < minimum:
+            raise ConfigError(f"{path}: expected a value of at least {minimum:g}, got {value!r}")
+    if name_in and not _is_plain_name(value):
+        raise ConfigError(f"{path}: expected a name inside {name_in} (not empty, '.' or '..', no '/'), "
+                          f"got {value!r}")
+
+
+def _is_plain_name(name: str) -> bool:
+    """One entry of a directory: joined to it, such a name cannot lead anywhere else."""
+    separators = {"/", os.sep, os.altsep} - {None}
+    return name not in ("", ".", "..") and "\0" not in name and not any(s in name for s in separators)
 
 
 # -------------------------------------------------------------------------------------------- public API

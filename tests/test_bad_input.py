@@ -47,7 +47,13 @@ def _files(tmp: Path) -> dict[str, str]:
         "corrupt": str(tmp / "corrupt.parquet"),
         "malformed": str(tmp / "malformed.yaml"),
         "notadir": str(tmp / "notadir"),
+        "nan_yaml": str(_write(tmp / "nan.yaml", "optim:\n  momentum: nan\n")),
     }
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
 
 
 # (id, command line with {placeholders}, fragments the error line must contain)
@@ -59,6 +65,27 @@ CASES = [
     ("zero-batch", ["train", "--set", "batch.global_batch_size=0"], ["batch.global_batch_size", "at least 1"]),
     ("negative-lr", ["train", "--set", "optim.lr=-1"], ["optim.lr", "greater than 0", "-1"]),
     ("zero-epochs", ["train", "--set", "train.epochs=0"], ["train.epochs", "at least 1"]),
+    # Non-finite numbers: nan passes every range comparison, so each spelling is refused by name.
+    ("nan-lr", ["train", "--set", "optim.lr=nan"], ["optim.lr: expected a finite number, got nan"]),
+    ("yaml-nan-lr", ["train", "--set", "optim.lr=.nan"], ["optim.lr: expected a finite number, got nan"]),
+    ("infinite-lr", ["train", "--set", "optim.lr=inf"], ["optim.lr: expected a finite number, got inf"]),
+    ("nan-val-fraction", ["train", "--set", "data.val_fraction=nan"],
+     ["data.val_fraction: expected a finite number, got nan"]),
+    ("infinite-grad-clip", ["train", "--set", "train.grad_clip=inf"],
+     ["train.grad_clip: expected a finite number, got inf"]),
+    ("nan-in-a-yaml-file", ["train", "-c", "{nan_yaml}"], ["optim.momentum: expected a finite number, got nan"]),
+    ("infinite-search-bound", ["tune", "--set", "tune.space={optim.lr: {loguniform: [0.01, .inf]}}"],
+     ["tune.space.optim.lr: loguniform expects finite [low, high], got [0.01, inf]"]),
+    ("infinite-epochs", ["train", "--set", "train.epochs=.inf"], ["train.epochs: expected an integer, got inf"]),
+    # A worker that reserves nothing is a bundle Ray refuses.
+    ("zero-cpus-per-worker", ["train", "--set", "scaling.cpus_per_worker=0"],
+     ["scaling.cpus_per_worker: expected a value greater than 0, got 0"]),
+    # run.name is one directory inside run.output_dir, never a path out of it.
+    *((f"run-name-{case}", ["train", "--set", f"run.name={name}"],
+       ["run.name: expected a name inside run.output_dir", shown])
+      for case, name, shown in (("empty", "", "got ''"), ("parent", "..", "got '..'"), ("sibling", "../x", "'../x'"),
+                                ("absolute", "{tmp}/abs", "/abs'"), ("down-then-out", "a/../../b", "'a/../../b'"))),
+    ("tune-run-name-outside", ["tune", "--set", "run.name=../search"], ["run.name: expected a name inside"]),
     ("micro-batch-word", ["train", "--set", "batch.micro_batch_size=autoo"],
      ["batch.micro_batch_size", "expected a number, null or auto", "autoo"]),
     ("adaptive-step-without-milestones", ["train", "--set", "batch.adaptive=step"],
@@ -172,7 +199,7 @@ def test_bad_input_is_one_line_exit_2_nothing_claimed_nothing_written(args, frag
     if "run.name" not in " ".join(argv):
         argv += ["--set", "run.name=existing"]
     monkeypatch.setattr(trainer, "connect", _no_cluster)
-    before = _snapshot(existing_run)
+    before, around = _snapshot(existing_run), sorted(tmp_path.iterdir())
 
     code = cli.main(argv)
 
@@ -186,6 +213,7 @@ def test_bad_input_is_one_line_exit_2_nothing_claimed_nothing_written(args, frag
     assert not ray.is_initialized()
     assert _snapshot(existing_run) == before
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["existing"]  # no new run directory
+    assert sorted(tmp_path.iterdir()) == around  # nor anything beside it
 
 
 def _no_cluster(*args, **kwargs):

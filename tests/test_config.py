@@ -87,3 +87,87 @@ def test_every_key_is_documented():
                      "run.output_dir", "run.name"]:
         assert required in names
     assert all(row[3] for row in rows)
+
+
+def _keys_of_type(wanted: type) -> list[str]:
+    """Every dotted key whose declared type takes `wanted` (alone, in a union, or as a list's items)."""
+    import dataclasses
+    import typing
+
+    found = []
+
+    def walk(cls: type, prefix: str) -> None:
+        for name, tp in typing.get_type_hints(cls).items():
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{name}.")
+            elif wanted in {tp, *typing.get_args(tp), *(a for t in typing.get_args(tp) for a in typing.get_args(t))}:
+                found.append(f"{prefix}{name}")
+
+    walk(config.Config, "")
+    return found
+
+
+FLOAT_KEYS = _keys_of_type(float)
+
+
+def test_the_float_keys_are_found():
+    assert {"optim.lr", "data.val_fraction", "train.grad_clip", "optim.betas", "scaling.cpus_per_worker"} \
+        <= set(FLOAT_KEYS)
+
+
+# Every way a non-finite number reaches a key: YAML's own spellings, and nan/inf read as strings and coerced.
+@pytest.mark.parametrize("written", ["nan", ".nan", "inf", ".inf", "-inf", "-.inf", "1e999"])
+@pytest.mark.parametrize("dotted", FLOAT_KEYS)
+def test_every_float_key_refuses_non_finite_numbers(dotted, written):
+    value = f"[{written}, 0.9]" if dotted == "optim.betas" else written
+    with pytest.raises(ConfigError, match=rf"^{re.escape(dotted)}: expected a finite number, got "):
+        config.load(overrides=[f"{dotted}={value}"])
+
+
+@pytest.mark.parametrize("written", ["nan", ".nan", ".inf", "-.inf"])
+def test_non_finite_numbers_in_a_yaml_file_are_refused(tmp_path, written):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"optim:\n  lr: {written}\ntrain:\n  grad_clip: 1.0\n")
+    with pytest.raises(ConfigError, match=r"^optim.lr: expected a finite number, got -?(nan|inf)$"):
+        config.load(path)
+
+
+@pytest.mark.parametrize("dotted", _keys_of_type(int))
+def test_integer_keys_refuse_non_finite_numbers(dotted):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(dotted)}: expected "):
+        config.load(overrides=[f"{dotted}=.inf"])
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param("", id="empty"),
+    pytest.param(".", id="the-output-dir-itself"),
+    pytest.param("..", id="its-parent"),
+    pytest.param("../x", id="a-sibling"),
+    pytest.param("/abs", id="absolute"),
+    pytest.param("a/../../b", id="down-then-out"),
+    pytest.param("a/b", id="nested"),  # inside, but a name is one entry: the run dir is output_dir/name
+])
+def test_run_name_is_one_name_inside_the_output_dir(name):
+    with pytest.raises(ConfigError, match=r"^run.name: expected a name inside run.output_dir \(not empty, '.' or "
+                                          r"'..', no '/'\), got "):
+        config.load(overrides=[f"run.name={name}"])
+
+
+@pytest.mark.parametrize("name", ["exp 1", "lr-0.1_b128", "..x", "x..", ".hidden", "~user"])
+def test_plain_names_are_kept(name):
+    assert config.load(overrides=[f"run.name={name}"]).run.name == name
+
+
+def test_run_name_is_the_one_key_joined_to_a_directory():
+    """run.name is joined to run.output_dir (and run.storage_path); the schema says so, so it is confined."""
+    import dataclasses
+
+    sections = {f.name: getattr(config.load(), f.name) for f in dataclasses.fields(config.Config)}
+    confined = {f"{name}.{f.name}": f.metadata["name_in"] for name, section in sections.items()
+                if dataclasses.is_dataclass(section) for f in dataclasses.fields(section) if f.metadata.get("name_in")}
+    assert confined == {"run.name": "run.output_dir"}
+
+
+def test_zero_cpus_per_worker_is_refused():
+    with pytest.raises(ConfigError, match=r"^scaling.cpus_per_worker: expected a value greater than 0, got 0"):
+        config.load(overrides=["scaling.cpus_per_worker=0"])

@@ -114,6 +114,15 @@ def test_each_domain_kind_parses(raw, expected):
     # log of a negative number
     pytest.param({"optim.lr": {"loguniform": [-1, 1]}}, "tune.space.optim.lr: loguniform expects low > 0",
                  id="loguniform-negative"),
+    # an infinite bound (YAML .inf): every sample past some point would be inf
+    pytest.param({"optim.lr": {"uniform": [0.1, float("inf")]}},
+                 "tune.space.optim.lr: uniform expects finite [low, high], got [0.1, inf]", id="infinite-bound"),
+    # a NaN bound fails every comparison, so without its own check it read as "low < high"
+    pytest.param({"optim.lr": {"loguniform": [float("nan"), 1]}},
+                 "tune.space.optim.lr: loguniform expects finite [low, high], got [nan, 1]", id="nan-bound"),
+    # randint's bounds too
+    pytest.param({"train.epochs": {"randint": [1, float("-inf")]}},
+                 "tune.space.train.epochs: randint expects finite [low, high]", id="randint-infinite-bound"),
     # fractional randint bounds
     pytest.param({"schedule.warmup_samples": {"randint": [0, 10.5]}},
                  "tune.space.schedule.warmup_samples: randint expects integer bounds, got [0, 10.5]",
@@ -176,6 +185,10 @@ def test_bad_spaces_raise_one_line_naming_the_key(raw, message):
     # uniform samples fractions such as 512.5, which an integer key cannot take
     pytest.param({"schedule.warmup_samples": {"uniform": [0, 1024]}}, [],
                  "tune.space.schedule.warmup_samples: uniform samples fractions", id="uniform-on-integer-key"),
+    # a choice of a non-finite value is refused by the key's own check
+    pytest.param({"optim.lr": {"choice": [0.1, float("nan")]}}, [],
+                 "tune.space.optim.lr: optim.lr=nan is not usable: optim.lr: expected a finite number, got nan",
+                 id="nan-choice"),
     # keys interact: 34 divides by 2 workers but not by 4
     pytest.param({"batch.global_batch_size": {"choice": [34, 64]}, "scaling.num_workers": {"choice": [2, 4]}}, [],
                  "batch.global_batch_size=34, scaling.num_workers=4 is not usable", id="combination"),
@@ -522,8 +535,8 @@ def fake_ray(resources: dict | None) -> types.ModuleType:
     pytest.param(["scaling.use_gpu=true"], {"CPU": 1.0, "GPU": 4.0}, 2, id="gpu"),
     # no GPU in the cluster: one
     pytest.param(["scaling.use_gpu=true"], {"CPU": 16.0}, 1, id="gpu-missing"),
-    # workers that reserve no CPU: only the number of trials bounds concurrency
-    pytest.param(["scaling.cpus_per_worker=0"], {"CPU": 8.0}, 8, id="zero-cpus-per-worker"),
+    # (8 CPUs - 1) // (2 workers x 3 CPUs); a worker reserving no CPU is refused by the config
+    pytest.param(["scaling.cpus_per_worker=3"], {"CPU": 8.0}, 1, id="three-cpus-per-worker"),
 ])
 def test_max_concurrent(monkeypatch, overrides, resources, expected):
     monkeypatch.setitem(sys.modules, "ray", fake_ray(resources))

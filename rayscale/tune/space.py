@@ -86,6 +86,8 @@ def parse_space(raw: dict) -> list[Domain]:
             if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
                 raise ConfigError(f"{where}: {kind} expects [low, high] numbers, got {values!r}")
             low, high = values
+            if not (math.isfinite(low) and math.isfinite(high)):  # nan fails every comparison below
+                raise ConfigError(f"{where}: {kind} expects finite [low, high], got {values!r}")
             if not low < high:
                 raise ConfigError(f"{where}: {kind} expects low < high, got {values!r}")
             if kind == "loguniform" and low <= 0:
