@@ -48,7 +48,21 @@ def _files(tmp: Path) -> dict[str, str]:
         "malformed": str(tmp / "malformed.yaml"),
         "notadir": str(tmp / "notadir"),
         "nan_yaml": str(_write(tmp / "nan.yaml", "optim:\n  momentum: nan\n")),
+        "models": str(_write(tmp / "bad_input_models.py", USER_MODELS)),  # importable: tmp is on sys.path
     }
+
+
+USER_MODELS = """
+import torch
+
+def strict(width=1):
+    if width < 1:
+        raise ValueError(f"width must be at least 1, got {width}")
+    return torch.nn.Linear(64, 10)
+
+def broken(**kwargs):
+    return torch.nn.Linear(64, undefined_width)
+"""
 
 
 def _write(path: Path, text: str) -> Path:
@@ -132,6 +146,21 @@ CASES = [
     ("unknown-schedule", ["train", "--set", "schedule.name=cyclic"], ["schedule.name", "cyclic", "cosine"]),
     ("model-import-fails", ["train", "--set", "model.name=no_such_package.models:build"],
      ["model.name 'no_such_package.models:build': cannot import no_such_package.models"]),
+    # The model code's own error while it builds, on the driver: the key and the exception's message.
+    ("builtin-kwarg-value", ["train", "--set", "model.kwargs.hidden_sizes=[-3]"],
+     ["model.kwargs: mlp(hidden_sizes=[-3]) raised RuntimeError:", "negative dimension -3"]),
+    ("builtin-dropout-over-one", ["train", "--set", "model.kwargs.dropout=2"],
+     ["model.kwargs: mlp(dropout=2) raised ValueError: dropout probability has to be between 0 and 1"]),
+    ("builtin-unexpected-kwarg", ["train", "--set", "model.kwargs.hidden=-3"],
+     ["model.kwargs.hidden: mlp does not take hidden (it takes hidden_sizes, dropout)"]),
+    ("user-factory-refuses-its-kwargs", ["train", "--set", "model.name=bad_input_models:strict", "--set",
+                                         "model.kwargs.width=-3"],
+     ["model.kwargs: bad_input_models:strict(width=-3) raised ValueError: width must be at least 1, got -3"]),
+    ("user-factory-unexpected-kwarg", ["train", "--set", "model.name=bad_input_models:strict", "--set",
+                                       "model.kwargs.depth=2"],
+     ["model.kwargs: strict(width=1) does not accept them"]),
+    ("user-factory-bug", ["train", "--set", "model.name=bad_input_models:broken"],
+     ["model.name 'bad_input_models:broken': bad_input_models:broken() raised NameError:", "undefined_width"]),
     ("unwritable-output-dir", ["train", "--set", "run.output_dir={notadir}/runs"],
      ["run.output_dir: cannot write to", "notadir"]),
     ("invalid-tune-space", ["tune", "--set", "tune.space={optim.lr: {uniform: [1]}}"],
@@ -199,6 +228,7 @@ def test_bad_input_is_one_line_exit_2_nothing_claimed_nothing_written(args, frag
     if "run.name" not in " ".join(argv):
         argv += ["--set", "run.name=existing"]
     monkeypatch.setattr(trainer, "connect", _no_cluster)
+    monkeypatch.syspath_prepend(str(tmp_path))
     before, around = _snapshot(existing_run), sorted(tmp_path.iterdir())
 
     code = cli.main(argv)

@@ -146,6 +146,14 @@ def user_module(tmp_path, monkeypatch):
         def not_a_model():
             return 3
 
+        def strict(width=1):
+            if width < 1:
+                raise ValueError(f"width must be at least 1, got {width}")
+            return torch.nn.Linear(6, 3)
+
+        def broken(**kwargs):
+            return torch.nn.Linear(6, undefined_width)  # noqa: F821
+
         value = 3
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -203,7 +211,33 @@ def test_user_factory_gets_kwargs(user_module):
     pytest.param(ModelConfig(name="user_model_example:make", kwargs={"width": 3}), TABULAR,
                  "model.kwargs: make(in_features=6, num_outputs=3, bias=True) does not accept them",
                  id="factory-rejects-kwargs"),
+    # The model code's own errors, raised while it builds: one line naming the key and the message.
+    pytest.param(ModelConfig(name="user_model_example:strict", kwargs={"width": -3}), TABULAR,
+                 "model.kwargs: user_model_example:strict(width=-3) raised ValueError: width must be at least 1, "
+                 "got -3", id="factory-refuses-a-value"),
+    pytest.param(ModelConfig(name="user_model_example:broken"), TABULAR,
+                 "model.name 'user_model_example:broken': user_model_example:broken() raised NameError: name "
+                 "'undefined_width' is not defined", id="factory-bug-without-kwargs"),
+    pytest.param(ModelConfig(name="user_model_example:broken", kwargs={"anything": 1}), TABULAR,
+                 "model.kwargs: user_model_example:broken(anything=1) raised NameError", id="factory-takes-any-kwarg"),
+    pytest.param(ModelConfig(name="mlp", kwargs={"hidden_sizes": [-3]}), TABULAR,
+                 "model.kwargs: mlp(hidden_sizes=[-3]) raised RuntimeError: Trying to create tensor with negative "
+                 "dimension -3", id="builtin-negative-width"),
+    pytest.param(ModelConfig(name="mlp", kwargs={"hidden_sizes": 3}), TABULAR,
+                 "model.kwargs: mlp(hidden_sizes=3) raised TypeError: 'int' object is not iterable",
+                 id="builtin-wrong-type"),
+    pytest.param(ModelConfig(name="transformer", kwargs={"nhead": 0}), SEQUENCE,
+                 "model.kwargs: transformer(nhead=0) raised ZeroDivisionError", id="builtin-zero-heads"),
 ])
 def test_build_errors(cfg, spec, message, user_module):
-    with pytest.raises(UserError, match=re.escape(message)):
+    with pytest.raises(UserError, match=re.escape(message)) as info:
         build_model(cfg, spec)
+    assert "\n" not in str(info.value)
+
+
+def test_a_module_failing_on_import_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "user_model_raises_on_import.py").write_text("raise RuntimeError('needs a GPU at import')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UserError, match=re.escape("model.name 'user_model_raises_on_import:make': cannot import "
+                                                  "user_model_raises_on_import (needs a GPU at import)")):
+        build_model(ModelConfig(name="user_model_raises_on_import:make"), TABULAR)

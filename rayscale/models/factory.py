@@ -11,6 +11,8 @@ import difflib
 import importlib
 import inspect
 import math
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -50,7 +52,8 @@ def _build_builtin(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
         if kwarg not in tunable:
             raise UserError(f"model.kwargs.{kwarg}: {cfg.name} does not take {kwarg} "
                             f"(it takes {', '.join(tunable)})")
-    return model_class(**sizes, **cfg.kwargs, activation_checkpointing=cfg.activation_checkpointing)
+    return _call(cfg, model_class,
+                 {**sizes, **cfg.kwargs, "activation_checkpointing": cfg.activation_checkpointing})
 
 
 def _build_user(cfg: ModelConfig) -> nn.Module:
@@ -60,15 +63,14 @@ def _build_user(cfg: ModelConfig) -> nn.Module:
         raise UserError(f"{where}: expected package.module:factory")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UserError(f"{where}: cannot import {module_name} ({exc})") from None
+    except Exception as exc:  # not only ImportError: the module's own code runs on import
+        raise UserError(f"{where}: cannot import {module_name} ({_first_line(exc)})") from exc
     factory = getattr(module, attribute, None)
     if factory is None:
         raise UserError(f"{where}: {module_name} has no attribute {attribute}")
     if not callable(factory):
         raise UserError(f"{where}: {module_name}.{attribute} is not callable")
-    # Check the kwargs against the signature up front, so a TypeError raised inside the factory stays a bug
-    # with its traceback rather than being blamed on the config.
+    # Checked against the signature first, so that the message can show what the factory takes.
     try:
         signature = inspect.signature(factory)
     except (TypeError, ValueError):  # some C callables have no signature; let the call itself decide
@@ -78,10 +80,30 @@ def _build_user(cfg: ModelConfig) -> nn.Module:
             signature.bind(**cfg.kwargs)
         except TypeError as exc:
             raise UserError(f"model.kwargs: {attribute}{signature} does not accept them ({exc})") from None
-    model = factory(**cfg.kwargs)
+    model = _call(cfg, factory, cfg.kwargs)
     if not isinstance(model, nn.Module):
         raise UserError(f"{where}: factory returned {type(model).__name__}, expected a torch.nn.Module")
     return model
+
+
+def _call(cfg: ModelConfig, factory: Callable[..., Any], arguments: dict) -> Any:
+    """Run the model code the config chose (a built-in's constructor, a user's factory) on the config's kwargs.
+
+    Whatever it raises is reported while the driver checks the run, before any cluster is claimed, as one line
+    naming the key (`--debug` shows the traceback): the kwargs are the usual cause, the factory's own bug the
+    other one, and either way the user is the one who can act on it."""
+    try:
+        return factory(**arguments)
+    except UserError:
+        raise
+    except Exception as exc:
+        key = "model.kwargs" if cfg.kwargs else f"model.name {cfg.name!r}"
+        shown = ", ".join(f"{name}={value!r}" for name, value in cfg.kwargs.items())
+        raise UserError(f"{key}: {cfg.name}({shown}) raised {type(exc).__name__}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or ["(no message)"])[0]
 
 
 def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
