@@ -22,11 +22,11 @@ from rayscale.launch.fit import check_cluster_fits
 from rayscale.launch.trainer import user_error_inside
 
 
-def _parquet(path: Path, rows: int = 64, **columns) -> str:
+def _parquet(path: Path, rows: int = 64, row_group_size: int | None = None, **columns) -> str:
     rng = np.random.default_rng(0)
     table = {"f0": rng.standard_normal(rows), "f1": rng.standard_normal(rows), "label": np.arange(rows) % 2}
     table.update(columns)
-    pq.write_table(pa.table(table), path)
+    pq.write_table(pa.table(table), path, row_group_size=row_group_size)
     return str(path)
 
 
@@ -34,6 +34,10 @@ def _files(tmp: Path) -> dict[str, str]:
     """Inputs the cases point at, made once per test."""
     nan = np.random.default_rng(1).standard_normal(64)
     nan[5] = np.nan
+    weights = np.ones(400)
+    weights[7] = -0.5
+    labels = np.arange(400) % 2
+    labels[9] = 2
     (tmp / "corrupt.parquet").write_bytes(b"PAR1 this is not a parquet file")
     (tmp / "malformed.yaml").write_text("train:\n  epochs: [1, 2\n")
     (tmp / "notadir").write_text("a file where a directory is needed (root may write anywhere else)\n")
@@ -44,6 +48,13 @@ def _files(tmp: Path) -> dict[str, str]:
         "empty": _parquet(tmp / "empty.parquet", rows=0),
         "small": _parquet(tmp / "small.parquet", rows=40),
         "nan": _parquet(tmp / "nan.parquet", f0=nan),
+        "negative_weight": _parquet(tmp / "negative_weight.parquet", rows=400, w=weights),
+        "nan_weight": _parquet(tmp / "nan_weight.parquet", rows=400, w=np.where(np.arange(400) == 11, np.nan, 1.0)),
+        "late_negative_weight": _parquet(tmp / "late.parquet", rows=400, row_group_size=100,
+                                         w=np.where(np.arange(400) == 350, -2.0, 1.0)),
+        "label_2": _parquet(tmp / "label_2.parquet", rows=400, label=labels),
+        "negative_label": _parquet(tmp / "negative_label.parquet", rows=400, label=labels - 3 * (labels == 2)),
+        "float_label": _parquet(tmp / "float_label.parquet", rows=400, label=np.arange(400) / 4),
         "corrupt": str(tmp / "corrupt.parquet"),
         "malformed": str(tmp / "malformed.yaml"),
         "notadir": str(tmp / "notadir"),
@@ -139,6 +150,22 @@ CASES = [
      ["batch.global_batch_size: 128 is more than the", "training rows", "small.parquet"]),
     ("nan-features", ["train", "--set", "data.source={nan}"],
      ["data.features: column", "nan.parquet has NaN or infinite values (row 5)"]),
+    # Per-row values no model should train on: the file, the column and the row (as the file counts it).
+    ("negative-sample-weight", ["train", "--set", "data.source={negative_weight}", "--set", "data.weight=w"],
+     ["data.weight: column 'w' in", "negative_weight.parquet has weight -0.5 (row 7); expected weights of at "
+                                    "least 0"]),
+    ("negative-weight-in-a-later-row-group", ["train", "--set", "data.source={late_negative_weight}", "--set",
+                                              "data.weight=w"], ["late.parquet has weight -2 (row 350)"]),
+    ("nan-sample-weight", ["train", "--set", "data.source={nan_weight}", "--set", "data.weight=w"],
+     ["data.weight: column 'w' in", "nan_weight.parquet has NaN or infinite values (row 11)"]),
+    ("label-beyond-num-classes", ["train", "--set", "data.source={label_2}", "--set", "data.num_classes=2"],
+     ["data.label: column 'label' in", "label_2.parquet has label 2 (row 9); expected classes 0 to 1 "
+                                       "(data.num_classes 2)"]),
+    ("negative-label", ["train", "--set", "data.source={negative_label}"],
+     ["data.label: column 'label' in", "negative_label.parquet has label -1 (row 9); expected classes 0, 1, 2"]),
+    ("num-classes-for-regression-targets", ["train", "--set", "data.source={float_label}", "--set",
+                                            "data.num_classes=4"],
+     ["data.num_classes: column 'label' in", "float_label.parquet is double, which holds regression targets"]),
     ("corrupt-parquet", ["train", "--set", "data.source={corrupt}"],
      ["data.source:", "corrupt.parquet is not a readable Parquet file"]),
     ("unknown-model", ["train", "--set", "model.name=resnet"], ["model.name:", "resnet"]),

@@ -1,5 +1,6 @@
 """Sources: chunk metadata, what read_chunk returns, spec inference, synthetic determinism, one-line errors."""
 
+import re
 import time
 import tracemalloc
 
@@ -228,8 +229,13 @@ def name_only(name):
     pytest.param(string_feature, {}, "data.source",
                  ["data.features: column 'name' in", "s.parquet is string, expected numbers"], id="string-feature"),
     pytest.param(no_rows, {}, "data.source", ["data.source:", "empty.parquet has no rows"], id="no-rows"),
-    pytest.param(negative_label, {}, "data.source", ["data.label:", "neg.parquet", "negative labels"],
+    pytest.param(negative_label, {}, "data.source",
+                 ["data.label: column 'label' in", "neg.parquet has label -1 (row 1); expected classes 0, 1, 2, ..."],
                  id="negative-label"),
+    # data.num_classes is for classes; a float label holds regression targets and would silently ignore it
+    pytest.param(float_label, {"num_classes": 4}, "data.source",
+                 ["data.num_classes: column 'label' in", "t.parquet is double, which holds regression targets"],
+                 id="num-classes-with-float-label"),
 ])
 def test_inspect_errors(tmp_path, make, data, key, fragments):
     source = make(tmp_path)
@@ -253,8 +259,9 @@ def uneven_lists(tmp_path):
 
 @pytest.mark.parametrize("make, data, fragments", [
     # inspection does not scan labels when the class count is given; reading checks them
-    pytest.param(one_file, {"num_classes": 2}, ["data.label:", "t.parquet has label 2, but data.num_classes is 2"],
-                 id="label-beyond-num-classes"),
+    pytest.param(one_file, {"num_classes": 2},
+                 ["data.label: column 'label' in", "t.parquet has label 2 (row 2); expected classes 0 to 1 "
+                  "(data.num_classes 2)"], id="label-beyond-num-classes"),
     pytest.param(mismatched_tags, {"sequence": "tokens", "label": "tags"},
                  ["data.label: row 0 of", "m.parquet has 2 labels for 3 tokens"], id="labels-per-token"),
     pytest.param(uneven_lists, {}, ["data.features: column 'emb' in", "l.parquet has lists of lengths 1 to 2"],
@@ -295,6 +302,74 @@ def test_nan_or_inf_is_refused_naming_column_and_row(tmp_path, column, value, da
     assert message.startswith(f"{key}: column ") and f"has NaN or infinite values (row {row})" in message
     if row >= 6:
         inspect_source(source, config, seed=0)  # the second row group is not read up front
+
+
+def with_value(tmp_path, column: str, value, row: int, name: str = "bad.parquet", **options):
+    """tabular(0, 10) in row groups of 6 with one value replaced; a list column's whole row is replaced."""
+    table = sequences(0, 10) if column in ("tokens", "tags") else tabular(0, 10)
+    values = table.column(column).to_pylist()
+    values[row] = value
+    table = table.set_column(table.schema.get_field_index(column), column, pa.array(values, table.schema.field(
+        column).type))
+    return write(tmp_path / name, table, row_group_size=6, **options)
+
+
+SEQUENCE_COLUMNS = {"sequence": "tokens", "label": "tags"}
+
+
+# (column, value, config, the error's start, its row part): rows 2 and 8 sit in the first and second row group
+OUT_OF_RANGE = [
+    # a negative sample weight would push the loss up on that sample
+    ("w", -1.5, {"weight": "w"}, "data.weight: column 'w' in", "has weight -1.5 (row {row}); expected weights of "
+                                                                 "at least 0"),
+    # classes are 0 .. num_classes - 1: with the count stated, a larger label is out
+    ("label", 3, {"num_classes": 3}, "data.label: column 'label' in",
+     "has label 3 (row {row}); expected classes 0 to 2 (data.num_classes 3)"),
+    # with the count inferred (max + 1), only a negative label is out
+    ("label", -2, {}, "data.label: column 'label' in", "has label -2 (row {row}); expected classes 0, 1, 2, ..."),
+    # per-token classes
+    ("tags", [0, 5], {**SEQUENCE_COLUMNS, "num_classes": 3}, "data.label: column 'tags' in",
+     "has label 5 (row {row}); expected classes 0 to 2 (data.num_classes 3)"),
+    # token ids index the embedding
+    ("tokens", [1, -4], SEQUENCE_COLUMNS, "data.sequence: column 'tokens' in",
+     "has token -4 (row {row}); expected token ids 0, 1, 2, ..."),
+]
+
+
+@pytest.mark.parametrize("statistics", [True, False], ids=["footer-statistics", "no-statistics"])
+@pytest.mark.parametrize("row", [2, 8])
+@pytest.mark.parametrize("column, value, data, start, end", OUT_OF_RANGE)
+def test_out_of_range_values_are_refused_up_front_naming_the_row(tmp_path, column, value, data, start, end, row,
+                                                                  statistics):
+    """Found by inspection wherever they are (the footer, or a read of that column, gives the range), then
+    named by reading the file's row groups; reading the chunk itself refuses them too."""
+    if column == "tags":  # one tag per token: row 2 holds 4 tokens, row 8 holds 2
+        value = value + [0] * (len(sequence_tokens(row)) - len(value))
+    if column == "tokens":
+        value = value + [0] * (len(sequence_tokens(row)) - len(value))
+    source = with_value(tmp_path, column, value, row, write_statistics=statistics)
+    config = DataConfig(source=source, **data)
+    with pytest.raises(UserError) as caught:
+        inspect_source(source, config, seed=0)
+    message = str(caught.value)
+    assert message.startswith(start) and message.endswith(end.format(row=row)), message
+    chunk = Chunk(6 if row >= 6 else 0, 10 if row >= 6 else 6, source, int(row >= 6))
+    with pytest.raises(UserError, match=re.escape(end.format(row=row))):
+        read_chunk("parquet", chunk, config, seed=0)
+
+
+def test_rows_are_counted_in_the_file_that_holds_them(tmp_path):
+    """In the second file of a directory, row 3 is that file's row 3 (not its row id across the source)."""
+    write(tmp_path / "d" / "a.parquet", tabular(0, 10))
+    with_value(tmp_path / "d", "w", -1.0, 3, name="b.parquet")
+    with pytest.raises(UserError, match=r"b\.parquet has weight -1 \(row 3\)"):
+        inspect_source(str(tmp_path / "d"), DataConfig(source=str(tmp_path / "d"), weight="w"), seed=0)
+
+
+def test_weights_of_zero_are_kept(tmp_path):
+    source = with_value(tmp_path, "w", 0.0, 8)
+    config = DataConfig(source=source, weight="w")
+    assert read_all(inspect_source(source, config, seed=0), config)["weight"][8] == 0
 
 
 # ------------------------------------------------------------------------------------------------ digits

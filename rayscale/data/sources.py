@@ -303,6 +303,10 @@ def _resolve_columns(schema: pa.Schema, data: DataConfig, path: str) -> _Columns
     if not (_is_number(label_type) or (_is_list(label_type) and pa.types.is_floating(label_type.value_type))):
         raise UserError(f"data.label: column {data.label!r} in {path} is {label_type}, expected integers "
                         f"(classes) or floats (regression targets); per-token labels need data.sequence")
+    if data.num_classes is not None and not (pa.types.is_integer(label_type) or pa.types.is_boolean(label_type)):
+        raise UserError(f"data.num_classes: column {data.label!r} in {path} is {label_type}, which holds "
+                        f"regression targets; classes are integers (set data.num_classes null, or store the "
+                        f"classes as integers)")
     if data.features is not None:
         features = list(data.features)
         for name in features:
@@ -359,19 +363,22 @@ def _inspect_parquet(source: str, data: DataConfig, key: str) -> SourceInfo:
                 if schema.field(name).type != types[name]:
                     raise UserError(f"{config_key}: column {name!r} is {types[name]} in {first_path} but "
                                     f"{schema.field(name).type} in {path}")
+            file_chunks = len(chunks)
             for group in range(parquet.metadata.num_row_groups):
                 rows = parquet.metadata.row_group(group).num_rows
                 if rows:
                     start = chunks[-1].stop if chunks else 0
                     chunks.append(Chunk(start, start + rows, path, group))
             stats.update(parquet, columns, data)
+            _refuse_out_of_range(parquet, chunks[file_chunks:], columns, data)
     if not chunks:
         raise UserError(f"{key}: {source} has no rows")
     assert columns is not None
-    # Bad values in the first row group are found now, before any cluster resource is claimed; the rest are
-    # checked as every chunk is read (a full scan up front would read the whole dataset twice).
+    # Bad values in the first row group are found now, before any cluster resource is claimed (and classes,
+    # tokens and weights out of range in any row group, from the footers above); the rest are checked as every
+    # chunk is read (a full scan up front would read the whole dataset twice).
     _read_parquet(chunks[0], data)
-    spec = _parquet_spec(columns, types, stats, data, first_path)
+    spec = _parquet_spec(columns, types, stats, data)
     histogram = _histogram(paths, columns.difficulty) if key == "data.source" and columns.difficulty else None
     return SourceInfo("parquet", spec, tuple(chunks), chunks[-1].stop, histogram)
 
@@ -417,13 +424,11 @@ def _roles(columns: _Columns) -> list[tuple[str, str]]:
 
 
 class _Stats:
-    """What inspection scans: the label's range (when the class count is inferred) and, for sequences, the
-    token range and the longest sequence. Footer statistics answer min/max where the writer stored them."""
+    """What inspection scans: the largest label (when the class count is inferred) and, for sequences, the
+    largest token and the longest sequence. Footer statistics answer min/max where the writer stored them."""
 
     def __init__(self) -> None:
-        self.label_min: int | None = None
         self.label_max: int | None = None
-        self.token_min: int | None = None
         self.token_max: int | None = None
         self.longest = 0
         self.widths: dict[str, int] = {}  # values per row of variable-length list columns, from a first row
@@ -431,16 +436,13 @@ class _Stats:
     def update(self, parquet: pq.ParquetFile, columns: _Columns, data: DataConfig) -> None:
         schema = parquet.schema_arrow
         if data.num_classes is None and (pa.types.is_integer(schema.field(columns.label).type) or columns.sequence):
-            low, high = _min_max(parquet, columns.label)
-            self.label_min, self.label_max = _merge(min, self.label_min, low), _merge(max, self.label_max, high)
+            self.label_max = _merge(max, self.label_max, _min_max(parquet, columns.label)[1])
         if columns.sequence:
             for group in range(parquet.metadata.num_row_groups):
                 tokens = parquet.read_row_group(group, columns=[columns.sequence]).column(0)
                 if len(tokens):
                     self.longest = max(self.longest, pc.max(pc.list_value_length(tokens)).as_py() or 0)
-                    found = pc.min_max(pc.list_flatten(tokens))
-                    self.token_min = _merge(min, self.token_min, found["min"].as_py())
-                    self.token_max = _merge(max, self.token_max, found["max"].as_py())
+                    self.token_max = _merge(max, self.token_max, pc.max(pc.list_flatten(tokens)).as_py())
             return
         for name in (*columns.features, columns.label):  # every row must match (checked when read)
             if _is_list(schema.field(name).type) and name not in self.widths:
@@ -456,7 +458,7 @@ def _merge(pick, current, new):
 
 
 def _min_max(parquet: pq.ParquetFile, name: str) -> tuple[int | None, int | None]:
-    """Min and max of an integer column (scalar or list), from footer statistics or else by reading it."""
+    """Min and max of a numeric column (scalar or list), from footer statistics or else by reading it."""
     metadata, low, high = parquet.metadata, None, None
     leaves = [j for j in range(metadata.num_columns)
               if metadata.schema.column(j).path == name or metadata.schema.column(j).path.startswith(name + ".")]
@@ -486,18 +488,13 @@ def _list_width(tp: pa.DataType, name: str, stats: _Stats) -> int:
     return tp.list_size if pa.types.is_fixed_size_list(tp) else stats.widths.get(name, 0)
 
 
-def _parquet_spec(columns: _Columns, types: dict[str, pa.DataType], stats: _Stats, data: DataConfig,
-                  path: str) -> DataSpec:
+def _parquet_spec(columns: _Columns, types: dict[str, pa.DataType], stats: _Stats, data: DataConfig) -> DataSpec:
     def classes() -> int:
         if data.num_classes is not None:
             return data.num_classes
-        _check_labels(stats.label_min, None, columns.label, path)
         return max(2, (stats.label_max or 0) + 1)  # at least two: a label that is always 0 still trains
 
     if columns.sequence:
-        if stats.token_min is not None and stats.token_min < 0:
-            raise UserError(f"data.sequence: column {columns.sequence!r} in {path} has negative tokens "
-                            f"(min {stats.token_min}); expected token ids 0, 1, 2, ...")
         return DataSpec("token_classification", (max(stats.longest, 1),), classes(), (stats.token_max or 0) + 1)
     first = columns.features[0]
     list_feature = len(columns.features) == 1 and _is_list(types[first])
@@ -512,13 +509,62 @@ def _parquet_spec(columns: _Columns, types: dict[str, pa.DataType], stats: _Stat
     return DataSpec("regression", (width,), 1)
 
 
-def _check_labels(low: int | None, high: int | None, name: str, path: str, num_classes: int | None = None) -> None:
-    if low is not None and low < 0:
-        raise UserError(f"data.label: column {name!r} in {path} has negative labels (min {low}); expected "
-                        f"classes 0, 1, 2, ...")
-    if num_classes is not None and high is not None and high >= num_classes:
-        raise UserError(f"data.label: column {name!r} in {path} has label {high}, but data.num_classes is "
-                        f"{num_classes} (expected labels 0 to {num_classes - 1})")
+@dataclass(frozen=True)
+class _Range:
+    """A column whose values must lie in [0, stop): its part in the rows `_read_parquet` returns, and words."""
+
+    part: str  # "y", "x" (tokens) or "weight"
+    config_key: str
+    column: str
+    stop: int | None  # None: no upper bound
+    noun: str
+    expected: str
+
+
+def _ranges(columns: _Columns, schema: pa.Schema, num_classes: int | None) -> list[_Range]:
+    classes = f"0 to {num_classes - 1} (data.num_classes {num_classes})" if num_classes else "0, 1, 2, ..."
+    ranges = [_Range("weight", "data.weight", columns.weight, None, "weight", "weights of at least 0")] \
+        if columns.weight else []
+    if columns.sequence or pa.types.is_integer(schema.field(columns.label).type):  # classes, per row or token
+        ranges.append(_Range("y", "data.label", columns.label, num_classes, "label", f"classes {classes}"))
+    if columns.sequence:
+        ranges.append(_Range("x", "data.sequence", columns.sequence, None, "token", "token ids 0, 1, 2, ..."))
+    return ranges
+
+
+def _refuse_out_of_range(parquet: pq.ParquetFile, chunks: list[Chunk], columns: _Columns, data: DataConfig) -> None:
+    """A class, token or weight out of range anywhere in this file, refused before any cluster resource is
+    claimed: the footer statistics (or, without them, a read of that column) give each column's range, and only
+    when one is out are the file's row groups read, one at a time, for `_check_in_range` to name the row."""
+    for bounds in _ranges(columns, parquet.schema_arrow, data.num_classes):
+        low, high = _min_max(parquet, bounds.column)
+        if (low is not None and low < 0) or (bounds.stop is not None and high is not None and high >= bounds.stop):
+            for chunk in chunks:
+                _read_parquet(chunk, data)
+            raise UserError(f"{bounds.config_key}: column {bounds.column!r} in {chunks[0].path} has values from "
+                            f"{low} to {high} (its footer statistics); expected {bounds.expected}")
+
+
+def _check_in_range(rows: dict[str, np.ndarray], ranges: list[_Range], path: str, first_row: int) -> None:
+    """A negative weight, a class outside 0 .. num_classes - 1 or a negative token: refused naming the row."""
+    for bounds in ranges:
+        values, row_of = _per_value(rows[bounds.part])
+        bad = (values < 0) | (values >= bounds.stop) if bounds.stop is not None else values < 0
+        if bad.any():
+            at = int(np.argmax(bad))
+            value = values[at].item()
+            shown = f"{value:g}" if isinstance(value, float) else value
+            raise UserError(f"{bounds.config_key}: column {bounds.column!r} in {path} has {bounds.noun} "
+                            f"{shown} (row {first_row + row_of[at]}); expected {bounds.expected}")
+
+
+def _per_value(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(every value, the row it is in): one value per row, or one per token of a sequence column."""
+    if values.dtype != object:
+        return values, np.arange(len(values))
+    lengths = np.array([len(v) for v in values], dtype=np.int64)
+    flat = np.concatenate(list(values)) if lengths.sum() else np.zeros(0, dtype=np.int64)
+    return flat, np.repeat(np.arange(len(values)), lengths)
 
 
 # --------------------------------------------------------------------------------------- Parquet reading
@@ -529,6 +575,9 @@ def _read_parquet(chunk: Chunk, data: DataConfig) -> dict[str, np.ndarray]:
     with _open(path) as parquet:
         columns = _resolve_columns(parquet.schema_arrow, data, path)
         table = parquet.read_row_group(chunk.row_group, columns=_used(columns))
+        ranges = _ranges(columns, parquet.schema_arrow, data.num_classes)
+        # Errors name rows as the file counts them (a chunk's row ids run on across files and online batches).
+        first_row = sum(parquet.metadata.row_group(group).num_rows for group in range(chunk.row_group))
     if table.num_rows != chunk.stop - chunk.start:
         raise UserError(f"data.source: {path} row group {chunk.row_group} has {table.num_rows} rows, "
                         f"expected {chunk.stop - chunk.start} (did the file change since the run started?)")
@@ -542,14 +591,10 @@ def _read_parquet(chunk: Chunk, data: DataConfig) -> dict[str, np.ndarray]:
         rows["y"] = _sequences(table.column(columns.label), f"data.label: column {columns.label!r} in {path}")
         for i, (tokens, labels) in enumerate(zip(rows["x"], rows["y"], strict=True)):
             if len(tokens) != len(labels):
-                raise UserError(f"data.label: row {chunk.start + i} of {path} has {len(labels)} labels for "
+                raise UserError(f"data.label: row {first_row + i} of {path} has {len(labels)} labels for "
                                 f"{len(tokens)} tokens (expected one label per token)")
         if len(rows["x"]) and min(len(t) for t in rows["x"]) == 0:
             raise UserError(f"data.sequence: column {columns.sequence!r} in {path} has an empty sequence")
-        flat = [seq for seq in rows["y"] if len(seq)]
-        if flat:
-            labels = np.concatenate(flat)
-            _check_labels(int(labels.min()), int(labels.max()), columns.label, path, data.num_classes)
     else:
         if len(columns.features) == 1 and _is_list(table.column(columns.features[0]).type):
             rows["x"] = _matrix(table.column(columns.features[0]), f"data.features: column "
@@ -563,13 +608,12 @@ def _read_parquet(chunk: Chunk, data: DataConfig) -> dict[str, np.ndarray]:
             rows["y"] = _numbers(label)[:, None]
         else:
             rows["y"] = label.to_numpy().astype(np.int64)
-            if len(rows["y"]):
-                _check_labels(int(rows["y"].min()), int(rows["y"].max()), columns.label, path, data.num_classes)
     if columns.weight:
         rows["weight"] = _numbers(table.column(columns.weight))
     if columns.difficulty:
         rows["difficulty"] = table.column(columns.difficulty).to_numpy().astype(np.float64)
-    _check_finite(rows, columns, path, chunk.start)
+    _check_finite(rows, columns, path, first_row)
+    _check_in_range(rows, ranges, path, first_row)
     return rows
 
 
