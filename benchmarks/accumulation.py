@@ -1,7 +1,7 @@
 """Gradient accumulation: one all-reduce per optimizer step, and what `no_sync` saves.
 
 Two processes, gloo on 127.0.0.1, 1 thread each, 4 micro-batches per optimizer step, the engine's own
-`train_step` (rayscale.step) against the same step written the naive way (a synchronising backward for every
+`train_step` (rayscale.engine.step) against the same step written the naive way (a synchronising backward for every
 micro-batch). A DDP communication hook counts the gradient all-reduces (per bucket; DDP's bucketing is the same
 in both), and a wrapper counts the other all-reduces: with sample weights or token losses the engine makes one
 more per step, of one float64 (the step's count across ranks, which normalises the loss before the first

@@ -8,7 +8,7 @@ against a raw PyTorch loop on the same GPU (issue 7, item 4).
       which the raw loop does not write.
   (b) raw: the same model, optimizer, batch and autocast in a plain loop over random tokens already on the GPU,
       timed with `torch.cuda.synchronize`.
-  (c) rayscale's step alone: `rayscale.step.train_step` (loss as a sum over the global token count, gradient
+  (c) rayscale's step alone: `rayscale.engine.step.train_step` (loss as a sum over the global token count, gradient
       norm and non-finite guard, fused AdamW) in the same plain loop as (b), without Ray or the data path. A gap
       between (a) and (b) splits into the step's share, (c)/(b), and Ray's and the data path's, (a)/(c).
 

@@ -97,14 +97,14 @@ def build_config(settings: dict, output_dir: Path, name: str, grace_samples: int
 def trained_samples(search_dir: Path, trial_id: str) -> int:
     """Samples the trial's worker actually trained (its metrics.jsonl), which can run a little past the last
     result Tune saw: a stopped trial's TorchTrainer is aborted at its next report, not at once."""
-    from rayscale.trainer import read_metrics
+    from rayscale.driver.outputs import read_metrics
 
     return max((r.get("samples_seen", 0) for r in read_metrics(search_dir / "trials" / trial_id)), default=0)
 
 
 def effective_grace(cfg, budget: int) -> int:
     """The grace period `tune.search` uses (and prints)."""
-    from rayscale.tune import default_grace
+    from rayscale.tune.search import default_grace
 
     return default_grace(cfg.tune.grace_samples, budget, cfg.tune.reduction_factor, cfg.schedule.warmup_samples)
 
@@ -176,7 +176,7 @@ def replay_in_random_orders(grid: dict, grace: int, budget: int, reduction_facto
     curves = [r["history"] for r in by_creation]
 
     def replay_promotion(order) -> tuple[float, float]:
-        from rayscale.tune import rung_milestones
+        from rayscale.tune.search import rung_milestones
         from rayscale.tune.promotion import replay_one_at_a_time
 
         scores = {i: [(samples, -value) for samples, value in curve] for i, curve in enumerate(curves)}
