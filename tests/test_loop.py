@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
 from inprocess import train
 
 from rayscale import config
+from rayscale.driver.outputs import print_summary
 from rayscale.engine import checkpoint
 from rayscale.engine.components import checkpointing
 from rayscale.errors import ConfigError
@@ -144,7 +146,7 @@ def test_adaptive_batch_grows_at_epoch_ends_and_a_crashed_run_resumes_at_the_gro
     assert chosen is not None and [r["global_batch_size"] for r in goodput.lines if r["epoch"] == 1][0] == chosen
 
 
-def test_a_resume_from_a_rung_pause_is_no_restart_and_a_crash_after_it_is_one(tmp_path):
+def test_a_resume_from_a_rung_pause_is_no_restart_and_a_crash_after_it_is_one(tmp_path, capsys):
     """Paused at 320 samples (ASHA by promotion's rung) and started again: `rung_resumes` 1, `restarts` 0. Resumed
     from the pause, crashed before the next checkpoint and started again: the pause checkpoint is restored a second
     time, still one rung resume, now one restart, and the uninterrupted model."""
@@ -158,6 +160,10 @@ def test_a_resume_from_a_rung_pause_is_no_restart_and_a_crash_after_it_is_one(tm
     assert (at_rung["samples_seen"], at_rung["epochs"], at_rung["rung_resumes"], at_rung["restarts"]) == (320, 0, 0, 0)
     resumed = paused("clean", 10**9)
     assert (resumed["samples_seen"], resumed["rung_resumes"], resumed["restarts"]) == (2 * resumed["train_rows"], 1, 0)
+    capsys.readouterr()
+    print_summary(resumed)  # what `rayscale train` prints at the end
+    printed = capsys.readouterr().out
+    assert re.search(r"restarts +0\n +rung resumes +1\n", printed), printed[-2000:]
 
     # 2 forwards a step: 10 steps to the rung (20 forwards) trains on; 30 steps past it, inside epoch 1, crash.
     assert paused("crashed", 60)["samples_seen"] == 320
