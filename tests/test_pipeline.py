@@ -105,6 +105,29 @@ def test_local_mode_trains_and_writes_outputs(ray_session, tmp_path):
     assert records[-1]["val_accuracy"] > 0.5
 
 
+def test_local_mode_resumes_a_crashed_run_from_its_run_directory_and_a_finished_one_trains_nothing(ray_session,
+                                                                                                  tmp_path):
+    """Local mode keeps its checkpoints in the run directory, where Ray Train does not look: crashed in epoch 2
+    and started again, the run resumes from epoch 1's checkpoint there and ends with the uninterrupted model, bit
+    for bit; started once more, it trains nothing and hands that checkpoint back for the outputs."""
+    def local(name, crash_after):
+        return run(tmp_path, name, "scaling.num_workers=0", "batch.micro_batch_size=16",
+                   "model.name=loop_models:crash_once",
+                   f"model.kwargs={{after: {crash_after}, marker: {tmp_path / name}.marker}}")
+
+    _, whole = local("whole", 10**9)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        local("crashed", 92 + 40)  # 23 steps of 4 micro-batches an epoch: 40 forwards into epoch 2
+    summary, resumed = local("crashed", 92 + 40)
+    assert summary["restarts"] == 1 and summary["samples_seen"] == 2 * summary["train_rows"]
+    # Resumed, not retrained from scratch (which gives the same model): the final checkpoint counts one restore.
+    assert _latest_state((tmp_path / "crashed" / "checkpoints").glob("checkpoint-*")).train_state.resumes == 1
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    again, model = local("crashed", 92 + 40)
+    assert again["steps"] == summary["steps"] and again["restarts"] == 2
+    assert all(torch.equal(whole[k], model[k]) for k in whole)
+
+
 @pytest.fixture(scope="module")
 def reference(ray_session, tmp_path_factory):
     """Two workers, micro-batch 8 of a global 64 (4 accumulation steps per worker)."""

@@ -236,17 +236,12 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys)
 
 # ------------------------------------------------------------------------------------------ end to end
 
-@pytest.mark.slow  # `rayscale train` starts an embedded Ray, even in local mode (Ray Data needs it)
-def test_suggest_after_a_local_mode_training_run(tmp_path, capsys):
-    import ray
+def test_suggest_after_a_training_run(tmp_path, capsys):
+    """On a real run directory: the training loop's own lines and config (in-process, as `rayscale train` writes
+    them without Ray; the CLI's train command itself is tested end to end in test_pipeline.py)."""
+    from inprocess import train
 
-    argv = ["train", "--set", "scaling.num_workers=0", "--set", "batch.micro_batch_size=16", "--set",
-            "train.epochs=1", "--set", "train.log_every_samples=256", "--set", f"run.output_dir={tmp_path}",
-            "--set", "run.name=e2e"]
-    try:
-        assert cli.main(argv) == 0
-    finally:
-        ray.shutdown()
+    train(tmp_path, "e2e", "batch.micro_batch_size=16", "train.epochs=1", "train.log_every_samples=256")
     capsys.readouterr()
     assert cli.main(["suggest", str(tmp_path / "e2e")]) == 0
     out = capsys.readouterr().out
