@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from rayscale.engine import distributed, tasks
@@ -59,9 +58,7 @@ def squared_norm(parameters: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _world_size(model: torch.nn.Module) -> int:
-    if isinstance(model, DistributedDataParallel) and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
+    return distributed.world_size() if isinstance(model, DistributedDataParallel) else 1
 
 
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
@@ -206,10 +203,8 @@ def _accumulate(model, micro_batches, *, task, precision, loss_scale, sync_last:
 def _agree_on_memory(out_of_memory: bool, world_size: int, device: torch.device,
                      optimizer: torch.optim.Optimizer) -> None:
     """An OOM-safe step: raise MicroBatchTooLarge on every rank if any rank ran out of device memory."""
-    failed = torch.tensor(float(out_of_memory), device=device)
-    if world_size > 1:
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-    if failed.item():
+    failed = distributed.all_reduce([float(out_of_memory)], device, op="max") if world_size > 1 else out_of_memory
+    if bool(failed):
         optimizer.zero_grad(set_to_none=True)
         raise MicroBatchTooLarge()
 
