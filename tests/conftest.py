@@ -1,4 +1,4 @@
-"""Test-wide set-up: Ray must bind loopback only (see README, Security), before anything imports ray."""
+"""Test-wide set-up: Ray must bind loopback only (see docs/guide/failures.md, Security), before anything imports ray."""
 
 import os
 

@@ -3,7 +3,7 @@
 - `cluster.yaml` (AWS, GPU workers) validates against Ray's own cluster-config schema and keeps its invariants.
 - `clusters/local.yaml` is brought up with `ray up` over an sshd on 127.0.0.1 (the test's own: own host key,
   own authorized key, free port), which runs `ray start --head` on 127.0.0.1. Jobs are submitted to it with
-  `ray job submit` exactly as the README says, one is stopped with `ray job stop` and resumed by submitting it
+  `ray job submit` exactly as docs/guide/cluster.md says, one is stopped with `ray job stop` and resumed by submitting it
   again, and `ray down` plus a sweep by pid leave no process behind.
 """
 
@@ -209,7 +209,7 @@ def _render_local_yaml(home: Path, ssh_port: int, key: Path, ports: dict[str, in
 def _env(token: Path | None = None) -> dict:
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)
-    if token is not None:  # what the README tells clients to set
+    if token is not None:  # what the cluster guide tells clients to set
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
     return env
 
@@ -253,7 +253,7 @@ def cluster():
             if up.returncode == 0 or "timed out during startup" not in up.stdout + up.stderr:
                 break
         assert up.returncode == 0, up.stdout[-4000:] + up.stderr[-4000:]
-        # The README's next step: copy the head's token (written there by `ray start`) to the client.
+        # The cluster guide's next step: copy the head's token (written there by `ray start`) to the client.
         state.fetched = ray_cli("rsync-down", str(config), "~/.ray/auth_token", str(state.token))
         yield state
     finally:
@@ -373,7 +373,7 @@ def test_train_job_stops_cleanly_and_resubmitting_resumes(cluster, tmp_path):
     assert not left, left
     assert not (tmp_path / "stopped" / "summary.json").exists()  # it did not finish
 
-    # The same job again resumes from the last checkpoint and finishes the run; its log, followed the README's
+    # The same job again resumes from the last checkpoint and finishes the run; its log, followed the cluster guide's
     # way, shows the resume and the progress.
     second = _submit(cluster, *entrypoint, wait=False, submission_id="rayscale-stop-2")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
@@ -421,7 +421,7 @@ def test_dashboard_is_reached_through_the_ssh_port_forward(cluster):
 
 @pytest.mark.slow
 def test_ray_down_and_the_sweep_leave_no_process(cluster):
-    """Last in the module: take the cluster down as the README says, then stop what is left by pid."""
+    """Last in the module: take the cluster down as the cluster guide says, then stop what is left by pid."""
     before = _cluster_processes(cluster.marker)
     assert before
     down = ray_cli("down", "-y", str(cluster.config), timeout=300)
