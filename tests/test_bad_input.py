@@ -241,6 +241,47 @@ def existing_run(tmp_path) -> Path:
 @pytest.mark.parametrize("args, fragments", [pytest.param(a, f, id=i) for i, a, f in CASES])
 def test_bad_input_is_one_line_exit_2_nothing_claimed_nothing_written(args, fragments, tmp_path, existing_run,
                                                                     capsys, monkeypatch):
+    monkeypatch.setattr(trainer, "connect", _no_cluster)
+    _assert_refused(args, fragments, tmp_path, existing_run, capsys, monkeypatch)
+
+
+# Known only by trying the cluster, and still refused before anything is claimed or written. Loopback only: a
+# port that was free a moment ago has nothing listening.
+UNREACHABLE = [
+    ("train-address", ["train", "--address", "127.0.0.1:{port}"], {},
+     ["--address 127.0.0.1:{port}: nothing answers at 127.0.0.1:{port} (Connection refused)"]),
+    ("tune-address", ["tune", "--address", "127.0.0.1:{port}"], {}, ["--address 127.0.0.1:{port}: nothing answers"]),
+    ("ray-address-variable", ["train"], {"RAY_ADDRESS": "127.0.0.1:{port}"},
+     ["RAY_ADDRESS 127.0.0.1:{port}: nothing answers"]),
+    ("client-address", ["train", "--address", "ray://127.0.0.1:{port}"], {},
+     ["--address ray://127.0.0.1:{port}: nothing answers at 127.0.0.1:{port}"]),
+    ("address-without-a-port-number", ["train", "--address", "127.0.0.1:head"], {},
+     ["--address 127.0.0.1:head: expected host:port"]),
+]
+
+
+@pytest.mark.parametrize("args, env, fragments", [pytest.param(a, e, f, id=i) for i, a, e, f in UNREACHABLE])
+def test_an_unreachable_cluster_is_one_line_exit_2_nothing_written(args, env, fragments, tmp_path, existing_run,
+                                                                   capsys, monkeypatch):
+    import ray
+
+    from rayscale.launch.connect import _free_loopback_port
+
+    port = str(_free_loopback_port())
+    for name, value in env.items():
+        monkeypatch.setenv(name, value.replace("{port}", port))
+    # ray.init would retry an absent head for minutes, blocked inside Ray's C++ client where no Python timeout
+    # reaches it: the refusal must come before it is called.
+    monkeypatch.setattr(ray, "init", _no_ray_init)
+    _assert_refused([a.replace("{port}", port) for a in args], [f.replace("{port}", port) for f in fragments],
+                    tmp_path, existing_run, capsys, monkeypatch)
+
+
+def _no_ray_init(*args, **kwargs):
+    raise AssertionError("ray.init was called with an address where nothing listens")
+
+
+def _assert_refused(args, fragments, tmp_path, existing_run, capsys, monkeypatch):
     import ray
 
     ray.shutdown()
@@ -254,7 +295,6 @@ def test_bad_input_is_one_line_exit_2_nothing_claimed_nothing_written(args, frag
         argv += ["--set", f"run.output_dir={tmp_path / 'runs'}"]
     if "run.name" not in " ".join(argv):
         argv += ["--set", "run.name=existing"]
-    monkeypatch.setattr(trainer, "connect", _no_cluster)
     monkeypatch.syspath_prepend(str(tmp_path))
     before, around = _snapshot(existing_run), sorted(tmp_path.iterdir())
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from rayscale.errors import UserError
+
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Train's controller reads this
+REACH_TIMEOUT_S = 5.0  # a head that is up accepts a TCP connection at once; a dropped packet waits this long
 
 
 def loopback_unless_joining(address: str | None) -> str | None:
@@ -51,13 +54,18 @@ def _forget_dead_cluster_address() -> None:
 
 def connect(address: str | None) -> None:
     """Join a cluster (`--address`, RAY_ADDRESS, or inside `ray job submit`), else start Ray on loopback."""
+    named = "--address" if address else "RAY_ADDRESS"
     address = loopback_unless_joining(address)
     import ray
 
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, logging_level="WARNING")
+        check_reachable(address, named)
+        try:
+            ray.init(address=address, logging_level="WARNING")
+        except ConnectionError as exc:  # e.g. address auto with no cluster on this machine
+            raise UserError(f"{named} {address}: {_first_line(exc)}") from exc
         return
     _forget_dead_cluster_address()
     # Train's preemption watcher (an actor per worker group, polling for node drains to log them) has nothing
@@ -83,6 +91,32 @@ def connect(address: str | None) -> None:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)
         else:
             os.environ["RAY_GCS_SERVER_PORT"] = previous
+
+
+def check_reachable(address: str, named: str = "--address") -> None:
+    """Refuse an address where nothing listens, in seconds: Ray itself retries an absent head for minutes.
+
+    Only a host:port (or ray://host:port) is probed; Ray's own words (auto, local) are left to ray.init."""
+    import socket
+    from urllib.parse import urlsplit
+
+    try:
+        where = urlsplit(address if "://" in address else f"//{address}")
+        host, port = where.hostname, where.port
+    except ValueError as exc:
+        raise UserError(f"{named} {address}: expected host:port, e.g. 127.0.0.1:6379 ({exc})") from None
+    if not host or port is None:
+        return
+    try:
+        socket.create_connection((host, port), timeout=REACH_TIMEOUT_S).close()
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise UserError(f"{named} {address}: nothing answers at {host}:{port} ({reason}); expected the address "
+                        f"of a running Ray head (ray start --head prints it)") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _free_loopback_port() -> int:

@@ -1,0 +1,65 @@
+"""Joining a cluster: an address where nothing answers is refused in seconds, naming where it came from.
+
+Loopback only: a port that was free a moment ago has nothing listening; a listening socket stands in for a head.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+
+import pytest
+
+from rayscale.errors import UserError
+from rayscale.launch.connect import _free_loopback_port, check_reachable, connect
+
+
+@pytest.fixture
+def listening_port():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        yield server.getsockname()[1]
+
+
+@pytest.mark.parametrize("address", [
+    pytest.param("127.0.0.1:{port}", id="host-port"),
+    pytest.param("ray://127.0.0.1:{port}", id="ray-client"),
+    pytest.param("localhost:{port}", id="a-name"),
+])
+def test_an_address_that_answers_passes(address, listening_port):
+    check_reachable(address.format(port=listening_port))
+
+
+@pytest.mark.parametrize("address, named, message", [
+    pytest.param("127.0.0.1:{port}", "--address", "--address 127.0.0.1:{port}: nothing answers at "
+                 "127.0.0.1:{port} (Connection refused); expected the address of a running Ray head", id="refused"),
+    pytest.param("ray://127.0.0.1:{port}", "RAY_ADDRESS", "RAY_ADDRESS ray://127.0.0.1:{port}: nothing answers at "
+                 "127.0.0.1:{port}", id="client-address-from-the-environment"),
+    pytest.param("127.0.0.1:x", "--address", "--address 127.0.0.1:x: expected host:port", id="port-not-a-number"),
+    pytest.param("127.0.0.1:99999", "--address", "--address 127.0.0.1:99999: expected host:port",
+                 id="port-out-of-range"),
+])
+def test_an_address_where_nothing_answers_is_one_line(address, named, message):
+    port = _free_loopback_port()
+    with pytest.raises(UserError, match=re.escape(message.format(port=port))) as info:
+        check_reachable(address.format(port=port), named)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("address", ["auto", "local"])
+def test_rays_own_words_are_left_to_ray(address):
+    check_reachable(address)  # no host:port to probe: ray.init decides
+
+
+def test_rays_connection_error_is_one_line_naming_the_flag(monkeypatch):
+    import ray
+
+    def no_cluster(**kwargs):
+        raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to.\n"
+                              "more detail")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", no_cluster)
+    with pytest.raises(UserError, match=r"^--address auto: Could not find any running Ray instance\. .*to\.$"):
+        connect("auto")
