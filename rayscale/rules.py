@@ -42,6 +42,12 @@ def _one_step_per_micro_batch(cfg: Config) -> bool:
     return plan.num_workers == 1 and plan.accumulation_steps == 1 and not plan.auto
 
 
+def _other_parts(cfg: Config) -> tuple[str, ...]:
+    """The columns that are inputs, the label or the weight."""
+    data = cfg.data
+    return (*(data.features or ()), data.label, *(c for c in (data.weight, data.sequence) if c is not None))
+
+
 def _has_grid(cfg: Config) -> bool:
     return any(isinstance(domain, dict) and "grid" in domain for domain in cfg.tune.space.values())
 
@@ -73,6 +79,18 @@ RULES: tuple[Rule, ...] = (
          lambda c: f"data.curriculum_column: data.source {c.data.source} has no columns; a curriculum needs a "
                    f"Parquet source with a difficulty column",
          ("data.curriculum_column=hardness",)),
+    # The built-in sources make their own columns, so these keys would be ignored without a word.
+    *(Rule((f"data.{name}", "data.source"),
+           lambda c, name=name: getattr(c.data, name) is not None and c.data.source in BUILTIN_SOURCES,
+           lambda c, name=name: f"data.{name}: data.source {c.data.source} has no columns; data.{name} is for "
+                                f"Parquet data (leave it null)",
+           (f"data.{name}={value}",))
+      for name, value in (("features", "[f0]"), ("weight", "w"), ("sequence", "tokens"), ("num_classes", "4"))),
+    Rule(("data.curriculum_column", "data.features", "data.label", "data.weight", "data.sequence"),
+         lambda c: c.data.curriculum_column in _other_parts(c),
+         lambda c: f"data.curriculum_column: column {c.data.curriculum_column!r} is also used as a feature, label, "
+                   f"weight or sequence; the difficulty must not be an input",
+         ("data.source=x.parquet", "data.curriculum_column=hardness", "data.features=[f0, hardness]")),
     *(Rule((f"data.{name}", "data.curriculum_column"),
            lambda c, name=name: c.data.curriculum_column is not None and getattr(c.data, name) > 1,
            lambda c, name=name: f"data.{name}: expected a share in (0, 1], got {getattr(c.data, name)}",

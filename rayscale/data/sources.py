@@ -280,14 +280,11 @@ def _resolve_columns(schema: pa.Schema, data: DataConfig, path: str) -> _Columns
 
     label_type = need(data.label, "data.label")
     difficulty = data.curriculum_column if data.curriculum_column in names else None
-    if difficulty is not None:
+    if difficulty is not None:  # (the difficulty as an input too: refused by rules.py)
         tp = schema.field(difficulty).type
         if not (pa.types.is_integer(tp) or pa.types.is_floating(tp)):
             raise UserError(f"data.curriculum_column: column {difficulty!r} in {path} is {tp}, expected numbers "
                             f"(lower = easier)")
-        if difficulty in (data.features or ()) or difficulty in (data.label, data.weight, data.sequence):
-            raise UserError(f"data.curriculum_column: column {difficulty!r} is also used as a feature, label, "
-                            f"weight or sequence; the difficulty must not be an input")
     if data.weight is not None and not _is_number(need(data.weight, "data.weight")):
         raise UserError(f"data.weight: column {data.weight!r} in {path} is {schema.field(data.weight).type}, "
                         f"expected numbers")
