@@ -6,6 +6,7 @@ Bad input (a `UserError`) is printed as one line on stderr with exit code 2; `--
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 
@@ -111,7 +112,7 @@ def cmd_find_batch_size(args: argparse.Namespace) -> int:
 
     if args.max is not None and args.max < 1:
         raise UserError(f"--max {args.max}: expected a micro-batch of at least 1")
-    if args.memory_mb is not None and args.memory_mb <= 0:
+    if args.memory_mb is not None and not (math.isfinite(args.memory_mb) and args.memory_mb > 0):  # nan, inf
         raise UserError(f"--memory-mb {args.memory_mb:g}: expected a positive number of MiB")
     cfg = config_module.load(args.config, args.overrides)
     print(f"[rayscale] find-batch-size: model {cfg.model.name}, data {cfg.data.source}, {cfg.train.precision}, "

@@ -102,6 +102,8 @@ CASES = [
     ("infinite-search-bound", ["tune", "--set", "tune.space={optim.lr: {loguniform: [0.01, .inf]}}"],
      ["tune.space.optim.lr: loguniform expects finite [low, high], got [0.01, inf]"]),
     ("infinite-epochs", ["train", "--set", "train.epochs=.inf"], ["train.epochs: expected an integer, got inf"]),
+    ("nan-memory-budget", ["find-batch-size", "--memory-mb", "nan"], ["--memory-mb nan: expected a positive number"]),
+    ("infinite-memory-budget", ["find-batch-size", "--memory-mb", "inf"], ["--memory-mb inf: expected a positive"]),
     # A worker that reserves nothing is a bundle Ray refuses.
     ("zero-cpus-per-worker", ["train", "--set", "scaling.cpus_per_worker=0"],
      ["scaling.cpus_per_worker: expected a value greater than 0, got 0"]),
