@@ -176,8 +176,8 @@ def replay_in_random_orders(grid: dict, grace: int, budget: int, reduction_facto
     curves = [r["history"] for r in by_creation]
 
     def replay_promotion(order) -> tuple[float, float]:
-        from rayscale.tune.search import rung_milestones
         from rayscale.tune.promotion import replay_one_at_a_time
+        from rayscale.tune.search import rung_milestones
 
         scores = {i: [(samples, -value) for samples, value in curve] for i, curve in enumerate(curves)}
         trained = replay_one_at_a_time(scores, list(order), rung_milestones(grace, budget, reduction_factor),
