@@ -478,7 +478,7 @@ def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -
 
 
 def describe() -> list[tuple[str, str, str, str]]:
-    """(key, type, default, meaning) for every key: the reference table in the README is built from this."""
+    """(key, type, default, meaning) for every key: docs/reference/config.md's table is built from this."""
     rows = []
 
     def walk(cls: type, prefix: str) -> None:

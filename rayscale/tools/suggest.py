@@ -232,6 +232,8 @@ def to_json(result: Suggestion) -> dict:
 
 
 def _check_writable_file(path: Path, flag: str) -> None:
+    if path.is_dir():
+        raise UserError(f"{flag}: {path} is a directory; expected the path of a file to write")
     if not path.parent.is_dir() or not os.access(path.parent, os.W_OK | os.X_OK):
         raise UserError(f"{flag}: cannot write {path} (its directory {path.parent} is missing or not writable)")
 

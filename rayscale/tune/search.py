@@ -225,8 +225,6 @@ def max_concurrent(cfg: Config) -> int:
     workers = max(cfg.scaling.num_workers, 1)
     if cfg.scaling.use_gpu:
         return max(1, int(total.get("GPU", 0) // workers))
-    if cfg.scaling.cpus_per_worker == 0:  # workers reserve nothing: only the number of trials bounds it
-        return cfg.tune.num_samples
     return max(1, int((total.get("CPU", 1) - 1) // (workers * cfg.scaling.cpus_per_worker)))
 
 
