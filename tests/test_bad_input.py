@@ -330,6 +330,7 @@ def test_cluster_bigger_than_asked_is_checked_with_the_numbers(monkeypatch):
     from rayscale import config
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 2.0})
+    monkeypatch.setattr(ray._private.state.state, "get_max_resources_from_cluster_config", lambda: None)  # fixed
     cfg = config.load(overrides=["scaling.num_workers=4", "scaling.use_gpu=true", "batch.micro_batch_size=32"])
     with pytest.raises(UserError, match=r"scaling.use_gpu: 4 workers need 4 GPUs, the cluster has 2"):
         check_cluster_fits(cfg)
