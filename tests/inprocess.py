@@ -54,7 +54,7 @@ def train(output_dir: Path, name: str, *overrides: str, workers: int = 1, eval_a
     record_group(groups, in_process=True)  # as local mode does: each run of the loop is one worker group
     (prepared.run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(cfg), sort_keys=False))
     payload = worker_payload(prepared, eval_at_samples, pause_at_samples)
-    feed = LocalFeed(prepared.train, prepared.val, cfg.train.epochs, prepared.train_rows)
+    feed = LocalFeed(prepared.train, prepared.val, cfg.train.epochs, prepared.train_rows, world_size=workers)
     if workers == 1:
         reports = _rank(0, 1, 0, payload, feed)
     else:

@@ -1,6 +1,8 @@
 """Step assembly, collate and the validation split, without Ray: streams of numpy column dicts shaped like
 Ray Data's numpy batches go straight into StepAssembler.steps()."""
 
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -557,3 +559,35 @@ def test_read_tasks_are_bounded_by_the_cpus_the_cluster_has_or_can_autoscale_to(
     assert read_tasks_at_once(100) == 8
     monkeypatch.setattr(ray, "cluster_resources", lambda: {})
     assert read_tasks_at_once(100) == 1
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+def test_each_rank_reads_and_validates_its_own_shard_and_every_validation_row_once(world_size):
+    """The validation split cut into one shard per rank from the row counts alone: the shards' rows are the
+    split's, each once and in row-id order within a shard, their sizes differ by at most one row, a rank reads
+    only the chunks its shard overlaps, and the engine asks the context for its own shard."""
+    from rayscale import config
+    from rayscale.data.local_feed import LocalFeed
+    from rayscale.data.splits import chunk_rows, shard_reads
+    from rayscale.engine.feed import SplitStreams
+
+    data = DataConfig(source="synthetic", val_fraction=0.3, synthetic=SyntheticConfig(rows=90_000, num_features=2))
+    info = sources.inspect_source("synthetic", data, seed=0)
+    assert len(info.chunks) > world_size  # several chunks: shards are cut between and inside them
+    val = SplitSpec(info, "val", 0.3, data, seed=0)
+    assert chunk_rows(info, "val", 0.3) == [len(read_split_chunks({"chunk": np.array([i])}, val)["row_id"])
+                                            for i in range(len(info.chunks))]
+    feed = LocalFeed(SplitSpec(info, "train", 0.3, data, seed=0), val, 1, count_rows(info, "train", 0.3),
+                     world_size=world_size)
+    shards = [np.concatenate([block["row_id"] for block in feed(f"val_{rank}")]) for rank in range(world_size)]
+    assert np.array_equal(np.concatenate(shards), np.flatnonzero(is_validation(np.arange(90_000), 0.3)))
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    chunks_read = [{read.chunk for read in reads} for reads in shard_reads(val, world_size)]
+    assert sum(map(len, chunks_read)) <= len(info.chunks) + world_size - 1  # a cut chunk is read by two ranks
+
+    asked = []
+    context = types.SimpleNamespace(rank=world_size - 1, world_size=world_size,
+                                    stream=lambda name, prefetch: asked.append(name) or iter(()))
+    payload = types.SimpleNamespace(curriculum_epochs=(), train_cache=None, val_cache=None)
+    list(SplitStreams(context, payload, config.load()).val())
+    assert asked == [f"val_{world_size - 1}"]

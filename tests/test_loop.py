@@ -270,3 +270,28 @@ def test_the_log_is_written_by_rank_0_once_and_travels_with_every_checkpoint(two
     assert (final / "metrics.jsonl").read_text().splitlines() == lines
     assert sorted(p.name for p in final.iterdir()) == ["manifest_rank0.json", "manifest_rank1.json", "metrics.jsonl",
                                                       "rng_rank0.pt", "rng_rank1.pt", "state.pt"]
+
+
+def test_two_ranks_validate_each_row_once_and_reduce_to_one_processs_metrics(two_ranks):
+    """Each rank evaluates only its shard of the validation split: the reduced accuracy is exactly that of
+    evaluating the final model on the whole split in one process (a row missed or counted twice would move it by
+    1 / rows), and the loss equal within fp32 rounding (other sums, other batches)."""
+    from rayscale.data.local_feed import read_shard
+    from rayscale.data.splits import shard_reads
+    from rayscale.driver.prepare import prepare
+    from rayscale.engine.components.validation import evaluate
+    from rayscale.engine.precision import make_precision
+    from rayscale.models import build_model
+
+    cfg = config.load(two_ranks.run_dir / "config.yaml")
+    prepared = prepare(cfg)
+    shards = shard_reads(prepared.val, 2)
+    assert sum(read.take for shard in shards for read in shard) == prepared.val_rows
+    assert abs(sum(read.take for read in shards[0]) - sum(read.take for read in shards[1])) <= 1
+    model = build_model(cfg.model, prepared.spec)
+    model.load_state_dict(two_ranks.model)  # model.pt: the weight average, which is what was validated
+    whole = evaluate(model, read_shard(prepared.val, shard_reads(prepared.val, 1)[0]), prepared.plan, prepared.spec,
+                     make_precision("fp32", torch.device("cpu")), torch.device("cpu"))
+    final = two_ranks.summary["final"]
+    assert final["val_accuracy"] == whole["val_accuracy"]
+    assert final["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-6)

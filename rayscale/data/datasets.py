@@ -1,10 +1,13 @@
 """The driver's Ray Datasets: one lazy dataset per training epoch (ordered, or shuffled, for that epoch) and one
 for validation, read by Ray Data tasks on the cluster's CPUs.
 
-Every worker streams the whole dataset of an epoch and keeps only its slice of each global step
+Every worker streams the whole training dataset of an epoch and keeps only its slice of each global step
 (data/assembly.py), instead of a `streaming_split` shard: Ray assigns blocks to split shards dynamically, so
 which rows a rank sees changes from run to run, shards are uneven (ranks take different step counts and hang,
-Ray #66085) and `equal=True` silently drops rows (#63285). Reading every row on every worker is the price.
+Ray #66085) and `equal=True` silently drops rows (#63285). Reading every training row on every worker is the
+price. Validation has no steps to keep in line: each rank gets its own shard (`build_shard`), a fixed
+contiguous share of the split's rows cut from the row counts alone (splits.shard_reads), so every validation
+row is read and evaluated once across the cluster.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from rayscale.data.splits import (
     chunk_order,
     epoch_shuffle,
     read_split_chunks,
+    read_split_pieces,
 )
+from rayscale.math.lanes import ChunkRead
 
 READ_CPUS = 0.25
 
@@ -37,6 +42,18 @@ def read_tasks_at_once(chunks: int) -> int:
     cpus = (ray._private.state.state.get_max_resources_from_cluster_config() or {}).get("CPU") \
         or ray.cluster_resources().get("CPU", 1)
     return max(1, min(chunks, int(cpus)))
+
+
+def build_shard(spec: SplitSpec, reads: list[ChunkRead]):
+    """A lazy Ray Dataset of one shard of the split (split.shard_reads): its chunk pieces, in order."""
+    import ray.data
+
+    items = [{"chunk": read.chunk, "skip": read.skip, "take": read.take} for read in reads] or \
+        [{"chunk": 0, "skip": 0, "take": 0}]  # an empty shard (fewer rows than ranks): no rows, one empty block
+    tasks_at_once = ray.data.TaskPoolStrategy(size=read_tasks_at_once(len(items)))
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        read_split_pieces, fn_kwargs={"spec": spec}, batch_size=1, batch_format="numpy", num_cpus=READ_CPUS,
+        compute=tasks_at_once)
 
 
 def build_dataset(spec: SplitSpec, epoch: int | None = None, order: CurriculumOrder | None = None):

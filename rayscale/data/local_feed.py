@@ -25,7 +25,10 @@ from rayscale.data.splits import (
     curriculum_order,
     epoch_shuffle,
     read_split_chunks,
+    read_split_pieces,
+    shard_reads,
 )
+from rayscale.math.lanes import ChunkRead
 
 
 @dataclass
@@ -34,15 +37,22 @@ class LocalFeed:
     val: SplitSpec | None
     epochs: int
     train_rows: int
+    world_size: int = 1  # the validation split is cut into one shard per rank
 
     def __call__(self, name: str) -> Iterator[dict[str, np.ndarray]]:
-        """The blocks of "train_<epoch>" or "val"."""
-        if name == "val":
+        """The blocks of "train_<epoch>" or "val_<rank>"."""
+        if name.startswith("val_"):
             if self.val is None:
                 raise ValueError("no validation split")
-            return read_split(self.val)
+            return read_shard(self.val, shard_reads(self.val, self.world_size)[int(name.removeprefix("val_"))])
         epoch = int(name.removeprefix("train_"))
         return read_split(self.train, epoch, curriculum_order(self.train, epoch, self.epochs, self.train_rows))
+
+
+def read_shard(spec: SplitSpec, reads: list[ChunkRead]) -> Iterator[dict[str, np.ndarray]]:
+    """What datasets.build_shard streams: each chunk piece's rows, one block a piece."""
+    for read in reads:
+        yield read_split_pieces({"chunk": [read.chunk], "skip": [read.skip], "take": [read.take]}, spec)
 
 
 def read_split(spec: SplitSpec, epoch: int | None = None, order: CurriculumOrder | None = None

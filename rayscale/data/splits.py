@@ -15,7 +15,7 @@ import numpy as np
 
 from rayscale.config import DataConfig
 from rayscale.data import sources
-from rayscale.math import curriculum
+from rayscale.math import curriculum, lanes
 
 VAL_BUCKETS = 1_000_000
 CURRICULUM_KEY = "curriculum_key"  # the sort key column, dropped after the sort
@@ -37,12 +37,21 @@ def is_validation(row_ids: np.ndarray, val_fraction: float) -> np.ndarray:
 
 def count_rows(info: sources.SourceInfo, split: str, val_fraction: float) -> int:
     """Rows in `split` ("train", "val" or "all"), counted from row ids only, without reading data."""
+    return _rows_between(0, info.num_rows, split, val_fraction)
+
+
+def chunk_rows(info: sources.SourceInfo, split: str, val_fraction: float) -> list[int]:
+    """Rows of `split` in each chunk, counted from row ids only: what a shard plan is cut from."""
+    return [_rows_between(chunk.start, chunk.stop, split, val_fraction) for chunk in info.chunks]
+
+
+def _rows_between(start: int, stop: int, split: str, val_fraction: float) -> int:
     if split == "all" or val_fraction == 0:
-        return info.num_rows if split != "val" else 0
+        return stop - start if split != "val" else 0
     held_out = 0
-    for start in range(0, info.num_rows, 1 << 22):  # bounded memory for billions of rows
-        held_out += int(is_validation(np.arange(start, min(start + (1 << 22), info.num_rows)), val_fraction).sum())
-    return held_out if split == "val" else info.num_rows - held_out
+    for low in range(start, stop, 1 << 22):  # bounded memory for billions of rows
+        held_out += int(is_validation(np.arange(low, min(low + (1 << 22), stop)), val_fraction).sum())
+    return held_out if split == "val" else stop - start - held_out
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,25 @@ def read_split_chunks(batch: dict[str, np.ndarray], spec: SplitSpec) -> dict[str
     """Ray Data map_batches function: chunk descriptors in, those chunks' rows (of this split) out."""
     outputs = [_read_split_chunk(int(index), spec) for index in batch["chunk"]]
     return {key: concat_columns([out[key] for out in outputs]) for key in outputs[0]}
+
+
+def read_split_pieces(batch: dict[str, np.ndarray], spec: SplitSpec) -> dict[str, np.ndarray]:
+    """Ray Data map_batches function: pieces of chunks in (lanes.ChunkRead as columns chunk, skip, take), those
+    rows of this split out: a chunk's rows of the split in row-id order, `take` of them after `skip`."""
+    outputs = []
+    for index, skip, take in zip(batch["chunk"], batch["skip"], batch["take"], strict=True):
+        rows = _read_split_chunk(int(index), spec)
+        outputs.append({key: value[int(skip):int(skip) + int(take)] for key, value in rows.items()})
+    return {key: concat_columns([out[key] for out in outputs]) for key in outputs[0]}
+
+
+def shard_reads(spec: SplitSpec, shards: int) -> list[list[lanes.ChunkRead]]:
+    """The split cut into `shards` contiguous parts of (almost) equal rows, each as the chunk pieces to read:
+    shard r is what rank r of `shards` reads, so every row is read by one rank (and a chunk cut between two
+    shards by both)."""
+    rows = chunk_rows(spec.info, spec.split, spec.val_fraction)
+    order = range(len(rows))
+    return [lanes.lane_reads(rows, order, start, stop) for start, stop in lanes.lane_ranges(sum(rows), shards)]
 
 
 def _read_split_chunk(index: int, spec: SplitSpec) -> dict[str, np.ndarray]:

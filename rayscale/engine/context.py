@@ -30,7 +30,8 @@ class Context(Protocol):
     device: torch.device
 
     def stream(self, name: str, prefetch: int) -> Blocks:
-        """This rank's row stream of a dataset: "train_<epoch>" or "val", numpy blocks in order."""
+        """A row stream of a dataset, numpy blocks in order: "train_<epoch>" (the whole epoch, of which the rank
+        trains its slice of each step) or "val_<rank>" (this rank's shard of the validation split)."""
 
     def restored(self) -> contextlib.AbstractContextManager[Path | None]:
         """The directory of the checkpoint to resume from, while the block lasts (None: a fresh run)."""

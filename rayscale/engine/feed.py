@@ -43,7 +43,8 @@ class SplitStreams:
         return self._rows(f"train_{epoch}", self.train_cache, epoch, self.cfg.data.shuffle, prefetch=4)
 
     def val(self) -> Iterable[dict]:
-        return self._rows("val", self.val_cache, None, "none", prefetch=2)
+        """This rank's shard of the validation split (its rows only: each row is validated by one rank)."""
+        return self._rows(f"val_{self.context.rank}", self.val_cache, None, "none", prefetch=2)
 
     def _rows(self, name: str, cache: SplitCache | None, order_epoch: int | None, shuffle: str, prefetch: int):
         if cache is not None and cache.ready and order_epoch not in self.curriculum_epochs:

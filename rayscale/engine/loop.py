@@ -226,8 +226,8 @@ class TrainLoop:
         began = time.perf_counter()
         self.strategy.before_validation(run)
         model = self.averaging.average.module if self.averaging else run.model
-        val = evaluate(model, self.streams.val(), at_micro_batch(run.plan, run.micro_batch_size), run.rank,
-                       run.spec, run.precision, run.device)
+        val = evaluate(model, self.streams.val(), at_micro_batch(run.plan, run.micro_batch_size), run.spec,
+                       run.precision, run.device)
         self.metrics.interval.started += time.perf_counter() - began
         return val
 

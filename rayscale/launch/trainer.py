@@ -15,8 +15,8 @@ import yaml
 
 from rayscale import config as config_module
 from rayscale.config import Config
-from rayscale.data.datasets import build_dataset, quiet_ray_data
-from rayscale.data.splits import curriculum_order
+from rayscale.data.datasets import build_dataset, build_shard, quiet_ray_data
+from rayscale.data.splits import curriculum_order, shard_reads
 from rayscale.driver.outputs import print_summary, read_metrics, startup_phases, write_outputs
 from rayscale.driver.prepare import PreparedRun, check_same_config, prepare, worker_payload
 from rayscale.errors import UserError
@@ -52,8 +52,9 @@ def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, nam
     datasets = {f"train_{epoch}": build_dataset(prepared.train, epoch, curriculum_order(
         prepared.train, epoch, cfg.train.epochs, prepared.train_rows)) for epoch in range(cfg.train.epochs)} \
         if not cfg.data.online else {}
-    if prepared.val is not None:
-        datasets["val"] = build_dataset(prepared.val)
+    if prepared.val is not None:  # each rank validates (and reads) its own shard: every row once
+        for rank, reads in enumerate(shard_reads(prepared.val, max(cfg.scaling.num_workers, 1))):
+            datasets[f"val_{rank}"] = build_shard(prepared.val, reads)
     execution = ray.data.ExecutionOptions(preserve_order=True)  # the same row order on every rank and run
     payload = worker_payload(prepared, eval_at_samples, pause_at_samples)
     if cfg.train.strategy == "parameter_server":

@@ -1,5 +1,5 @@
 """Validation: at every epoch end, every train.eval_every_samples and at Tune's rung milestones. Each rank
-evaluates its slice of every validation step; the sums are all-reduced once."""
+evaluates every row of its own shard of the validation split; the sums are all-reduced once."""
 
 from __future__ import annotations
 
@@ -38,13 +38,14 @@ class ValidationSchedule:
         return True
 
 
-def evaluate(model: torch.nn.Module, blocks, plan: BatchPlan, rank: int, spec: DataSpec, precision: Precision,
+def evaluate(model: torch.nn.Module, blocks, plan: BatchPlan, spec: DataSpec, precision: Precision,
              device: torch.device) -> dict[str, float]:
-    """Validation loss (and accuracy) over all validation rows (`blocks`: numpy blocks in order), each rank
-    taking its slice of each step of `plan`."""
+    """Validation loss (and accuracy) over all validation rows: `blocks` are this rank's shard (numpy blocks in
+    order), taken a worker's batch of `plan` at a time in its micro-batches; the sums of every rank together."""
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
-    assembler = StepAssembler(plan, rank, seed=0, epoch=0, shuffle="none", window_rows=plan.global_batch_size)
+    alone = dataclasses.replace(plan, global_batch_size=plan.per_worker_batch_size, num_workers=1)
+    assembler = StepAssembler(alone, 0, seed=0, epoch=0, shuffle="none", window_rows=alone.global_batch_size)
     with torch.no_grad():
         for step in assembler.steps(blocks):
             for batch in micro_batches(step, plan.micro_batch_size, device):
