@@ -298,7 +298,22 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False) -> 
           f"{concurrency} trials at once"
           + (f", grid {cfg.tune.grid_order}" if space.grid_size(domains) > 1 else ""), flush=True)
 
+    tuner = _tuner(cfg, domains, base, search_dir, grace, max_t, concurrency, search_alg, resume)
+    results = tuner.fit()
+    # The last trials' actors are ended as the search finishes, possibly in the middle of their abort.
+    for trial_dir in sorted((search_dir / "trials").glob("*")):
+        remove_placement_groups_left(trial_dir)
+    rows = summarize(results, cfg, domains, max_t)
+    write_outputs(rows, cfg, search_dir)
+    print_ranking(rows, cfg, domains)
+    return rows
+
+
+def _tuner(cfg: Config, domains: list[space.Domain], base: dict, search_dir: Path, grace: int, max_t: int,
+           concurrency: int, search_alg, resume: bool):
+    """The Tuner of a new search, or the one `--resume` restores from `search_dir`."""
     from ray import tune
+    from ray.tune import Tuner
 
     from rayscale.tune.asha import PromotingASHA, ResumableASHA
 
@@ -314,36 +329,27 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False) -> 
                              eval_at_samples=milestones, promotion=promotion),
         {"CPU": 0.01, here: trial_share(concurrency) if promotion else 0.001})
     if resume:
-        tuner = Tuner.restore(str(tuner_dir), trainable, resume_unfinished=True, restart_errored=True)
-    else:
-        # stop_last_trials=False: a trial that reaches max_t finishes by itself and writes its outputs
-        # (summary.json, model.pt), which is also how --resume recognises it as finished.
-        scheduler = PromotingASHA(time_attr=TIME_ATTR, milestones=milestones,
-                                  reduction_factor=cfg.tune.reduction_factor,
-                                  state_file=search_dir / PROMOTION_FILE) if promotion else \
-            ResumableASHA(time_attr=TIME_ATTR, max_t=max_t, grace_period=grace,
-                          reduction_factor=cfg.tune.reduction_factor, stop_last_trials=False,
-                          state_file=search_dir / RUNGS_FILE)
-        tuner = Tuner(
-            trainable,
-            param_space=param_space(domains, cfg),
-            tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=scheduler,
-                                        num_samples=cfg.tune.num_samples,
-                                        # Tune counts paused trials against its limit: promotion would
-                                        # deadlock once every slot waits at a rung (trial_share instead).
-                                        max_concurrent_trials=None if promotion else concurrency,
-                                        search_alg=search_alg),
-            run_config=tune.RunConfig(name="tune", storage_path=str(search_dir), verbose=1,
-                                      callbacks=[_release_stopped_trials(search_dir / "trials", RELEASE_DELAY_S)]),
-        )
-    results = tuner.fit()
-    # The last trials' actors are ended as the search finishes, possibly in the middle of their abort.
-    for trial_dir in sorted((search_dir / "trials").glob("*")):
-        remove_placement_groups_left(trial_dir)
-    rows = summarize(results, cfg, domains, max_t)
-    write_outputs(rows, cfg, search_dir)
-    print_ranking(rows, cfg, domains)
-    return rows
+        return Tuner.restore(str(search_dir / "tune"), trainable, resume_unfinished=True, restart_errored=True)
+    # stop_last_trials=False: a trial that reaches max_t finishes by itself and writes its outputs
+    # (summary.json, model.pt), which is also how --resume recognises it as finished.
+    scheduler = PromotingASHA(time_attr=TIME_ATTR, milestones=milestones,
+                              reduction_factor=cfg.tune.reduction_factor,
+                              state_file=search_dir / PROMOTION_FILE) if promotion else \
+        ResumableASHA(time_attr=TIME_ATTR, max_t=max_t, grace_period=grace,
+                      reduction_factor=cfg.tune.reduction_factor, stop_last_trials=False,
+                      state_file=search_dir / RUNGS_FILE)
+    return Tuner(
+        trainable,
+        param_space=param_space(domains, cfg),
+        tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=scheduler,
+                                    num_samples=cfg.tune.num_samples,
+                                    # Tune counts paused trials against its limit: promotion would
+                                    # deadlock once every slot waits at a rung (trial_share instead).
+                                    max_concurrent_trials=None if promotion else concurrency,
+                                    search_alg=search_alg),
+        run_config=tune.RunConfig(name="tune", storage_path=str(search_dir), verbose=1,
+                                  callbacks=[_release_stopped_trials(search_dir / "trials", RELEASE_DELAY_S)]),
+    )
 
 
 def summarize(results, cfg: Config, domains: list[space.Domain], max_t: int) -> list[dict]:
