@@ -4,6 +4,7 @@ them (driver/outputs.py). What `rayscale train` adds on top is Ray: tests/test_p
 
 from __future__ import annotations
 
+import datetime
 import os
 import pickle
 import socket
@@ -25,6 +26,8 @@ from rayscale.engine.context import InProcessContext
 from rayscale.engine.loop import TrainLoop
 from rayscale.files import CHECKPOINTS_DIR, CONFIG_FILE, GROUPS_FILE, MODEL_FILE
 from rayscale.launch.callbacks import record_group
+
+COLLECTIVE_TIMEOUT_S = 120
 
 
 @dataclass
@@ -76,7 +79,9 @@ def _rank(rank: int, world_size: int, port: int, payload, feed) -> list:
 def _spawned(rank: int, world_size: int, port: int, payload, feed, out: str) -> None:
     torch.set_num_threads(1)
     os.environ["RANK"] = str(rank)  # what a test model may read to tell the ranks apart
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    # A collective one rank never makes fails the test after this long instead of hanging it.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     try:
         reports = _rank(rank, world_size, port, payload, feed)
         if rank == 0:

@@ -295,3 +295,29 @@ def test_two_ranks_validate_each_row_once_and_reduce_to_one_processs_metrics(two
     final = two_ranks.summary["final"]
     assert final["val_accuracy"] == whole["val_accuracy"]
     assert final["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-6)
+
+
+def test_a_rank_without_validation_rows_validates_a_model_with_buffers_and_the_run_goes_on(tmp_path):
+    """One validation row for two ranks: rank 1's shard is empty. With BatchNorm buffers, DDP's forward would
+    broadcast them, a collective rank 1 never makes (the run hung): validation evaluates the bare module with rank
+    0's buffers, so the run ends and its metrics are the whole split's."""
+    from rayscale.data.local_feed import read_shard
+    from rayscale.data.splits import shard_reads
+    from rayscale.driver.prepare import prepare
+    from rayscale.engine.components.validation import evaluate
+    from rayscale.engine.precision import make_precision
+    from rayscale.models import build_model
+
+    overrides = ("data.source=synthetic", "data.synthetic.kind=image", "data.synthetic.rows=40",
+                 "data.val_fraction=0.02", "model.name=cnn", "batch.global_batch_size=8", "batch.micro_batch_size=4",
+                 "train.epochs=1", "train.noise_scale_every_steps=100")
+    run = train(tmp_path, "one_val_row", *overrides, workers=2)
+    prepared = prepare(config.load(run.run_dir / "config.yaml"))
+    assert prepared.val_rows == 1 and [len(shard) for shard in shard_reads(prepared.val, 2)] == [1, 0]
+    assert any(True for _ in build_model(prepared.cfg.model, prepared.spec).buffers())  # BatchNorm statistics
+    model = build_model(prepared.cfg.model, prepared.spec)
+    model.load_state_dict(run.model)
+    cpu = torch.device("cpu")
+    whole = evaluate(model, read_shard(prepared.val, shard_reads(prepared.val, 1)[0]), prepared.plan, prepared.spec,
+                     make_precision("fp32", cpu), cpu)
+    assert run.summary["final"]["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-6)

@@ -36,6 +36,13 @@ def all_reduce_sum_(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm's running statistics and counters) in `module` on every rank."""
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -16,7 +16,7 @@ import torch
 
 from rayscale import config
 from rayscale.data.collate import micro_batches
-from rayscale.engine import checkpoint
+from rayscale.engine import checkpoint, distributed
 from rayscale.engine.components import Component, part_dict, read_part
 from rayscale.engine.components import checkpointing as checkpoints
 from rayscale.engine.components.adaptive_batch import AdaptiveBatch, AdaptiveBatchPart
@@ -225,7 +225,11 @@ class TrainLoop:
             return {}
         began = time.perf_counter()
         self.strategy.before_validation(run)
-        model = self.averaging.average.module if self.averaging else run.model
+        # The bare module, never DDP's forward: ranks evaluate shards of different sizes (one may have none), and
+        # DDP's forward makes a collective. Rank 0's buffers (BatchNorm statistics, which each rank updates on its
+        # own rows) go to every rank first, so all evaluate the one model rank 0's checkpoint holds.
+        model = self.averaging.average.module if self.averaging else checkpoint.unwrap(run.model)
+        distributed.broadcast_buffers(model)
         val = evaluate(model, self.streams.val(), at_micro_batch(run.plan, run.micro_batch_size), run.spec,
                        run.precision, run.device)
         self.metrics.interval.started += time.perf_counter() - began
