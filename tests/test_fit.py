@@ -30,15 +30,21 @@ def cluster_of(monkeypatch):
 
 
 @pytest.mark.parametrize("cpus, overrides, refused", [
-    (2.0, (), "2 workers x 1 CPUs reserve 2 CPUs and the cluster has 2, leaving none for reading the data (Ray "
-              "Data's read tasks need 0.25 CPU each); set scaling.cpus_per_worker to at most 0.875"),  # the laptop
+    (2.0, (), "2 workers x 1 CPUs reserve 2 CPUs and the cluster has 2, leaving 0 for reading the data, less than "
+              "the 0.25 CPU a Ray Data read task needs; set scaling.cpus_per_worker to at most 0.875"),  # the laptop
     (2.0, ("scaling.cpus_per_worker=0.875",), None),  # one read task at a time beside the workers
-    (2.1, (), "leaving none for reading"),  # 0.1 left: less than one read task
+    (2.1, (), "leaving 0.1 for reading the data"),  # less than one read task
     (3.0, (), None),  # what the embedded Ray declares on 2 cores
     (2.0, ("scaling.num_workers=0",), None),  # local mode reserves nothing
-    (1.0, ("scaling.num_workers=4", "scaling.cpus_per_worker=0.25"), "leaving none for reading the data (Ray Data's "
-                                                                     "read tasks need 0.25 CPU each); set "
-                                                                     "scaling.cpus_per_worker to at most 0.187"),
+    (1.0, ("scaling.num_workers=4", "scaling.cpus_per_worker=0.25"), "set scaling.cpus_per_worker to at most 0.1875"),
+    # The suggestion itself passes: 25 x 0.07 is 1.7500000000000002 in floating point, not more than 1.75.
+    (2.0, ("scaling.num_workers=25", "scaling.cpus_per_worker=0.07", "batch.global_batch_size=100",
+           "batch.micro_batch_size=null"), None),
+    (2.0, ("scaling.num_workers=25", "scaling.cpus_per_worker=0.08", "batch.global_batch_size=100",
+           "batch.micro_batch_size=null"), "at most 0.07,"),
+    # No number of CPUs per worker leaves a read task its share: only local mode or a bigger cluster.
+    (0.25, ("scaling.num_workers=1", "scaling.cpus_per_worker=0.1", "batch.micro_batch_size=null"),
+     "use scaling.num_workers 0 (local mode), or give the cluster more CPUs"),
 ])
 def test_workers_that_leave_no_cpu_for_the_reads_are_refused_with_what_to_change(cluster_of, cpus, overrides,
                                                                                  refused):
@@ -52,6 +58,32 @@ def test_workers_that_leave_no_cpu_for_the_reads_are_refused_with_what_to_change
     assert refused in str(error.value) and "\n" not in str(error.value)
 
 
+def test_a_tune_trials_own_actor_counts_against_the_reads(cluster_of):
+    """Each trial's actor holds a sliver of a CPU beside its workers: 2 workers x 0.875 fit a bare run on 2 CPUs,
+    not a trial (0.24 left)."""
+    cluster_of({"CPU": 2.0})
+    cfg = config.load(overrides=["scaling.cpus_per_worker=0.875"])
+    check_cluster_fits(cfg)
+    with pytest.raises(UserError, match=r"the cluster has 2 \(0.01 of them held beside the workers\), leaving 0.24 "
+                                        r"for reading the data.*at most 0.87,"):
+        check_cluster_fits(cfg, beside=0.01)
+
+
+def test_a_ray_client_connection_has_no_autoscaling_config_to_read(monkeypatch):
+    """Over ray:// this process has no view of Ray's state: the cluster's resources now are what is judged."""
+    import ray
+
+    from rayscale.data.datasets import most_resources
+
+    def no_state():
+        raise ray.exceptions.RaySystemError("Ray has not been started yet")
+
+    monkeypatch.setattr(ray._private.state.state, "get_max_resources_from_cluster_config", no_state)
+    assert most_resources() == {}
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    check_cluster_fits(config.load())
+
+
 def test_an_autoscaling_cluster_is_judged_by_what_it_can_grow_to(cluster_of):
     cluster_of({"CPU": 2.0}, most={"CPU": 16.0, "GPU": 4.0})  # only the head is up yet
     check_cluster_fits(config.load(overrides=["scaling.num_workers=4", "batch.micro_batch_size=32"]))
@@ -60,7 +92,7 @@ def test_an_autoscaling_cluster_is_judged_by_what_it_can_grow_to(cluster_of):
     with pytest.raises(UserError, match=r"scaling.num_workers: 32 workers x 1 CPUs need 32 CPUs, the cluster can "
                                         r"grow to 16$"):
         check_cluster_fits(config.load(overrides=["scaling.num_workers=32", "batch.global_batch_size=256"]))
-    with pytest.raises(UserError, match=r"scaling.cpus_per_worker: .* the cluster can grow to 16, leaving none"):
+    with pytest.raises(UserError, match=r"scaling.cpus_per_worker: .* the cluster can grow to 16, leaving 0 for"):
         check_cluster_fits(config.load(overrides=["scaling.num_workers=8", "scaling.cpus_per_worker=2",
                                                   "batch.global_batch_size=256"]))
 

@@ -39,9 +39,19 @@ def read_tasks_at_once(chunks: int) -> int:
     to the CPUs there are at each moment."""
     import ray
 
-    cpus = (ray._private.state.state.get_max_resources_from_cluster_config() or {}).get("CPU") \
-        or ray.cluster_resources().get("CPU", 1)
+    cpus = most_resources().get("CPU") or ray.cluster_resources().get("CPU", 1)
     return max(1, min(chunks, int(cpus)))
+
+
+def most_resources() -> dict[str, float]:
+    """What an autoscaling cluster's config lets it grow to ({} for a fixed cluster, and for a Ray client
+    connection, which has no local view of the cluster's config)."""
+    import ray
+
+    try:
+        return ray._private.state.state.get_max_resources_from_cluster_config() or {}
+    except ray.exceptions.RaySystemError:  # ray:// client mode: Ray's state API is not set up in this process
+        return {}
 
 
 def build_shard(spec: SplitSpec, reads: list[ChunkRead]):

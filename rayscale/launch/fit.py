@@ -3,11 +3,10 @@ that can never be placed."""
 
 from __future__ import annotations
 
-import math
 import os
 
 from rayscale.config import Config
-from rayscale.data.datasets import READ_CPUS
+from rayscale.data.datasets import READ_CPUS, most_resources
 from rayscale.errors import UserError
 from rayscale.launch.connect import loopback_unless_joining
 
@@ -29,18 +28,19 @@ def check_machine_fits(cfg: Config) -> None:
     _check_fits(cfg, os.cpu_count() or 1, gpus, "this machine has {} (embedded Ray)")
 
 
-def check_cluster_fits(cfg: Config) -> None:
+def check_cluster_fits(cfg: Config, beside: float = 0.0) -> None:
     """Fail fast with the numbers instead of waiting forever on a placement group that cannot fit, or on read
     tasks that never get a CPU. An autoscaling cluster is judged by the most it can grow to (waiting for its
-    nodes is fine; waiting on a fixed cluster that is too small is not)."""
+    nodes is fine; waiting on a fixed cluster that is too small is not). `beside`: CPUs the run holds besides
+    its workers (a Tune trial's own actor)."""
     import ray
 
-    now = ray.cluster_resources()
-    most = ray._private.state.state.get_max_resources_from_cluster_config() or {}
+    now, most = ray.cluster_resources(), most_resources()
     has = "the cluster can grow to {:g}" if most else "the cluster has {:g}"
     cpus, gpus = (max(now.get(kind, 0), most.get(kind, 0)) for kind in ("CPU", "GPU"))
     _check_fits(cfg, cpus, gpus, has)
-    _check_reads_fit(cfg, cpus, has)
+    _check_reads_fit(cfg, cpus - beside, has.format(cpus) + (f" ({beside:g} of them held beside the workers)"
+                                                             if beside else ""))
 
 
 def _check_fits(cfg: Config, cpus: float, gpus: float, has: str) -> None:
@@ -56,15 +56,21 @@ def _check_fits(cfg: Config, cpus: float, gpus: float, has: str) -> None:
 def _check_reads_fit(cfg: Config, cpus: float, has: str) -> None:
     """Ray Data's read tasks run beside the workers and need READ_CPUS of a CPU each: workers that reserve
     every CPU would leave them waiting forever (Ray Data only warns that "the job may hang forever"). The
-    embedded Ray declares a CPU more than the machine has for them; a cluster must have it too."""
-    if not cfg.scaling.num_workers:  # local mode reserves nothing: the reads share the driver's CPUs
+    embedded Ray declares a CPU more than the machine has for them; a cluster must have it too. Compared in
+    Ray's own unit, 1/10,000 of a CPU, so that the value suggested here is one that passes."""
+    workers, per_worker = cfg.scaling.num_workers, cfg.scaling.cpus_per_worker
+    if not workers:  # local mode reserves nothing: the reads share the driver's CPUs
         return
-    reserved = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    if cpus - reserved >= READ_CPUS:
+    left = round((cpus - workers * per_worker) * _UNITS)
+    if left >= round(READ_CPUS * _UNITS):
         return
-    most_per_worker = math.floor((cpus - READ_CPUS) / cfg.scaling.num_workers * 1000) / 1000
-    fix = f"set scaling.cpus_per_worker to at most {most_per_worker:g}, " if most_per_worker > 0 else ""
-    raise UserError(f"scaling.cpus_per_worker: {cfg.scaling.num_workers} workers x {cfg.scaling.cpus_per_worker:g} "
-                    f"CPUs reserve {reserved:g} CPUs and {has.format(cpus)}, leaving none for reading the data "
-                    f"(Ray Data's read tasks need {READ_CPUS:g} CPU each); {fix}use fewer scaling.num_workers, or "
-                    f"give the cluster more CPUs (ray start --num-cpus)")
+    most_per_worker = (round(cpus * _UNITS) - round(READ_CPUS * _UNITS)) // workers / _UNITS
+    fix = f"set scaling.cpus_per_worker to at most {most_per_worker:g}, use fewer scaling.num_workers, " \
+        if most_per_worker > 0 else "use scaling.num_workers 0 (local mode), "
+    raise UserError(f"scaling.cpus_per_worker: {workers} workers x {per_worker:g} CPUs reserve "
+                    f"{workers * per_worker:g} CPUs and {has}, leaving {max(left, 0) / _UNITS:g} for reading the "
+                    f"data, less than the {READ_CPUS:g} CPU a Ray Data read task needs; {fix}or give the cluster "
+                    f"more CPUs (ray start --num-cpus)")
+
+
+_UNITS = 10_000  # Ray's resolution of fractional resources

@@ -70,6 +70,7 @@ THREAD_TIMEOUT_S = 30
 RELEASE_DELAY_S = 10.0  # after a trial ends, before its left placement groups are removed
 RUNGS_FILE = "asha_rungs.json"  # ASHA's recorded rungs, for --resume (asha.py)
 PROMOTION_FILE = "asha_promotions.json"  # tune.asha_variant promotion: rungs and promotions (promotion.py)
+TRIAL_CPUS = 0.01  # a trial's own actor only waits on its TorchTrainer; Tune refuses zero ("empty head")
 
 
 def _trial_callbacks(metric: str, stop_marker: Path) -> list:
@@ -287,7 +288,7 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False) -> 
     search_alg = _search_alg(cfg)  # a missing optional package is known before any resource is claimed
     check_fits_before_start(address, cfg)
     connect(address)
-    check_cluster_fits(cfg)
+    check_cluster_fits(cfg, beside=TRIAL_CPUS)  # a trial's own actor holds a sliver too
     concurrency = max_concurrent(cfg)
     search_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
@@ -327,7 +328,7 @@ def _tuner(cfg: Config, domains: list[space.Domain], base: dict, search_dir: Pat
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=base, search_dir=str(search_dir), metric=cfg.tune.metric,
                              eval_at_samples=milestones, promotion=promotion),
-        {"CPU": 0.01, here: trial_share(concurrency) if promotion else 0.001})
+        {"CPU": TRIAL_CPUS, here: trial_share(concurrency) if promotion else 0.001})
     if resume:
         return Tuner.restore(str(search_dir / "tune"), trainable, resume_unfinished=True, restart_errored=True)
     # stop_last_trials=False: a trial that reaches max_t finishes by itself and writes its outputs
