@@ -94,3 +94,20 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def whole_split_metrics(run_dir: Path, weights: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Validation metrics of `weights` (a run's model.pt) over the run's whole validation split, in this one
+    process: what the ranks' sharded validation must reduce to."""
+    from rayscale.data.local_feed import read_shard
+    from rayscale.data.splits import shard_reads
+    from rayscale.engine.components.validation import evaluate
+    from rayscale.engine.precision import make_precision
+    from rayscale.models import build_model
+
+    prepared = prepare(config.load(Path(run_dir) / CONFIG_FILE))
+    model = build_model(prepared.cfg.model, prepared.spec)
+    model.load_state_dict(weights)
+    cpu = torch.device("cpu")
+    return evaluate(model, read_shard(prepared.val, shard_reads(prepared.val, 1)[0]), prepared.plan, prepared.spec,
+                    make_precision("fp32", cpu), cpu)

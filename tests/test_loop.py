@@ -9,7 +9,7 @@ import re
 
 import pytest
 import torch
-from inprocess import train
+from inprocess import train, whole_split_metrics
 
 from rayscale import config
 from rayscale.driver.outputs import print_summary
@@ -276,22 +276,14 @@ def test_two_ranks_validate_each_row_once_and_reduce_to_one_processs_metrics(two
     """Each rank evaluates only its shard of the validation split: the reduced accuracy is exactly that of
     evaluating the final model on the whole split in one process (a row missed or counted twice would move it by
     1 / rows), and the loss equal within fp32 rounding (other sums, other batches)."""
-    from rayscale.data.local_feed import read_shard
     from rayscale.data.splits import shard_reads
     from rayscale.driver.prepare import prepare
-    from rayscale.engine.components.validation import evaluate
-    from rayscale.engine.precision import make_precision
-    from rayscale.models import build_model
 
-    cfg = config.load(two_ranks.run_dir / "config.yaml")
-    prepared = prepare(cfg)
+    prepared = prepare(config.load(two_ranks.run_dir / "config.yaml"))
     shards = shard_reads(prepared.val, 2)
     assert sum(read.take for shard in shards for read in shard) == prepared.val_rows
     assert abs(sum(read.take for read in shards[0]) - sum(read.take for read in shards[1])) <= 1
-    model = build_model(cfg.model, prepared.spec)
-    model.load_state_dict(two_ranks.model)  # model.pt: the weight average, which is what was validated
-    whole = evaluate(model, read_shard(prepared.val, shard_reads(prepared.val, 1)[0]), prepared.plan, prepared.spec,
-                     make_precision("fp32", torch.device("cpu")), torch.device("cpu"))
+    whole = whole_split_metrics(two_ranks.run_dir, two_ranks.model)  # model.pt: the average, which was validated
     final = two_ranks.summary["final"]
     assert final["val_accuracy"] == whole["val_accuracy"]
     assert final["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-6)
@@ -301,11 +293,8 @@ def test_a_rank_without_validation_rows_validates_a_model_with_buffers_and_the_r
     """One validation row for two ranks: rank 1's shard is empty. With BatchNorm buffers, DDP's forward would
     broadcast them, a collective rank 1 never makes (the run hung): validation evaluates the bare module with rank
     0's buffers, so the run ends and its metrics are the whole split's."""
-    from rayscale.data.local_feed import read_shard
     from rayscale.data.splits import shard_reads
     from rayscale.driver.prepare import prepare
-    from rayscale.engine.components.validation import evaluate
-    from rayscale.engine.precision import make_precision
     from rayscale.models import build_model
 
     overrides = ("data.source=synthetic", "data.synthetic.kind=image", "data.synthetic.rows=40",
@@ -315,9 +304,5 @@ def test_a_rank_without_validation_rows_validates_a_model_with_buffers_and_the_r
     prepared = prepare(config.load(run.run_dir / "config.yaml"))
     assert prepared.val_rows == 1 and [len(shard) for shard in shard_reads(prepared.val, 2)] == [1, 0]
     assert any(True for _ in build_model(prepared.cfg.model, prepared.spec).buffers())  # BatchNorm statistics
-    model = build_model(prepared.cfg.model, prepared.spec)
-    model.load_state_dict(run.model)
-    cpu = torch.device("cpu")
-    whole = evaluate(model, read_shard(prepared.val, shard_reads(prepared.val, 1)[0]), prepared.plan, prepared.spec,
-                     make_precision("fp32", cpu), cpu)
+    whole = whole_split_metrics(run.run_dir, run.model)
     assert run.summary["final"]["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-6)

@@ -152,20 +152,10 @@ def test_two_workers_learn_and_count_every_row(reference):
 def test_two_workers_validate_their_own_shards_and_reduce_to_one_processs_metrics(reference):
     """Under Train each worker streams only its shard of the validation split (val_0, val_1 from Ray Data): the
     reduced accuracy is exactly the whole split's in one process, the loss equal within fp32 rounding."""
-    from rayscale.data.local_feed import read_shard
-    from rayscale.data.splits import shard_reads
-    from rayscale.driver.prepare import prepare
-    from rayscale.engine.components.validation import evaluate
-    from rayscale.engine.precision import make_precision
-    from rayscale.models import build_model
+    from inprocess import whole_split_metrics
 
     _, summary, exported = reference
-    prepared = prepare(config.load(Path(summary["run_dir"]) / "config.yaml"))
-    model = build_model(prepared.cfg.model, prepared.spec)
-    model.load_state_dict(exported)  # the weight average: what was validated
-    cpu = torch.device("cpu")
-    whole = evaluate(model, read_shard(prepared.val, shard_reads(prepared.val, 1)[0]), prepared.plan,
-                     prepared.spec, make_precision("fp32", cpu), cpu)
+    whole = whole_split_metrics(Path(summary["run_dir"]), exported)  # the weight average: what was validated
     assert summary["final"]["val_accuracy"] == whole["val_accuracy"]
     assert summary["final"]["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-6)
 
