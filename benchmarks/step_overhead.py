@@ -7,7 +7,7 @@ per-worker batch of 128, three loops in alternating blocks of steps (each block'
 so that drift of the machine falls on all three):
   bare      the plain DDP loop of throughput.py's (c): default DDP, torch.optim.SGD with momentum;
   settings  the same loop with the model and optimizer the worker builds (step.prepare_model, build_optimizer);
-  rayscale  what the worker runs per step: rows from its cache through StepAssembler and collate, train_step
+  rayscale  what the worker runs per step: rows from its lane cache through LaneSteps and collate, train_step
             (normaliser, loss and gradient-norm bookkeeping, the non-finite guard's sync, the step clock), and
             the interval's sums.
 Prints per loop the median wall time per step, the training thread's CPU time per step, and the median over
@@ -35,14 +35,14 @@ def _process(rank: int, port: int, blocks: int, steps: int, out: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from rayscale.config import OptimConfig
-    from rayscale.data.assembly import SplitCache, StepAssembler
     from rayscale.data.collate import micro_batches
-    from rayscale.data.splits import chunk_order
+    from rayscale.data.lane_steps import LaneCache, LaneOrder, LaneSteps, epoch_pieces
     from rayscale.engine.metrics import Interval
     from rayscale.engine.optimizers import build_optimizer
     from rayscale.engine.precision import make_precision
     from rayscale.engine.step import train_step
     from rayscale.engine.strategies.ddp import prepare_model
+    from rayscale.math import lanes as lane_plan
     from rayscale.math.batching import plan_batches
     from rayscale.models import MLP
 
@@ -52,8 +52,13 @@ def _process(rank: int, port: int, blocks: int, steps: int, out: str) -> None:
     rng = np.random.default_rng(0)
     columns = {"row_id": np.arange(rows), "x": rng.standard_normal((rows, FEATURES)).astype(np.float32),
                "y": rng.integers(0, CLASSES, rows)}
-    cache = SplitCache([(a, a + chunk) for a in range(0, rows, chunk)], limit_bytes=1 << 30)
-    for _ in cache.record({k: v[a:a + chunk] for k, v in columns.items()} for a in range(0, rows, chunk)):
+    lanes, chunk_rows = WORKERS, [chunk] * (rows // chunk)
+    sizes, owned = lane_plan.lane_sizes(rows, lanes), lane_plan.owned_lanes(rank, WORKERS, lanes)
+    cache = LaneCache({lane: sizes[lane] for lane in owned}, limit_bytes=1 << 30)
+    pieces = [piece for lane in owned for piece in lane_plan.canonical_pieces(chunk_rows, lanes, lane)]
+    first_row = {piece: piece.read.chunk * chunk + piece.read.skip for piece in pieces}
+    for _ in cache.record((piece, {k: v[first_row[piece]:first_row[piece] + piece.read.take]
+                                   for k, v in columns.items()}) for piece in pieces):
         pass
     x, y = torch.from_numpy(columns["x"]), torch.from_numpy(columns["y"])
     plan = plan_batches(PER_WORKER * WORKERS, PER_WORKER, WORKERS)
@@ -62,8 +67,9 @@ def _process(rank: int, port: int, blocks: int, steps: int, out: str) -> None:
     def cached_steps():
         epoch = 0
         while True:
-            assembler = StepAssembler(plan, rank, seed=0, epoch=epoch, shuffle="none", window_rows=2048)
-            yield from assembler.steps(cache.replay(chunk_order(len(cache.starts), "none", 0, epoch)))
+            order = LaneOrder(0, epoch, "none", window=2048 // lanes)
+            steps = LaneSteps(plan, rank, WORKERS, lanes, rows, order)
+            yield from steps.steps(cache.replay(epoch_pieces(chunk_rows, lanes, steps.starts, order)))
             epoch += 1
 
     loops, interval, stream = {}, Interval.fresh(device), cached_steps()

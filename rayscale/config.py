@@ -69,11 +69,15 @@ class DataConfig:
     val_source: str | None = key(None, "separate validation data (same kinds as source)")
     shuffle: str = key("local", "per-epoch shuffle: local (block order + seeded buffer), full, none",
                        choices=("local", "full", "none"))
-    shuffle_buffer_rows: int = key(2048, "local shuffle buffer", unit="rows", minimum=1)
-    cache_mb: float = key(1024.0, "a worker keeps a split (training or validation) in memory after its first full "
-                                  "pass when it is at most this size, and replays later epochs from there in "
-                                  "the order Ray Data would stream them (0: stream every epoch; never for "
-                                  "sequences or shuffle full)", unit="MiB", minimum=0.0)
+    shuffle_buffer_rows: int = key(2048, "local shuffle buffer (all lanes together: each lane shuffles windows of "
+                                         "this / data.lanes rows)", unit="rows", minimum=1)
+    lanes: int | None = key(None, "the training rows are laid out in this many lanes, each read by one worker; "
+                                  "fixed for a run (kept in its checkpoints), a multiple of the worker count "
+                                  "(null: the first run's scaling.num_workers)", minimum=1)
+    cache_mb: float = key(1024.0, "a worker keeps its own lanes of the training split, and its shard of the "
+                                  "validation split, in memory after a first full pass when they are at most "
+                                  "this size, and replays later epochs from there bitwise (0: stream every "
+                                  "epoch; never for sequences)", unit="MiB", minimum=0.0)
     bucket_by_length: bool = key(False, "group sequences of similar length to cut padding")
     stratified: bool = key(False, "class-balanced batches (classification)")
     curriculum_column: str | None = key(None, "curriculum: a numeric Parquet column, lower = easier; early epochs "

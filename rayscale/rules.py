@@ -128,6 +128,17 @@ RULES: tuple[Rule, ...] = (
                    f"and a stream has none)",
          ("data.source=.", "data.online=true", "schedule.name=constant", "batch.adaptive=step",
           "batch.growth_every_samples=100")),
+    Rule(("data.lanes", "data.online"),
+         lambda c: c.data.online and c.data.lanes is not None,
+         lambda c: "data.lanes: not with data.online (a stream is read in file order, each file cut into steps)",
+         ("data.source=.", "data.online=true", "schedule.name=constant", "data.lanes=2")),
+    # Each worker owns whole lanes.
+    Rule(("data.lanes", "scaling.num_workers"),
+         lambda c: c.data.lanes is not None and c.data.lanes % max(c.scaling.num_workers, 1) != 0,
+         lambda c: f"data.lanes {c.data.lanes} is not a multiple of scaling.num_workers "
+                   f"{max(c.scaling.num_workers, 1)}: each worker reads whole lanes; use a multiple of "
+                   f"{max(c.scaling.num_workers, 1)} (null: one lane per worker)",
+         ("data.lanes=3",)),
     # batch.adaptive needs what each mode decides from.
     Rule(("batch.growth_every_samples", "batch.adaptive"),
          lambda c: c.batch.adaptive == "step" and c.batch.growth_every_samples is None,

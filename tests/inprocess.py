@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 import yaml
 
 from rayscale import config
-from rayscale.data.local_feed import LocalFeed
+from rayscale.data.local_feed import LocalReads
 from rayscale.driver.outputs import read_metrics, write_outputs
 from rayscale.driver.prepare import check_same_config, prepare, worker_payload
 from rayscale.engine import checkpoint
@@ -57,7 +57,7 @@ def train(output_dir: Path, name: str, *overrides: str, workers: int = 1, eval_a
     record_group(groups, in_process=True)  # as local mode does: each run of the loop is one worker group
     (prepared.run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(cfg), sort_keys=False))
     payload = worker_payload(prepared, eval_at_samples, pause_at_samples)
-    feed = LocalFeed(prepared.train, prepared.val, cfg.train.epochs, prepared.train_rows, world_size=workers)
+    feed = LocalReads(prepared.train, prepared.val)
     if workers == 1:
         reports = _rank(0, 1, 0, payload, feed)
     else:
@@ -100,7 +100,7 @@ def whole_split_metrics(run_dir: Path, weights: dict[str, torch.Tensor]) -> dict
     """Validation metrics of `weights` (a run's model.pt) over the run's whole validation split, in this one
     process: what the ranks' sharded validation must reduce to."""
     from rayscale.data.local_feed import read_shard
-    from rayscale.data.splits import shard_reads
+    from rayscale.data.splits import shard_reads, split_chunk_rows
     from rayscale.engine.components.validation import evaluate
     from rayscale.engine.precision import make_precision
     from rayscale.models import build_model
@@ -109,5 +109,6 @@ def whole_split_metrics(run_dir: Path, weights: dict[str, torch.Tensor]) -> dict
     model = build_model(prepared.cfg.model, prepared.spec)
     model.load_state_dict(weights)
     cpu = torch.device("cpu")
-    return evaluate(model, read_shard(prepared.val, shard_reads(prepared.val, 1)[0]), prepared.plan, prepared.spec,
+    whole = shard_reads(split_chunk_rows(prepared.val), 1)[0]
+    return evaluate(model, read_shard(prepared.val, whole), prepared.plan, prepared.spec,
                     make_precision("fp32", cpu), cpu)

@@ -276,11 +276,11 @@ def test_two_ranks_validate_each_row_once_and_reduce_to_one_processs_metrics(two
     """Each rank evaluates only its shard of the validation split: the reduced accuracy is exactly that of
     evaluating the final model on the whole split in one process (a row missed or counted twice would move it by
     1 / rows), and the loss equal within fp32 rounding (other sums, other batches)."""
-    from rayscale.data.splits import shard_reads
+    from rayscale.data.splits import shard_reads, split_chunk_rows
     from rayscale.driver.prepare import prepare
 
     prepared = prepare(config.load(two_ranks.run_dir / "config.yaml"))
-    shards = shard_reads(prepared.val, 2)
+    shards = shard_reads(split_chunk_rows(prepared.val), 2)
     assert sum(read.take for shard in shards for read in shard) == prepared.val_rows
     assert abs(sum(read.take for read in shards[0]) - sum(read.take for read in shards[1])) <= 1
     whole = whole_split_metrics(two_ranks.run_dir, two_ranks.model)  # model.pt: the average, which was validated
@@ -293,7 +293,7 @@ def test_a_rank_without_validation_rows_validates_a_model_with_buffers_and_the_r
     """One validation row for two ranks: rank 1's shard is empty. With BatchNorm buffers, DDP's forward would
     broadcast them, a collective rank 1 never makes (the run hung): validation evaluates the bare module with rank
     0's buffers, so the run ends and its metrics are the whole split's."""
-    from rayscale.data.splits import shard_reads
+    from rayscale.data.splits import shard_reads, split_chunk_rows
     from rayscale.driver.prepare import prepare
     from rayscale.models import build_model
 
@@ -302,7 +302,7 @@ def test_a_rank_without_validation_rows_validates_a_model_with_buffers_and_the_r
                  "train.epochs=1", "train.noise_scale_every_steps=100")
     run = train(tmp_path, "one_val_row", *overrides, workers=2)
     prepared = prepare(config.load(run.run_dir / "config.yaml"))
-    assert prepared.val_rows == 1 and [len(shard) for shard in shard_reads(prepared.val, 2)] == [1, 0]
+    assert prepared.val_rows == 1 and [len(shard) for shard in shard_reads(split_chunk_rows(prepared.val), 2)] == [1, 0]
     assert any(True for _ in build_model(prepared.cfg.model, prepared.spec).buffers())  # BatchNorm statistics
     whole = whole_split_metrics(run.run_dir, run.model)
     assert run.summary["final"]["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-6)

@@ -17,10 +17,18 @@ import torch
 from rayscale import cli
 from rayscale.config import DataConfig
 from rayscale.data import online, sources
-from rayscale.data.datasets import build_dataset
-from rayscale.data.splits import SplitSpec, add_curriculum_keys, curriculum_order, uniform_per_row
+from rayscale.data.lane_steps import LaneSteps, epoch_pieces, lane_order, piece_rows
+from rayscale.data.local_feed import LocalReads
+from rayscale.data.splits import (
+    SplitSpec,
+    add_curriculum_keys,
+    curriculum_order,
+    split_chunk_rows,
+    uniform_per_row,
+)
 from rayscale.launch.connect import connect
 from rayscale.math import curriculum
+from rayscale.math.batching import plan_batches
 
 # ------------------------------------------------------------------------------------------- pure math
 
@@ -146,25 +154,28 @@ def test_the_difficulty_is_read_and_never_a_feature(graded_file):
     assert sum(counts) == ROWS and edges[0] == 0.0 and edges[-1] == pytest.approx(99.9)
 
 
-@pytest.mark.slow
-def test_ray_data_streams_every_row_once_in_curriculum_order(graded_file, local_ray):
+def test_a_curriculum_epoch_reads_every_row_once_and_each_rank_trains_its_lane_in_key_order(graded_file):
+    """The file's rows in 2 lanes on 2 ranks: each rank reads its lane's pieces and trains them sorted by their
+    curriculum key (ties by row id), so the same order every time; the epoch after the span is not sorted."""
     data = DataConfig(source=graded_file, curriculum_column="hardness", curriculum_fraction=0.5)
     spec = SplitSpec(sources.inspect_source(graded_file, data, seed=0), "all", 0.0, data, seed=0)
-
-    def stream(epoch: int) -> dict[str, np.ndarray]:
-        order = curriculum_order(spec, epoch, epochs=2, train_rows=ROWS)
-        batches = list(build_dataset(spec, epoch, order).iter_batches(batch_size=None, batch_format="numpy"))
-        return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
-
-    first = stream(0)
-    assert "curriculum_key" not in first
-    assert np.array_equal(np.sort(first["row_id"]), np.arange(ROWS))
-    assert np.array_equal(first["difficulty"], hardness(first["row_id"]))
     order = curriculum_order(spec, 0, epochs=2, train_rows=ROWS)
-    keys = add_curriculum_keys(first, order)["curriculum_key"]
-    assert np.all(np.diff(keys) >= 0)
-    assert curriculum_order(spec, 1, epochs=2, train_rows=ROWS) is None  # epoch 1 starts where the span ends
-    assert np.array_equal(stream(0)["row_id"], first["row_id"])  # the same order again: sorted by (key, row id)
+    assert order is not None and curriculum_order(spec, 1, epochs=2, train_rows=ROWS) is None
+    plan, reads = plan_batches(50, None, 2), LocalReads(spec, None)
+
+    def rank_rows(rank: int) -> np.ndarray:
+        lanes = lane_order(data, 0, 0, 2, ROWS, 50, order)
+        steps = LaneSteps(plan, rank, 2, 2, ROWS, lanes)
+        pieces = epoch_pieces(split_chunk_rows(spec), 2, steps.starts, lanes)
+        cut = steps.steps(piece_rows(reads("train", [piece.read for piece in pieces]), pieces))
+        return np.concatenate([step.rows["row_id"] for step in cut if not step.padding])
+
+    trained = [rank_rows(rank) for rank in range(2)]
+    assert np.array_equal(np.sort(np.concatenate(trained)), np.arange(ROWS))
+    for ids in trained:
+        keys = add_curriculum_keys({"row_id": ids, "difficulty": hardness(ids)}, order)["curriculum_key"]
+        assert np.all(np.diff(keys) >= 0)
+    assert np.array_equal(rank_rows(0), trained[0])
 
 
 @pytest.mark.slow

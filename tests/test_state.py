@@ -14,18 +14,19 @@ SPEC = DataSpec("classification", (64,), 10)
 
 def test_the_payload_crosses_as_plain_data_and_comes_back_typed():
     payload = WorkerPayload(config=config.to_dict(config.load()), spec=SPEC, run_dir="/tmp/r", train_rows=100,
-                            val_rows=10, curriculum_epochs=(0, 1), train_cache=((0, 50), (50, 100)),
+                            val_rows=10, train_chunk_rows=(50, 40), val_chunk_rows=(5, 5), lanes=2,
+                            val_cache=((0, 50), (50, 100)),
                             eval_at_samples=(320,), ps_servers=("a", "b"), ps_shards=((0, 2), (1,)))
     plain = payload.to_dict()
-    assert plain["version"] == 1 and plain["spec"]["input_shape"] == (64,)
+    assert plain["version"] == 2 and plain["spec"]["input_shape"] == (64,)
     # What Ray's pickling may give back: lists for tuples.
-    listed = {**plain, "spec": {**plain["spec"], "input_shape": [64]}, "train_cache": [[0, 50], [50, 100]],
-              "ps_shards": [[0, 2], [1]], "curriculum_epochs": [0, 1]}
+    listed = {**plain, "spec": {**plain["spec"], "input_shape": [64]}, "val_cache": [[0, 50], [50, 100]],
+              "ps_shards": [[0, 2], [1]], "train_chunk_rows": [50, 40], "val_chunk_rows": [5, 5]}
     assert WorkerPayload.from_dict(listed) == payload
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"version": 2}, "worker payload version 2: this rayscale reads version 1"),
+    ({"version": 1}, "worker payload version 1: this rayscale reads version 2"),
     ({"extra_key": 1}, "unknown keys ['extra_key']"),
 ])
 def test_a_payload_from_another_rayscale_is_refused_by_name(change, message):

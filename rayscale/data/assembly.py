@@ -1,10 +1,9 @@
-"""Worker side: an ordered row stream cut into global steps, this rank's slice of each; and the split cache that
-replays later epochs from memory. numpy only.
+"""Worker side, numpy only: a rank's part of a global step (`StepRows`), an ordered row stream cut into steps
+(`StepAssembler`: an online file, a validation shard), and the cache that replays a validation shard from memory.
 
-Every rank reads the same ordered stream and keeps only its slice of each global step, so every rank runs exactly
-the same number of steps (the partial last step included: no row is ever dropped), a run is bitwise
-reproducible (the order depends on the seed and epoch, never on block boundaries), and which rows a rank trains
-on in a step does not depend on the micro-batch size.
+Every rank cuts the same steps and keeps only its slice of each, so every rank runs exactly the same number of
+steps (the partial last step included: no row is ever dropped, a rank with none trains a zero-weight row), and
+which rows a rank trains on in a step does not depend on the micro-batch size.
 """
 
 from __future__ import annotations
@@ -19,9 +18,9 @@ from rayscale.math.batching import BatchPlan, rank_slice
 
 
 class SplitCache:
-    """A split's rows kept by a worker after one whole pass from Ray Data, replayed in later epochs in exactly
-    the order Ray Data would stream them (chunk by chunk in `chunk_order`, rows in row-id order inside a
-    chunk), so a run is bitwise the same with or without it; it saves a Ray Data execution per epoch.
+    """A validation shard's rows kept by a worker after one whole pass from Ray Data, replayed in later
+    validations in exactly the order Ray Data streams them (chunk by chunk, rows in row-id order inside a
+    chunk), so a run is bitwise the same with or without it; it saves a Ray Data execution per validation.
 
     `record` passes a stream through and keeps it; the cache is ready only if the stream was read to its end
     and stayed under `limit_bytes` (checked on the real arrays, not the driver's estimate).
@@ -73,11 +72,11 @@ class StepRows:
     padding: bool = False  # this rank had no rows in the step: `rows` is one zero-weight stand-in
 
 
-def _take(columns: dict[str, np.ndarray], index: np.ndarray | slice) -> dict[str, np.ndarray]:
+def take(columns: dict[str, np.ndarray], index: np.ndarray | slice) -> dict[str, np.ndarray]:
     return {key: value[index] for key, value in columns.items()}
 
 
-def _split_rows(parts: list[dict[str, np.ndarray]], rows: int) -> tuple[dict[str, np.ndarray], list[dict]]:
+def split_rows(parts: list[dict[str, np.ndarray]], rows: int) -> tuple[dict[str, np.ndarray], list[dict]]:
     """The first `rows` rows of `parts` as one set of columns, and the parts left. Copies only to join rows
     that straddle parts; within one part, views."""
     taken, left, need = [], [], rows
@@ -86,8 +85,8 @@ def _split_rows(parts: list[dict[str, np.ndarray]], rows: int) -> tuple[dict[str
         if need >= size:
             taken.append(part)
         elif need > 0:
-            taken.append(_take(part, slice(0, need)))
-            left.append(_take(part, slice(need, None)))
+            taken.append(take(part, slice(0, need)))
+            left.append(take(part, slice(need, None)))
         else:
             left.append(part)
         need = max(0, need - size)
@@ -96,77 +95,35 @@ def _split_rows(parts: list[dict[str, np.ndarray]], rows: int) -> tuple[dict[str
 
 
 class StepAssembler:
-    """Cuts an ordered row stream into global steps and hands this rank its slice of each.
+    """Cuts an ordered row stream into global steps, in the order it comes, and hands this rank its slice of
+    each: what an online file (one pass, in file order) and a validation shard are cut with. Training epochs
+    are cut from lanes instead (data/lane_steps.py)."""
 
-    Rows are gathered into windows of a fixed number of rows (a multiple of the global batch), each window
-    is permuted with an RNG keyed by (seed, epoch, window): position-based, so the result never depends on
-    how Ray happened to cut the stream into blocks. Optional length bucketing and class stratification
-    rearrange rows inside a window, before steps are cut, so they too are independent of micro-batching.
-    """
-
-    def __init__(self, plan: BatchPlan, rank: int, *, seed: int, epoch: int, shuffle: str, window_rows: int,
-                 bucket_by_length: bool = False, stratified: bool = False):
-        self.plan, self.rank, self.seed, self.epoch = plan, rank, seed, epoch
-        self.shuffle, self.bucket_by_length, self.stratified = shuffle, bucket_by_length, stratified
-        steps_per_window = max(1, -(-window_rows // plan.global_batch_size))
-        self.window_rows = steps_per_window * plan.global_batch_size
+    def __init__(self, plan: BatchPlan, rank: int):
+        self.plan, self.rank = plan, rank
 
     def steps(self, batches: Iterable[dict[str, np.ndarray]]) -> Iterator[StepRows]:
         pending: list[dict[str, np.ndarray]] = []
-        pending_rows, window_index = 0, 0
-        for batch in batches:
-            if not len(batch["row_id"]):  # a chunk with no rows of this split (its x may have lost its dtype)
+        pending_rows, batch = 0, self.plan.global_batch_size
+        for block in batches:
+            if not len(block["row_id"]):  # a chunk with no rows of this split (its x may have lost its dtype)
                 continue
-            pending.append(batch)
-            pending_rows += len(batch["row_id"])
-            while pending_rows >= self.window_rows:
-                window, pending = _split_rows(pending, self.window_rows)
-                pending_rows -= self.window_rows
-                yield from self._window_steps(window, window_index)
-                window_index += 1
+            pending.append(block)
+            pending_rows += len(block["row_id"])
+            while pending_rows >= batch:
+                step, pending = split_rows(pending, batch)
+                pending_rows -= batch
+                yield self._mine(step)
         if pending_rows:
-            yield from self._window_steps(_split_rows(pending, pending_rows)[0], window_index)
+            yield self._mine(split_rows(pending, pending_rows)[0])
 
-    def _arrange(self, window: dict[str, np.ndarray], window_index: int) -> np.ndarray | None:
-        """The window's rows in training order, as indices; None: in the order they came."""
-        size = len(window["row_id"])
-        rng = np.random.default_rng([self.seed, self.epoch, window_index])
-        order = rng.permutation(size) if self.shuffle == "local" else None
-        batch = self.plan.global_batch_size
-        bucketed = self.bucket_by_length and window["x"].dtype == object
-        stratified = self.stratified and window["y"].ndim == 1 and window["y"].dtype.kind in "iu"
-        if order is None and (bucketed or stratified):
-            order = np.arange(size)
-        if bucketed:
-            lengths = np.fromiter((len(window["x"][i]) for i in order), dtype=np.int64, count=size)
-            order = order[np.argsort(lengths, kind="stable")]
-            groups = [order[i:i + batch] for i in range(0, size, batch)]
-            full = [g for g in groups if len(g) == batch]
-            tail = [g for g in groups if len(g) < batch]
-            order = np.concatenate([full[i] for i in rng.permutation(len(full))] + tail) if full else order
-        elif stratified:
-            # Spread each class evenly through the window: sort by a row's position within its class.
-            labels = window["y"][order]
-            position = np.zeros(size)
-            for label in np.unique(labels):
-                members = np.flatnonzero(labels == label)
-                position[members] = (np.arange(len(members)) + 0.5) / len(members)
-            order = order[np.lexsort((labels, position))]
-        return order
-
-    def _window_steps(self, window: dict[str, np.ndarray], window_index: int) -> Iterator[StepRows]:
-        # Only this rank's rows of each step are gathered (a view where the order is the stream's): the
-        # window as a whole is never copied, though every rank reads all of it.
-        order = self._arrange(window, window_index)
-        size = len(window["row_id"])
-        for start in range(0, size, self.plan.global_batch_size):
-            rows_in_step = min(self.plan.global_batch_size, size - start)
-            low, high = rank_slice(rows_in_step, self.plan, self.rank)
-            padding = high == low
-            if padding:  # nothing left for this rank: one zero-weight row (the step's first) keeps DDP in step
-                low, high = 0, 1
-            index = slice(start + low, start + high) if order is None else order[start + low:start + high]
-            mine = _take(window, index)
-            if padding:
-                mine["weight"] = np.zeros(1, dtype=np.float32)
-            yield StepRows(mine, rows_in_step, padding=padding)
+    def _mine(self, step: dict[str, np.ndarray]) -> StepRows:
+        rows_in_step = len(step["row_id"])
+        low, high = rank_slice(rows_in_step, self.plan, self.rank)
+        padding = high == low
+        if padding:  # nothing left for this rank: one zero-weight row (the step's first) keeps DDP in step
+            low, high = 0, 1
+        mine = take(step, slice(low, high))
+        if padding:
+            mine["weight"] = np.zeros(1, dtype=np.float32)
+        return StepRows(mine, rows_in_step, padding=padding)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from rayscale.data.assembly import StepRows, _take
+from rayscale.data.assembly import StepRows, take
 from rayscale.math.batching import micro_batch_bounds
 
 if TYPE_CHECKING:
@@ -64,4 +64,4 @@ def collate(rows: dict[str, np.ndarray], device: torch.device) -> dict[str, torc
 
 def micro_batches(step: StepRows, micro_batch_size: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
     rows = len(step.rows["row_id"])
-    return [collate(_take(step.rows, slice(a, b)), device) for a, b in micro_batch_bounds(rows, micro_batch_size)]
+    return [collate(take(step.rows, slice(a, b)), device) for a, b in micro_batch_bounds(rows, micro_batch_size)]

@@ -1,27 +1,17 @@
-"""The driver's Ray Datasets: one lazy dataset per training epoch (ordered, or shuffled, for that epoch) and one
-for validation, read by Ray Data tasks on the cluster's CPUs.
+"""The Ray Datasets a worker streams: the chunk pieces of its own lanes of a training epoch, or of its shard of the
+validation split (math/lanes.py), read by Ray Data tasks on the cluster's CPUs, on the worker's own node where
+it has a CPU free.
 
-Every worker streams the whole training dataset of an epoch and keeps only its slice of each global step
-(data/assembly.py), instead of a `streaming_split` shard: Ray assigns blocks to split shards dynamically, so
-which rows a rank sees changes from run to run, shards are uneven (ranks take different step counts and hang,
-Ray #66085) and `equal=True` silently drops rows (#63285). Reading every training row on every worker is the
-price. Validation has no steps to keep in line: each rank gets its own shard (`build_shard`), a fixed
-contiguous share of the split's rows cut from the row counts alone (splits.shard_reads), so every validation
-row is read and evaluated once across the cluster.
+Each worker builds its own reads instead of taking a `streaming_split` shard: Ray assigns blocks to split
+shards dynamically, so which rows a rank sees changes from run to run, shards are uneven (ranks take different
+step counts and hang, Ray #66085) and `equal=True` silently drops rows (#63285). A lane plan cut from the row
+counts alone says which rows each rank reads, so each row is read once per epoch across the cluster and every
+rank takes the same steps.
 """
 
 from __future__ import annotations
 
-from rayscale.data.splits import (
-    CURRICULUM_KEY,
-    CurriculumOrder,
-    SplitSpec,
-    add_curriculum_keys,
-    chunk_order,
-    epoch_shuffle,
-    read_split_chunks,
-    read_split_pieces,
-)
+from rayscale.data.splits import SplitSpec, read_split_pieces
 from rayscale.math.lanes import ChunkRead
 
 READ_CPUS = 0.25
@@ -54,40 +44,20 @@ def most_resources() -> dict[str, float]:
         return {}
 
 
-def build_shard(spec: SplitSpec, reads: list[ChunkRead]):
-    """A lazy Ray Dataset of one shard of the split (split.shard_reads): its chunk pieces, in order."""
+def build_reads(spec: SplitSpec, reads: list[ChunkRead], node_id: str | None = None):
+    """A lazy Ray Dataset of chunk pieces of the split, in the order given: one read task per piece, placed on
+    `node_id` where that node has a CPU free (soft affinity: elsewhere rather than never), so a worker's rows
+    cross the network at most once."""
     import ray.data
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     items = [{"chunk": read.chunk, "skip": read.skip, "take": read.take} for read in reads] or \
-        [{"chunk": 0, "skip": 0, "take": 0}]  # an empty shard (fewer rows than ranks): no rows, one empty block
+        [{"chunk": 0, "skip": 0, "take": 0}]  # nothing to read (fewer rows than ranks): one empty block
+    place = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=True)} if node_id else {}
     tasks_at_once = ray.data.TaskPoolStrategy(size=read_tasks_at_once(len(items)))
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         read_split_pieces, fn_kwargs={"spec": spec}, batch_size=1, batch_format="numpy", num_cpus=READ_CPUS,
-        compute=tasks_at_once)
-
-
-def build_dataset(spec: SplitSpec, epoch: int | None = None, order: CurriculumOrder | None = None):
-    """A lazy Ray Dataset of the split; for training, ordered (or shuffled) for `epoch`.
-
-    With a curriculum `order` the epoch's rows are sorted by their curriculum key in Ray Data (a distributed
-    sort, spilled by Ray's object store, never gathered on the driver), ties broken by row id: one total order,
-    so every rank and every run (and a resumed one) streams the same rows in the same order.
-    """
-    import ray.data
-
-    shuffle = epoch_shuffle(spec, order)
-    items = [{"chunk": int(i)} for i in chunk_order(len(spec.info.chunks), shuffle, spec.seed, epoch)]
-    tasks_at_once = ray.data.TaskPoolStrategy(size=read_tasks_at_once(len(items)))
-    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        read_split_chunks, fn_kwargs={"spec": spec}, batch_size=1, batch_format="numpy", num_cpus=READ_CPUS,
-        compute=tasks_at_once)
-    if shuffle == "full" and epoch is not None:
-        dataset = dataset.random_shuffle(seed=spec.seed * 1000 + epoch, num_cpus=READ_CPUS)
-    if order is not None:
-        dataset = dataset.map_batches(add_curriculum_keys, fn_kwargs={"order": order}, batch_format="numpy",
-                                      num_cpus=READ_CPUS)
-        dataset = dataset.sort([CURRICULUM_KEY, "row_id"]).drop_columns([CURRICULUM_KEY])
-    return dataset
+        compute=tasks_at_once, **place)
 
 
 def quiet_ray_data() -> None:
@@ -103,6 +73,11 @@ def quiet_ray_data() -> None:
 
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    # Blocks in chunk order, always. Train passes DataConfig's execution options to its workers' shards, but a
-    # local-mode run (the loop in the driver) gets none: without this, two identical local runs differed.
+    ordered_reads()
+
+
+def ordered_reads() -> None:
+    """Blocks in the order of the reads, always: in every process that streams (each worker builds its own)."""
+    import ray.data
+
     ray.data.DataContext.get_current().execution_options.preserve_order = True

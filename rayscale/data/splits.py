@@ -1,6 +1,6 @@
-"""Which rows of a source a split holds and in what order an epoch reads its chunks: plain data and numpy only,
-so the Ray Data tasks that read chunks (`read_split_chunks`) never import torch, and the in-process feed
-(local_feed.py) reads exactly what they read.
+"""Which rows of a source a split holds, counted from metadata, and reading pieces of its chunks: plain data and
+numpy only, so the Ray Data tasks that read pieces (`read_split_pieces`) never import torch, and the in-process
+reads (local_feed.py) give exactly what they give.
 
 Validation rows are a fixed pseudo-random subset by row id (`is_validation`), the same every epoch and run,
 counted without reading data (`count_rows`). A curriculum epoch's order is a sort key per row
@@ -9,6 +9,7 @@ counted without reading data (`count_rows`). A curriculum epoch's order is a sor
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +46,11 @@ def chunk_rows(info: sources.SourceInfo, split: str, val_fraction: float) -> lis
     return [_rows_between(chunk.start, chunk.stop, split, val_fraction) for chunk in info.chunks]
 
 
+def split_chunk_rows(spec: SplitSpec) -> list[int]:
+    """Rows of the split in each chunk of its source (chunk_rows of a SplitSpec)."""
+    return chunk_rows(spec.info, spec.split, spec.val_fraction)
+
+
 def _rows_between(start: int, stop: int, split: str, val_fraction: float) -> int:
     if split == "all" or val_fraction == 0:
         return stop - start if split != "val" else 0
@@ -65,12 +71,6 @@ class SplitSpec:
     seed: int
 
 
-def read_split_chunks(batch: dict[str, np.ndarray], spec: SplitSpec) -> dict[str, np.ndarray]:
-    """Ray Data map_batches function: chunk descriptors in, those chunks' rows (of this split) out."""
-    outputs = [_read_split_chunk(int(index), spec) for index in batch["chunk"]]
-    return {key: concat_columns([out[key] for out in outputs]) for key in outputs[0]}
-
-
 def read_split_pieces(batch: dict[str, np.ndarray], spec: SplitSpec) -> dict[str, np.ndarray]:
     """Ray Data map_batches function: pieces of chunks in (lanes.ChunkRead as columns chunk, skip, take), those
     rows of this split out: a chunk's rows of the split in row-id order, `take` of them after `skip`."""
@@ -81,11 +81,10 @@ def read_split_pieces(batch: dict[str, np.ndarray], spec: SplitSpec) -> dict[str
     return {key: concat_columns([out[key] for out in outputs]) for key in outputs[0]}
 
 
-def shard_reads(spec: SplitSpec, shards: int) -> list[list[lanes.ChunkRead]]:
-    """The split cut into `shards` contiguous parts of (almost) equal rows, each as the chunk pieces to read:
-    shard r is what rank r of `shards` reads, so every row is read by one rank (and a chunk cut between two
-    shards by both)."""
-    rows = chunk_rows(spec.info, spec.split, spec.val_fraction)
+def shard_reads(rows: Sequence[int], shards: int) -> list[list[lanes.ChunkRead]]:
+    """A split of `rows[c]` rows in chunk c cut into `shards` contiguous parts of (almost) equal rows, each as
+    the chunk pieces to read: shard r is what rank r of `shards` reads, so every row is read by one rank (and a
+    chunk cut between two shards by both)."""
     order = range(len(rows))
     return [lanes.lane_reads(rows, order, start, stop) for start, stop in lanes.lane_ranges(sum(rows), shards)]
 
@@ -106,21 +105,6 @@ def concat_columns(parts: list[np.ndarray]) -> np.ndarray:
         out[:] = [item for part in parts for item in part]
         return out
     return np.concatenate(parts)
-
-
-def chunk_order(num_chunks: int, shuffle: str, seed: int, epoch: int | None) -> np.ndarray:
-    """The order in which an epoch streams a split's chunks: block (file / row-group) order, fresh each epoch
-    under local shuffle, else row-id order."""
-    order = np.arange(num_chunks)
-    if shuffle == "local" and epoch is not None:
-        order = np.random.default_rng([seed, epoch, 17]).permutation(order)
-    return order
-
-
-def epoch_shuffle(spec: SplitSpec, order: CurriculumOrder | None) -> str:
-    """The shuffle an epoch of `spec` gets: data.shuffle for training, none for validation and for a curriculum
-    epoch (its order is the curriculum's sort)."""
-    return spec.data.shuffle if spec.split == "train" and order is None else "none"
 
 
 @dataclass(frozen=True)
@@ -165,11 +149,10 @@ def add_curriculum_keys(batch: dict[str, np.ndarray], order: CurriculumOrder) ->
 
 
 def cache_plan(spec: SplitSpec, rows: int, limit_mb: float) -> list[tuple[int, int]] | None:
-    """The chunk bounds a worker needs to replay the split from memory, or None when it should stream every
-    epoch: caching is off, the rows would not fit the limit, the rows vary in length, or a full shuffle
-    (done by Ray Data, differently each epoch) decides the order."""
+    """The chunk bounds a worker needs to replay a validation shard from memory, or None when it should stream
+    every validation: caching is off, the rows would not fit the limit, or the rows vary in length."""
     shape = spec.info.spec.input_shape
-    if limit_mb <= 0 or spec.data.sequence is not None or (spec.split == "train" and spec.data.shuffle == "full"):
+    if limit_mb <= 0 or spec.data.sequence is not None:
         return None
     row_bytes = 4 * int(np.prod(shape[1:] if shape and shape[0] is None else shape)) + 8 + 8 + 4  # x, y, id, weight
     if rows * row_bytes > limit_mb * 2**20:

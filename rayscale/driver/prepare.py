@@ -14,7 +14,7 @@ from rayscale import config as config_module
 from rayscale import rules
 from rayscale.config import Config
 from rayscale.data import sources
-from rayscale.data.splits import SplitSpec, cache_plan, count_rows, curriculum_order
+from rayscale.data.splits import SplitSpec, cache_plan, count_rows, split_chunk_rows
 from rayscale.engine.state import WorkerPayload
 from rayscale.errors import UserError
 from rayscale.files import CONFIG_FILE
@@ -51,6 +51,9 @@ def prepare(cfg: Config, scope: str = "run") -> PreparedRun:
     if train_rows < plan.global_batch_size and not cfg.data.online:  # online: small files are fine
         raise UserError(f"batch.global_batch_size: {plan.global_batch_size} is more than the {train_rows} training "
                         f"rows of {cfg.data.source} (not one full step per epoch); expected at most {train_rows}")
+    if not cfg.data.online and lanes_of(cfg) > train_rows:
+        raise UserError(f"data.lanes: {lanes_of(cfg)} lanes is more than the {train_rows} training rows of "
+                        f"{cfg.data.source}; expected at most {train_rows}")
     if cfg.batch.adaptive != "none":
         upper_limit(cfg.batch.max_global_batch_size, plan.global_batch_size, train_rows, plan.num_workers,
                     cfg.batch.micro_batch_size)
@@ -111,11 +114,9 @@ def check_same_config(cfg: Config, run_dir: Path) -> None:
                             f"config; pick another run.name or the same config to resume it")
 
 
-def curriculum_epochs(prepared: PreparedRun) -> tuple[int, ...]:
-    """The epochs whose order the curriculum sets."""
-    cfg = prepared.cfg
-    return tuple(epoch for epoch in range(cfg.train.epochs)
-                 if curriculum_order(prepared.train, epoch, cfg.train.epochs, prepared.train_rows))
+def lanes_of(cfg: Config) -> int:
+    """data.lanes, or one lane per worker of this (the first) run."""
+    return cfg.data.lanes or max(cfg.scaling.num_workers, 1)
 
 
 def worker_payload(prepared: PreparedRun, eval_at_samples=(), pause_at_samples=()) -> WorkerPayload:
@@ -124,8 +125,11 @@ def worker_payload(prepared: PreparedRun, eval_at_samples=(), pause_at_samples=(
     return WorkerPayload(
         config=config_module.to_dict(cfg), spec=prepared.spec, run_dir=str(prepared.run_dir),
         train_rows=prepared.train_rows, val_rows=prepared.val_rows, local_mode=cfg.scaling.num_workers == 0,
-        curriculum_epochs=curriculum_epochs(prepared),
-        train_cache=_bounds(cache_plan(prepared.train, prepared.train_rows, cfg.data.cache_mb)),
+        train_split=prepared.train, val_split=prepared.val,
+        # Counted here once (the validation split's row-id hash over the whole source), not in every worker.
+        train_chunk_rows=tuple(split_chunk_rows(prepared.train)) if not cfg.data.online else (),
+        val_chunk_rows=tuple(split_chunk_rows(prepared.val)) if prepared.val is not None else (),
+        lanes=lanes_of(cfg), cache_train=cfg.data.cache_mb > 0 and cfg.data.sequence is None,
         val_cache=_bounds(cache_plan(prepared.val, prepared.val_rows, cfg.data.cache_mb)
                           if prepared.val is not None else None),
         eval_at_samples=tuple(int(point) for point in eval_at_samples),

@@ -3,7 +3,7 @@ resume from, and where checkpoints and reports go.
 
 Two implementations: Ray Train's (launch/ray_context.py), and `InProcessContext` below, which runs the loop in
 this process without Ray: the engine's own tests use it, one process per rank (torch.distributed set up by the
-caller for several), with rows from `data.local_feed`.
+caller for several), with rows read in this process by `data.local_feed.LocalReads`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from rayscale.engine import checkpoint
+from rayscale.math.lanes import ChunkRead
 
 Blocks = Iterable[dict[str, np.ndarray]]
 WritePart = Callable[[Path], None]  # writes this rank's files of a checkpoint into the directory given
@@ -29,9 +30,9 @@ class Context(Protocol):
     world_size: int
     device: torch.device
 
-    def stream(self, name: str, prefetch: int) -> Blocks:
-        """A row stream of a dataset, numpy blocks in order: "train_<epoch>" (the whole epoch, of which the rank
-        trains its slice of each step) or "val_<rank>" (this rank's shard of the validation split)."""
+    def read(self, split: str, reads: list[ChunkRead], prefetch: int) -> Blocks:
+        """The rows of chunk pieces of a split ("train" or "val"), numpy blocks in the order of `reads`: this
+        rank's lanes of a training epoch, or its shard of the validation split."""
 
     def restored(self) -> contextlib.AbstractContextManager[Path | None]:
         """The directory of the checkpoint to resume from, while the block lasts (None: a fresh run)."""
@@ -55,10 +56,10 @@ class InProcessContext:
     rank staging its part and then copying it in (manifest last), as Ray merges the ranks' parts; the run
     resumes from the furthest complete one. Reports are kept in `reports`, with the checkpoint they carried."""
 
-    def __init__(self, run_dir: str | Path, streams: Callable[[str], Blocks], *, rank: int = 0,
+    def __init__(self, run_dir: str | Path, reader: Callable[[str, list[ChunkRead]], Blocks], *, rank: int = 0,
                  world_size: int = 1, device: torch.device | None = None):
         self.run_dir = Path(run_dir)
-        self.streams, self.rank, self.world_size = streams, rank, world_size
+        self.reader, self.rank, self.world_size = reader, rank, world_size
         self.device = device or torch.device("cpu")
         self.reports: list[tuple[dict, Path | None]] = []
         self.checkpoints = self.run_dir / "checkpoints"
@@ -66,8 +67,8 @@ class InProcessContext:
         numbered = [p.name.removeprefix("checkpoint-") for p in self.checkpoints.glob("checkpoint-*")]
         self.saves = 1 + max((int(n) for n in numbered if n.isdigit()), default=-1)
 
-    def stream(self, name: str, prefetch: int) -> Blocks:
-        return self.streams(name)
+    def read(self, split: str, reads: list[ChunkRead], prefetch: int) -> Blocks:
+        return self.reader(split, reads)
 
     @contextlib.contextmanager
     def restored(self) -> Iterator[Path | None]:

@@ -28,7 +28,7 @@ from rayscale.engine.components.rung_pause import RungPause, RungPausePart
 from rayscale.engine.components.validation import ValidationSchedule, at_micro_batch, evaluate, shown
 from rayscale.engine.components.weight_average import Averaging
 from rayscale.engine.context import Context
-from rayscale.engine.feed import EpochFeed, Segment, SplitStreams
+from rayscale.engine.feed import EpochFeed, Segment, SplitStreams, run_lanes
 from rayscale.engine.guard import NonFiniteGuard
 from rayscale.engine.metrics import LogLine, MetricsLog
 from rayscale.engine.optimizers import build_optimizer
@@ -56,9 +56,10 @@ class TrainLoop:
             restored = checkpoints.read(directory, rank)
             state = restored.saved.train_state if restored else TrainState()
             self.metrics.resume_from(directory, state.samples_seen)
-        self.streams = SplitStreams(context, payload, cfg)
+        lanes = run_lanes(state, payload, context.world_size) if not cfg.data.online else 1
+        self.streams = SplitStreams(context, payload, cfg, lanes)
         self.feed = OnlineFeed(cfg, payload.spec, read_part(state, OnlineFeed.name, OnlinePart)) \
-            if cfg.data.online else EpochFeed(cfg, payload, self.streams, state)
+            if cfg.data.online else EpochFeed(cfg, payload, self.streams, state, context, lanes)
         self.run = self._build(state, restored)
         self.validation = ValidationSchedule(cfg.train.eval_every_samples, payload.eval_at_samples,
                                              state.samples_seen, payload.val_rows > 0)
@@ -143,11 +144,10 @@ class TrainLoop:
         """Train a segment's steps; True: paused at a rung mid-segment, checkpointed there."""
         self.run.model.train()
         waited_from = time.perf_counter()
-        for index, rows in enumerate(segment.steps):
-            if index >= segment.skip:  # the steps before were committed before a restart: read past them
-                self.train_one(rows, index, waited_from)
-                if self.after_step(segment):
-                    return True
+        for index, rows in enumerate(segment.steps, start=segment.first):
+            self.train_one(rows, index, waited_from)
+            if self.after_step(segment):
+                return True
             waited_from = time.perf_counter()
         return False
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rayscale.data.sources import DataSpec
+from rayscale.data.splits import SplitSpec
 
-PAYLOAD_VERSION = 1
+PAYLOAD_VERSION = 2  # 2: the data layout in lanes (train_split, chunk rows, lanes)
 STATE_VERSION = 2  # 1: rayscale <= 0.1's `progress` dict (read, see _from_version_1)
 
 
@@ -32,16 +33,22 @@ class WorkerPayload:
     train_rows: int  # rows in one epoch of the training split
     val_rows: int  # 0: no validation
     local_mode: bool = False  # scaling.num_workers 0: the loop runs in the driver's process
-    curriculum_epochs: tuple[int, ...] = ()  # epochs whose order the curriculum sets (streamed, never cached)
-    train_cache: tuple[tuple[int, int], ...] | None = None  # chunk bounds a worker may replay from memory
-    val_cache: tuple[tuple[int, int], ...] | None = None
+    train_split: SplitSpec | None = None  # which rows of which source each split holds (None: online)
+    val_split: SplitSpec | None = None
+    train_chunk_rows: tuple[int, ...] = ()  # training rows in each chunk of the source: the lanes are cut from it
+    val_chunk_rows: tuple[int, ...] = ()  # and the validation shards
+    lanes: int = 1  # data.lanes for a new run (a checkpoint's own lanes win on resume)
+    cache_train: bool = False  # a worker may keep its lanes in memory (data.cache_mb, fixed-width rows)
+    val_cache: tuple[tuple[int, int], ...] | None = None  # chunk bounds a worker may replay validation from
     eval_at_samples: tuple[int, ...] = ()  # extra validation points (Tune's rungs)
     pause_at_samples: tuple[int, ...] = ()  # ASHA by promotion: end at the first of these past the start
     ps_servers: tuple[str, ...] = ()  # train.strategy parameter_server: the servers' actor names
     ps_shards: tuple[tuple[int, ...], ...] = ()  # and each one's parameter indices
 
     def to_dict(self) -> dict:
-        return {"version": PAYLOAD_VERSION, **dataclasses.asdict(self)}
+        # The split specs cross as objects (Ray pickles them): they hold the source's chunk list and data config.
+        plain = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {"version": PAYLOAD_VERSION, **plain, "spec": dataclasses.asdict(self.spec)}
 
     @classmethod
     def from_dict(cls, raw: dict) -> WorkerPayload:
@@ -56,12 +63,11 @@ class WorkerPayload:
             raise ValueError(f"worker payload: unknown keys {sorted(unknown)}, missing {sorted(missing)}")
         spec = raw["spec"]
         raw["spec"] = DataSpec(**{**spec, "input_shape": tuple(spec["input_shape"])})
-        for name in ("curriculum_epochs", "eval_at_samples", "pause_at_samples", "ps_servers"):
+        for name in ("train_chunk_rows", "val_chunk_rows", "eval_at_samples", "pause_at_samples", "ps_servers"):
             raw[name] = tuple(raw.get(name, ()))
         raw["ps_shards"] = tuple(tuple(shard) for shard in raw.get("ps_shards", ()))
-        for name in ("train_cache", "val_cache"):
-            if raw.get(name) is not None:
-                raw[name] = tuple(tuple(bounds) for bounds in raw[name])
+        if raw.get("val_cache") is not None:
+            raw["val_cache"] = tuple(tuple(bounds) for bounds in raw["val_cache"])
         return cls(**raw)
 
 
@@ -71,6 +77,7 @@ class TrainState:
 
     epoch: int = 0  # the epoch in progress (epochs done, at an epoch end); online: 1 once the stream ended
     step_in_epoch: int = 0  # steps committed in that epoch (online: in the file in progress)
+    lanes: int | None = None  # the lanes the training split is laid out in (math/lanes.py): fixed for the run
     samples_seen: int = 0  # rows trained, all workers together
     step: int = 0  # optimizer steps taken (skipped ones included)
     resumes: int = 0  # times a checkpoint was restored: restarts and resumes from a rung's pause

@@ -1,5 +1,5 @@
-"""The engine's context (engine/context.py) inside a Ray Train worker: the train context's rank and device, the
-dataset shards, `get_checkpoint` and `report`. `report` is a barrier across workers, which is why the loop
+"""The engine's context (engine/context.py) inside a Ray Train worker: the train context's rank and device, this
+rank's own Ray Data reads (data/datasets.py), `get_checkpoint` and `report`. `report` is a barrier across workers, which is why the loop
 reports on an interval and at epoch ends, never per step."""
 
 from __future__ import annotations
@@ -10,14 +10,17 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import ray
 import ray.train
 import ray.train.torch
 
 from rayscale import config
+from rayscale.data.datasets import build_reads, quiet_ray_data
 from rayscale.engine import checkpoint
 from rayscale.engine.context import Blocks, WritePart
 from rayscale.engine.state import WorkerPayload
 from rayscale.files import CHECKPOINTS_DIR
+from rayscale.math.lanes import ChunkRead
 
 
 class RayTrainContext:
@@ -25,6 +28,8 @@ class RayTrainContext:
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.node_id = ray.get_runtime_context().get_node_id()  # where this rank's read tasks should run
+        quiet_ray_data()  # in this process too: it runs its own reads (and keeps their blocks in order)
         self.payload, self.run_dir = payload, Path(payload.run_dir)
         self.local_mode, self.cfg = payload.local_mode, config.from_dict(payload.config)
         self._restored = ray.train.get_checkpoint()
@@ -35,9 +40,10 @@ class RayTrainContext:
         # each rank stages its part on local disk and Ray copies it to storage.
         self.staging_root = None if self.local_mode else checkpoint.fresh_staging_dir(self.run_dir, self.rank)
 
-    def stream(self, name: str, prefetch: int) -> Blocks:
-        return ray.train.get_dataset_shard(name).iter_batches(batch_size=None, batch_format="numpy",
-                                                              prefetch_batches=prefetch)
+    def read(self, split: str, reads: list[ChunkRead], prefetch: int) -> Blocks:
+        spec = self.payload.train_split if split == "train" else self.payload.val_split
+        dataset = build_reads(spec, reads, node_id=self.node_id)
+        return dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch)
 
     @contextlib.contextmanager
     def restored(self) -> Iterator[Path | None]:

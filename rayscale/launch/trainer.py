@@ -15,8 +15,7 @@ import yaml
 
 from rayscale import config as config_module
 from rayscale.config import Config
-from rayscale.data.datasets import build_dataset, build_shard, quiet_ray_data
-from rayscale.data.splits import curriculum_order, shard_reads
+from rayscale.data.datasets import quiet_ray_data
 from rayscale.driver.outputs import print_summary, read_metrics, startup_phases, write_outputs
 from rayscale.driver.prepare import PreparedRun, check_same_config, prepare, worker_payload
 from rayscale.errors import UserError
@@ -33,8 +32,7 @@ POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # and this one (default
 def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, name: str = "checkpoints",
                   callbacks: list | None = None, eval_at_samples: list[int] | tuple[int, ...] = (),
                   pause_at_samples: list[int] | tuple[int, ...] = ()):
-    import ray.data
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from rayscale.launch.worker import train_worker
@@ -48,14 +46,8 @@ def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, nam
     # ray.train.report is a barrier released at the controller's next poll: at Ray's 2 s, a 12-epoch digits run
     # took 82 s, at 0.2 s 33 s (measured, 2 cores). Polling a worker is one small actor call.
     os.environ[POLL_INTERVAL_ENV] = str(cfg.run.poll_interval_s)
-    # Online mode: the workers read the growing directory themselves (data/online.py), no train datasets.
-    datasets = {f"train_{epoch}": build_dataset(prepared.train, epoch, curriculum_order(
-        prepared.train, epoch, cfg.train.epochs, prepared.train_rows)) for epoch in range(cfg.train.epochs)} \
-        if not cfg.data.online else {}
-    if prepared.val is not None:  # each rank validates (and reads) its own shard: every row once
-        for rank, reads in enumerate(shard_reads(prepared.val, max(cfg.scaling.num_workers, 1))):
-            datasets[f"val_{rank}"] = build_shard(prepared.val, reads)
-    execution = ray.data.ExecutionOptions(preserve_order=True)  # the same row order on every rank and run
+    # No datasets here: each worker builds the Ray Data reads of its own lanes and validation shard
+    # (launch/ray_context.py), which only it knows once the group's size is known.
     payload = worker_payload(prepared, eval_at_samples, pause_at_samples)
     if cfg.train.strategy == "parameter_server":
         from rayscale.launch.ps_actors import start_servers
@@ -72,8 +64,6 @@ def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, nam
                                                            **({"GPU": 1} if cfg.scaling.use_gpu else {})}),
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo",
                                  timeout_s=int(cfg.run.hang_timeout_s)),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[], execution_options=execution),
         run_config=RunConfig(
             # Without run.storage_path the checkpoints live in the run directory; with it (a bucket or a shared
             # mount, which multi-node clusters need), under <storage_path>/<run.name>.

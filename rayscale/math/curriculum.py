@@ -4,7 +4,8 @@ Competence-based pacing (Platanios et al. 2019): after t of the span's T samples
 rows is "available", c(t) = min(1, sqrt(t (1 - c0^2) / T + c0^2)), c0 = data.curriculum_start. The paper draws
 batches from the available rows with replacement, which would train some rows twice in an epoch and others
 never. Here every epoch still trains every row exactly once; only the order changes. Each row gets a sort key
-and Ray Data sorts an epoch's rows by it (data.build_dataset):
+and each lane's rows are sorted by it (data/lane_steps.py; a step takes the front of every lane, so the
+global order is the lanes' sorts interleaved, an approximation of one global sort):
 
     key = max(available_at, u)
 

@@ -24,7 +24,7 @@ physical ranks then own whole.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,7 +110,7 @@ def rank_step(step: int, rows: int, global_batch: int, lanes: int, rank: int, wo
     # Concatenating the lanes' takes in owned order puts lane k's rows at offset sum(takes before k); a position
     # is the (index within its lane's take)-th row there.
     offsets = dict(zip(mine, np.cumsum([0] + [take for _, take in takes[:-1]]).tolist(), strict=True))
-    within = (positions // lanes) - np.array([consumed(lane, first, lanes) for lane in lane_of], dtype=np.int64)
+    within = positions // lanes - np.maximum(0, -((lane_of - first) // lanes))  # consumed(lane, first), at once
     order = np.array([offsets[lane] for lane in lane_of], dtype=np.int64) + within
     return RankStep(max(0, last - first), takes, order)
 
@@ -119,3 +119,58 @@ def resume_points(steps_done: int, rows: int, global_batch: int, lanes: int) -> 
     """Where each lane stands after `steps_done` committed steps of an epoch: the rows of it already trained."""
     positions = min(steps_done * global_batch, rows)
     return [consumed(lane, positions, lanes) for lane in range(lanes)]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A ChunkRead for one lane, with where its rows sit in the lane's canonical sequence (its rows in row-id
+    order): what a worker's cache of its lanes is indexed by."""
+
+    lane: int
+    offset: int  # the piece's first row in the lane's canonical sequence
+    read: ChunkRead
+
+
+def canonical_pieces(chunk_rows: Sequence[int], lanes: int, lane: int) -> list[Piece]:
+    """The lane's rows in row-id order, as pieces of chunks: lanes are cut from the training rows in row-id
+    order, so which rows a lane holds never changes from epoch to epoch (only their order does)."""
+    start, stop = lane_ranges(int(sum(chunk_rows)), lanes)[lane]
+    pieces, offset = [], 0
+    for read in lane_reads(chunk_rows, range(len(chunk_rows)), start, stop):
+        pieces.append(Piece(lane, offset, read))
+        offset += read.take
+    return pieces
+
+
+def epoch_reads(chunk_rows: Sequence[int], lanes: int, starts: dict[int, int],
+                order: Callable[[int, int], Sequence[int]]) -> list[Piece]:
+    """What a rank reads in an epoch: each of its lanes' pieces in that epoch's order (`order(lane, pieces)`
+    permutes the lane's canonical pieces), from row `starts[lane]` of the lane's epoch sequence on; the lanes
+    interleaved by how far into their lane the pieces start, so all lanes advance together (a step takes from
+    every lane)."""
+    tagged = []
+    for lane, start in starts.items():
+        canonical = canonical_pieces(chunk_rows, lanes, lane)
+        at = 0
+        for index in order(lane, len(canonical)):
+            piece = canonical[index]
+            size = piece.read.take
+            if at + size > start:
+                cut = max(0, start - at)
+                read = ChunkRead(piece.read.chunk, piece.read.skip + cut, size - cut)
+                tagged.append((at + cut, lane, Piece(lane, piece.offset + cut, read)))
+            at += size
+    return [piece for _, _, piece in sorted(tagged, key=lambda item: item[:2])]
+
+
+def stream_starts(rows: int, lanes: int, owned: Sequence[int], window: int, positions: int) -> dict[int, int]:
+    """Where each owned lane's stream starts after `positions` trained positions of the epoch: at the window
+    holding its first untrained row (a window is arranged whole, so it is read whole), never further back."""
+    sizes = lane_sizes(rows, lanes)
+    starts = {lane: consumed(lane, positions, lanes) // window * window for lane in owned}
+    if positions < rows and all(consumed(lane, positions, lanes) == sizes[lane] for lane in owned):
+        # Only a partial last step is left and this rank has no rows in it: it still needs one row to shape
+        # its zero-weight stand-in, so its first lane re-reads the window holding its last row.
+        first = owned[0]
+        starts[first] = max(0, sizes[first] - 1) // window * window
+    return starts

@@ -8,6 +8,7 @@ every file: a restarted group, or the same command run later, continues with the
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -57,9 +58,9 @@ class OnlineFeed(Component):
             saved.current, run.state.step_in_epoch = name, 0
             chunks = online.file_chunks(data.source, name, data, self.cfg.seed, self.spec, saved.rows)
             self.file_rows = chunks[-1].stop - saved.rows
-            assembler = StepAssembler(run.plan, run.rank, seed=self.cfg.seed, epoch=0, shuffle="none",
-                                      window_rows=run.plan.global_batch_size)
-            yield Segment(0, iter(assembler.steps(online.read_file(chunks, data, self.cfg.seed))), skip,
+            assembler = StepAssembler(run.plan, run.rank)
+            steps = assembler.steps(online.read_file(chunks, data, self.cfg.seed))
+            yield Segment(0, itertools.islice(steps, skip, None), skip,  # committed steps read past: one file
                           saved.rows + self.file_rows)
 
     def end_segment(self, loop: TrainLoop, segment: Segment) -> bool:

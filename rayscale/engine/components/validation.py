@@ -45,7 +45,7 @@ def evaluate(model: torch.nn.Module, blocks, plan: BatchPlan, spec: DataSpec, pr
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
     alone = dataclasses.replace(plan, global_batch_size=plan.per_worker_batch_size, num_workers=1)
-    assembler = StepAssembler(alone, 0, seed=0, epoch=0, shuffle="none", window_rows=alone.global_batch_size)
+    assembler = StepAssembler(alone, 0)
     with torch.no_grad():
         for step in assembler.steps(blocks):
             for batch in micro_batches(step, plan.micro_batch_size, device):
