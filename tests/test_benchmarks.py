@@ -73,3 +73,17 @@ def test_the_step_overhead_diagnostic_runs_and_prints_every_loop():
     for line in rows.values():
         wall, cpu, speed = (float(cell) for cell in line.split("|")[2:5])
         assert wall > 0 and cpu > 0 and speed > 0
+
+
+def test_the_lane_orderings_benchmark_compares_every_lane_count_to_the_global_order():
+    """`python benchmarks/lane_orderings.py` at a small size: one lane is the global order (no step shift), more
+    lanes shift the curriculum little on a spread file and a lot on a file sorted by difficulty."""
+    done = subprocess.run([sys.executable, "benchmarks/lane_orderings.py", "--rows", "4000", "--batch", "64"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    spread, banded = report["curriculum_spread_file"], report["curriculum_file_sorted_by_difficulty"]
+    assert spread["1"]["mean_step_shift"] == banded["1"]["mean_step_shift"] == 0
+    assert 0 < spread["8"]["mean_step_shift"] < 0.05 < banded["8"]["mean_step_shift"]
+    padding = report["bucketing_padding_per_real_token"]
+    assert all(padding[str(lanes)] < 0.5 * padding["no bucketing, 1 lane"] for lanes in (1, 2, 4, 8))

@@ -262,6 +262,37 @@ def test_two_ranks_agree_to_halve_the_micro_batch_and_train_the_same_maths(two_r
     assert not same(two_ranks.model, found.model)
 
 
+def close(a: dict, b: dict) -> bool:
+    return all(torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-5) for key in a)
+
+
+def test_at_fixed_lanes_other_worker_counts_train_the_same_steps_to_the_model_within_fp32_reduction_order(
+        two_ranks, tmp_path):
+    """The two-rank reference laid its rows out in 2 lanes (one per rank). One rank with data.lanes 2 trains the
+    same rows in every step (tests/test_lane_steps.py checks the rows), but sums them in another grouping (its 8
+    micro-batches, not two ranks' 4 then the all-reduce): the model is equal within fp32 reduction order, not
+    bit for bit. So is a run paused at 2 workers and resumed at 1: it keeps its checkpoint's 2 lanes."""
+    options = (*BASE, "batch.micro_batch_size=8", "run.checkpoint_every_samples=320", AVERAGED)
+    one = train(tmp_path, "one_rank", *options, "data.lanes=2")
+    assert close(one.model, two_ranks.model) and not same(one.model, two_ranks.model)
+    paused = train(tmp_path, "resized", *options, workers=2, eval_at_samples=[320], pause_at_samples=[320])
+    assert paused.summary["samples_seen"] == 320
+    resized = train(tmp_path, "resized", *options, eval_at_samples=[320], pause_at_samples=[320])
+    assert resized.summary["samples_seen"] == 2 * resized.summary["train_rows"]
+    assert close(resized.model, two_ranks.model) and not same(resized.model, two_ranks.model)
+
+
+def test_a_worker_count_that_cannot_share_the_checkpoints_lanes_is_refused_naming_the_key(tmp_path):
+    """data.lanes null: the first run's 3 workers made 3 lanes, which its checkpoints keep."""
+    options = ("train.epochs=2", "batch.global_batch_size=66", "batch.micro_batch_size=null")
+    train(tmp_path, "three_lanes", *options, workers=3, eval_at_samples=[330], pause_at_samples=[330])
+    # Each rank raises it (in its spawned process here; under Ray, `rayscale train` prints it as one line).
+    with pytest.raises(torch.multiprocessing.ProcessRaisedException,
+                       match=r"UserError: data.lanes: this run's training rows are laid out in 3 lanes \(its "
+                             r"checkpoint says so\), which 2 workers cannot share evenly"):
+        train(tmp_path, "three_lanes", *options, workers=2)
+
+
 def test_the_log_is_written_by_rank_0_once_and_travels_with_every_checkpoint(two_ranks):
     lines = (two_ranks.run_dir / "metrics.jsonl").read_text().splitlines()
     samples = [json.loads(line)["samples_seen"] for line in lines]

@@ -296,9 +296,10 @@ def test_sync_parameter_server_matches_ddp_and_survives_a_killed_server(ray_sess
     mid-run and the run restarted from its last checkpoint) equals DDP's within fp32 rounding."""
     # The reference needs no slowing down: the built-in MLP of the same sizes has the same weights and numerics.
     # Nor Ray Train's start-up: local mode runs the same step over all of each global batch (accumulation is
-    # exact, tests/test_step.py), so it is the 2-worker DDP model within fp32 rounding.
+    # exact, tests/test_step.py), so it is the 2-worker DDP model within fp32 rounding, given the same data
+    # order: the 2 lanes the 2-worker run lays its rows out in.
     ddp_summary, ddp = _run(tmp_path, "ddp", "model.name=mlp", "model.kwargs={hidden_sizes: [64, 64]}",
-                            "scaling.num_workers=0")
+                            "scaling.num_workers=0", "data.lanes=2")
     killed: list = []
     killer = threading.Thread(target=_kill_a_server_after_the_first_checkpoint, args=(tmp_path / "ps", killed))
     killer.start()

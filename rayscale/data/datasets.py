@@ -44,6 +44,21 @@ def most_resources() -> dict[str, float]:
         return {}
 
 
+def node_read_slots(node_id: str | None) -> int:
+    """Read tasks the node can run at once now (its free CPUs, in read tasks), so that a rank's reads fit on its
+    own node instead of spilling to others; no bound where that is unknown or nothing is free right now."""
+    import ray
+
+    if node_id is None:
+        return 1 << 30
+    try:
+        free = ray._private.state.available_resources_per_node().get(node_id, {}).get("CPU", 0.0)
+    except ray.exceptions.RaySystemError:  # a Ray client process: no state API
+        return 1 << 30
+    slots = int(free / READ_CPUS + 1e-9)
+    return slots if slots >= 1 else 1 << 30
+
+
 def build_reads(spec: SplitSpec, reads: list[ChunkRead], node_id: str | None = None):
     """A lazy Ray Dataset of chunk pieces of the split, in the order given: one read task per piece, placed on
     `node_id` where that node has a CPU free (soft affinity: elsewhere rather than never), so a worker's rows
@@ -54,7 +69,7 @@ def build_reads(spec: SplitSpec, reads: list[ChunkRead], node_id: str | None = N
     items = [{"chunk": read.chunk, "skip": read.skip, "take": read.take} for read in reads] or \
         [{"chunk": 0, "skip": 0, "take": 0}]  # nothing to read (fewer rows than ranks): one empty block
     place = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=True)} if node_id else {}
-    tasks_at_once = ray.data.TaskPoolStrategy(size=read_tasks_at_once(len(items)))
+    tasks_at_once = ray.data.TaskPoolStrategy(size=min(read_tasks_at_once(len(items)), node_read_slots(node_id)))
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         read_split_pieces, fn_kwargs={"spec": spec}, batch_size=1, batch_format="numpy", num_cpus=READ_CPUS,
         compute=tasks_at_once, **place)
