@@ -12,7 +12,7 @@ setup hook, `benchmarks/ingest_scaling.py:install`) per training row, rows deliv
 many read tasks ran on the node of the worker that wanted the rows. Target: the lanes' epoch time falls as 1/N
 (time at N x N / time at 1 within 0.75-1.33), and they read each row about once.
 
-    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 .venv/bin/python -m benchmarks.ingest_scaling [--chunks 48] [--sleep 1]
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 .venv/bin/python -m benchmarks.ingest_scaling [--chunks 48] [--sleep 2]
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def install() -> None:
         time.sleep(sleep)
         chunk = spec.info.chunks[index]
         with open(Path(directory) / f"{os.getpid()}.jsonl", "a") as out:
-            out.write(json.dumps({"node": ray.get_runtime_context().get_node_id(),
+            out.write(json.dumps({"node": ray.get_runtime_context().get_node_id(), "chunk": int(index),
                                   "rows": int(chunk.stop - chunk.start)}) + "\n")
         return read_chunk(index, spec)
 
@@ -62,11 +62,20 @@ def run(chunks: int, sleep: float) -> dict:
     import ray
     from ray.cluster_utils import Cluster
     from ray.util.placement_group import placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    from ray.util.scheduling_strategies import (
+        NodeAffinitySchedulingStrategy,
+        PlacementGroupSchedulingStrategy,
+    )
 
     from rayscale.config import DataConfig, SyntheticConfig
     from rayscale.data import sources
-    from rayscale.data.datasets import build_reads, quiet_ray_data
+    from rayscale.data.datasets import (
+        READ_CPUS,
+        build_reads,
+        node_read_slots,
+        quiet_ray_data,
+        read_tasks_at_once,
+    )
     from rayscale.data.splits import SplitSpec, read_split_pieces
     from rayscale.math import lanes as lane_plan
 
@@ -80,40 +89,59 @@ def run(chunks: int, sleep: float) -> dict:
     spec = SplitSpec(info, "train", 0.0, data, 0)
     rows_per_chunk = [chunk.stop - chunk.start for chunk in info.chunks]
     rows = sum(rows_per_chunk)
-    # Each node: 1 CPU for its worker, half a CPU (two read tasks) for reads; the head trains and reads nothing.
+    # Each node: 1.5 CPUs for its worker, half a CPU (two read tasks) for reads; the head trains and reads nothing.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     for _ in range(max(WORKERS)):
-        cluster.add_node(num_cpus=1.5)
+        cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="WARNING",
              runtime_env={"worker_process_setup_hook": "benchmarks.ingest_scaling.install",
                           "env_vars": {LOG_ENV: str(log), SLEEP_ENV: str(sleep)}})
     quiet_ray_data()
 
-    @ray.remote(num_cpus=1)
+    @ray.remote(num_cpus=1.5)
     class Reader:
         def node(self) -> str:
             return ray.get_runtime_context().get_node_id()
 
-        def read(self, reads, local: bool) -> tuple[int, float]:
+        def read(self, reads, local: bool) -> tuple[int, float, int]:
             quiet_ray_data()
             started, got = time.perf_counter(), 0
             node = self.node() if local else None
+            slots = min(read_tasks_at_once(len(reads)), node_read_slots(node))  # what build_reads will use
             for block in build_reads(spec, reads, node).iter_batches(batch_size=None, batch_format="numpy"):
                 got += len(block["row_id"])
-            return got, time.perf_counter() - started
+            return got, time.perf_counter() - started, slots
 
-        def iterate(self, split) -> tuple[int, float]:
+        def iterate(self, split) -> tuple[int, float, None]:
             started, got = time.perf_counter(), 0
             for block in split.iter_batches(batch_size=None, batch_format="numpy"):
                 got += len(block["row_id"])
-            return got, time.perf_counter() - started
+            return got, time.perf_counter() - started, None
+
+    @ray.remote(num_cpus=READ_CPUS)
+    def warm(seconds: float) -> None:
+        import ray.data  # noqa: F401 - what a read task imports, done once in this pooled process
+
+        time.sleep(seconds)
+
+    def settle(nodes: list[str]) -> None:
+        """Read slots are sized by each node's free CPUs when a read starts: wait until the last design's tasks
+        have given theirs back, and start each node's read processes (pooled, so imports are paid once)."""
+        ray.get([warm.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(1.0)
+                 for node in nodes for _ in range(2)])
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            free = ray._private.state.available_resources_per_node()
+            if all(free.get(node, {}).get("CPU", 0) >= 0.5 - 1e-9 for node in nodes):
+                return
+            time.sleep(0.2)
 
     everything = lane_plan.lane_reads(rows_per_chunk, range(len(rows_per_chunk)), 0, rows)
     results = []
     try:
         for workers in WORKERS:
-            group = placement_group([{"CPU": 1}] * workers, strategy="STRICT_SPREAD")
+            group = placement_group([{"CPU": 1.5}] * workers, strategy="STRICT_SPREAD")
             ray.get(group.ready())
             readers = [Reader.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group, index)).remote()
                        for index in range(workers)]
@@ -123,12 +151,15 @@ def run(chunks: int, sleep: float) -> dict:
                       for piece in lane_plan.canonical_pieces(rows_per_chunk, workers, lane)]
                      for rank in range(workers)]
             for name, wanted in (("lanes", lanes), ("every_worker_reads_all", [everything] * workers)):
+                settle(nodes)
                 _drain(log)
                 started = time.perf_counter()
                 out = ray.get([reader.read.remote(reads, local=True) for reader, reads in zip(readers, wanted,
                                                                                                  strict=True)])
-                designs[name] = _figures(out, time.perf_counter() - started, _drain(log), rows, nodes,
-                                         local_nodes=nodes if name == "lanes" else None)
+                asked = {read.chunk: node for node, reads in zip(nodes, wanted, strict=True) for read in reads}
+                designs[name] = _figures(out, time.perf_counter() - started, _drain(log), rows,
+                                         asked if name == "lanes" else None)
+            settle(nodes)
             _drain(log)
             items = [{"chunk": r.chunk, "skip": r.skip, "take": r.take} for r in everything]
             dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
@@ -136,7 +167,7 @@ def run(chunks: int, sleep: float) -> dict:
             splits = dataset.streaming_split(workers, equal=True)
             started = time.perf_counter()
             out = ray.get([reader.iterate.remote(split) for reader, split in zip(readers, splits, strict=True)])
-            designs["streaming_split"] = _figures(out, time.perf_counter() - started, _drain(log), rows, nodes)
+            designs["streaming_split"] = _figures(out, time.perf_counter() - started, _drain(log), rows)
             results.append({"workers": workers, **designs})
             for reader in readers:
                 ray.kill(reader)
@@ -155,18 +186,19 @@ def run(chunks: int, sleep: float) -> dict:
                for r in results]}
 
 
-def _figures(out, wall: float, reads: list[dict], rows: int, nodes: list[str], local_nodes=None) -> dict:
-    figures = {"epoch_s": round(wall, 2), "rows_delivered": sum(got for got, _ in out),
+def _figures(out, wall: float, reads: list[dict], rows: int, asked: dict[int, str] | None = None) -> dict:
+    figures = {"epoch_s": round(wall, 2), "worker_s": [round(seconds, 2) for _, seconds, _ in out],
+               "read_slots": [slots for _, _, slots in out], "rows_delivered": sum(got for got, _, _ in out),
                "rows_decoded_per_row": round(sum(r["rows"] for r in reads) / rows, 3), "read_tasks": len(reads)}
-    if local_nodes is not None:  # each worker's reads, and only its, should run on its node
-        figures["read_tasks_on_a_worker_node"] = sum(r["node"] in set(local_nodes) for r in reads)
+    if asked is not None:  # lanes on chunk boundaries: each chunk is one worker's, read on that worker's node?
+        figures["read_tasks_on_the_asking_workers_node"] = sum(r["node"] == asked[r["chunk"]] for r in reads)
     return figures
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chunks", type=int, default=48)
-    parser.add_argument("--sleep", type=float, default=1.0, help="seconds each chunk read sleeps")
+    parser.add_argument("--sleep", type=float, default=2.0, help="seconds each chunk read sleeps")
     args = parser.parse_args()
     result = run(args.chunks, args.sleep)
     print(json.dumps(result, indent=1))

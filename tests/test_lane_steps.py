@@ -386,3 +386,21 @@ def test_a_source_that_gives_fewer_rows_than_its_metadata_is_named():
     with pytest.raises(RuntimeError, match="fewer rows than the source's metadata said .10 rows.: did "
                                            "data.source change"):
         list(piece_rows(short, pieces))
+
+
+@pytest.mark.parametrize("shuffle", ["local", "none"])
+def test_a_rank_buffers_about_one_window_and_one_chunk_per_lane(shuffle):
+    """Memory bounded: however the blocks come, a lane never holds more than one window of arranged rows plus one
+    chunk piece and one step's share waiting; the lanes advance together (reads interleaved by lane position)."""
+    rows, world, lanes, chunk, window = 5000, 2, 4, 97, 400
+    columns = tabular_rows(rows)
+    plan = plan_batches(64, None, world)
+    order = lane_order(DataConfig(shuffle=shuffle, shuffle_buffer_rows=window), 0, 0, lanes, rows, 64, None)
+    chunk_sizes = chunks_of(rows, chunk)
+    for rank in range(world):
+        steps = LaneSteps(plan, rank, world, lanes, rows, order)
+        pieces = epoch_pieces(chunk_sizes, lanes, steps.starts, order)
+        most = 0
+        for _ in steps.steps(piece_rows(pieces_stream(columns, chunk_sizes, pieces, 64), pieces)):
+            most = max(most, *(lane.pending_rows + lane.ready_rows for lane in steps.lane.values()))
+        assert most <= order.window + chunk + 64 // lanes, (most, order.window)

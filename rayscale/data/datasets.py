@@ -11,6 +11,8 @@ rank takes the same steps.
 
 from __future__ import annotations
 
+import warnings
+
 from rayscale.data.splits import SplitSpec, read_split_pieces
 from rayscale.math.lanes import ChunkRead
 
@@ -70,9 +72,13 @@ def build_reads(spec: SplitSpec, reads: list[ChunkRead], node_id: str | None = N
         [{"chunk": 0, "skip": 0, "take": 0}]  # nothing to read (fewer rows than ranks): one empty block
     place = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=True)} if node_id else {}
     tasks_at_once = ray.data.TaskPoolStrategy(size=min(read_tasks_at_once(len(items)), node_read_slots(node_id)))
-    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        read_split_pieces, fn_kwargs={"spec": spec}, batch_size=1, batch_format="numpy", num_cpus=READ_CPUS,
-        compute=tasks_at_once, **place)
+    with warnings.catch_warnings():
+        # Soft node affinity has no named parameter in Ray 2.60 (its `label_selector` is hard: a read would wait
+        # for a node whose CPUs the training worker holds), so it goes in the deprecated **ray_remote_args.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated", category=DeprecationWarning)
+        return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            read_split_pieces, fn_kwargs={"spec": spec}, batch_size=1, batch_format="numpy", num_cpus=READ_CPUS,
+            compute=tasks_at_once, **place)
 
 
 def quiet_ray_data() -> None:
