@@ -15,8 +15,9 @@ k = B/(N m) of them, and one optimizer step takes
   micro-batches, whose fixed per-kernel cost does not shrink.
 - When every step of the run was one micro-batch there is no no-sync micro-batch to time: t_micro is then
   taken as t_sync (t_comm = 0), which charges each added micro-batch an all-reduce wait: conservative.
-- d is the time blocked on data per sample of the global batch (data_wait_fraction x step time / B): every
-  worker reads all rows of a step and trains on its share, so the wait grows with the global batch.
+- d is the time blocked on data per sample of the global batch (data_wait_fraction x step time / B): each
+  worker reads its B / N rows of a step from its own lanes, so at a fixed worker count the wait grows with
+  the global batch.
 - t_other is what the run's measured step time (B / samples_per_sec) has beyond the rest: per-step host work
   (the lr, the non-finite check, logging), charged once per step. It makes the model reproduce the measured
   samples/s at the run's own batch, so every other row is an extrapolation from one measured point.
