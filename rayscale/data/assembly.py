@@ -72,6 +72,20 @@ class StepRows:
     padding: bool = False  # this rank had no rows in the step: `rows` is one zero-weight stand-in
 
 
+def stand_in(rows: dict[str, np.ndarray], rows_in_step: int) -> StepRows:
+    """A rank's part of a step it has no rows in: one all-zero row shaped like `rows`, of weight 0. DDP needs every
+    rank's forward and backward; zeros (not a real row) make it the same whatever rows the rank read, so a resumed
+    run pads exactly as an uninterrupted one."""
+    zero = {}
+    for key, column in rows.items():
+        if column.dtype == object:  # a sequence: one zero token
+            zero[key] = np.empty(1, dtype=object)
+            zero[key][0] = np.zeros(1, dtype=np.asarray(column[0]).dtype)
+        else:
+            zero[key] = np.zeros_like(column[:1])
+    return StepRows({**zero, "weight": np.zeros(1, dtype=np.float32)}, rows_in_step, padding=True)
+
+
 def take(columns: dict[str, np.ndarray], index: np.ndarray | slice) -> dict[str, np.ndarray]:
     return {key: value[index] for key, value in columns.items()}
 
@@ -120,10 +134,6 @@ class StepAssembler:
     def _mine(self, step: dict[str, np.ndarray]) -> StepRows:
         rows_in_step = len(step["row_id"])
         low, high = rank_slice(rows_in_step, self.plan, self.rank)
-        padding = high == low
-        if padding:  # nothing left for this rank: one zero-weight row (the step's first) keeps DDP in step
-            low, high = 0, 1
-        mine = take(step, slice(low, high))
-        if padding:
-            mine["weight"] = np.zeros(1, dtype=np.float32)
-        return StepRows(mine, rows_in_step, padding=padding)
+        if high == low:  # nothing left for this rank
+            return stand_in(step, rows_in_step)
+        return StepRows(take(step, slice(low, high)), rows_in_step)

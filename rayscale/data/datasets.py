@@ -94,11 +94,5 @@ def quiet_ray_data() -> None:
 
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ordered_reads()
-
-
-def ordered_reads() -> None:
-    """Blocks in the order of the reads, always: in every process that streams (each worker builds its own)."""
-    import ray.data
-
+    # Blocks in the order of the reads, always, in every process that streams (each worker builds its own reads).
     ray.data.DataContext.get_current().execution_options.preserve_order = True

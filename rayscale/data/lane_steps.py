@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rayscale.config import DataConfig
-from rayscale.data.assembly import StepRows, split_rows, take
+from rayscale.data.assembly import StepRows, split_rows, stand_in, take
 from rayscale.data.splits import CURRICULUM_KEY, CurriculumOrder, add_curriculum_keys, concat_columns
 from rayscale.math import lanes as lane_plan
 from rayscale.math.batching import BatchPlan
@@ -221,13 +221,13 @@ class LaneSteps:
         self.starts = lane_plan.stream_starts(rows, lanes, self.owned, order.window, positions)
         self.lane = {lane: _Lane(lane, self.starts[lane], consumed[lane], sizes[lane], order.window)
                      for lane in self.owned}
-        self.template: Columns | None = None
+        self.shape: Columns | None = None  # a row of this rank's, to shape a stand-in row by
 
     def steps(self, pairs: Iterable[tuple[lane_plan.Piece, Columns]]) -> Iterator[StepRows]:
         step, steps = self.first_step, -(-self.rows // self.plan.global_batch_size)
         for piece, rows in pairs:
-            if self.template is None:
-                self.template = {key: _zeros(value[:1]) for key, value in rows.items()}
+            if self.shape is None:
+                self.shape = take(rows, slice(0, 1))
             self.lane[piece.lane].add(rows, self.order)
             while step < steps and (cut := self._step(step)) is not None:
                 yield cut
@@ -246,19 +246,11 @@ class LaneSteps:
         if any(self.lane[lane].ready_rows < count for lane, count in part.takes):
             return None
         taken = [rows for lane, count in part.takes if (rows := self.lane[lane].pop(count)) is not None]
-        if not taken:  # nothing of this rank's in a partial last step: one zero row of weight 0 keeps DDP in step
-            if self.template is None:
+        if not taken:  # nothing of this rank's in a partial last step
+            if self.shape is None:
                 raise RuntimeError(f"rank {self.rank}: no rows to pad step {step} with")
-            return StepRows({**self.template, "weight": np.zeros(1, dtype=np.float32)}, part.rows_in_step,
-                            padding=True)
+            return stand_in(self.shape, part.rows_in_step)
         joined = taken[0] if len(taken) == 1 else {key: concat_columns([t[key] for t in taken]) for key in taken[0]}
         in_order = joined if len(taken) == 1 else take(joined, part.order)
         return StepRows(in_order, part.rows_in_step)
 
-
-def _zeros(column: np.ndarray) -> np.ndarray:
-    if column.dtype == object:  # a sequence: one zero token
-        out = np.empty(1, dtype=object)
-        out[0] = np.zeros(1, dtype=np.asarray(column[0]).dtype)
-        return out
-    return np.zeros_like(column)
