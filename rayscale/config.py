@@ -73,7 +73,8 @@ class DataConfig:
                                          "this / data.lanes rows)", unit="rows", minimum=1)
     lanes: int | None = key(None, "the training rows are laid out in this many lanes, each read by one worker; "
                                   "fixed for a run (kept in its checkpoints), a multiple of the worker count "
-                                  "(null: the first run's scaling.num_workers)", minimum=1)
+                                  "(null: the first run's scaling.num_workers; elastic: the least common "
+                                  "multiple of every worker count it may take)", minimum=1)
     cache_mb: float = key(1024.0, "a worker keeps its own lanes of the training split, and its shard of the "
                                   "validation split, in memory after a first full pass when they are at most "
                                   "this size, and replays later epochs from there bitwise (0: stream every "
@@ -128,10 +129,38 @@ class BatchConfig:
 
 @dataclass
 class ScalingConfig:
-    num_workers: int = key(2, "Ray Train workers (0: local mode, the loop runs in the driver)", minimum=0)
+    num_workers: int = key(2, "Ray Train workers (0: local mode, the loop runs in the driver); with "
+                              "scaling.min_workers, the most an elastic run grows to ([min, max] sets both)",
+                           minimum=0)
+    min_workers: int | None = key(None, "elastic: the fewest workers a run goes on with when nodes go (null: "
+                                        "always num_workers); each worker group starts at the most the cluster "
+                                        "fits, with the same global batch, lr and data order", minimum=1)
+    resize_check_s: float = key(60.0, "elastic: how often Ray Train looks for room for more workers and grows "
+                                      "the group (a restart from the latest checkpoint)", unit="seconds",
+                                minimum=1.0)
     use_gpu: bool = key(False, "one GPU per worker, nccl backend")
     # Ray refuses a worker bundle of zero resources (and a GPU worker still runs its loop on a CPU).
     cpus_per_worker: float = key(1.0, "CPUs reserved per worker", minimum=0.0, exclusive_minimum=True)
+
+    @staticmethod
+    def from_raw(raw: dict, prefix: str) -> dict:
+        """`num_workers: [min, max]` is min_workers and num_workers in one key."""
+        counts = raw.get("num_workers")
+        if not isinstance(counts, (list, tuple)):
+            return raw
+        if len(counts) != 2 or "min_workers" in raw:
+            raise ConfigError(f"{prefix}num_workers: expected an integer or [min, max] (and then no "
+                              f"{prefix}min_workers), got {list(counts)!r}")
+        return {**raw, "min_workers": counts[0], "num_workers": counts[1]}
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None
+
+    def worker_counts(self) -> range:
+        """Every worker count a group of this run may start with (local mode: the one process)."""
+        most = max(self.num_workers, 1)
+        return range(min(self.min_workers or most, most), most + 1)
 
 
 @dataclass
@@ -213,7 +242,20 @@ class RunConfig:
                                          "gs://..., or a shared mount)")
     checkpoint_every_samples: int | None = key(None, "also checkpoint mid-epoch this often (null: epoch ends)",
                                                unit="samples", minimum=1)
-    max_failures: int = key(3, "worker-group restarts from the last checkpoint before giving up", minimum=0)
+    max_failures: int = key(3, "worker-group restarts after a fault (a worker or node lost without notice) "
+                               "before giving up", minimum=0)
+    max_preemptions: int | None = key(None, "restarts after a preemption (a node drained first: spot "
+                                            "interruption, autoscaler scale-down) before giving up (null: no "
+                                            "limit); counted apart from run.max_failures", minimum=0)
+    preemption_check_steps: int = key(4, "on a cluster, every this many steps the workers agree whether a node "
+                                         "of theirs is being drained, and if so checkpoint at once and wait for "
+                                         "the restart", unit="steps", minimum=1)
+    checkpoint_upload: str = key("async", "async: a checkpoint is copied to storage in the background while "
+                                          "training goes on (used once every rank's copy is whole); sync: "
+                                          "training waits for the copy", choices=("async", "sync"))
+    checkpoint_upload_fn: str | None = key(None, "pkg.module:function(local_dir, destination) that copies a "
+                                                 "checkpoint part to storage, for storage Ray cannot write to "
+                                                 "(null: Ray's pyarrow copy)")
     hang_timeout_s: float = key(60.0, "a frozen worker (a collective stuck this long, or no answer to Ray "
                                       "Train's health check) fails the attempt, which then restarts from the "
                                       "last checkpoint; Ray's defaults are 30 and 10 minutes", unit="seconds",
@@ -347,6 +389,8 @@ def _unknown(name: str, known: typing.Iterable[str], prefix: str) -> ConfigError
 def _build(cls: type, raw: dict, prefix: str = "") -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {raw!r}")
+    if hasattr(cls, "from_raw"):  # a section that also takes a shorthand form of its keys
+        raw = cls.from_raw(raw, prefix)
     fields, hints = _fields(cls), _hints(cls)
     kwargs = {}
     for name, value in raw.items():

@@ -8,6 +8,7 @@ rules on a single key's value (types, ranges, finiteness, names) live with the k
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +47,21 @@ def _other_parts(cfg: Config) -> tuple[str, ...]:
     """The columns that are inputs, the label or the weight."""
     data = cfg.data
     return (*(data.features or ()), data.label, *(c for c in (data.weight, data.sequence) if c is not None))
+
+
+def _counts_not_splitting(cfg: Config) -> list[int]:
+    """Worker counts an elastic run may take that the global batch does not split over."""
+    return [count for count in cfg.scaling.worker_counts() if cfg.batch.global_batch_size % count]
+
+
+def every_count(cfg: Config) -> int:
+    """The least common multiple of every worker count the run may take: a global batch or a number of lanes
+    that is a multiple of it splits evenly at each."""
+    return math.lcm(*cfg.scaling.worker_counts())
+
+
+def _elastic(cfg: Config) -> bool:
+    return cfg.scaling.elastic
 
 
 def _has_grid(cfg: Config) -> bool:
@@ -132,13 +148,49 @@ RULES: tuple[Rule, ...] = (
          lambda c: c.data.online and c.data.lanes is not None,
          lambda c: "data.lanes: not with data.online (a stream is read in file order, each file cut into steps)",
          ("data.source=.", "data.online=true", "schedule.name=constant", "data.lanes=2")),
-    # Each worker owns whole lanes.
+    # Each worker owns whole lanes, at every worker count the run may take.
     Rule(("data.lanes", "scaling.num_workers"),
-         lambda c: c.data.lanes is not None and c.data.lanes % max(c.scaling.num_workers, 1) != 0,
-         lambda c: f"data.lanes {c.data.lanes} is not a multiple of scaling.num_workers "
-                   f"{max(c.scaling.num_workers, 1)}: each worker reads whole lanes; use a multiple of "
-                   f"{max(c.scaling.num_workers, 1)} (null: one lane per worker)",
+         lambda c: c.data.lanes is not None and c.data.lanes % every_count(c) != 0,
+         lambda c: f"data.lanes {c.data.lanes} is not a multiple of "
+                   + (f"every worker count from scaling.min_workers {c.scaling.min_workers} to "
+                      f"scaling.num_workers {c.scaling.num_workers}" if c.scaling.elastic else
+                      f"scaling.num_workers {max(c.scaling.num_workers, 1)}")
+                   + f": each worker reads whole lanes; use a multiple of {every_count(c)} (null: that many)",
          ("data.lanes=3",)),
+    # An elastic run restarts at any size in its range, with the same global batch (only accumulation changes).
+    Rule(("scaling.min_workers", "scaling.num_workers"),
+         lambda c: c.scaling.elastic and c.scaling.min_workers > c.scaling.num_workers,
+         lambda c: f"scaling.min_workers {c.scaling.min_workers} is more than scaling.num_workers "
+                   f"{c.scaling.num_workers}; an elastic run takes [min_workers, num_workers] workers"
+                   + (" (0 is local mode, which cannot be elastic)" if c.scaling.num_workers == 0 else ""),
+         ("scaling.min_workers=3", "scaling.num_workers=2")),
+    Rule(("batch.global_batch_size", "scaling.min_workers"),
+         lambda c: c.scaling.elastic and bool(_counts_not_splitting(c)),
+         lambda c: f"batch.global_batch_size {c.batch.global_batch_size} does not split over "
+                   f"{' or '.join(map(str, _counts_not_splitting(c)))} workers, and an elastic run may restart at "
+                   f"any count from scaling.min_workers {c.scaling.min_workers} to scaling.num_workers "
+                   f"{c.scaling.num_workers}; use a multiple of {every_count(c)}",
+         ("scaling.num_workers=[2, 4]", "batch.global_batch_size=128", "batch.micro_batch_size=32")),
+    Rule(("scaling.min_workers", "batch.adaptive"),
+         lambda c: _elastic(c) and c.batch.adaptive != "none",
+         lambda c: f"scaling.min_workers: an elastic run keeps its global batch at every size; batch.adaptive "
+                   f"{c.batch.adaptive} changes it with the worker count, so set batch.adaptive none",
+         ("scaling.num_workers=[1, 2]", "batch.adaptive=step", "batch.growth_every_samples=100")),
+    Rule(("scaling.min_workers", "train.strategy"),
+         lambda c: _elastic(c) and _parameter_server(c),
+         lambda c: "scaling.min_workers: not with train.strategy parameter_server (its servers are sized for a "
+                   "fixed number of workers); set a fixed scaling.num_workers",
+         ("scaling.num_workers=[1, 2]", "train.strategy=parameter_server")),
+    Rule(("scaling.min_workers", "data.online"),
+         lambda c: _elastic(c) and c.data.online,
+         lambda c: "scaling.min_workers: not with data.online (a stream's files are cut into steps for a fixed "
+                   "number of workers); set a fixed scaling.num_workers",
+         ("scaling.num_workers=[1, 2]", "data.source=.", "data.online=true", "schedule.name=constant")),
+    Rule(("scaling.min_workers", "tune.space"),
+         lambda c: _elastic(c),
+         lambda c: "scaling.min_workers: a search runs every trial at a fixed worker count (trials share the "
+                   "cluster); set a fixed scaling.num_workers",
+         ("scaling.num_workers=[1, 2]",), scope="search"),
     # batch.adaptive needs what each mode decides from.
     Rule(("batch.growth_every_samples", "batch.adaptive"),
          lambda c: c.batch.adaptive == "step" and c.batch.growth_every_samples is None,

@@ -22,6 +22,7 @@ from rayscale.data.local_feed import LocalReads
 from rayscale.driver.outputs import read_metrics, write_outputs
 from rayscale.driver.prepare import check_same_config, prepare, worker_payload
 from rayscale.engine import checkpoint
+from rayscale.engine.components.preemption import PreemptionNotice
 from rayscale.engine.context import InProcessContext
 from rayscale.engine.loop import TrainLoop
 from rayscale.files import CHECKPOINTS_DIR, CONFIG_FILE, GROUPS_FILE, MODEL_FILE
@@ -42,9 +43,22 @@ class Trained:
         return read_metrics(self.run_dir)
 
 
+class DrainOnAsk:
+    """Stands in for Ray's preemption watcher: a node is being drained from the `ask`-th question on."""
+
+    def __init__(self, ask: int):
+        self.ask, self.asked = ask, 0
+
+    def __call__(self) -> PreemptionNotice | None:
+        self.asked += 1
+        return PreemptionNotice(("node-b",), (1,), None) if self.asked >= self.ask else None
+
+
 def train(output_dir: Path, name: str, *overrides: str, workers: int = 1, eval_at_samples=(),
-          pause_at_samples=()) -> Trained:
-    """`rayscale train` for `overrides`, without Ray. Re-running the same name resumes, as there."""
+          pause_at_samples=(), drain_on_ask: int | None = None) -> Trained:
+    """`rayscale train` for `overrides`, without Ray. Re-running the same name resumes, as there.
+    `drain_on_ask`: a node is drained from that question of the loop on (one rank: HeldForRestart is raised
+    after the drain's checkpoint)."""
     cfg = config.load(overrides=[f"run.output_dir={output_dir}", f"run.name={name}",
                                  f"scaling.num_workers={workers}", *overrides])
     started = time.time()
@@ -59,31 +73,32 @@ def train(output_dir: Path, name: str, *overrides: str, workers: int = 1, eval_a
     payload = worker_payload(prepared, eval_at_samples, pause_at_samples)
     feed = LocalReads(prepared.train, prepared.val)
     if workers == 1:
-        reports = _rank(0, 1, 0, payload, feed)
+        reports = _rank(0, 1, 0, payload, feed, drain_on_ask)
     else:
         out = prepared.run_dir / ".reports"
-        mp.start_processes(_spawned, args=(workers, _free_port(), payload, feed, str(out)), nprocs=workers,
-                           start_method="spawn")
+        mp.start_processes(_spawned, args=(workers, _free_port(), payload, feed, str(out), drain_on_ask),
+                           nprocs=workers, start_method="spawn")
         reports = pickle.loads(out.read_bytes())
     final = checkpoint.latest_local(prepared.run_dir / CHECKPOINTS_DIR)
     summary = write_outputs(prepared, final, started, first_step_at=None)
     return Trained(summary, torch.load(prepared.run_dir / MODEL_FILE), reports, prepared.run_dir)
 
 
-def _rank(rank: int, world_size: int, port: int, payload, feed) -> list:
-    context = InProcessContext(payload.run_dir, feed, rank=rank, world_size=world_size)
+def _rank(rank: int, world_size: int, port: int, payload, feed, drain_on_ask: int | None = None) -> list:
+    context = InProcessContext(payload.run_dir, feed, rank=rank, world_size=world_size,
+                               drains=DrainOnAsk(drain_on_ask) if drain_on_ask else None)
     TrainLoop(payload, context).train()
     return context.reports
 
 
-def _spawned(rank: int, world_size: int, port: int, payload, feed, out: str) -> None:
+def _spawned(rank: int, world_size: int, port: int, payload, feed, out: str, drain_on_ask: int | None) -> None:
     torch.set_num_threads(1)
     os.environ["RANK"] = str(rank)  # what a test model may read to tell the ranks apart
     # A collective one rank never makes fails the test after this long instead of hanging it.
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     try:
-        reports = _rank(rank, world_size, port, payload, feed)
+        reports = _rank(rank, world_size, port, payload, feed, drain_on_ask)
         if rank == 0:
             Path(out).write_bytes(pickle.dumps(reports))
     finally:

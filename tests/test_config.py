@@ -171,3 +171,29 @@ def test_run_name_is_the_one_key_joined_to_a_directory():
 def test_zero_cpus_per_worker_is_refused():
     with pytest.raises(ConfigError, match=r"^scaling.cpus_per_worker: expected a value greater than 0, got 0"):
         config.load(overrides=["scaling.cpus_per_worker=0"])
+
+
+@pytest.mark.parametrize("overrides, counts", [
+    (("scaling.num_workers=[1, 3]",), (1, 3)),
+    (("scaling.num_workers=4", "scaling.min_workers=2"), (2, 4)),
+    (("scaling.num_workers=2",), (2, 2)),
+    (("scaling.num_workers=0",), (1, 1)),  # local mode: the one process
+])
+def test_an_elastic_worker_count_is_a_range_or_min_workers(overrides, counts):
+    cfg = config.load(overrides=list(overrides))
+    assert (cfg.scaling.worker_counts()[0], cfg.scaling.worker_counts()[-1]) == counts
+    assert cfg.scaling.elastic == (counts[0] != counts[1])
+    # config.yaml holds the two keys, and reads back the same
+    assert config.from_dict(config.to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("override", ["scaling.num_workers=[1, 2, 3]", "scaling.num_workers=[1]"])
+def test_a_worker_range_is_two_numbers(override):
+    with pytest.raises(ConfigError, match=r"^scaling.num_workers: expected an integer or \[min, max\]"):
+        config.load(overrides=[override])
+
+
+def test_a_range_and_min_workers_together_are_refused():
+    with pytest.raises(ConfigError, match=r"^scaling.num_workers: expected an integer or \[min, max\] \(and then "
+                                          r"no scaling.min_workers\)"):
+        config.load(overrides=["scaling.num_workers=[1, 2]", "scaling.min_workers=1"])

@@ -117,3 +117,19 @@ def test_a_run_with_the_defaults_on_a_2_cpu_cluster_is_refused_in_one_line_inste
         assert time.time() - started < 120
     finally:
         cluster.shutdown()
+
+
+def test_an_elastic_run_needs_room_for_its_fewest_workers_and_the_reads_beside_the_most_that_fit(cluster_of):
+    """An elastic group starts with as many workers as fit: 3 CPUs hold 1 of [1, 4] workers of 2 CPUs and leave
+    the reads 1; 1.5 CPUs hold none."""
+    elastic = config.load(overrides=["scaling.num_workers=[1, 4]", "scaling.cpus_per_worker=2",
+                                     "batch.global_batch_size=96", "batch.micro_batch_size=null"])
+    cluster_of({"CPU": 3.0})
+    check_cluster_fits(elastic)
+    cluster_of({"CPU": 1.5})
+    with pytest.raises(UserError, match=r"^scaling.min_workers: 1 workers x 2 CPUs need 2 CPUs, the cluster has 1.5"):
+        check_cluster_fits(elastic)
+    # 8 CPUs hold all 4 workers and leave the reads nothing.
+    cluster_of({"CPU": 8.0})
+    with pytest.raises(UserError, match=r"^scaling.cpus_per_worker: 4 workers x 2 CPUs reserve 8 CPUs"):
+        check_cluster_fits(elastic)

@@ -15,6 +15,7 @@ from rayscale import config
 from rayscale.driver.outputs import print_summary
 from rayscale.engine import checkpoint
 from rayscale.engine.components import checkpointing
+from rayscale.engine.context import HeldForRestart
 from rayscale.errors import ConfigError
 from rayscale.math.adaptive_batch import goodput_batch, plan_for
 from rayscale.math.schedules import schedule_from_config
@@ -337,3 +338,23 @@ def test_a_rank_without_validation_rows_validates_a_model_with_buffers_and_the_r
     assert any(True for _ in build_model(prepared.cfg.model, prepared.spec).buffers())  # BatchNorm statistics
     whole = whole_split_metrics(run.run_dir, run.model)
     assert run.summary["final"]["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-6)
+
+
+def test_a_drain_notice_checkpoints_at_the_step_it_is_asked_and_the_restart_trains_no_step_twice(tmp_path):
+    """The ranks ask every run.preemption_check_steps steps; the third answer announces a drain: the loop
+    checkpoints at that step (9) and holds (here: HeldForRestart). The restarted run resumes there and ends with
+    the uninterrupted run's model bit for bit: nothing after the notice was kept, nothing before it redone."""
+    options = (*BASE, "batch.micro_batch_size=16", "run.preemption_check_steps=3")
+    uninterrupted = train(tmp_path, "uninterrupted", *options)
+    with pytest.raises(HeldForRestart, match=r"node\(s\) node-b \(ranks \[1\]\) being drained"):
+        train(tmp_path, "drained", *options, drain_on_ask=3)
+    saved = checkpoint.read_state(checkpoint.latest_local(tmp_path / "drained" / "checkpoints")).train_state
+    assert (saved.step, saved.samples_seen) == (9, 9 * 64)
+    assert saved.parts["preemption"] == {"checkpoints": 1, "last_step": 9}
+    resumed = train(tmp_path, "drained", *options)
+    assert same(resumed.model, uninterrupted.model)
+    assert resumed.summary["preemption_checkpoints"] == 1 and resumed.summary["samples_seen"] == \
+        uninterrupted.summary["samples_seen"]
+    steps = [line["step"] for line in resumed.lines]
+    assert steps == sorted(set(steps))  # no logged step twice: the resumed run went on from step 9
+    assert {line["world_size"] for line in resumed.lines} == {1}

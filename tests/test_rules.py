@@ -58,9 +58,10 @@ def test_every_rule_says_something_of_its_own():
     assert len(set(messages)) == len(messages)
 
 
-def test_a_search_rule_is_not_a_runs():
-    """tune.search optuna with grid domains: refused by rayscale tune, irrelevant to rayscale train."""
-    (rule,) = [r for r in RULES if r.scope == "search"]
+@pytest.mark.parametrize("rule", [r for r in RULES if r.scope == "search"], ids=lambda r: "+".join(r.keys))
+def test_a_search_rule_is_not_a_runs(rule):
+    """tune.search optuna with grid domains, an elastic worker count: refused by rayscale tune, fine for
+    rayscale train."""
     rules.check(_example(rule), "run")
 
 

@@ -15,6 +15,7 @@ from rayscale.engine.components import read_part
 from rayscale.engine.components.adaptive_batch import AdaptiveBatch, AdaptiveBatchPart
 from rayscale.engine.components.micro_batch import AutoMicroBatch, MicroBatchPart
 from rayscale.engine.components.online_feed import OnlineFeed, OnlinePart
+from rayscale.engine.components.preemption import PreemptionCheck, PreemptionPart
 from rayscale.engine.components.rung_pause import RungPause, RungPausePart
 from rayscale.engine.components.weight_average import exported_weights
 from rayscale.engine.state import TrainState
@@ -74,6 +75,15 @@ def summarize(prepared: PreparedRun, state: TrainState, records: list[dict], sta
     online = read_part(state, OnlineFeed.name, OnlinePart)
     rung_resumes = read_part(state, RungPause.name, RungPausePart).rung_resumes
     batch = read_part(state, AdaptiveBatch.name, AdaptiveBatchPart).global_batch_size or cfg.batch.global_batch_size
+    groups = read_groups(prepared.run_dir / GROUPS_FILE)
+    sizes = [group["world_size"] for group in groups if "world_size" in group]
+    world_size = final.get("world_size") or (sizes[-1] if sizes else prepared.plan.num_workers)
+    plan = prepared.plan if world_size == prepared.plan.num_workers else \
+        plan_for(prepared.plan.global_batch_size, cfg.batch.micro_batch_size, world_size)
+    # Worker groups started after the first, by this driver or an earlier (killed) one, less the planned
+    # resumes from a rung's pause (ASHA by promotion); in local mode, attempts of this driver's loop.
+    restarts = max(state.resumes, len(groups) - 1) - rung_resumes
+    causes = [group.get("cause") for group in groups[1:]]
     return {
         "run_dir": str(prepared.run_dir),
         "final": final,
@@ -83,17 +93,22 @@ def summarize(prepared: PreparedRun, state: TrainState, records: list[dict], sta
         "wall_time_s": round(time.time() - started, 3),
         "startup_time_s": round(first_step_at - started, 3) if first_step_at else None,
         "startup_phases_s": phases or {},
-        "world_size": prepared.plan.num_workers,
-        "batch_plan": final_plan(prepared.plan, batch, read_part(state, AutoMicroBatch.name, MicroBatchPart),
+        "world_size": world_size,  # the last worker group's
+        "world_sizes": sizes,  # every worker group's, in order (elastic runs resize)
+        "batch_plan": final_plan(plan, batch, read_part(state, AutoMicroBatch.name, MicroBatchPart),
                                  cfg.batch.micro_batch_size),
         "effective_lr": peak_lr(cfg.optim, batch, cfg.batch.global_batch_size),  # at the batch it ended with
         "train_rows": online.rows if cfg.data.online else prepared.train_rows,
         "val_rows": prepared.val_rows,
         "rows_left_out": 0,  # partial last steps are trained, never dropped (data/assembly.py)
         **({"online_files": len(online.files), "online_rows": online.rows} if cfg.data.online else {}),
-        # Worker groups started after the first, by this driver or an earlier (killed) one, less the planned
-        # resumes from a rung's pause (ASHA by promotion); in local mode, attempts of this driver's loop.
-        "restarts": max(state.resumes, _lines(prepared.run_dir / GROUPS_FILE) - 1) - rung_resumes,
+        "restarts": restarts,
+        # Why, apart: Train grew or shrank an elastic group; a node was drained first; the rest (a worker or
+        # node lost without notice, a driver started again).
+        "resizes": causes.count("resize"),
+        "preemptions": causes.count("preemption"),
+        "fault_restarts": restarts - causes.count("resize") - causes.count("preemption"),
+        "preemption_checkpoints": read_part(state, PreemptionCheck.name, PreemptionPart).checkpoints,
         "rung_resumes": rung_resumes,
         "nonfinite_skipped": state.nonfinite_skipped,
         "precision": cfg.train.precision,
@@ -114,8 +129,11 @@ def final_plan(plan: BatchPlan, global_batch_size: int, found: MicroBatchPart,
             "accumulation_steps": -(-plan.per_worker_batch_size // found.micro_batch_size)}
 
 
-def _lines(path: Path) -> int:
-    return len(path.read_text().splitlines()) if path.exists() else 0
+def read_groups(path: Path) -> list[dict]:
+    """The worker groups started for a run, one per line (launch/callbacks.py): when, world size, cause."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def print_summary(summary: dict) -> None:
@@ -133,7 +151,10 @@ def print_summary(summary: dict) -> None:
         ("wall time", f"{summary['wall_time_s']:.1f} s (start-up {_fmt(summary['startup_time_s'], '.1f')} s"
                       + _phases(summary.get("startup_phases_s") or {}) + ")"),
         ("rows left out", str(summary["rows_left_out"])),
-        ("restarts", str(summary["restarts"])),
+        ("restarts", f"{summary['restarts']} ({summary['resizes']} resizes, {summary['preemptions']} "
+                     f"preemptions, {summary['fault_restarts']} faults)" if summary["restarts"] else "0"),
+        *([("world sizes", " -> ".join(map(str, summary["world_sizes"])))]
+          if len(set(summary["world_sizes"])) > 1 else []),
         *([("rung resumes", str(summary["rung_resumes"]))] if summary["rung_resumes"] else []),
         ("non-finite steps skipped", str(summary["nonfinite_skipped"])),
     ]

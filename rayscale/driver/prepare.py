@@ -115,8 +115,9 @@ def check_same_config(cfg: Config, run_dir: Path) -> None:
 
 
 def lanes_of(cfg: Config) -> int:
-    """data.lanes, or one lane per worker of this (the first) run."""
-    return cfg.data.lanes or max(cfg.scaling.num_workers, 1)
+    """data.lanes, or one lane per worker of this (the first) run; elastic: as many as every worker count it may
+    take can share."""
+    return cfg.data.lanes or rules.every_count(cfg)
 
 
 def worker_payload(prepared: PreparedRun, eval_at_samples=(), pause_at_samples=()) -> WorkerPayload:

@@ -13,12 +13,13 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 import numpy as np
 import torch
 
 from rayscale.engine import checkpoint
+from rayscale.engine.components.preemption import PreemptionNotice
 from rayscale.math.lanes import ChunkRead
 
 Blocks = Iterable[dict[str, np.ndarray]]
@@ -50,6 +51,20 @@ class Context(Protocol):
     def parameter_client(self, model: torch.nn.Module):
         """train.strategy parameter_server: the client of this run's servers."""
 
+    watches_drains: bool  # whether a node of this group can be drained with notice (a cluster's)
+
+    def drain_notice(self) -> PreemptionNotice | None:
+        """A drain announced on a node of this group, or None; a collective (every rank asks at the same step,
+        and all get rank 0's answer). Only asked where `watches_drains`."""
+
+    def hold_for_restart(self, notice: PreemptionNotice) -> NoReturn:
+        """After the drain's checkpoint: wait for the group to be restarted without the node (bounded: it raises
+        if the restart does not come)."""
+
+
+class HeldForRestart(Exception):
+    """InProcessContext's hold: the loop stopped after a drain's checkpoint, as a Ray worker would wait."""
+
 
 class InProcessContext:
     """The loop in this process, without Ray. Checkpoints are directories under `run_dir/checkpoints`, each
@@ -57,8 +72,11 @@ class InProcessContext:
     resumes from the furthest complete one. Reports are kept in `reports`, with the checkpoint they carried."""
 
     def __init__(self, run_dir: str | Path, reader: Callable[[str, list[ChunkRead]], Blocks], *, rank: int = 0,
-                 world_size: int = 1, device: torch.device | None = None):
+                 world_size: int = 1, device: torch.device | None = None,
+                 drains: Callable[[], PreemptionNotice | None] | None = None):
+        """`drains`: a drain notice source (the tests' stand-in for Ray's watcher; None: no node is drained)."""
         self.run_dir = Path(run_dir)
+        self.drains, self.watches_drains = drains, drains is not None
         self.reader, self.rank, self.world_size = reader, rank, world_size
         self.device = device or torch.device("cpu")
         self.reports: list[tuple[dict, Path | None]] = []
@@ -97,3 +115,9 @@ class InProcessContext:
 
     def parameter_client(self, model: torch.nn.Module):
         raise NotImplementedError("train.strategy parameter_server needs Ray: its servers are Ray actors")
+
+    def drain_notice(self) -> PreemptionNotice | None:
+        return self.drains() if self.drains else None
+
+    def hold_for_restart(self, notice: PreemptionNotice) -> NoReturn:
+        raise HeldForRestart(notice.describe())

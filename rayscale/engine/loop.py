@@ -24,6 +24,7 @@ from rayscale.engine.components.curriculum_metrics import CurriculumMeter
 from rayscale.engine.components.micro_batch import AutoMicroBatch, MicroBatchPart
 from rayscale.engine.components.noise_scale import NoiseScaleMeter
 from rayscale.engine.components.online_feed import OnlineFeed, OnlinePart
+from rayscale.engine.components.preemption import PreemptionCheck, PreemptionPart
 from rayscale.engine.components.rung_pause import RungPause, RungPausePart
 from rayscale.engine.components.validation import ValidationSchedule, at_micro_batch, evaluate, shown
 from rayscale.engine.components.weight_average import Averaging
@@ -119,9 +120,13 @@ class TrainLoop:
                                     read_part(state, RungPause.name, RungPausePart), resumed)
         half_life = cfg.train.ema_half_life_samples
         self.averaging = Averaging(run.model, half_life) if half_life else None
+        self.preemption = PreemptionCheck(cfg.run.preemption_check_steps,
+                                          self.context.drain_notice if self.context.watches_drains else None,
+                                          read_part(state, PreemptionCheck.name, PreemptionPart))
         optional = [self.averaging, CurriculumMeter() if cfg.data.curriculum_column else None,
                     self.feed if isinstance(self.feed, Component) else None]
-        return [self.adaptive, self.micro, self.noise, self.rung_pause, *filter(None, optional), self.strategy]
+        return [self.adaptive, self.micro, self.noise, self.rung_pause, *filter(None, optional), self.preemption,
+                self.strategy]
 
     # ------------------------------------------------------------------------------------------------ training
 
@@ -202,8 +207,13 @@ class TrainLoop:
                 self.save(line.to_json())  # the rung's result and its checkpoint
                 return True
             self.context.report(line.to_json())
-        if self.checkpoints.due(seen):
+        drain = self.preemption.notice(run)
+        if self.checkpoints.due(seen) or drain:
             self.save({"samples_seen": seen, "epoch": segment.epoch, **state.validation()})
+        if drain:
+            run.say(f"{where} samples {seen:,}: {drain.describe()}; checkpointed at step {state.step}, waiting for "
+                    f"the group to restart without it")
+            self.context.hold_for_restart(drain)
         return False
 
     # ------------------------------------------------------------------------------- what the feeds call too

@@ -83,6 +83,7 @@ class LogLine:
     step: int
     epoch: int
     samples_seen: int
+    world_size: int  # the worker group's (an elastic run's changes when it resizes)
     train_loss: float | None
     lr: float
     grad_norm: float
@@ -168,7 +169,7 @@ class MetricsLog:
             component_fields.update(component.log_fields(run, reduced[:len(sums)], interval.steps))
             reduced = reduced[len(sums):]
         line = LogLine(
-            step=run.state.step, epoch=epoch, samples_seen=run.state.samples_seen,
+            step=run.state.step, epoch=epoch, samples_seen=run.state.samples_seen, world_size=run.world_size,
             train_loss=loss_sum / count if count else None, lr=run.optimizer.param_groups[0]["lr"],
             grad_norm=interval.grad_norm_sum.item() / max(interval.steps, 1),
             samples_per_sec=interval.samples / elapsed if elapsed > 0 else None,

@@ -15,7 +15,7 @@ from typing import Any
 from rayscale.data.sources import DataSpec
 from rayscale.data.splits import SplitSpec
 
-PAYLOAD_VERSION = 2  # 2: the data layout in lanes (train_split, chunk rows, lanes)
+PAYLOAD_VERSION = 3  # 2: the data layout in lanes (train_split, chunk rows, lanes); 3: watch_drains
 STATE_VERSION = 2  # 1: rayscale <= 0.1's `progress` dict (read, see _from_version_1)
 
 
@@ -44,6 +44,7 @@ class WorkerPayload:
     pause_at_samples: tuple[int, ...] = ()  # ASHA by promotion: end at the first of these past the start
     ps_servers: tuple[str, ...] = ()  # train.strategy parameter_server: the servers' actor names
     ps_shards: tuple[tuple[int, ...], ...] = ()  # and each one's parameter indices
+    watch_drains: bool = False  # on a cluster with Ray's preemption watcher: checkpoint when a node is drained
 
     def to_dict(self) -> dict:
         # The split specs cross as objects (Ray pickles them): they hold the source's chunk list and data config.

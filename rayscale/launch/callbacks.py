@@ -24,17 +24,37 @@ def controller_callback(groups_file: Path):
       from its own environment (Train does not pass it on from the driver), so it is set here, in the
       controller's process.
     """
-    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+    from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
 
-    class RunControl(WorkerGroupCallback):
+    class RunControl(WorkerGroupCallback, ControllerCallback):
+        def __init__(self):
+            self.cause = "start"  # why the next group starts: start, resize, preemption or fault
+
+        def after_controller_state_update(self, previous_state, current_state) -> None:
+            self.cause = restart_cause(current_state) or self.cause
+
         def before_worker_group_start(self, worker_group_context) -> None:
             os.environ.setdefault(SHUTDOWN_TIMEOUT_ENV, str(SHUTDOWN_TIMEOUT_S))
 
         def after_worker_group_start(self, worker_group) -> None:
             group = worker_group.get_worker_group_state().placement_group_handle.placement_group
-            record_group(groups_file, placement_group=group.id.hex())
+            record_group(groups_file, placement_group=group.id.hex(), world_size=len(worker_group.get_workers()),
+                         cause=self.cause)
 
     return RunControl()
+
+
+def restart_cause(state) -> str | None:
+    """Why Train's controller is about to start a new worker group, from the state it entered: an elastic
+    resize, a preemption (a drained node, charged to run.max_preemptions), or a fault (run.max_failures)."""
+    from ray.train.v2._internal.execution.controller.state import ResizingState, RestartingState
+    from ray.train.v2._internal.execution.failure_handling.default import _is_preemption_failure
+
+    if isinstance(state, ResizingState):
+        return "resize"
+    if isinstance(state, RestartingState):
+        return "preemption" if _is_preemption_failure(state.training_failed_error) else "fault"
+    return None
 
 
 def record_group(groups_file: Path, **fields) -> None:

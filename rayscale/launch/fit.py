@@ -44,10 +44,12 @@ def check_cluster_fits(cfg: Config, beside: float = 0.0) -> None:
 
 
 def _check_fits(cfg: Config, cpus: float, gpus: float, has: str) -> None:
-    workers = max(cfg.scaling.num_workers, 1)
+    """The fewest workers the run takes must fit (an elastic run starts with what fits, and grows later)."""
+    workers = cfg.scaling.worker_counts()[0]
+    key = "scaling.min_workers" if cfg.scaling.elastic else "scaling.num_workers"
     need_cpu = workers * cfg.scaling.cpus_per_worker
     if cfg.scaling.num_workers and need_cpu > cpus:
-        raise UserError(f"scaling.num_workers: {workers} workers x {cfg.scaling.cpus_per_worker:g} CPUs need "
+        raise UserError(f"{key}: {workers} workers x {cfg.scaling.cpus_per_worker:g} CPUs need "
                         f"{need_cpu:g} CPUs, {has.format(cpus)}")
     if cfg.scaling.use_gpu and workers > gpus:
         raise UserError(f"scaling.use_gpu: {workers} workers need {workers} GPUs, {has.format(gpus)}")
@@ -61,6 +63,8 @@ def _check_reads_fit(cfg: Config, cpus: float, has: str) -> None:
     workers, per_worker = cfg.scaling.num_workers, cfg.scaling.cpus_per_worker
     if not workers:  # local mode reserves nothing: the reads share the driver's CPUs
         return
+    # An elastic group takes as many workers as fit, so the reads get what the most that fit leave.
+    workers = min(workers, max(cfg.scaling.worker_counts()[0], int(cpus // per_worker)))
     left = round((cpus - workers * per_worker) * _UNITS)
     if left >= round(READ_CPUS * _UNITS):
         return

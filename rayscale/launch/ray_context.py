@@ -5,10 +5,11 @@ reports on an interval and at epoch ends, never per step."""
 from __future__ import annotations
 
 import contextlib
-import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import ray
 import ray.train
@@ -17,10 +18,12 @@ import ray.train.torch
 from rayscale import config
 from rayscale.data.datasets import build_reads, quiet_ray_data
 from rayscale.engine import checkpoint
+from rayscale.engine.components.preemption import PreemptionNotice
 from rayscale.engine.context import Blocks, WritePart
 from rayscale.engine.state import WorkerPayload
 from rayscale.files import CHECKPOINTS_DIR
 from rayscale.math.lanes import ChunkRead
+from rayscale.plugins import import_callable
 
 
 class RayTrainContext:
@@ -39,6 +42,8 @@ class RayTrainContext:
         # Local mode keeps no copy in Ray's storage, so its checkpoints stay in the run directory; otherwise
         # each rank stages its part on local disk and Ray copies it to storage.
         self.staging_root = None if self.local_mode else checkpoint.fresh_staging_dir(self.run_dir, self.rank)
+        self.watches_drains = payload.watch_drains and not self.local_mode
+        self.upload = _upload_options(self.cfg.run.checkpoint_upload, self.cfg.run.checkpoint_upload_fn)
 
     def read(self, split: str, reads: list[ChunkRead], prefetch: int) -> Blocks:
         spec = self.payload.train_split if split == "train" else self.payload.val_split
@@ -59,9 +64,13 @@ class RayTrainContext:
         staging = Path(tempfile.mkdtemp(prefix="checkpoint-", dir=self.run_dir / CHECKPOINTS_DIR if self.local_mode
                                         else self.staging_root))
         write(staging)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(staging)))
-        if not self.local_mode:  # uploaded to the run's storage by now
-            shutil.rmtree(staging, ignore_errors=True)
+        if self.local_mode:  # the checkpoint stays where it was written
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(staging)))
+            return
+        # Ray copies the part to the run's storage (in the background with checkpoint_upload async) and deletes
+        # the staged copy once it is there; the checkpoint counts only when every rank's copy is whole.
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(staging)),
+                         delete_local_checkpoint_after_upload=True, **self.upload)
 
     def report(self, metrics: dict) -> None:
         ray.train.report(metrics)
@@ -76,3 +85,41 @@ class RayTrainContext:
 
         return ParameterClient(list(self.payload.ps_servers), [list(s) for s in self.payload.ps_shards], model,
                                self.cfg.ps.mode, self.rank, self.cfg.train.grad_clip)
+
+    def drain_notice(self) -> PreemptionNotice | None:
+        info = ray.train.get_preemption_info()  # a barrier: every rank gets rank 0's answer
+        if info is None:
+            return None
+        return PreemptionNotice(tuple(info.preempted_node_ids), tuple(info.preempted_ranks), info.deadline_ms)
+
+    def hold_for_restart(self, notice: PreemptionNotice) -> NoReturn:
+        """Ray Train's controller restarts the group at the drain's deadline (or when every rank has stopped),
+        charging Ray's preemption budget; until then this rank sleeps, its checkpoint uploading. Bounded: past
+        the deadline by run.hang_timeout_s (Ray assumes 120 s when the drain gave none) it gives up."""
+        deadline_s = (notice.deadline_ms / 1000 if notice.deadline_ms else time.time() + _RAY_DEFAULT_DRAIN_S)
+        give_up_at = deadline_s + self.cfg.run.hang_timeout_s
+        while time.time() < give_up_at:
+            time.sleep(0.5)
+        raise RuntimeError(f"{notice.describe()}: the group was not restarted within run.hang_timeout_s "
+                           f"{self.cfg.run.hang_timeout_s:g} s of the drain's deadline")
+
+
+_RAY_DEFAULT_DRAIN_S = 120.0  # what Train's controller waits for a drain that gives no deadline
+
+
+def _upload_options(mode: str, upload_fn: str | None) -> dict:
+    """ray.train.report's upload arguments for run.checkpoint_upload and run.checkpoint_upload_fn."""
+    options: dict = {"checkpoint_upload_mode": ray.train.CheckpointUploadMode.ASYNC if mode == "async"
+                     else ray.train.CheckpointUploadMode.SYNC}
+    if upload_fn is not None:
+        copy = import_callable(upload_fn, "run.checkpoint_upload_fn")
+
+        def upload(checkpoint: ray.train.Checkpoint, directory_name: str) -> ray.train.Checkpoint:
+            storage = ray.train.get_context().get_storage()
+            destination = f"{storage.experiment_fs_path}/{directory_name}"
+            copy(checkpoint.path, destination)
+            return ray.train.Checkpoint(destination, filesystem=storage.storage_filesystem)
+
+        options["checkpoint_upload_fn"] = upload
+    return options
+

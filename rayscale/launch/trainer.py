@@ -21,7 +21,7 @@ from rayscale.driver.prepare import PreparedRun, check_same_config, prepare, wor
 from rayscale.errors import UserError
 from rayscale.files import CONFIG_FILE, GROUPS_FILE
 from rayscale.launch.callbacks import controller_callback, record_group
-from rayscale.launch.connect import connect
+from rayscale.launch.connect import PREEMPTION_WATCHER_ENV, connect
 from rayscale.launch.fit import check_cluster_fits, check_fits_before_start
 from rayscale.math.schedules import peak_lr
 
@@ -32,7 +32,7 @@ POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # and this one (default
 def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, name: str = "checkpoints",
                   callbacks: list | None = None, eval_at_samples: list[int] | tuple[int, ...] = (),
                   pause_at_samples: list[int] | tuple[int, ...] = ()):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from rayscale.launch.worker import train_worker
@@ -48,7 +48,8 @@ def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, nam
     os.environ[POLL_INTERVAL_ENV] = str(cfg.run.poll_interval_s)
     # No datasets here: each worker builds the Ray Data reads of its own lanes and validation shard
     # (launch/ray_context.py), which only it knows once the group's size is known.
-    payload = worker_payload(prepared, eval_at_samples, pause_at_samples)
+    payload = dataclasses.replace(worker_payload(prepared, eval_at_samples, pause_at_samples),
+                                  watch_drains=watches_drains())
     if cfg.train.strategy == "parameter_server":
         from rayscale.launch.ps_actors import start_servers
 
@@ -59,9 +60,7 @@ def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, nam
     return TorchTrainer(
         train_worker,
         train_loop_config=payload.to_dict(),
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
-                                                           **({"GPU": 1} if cfg.scaling.use_gpu else {})}),
+        scaling_config=scaling_config(cfg),
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo",
                                  timeout_s=int(cfg.run.hang_timeout_s)),
         run_config=RunConfig(
@@ -69,13 +68,37 @@ def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, nam
             # mount, which multi-node clusters need), under <storage_path>/<run.name>.
             name=cfg.run.name if cfg.run.storage_path and storage_path is None else name,
             storage_path=storage_path or cfg.run.storage_path or str(prepared.run_dir),
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            # Faults and preemptions (a node drained first, then lost) have budgets of their own.
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures,
+                                         max_preemption_failures=-1 if cfg.run.max_preemptions is None
+                                         else cfg.run.max_preemptions),
             checkpoint_config=CheckpointConfig(num_to_keep=3),
             callbacks=callbacks or [],
             # Train V2 re-routes print() through its logger, which echoes every progress line twice.
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
     )
+
+
+def scaling_config(cfg: Config):
+    """Ray Train's workers: a fixed count, or an elastic range. An elastic group starts at the most workers the
+    cluster fits, and Train restarts it from the latest checkpoint when a worker is lost or, every
+    scaling.resize_check_s, when more fit; each start derives the batch plan again for its size (engine/loop.py),
+    with the global batch, lr, schedule and data order unchanged."""
+    from ray.train import ScalingConfig
+
+    workers = (cfg.scaling.min_workers, cfg.scaling.num_workers) if cfg.scaling.elastic else cfg.scaling.num_workers
+    return ScalingConfig(num_workers=workers, use_gpu=cfg.scaling.use_gpu,
+                         resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
+                                               **({"GPU": 1} if cfg.scaling.use_gpu else {})},
+                         **({"elastic_resize_monitor_interval_s": cfg.scaling.resize_check_s}
+                            if cfg.scaling.elastic else {}))
+
+
+def watches_drains() -> bool:
+    """Whether Ray Train's preemption watcher runs for this run's groups: on a cluster, unless turned off (the
+    embedded Ray turns it off: one node has no other to move to)."""
+    return os.environ.get(PREEMPTION_WATCHER_ENV, "1").strip().lower() not in ("0", "false")
 
 
 _SERVERS: dict[str, list] = {}  # parameter-server actors by run directory (see build_trainer)

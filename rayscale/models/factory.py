@@ -8,7 +8,6 @@ shapes. Either way the engine calls `model(x, mask)` for sequences and `model(x)
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
 import math
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from rayscale.config import ModelConfig
 from rayscale.data.sources import DataSpec
 from rayscale.errors import UserError
 from rayscale.models.builtin import CNN, MLP, Transformer
+from rayscale.plugins import first_line, import_callable
 
 BUILTIN_MODELS = ("mlp", "cnn", "transformer")
 
@@ -58,18 +58,8 @@ def _build_builtin(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
 
 def _build_user(cfg: ModelConfig) -> nn.Module:
     where = f"model.name {cfg.name!r}"
-    module_name, _, attribute = cfg.name.partition(":")
-    if not module_name or not attribute:
-        raise UserError(f"{where}: expected package.module:factory")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # not only ImportError: the module's own code runs on import
-        raise UserError(f"{where}: cannot import {module_name} ({_first_line(exc)})") from exc
-    factory = getattr(module, attribute, None)
-    if factory is None:
-        raise UserError(f"{where}: {module_name} has no attribute {attribute}")
-    if not callable(factory):
-        raise UserError(f"{where}: {module_name}.{attribute} is not callable")
+    factory = import_callable(cfg.name, where, kind="factory")
+    attribute = cfg.name.partition(":")[2]
     # Checked against the signature first, so that the message can show what the factory takes.
     try:
         signature = inspect.signature(factory)
@@ -99,11 +89,7 @@ def _call(cfg: ModelConfig, factory: Callable[..., Any], arguments: dict) -> Any
     except Exception as exc:
         key = "model.kwargs" if cfg.kwargs else f"model.name {cfg.name!r}"
         shown = ", ".join(f"{name}={value!r}" for name, value in cfg.kwargs.items())
-        raise UserError(f"{key}: {cfg.name}({shown}) raised {type(exc).__name__}: {_first_line(exc)}") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or ["(no message)"])[0]
+        raise UserError(f"{key}: {cfg.name}({shown}) raised {type(exc).__name__}: {first_line(exc)}") from exc
 
 
 def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
