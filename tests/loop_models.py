@@ -67,3 +67,23 @@ class NanAt(MLP):
 
 def nan_at(at=()):
     return NanAt(at)
+
+
+class Slow(MLP):
+    """Sleeps `delay_s` per training forward: steps long enough for a test to remove, add or drain a node while
+    the run is mid-epoch. Numerics: the built-in digits MLP's."""
+
+    def __init__(self, delay_s, hidden_sizes):
+        super().__init__(in_features=64, num_outputs=10, hidden_sizes=tuple(hidden_sizes))
+        self.delay_s = delay_s
+
+    def forward(self, x):
+        if self.training:
+            import time
+
+            time.sleep(self.delay_s)
+        return super().forward(x)
+
+
+def slow(delay_s, hidden_sizes=(256, 256)):
+    return Slow(delay_s, hidden_sizes)

@@ -84,6 +84,7 @@ def summarize(prepared: PreparedRun, state: TrainState, records: list[dict], sta
     # resumes from a rung's pause (ASHA by promotion); in local mode, attempts of this driver's loop.
     restarts = max(state.resumes, len(groups) - 1) - rung_resumes
     causes = [group.get("cause") for group in groups[1:]]
+    drains = read_part(state, PreemptionCheck.name, PreemptionPart)
     return {
         "run_dir": str(prepared.run_dir),
         "final": final,
@@ -108,7 +109,8 @@ def summarize(prepared: PreparedRun, state: TrainState, records: list[dict], sta
         "resizes": causes.count("resize"),
         "preemptions": causes.count("preemption"),
         "fault_restarts": restarts - causes.count("resize") - causes.count("preemption"),
-        "preemption_checkpoints": read_part(state, PreemptionCheck.name, PreemptionPart).checkpoints,
+        "preemption_checkpoints": drains.checkpoints,  # written on a drain notice
+        "last_preemption_step": drains.last_step,
         "rung_resumes": rung_resumes,
         "nonfinite_skipped": state.nonfinite_skipped,
         "precision": cfg.train.precision,

@@ -13,7 +13,7 @@ SHUTDOWN_TIMEOUT_ENV = "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S"  # Train's torch
 SHUTDOWN_TIMEOUT_S = 5
 
 
-def controller_callback(groups_file: Path):
+def controller_callback(groups_file: Path, elastic: bool = False):
     """A callback for the Train controller, which runs on the driver's node.
 
     - One line in `groups_file` per worker group started: a checkpoint's progress counts the restores before
@@ -32,6 +32,8 @@ def controller_callback(groups_file: Path):
 
         def after_controller_state_update(self, previous_state, current_state) -> None:
             self.cause = restart_cause(current_state) or self.cause
+            if elastic and self.cause in ("fault", "preemption") and restart_cause(current_state):
+                refresh_cluster_view()
 
         def before_worker_group_start(self, worker_group_context) -> None:
             os.environ.setdefault(SHUTDOWN_TIMEOUT_ENV, str(SHUTDOWN_TIMEOUT_S))
@@ -42,6 +44,32 @@ def controller_callback(groups_file: Path):
                          cause=self.cause)
 
     return RunControl()
+
+
+def refresh_cluster_view() -> None:
+    """Before Train sizes the next group after a lost worker: Ray Data's autoscaling coordinator, which Train's
+    elastic policy asks how many workers fit, refreshes its view of the nodes only every 20 s, so right after a
+    node went it still counts that node's CPUs; Train then waits on a placement group that cannot be placed
+    (seen here to outlast Train's own 60 s start timeout). Ask it to recompute now, and let the policy's 1 s
+    cache of the answer expire. Elastic runs only: a fixed-size run never asks the coordinator."""
+    import ray
+    from ray._raylet import Config
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
+
+    # A node lost without notice is declared dead after this many missed health checks; until then it counts.
+    time.sleep(min(_MOST_WAIT_S, Config.health_check_period_ms() * Config.health_check_failure_threshold() / 1000))
+    try:
+        coordinator = get_or_create_autoscaling_coordinator()
+        ray.get(coordinator.get_reserved_resources.remote("rayscale-refresh", recompute=True), timeout=10)
+    except Exception:  # noqa: BLE001 - only a fresher answer is lost; Train goes on as it would have
+        return
+    time.sleep(_POLICY_CACHE_S)
+
+
+_POLICY_CACHE_S = 1.2  # Train's elastic policy re-asks the coordinator at most once a second
+_MOST_WAIT_S = 30.0
 
 
 def restart_cause(state) -> str | None:

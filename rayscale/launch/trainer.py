@@ -154,7 +154,7 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
     if cfg.scaling.num_workers == 0:  # local mode: this process is the one "worker group" (no controller)
         record_group(groups, local=True)
     try:
-        result = build_trainer(prepared, callbacks=[*(callbacks or []), controller_callback(groups)],
+        result = build_trainer(prepared, callbacks=[*(callbacks or []), controller_callback(groups, cfg.scaling.elastic)],
                                eval_at_samples=eval_at_samples, pause_at_samples=pause_at_samples).fit()
     except Exception as exc:
         # Bad input found only while the data streams (a NaN in a later row group, a file changed mid-run)

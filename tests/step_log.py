@@ -1,0 +1,52 @@
+"""A Ray `worker_process_setup_hook` for tests: every training rank appends each step it trains to
+$RAYSCALE_TEST_STEP_LOG/<pid>.jsonl: when, its rank and world size, the epoch, the step's index in it, and the
+row ids it trained (none for a zero-weight stand-in). Nothing is logged unless the variable is set."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+
+def install() -> None:
+    directory = os.environ.get("RAYSCALE_TEST_STEP_LOG")
+    if not directory:
+        return
+    from rayscale.engine import loop
+
+    train_one = loop.TrainLoop.train_one
+
+    def logged(self, rows, index, waited_from):
+        train_one(self, rows, index, waited_from)
+        record = {"time": time.time(), "pid": os.getpid(), "rank": self.run.rank,
+                  "world_size": self.run.world_size, "epoch": self.run.state.epoch, "index": index,
+                  "rows": [] if rows.padding else rows.rows["row_id"].tolist()}
+        with open(Path(directory) / f"{os.getpid()}.jsonl", "a") as out:
+            out.write(json.dumps(record) + "\n")
+
+    loop.TrainLoop.train_one = logged
+
+
+def records(directory: Path) -> list[dict]:
+    found = [json.loads(line) for path in sorted(Path(directory).glob("*.jsonl"))
+             for line in path.read_text().splitlines()]
+    return sorted(found, key=lambda record: record["time"])
+
+
+def kept_steps(records: list[dict]) -> tuple[dict[tuple[int, int], list[int]], set[tuple[int, int]]]:
+    """The rows each (epoch, step) was last trained on (by the last worker group that trained it: as many latest
+    entries as its world size), and the steps trained more than once (redone after a restart)."""
+    by_step: dict[tuple[int, int], list[dict]] = defaultdict(list)
+    for record in records:
+        by_step[(record["epoch"], record["index"])].append(record)
+    kept, redone = {}, set()
+    for key, entries in by_step.items():
+        last = entries[-entries[-1]["world_size"]:]
+        assert len({entry["pid"] for entry in last}) == len(last), f"step {key}: a rank logged it twice in a row"
+        kept[key] = sorted(row for entry in last for row in entry["rows"])
+        if len(entries) > len(last):
+            redone.add(key)
+    return kept, redone
