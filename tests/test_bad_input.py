@@ -175,6 +175,8 @@ CASES = [
     ("unknown-schedule", ["train", "--set", "schedule.name=cyclic"], ["schedule.name", "cyclic", "cosine"]),
     ("model-import-fails", ["train", "--set", "model.name=no_such_package.models:build"],
      ["model.name 'no_such_package.models:build': cannot import no_such_package.models"]),
+    ("upload-fn-import-fails", ["train", "--set", "run.checkpoint_upload_fn=no_such_package.upload:copy"],
+     ["run.checkpoint_upload_fn: cannot import no_such_package.upload"]),
     # The model code's own error while it builds, on the driver: the key and the exception's message.
     ("builtin-kwarg-value", ["train", "--set", "model.kwargs.hidden_sizes=[-3]"],
      ["model.kwargs: mlp(hidden_sizes=[-3]) raised RuntimeError:", "negative dimension -3"]),

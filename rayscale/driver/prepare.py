@@ -20,6 +20,7 @@ from rayscale.errors import UserError
 from rayscale.files import CONFIG_FILE
 from rayscale.math.adaptive_batch import upper_limit
 from rayscale.math.batching import BatchPlan, plan_batches
+from rayscale.plugins import import_callable
 
 
 @dataclass
@@ -58,6 +59,8 @@ def prepare(cfg: Config, scope: str = "run") -> PreparedRun:
         upper_limit(cfg.batch.max_global_batch_size, plan.global_batch_size, train_rows, plan.num_workers,
                     cfg.batch.micro_batch_size)
     _check_model(cfg, train.info.spec)
+    if cfg.run.checkpoint_upload_fn is not None:  # imported where the workers run, but a typo fails here first
+        import_callable(cfg.run.checkpoint_upload_fn, "run.checkpoint_upload_fn")
     run_dir = run_directory(cfg)
     _check_writable(run_dir)
     return PreparedRun(cfg, plan, train, val, train_rows, val_rows, run_dir)
