@@ -60,10 +60,6 @@ def every_count(cfg: Config) -> int:
     return math.lcm(*cfg.scaling.worker_counts())
 
 
-def _elastic(cfg: Config) -> bool:
-    return cfg.scaling.elastic
-
-
 def _has_grid(cfg: Config) -> bool:
     return any(isinstance(domain, dict) and "grid" in domain for domain in cfg.tune.space.values())
 
@@ -172,22 +168,22 @@ RULES: tuple[Rule, ...] = (
                    f"{c.scaling.num_workers}; use a multiple of {every_count(c)}",
          ("scaling.num_workers=[2, 4]", "batch.global_batch_size=128", "batch.micro_batch_size=32")),
     Rule(("scaling.min_workers", "batch.adaptive"),
-         lambda c: _elastic(c) and c.batch.adaptive != "none",
+         lambda c: c.scaling.elastic and c.batch.adaptive != "none",
          lambda c: f"scaling.min_workers: an elastic run keeps its global batch at every size; batch.adaptive "
                    f"{c.batch.adaptive} changes it with the worker count, so set batch.adaptive none",
          ("scaling.num_workers=[1, 2]", "batch.adaptive=step", "batch.growth_every_samples=100")),
     Rule(("scaling.min_workers", "train.strategy"),
-         lambda c: _elastic(c) and _parameter_server(c),
+         lambda c: c.scaling.elastic and _parameter_server(c),
          lambda c: "scaling.min_workers: not with train.strategy parameter_server (its servers are sized for a "
                    "fixed number of workers); set a fixed scaling.num_workers",
          ("scaling.num_workers=[1, 2]", "train.strategy=parameter_server")),
     Rule(("scaling.min_workers", "data.online"),
-         lambda c: _elastic(c) and c.data.online,
+         lambda c: c.scaling.elastic and c.data.online,
          lambda c: "scaling.min_workers: not with data.online (a stream's files are cut into steps for a fixed "
                    "number of workers); set a fixed scaling.num_workers",
          ("scaling.num_workers=[1, 2]", "data.source=.", "data.online=true", "schedule.name=constant")),
     Rule(("scaling.min_workers", "tune.space"),
-         lambda c: _elastic(c),
+         lambda c: c.scaling.elastic,
          lambda c: "scaling.min_workers: a search runs every trial at a fixed worker count (trials share the "
                    "cluster); set a fixed scaling.num_workers",
          ("scaling.num_workers=[1, 2]",), scope="search"),

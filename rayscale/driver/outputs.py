@@ -106,9 +106,9 @@ def summarize(prepared: PreparedRun, state: TrainState, records: list[dict], sta
         "restarts": restarts,
         # Why, apart: Train grew or shrank an elastic group; a node was drained first; the rest (a worker or
         # node lost without notice, a driver started again).
-        "resizes": causes.count("resize"),
-        "preemptions": causes.count("preemption"),
-        "fault_restarts": restarts - causes.count("resize") - causes.count("preemption"),
+        "resizes": (resizes := causes.count("resize")),
+        "preemptions": (preemptions := causes.count("preemption")),
+        "fault_restarts": restarts - resizes - preemptions,
         "preemption_checkpoints": drains.checkpoints,  # written on a drain notice
         "last_preemption_step": drains.last_step,
         "rung_resumes": rung_resumes,

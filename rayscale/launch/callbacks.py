@@ -31,8 +31,11 @@ def controller_callback(groups_file: Path, elastic: bool = False):
             self.cause = "start"  # why the next group starts: start, resize, preemption or fault
 
         def after_controller_state_update(self, previous_state, current_state) -> None:
-            self.cause = restart_cause(current_state) or self.cause
-            if elastic and self.cause in ("fault", "preemption") and restart_cause(current_state):
+            cause = restart_cause(current_state)
+            if cause is None:
+                return
+            self.cause = cause
+            if elastic and cause in ("fault", "preemption"):
                 refresh_cluster_view()
 
         def before_worker_group_start(self, worker_group_context) -> None:
