@@ -50,3 +50,8 @@ def kept_steps(records: list[dict]) -> tuple[dict[tuple[int, int], list[int]], s
         if len(entries) > len(last):
             redone.add(key)
     return kept, redone
+
+
+def global_step(steps_per_epoch: int):
+    """A record's step counted over the run, as the loop counts it (the first step is 1)."""
+    return lambda record: record["epoch"] * steps_per_epoch + record["index"] + 1

@@ -268,3 +268,12 @@ def test_the_checkpoint_holds_the_servers_model_and_the_log_line_their_traffic()
     assert strategy.log_fields(run, [], steps=2) == {
         "bytes_pulled_per_step": 40.0, "bytes_pushed_per_step": 20.0, "staleness_mean": 1.5, "staleness_max": 2,
         "stale_refused": 1}
+
+
+def test_a_drain_notice_says_how_long_the_node_has_left_not_the_clock_time_of_its_deadline():
+    from rayscale.engine.components.preemption import PreemptionNotice
+
+    notice = PreemptionNotice(("0123456789abcdef",), (1,), deadline_ms=1_000_020_000)
+    assert notice.describe(now_s=1_000_000) == "node(s) 0123456789ab (ranks [1]) being drained, going in 20 s"
+    assert notice.describe(now_s=1_000_030).endswith("going in 0 s")  # the deadline has passed
+    assert PreemptionNotice(("n",), (0,), None).describe(now_s=0) == "node(s) n (ranks [0]) being drained"

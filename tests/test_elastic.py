@@ -62,6 +62,9 @@ OPTIONS = ("train.epochs=8", "batch.global_batch_size=64", "batch.micro_batch_si
            "scaling.cpus_per_worker=1.5", "run.hang_timeout_s=30", "train.log_every_samples=256")
 
 
+POLL_ENV, WATCHER_POLL_S = "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", 1.0
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A head with no CPU (the driver and Train's controller) and two nodes of 2 CPUs: one worker of 1.5 CPUs per
@@ -84,9 +87,10 @@ def cluster(tmp_path_factory):
                            "health_check_initial_delay_ms": 1000}})
     nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
     cluster.wait_for_nodes()
+    # Train's preemption watcher polls Ray for drains every second here (5 s by default).
     ray.init(address=cluster.address, logging_level="WARNING",
              runtime_env={"worker_process_setup_hook": "step_log.install",
-                          "env_vars": {"RAYSCALE_TEST_STEP_LOG": str(log)}})
+                          "env_vars": {"RAYSCALE_TEST_STEP_LOG": str(log), POLL_ENV: str(WATCHER_POLL_S)}})
     try:
         yield SimpleNamespace(cluster=cluster, nodes=nodes, log=log)
     finally:
@@ -157,19 +161,37 @@ def _steps(log: Path) -> list[dict]:
     return step_log.records(log)
 
 
+def _drain(cluster, node, deadline_s: float) -> None:
+    """What a cloud's spot interruption does through Ray's autoscaler: the GCS marks the node as being drained
+    for a preemption, with the time it goes (as Ray's own tests drain a node)."""
+    import ray
+    from ray.core.generated import autoscaler_pb2
+
+    gcs = ray._raylet.GcsClient(address=cluster.address)
+    accepted, why = gcs.drain_node(node.node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+                                   "spot interruption", int((time.time() + deadline_s) * 1000))
+    assert accepted, why
+
+
 @pytest.mark.slow
-def test_an_elastic_run_shrinks_when_a_node_goes_and_grows_back_when_one_comes(cluster, tmp_path):
-    """[1, 2] workers at a global batch of 64, on two nodes: a node is removed mid-epoch without notice (a fault:
-    the run goes on at 1 worker from its last checkpoint), then a node is added (within scaling.resize_check_s
-    Train grows the group back to 2: a resize). Every row is trained exactly once per epoch (the steps each rank
-    logged, the last training of each step kept), and the model equals the fixed 2-worker run's within fp32
-    reduction order."""
+def test_an_elastic_run_shrinks_when_a_node_goes_grows_back_when_one_comes_and_checkpoints_on_a_drain(cluster,
+                                                                                                      tmp_path):
+    """[1, 2] workers at a global batch of 64, on two nodes:
+    1. a node is removed mid-epoch without notice (a fault: the run goes on at 1 worker from its last checkpoint);
+    2. a node is added (within scaling.resize_check_s Train grows the group back to 2: a resize);
+    3. that node is drained for a preemption and removed at the drain's deadline: the ranks checkpoint within
+       run.preemption_check_steps steps of the notice reaching them and hold; the group restarts at 1 worker from
+       that checkpoint, so no step trained before the drain is trained again (a preemption).
+    Every row is trained exactly once per epoch (the steps each rank logged, the last training of each step kept),
+    and the model equals the fixed 2-worker run's within fp32 reduction order."""
     import step_log
     from inprocess import train as train_in_process
 
+    epochs, check_steps, drain_s = "train.epochs=12", 4, 15.0
     # Slow steps: Ray Data's coordinator, which Train asks what fits, sees a new node only at its next 20 s tick.
-    cfg = _cfg(tmp_path, "elastic", SLOW, "model.kwargs={delay_s: 0.1}", "scaling.num_workers=[1, 2]",
-               "scaling.resize_check_s=5", "run.checkpoint_every_samples=256")
+    cfg = _cfg(tmp_path, "elastic", SLOW, epochs, "model.kwargs={delay_s: 0.1}", "scaling.num_workers=[1, 2]",
+               "scaling.resize_check_s=5", "run.checkpoint_every_samples=1024",
+               f"run.preemption_check_steps={check_steps}")
     started = time.time()
     thread, outcome = _train_in_background(cfg, cluster.cluster.address)
 
@@ -183,28 +205,54 @@ def test_an_elastic_run_shrinks_when_a_node_goes_and_grows_back_when_one_comes(c
     back = _wait_for("training at 1 worker", lambda: trained(1, lost_at), 180, outcome)
     added_at = time.time()
     cluster.nodes[1] = cluster.cluster.add_node(num_cpus=2)
-    grown = _wait_for("training at 2 workers again", lambda: trained(2, added_at), 180, outcome)
+    grown = _wait_for("training at 2 workers again", lambda: trained(2, added_at, steps=2 * 6), 180, outcome)
+
+    drained_at = time.time()
+    _drain(cluster.cluster, cluster.nodes[1], drain_s)
+    time.sleep(max(0.0, drained_at + drain_s - time.time()))
+    cluster.cluster.remove_node(cluster.nodes[1], allow_graceful=False)  # the cloud takes it at the deadline
+    gone_at = time.time()
+    after_drain = _wait_for("training at 1 worker after the drain", lambda: trained(1, gone_at), 180, outcome)
     thread.join(timeout=300)
     assert not thread.is_alive(), "the run did not end"
     if "error" in outcome:
         raise outcome["error"]
     summary = outcome["summary"]
 
-    assert (summary["fault_restarts"], summary["resizes"], summary["preemptions"]) == (1, 1, 0), summary
-    assert summary["world_sizes"] == [2, 1, 2] and summary["world_size"] == 2
+    assert (summary["fault_restarts"], summary["resizes"], summary["preemptions"]) == (1, 1, 1), summary
+    assert summary["world_sizes"] == [2, 1, 2, 1] and summary["world_size"] == 1
     assert {line["world_size"] for line in read_metrics(Path(summary["run_dir"]))} == {1, 2}
-    kept, redone = step_log.kept_steps([r for r in _steps(cluster.log) if r["time"] > started])
+    records = [r for r in _steps(cluster.log) if r["time"] > started]
+    kept, redone = step_log.kept_steps(records)
     train_rows = summary["train_rows"]
-    for epoch in range(8):
+    for epoch in range(12):
         rows = [row for (e, _), step_rows in kept.items() if e == epoch for row in step_rows]
         assert len(rows) == train_rows and len(set(rows)) == train_rows, f"epoch {epoch}"
-    # Lost work: at each restart, the steps since the last checkpoint Train had registered (measured, not bounded
-    # here: an asynchronous upload registers late on a loaded 2-core machine).
+
+    # The drain: a checkpoint within K = run.preemption_check_steps steps of the notice reaching the ranks, which
+    # is within one poll of Train's watcher (the steps trained in two polls' time, to allow for a loaded machine).
+    steps_per_epoch = 1 + max(index for (epoch, index) in kept if epoch == 0)
+    step_of = step_log.global_step(steps_per_epoch)
+    last_before_drain = max(step_of(r) for r in records if r["time"] <= drained_at)
+    in_two_polls = {step_of(r) for r in records if drained_at < r["time"] <= drained_at + 2 * WATCHER_POLL_S}
+    checkpointed = summary["last_preemption_step"]
+    assert summary["preemption_checkpoints"] == 1
+    assert last_before_drain <= checkpointed <= last_before_drain + len(in_two_polls) + check_steps, (
+        last_before_drain, checkpointed, sorted(in_two_polls))
+    # ... then the ranks held: nothing past it was trained before the group restarted, and the restarted group
+    # began right after it, so no step committed before the drain was trained again.
+    assert max(step_of(r) for r in records if drained_at < r["time"] <= gone_at) == checkpointed
+    assert min(step_of(r) for r in records if r["time"] > gone_at) == checkpointed + 1
+
+    # Lost work at the fault (measured, not bounded here: an asynchronous upload registers late on a loaded
+    # 2-core machine).
     assert len(redone) < len(kept)
     print(json.dumps({"node_loss_to_training_s": round(back[0]["time"] - lost_at, 1),
                       "node_added_to_training_s": round(grown[0]["time"] - added_at, 1),
+                      "drained_node_gone_to_training_s": round(after_drain[0]["time"] - gone_at, 1),
+                      "drain_to_checkpoint_steps": checkpointed - last_before_drain,
                       "steps_redone": len(redone)}))
 
-    fixed = train_in_process(tmp_path, "fixed", *OPTIONS, SLOW, "model.kwargs={delay_s: 0}", workers=2)
+    fixed = train_in_process(tmp_path, "fixed", *OPTIONS, epochs, SLOW, "model.kwargs={delay_s: 0}", workers=2)
     model = _model(Path(summary["run_dir"]))
     assert all(torch.allclose(model[key], fixed.model[key], rtol=1e-4, atol=1e-5) for key in model)

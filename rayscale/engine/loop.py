@@ -61,10 +61,10 @@ class TrainLoop:
         self.streams = SplitStreams(context, payload, cfg, lanes)
         self.feed = OnlineFeed(cfg, payload.spec, read_part(state, OnlineFeed.name, OnlinePart)) \
             if cfg.data.online else EpochFeed(cfg, payload, self.streams, state, context, lanes)
+        self.checkpoints = checkpoints.CheckpointSchedule(cfg.run.checkpoint_every_samples, state.samples_seen)
         self.run = self._build(state, restored)
         self.validation = ValidationSchedule(cfg.train.eval_every_samples, payload.eval_at_samples,
                                              state.samples_seen, payload.val_rows > 0)
-        self.checkpoints = checkpoints.CheckpointSchedule(cfg.run.checkpoint_every_samples, state.samples_seen)
         self.run.say(f"{self.run.plan.describe()}; {self.feed.describe(payload.train_rows)}"
                      + (f"; resuming at epoch {state.epoch} step {state.step_in_epoch}" if restored else ""))
         self.metrics.started_at = time.time()
@@ -126,7 +126,7 @@ class TrainLoop:
         optional = [self.averaging, CurriculumMeter() if cfg.data.curriculum_column else None,
                     self.feed if isinstance(self.feed, Component) else None]
         return [self.adaptive, self.micro, self.noise, self.rung_pause, *filter(None, optional), self.preemption,
-                self.strategy]
+                self.checkpoints, self.strategy]
 
     # ------------------------------------------------------------------------------------------------ training
 
@@ -257,4 +257,6 @@ class TrainLoop:
         run.state.parts = {component.name: part_dict(part) for component in self.components
                            if component.name and (part := component.part(run)) is not None}
         self.strategy.before_checkpoint(run)
+        started = time.perf_counter()
         self.context.save(metrics, lambda directory: checkpoints.write_part(run, directory, self.metrics.path))
+        self.checkpoints.add_blocked(time.perf_counter() - started)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rayscale.engine import checkpoint
+from rayscale.engine.components import Component
 from rayscale.engine.run import Run
 from rayscale.files import METRICS_FILE
 
@@ -29,10 +30,25 @@ def read(directory: Path | None, rank: int) -> Restored | None:
     return Restored(directory, checkpoint.read_state(directory), checkpoint.load(own) if own.exists() else None)
 
 
-class CheckpointSchedule:
+class CheckpointSchedule(Component):
+    """When a checkpoint is due, and how long the ranks were held up writing checkpoints: logged per line as
+    `checkpoint_s` (the mean over ranks of the seconds spent inside checkpoints since the previous line). With
+    run.checkpoint_upload async that is the local write only; the copy to run.storage_path runs beside training."""
+
     def __init__(self, every: int | None, samples_seen: int):
         self.every = every
         self.next_at = samples_seen + every if every else None
+        self.blocked_s = 0.0  # since the last log line, on this rank
+
+    def add_blocked(self, seconds: float) -> None:
+        self.blocked_s += seconds
+
+    def interval_sums(self) -> list[float]:
+        blocked, self.blocked_s = self.blocked_s, 0.0
+        return [blocked]
+
+    def log_fields(self, run: Run, sums: list[float], steps: int) -> dict[str, float]:
+        return {"checkpoint_s": sums[0] / run.world_size}
 
     def due(self, samples_seen: int) -> bool:
         if self.next_at is None or samples_seen < self.next_at:

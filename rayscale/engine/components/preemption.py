@@ -10,6 +10,7 @@ steps of the notice reaching the workers. The embedded single-node Ray has no wa
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,8 +26,10 @@ class PreemptionNotice:
     ranks: tuple[int, ...]
     deadline_ms: int | None
 
-    def describe(self) -> str:
-        when = f", deadline in {self.deadline_ms / 1000:.0f} s epoch time" if self.deadline_ms else ""
+    def describe(self, now_s: float | None = None) -> str:
+        """`now_s`: the time to count the deadline from (default: now)."""
+        left_s = self.deadline_ms / 1000 - (time.time() if now_s is None else now_s) if self.deadline_ms else None
+        when = f", going in {max(left_s, 0):.0f} s" if left_s is not None else ""
         return f"node(s) {', '.join(n[:12] for n in self.nodes)} (ranks {list(self.ranks)}) being drained{when}"
 
 
