@@ -22,9 +22,11 @@ def cluster_of(monkeypatch):
     """Stand in for a joined cluster with `now` resources up and `most` in its autoscaling config (None: fixed)."""
     import ray
 
-    def make(now: dict, most: dict | None = None) -> None:
+    def make(now: dict, most: dict | None = None, nodes: list[dict] | None = None) -> None:
+        """`nodes`: each node's resources (default: one node holding `now`)."""
         monkeypatch.setattr(ray, "cluster_resources", lambda: now)
         monkeypatch.setattr(ray._private.state.state, "get_max_resources_from_cluster_config", lambda: most)
+        monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": r} for r in (nodes or [now])])
 
     return make
 
@@ -133,3 +135,39 @@ def test_an_elastic_run_needs_room_for_its_fewest_workers_and_the_reads_beside_t
     cluster_of({"CPU": 8.0})
     with pytest.raises(UserError, match=r"^scaling.cpus_per_worker: 4 workers x 2 CPUs reserve 8 CPUs"):
         check_cluster_fits(elastic)
+
+
+@pytest.mark.parametrize("nodes, overrides, refused", [
+    # Workers filling their nodes, the spare CPU on the head: Ray Data reserved none for the reads and the run hung.
+    ([1, 2, 2], ("scaling.cpus_per_worker=2",), "1 workers x 2 CPUs fill a node of 2 CPUs, leaving 0 beside them for reading their data, less than the 0.25 "
+     "CPU a Ray Data read task needs on the workers' own node; set scaling.cpus_per_worker to at most 1.75"),
+    ([1, 2, 2], ("scaling.cpus_per_worker=1.75",), None),  # a quarter of a CPU beside each worker
+    ([0, 2, 2], ("scaling.cpus_per_worker=1.5",), None),  # the simulated cluster of tests/test_elastic.py
+    ([8, 1], ("scaling.num_workers=4", "batch.micro_batch_size=32", "scaling.cpus_per_worker=2"),
+     "4 workers x 2 CPUs fill a node of 8 CPUs, leaving 0"),
+    # Train packs its workers onto as few nodes as it can: all four on one of two 8-CPU nodes.
+    ([8, 8], ("scaling.num_workers=4", "batch.micro_batch_size=32", "scaling.cpus_per_worker=2"),
+     "4 workers x 2 CPUs fill a node of 8 CPUs"),
+    ([8, 8], ("scaling.num_workers=4", "batch.micro_batch_size=32", "scaling.cpus_per_worker=1.9375"), None),
+    # An elastic group takes what fits: two workers of 1.5 CPUs on each 4-CPU node leave 1 beside them.
+    ([4, 4], ("scaling.num_workers=[1, 4]", "data.lanes=12", "batch.global_batch_size=120",
+              "batch.micro_batch_size=null", "scaling.cpus_per_worker=1.5"), None),
+])
+def test_the_reads_need_room_on_the_workers_own_nodes(cluster_of, nodes, overrides, refused):
+    cluster_of({"CPU": float(sum(nodes))}, nodes=[{"CPU": float(cpus)} for cpus in nodes])
+    cfg = config.load(overrides=list(overrides))
+    if refused is None:
+        check_cluster_fits(cfg)
+    else:
+        with pytest.raises(UserError, match=refused.replace("(", r"\(").replace(")", r"\)")):
+            check_cluster_fits(cfg)
+
+
+def test_gpu_workers_are_placed_by_their_gpus_on_each_node(cluster_of):
+    """A head of 2 CPUs and two GPU nodes of 4 CPUs and 1 GPU: one worker each; 4 CPUs a worker would fill its
+    node (the head's spare CPUs do not help the reads)."""
+    nodes = [{"CPU": 2.0}, {"CPU": 4.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 1.0}]
+    cluster_of({"CPU": 10.0, "GPU": 2.0}, nodes=nodes)
+    check_cluster_fits(config.load(overrides=["scaling.use_gpu=true", "scaling.cpus_per_worker=3"]))
+    with pytest.raises(UserError, match="1 workers x 4 CPUs fill a node of 4 CPUs"):
+        check_cluster_fits(config.load(overrides=["scaling.use_gpu=true", "scaling.cpus_per_worker=4"]))

@@ -41,6 +41,13 @@ def check_cluster_fits(cfg: Config, beside: float = 0.0) -> None:
     _check_fits(cfg, cpus, gpus, has)
     _check_reads_fit(cfg, cpus - beside, has.format(cpus) + (f" ({beside:g} of them held beside the workers)"
                                                              if beside else ""))
+    if not most:  # a fixed cluster: its nodes are the ones up now (an autoscaling one's are not known yet)
+        try:
+            nodes = [(node["Resources"].get("CPU", 0.0), node["Resources"].get("GPU", 0.0))
+                     for node in ray.nodes() if node["Alive"]]
+        except ray.exceptions.RaySystemError:  # no view of the nodes from this process
+            return
+        _check_reads_fit_on_nodes(cfg, nodes)
 
 
 def _check_fits(cfg: Config, cpus: float, gpus: float, has: str) -> None:
@@ -75,6 +82,36 @@ def _check_reads_fit(cfg: Config, cpus: float, has: str) -> None:
                     f"{workers * per_worker:g} CPUs and {has}, leaving {max(left, 0) / _UNITS:g} for reading the "
                     f"data, less than the {READ_CPUS:g} CPU a Ray Data read task needs; {fix}or give the cluster "
                     f"more CPUs (ray start --num-cpus)")
+
+
+def _check_reads_fit_on_nodes(cfg: Config, nodes: list[tuple[float, float]]) -> None:
+    """A worker's reads need room on its own node too: with workers filling their nodes and the spare CPUs
+    elsewhere (a head node, say), Ray Data reserved no CPU for any read task and the run hung (Ray 2.60's
+    autoscaling coordinator splits each node's leftover CPUs between the concurrent executions in whole CPUs,
+    and the read tasks prefer the rank's node). `nodes`: each node's (CPUs, GPUs). The workers are placed as
+    Train packs them: the largest nodes first, each filled with as many as fit (by CPUs, and by GPUs with
+    scaling.use_gpu)."""
+    workers, per_worker = cfg.scaling.num_workers, cfg.scaling.cpus_per_worker
+    if not workers:
+        return
+    need, read = round(per_worker * _UNITS), round(READ_CPUS * _UNITS)
+    if need <= 0:
+        return
+    units = [(round(cpus * _UNITS), gpus) for cpus, gpus in nodes]
+    fits = [(cpus, min(cpus // need, int(gpus)) if cfg.scaling.use_gpu else cpus // need) for cpus, gpus in units]
+    workers = min(workers, sum(fit for _, fit in fits))  # an elastic group takes what fits
+    for cpus, fit in sorted(fits, reverse=True):
+        if workers <= 0:
+            return
+        hosted = min(workers, fit)
+        workers -= hosted
+        if hosted and cpus - hosted * need < read:
+            fix = (f"set scaling.cpus_per_worker to at most {(cpus - read) // hosted / _UNITS:g}, "
+                   if cpus - read >= hosted else "")
+            raise UserError(f"scaling.cpus_per_worker: {hosted} workers x {per_worker:g} CPUs fill a node of "
+                            f"{cpus / _UNITS:g} CPUs, leaving {(cpus - hosted * need) / _UNITS:g} beside them for "
+                            f"reading their data, less than the {READ_CPUS:g} CPU a Ray Data read task needs on the "
+                            f"workers' own node; {fix}or give the worker nodes more CPUs (ray start --num-cpus)")
 
 
 _UNITS = 10_000  # Ray's resolution of fractional resources
