@@ -20,8 +20,8 @@ EXIT_BAD_INPUT = 2
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", help="YAML config file (default: the embedded defaults)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one key, e.g. --set optim.lr=0.1 (repeatable)")
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override keys, e.g. --set optim.lr=0.1 train.epochs=3 (repeatable)")
 
 
 def _cluster_args(parser: argparse.ArgumentParser) -> None:

@@ -3,6 +3,7 @@
 import re
 
 import pytest
+import yaml
 
 from rayscale import config
 from rayscale.errors import ConfigError
@@ -197,3 +198,11 @@ def test_a_range_and_min_workers_together_are_refused():
     with pytest.raises(ConfigError, match=r"^scaling.num_workers: expected an integer or \[min, max\] \(and then "
                                           r"no scaling.min_workers\)"):
         config.load(overrides=["scaling.num_workers=[1, 2]", "scaling.min_workers=1"])
+
+
+def test_set_takes_several_pairs_after_one_flag_and_repeats(capsys):
+    from rayscale import cli
+
+    assert cli.main(["config", "show", "--set", "optim.lr=0.2", "train.epochs=3", "--set", "seed=7"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert (shown["optim"]["lr"], shown["train"]["epochs"], shown["seed"]) == (0.2, 3, 7)
