@@ -4,8 +4,8 @@
 
 Writes benchmarks/results/<name>.json per benchmark (`.smoke` added with --smoke) and
 benchmarks/results/summary[.smoke].md, and prints the Markdown. Exit code 0 whatever the targets say (a missed
-target is a finding, not a failure); 1 if a benchmark itself failed to run. The ASHA and chaos benchmarks
-(benchmarks.tune_asha_vs_grid, benchmarks.chaos) take much longer and run on their own.
+target is a finding, not a failure); 1 if a benchmark itself failed to run. The ASHA, chaos and preemption benchmarks
+(benchmarks.tune_asha_vs_grid, benchmarks.chaos, benchmarks.preemption) take much longer and run on their own.
 """
 
 from __future__ import annotations

@@ -55,3 +55,9 @@ def kept_steps(records: list[dict]) -> tuple[dict[tuple[int, int], list[int]], s
 def global_step(steps_per_epoch: int):
     """A record's step counted over the run, as the loop counts it (the first step is 1)."""
     return lambda record: record["epoch"] * steps_per_epoch + record["index"] + 1
+
+
+def every_row_once(kept: dict[tuple[int, int], list[int]], epoch: int, train_rows: int) -> bool:
+    """Whether the steps kept for `epoch` trained each of the `train_rows` rows exactly once."""
+    rows = [row for (e, _), step_rows in kept.items() if e == epoch for row in step_rows]
+    return len(rows) == train_rows and len(set(rows)) == train_rows

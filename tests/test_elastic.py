@@ -8,8 +8,6 @@
 from __future__ import annotations
 
 import json
-import os
-import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,6 +15,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from benchmarks import preemption
+from benchmarks.preemption import wait_for
 from rayscale import config
 from rayscale.driver.outputs import read_metrics
 from rayscale.launch.callbacks import restart_cause
@@ -57,84 +57,21 @@ def test_a_new_worker_groups_cause_is_read_off_the_controllers_state(index):
 
 # ------------------------------------------------------------------------------ on a simulated cluster
 
-SLOW = "model.name=loop_models:slow"
-OPTIONS = ("train.epochs=8", "batch.global_batch_size=64", "batch.micro_batch_size=null", "data.lanes=2",
-           "scaling.cpus_per_worker=1.5", "run.hang_timeout_s=30", "train.log_every_samples=256")
-
-
-POLL_ENV, WATCHER_POLL_S = "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", 1.0
+OPTIONS = ("train.epochs=8", *preemption.OPTIONS)
+WATCHER_POLL_S = 1.0  # Train's preemption watcher asks Ray for drains every second here (5 s by default)
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A head with no CPU (the driver and Train's controller) and two nodes of 2 CPUs: one worker of 1.5 CPUs per
-    node, and half a CPU beside it for its reads. Every process logs the steps it trains (tests/step_log.py)."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    from rayscale.launch.connect import PREEMPTION_WATCHER_ENV
-
+    """benchmarks/preemption.py's simulated cluster: a head with no CPU and two nodes of 2 CPUs, one worker of
+    1.5 CPUs per node; every process logs the steps it trains (tests/step_log.py)."""
     log = tmp_path_factory.mktemp("steps")
-    saved = {name: os.environ.get(name) for name in ("PYTHONPATH", PREEMPTION_WATCHER_ENV)}
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
-    os.environ.pop(PREEMPTION_WATCHER_ENV, None)  # an embedded Ray of an earlier test turned it off here
-    ray.shutdown()
-    # A node lost without notice is declared dead after a few missed health checks (Ray's default: 5 of every
-    # 3 s, after 5 s); until then Train's elastic policy still counts its CPUs.
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": False,
-        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3,
-                           "health_check_initial_delay_ms": 1000}})
-    nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
-    cluster.wait_for_nodes()
-    # Train's preemption watcher polls Ray for drains every second here (5 s by default).
-    ray.init(address=cluster.address, logging_level="WARNING",
-             runtime_env={"worker_process_setup_hook": "step_log.install",
-                          "env_vars": {"RAYSCALE_TEST_STEP_LOG": str(log), POLL_ENV: str(WATCHER_POLL_S)}})
-    try:
-        yield SimpleNamespace(cluster=cluster, nodes=nodes, log=log)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    with preemption.simulated_cluster(log, watcher_poll_s=WATCHER_POLL_S) as (ray_cluster, nodes):
+        yield SimpleNamespace(cluster=ray_cluster, nodes=nodes, log=log)
 
 
 def _cfg(tmp_path, name, *overrides):
     return config.load(overrides=[*OPTIONS, *overrides, f"run.output_dir={tmp_path}", f"run.name={name}"])
-
-
-def _train_in_background(cfg, address):
-    from rayscale.launch.trainer import train
-
-    outcome: dict = {}
-
-    def run():
-        try:
-            outcome["summary"] = train(cfg, address=address)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, outcome
-
-
-def _wait_for(what: str, condition, timeout_s: float, outcome: dict):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if "error" in outcome:
-            raise AssertionError(f"the run failed while waiting for {what}") from outcome["error"]
-        if "summary" in outcome:
-            raise AssertionError(f"the run ended before {what}")
-        found = condition()
-        if found:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"no {what} within {timeout_s:.0f} s")
 
 
 def _model(run_dir: Path) -> dict:
@@ -146,31 +83,14 @@ def test_a_run_with_one_worker_per_node_trains_the_model_one_node_trains(cluster
     """Two workers, on two nodes, against the same two ranks in two processes of this machine."""
     from inprocess import train as train_in_process
 
-    summary = __import__("rayscale.launch.trainer", fromlist=["train"]).train(
-        _cfg(tmp_path, "two_nodes", SLOW, "model.kwargs={delay_s: 0}", "scaling.num_workers=2"),
-        address=cluster.cluster.address)
-    one_node = train_in_process(tmp_path, "one_node", *OPTIONS, SLOW, "model.kwargs={delay_s: 0}", workers=2)
+    from rayscale.launch.trainer import train
+
+    summary = train(_cfg(tmp_path, "two_nodes", "model.kwargs={delay_s: 0}", "scaling.num_workers=2"),
+                    address=cluster.cluster.address)
+    one_node = train_in_process(tmp_path, "one_node", *OPTIONS, "model.kwargs={delay_s: 0}", workers=2)
     model = _model(Path(summary["run_dir"]))
     assert all(torch.equal(model[key], one_node.model[key]) for key in model)
     assert summary["world_sizes"] == [2] and summary["restarts"] == 0
-
-
-def _steps(log: Path) -> list[dict]:
-    import step_log
-
-    return step_log.records(log)
-
-
-def _drain(cluster, node, deadline_s: float) -> None:
-    """What a cloud's spot interruption does through Ray's autoscaler: the GCS marks the node as being drained
-    for a preemption, with the time it goes (as Ray's own tests drain a node)."""
-    import ray
-    from ray.core.generated import autoscaler_pb2
-
-    gcs = ray._raylet.GcsClient(address=cluster.address)
-    accepted, why = gcs.drain_node(node.node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
-                                   "spot interruption", int((time.time() + deadline_s) * 1000))
-    assert accepted, why
 
 
 @pytest.mark.slow
@@ -189,30 +109,29 @@ def test_an_elastic_run_shrinks_when_a_node_goes_grows_back_when_one_comes_and_c
 
     epochs, check_steps, drain_s = "train.epochs=12", 4, 15.0
     # Slow steps: Ray Data's coordinator, which Train asks what fits, sees a new node only at its next 20 s tick.
-    cfg = _cfg(tmp_path, "elastic", SLOW, epochs, "model.kwargs={delay_s: 0.1}", "scaling.num_workers=[1, 2]",
+    cfg = _cfg(tmp_path, "elastic", epochs, "model.kwargs={delay_s: 0.1}", "scaling.num_workers=[1, 2]",
                "scaling.resize_check_s=5", "run.checkpoint_every_samples=1024",
                f"run.preemption_check_steps={check_steps}")
     started = time.time()
-    thread, outcome = _train_in_background(cfg, cluster.cluster.address)
+    thread, outcome = preemption.train_in_background(cfg, cluster.cluster.address)
 
     def trained(world_size: int, after: float, steps: int = 1):
-        fresh = [r for r in _steps(cluster.log) if r["time"] > after and r["world_size"] == world_size]
-        return fresh if len(fresh) >= steps else None
+        return preemption.trained_steps(cluster.log, world_size, after, steps)
 
-    _wait_for("an epoch at 2 workers", lambda: trained(2, started, steps=2 * 23), 240, outcome)
+    wait_for("an epoch at 2 workers", lambda: trained(2, started, steps=2 * 23), 240, outcome)
     lost_at = time.time()
     cluster.cluster.remove_node(cluster.nodes[1], allow_graceful=False)
-    back = _wait_for("training at 1 worker", lambda: trained(1, lost_at), 180, outcome)
+    back = wait_for("training at 1 worker", lambda: trained(1, lost_at), 180, outcome)
     added_at = time.time()
     cluster.nodes[1] = cluster.cluster.add_node(num_cpus=2)
-    grown = _wait_for("training at 2 workers again", lambda: trained(2, added_at, steps=2 * 6), 180, outcome)
+    grown = wait_for("training at 2 workers again", lambda: trained(2, added_at, steps=2 * 6), 180, outcome)
 
     drained_at = time.time()
-    _drain(cluster.cluster, cluster.nodes[1], drain_s)
+    preemption.drain(cluster.cluster, cluster.nodes[1], drain_s)
     time.sleep(max(0.0, drained_at + drain_s - time.time()))
     cluster.cluster.remove_node(cluster.nodes[1], allow_graceful=False)  # the cloud takes it at the deadline
     gone_at = time.time()
-    after_drain = _wait_for("training at 1 worker after the drain", lambda: trained(1, gone_at), 180, outcome)
+    after_drain = wait_for("training at 1 worker after the drain", lambda: trained(1, gone_at), 180, outcome)
     thread.join(timeout=300)
     assert not thread.is_alive(), "the run did not end"
     if "error" in outcome:
@@ -222,12 +141,10 @@ def test_an_elastic_run_shrinks_when_a_node_goes_grows_back_when_one_comes_and_c
     assert (summary["fault_restarts"], summary["resizes"], summary["preemptions"]) == (1, 1, 1), summary
     assert summary["world_sizes"] == [2, 1, 2, 1] and summary["world_size"] == 1
     assert {line["world_size"] for line in read_metrics(Path(summary["run_dir"]))} == {1, 2}
-    records = [r for r in _steps(cluster.log) if r["time"] > started]
+    records = [r for r in step_log.records(cluster.log) if r["time"] > started]
     kept, redone = step_log.kept_steps(records)
     train_rows = summary["train_rows"]
-    for epoch in range(12):
-        rows = [row for (e, _), step_rows in kept.items() if e == epoch for row in step_rows]
-        assert len(rows) == train_rows and len(set(rows)) == train_rows, f"epoch {epoch}"
+    assert all(step_log.every_row_once(kept, epoch, train_rows) for epoch in range(12))
 
     # The drain: a checkpoint within K = run.preemption_check_steps steps of the notice reaching the ranks, which
     # is within one poll of Train's watcher (the steps trained in two polls' time, to allow for a loaded machine).
@@ -253,6 +170,6 @@ def test_an_elastic_run_shrinks_when_a_node_goes_grows_back_when_one_comes_and_c
                       "drain_to_checkpoint_steps": checkpointed - last_before_drain,
                       "steps_redone": len(redone)}))
 
-    fixed = train_in_process(tmp_path, "fixed", *OPTIONS, epochs, SLOW, "model.kwargs={delay_s: 0}", workers=2)
+    fixed = train_in_process(tmp_path, "fixed", *OPTIONS, epochs, "model.kwargs={delay_s: 0}", workers=2)
     model = _model(Path(summary["run_dir"]))
     assert all(torch.allclose(model[key], fixed.model[key], rtol=1e-4, atol=1e-5) for key in model)
