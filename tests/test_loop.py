@@ -283,6 +283,19 @@ def test_at_fixed_lanes_other_worker_counts_train_the_same_steps_to_the_model_wi
     assert close(resized.model, two_ranks.model) and not same(resized.model, two_ranks.model)
 
 
+def test_a_run_paused_at_2_workers_resumes_at_4_when_its_lanes_let_4_share_them(tmp_path):
+    """data.lanes 4 (a multiple of both counts): stopped at 2 workers and started again with 4, the run trains
+    the same rows in every step and ends with the fixed-size run's model within fp32 reduction order (the
+    fixed-size reference here is one rank over the same 4 lanes)."""
+    options = (*BASE, "batch.micro_batch_size=8", "data.lanes=4")
+    fixed = train(tmp_path, "fixed", *options)
+    paused = train(tmp_path, "resized", *options, workers=2, eval_at_samples=[320], pause_at_samples=[320])
+    assert paused.summary["samples_seen"] == 320
+    resized = train(tmp_path, "resized", *options, workers=4)
+    assert resized.summary["samples_seen"] == 2 * resized.summary["train_rows"]
+    assert close(resized.model, fixed.model)
+
+
 def test_a_worker_count_that_cannot_share_the_checkpoints_lanes_is_refused_naming_the_key(tmp_path):
     """data.lanes null: the first run's 3 workers made 3 lanes, which its checkpoints keep."""
     options = ("train.epochs=2", "batch.global_batch_size=66", "batch.micro_batch_size=null")
