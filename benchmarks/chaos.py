@@ -30,7 +30,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from benchmarks import RESULTS
+from benchmarks import RESULTS, output_dir_or_none
 
 MODEL = textwrap.dedent('''
     import os
@@ -193,10 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seeds the kill points and victims")
     parser.add_argument("--output-dir", type=Path, default=Path("/tmp/rayscale-chaos"))
     args = parser.parse_args(argv)
-    args.output_dir = args.output_dir.resolve()
-    if args.output_dir.exists() and any(args.output_dir.iterdir()):
-        print(f"chaos: --output-dir {args.output_dir} is not empty; expected a new or empty directory",
-              file=sys.stderr)
+    args.output_dir = output_dir_or_none("chaos", args.output_dir)
+    if args.output_dir is None:
         return 2
     log_dir = args.output_dir / "forwards"
     log_dir.mkdir(parents=True)

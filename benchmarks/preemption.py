@@ -32,7 +32,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from benchmarks import RESULTS
+from benchmarks import RESULTS, output_dir_or_none
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"  # step_log (the setup hook) and loop_models (the model)
 POLL_ENV = "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"  # how often Train's watcher asks Ray for drains (5 s default)
@@ -190,10 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--output-dir", type=Path, default=Path("/tmp/rayscale-preemption"))
     args = parser.parse_args(argv)
-    args.output_dir = args.output_dir.resolve()
-    if args.output_dir.exists() and any(args.output_dir.iterdir()):
-        print(f"preemption: --output-dir {args.output_dir} is not empty; expected a new or empty directory",
-              file=sys.stderr)
+    args.output_dir = output_dir_or_none("preemption", args.output_dir)
+    if args.output_dir is None:
         return 2
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     sys.path.insert(0, str(TESTS))
