@@ -1,0 +1,17 @@
+"""rayscale: Ray Data into Ray Train DDP workers with exact micro-batching, and Ray Tune's ASHA over them.
+
+From Python: `rayscale.train(config) -> Result`, `rayscale.tune(config) -> SearchResult`,
+`rayscale.load_model(run_dir)` (rayscale/api.py, docs/guide/python.md)."""
+
+from rayscale.api import Result, SearchResult, train, tune
+from rayscale.errors import UserError
+
+
+def load_model(run_dir, device: str = "cpu"):
+    """The trained model of a finished run directory, in eval mode (rayscale/models/export.py)."""
+    from rayscale.models.export import load_model as load
+
+    return load(run_dir, device)
+
+
+__all__ = ["Result", "SearchResult", "UserError", "load_model", "train", "tune"]

@@ -4,6 +4,7 @@ CONFIG_FILE = "config.yaml"  # the resolved config; a re-run resumes only with t
 METRICS_FILE = "metrics.jsonl"  # one line per log interval and per epoch end (engine/metrics.py)
 SUMMARY_FILE = "summary.json"  # final metrics, times, counts (driver/outputs.py)
 MODEL_FILE = "model.pt"  # the final state_dict (the weight average where the run kept one)
+MODEL_SAFETENSORS_FILE = "model.safetensors"  # the same weights as safetensors (models/export.py)
 CURVES_FILE = "curves.png"
 GROUPS_FILE = "worker_groups.jsonl"  # one line per worker group started (launch/callbacks.py)
 CHECKPOINTS_DIR = "checkpoints"

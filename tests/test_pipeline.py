@@ -463,3 +463,29 @@ def test_a_slow_upload_runs_beside_training_and_a_kill_inside_one_resumes_from_t
     # Each checkpoint held the ranks up for its local write, far less than the 1.5 s its upload slept.
     assert all(line["checkpoint_s"] < 0.75 for line in lines), [line["checkpoint_s"] for line in lines]
     assert any(line["checkpoint_s"] > 0 for line in lines)
+
+
+def test_the_python_api_trains_returns_the_run_and_loads_its_model(ray_session, tmp_path):
+    """rayscale.train from a script: the Result names the run directory and its metrics; model.safetensors
+    holds model.pt's weights; rayscale.load_model rebuilds the model from the directory alone and computes
+    what the model built by hand with model.pt's weights computes."""
+    from safetensors.torch import load_file
+
+    import rayscale
+    from rayscale.data.sources import DataSpec
+    from rayscale.models.factory import build_model
+
+    result = rayscale.train({"train": {"epochs": 1}, "scaling": {"num_workers": 0}},
+                            overrides={"run.output_dir": str(tmp_path), "run.name": "api"})
+    assert result.run_dir == tmp_path / "api" and result.final["val_accuracy"] > 0.5
+    assert result.metrics[-1]["samples_seen"] == result.summary["samples_seen"]
+    pickled = torch.load(result.run_dir / "model.pt")
+    exported = load_file(str(result.run_dir / "model.safetensors"))
+    assert exported.keys() == pickled.keys() and all(torch.equal(exported[k], pickled[k]) for k in pickled)
+
+    spec = result.summary["data_spec"]
+    by_hand = build_model(config.load().model, DataSpec(spec["task"], tuple(spec["input_shape"]), spec["num_outputs"]))
+    by_hand.load_state_dict(pickled)
+    loaded = rayscale.load_model(result.run_dir)
+    x = torch.randn(5, *spec["input_shape"])
+    assert torch.equal(loaded(x), by_hand.eval()(x)) and not loaded.training

@@ -19,10 +19,18 @@ from rayscale.engine.components.preemption import PreemptionCheck, PreemptionPar
 from rayscale.engine.components.rung_pause import RungPause, RungPausePart
 from rayscale.engine.components.weight_average import exported_weights
 from rayscale.engine.state import TrainState
-from rayscale.files import CURVES_FILE, GROUPS_FILE, METRICS_FILE, MODEL_FILE, SUMMARY_FILE
+from rayscale.files import (
+    CURVES_FILE,
+    GROUPS_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    MODEL_SAFETENSORS_FILE,
+    SUMMARY_FILE,
+)
 from rayscale.math.adaptive_batch import plan_for
 from rayscale.math.batching import BatchPlan
 from rayscale.math.schedules import peak_lr
+from rayscale.models.export import safetensors_bytes
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -58,7 +66,9 @@ def write_outputs(prepared: PreparedRun, final_checkpoint: Path, started: float,
     if logged.exists():
         checkpoint.write_bytes_atomic(run_dir / METRICS_FILE, logged.read_bytes())
     # With train.ema_half_life_samples the averaged weights are the ones validated, so they are the model.
-    checkpoint.save_atomic(exported_weights(saved), run_dir / MODEL_FILE)
+    weights = exported_weights(saved)
+    checkpoint.save_atomic(weights, run_dir / MODEL_FILE)
+    checkpoint.write_bytes_atomic(run_dir / MODEL_SAFETENSORS_FILE, safetensors_bytes(weights))
     records = read_metrics(run_dir)
     summary = summarize(prepared, saved.train_state, records, started, first_step_at, phases)
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
@@ -99,6 +109,7 @@ def summarize(prepared: PreparedRun, state: TrainState, records: list[dict], sta
         "batch_plan": final_plan(plan, batch, read_part(state, AutoMicroBatch.name, MicroBatchPart),
                                  cfg.batch.micro_batch_size),
         "effective_lr": peak_lr(cfg.optim, batch, cfg.batch.global_batch_size),  # at the batch it ended with
+        "data_spec": dataclasses.asdict(prepared.spec),  # what the model was sized for (rayscale.load_model)
         "train_rows": online.rows if cfg.data.online else prepared.train_rows,
         "val_rows": prepared.val_rows,
         "rows_left_out": 0,  # partial last steps are trained, never dropped (data/assembly.py)

@@ -1,0 +1,57 @@
+"""The Python API's config handling and the exported model file, without Ray (the end-to-end run:
+tests/test_pipeline.py::test_the_python_api_trains_returns_the_run_and_loads_its_model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import rayscale
+from rayscale import config
+from rayscale.api import resolve_config
+from rayscale.models.export import safetensors_bytes
+
+
+def test_a_config_is_a_path_a_mapping_or_a_config_and_overrides_are_a_mapping_or_set_pairs(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim: {lr: 0.2}\ntrain: {epochs: 4}\n")
+    assert resolve_config(path).optim.lr == 0.2
+    assert resolve_config(str(path), overrides={"optim.lr": 0.3}).optim.lr == 0.3
+    mapping = {"optim": {"lr": 0.2}}
+    cfg = resolve_config(mapping, overrides={"train.epochs": 5, "model.kwargs": {"hidden_sizes": [8]}})
+    assert (cfg.optim.lr, cfg.train.epochs, cfg.model.kwargs) == (0.2, 5, {"hidden_sizes": [8]})
+    assert mapping == {"optim": {"lr": 0.2}}  # the caller's mapping is left as it was
+    assert resolve_config(cfg, overrides=["seed=9", "data.source=synthetic"]).seed == 9
+    assert resolve_config(overrides={"run.name": "a b"}).run.name == "a b"  # strings stay strings
+    assert resolve_config().optim.lr == config.load().optim.lr
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"config": {"optim": {"lrr": 0.1}}}, "optim.lrr"),
+    ({"overrides": {"train.epochs": "many"}}, "train.epochs"),
+    ({"overrides": "optim.lr=0.1"}, "overrides: expected a mapping or a list"),
+    ({"config": "no/such.yaml"}, "config file no/such.yaml does not exist"),
+])
+def test_bad_input_raises_the_clis_one_line_error_before_anything_runs(kwargs, message):
+    with pytest.raises(rayscale.UserError, match=message.replace(".", r"\.")):
+        rayscale.train(**kwargs)
+
+
+def test_the_safetensors_export_holds_every_weight_tied_ones_included():
+    from safetensors.torch import load
+
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
+    model[1].weight = model[0].weight  # tied, as a language model's head often is
+    state = model.state_dict()
+    loaded = load(safetensors_bytes(state))
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[name], state[name]) for name in state)
+    fresh = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
+    fresh.load_state_dict(loaded)
+    assert torch.equal(fresh[1].weight, model[0].weight)
+
+
+def test_loading_a_directory_that_is_not_a_finished_run_says_so(tmp_path):
+    with pytest.raises(rayscale.UserError, match="no config.yaml; expected the directory of a finished rayscale run"):
+        rayscale.load_model(tmp_path)
