@@ -1,5 +1,5 @@
 """The Python API's config handling and the exported model file, without Ray (the end-to-end run:
-tests/test_pipeline.py::test_the_python_api_trains_returns_the_run_and_loads_its_model)."""
+tests/test_pipeline.py::test_local_mode_trains_and_writes_outputs_and_the_python_api_returns_the_run_and_its_model)."""
 
 from __future__ import annotations
 

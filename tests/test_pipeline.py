@@ -25,8 +25,7 @@ pytestmark = pytest.mark.slow
 
 SLOW_MODEL = textwrap.dedent('''
     """The built-in MLP, slowed down (numerics untouched) so a test can kill a worker mid-epoch; each worker
-    process records its pid in $RAYSCALE_TEST_PID_DIR. `ballast_mb` adds an untrained buffer to the state,
-    so that writing and copying a checkpoint takes long enough to kill a worker inside it."""
+    process records its pid in $RAYSCALE_TEST_PID_DIR."""
     import os
     import time
     from pathlib import Path
@@ -43,10 +42,8 @@ SLOW_MODEL = textwrap.dedent('''
             return super().forward(x)
 
 
-    def make(ballast_mb=0, **kwargs):
-        model = Slow(in_features=64, num_outputs=10, hidden_sizes=(256, 256))
-        model.register_buffer("ballast", torch.zeros(ballast_mb * 2**18))
-        return model
+    def make(**kwargs):
+        return Slow(in_features=64, num_outputs=10, hidden_sizes=(256, 256))
 ''')
 
 
@@ -131,12 +128,25 @@ def run(tmp_path, name, *overrides):
     return summary, torch.load(tmp_path / name / "model.pt")
 
 
-def test_local_mode_trains_and_writes_outputs(ray_session, tmp_path):
-    summary, _ = run(tmp_path, "local", "scaling.num_workers=0", "batch.micro_batch_size=16")
-    run_dir = tmp_path / "local"
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "model.pt", "curves.png"):
+def test_local_mode_trains_and_writes_outputs_and_the_python_api_returns_the_run_and_its_model(ray_session,
+                                                                                              tmp_path):
+    """Through the Python API (rayscale.train): the outputs, the Result naming them, model.safetensors holding
+    model.pt's weights, and rayscale.load_model rebuilding the model from the directory alone (it computes what
+    the model built by hand with model.pt's weights computes)."""
+    from safetensors.torch import load_file
+
+    import rayscale
+    from rayscale.data.sources import DataSpec
+    from rayscale.models.factory import build_model
+
+    result = rayscale.train({"train": {"epochs": 2}, "batch": {"global_batch_size": 64, "micro_batch_size": 16}},
+                            overrides=[f"run.output_dir={tmp_path}", "run.name=local", "scaling.num_workers=0"])
+    summary, run_dir = result.summary, tmp_path / "local"
+    assert result.run_dir == run_dir
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "model.pt", "model.safetensors", "curves.png"):
         assert (run_dir / name).stat().st_size > 0, name
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert result.metrics == records and result.final == summary["final"]
     losses = [r["train_loss"] for r in records if r["train_loss"] is not None]
     assert losses[-1] < losses[0] * 0.7  # it learned
     assert summary["samples_seen"] == 2 * summary["train_rows"]
@@ -147,6 +157,16 @@ def test_local_mode_trains_and_writes_outputs(ray_session, tmp_path):
     assert records[-1]["memory_mb"] > 0 and records[-1]["peak_memory_mb"] > 0
     assert 0 < summary["driver_peak_memory_mb"]
     assert records[-1]["val_accuracy"] > 0.5
+
+    pickled = torch.load(run_dir / "model.pt")
+    exported = load_file(str(run_dir / "model.safetensors"))
+    assert exported.keys() == pickled.keys() and all(torch.equal(exported[k], pickled[k]) for k in pickled)
+    spec = summary["data_spec"]
+    by_hand = build_model(config.load().model, DataSpec(spec["task"], tuple(spec["input_shape"]), spec["num_outputs"]))
+    by_hand.load_state_dict(pickled)
+    loaded = result.load_model()
+    x = torch.randn(5, *spec["input_shape"])
+    assert torch.equal(loaded(x), by_hand.eval()(x)) and not loaded.training
 
 
 def test_local_mode_resumes_a_crashed_run_from_its_run_directory_and_a_finished_one_trains_nothing(ray_session,
@@ -362,36 +382,13 @@ def _new_pid(pid_dir: Path, seen: set[int], timeout: float) -> int | None:
     return None
 
 
-def _kill_inside_a_checkpoint_copy(store: Path, workers: set[int]) -> Path | None:
-    """SIGKILL the worker that is copying a new checkpoint into Ray's storage (it holds a file there open) while
-    that checkpoint is still incomplete; returns the checkpoint directory, or None if none was caught in 120 s."""
-    import signal
-
-    from rayscale.engine import checkpoint
-
-    known = set(store.glob("checkpoint_*"))
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        for directory in set(store.glob("checkpoint_*")) - known:
-            for pid in workers:
-                try:
-                    writing = any(os.readlink(fd).startswith(str(directory)) for fd in Path(f"/proc/{pid}/fd").iterdir())
-                except OSError:  # the process or the descriptor went away meanwhile
-                    continue
-                if writing:
-                    try:
-                        checkpoint.verify(directory)
-                    except (checkpoint.IncompleteCheckpoint, OSError, ValueError):
-                        os.kill(pid, signal.SIGKILL)
-                        return directory
-        time.sleep(0.002)
-    return None
-
-
-def test_killed_then_frozen_worker_restart_from_checkpoints_and_match_bitwise(reference, ray_session, tmp_path):
-    """Two real faults in one run, each to a Train worker process by pid, mid-epoch:
-    SIGKILL while the worker copies a checkpoint into Ray's storage (Ray #41700): the half-copied checkpoint is
-    never restored; the run restarts from the previous whole one by itself;
+def test_a_worker_killed_inside_a_slow_upload_then_one_frozen_restart_from_checkpoints_and_match_bitwise(
+        reference, ray_session, tmp_path):
+    """Checkpoints uploaded in the background (run.checkpoint_upload async, the default) by an upload function
+    that sleeps 1.5 s per part: training steps on while each part uploads, and a checkpoint holds the ranks up
+    only for its local write. Then two real faults in one run, mid-epoch:
+    a worker SIGKILLs itself in the middle of its third upload (Ray never registers that checkpoint, and its
+    half-copied part is never restored): the group restarts from the previous whole checkpoint by itself;
     then SIGSTOP to a worker of the new group: after run.hang_timeout_s its peer's collective fails and the group
     restarts again (the frozen process is killed with it).
     The run ends with the uninterrupted run's model, bit for bit: no sample lost or trained twice across either."""
@@ -401,11 +398,14 @@ def test_killed_then_frozen_worker_restart_from_checkpoints_and_match_bitwise(re
 
     _, expected_summary, expected = reference
     # 20 s: short for a test, long enough that a loaded 2-core machine does not time out a healthy step.
-    thread, outcome, pid_dir = _train_until_first_checkpoint(tmp_path, "faults", "run.hang_timeout_s=20",
-                                                             "model.kwargs={ballast_mb: 64}")
+    thread, outcome, pid_dir = _train_until_first_checkpoint(
+        tmp_path, "faults", "run.hang_timeout_s=20", "run.checkpoint_upload_fn=slow_upload:copy_then_die_once",
+        "train.log_every_samples=64")
     seen = {int(p.name) for p in pid_dir.iterdir()}
-    partial = _kill_inside_a_checkpoint_copy(tmp_path / "faults" / "checkpoints", seen)
-    assert partial is not None, "no checkpoint copy was caught in progress"
+    uploads_log = tmp_path / "faults" / "checkpoints" / "uploads.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and '"killed"' not in (uploads_log.read_text() if uploads_log.exists() else ""):
+        time.sleep(0.05)
     frozen = _new_pid(pid_dir, seen, timeout=180)  # the restarted group trains: freeze one of its workers
     assert frozen is not None and thread.is_alive(), outcome
     os.kill(frozen, signal.SIGSTOP)
@@ -421,71 +421,23 @@ def test_killed_then_frozen_worker_restart_from_checkpoints_and_match_bitwise(re
     assert "error" not in outcome, outcome.get("error")
     assert recovered is not None and recovered_after < 20 + 90, recovered_after  # the timeout, then a restart
     summary, model = outcome["result"]
-    assert summary["restarts"] >= 2
+    assert summary["fault_restarts"] >= 2
     assert summary["samples_seen"] == expected_summary["samples_seen"]
     assert all(torch.equal(expected[k], model[k]) for k in expected)
-    records = read_metrics(tmp_path / "faults")
-    assert [r["samples_seen"] for r in records] == sorted(r["samples_seen"] for r in records)
-    if partial.exists():  # Ray deletes only the checkpoints it registered: this one it never did
-        with pytest.raises(checkpoint.IncompleteCheckpoint):
-            checkpoint.verify(partial)
+    lines = [r for r in read_metrics(tmp_path / "faults") if not r.get("evaluation")]
+    assert [r["samples_seen"] for r in lines] == sorted(r["samples_seen"] for r in lines)
 
-
-
-def test_a_slow_upload_runs_beside_training_and_a_kill_inside_one_resumes_from_the_previous_checkpoint(
-        reference, ray_session, tmp_path):
-    """run.checkpoint_upload async (the default) with an upload function that sleeps 1.5 s per part: training
-    steps on while each part uploads, and a checkpoint holds the ranks up only for its local write. A worker
-    SIGKILLed in the middle of its third upload (Ray never registers that checkpoint): the group restarts from
-    the previous one and the run ends with the uninterrupted run's model, bit for bit."""
-    from rayscale.engine import checkpoint
-
-    _, expected_summary, expected = reference
-    store = tmp_path / "store"
-    summary, model = run(tmp_path, "uploads", "batch.micro_batch_size=8", "run.checkpoint_every_samples=320",
-                         AVERAGED, "model.name=slow_model:make", "train.log_every_samples=64",
-                         f"run.storage_path={store}", "run.checkpoint_upload_fn=slow_upload:copy_then_die_once")
-    assert summary["fault_restarts"] == 1 and summary["samples_seen"] == expected_summary["samples_seen"]
-    assert all(torch.equal(expected[k], model[k]) for k in expected)
-
-    log = [json.loads(line) for line in (store / "uploads" / "uploads.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in uploads_log.read_text().splitlines()]
     killed = [Path(entry["killed"]) for entry in log if "killed" in entry]
     assert len(killed) == 1
     if killed[0].exists():  # Ray deletes only the checkpoints it registered: this one it never did
         with pytest.raises(checkpoint.IncompleteCheckpoint):
             checkpoint.verify(killed[0])
-    uploads = [entry for entry in log if "began" in entry]
-    lines = [r for r in read_metrics(tmp_path / "uploads") if not r.get("evaluation")]
     # Steps went on while parts uploaded: log lines of later steps were written inside upload windows.
+    uploads = [entry for entry in log if "began" in entry]
     during = {line["step"] for line in lines for upload in uploads
               if upload["began"] < line["started_at"] + line["time"] < upload["ended"]}
     assert len(during) >= 3, (during, uploads)
     # Each checkpoint held the ranks up for its local write, far less than the 1.5 s its upload slept.
     assert all(line["checkpoint_s"] < 0.75 for line in lines), [line["checkpoint_s"] for line in lines]
     assert any(line["checkpoint_s"] > 0 for line in lines)
-
-
-def test_the_python_api_trains_returns_the_run_and_loads_its_model(ray_session, tmp_path):
-    """rayscale.train from a script: the Result names the run directory and its metrics; model.safetensors
-    holds model.pt's weights; rayscale.load_model rebuilds the model from the directory alone and computes
-    what the model built by hand with model.pt's weights computes."""
-    from safetensors.torch import load_file
-
-    import rayscale
-    from rayscale.data.sources import DataSpec
-    from rayscale.models.factory import build_model
-
-    result = rayscale.train({"train": {"epochs": 1}, "scaling": {"num_workers": 0}},
-                            overrides={"run.output_dir": str(tmp_path), "run.name": "api"})
-    assert result.run_dir == tmp_path / "api" and result.final["val_accuracy"] > 0.5
-    assert result.metrics[-1]["samples_seen"] == result.summary["samples_seen"]
-    pickled = torch.load(result.run_dir / "model.pt")
-    exported = load_file(str(result.run_dir / "model.safetensors"))
-    assert exported.keys() == pickled.keys() and all(torch.equal(exported[k], pickled[k]) for k in pickled)
-
-    spec = result.summary["data_spec"]
-    by_hand = build_model(config.load().model, DataSpec(spec["task"], tuple(spec["input_shape"]), spec["num_outputs"]))
-    by_hand.load_state_dict(pickled)
-    loaded = rayscale.load_model(result.run_dir)
-    x = torch.randn(5, *spec["input_shape"])
-    assert torch.equal(loaded(x), by_hand.eval()(x)) and not loaded.training
