@@ -438,6 +438,7 @@ def test_a_worker_killed_inside_a_slow_upload_then_one_frozen_restart_from_check
     during = {line["step"] for line in lines for upload in uploads
               if upload["began"] < line["started_at"] + line["time"] < upload["ended"]}
     assert len(during) >= 3, (during, uploads)
-    # Each checkpoint held the ranks up for its local write, far less than the 1.5 s its upload slept.
-    assert all(line["checkpoint_s"] < 0.75 for line in lines), [line["checkpoint_s"] for line in lines]
-    assert any(line["checkpoint_s"] > 0 for line in lines)
+    # A checkpoint held the ranks up for its local write (and the wait for the slower rank at its barrier), not
+    # for the 1.5 s its upload slept: a synchronous upload would take at least that every time.
+    held = sorted(line["checkpoint_s"] for line in lines if line["checkpoint_s"] > 0)
+    assert held and held[len(held) // 2] < 0.5, held
