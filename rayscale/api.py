@@ -17,7 +17,6 @@ resource is claimed.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,15 +74,15 @@ def resolve_config(config: ConfigLike = None, overrides: Overrides = ()) -> conf
     """The validated config for `config` with `overrides` applied (the CLI's -c and --set)."""
     if isinstance(overrides, str):
         raise config_module.ConfigError("overrides: expected a mapping or a list of KEY=VALUE strings, got a string")
-    # JSON is YAML, which is how the CLI reads a --set value.
-    pairs = [f"{key}={json.dumps(value)}" for key, value in overrides.items()] if isinstance(overrides, Mapping) \
-        else list(overrides)
+    pairs = overrides.items() if isinstance(overrides, Mapping) \
+        else [config_module.parse_override(text) for text in overrides]
     if config is None or isinstance(config, str | Path):
-        return config_module.load(config, pairs)
-    raw = config_module.to_dict(config) if isinstance(config, config_module.Config) else _plain(config)
-    for text in pairs:
-        config_module.set_dotted(raw, *config_module.parse_override(text))
-    return config_module.from_dict(raw)
+        raw = config_module.read_yaml(config) if config is not None else {}
+    elif isinstance(config, config_module.Config):
+        raw = config_module.to_dict(config)
+    else:
+        raw = _plain(config)
+    return config_module.with_overrides(raw, pairs)
 
 
 def train(config: ConfigLike = None, *, overrides: Overrides = (), address: str | None = None) -> Result:

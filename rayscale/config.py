@@ -518,9 +518,12 @@ def read_yaml(path: str | Path) -> dict:
 
 def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Defaults <- YAML file <- `--set` overrides, validated."""
-    raw = read_yaml(path) if path else {}
-    for text in overrides:
-        dotted, value = parse_override(text)
+    return with_overrides(read_yaml(path) if path else {}, [parse_override(text) for text in overrides])
+
+
+def with_overrides(raw: dict, overrides: typing.Iterable[tuple[str, Any]]) -> Config:
+    """`raw` (changed in place) with each (dotted key, value) set, validated."""
+    for dotted, value in overrides:
         set_dotted(raw, dotted, value)
     return from_dict(raw)
 

@@ -44,7 +44,6 @@ class RayTrainContext:
         self.staging_root = None if self.local_mode else checkpoint.fresh_staging_dir(self.run_dir, self.rank)
         self.watches_drains = payload.watch_drains and not self.local_mode
         self.upload = _upload_options(self.cfg.run.checkpoint_upload, self.cfg.run.checkpoint_upload_fn)
-        self.report_mode = {"checkpoint_upload_mode": self.upload["checkpoint_upload_mode"]}
 
     def read(self, split: str, reads: list[ChunkRead], prefetch: int) -> Blocks:
         spec = self.payload.train_split if split == "train" else self.payload.val_split
@@ -77,7 +76,8 @@ class RayTrainContext:
         # Ray hands reports to the controller in the order they were made, so a report made while a checkpoint
         # uploads in the background waits for that upload; made the same way (queued behind it), it does not
         # hold up training.
-        ray.train.report(metrics, **({} if self.local_mode else self.report_mode))
+        ray.train.report(metrics, **({} if self.local_mode
+                                     else {"checkpoint_upload_mode": self.upload["checkpoint_upload_mode"]}))
 
     def report_finished(self, metrics: dict) -> None:
         # Local mode: hand the last checkpoint back for the outputs (Ray Train has none of its own there).
