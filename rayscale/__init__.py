@@ -7,11 +7,12 @@ from rayscale.api import Result, SearchResult, train, tune
 from rayscale.errors import UserError
 
 
-def load_model(run_dir, device: str = "cpu"):
-    """The trained model of a finished run directory, in eval mode (rayscale/models/export.py)."""
+def load_model(run_dir, device: str = "cpu", model=None):
+    """The trained model of a finished run directory, in eval mode (rayscale/models/export.py); `model`: the
+    module or factory again, for a run trained from a Python object."""
     from rayscale.models.export import load_model as load
 
-    return load(run_dir, device)
+    return load(run_dir, device, model)
 
 
 __all__ = ["Result", "SearchResult", "UserError", "load_model", "train", "tune"]

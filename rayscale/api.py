@@ -9,20 +9,31 @@
     search = rayscale.tune({"tune": {"num_samples": 4}})
     search.best["val_loss"], search.best_config_path
 
+    # Your own model, loss and metrics, as Python objects:
+    result = rayscale.train(cfg, model=make_model, loss=per_sample_loss, metrics={"f1": MulticlassF1Score(10)})
+
 A config is a YAML file's path, a nested mapping with the same keys (`{"optim": {"lr": 0.1}}`), or a loaded
 `rayscale.config.Config`; `overrides` are dotted keys (`{"optim.lr": 0.1}`, or `["optim.lr=0.1"]` as after
 `--set`). Bad input raises `rayscale.UserError` with the same one line the CLI prints, before any cluster
 resource is claimed.
+
+`model`, `loss` and `metrics` stand for the config's model.name, train.loss and train.metrics (docs/guide/
+bring-your-own.md has the contracts). A module-level function or class of an importable module is recorded in
+the config by its import path; anything else (an nn.Module instance, a lambda, a function defined in a script
+or a notebook, a torchmetrics object) travels to the workers pickled, and is refused up front, naming the
+argument, when it cannot be pickled.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rayscale import config as config_module
+from rayscale.errors import UserError
+from rayscale.plugins import UserCode, import_path
 
 ConfigLike = str | Path | Mapping | config_module.Config | None
 Overrides = Mapping[str, Any] | Sequence[str]
@@ -47,10 +58,11 @@ class Result:
 
         return read_metrics(self.run_dir)
 
-    def load_model(self, device: str = "cpu"):
+    def load_model(self, device: str = "cpu", model=None):
+        """The trained model in eval mode; `model`: the module or factory again if train got it as an object."""
         from rayscale.models.export import load_model
 
-        return load_model(self.run_dir, device)
+        return load_model(self.run_dir, device, model)
 
 
 @dataclass(frozen=True)
@@ -85,24 +97,61 @@ def resolve_config(config: ConfigLike = None, overrides: Overrides = ()) -> conf
     return config_module.with_overrides(raw, pairs)
 
 
-def train(config: ConfigLike = None, *, overrides: Overrides = (), address: str | None = None) -> Result:
+def train(config: ConfigLike = None, *, overrides: Overrides = (), address: str | None = None,
+          model: Any = None, loss: Callable | None = None, metrics: Mapping[str, Any] | None = None) -> Result:
     """Train as `rayscale train` does (an embedded Ray, or the cluster at `address` / RAY_ADDRESS) and return
-    the run once it has written its outputs."""
+    the run once it has written its outputs.
+
+    `model`: a torch.nn.Module, or a factory called with model.kwargs and the data sizes it names
+    (input_shape, num_classes, vocab_size, ...). `loss`: (output, batch) -> per-sample (or per-token) losses,
+    or (losses, weights). `metrics`: {name: function or torchmetrics Metric}, validated as val_<name>."""
     from rayscale.launch.trainer import train as run_training
 
-    summary = run_training(resolve_config(config, overrides), address=address)
+    cfg, code = with_code(resolve_config(config, overrides), model, loss, metrics)
+    summary = run_training(cfg, address=address, code=code)
     return Result(Path(summary["run_dir"]), summary)
 
 
 def tune(config: ConfigLike = None, *, overrides: Overrides = (), address: str | None = None,
-         resume: bool = False) -> SearchResult:
-    """Search as `rayscale tune` does; `resume` continues the search in run.output_dir / run.name."""
+         resume: bool = False, model: Any = None, loss: Callable | None = None,
+         metrics: Mapping[str, Any] | None = None) -> SearchResult:
+    """Search as `rayscale tune` does; `resume` continues the search in run.output_dir / run.name. `model`,
+    `loss` and `metrics` as for `train`, the same for every trial (tune.metric may name val_<name>)."""
     from rayscale.driver.prepare import run_directory
     from rayscale.tune.search import search
 
-    cfg = resolve_config(config, overrides)
-    trials = search(cfg, address=address, resume=resume)
+    cfg, code = with_code(resolve_config(config, overrides), model, loss, metrics)
+    trials = search(cfg, address=address, resume=resume, code=code)
     return SearchResult(run_directory(cfg), trials)
+
+
+def with_code(cfg: config_module.Config, model: Any, loss: Callable | None, metrics: Mapping[str, Any] | None
+              ) -> tuple[config_module.Config, UserCode]:
+    """The config naming what can be named by import path, and the objects that travel pickled."""
+    import dataclasses
+
+    from torch import nn
+
+    if model is not None and not (isinstance(model, nn.Module) or callable(model)):
+        raise UserError(f"model: expected a torch.nn.Module or a factory returning one, got {type(model).__name__}")
+    if loss is not None and not callable(loss):
+        raise UserError(f"loss: expected a function (output, batch) -> losses, got {type(loss).__name__}")
+    if metrics is not None and not isinstance(metrics, Mapping):
+        raise UserError(f"metrics: expected a mapping of name to function or torchmetrics Metric, got "
+                        f"{type(metrics).__name__}")
+    for name, metric in (metrics or {}).items():
+        if not (isinstance(name, str) and name.isidentifier()) or not callable(metric):
+            raise UserError(f"metrics[{name!r}]: expected an identifier naming a function or torchmetrics Metric")
+    named_model, named_loss = import_path(model), import_path(loss)
+    named_metrics = {name: path for name, metric in (metrics or {}).items() if (path := import_path(metric))}
+    cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, name=named_model or cfg.model.name),
+        train=dataclasses.replace(cfg.train, loss=named_loss or cfg.train.loss,
+                                  metrics={**cfg.train.metrics, **named_metrics}))
+    code = UserCode(model=None if named_model else model, loss=None if named_loss else loss,
+                    metrics=tuple((name, metric) for name, metric in (metrics or {}).items()
+                                  if name not in named_metrics))
+    return cfg, code
 
 
 def _plain(mapping: Mapping) -> dict:

@@ -61,7 +61,8 @@ class DataConfig:
     label: str = key("label", "Parquet label column")
     weight: str | None = key(None, "optional Parquet per-sample weight column")
     sequence: str | None = key(None, "optional Parquet token-sequence column (list of ints); the label column "
-                                     "then holds one label per token")
+                                     "then holds one label per token (a list of ints; -100 masks a token) or one "
+                                     "per sequence (an int)")
     num_classes: int | None = key(None, "classes of an integer label (null: max label + 1, read from the data)",
                                   minimum=2)
     val_fraction: float = key(0.2, "share of rows held out for validation when val_source is not set",
@@ -100,8 +101,11 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = key("mlp", "mlp | cnn | transformer | package.module:factory")
-    kwargs: dict = key({}, "keyword arguments for the model factory (e.g. hidden_sizes, d_model)")
-    activation_checkpointing: bool = key(False, "recompute activations in backward (built-in models)")
+    kwargs: dict = key({}, "keyword arguments for the model factory (e.g. hidden_sizes, d_model); a user factory "
+                           "also gets the data sizes its signature names (input_shape, num_classes, vocab_size, ...)")
+    activation_checkpointing: bool = key(False, "recompute activations in backward (built-in models; user models "
+                                                "through an activation_checkpointing argument or attribute, or "
+                                                "Hugging Face's gradient_checkpointing_enable)")
 
 
 @dataclass
@@ -190,6 +194,11 @@ class TrainConfig:
     ema_half_life_samples: int | None = key(
         None, "validate and export an exponential moving average of the weights with this half-life (null: "
               "off); steadier mid-training val_loss for Tune's early stopping", unit="samples", minimum=1)
+    loss: str | None = key(None, "package.module:function (output, batch) -> per-sample or per-token losses, or "
+                                 "(losses, weights); rayscale sums and normalises them by the global count (null: "
+                                 "the task's cross-entropy or MSE)")
+    metrics: dict = key({}, "validation metrics, name: package.module:object (a function (output, batch) -> "
+                            "per-sample values, or a torchmetrics Metric); written as val_<name>")
 
 
 @dataclass

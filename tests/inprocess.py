@@ -20,13 +20,14 @@ import yaml
 from rayscale import config
 from rayscale.data.local_feed import LocalReads
 from rayscale.driver.outputs import read_metrics, write_outputs
-from rayscale.driver.prepare import check_same_config, prepare, worker_payload
+from rayscale.driver.prepare import NO_CODE, check_same_config, prepare, worker_payload
 from rayscale.engine import checkpoint
 from rayscale.engine.components.preemption import PreemptionNotice
 from rayscale.engine.context import InProcessContext
 from rayscale.engine.loop import TrainLoop
 from rayscale.files import CHECKPOINTS_DIR, CONFIG_FILE, GROUPS_FILE, MODEL_FILE
 from rayscale.launch.callbacks import record_group
+from rayscale.plugins import UserCode
 
 COLLECTIVE_TIMEOUT_S = 120
 
@@ -55,14 +56,14 @@ class DrainOnAsk:
 
 
 def train(output_dir: Path, name: str, *overrides: str, workers: int = 1, eval_at_samples=(),
-          pause_at_samples=(), drain_on_ask: int | None = None) -> Trained:
+          pause_at_samples=(), drain_on_ask: int | None = None, code: UserCode = NO_CODE) -> Trained:
     """`rayscale train` for `overrides`, without Ray. Re-running the same name resumes, as there.
     `drain_on_ask`: a node is drained from that question of the loop on (one rank: HeldForRestart is raised
-    after the drain's checkpoint)."""
+    after the drain's checkpoint). `code`: rayscale.train's model=, loss=, metrics= objects."""
     cfg = config.load(overrides=[f"run.output_dir={output_dir}", f"run.name={name}",
                                  f"scaling.num_workers={workers}", *overrides])
     started = time.time()
-    prepared = prepare(cfg)
+    prepared = prepare(cfg, code=code)
     check_same_config(cfg, prepared.run_dir)
     prepared.run_dir.mkdir(parents=True, exist_ok=True)
     groups = prepared.run_dir / GROUPS_FILE

@@ -329,7 +329,7 @@ OUT_OF_RANGE = [
     ("label", -2, {}, "data.label: column 'label' in", "has label -2 (row {row}); expected classes 0, 1, 2, ..."),
     # per-token classes
     ("tags", [0, 5], {**SEQUENCE_COLUMNS, "num_classes": 3}, "data.label: column 'tags' in",
-     "has label 5 (row {row}); expected classes 0 to 2 (data.num_classes 3)"),
+     "has label 5 (row {row}); expected classes 0 to 2 (data.num_classes 3) or -100 (a masked token)"),
     # token ids index the embedding
     ("tokens", [1, -4], SEQUENCE_COLUMNS, "data.sequence: column 'tokens' in",
      "has token -4 (row {row}); expected token ids 0, 1, 2, ..."),

@@ -18,7 +18,7 @@ def test_the_payload_crosses_as_plain_data_and_comes_back_typed():
                             val_cache=((0, 50), (50, 100)),
                             eval_at_samples=(320,), ps_servers=("a", "b"), ps_shards=((0, 2), (1,)))
     plain = payload.to_dict()
-    assert plain["version"] == 3 and plain["spec"]["input_shape"] == (64,)
+    assert plain["version"] == 4 and plain["spec"]["input_shape"] == (64,)
     # What Ray's pickling may give back: lists for tuples.
     listed = {**plain, "spec": {**plain["spec"], "input_shape": [64]}, "val_cache": [[0, 50], [50, 100]],
               "ps_shards": [[0, 2], [1]], "train_chunk_rows": [50, 40], "val_chunk_rows": [5, 5]}
@@ -26,7 +26,7 @@ def test_the_payload_crosses_as_plain_data_and_comes_back_typed():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"version": 1}, "worker payload version 1: this rayscale reads version 3"),
+    ({"version": 1}, "worker payload version 1: this rayscale reads version 4"),
     ({"extra_key": 1}, "unknown keys ['extra_key']"),
 ])
 def test_a_payload_from_another_rayscale_is_refused_by_name(change, message):

@@ -44,17 +44,21 @@ def collate(rows: dict[str, np.ndarray], device: torch.device) -> dict[str, torc
         lengths = np.fromiter((len(seq) for seq in x), dtype=np.int64, count=len(x))
         width = int(lengths.max()) if len(lengths) else 1
         tokens = np.zeros((len(x), width), dtype=np.int64)
-        labels = np.zeros((len(x), width), dtype=np.int64)
-        for i, (seq, lab) in enumerate(zip(x, y, strict=True)):
+        for i, seq in enumerate(x):
             tokens[i, :len(seq)] = seq
-            labels[i, :len(lab)] = lab
+        if y.dtype == object:  # one label per token
+            labels = np.zeros((len(x), width), dtype=np.int64)
+            for i, lab in enumerate(y):
+                labels[i, :len(lab)] = lab
+        else:  # one label per sequence
+            labels = y
         arrays = {"x": tokens, "y": labels, "mask": np.arange(width)[None, :] < lengths[:, None]}
     else:
         arrays = {"x": x, "y": y}
-        if y.ndim == 2 and np.issubdtype(y.dtype, np.integer):
+        if x.ndim == 2 and np.issubdtype(x.dtype, np.integer):
             # Token sequences that all have the same length arrive from Arrow as a 2-D array, not as objects:
             # every position is a real token.
-            arrays["mask"] = np.ones(y.shape, dtype=bool)
+            arrays["mask"] = np.ones(x.shape, dtype=bool)
     if "weight" in rows:
         arrays["weight"] = rows["weight"].astype(np.float32, copy=False)
     # Imported in to_device, not at the top: every Ray Data read task imports this module (read_split_chunks),

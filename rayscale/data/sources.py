@@ -7,7 +7,8 @@ columns:
 
   row_id  int64 (n,)   global row id, chunk.start .. chunk.stop - 1
   x       float32 (n, F) tabular | float32 (n, 1, H, W) images | object (n,) of int64 token arrays
-  y       int64 (n,) classes | float32 (n, K) regression targets | object (n,) of int64 per-token classes
+  y       int64 (n,) classes (one per row, or per sequence) | float32 (n, K) regression targets
+          | object (n,) of int64 per-token classes (IGNORE_INDEX: a masked token)
   weight  float32 (n,), only when data.weight is set
 
 This module imports neither Ray nor torch and never downloads anything.
@@ -32,7 +33,8 @@ import pyarrow.parquet as pq
 from rayscale.config import DataConfig, SyntheticConfig
 from rayscale.errors import UserError
 
-TASKS = ("classification", "regression", "token_classification")
+TASKS = ("classification", "regression", "token_classification", "sequence_classification")
+IGNORE_INDEX = -100  # a per-token label equal to this counts nowhere (PyTorch's and Hugging Face's convention)
 
 
 @dataclass(frozen=True)
@@ -289,12 +291,14 @@ def _resolve_columns(schema: pa.Schema, data: DataConfig, path: str) -> _Columns
         raise UserError(f"data.weight: column {data.weight!r} in {path} is {schema.field(data.weight).type}, "
                         f"expected numbers")
     if data.sequence is not None:  # (data.features with it: refused by rules.py)
-        for name, config_key in ((data.sequence, "data.sequence"), (data.label, "data.label")):
-            tp = need(name, config_key)
-            if not (_is_list(tp) and pa.types.is_integer(tp.value_type)):
-                why = " (one label per token, because data.sequence is set)" if config_key == "data.label" else ""
-                raise UserError(f"{config_key}: column {name!r} in {path} is {tp}, expected a list of "
-                                f"integers{why}")
+        tp = need(data.sequence, "data.sequence")
+        if not (_is_list(tp) and pa.types.is_integer(tp.value_type)):
+            raise UserError(f"data.sequence: column {data.sequence!r} in {path} is {tp}, expected a list of integers")
+        per_token = _is_list(label_type) and pa.types.is_integer(label_type.value_type)
+        if not (pa.types.is_integer(label_type) or per_token):
+            raise UserError(f"data.label: column {data.label!r} in {path} is {label_type}, expected a list of "
+                            f"integers (one label per token) or an integer (one label per sequence), because "
+                            f"data.sequence is set")
         return _Columns((), data.label, data.weight, data.sequence, difficulty)
 
     if not (_is_number(label_type) or (_is_list(label_type) and pa.types.is_floating(label_type.value_type))):
@@ -492,7 +496,8 @@ def _parquet_spec(columns: _Columns, types: dict[str, pa.DataType], stats: _Stat
         return max(2, (stats.label_max or 0) + 1)  # at least two: a label that is always 0 still trains
 
     if columns.sequence:
-        return DataSpec("token_classification", (max(stats.longest, 1),), classes(), (stats.token_max or 0) + 1)
+        task = "token_classification" if _is_list(types[columns.label]) else "sequence_classification"
+        return DataSpec(task, (max(stats.longest, 1),), classes(), (stats.token_max or 0) + 1)
     first = columns.features[0]
     list_feature = len(columns.features) == 1 and _is_list(types[first])
     width = _list_width(types[first], first, stats) if list_feature else len(columns.features)
@@ -516,13 +521,17 @@ class _Range:
     stop: int | None  # None: no upper bound
     noun: str
     expected: str
+    allowed: int | None = None  # a value allowed outside the range (IGNORE_INDEX in per-token labels)
 
 
 def _ranges(columns: _Columns, schema: pa.Schema, num_classes: int | None) -> list[_Range]:
     classes = f"0 to {num_classes - 1} (data.num_classes {num_classes})" if num_classes else "0, 1, 2, ..."
     ranges = [_Range("weight", "data.weight", columns.weight, None, "weight", "weights of at least 0")] \
         if columns.weight else []
-    if columns.sequence or pa.types.is_integer(schema.field(columns.label).type):  # classes, per row or token
+    if _is_list(schema.field(columns.label).type) and columns.sequence:  # classes per token, some masked
+        ranges.append(_Range("y", "data.label", columns.label, num_classes, "label",
+                             f"classes {classes} or {IGNORE_INDEX} (a masked token)", IGNORE_INDEX))
+    elif pa.types.is_integer(schema.field(columns.label).type):  # classes per row or per sequence
         ranges.append(_Range("y", "data.label", columns.label, num_classes, "label", f"classes {classes}"))
     if columns.sequence:
         ranges.append(_Range("x", "data.sequence", columns.sequence, None, "token", "token ids 0, 1, 2, ..."))
@@ -535,6 +544,8 @@ def _refuse_out_of_range(parquet: pq.ParquetFile, chunks: list[Chunk], columns: 
     when one is out are the file's row groups read, one at a time, for `_check_in_range` to name the row."""
     for bounds in _ranges(columns, parquet.schema_arrow, data.num_classes):
         low, high = _min_max(parquet, bounds.column)
+        if low is not None and low == bounds.allowed:
+            low = None  # masked tokens: other negatives between them and 0 are found as each chunk is read
         if (low is not None and low < 0) or (bounds.stop is not None and high is not None and high >= bounds.stop):
             for chunk in chunks:
                 _read_parquet(chunk, data)
@@ -547,6 +558,8 @@ def _check_in_range(rows: dict[str, np.ndarray], ranges: list[_Range], path: str
     for bounds in ranges:
         values, row_of = _per_value(rows[bounds.part])
         bad = (values < 0) | (values >= bounds.stop) if bounds.stop is not None else values < 0
+        if bounds.allowed is not None:
+            bad &= values != bounds.allowed
         if bad.any():
             at = int(np.argmax(bad))
             value = values[at].item()
@@ -585,11 +598,15 @@ def _read_parquet(chunk: Chunk, data: DataConfig) -> dict[str, np.ndarray]:
     if columns.sequence:
         rows["x"] = _sequences(table.column(columns.sequence), f"data.sequence: column {columns.sequence!r} in "
                                                                 f"{path}")
-        rows["y"] = _sequences(table.column(columns.label), f"data.label: column {columns.label!r} in {path}")
-        for i, (tokens, labels) in enumerate(zip(rows["x"], rows["y"], strict=True)):
-            if len(tokens) != len(labels):
-                raise UserError(f"data.label: row {first_row + i} of {path} has {len(labels)} labels for "
-                                f"{len(tokens)} tokens (expected one label per token)")
+        label = table.column(columns.label)
+        if not _is_list(label.type):  # one label per sequence
+            rows["y"] = label.to_numpy().astype(np.int64)
+        else:
+            rows["y"] = _sequences(label, f"data.label: column {columns.label!r} in {path}")
+            for i, (tokens, labels) in enumerate(zip(rows["x"], rows["y"], strict=True)):
+                if len(tokens) != len(labels):
+                    raise UserError(f"data.label: row {first_row + i} of {path} has {len(labels)} labels for "
+                                    f"{len(tokens)} tokens (expected one label per token)")
         if len(rows["x"]) and min(len(t) for t in rows["x"]) == 0:
             raise UserError(f"data.sequence: column {columns.sequence!r} in {path} has an empty sequence")
     else:

@@ -110,6 +110,7 @@ def summarize(prepared: PreparedRun, state: TrainState, records: list[dict], sta
                                  cfg.batch.micro_batch_size),
         "effective_lr": peak_lr(cfg.optim, batch, cfg.batch.global_batch_size),  # at the batch it ended with
         "data_spec": dataclasses.asdict(prepared.spec),  # what the model was sized for (rayscale.load_model)
+        "python_objects": prepared.code.described(),  # rayscale.train's model=, loss=, metrics= not in the config
         "train_rows": online.rows if cfg.data.online else prepared.train_rows,
         "val_rows": prepared.val_rows,
         "rows_left_out": 0,  # partial last steps are trained, never dropped (data/assembly.py)

@@ -20,7 +20,9 @@ from rayscale.errors import UserError
 from rayscale.files import CONFIG_FILE
 from rayscale.math.adaptive_batch import upper_limit
 from rayscale.math.batching import BatchPlan, plan_batches
-from rayscale.plugins import import_callable
+from rayscale.plugins import UserCode, check_shippable, import_callable
+
+NO_CODE = UserCode()  # a run with everything named in its config
 
 
 @dataclass
@@ -32,6 +34,7 @@ class PreparedRun:
     train_rows: int
     val_rows: int
     run_dir: Path
+    code: UserCode = NO_CODE
 
     @property
     def spec(self) -> sources.DataSpec:
@@ -42,8 +45,9 @@ def run_directory(cfg: Config) -> Path:
     return Path(cfg.run.output_dir).expanduser().resolve() / cfg.run.name
 
 
-def prepare(cfg: Config, scope: str = "run") -> PreparedRun:
-    """Every check that needs no cluster. Raises UserError; writes nothing."""
+def prepare(cfg: Config, scope: str = "run", code: UserCode = NO_CODE) -> PreparedRun:
+    """Every check that needs no cluster. Raises UserError; writes nothing. `code`: rayscale.train's Python
+    objects (model=, loss=, metrics=)."""
     plan = plan_batches(cfg.batch.global_batch_size, cfg.batch.micro_batch_size, cfg.scaling.num_workers)
     rules.check(cfg, scope)
     train, val, train_rows, val_rows = _splits(cfg)
@@ -58,12 +62,13 @@ def prepare(cfg: Config, scope: str = "run") -> PreparedRun:
     if cfg.batch.adaptive != "none":
         upper_limit(cfg.batch.max_global_batch_size, plan.global_batch_size, train_rows, plan.num_workers,
                     cfg.batch.micro_batch_size)
-    _check_model(cfg, train.info.spec)
+    _check_model(cfg, train.info.spec, code)
+    _check_code(cfg, code)
     if cfg.run.checkpoint_upload_fn is not None:  # imported where the workers run, but a typo fails here first
         import_callable(cfg.run.checkpoint_upload_fn, "run.checkpoint_upload_fn")
     run_dir = run_directory(cfg)
     _check_writable(run_dir)
-    return PreparedRun(cfg, plan, train, val, train_rows, val_rows, run_dir)
+    return PreparedRun(cfg, plan, train, val, train_rows, val_rows, run_dir, code)
 
 
 def _splits(cfg: Config) -> tuple[SplitSpec, SplitSpec | None, int, int]:
@@ -85,13 +90,23 @@ def _splits(cfg: Config) -> tuple[SplitSpec, SplitSpec | None, int, int]:
             count_rows(info, "train", cfg.data.val_fraction), val_rows)
 
 
-def _check_model(cfg: Config, spec: sources.DataSpec) -> None:
+def _check_model(cfg: Config, spec: sources.DataSpec, code: UserCode) -> None:
     """Build the model once on the driver (CPU, tiny) so a bad name or kwargs fails before Ray starts."""
     from rayscale.engine.optimizers import build_optimizer
     from rayscale.models import build_model
 
-    model = build_model(cfg.model, spec)
+    model = build_model(cfg.model, spec, code.model)
     build_optimizer(cfg.optim, model, cfg.optim.lr)
+
+
+def _check_code(cfg: Config, code: UserCode) -> None:
+    """train.loss and train.metrics import here first; objects given from Python must pickle (UserCode)."""
+    code.loss_fn(cfg.train.loss)
+    code.metric_fns(cfg.train.metrics)
+    for argument, value in (("model", code.model), ("loss", code.loss), *((f"metrics[{name!r}]", metric)
+                                                                        for name, metric in code.metrics)):
+        if value is not None:
+            check_shippable(value, argument)
 
 
 def _check_writable(run_dir: Path) -> None:
@@ -136,7 +151,7 @@ def worker_payload(prepared: PreparedRun, eval_at_samples=(), pause_at_samples=(
         lanes=lanes_of(cfg), cache_train=cfg.data.cache_mb > 0 and cfg.data.sequence is None,
         val_cache=_bounds(cache_plan(prepared.val, prepared.val_rows, cfg.data.cache_mb)
                           if prepared.val is not None else None),
-        eval_at_samples=tuple(int(point) for point in eval_at_samples),
+        code=prepared.code, eval_at_samples=tuple(int(point) for point in eval_at_samples),
         pause_at_samples=tuple(int(point) for point in pause_at_samples))
 
 

@@ -39,6 +39,7 @@ from rayscale.engine.state import TrainState, WorkerPayload
 from rayscale.engine.step import StepResult, train_step
 from rayscale.engine.strategies.ddp import DataParallel
 from rayscale.engine.strategies.parameter_server import ParameterServer
+from rayscale.engine.tasks import Objective
 from rayscale.math.adaptive_batch import plan_for
 from rayscale.math.schedules import peak_lr, schedule_from_config
 from rayscale.models import build_model
@@ -79,14 +80,17 @@ class TrainLoop:
         np.random.seed(cfg.seed)
         self.strategy = ParameterServer(context.parameter_client) if cfg.train.strategy == "parameter_server" \
             else DataParallel()
-        model = self.strategy.wrap(build_model(cfg.model, payload.spec), context.device, context.world_size)
+        model = self.strategy.wrap(build_model(cfg.model, payload.spec, payload.code.model), context.device,
+                                   context.world_size)
         # The lr scales from optim.base_batch_size, or (null) from the initial global batch: an adaptive batch
         # moves the lr by the scaling rule; a fixed one is its own base.
         lr = peak_lr(cfg.optim, plan.global_batch_size, cfg.batch.global_batch_size)
         run = Run(cfg, payload.spec, context.rank, context.world_size, context.device, model,
                   build_optimizer(cfg.optim, model, lr), make_precision(cfg.train.precision, context.device),
                   NonFiniteGuard(cfg.train.max_nonfinite_steps), state, plan, lr, plan.micro_batch_size,
-                  payload.train_rows, payload.val_rows)
+                  payload.train_rows, payload.val_rows,
+                  Objective(payload.spec.task, payload.code.loss_fn(cfg.train.loss)),
+                  payload.code.metric_fns(cfg.train.metrics))
         self.components = self._components(run, restored is not None)
         if restored is not None:
             checkpoint.restore(restored.saved, model, run.optimizer, run.precision.scaler)
@@ -103,7 +107,8 @@ class TrainLoop:
         self.lr_at = lambda samples: run.peak_lr * schedule(samples)
         # Unweighted per-row losses: a step's loss normaliser is its row count, known on every rank without the
         # scalar all-reduce train_step would otherwise make (zero-weight padding rows are not in rows_in_step).
-        self.rows_are_the_count = payload.spec.task in ("classification", "regression") and cfg.data.weight is None
+        self.rows_are_the_count = payload.spec.task != "token_classification" \
+            and cfg.data.weight is None
         return run
 
     def _components(self, run: Run, resumed: bool) -> list[Component]:
@@ -164,7 +169,7 @@ class TrainLoop:
         lr = self.lr_at(samples_after)
         result = self.micro.take_step(run, rows, batch, lambda micro: self.strategy.step(
             run, lambda update: train_step(
-                run.model, micro, run.optimizer, task=run.spec.task, lr=lr, precision=run.precision,
+                run.model, micro, run.optimizer, task=run.objective, lr=lr, precision=run.precision,
                 grad_clip=self.cfg.train.grad_clip, measure_noise=self.noise.measures(state.step),
                 global_count=rows.rows_in_step if self.rows_are_the_count else None,
                 clock=self.metrics.interval.clock, oom_safe=self.micro.auto, update=update)))
@@ -241,13 +246,15 @@ class TrainLoop:
         model = self.averaging.average.module if self.averaging else checkpoint.unwrap(run.model)
         distributed.broadcast_buffers(model)
         val = evaluate(model, self.streams.val(), at_micro_batch(run.plan, run.micro_batch_size), run.spec,
-                       run.precision, run.device)
+                       run.precision, run.device, run.objective, run.metrics)
         self.metrics.interval.started += time.perf_counter() - began
         return val
 
     def set_validation(self, val: dict[str, float]) -> None:
         self.run.state.val_loss = val.get("val_loss", self.run.state.val_loss)
         self.run.state.val_accuracy = val.get("val_accuracy", self.run.state.val_accuracy)
+        self.run.state.val_metrics.update({key: value for key, value in val.items()
+                                           if key not in ("val_loss", "val_accuracy")})
 
     def save(self, metrics: dict) -> None:
         """A checkpoint: every rank writes its part (rank 0 the state, each rank its RNG) into one directory."""

@@ -12,6 +12,7 @@ from rayscale.data.sources import DataSpec
 from rayscale.engine.guard import NonFiniteGuard
 from rayscale.engine.precision import Precision
 from rayscale.engine.state import TrainState
+from rayscale.engine.tasks import Objective
 from rayscale.math.batching import BatchPlan
 
 
@@ -32,6 +33,8 @@ class Run:
     micro_batch_size: int  # what a step's rows are cut into (batch.micro_batch_size auto changes it)
     train_rows: int  # rows per epoch
     val_rows: int
+    objective: Objective  # the task's loss, or train.loss
+    metrics: dict  # train.metrics by name: functions and torchmetrics objects (engine/user_metrics.py)
 
     def where(self, epoch: int) -> str:
         return "online" if self.cfg.data.online else f"epoch {epoch + 1}/{self.cfg.train.epochs}"

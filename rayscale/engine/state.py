@@ -14,8 +14,9 @@ from typing import Any
 
 from rayscale.data.sources import DataSpec
 from rayscale.data.splits import SplitSpec
+from rayscale.plugins import UserCode
 
-PAYLOAD_VERSION = 3  # 2: the data layout in lanes (train_split, chunk rows, lanes); 3: watch_drains
+PAYLOAD_VERSION = 4  # 2: the data layout in lanes (train_split, chunk rows, lanes); 3: watch_drains; 4: code
 STATE_VERSION = 2  # 1: rayscale <= 0.1's `progress` dict (read, see _from_version_1)
 
 
@@ -45,6 +46,7 @@ class WorkerPayload:
     ps_servers: tuple[str, ...] = ()  # train.strategy parameter_server: the servers' actor names
     ps_shards: tuple[tuple[int, ...], ...] = ()  # and each one's parameter indices
     watch_drains: bool = False  # on a cluster with Ray's preemption watcher: checkpoint when a node is drained
+    code: UserCode = UserCode()  # rayscale.train's model=, loss=, metrics= (crosses pickled, as Ray sends it)
 
     def to_dict(self) -> dict:
         # The split specs cross as objects (Ray pickles them): they hold the source's chunk list and data config.
@@ -86,11 +88,12 @@ class TrainState:
     val_loss: float | None = None  # the latest validation
     val_accuracy: float | None = None
     parts: dict[str, dict[str, Any]] = field(default_factory=dict)  # each component's state, by its name
+    val_metrics: dict[str, float] = field(default_factory=dict)  # the latest validation's train.metrics
 
     def validation(self) -> dict[str, float]:
         """The latest validation metrics that exist (for reports between validations)."""
-        return {key: value for key, value in (("val_loss", self.val_loss), ("val_accuracy", self.val_accuracy))
-                if value is not None}
+        return {**{key: value for key, value in (("val_loss", self.val_loss), ("val_accuracy", self.val_accuracy))
+                   if value is not None}, **self.val_metrics}
 
     def to_checkpoint(self) -> dict:
         return {"version": STATE_VERSION, **dataclasses.asdict(self)}

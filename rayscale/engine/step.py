@@ -89,7 +89,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]],
-               optimizer: torch.optim.Optimizer, *, task: str, lr: float, precision: Precision,
+               optimizer: torch.optim.Optimizer, *, task: str | tasks.Objective, lr: float, precision: Precision,
                grad_clip: float | None = None, global_count: float | None = None, measure_noise: bool = False,
                clock: StepClock | None = None, oom_safe: bool = False, update: RemoteUpdate | None = None
                ) -> StepResult:
@@ -114,6 +114,9 @@ def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tenso
     pass (the last micro-batch's backward no longer overlaps the all-reduce: the price of never hanging).
     `update` (train.strategy parameter_server): instead of clipping and stepping here, hand the gradients
     (each rank's sum / global count: they add up over ranks) and the lr to it.
+    `task`: the task's name, or an Objective with a user loss; one that weighs its own losses gives its count
+    only after the forward: the backward then scales by the task's count, and the gradients are corrected to
+    the loss's own global count (one more scalar all-reduce) before they are clipped or applied.
     """
     if not micro_batches:
         raise ValueError("train_step needs at least one micro-batch (use a zero-weight one on empty ranks)")
@@ -121,17 +124,22 @@ def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tenso
     mark("start", len(micro_batches))
     optimizer.zero_grad(set_to_none=True)
     world_size = _world_size(model)
-    local_count, global_count, loss_scale = _normaliser(task, micro_batches, global_count, world_size)
+    objective = task if isinstance(task, tasks.Objective) else tasks.Objective(task)
+    local_count, global_count, loss_scale = _normaliser(objective, micro_batches, global_count, world_size)
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     average_after = isinstance(model, DistributedDataParallel) and (oom_safe or (measure_noise and world_size > 1))
     mark("micro_batches")
-    losses, out_of_memory, small = _accumulate(
-        model, micro_batches, task=task, precision=precision, loss_scale=loss_scale, sync_last=not average_after,
+    losses, out_of_memory, small, own_counts = _accumulate(
+        model, micro_batches, objective=objective, precision=precision, loss_scale=loss_scale, sync_last=not average_after,
         oom_safe=oom_safe, first_is_small=measure_noise and world_size == 1, parameters=parameters, mark=mark)
     if oom_safe:
         _agree_on_memory(out_of_memory, world_size, local_count.device, optimizer)
     mark("backward_done")
     loss_sum = losses[0].to(torch.float64) if len(losses) == 1 else torch.stack(losses).sum(dtype=torch.float64)
+    scaled_by = global_count  # what the backward divided by
+    if own_counts:
+        local_count = torch.stack(own_counts).sum().to(torch.float64)
+        global_count = distributed.all_reduce_sum_(local_count.clone()).clamp_min(1e-12)
     if measure_noise and average_after:  # this rank's gradient, before averaging
         small = local_count.detach().to(torch.float64), squared_norm(parameters)
     if average_after and world_size > 1:
@@ -139,7 +147,9 @@ def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tenso
     small_count, small_sq = small if small is not None else (None, None)
     if small_sq is not None:
         # The gradients hold sum / global_count x world_size: back to this batch's mean gradient.
-        small_sq = small_sq * (global_count / (world_size * small_count.clamp_min(1e-12))) ** 2
+        small_sq = small_sq * (scaled_by / (world_size * small_count.clamp_min(1e-12))) ** 2
+    if own_counts:  # from the sum over the task's count to the sum over the loss's own
+        torch._foreach_mul_([p.grad for p in parameters if p.grad is not None], scaled_by / global_count)
     if update is not None:
         set_lr(optimizer, lr)  # the servers step; the local copy's lr is what the log reports
         grad_norm, applied = update(parameters, lr)
@@ -152,13 +162,13 @@ def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tenso
                       small_sq=small_sq, small_count=small_count)
 
 
-def _normaliser(task: str, micro_batches: list[dict[str, torch.Tensor]], global_count: float | None,
+def _normaliser(objective: tasks.Objective, micro_batches: list[dict[str, torch.Tensor]], global_count: float | None,
                 world_size: int) -> tuple[torch.Tensor, torch.Tensor, float | torch.Tensor]:
     """(this rank's count, the step's count, what each micro-batch's summed loss is multiplied by). DDP
     averages gradients over ranks, so each rank scales by world_size to get sum / global count. A count the
     caller knows scales the loss as a Python number (no tensor op) and is filled in on the device (on a GPU,
     torch.tensor would copy it from the host and wait for the stream)."""
-    counts = [tasks.count(task, mb) for mb in micro_batches]
+    counts = [objective.count(mb) for mb in micro_batches]
     local_count = counts[0] if len(counts) == 1 else torch.stack(counts).sum()
     if global_count is None:
         reduced = distributed.all_reduce_sum_(local_count.detach().clone().to(torch.float64)).clamp_min(1e-12)
@@ -167,12 +177,13 @@ def _normaliser(task: str, micro_batches: list[dict[str, torch.Tensor]], global_
     return local_count, torch.full((), known, dtype=torch.float64, device=local_count.device), world_size / known
 
 
-def _accumulate(model, micro_batches, *, task, precision, loss_scale, sync_last: bool, oom_safe: bool,
-                first_is_small: bool, parameters, mark) -> tuple[list[torch.Tensor], bool, tuple | None]:
+def _accumulate(model, micro_batches, *, objective, precision, loss_scale, sync_last: bool, oom_safe: bool,
+                first_is_small: bool, parameters, mark
+                ) -> tuple[list[torch.Tensor], bool, tuple | None, list[torch.Tensor]]:
     """Forward and backward of every micro-batch: (their detached summed losses, whether one ran out of device
     memory (`oom_safe` only; the rest are then not run), the first micro-batch's (count, squared gradient
-    norm) when `first_is_small` and there are several)."""
-    losses, small = [], None
+    norm) when `first_is_small` and there are several, the counts a user loss gave with its own weights)."""
+    losses, small, own_counts = [], None, []
     last = len(micro_batches) - 1
     ddp = isinstance(model, DistributedDataParallel)
     for index, micro_batch in enumerate(micro_batches):
@@ -184,7 +195,7 @@ def _accumulate(model, micro_batches, *, task, precision, loss_scale, sync_last:
             with contextlib.nullcontext() if sync else model.no_sync():
                 with precision.autocast():
                     output = tasks.forward(model, micro_batch)
-                micro_loss = tasks.loss_sum(task, output, micro_batch)
+                micro_loss, own_count = objective.loss(output, micro_batch)
                 scale = loss_scale if isinstance(loss_scale, float) else loss_scale.to(micro_loss.dtype)
                 scaled = micro_loss * scale
                 if precision.scaler is not None:
@@ -193,11 +204,14 @@ def _accumulate(model, micro_batches, *, task, precision, loss_scale, sync_last:
         except Exception as error:
             if not (oom_safe and is_out_of_memory(error)):
                 raise
-            return losses, True, small  # this frame, and the failed micro-batch's activations, go with it
+            return losses, True, small, own_counts  # this frame, and the failed micro-batch's activations, go
         losses.append(micro_loss.detach())
+        if own_count is not None:
+            own_counts.append(own_count)
         if first_is_small and index == 0 and last > 0:
-            small = tasks.count(task, micro_batch).detach().to(torch.float64), squared_norm(parameters)
-    return losses, False, small
+            counted = own_count if own_count is not None else objective.count(micro_batch)
+            small = counted.detach().to(torch.float64), squared_norm(parameters)
+    return losses, False, small, own_counts
 
 
 def _agree_on_memory(out_of_memory: bool, world_size: int, device: torch.device,

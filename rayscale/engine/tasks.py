@@ -2,7 +2,8 @@
 
 A batch is a dict of tensors:
   x       features: (B, F) tabular, (B, C, H, W) images, (B, L) int64 tokens
-  y       labels: (B,) int64 classes, (B, K) float targets, (B, L) int64 per-token classes
+  y       labels: (B,) int64 classes (per row or per sequence), (B, K) float targets, (B, L) int64 per-token
+          classes (IGNORE_INDEX: a masked token, which counts nowhere)
   weight  (B,) float per-sample weight; 0 marks a padding row that must not count
   mask    (B, L) bool, True on real tokens (sequences only)
 
@@ -13,16 +14,39 @@ micro-batches equal one big batch, a partial last window included.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from rayscale.data.sources import TASKS, DataSpec  # noqa: F401 - defined with the sources (no torch in Ray Data tasks)
+from rayscale.data.sources import (  # noqa: F401 - defined with the sources (no torch in Ray Data tasks)
+    IGNORE_INDEX,
+    TASKS,
+    DataSpec,
+)
 
 
 def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits (or regression outputs) for a batch: `model(x, mask)` for sequences, else `model(x)`."""
     if "mask" in batch:
-        return model(batch["x"], batch["mask"])
-    return model(batch["x"])
+        return logits_of(model(batch["x"], batch["mask"]))
+    return logits_of(model(batch["x"]))
+
+
+def logits_of(output) -> torch.Tensor:
+    """What a model returned, as the one tensor the loss reads: a tensor as it is, a mapping's or an object's
+    `logits` (Hugging Face's ModelOutput is both), or a tuple's first element (return_dict=False)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+    if logits is None and isinstance(output, tuple) and output:
+        logits = output[0]
+    if not isinstance(logits, torch.Tensor):
+        keys = f" (keys: {', '.join(map(str, output))})" if isinstance(output, Mapping) else ""
+        raise TypeError(f"the model returned {type(output).__name__}{keys}; expected a tensor, a mapping with "
+                        f"'logits', an object with .logits or a tuple whose first element is the logits")
+    return logits
 
 
 def sample_weights(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -37,22 +61,29 @@ def count(task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return batch["x"].new_full((), batch["x"].shape[0], dtype=torch.float32)
     weights = sample_weights(batch)
     if task == "token_classification":
-        return (batch["mask"].to(weights.dtype) * weights[:, None]).sum()
+        return (labelled_tokens(batch).to(weights.dtype) * weights[:, None]).sum()
     return weights.sum()
+
+
+def labelled_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, L) True on the tokens that count: real (not padding) and not masked with IGNORE_INDEX."""
+    return batch["mask"] & (batch["y"] != IGNORE_INDEX)
 
 
 def loss_sum(task: str, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of weighted per-sample (or per-token) losses, computed in float32 or wider."""
     output = output.float() if output.dtype in (torch.float16, torch.bfloat16) else output
-    if task == "classification" and "weight" not in batch:  # every weight 1: no per-sample pass, forward or back
+    per_row = task in ("classification", "sequence_classification")
+    if per_row and "weight" not in batch:  # every weight 1: no per-sample pass, forward or back
         return F.cross_entropy(output, batch["y"], reduction="sum")
     weights = sample_weights(batch).to(output.dtype)
-    if task == "classification":
+    if per_row:
         per_sample = F.cross_entropy(output, batch["y"], reduction="none")
     elif task == "regression":
         target = batch["y"].to(output.dtype).reshape(output.shape)
         per_sample = F.mse_loss(output, target, reduction="none").reshape(output.shape[0], -1).mean(dim=1)
     elif task == "token_classification":
+        # (a masked token's loss is 0: cross_entropy's ignore_index is IGNORE_INDEX)
         per_token = F.cross_entropy(output.flatten(0, 1), batch["y"].flatten(), reduction="none")
         per_token = per_token.view(batch["y"].shape) * batch["mask"].to(output.dtype)
         per_sample = per_token.sum(dim=1)
@@ -63,9 +94,58 @@ def loss_sum(task: str, output: torch.Tensor, batch: dict[str, torch.Tensor]) ->
 
 def correct(task: str, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """Weighted count of correct predictions (samples or tokens); None for regression."""
-    if task == "classification":
+    if task in ("classification", "sequence_classification"):
         return ((output.argmax(dim=-1) == batch["y"]).to(torch.float32) * sample_weights(batch)).sum()
     if task == "token_classification":
-        hits = (output.argmax(dim=-1) == batch["y"]) & batch["mask"]
+        hits = (output.argmax(dim=-1) == batch["y"]) & labelled_tokens(batch)
         return (hits.to(torch.float32) * sample_weights(batch)[:, None]).sum()
     return None
+
+
+# train.loss (or rayscale.train's `loss=`): (output, batch) -> per-sample (B,) or per-token (B, L) losses, or
+# (losses, weights) of the same shape.
+UserLoss = Callable[[torch.Tensor, dict[str, torch.Tensor]], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a batch's loss is: the task's own, or a user loss whose per-sample (or per-token) values rayscale
+    weighs and sums, so that accumulation stays exact (the sum over the global count, as for the built-ins).
+
+    A user loss's weights are multiplied by what already decides whether a row or token counts: the sample
+    weights (0 on padding rows) and, for per-token losses, the real and unmasked tokens. Without weights its
+    count is the task's count, known before the forward; with weights the count is only known after it, so the
+    training step corrects the gradients by the ratio once every rank has summed them (step.py)."""
+
+    task: str
+    user_loss: UserLoss | None = None
+
+    def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The normaliser known before the forward (the task's)."""
+        return count(self.task, batch)
+
+    def loss(self, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(summed weighted loss in float32 or wider, its count when the loss chose its own weights, else None)."""
+        if self.user_loss is None:
+            return loss_sum(self.task, output, batch), None
+        returned = self.user_loss(output, batch)
+        losses, weights = returned if isinstance(returned, tuple) else (returned, None)
+        if not isinstance(losses, torch.Tensor) or losses.dim() not in (1, 2) or losses.shape[0] != output.shape[0]:
+            shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+            raise ValueError(f"train.loss: returned losses of shape {shape}; expected one per sample ({output.shape[0]},)"
+                             f" or one per token (batch, length), not a reduced loss")
+        losses = losses.float() if losses.dtype in (torch.float16, torch.bfloat16) else losses
+        counted = sample_weights(batch).to(losses.dtype)
+        if losses.dim() == 2:
+            if "mask" not in batch or batch["mask"].shape != losses.shape:
+                raise ValueError(f"train.loss: returned per-token losses {tuple(losses.shape)} for a batch without "
+                                 f"tokens of that shape")
+            real = labelled_tokens(batch) if batch["y"].shape == losses.shape else batch["mask"]
+            counted = counted[:, None] * real.to(losses.dtype)
+        if weights is None:
+            return (losses * counted).sum(), None
+        if not isinstance(weights, torch.Tensor) or weights.shape != losses.shape:
+            raise ValueError(f"train.loss: returned weights of shape {getattr(weights, 'shape', None)}; expected the "
+                             f"losses' shape {tuple(losses.shape)}")
+        weights = weights.to(losses.dtype) * counted
+        return (losses * weights).sum(), weights.sum().detach()

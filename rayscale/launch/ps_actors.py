@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 import uuid
+from collections.abc import Callable
 
 import torch
 
@@ -34,11 +35,12 @@ __all__ = ["ParameterClient", "ServerActor", "StaleGradient", "start_servers"]
 class ServerActor:
     """One shard. Its methods are coroutines: a sync push waits for the other workers' without blocking them."""
 
-    def __init__(self, config_dict: dict, spec: DataSpec, owned: list[int], num_workers: int, lr: float):
+    def __init__(self, config_dict: dict, spec: DataSpec, owned: list[int], num_workers: int, lr: float,
+                 model: torch.nn.Module | Callable | None = None):
         torch.set_num_threads(1)
         cfg = config.from_dict(config_dict)
         torch.manual_seed(cfg.seed)  # the workers' initial weights, until rank 0 loads the real ones
-        self.shard = ShardState(build_model(cfg.model, spec), owned, cfg.optim, lr, num_workers)
+        self.shard = ShardState(build_model(cfg.model, spec, model), owned, cfg.optim, lr, num_workers)
         self.gate = StalenessGate(cfg.ps.max_staleness)
         self.norms: dict[int, float] = {}  # sync: each complete step's squared norm, until it is applied
         self.generation = 0  # bumped by reset: waiters from a failed worker group give up
@@ -113,17 +115,19 @@ def server_name(run_id: str, index: int) -> str:
     return f"rayscale-ps-{run_id}-{index}"
 
 
-def start_servers(cfg: config.Config, spec: DataSpec, lr: float) -> tuple[list[str], list[list[int]], list]:
+def start_servers(cfg: config.Config, spec: DataSpec, lr: float, model: torch.nn.Module | Callable | None = None
+                  ) -> tuple[list[str], list[list[int]], list]:
     """Driver side: the server actors for one run (no CPU reserved: they wait most of the time, and the workers
-    hold the cores). Returns their names, each one's parameter indices, and the handles to keep."""
+    hold the cores). Returns their names, each one's parameter indices, and the handles to keep. `model`:
+    rayscale.train's model= (else model.name builds it)."""
     import ray
 
-    sizes = [p.numel() for p in build_model(cfg.model, spec).parameters()]
+    sizes = [p.numel() for p in build_model(cfg.model, spec, model).parameters()]
     shards = shard_parameters(sizes, cfg.ps.num_servers)
     run_id = uuid.uuid4().hex[:12]
     remote = ray.remote(ServerActor)
     handles = [remote.options(name=server_name(run_id, i), num_cpus=0, max_restarts=-1, max_concurrency=64)
-               .remote(config.to_dict(cfg), spec, owned, cfg.scaling.num_workers, lr)
+               .remote(config.to_dict(cfg), spec, owned, cfg.scaling.num_workers, lr, model)
                for i, owned in enumerate(shards)]
     return [server_name(run_id, i) for i in range(len(shards))], shards, handles
 

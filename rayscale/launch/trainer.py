@@ -17,13 +17,14 @@ from rayscale import config as config_module
 from rayscale.config import Config
 from rayscale.data.datasets import quiet_ray_data
 from rayscale.driver.outputs import print_summary, read_metrics, startup_phases, write_outputs
-from rayscale.driver.prepare import PreparedRun, check_same_config, prepare, worker_payload
+from rayscale.driver.prepare import NO_CODE, PreparedRun, check_same_config, prepare, worker_payload
 from rayscale.errors import UserError
 from rayscale.files import CONFIG_FILE, GROUPS_FILE
 from rayscale.launch.callbacks import controller_callback, record_group
 from rayscale.launch.connect import PREEMPTION_WATCHER_ENV, connect
 from rayscale.launch.fit import check_cluster_fits, check_fits_before_start
 from rayscale.math.schedules import peak_lr
+from rayscale.plugins import UserCode
 
 HEALTH_CHECK_TIMEOUT_ENV = "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S"  # Train's controller reads it (default 600)
 POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # and this one (default 2 s)
@@ -54,7 +55,7 @@ def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, nam
         from rayscale.launch.ps_actors import start_servers
 
         lr = peak_lr(cfg.optim, prepared.plan.global_batch_size, cfg.batch.global_batch_size)
-        names, shards, handles = start_servers(cfg, prepared.spec, lr)
+        names, shards, handles = start_servers(cfg, prepared.spec, lr, prepared.code.model)
         payload = dataclasses.replace(payload, ps_servers=tuple(names), ps_shards=tuple(map(tuple, shards)))
         _SERVERS[str(prepared.run_dir)] = handles  # owned by this process: they live as long as it does
     return TorchTrainer(
@@ -130,14 +131,14 @@ def user_error_inside(exc: BaseException) -> UserError | None:
 
 
 def train(cfg: Config, *, address: str | None = None, callbacks: list | None = None,
-          eval_at_samples: list[int] | tuple[int, ...] = (), pause_at_samples: list[int] | tuple[int, ...] = ()
-          ) -> dict:
+          eval_at_samples: list[int] | tuple[int, ...] = (), pause_at_samples: list[int] | tuple[int, ...] = (),
+          code: UserCode = NO_CODE) -> dict:
     """Validate, run and write outputs; returns the summary. `eval_at_samples`: extra points (samples seen)
     at which the workers validate mid-epoch — Tune's rung milestones. `pause_at_samples`: the run ends at the
     first of these past where it starts, with a checkpoint there (ASHA by promotion: a trial paused at a rung);
-    the same call again resumes from it."""
+    the same call again resumes from it. `code`: rayscale.train's model=, loss=, metrics= objects."""
     started = time.time()
-    prepared = prepare(cfg)
+    prepared = prepare(cfg, code=code)
     check_same_config(cfg, prepared.run_dir)
     check_fits_before_start(address, cfg)
     connecting = time.time()

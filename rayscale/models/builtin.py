@@ -98,7 +98,8 @@ class CNN(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Pre-norm Transformer encoder over int64 tokens with a per-token head: (B, L) -> (B, L, num_outputs).
+    """Pre-norm Transformer encoder over int64 tokens with a per-token head: (B, L) -> (B, L, num_outputs), or
+    with `pooled` (one label per sequence) the mean over each sequence's real tokens: (B, L) -> (B, num_outputs).
 
     The layers sit in a plain ModuleList rather than nn.TransformerEncoder: its nested-tensor fast path
     makes results depend on how much padding a batch carries, and a list lets checkpointing wrap each layer.
@@ -106,11 +107,11 @@ class Transformer(nn.Module):
 
     def __init__(self, vocab_size: int, max_length: int, num_outputs: int, d_model: int = 64, nhead: int = 4,
                  num_layers: int = 2, dim_feedforward: int = 128, dropout: float = 0.0,
-                 activation_checkpointing: bool = False):
+                 activation_checkpointing: bool = False, pooled: bool = False):
         super().__init__()
         if d_model % nhead:
             raise UserError(f"model.kwargs.d_model: must be divisible by nhead ({nhead}), got {d_model}")
-        self.max_length = max_length
+        self.max_length, self.pooled = max_length, pooled
         self.activation_checkpointing = activation_checkpointing
         self.token_embedding = nn.Embedding(vocab_size, d_model)
         self.position_embedding = nn.Embedding(max_length, d_model)
@@ -135,4 +136,8 @@ class Transformer(nn.Module):
             padding = ~mask & mask.any(dim=1, keepdim=True)
         for layer in self.layers:
             h = _run_block(layer, h, checkpointed=self.activation_checkpointing, src_key_padding_mask=padding)
-        return self.head(self.norm(h))
+        h = self.norm(h)
+        if self.pooled:
+            real = (mask if mask is not None else torch.ones(x.shape, dtype=torch.bool, device=x.device))[..., None]
+            h = (h * real).sum(dim=1) / real.sum(dim=1).clamp_min(1)
+        return self.head(h)

@@ -4,6 +4,7 @@ directory (its config.yaml, the data's sizes in summary.json, the weights) by `r
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,10 +32,12 @@ def safetensors_bytes(weights: dict[str, torch.Tensor]) -> bytes:
     return save(own, metadata={"format": "pt", "written_by": "rayscale"})
 
 
-def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+def load_model(run_dir: str | Path, device: str | torch.device = "cpu", model: nn.Module | Callable | None = None
+               ) -> nn.Module:
     """The model a finished run trained, rebuilt from its directory: the class from config.yaml's `model`
     section (a user factory must be importable here too), sized by the data the run saw, with the weights of
-    model.safetensors (model.pt where a run has no safetensors file). In eval mode, on `device`."""
+    model.safetensors (model.pt where a run has no safetensors file). In eval mode, on `device`. `model`: for a
+    run whose model was handed to rayscale.train as an object, the same module or factory again."""
     run_dir = Path(run_dir)
     for name in (CONFIG_FILE, SUMMARY_FILE):
         if not (run_dir / name).is_file():
@@ -43,11 +46,15 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> nn.Mo
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     if "data_spec" not in summary:
         raise UserError(f"{run_dir / SUMMARY_FILE}: no data_spec; the run was written by an older rayscale")
+    given = summary.get("python_objects", {}).get("model")
+    if given is not None and model is None:
+        raise UserError(f"{run_dir}: the run's model was handed to rayscale.train as a Python object ({given}); "
+                        f"pass it again: rayscale.load_model(run_dir, model=...)")
     spec = summary["data_spec"]
-    model = build_model(config_module.from_dict(cfg).model,
-                        DataSpec(spec["task"], tuple(spec["input_shape"]), spec["num_outputs"], spec["vocab_size"]))
-    model.load_state_dict(read_weights(run_dir))
-    return model.to(device).eval()
+    built = build_model(config_module.from_dict(cfg).model, DataSpec(**{**spec, "input_shape": tuple(spec["input_shape"])}),
+                        model)
+    built.load_state_dict(read_weights(run_dir))
+    return built.to(device).eval()
 
 
 def read_weights(run_dir: Path) -> dict[str, torch.Tensor]:

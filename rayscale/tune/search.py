@@ -19,13 +19,14 @@ import yaml
 from rayscale import config as config_module
 from rayscale.config import Config
 from rayscale.driver.outputs import read_metrics
-from rayscale.driver.prepare import prepare, run_directory
+from rayscale.driver.prepare import NO_CODE, prepare, run_directory
 from rayscale.errors import UserError
 from rayscale.files import CONFIG_FILE, SUMMARY_FILE
 from rayscale.launch import trainer
 from rayscale.launch.callbacks import remove_placement_groups_left
 from rayscale.launch.connect import connect, loopback_unless_joining
 from rayscale.launch.fit import check_cluster_fits, check_fits_before_start
+from rayscale.plugins import UserCode
 from rayscale.tune import space
 from rayscale.tune.promotion import RUNG_PAUSE
 
@@ -169,7 +170,7 @@ def _finished_records(cfg: Config) -> list[dict] | None:
 
 
 def _trial(sampled: dict, base: dict, search_dir: str, metric: str, eval_at_samples: list[int],
-           promotion: bool = False) -> None:
+           promotion: bool = False, code: UserCode = NO_CODE) -> None:
     from ray import tune
 
     from rayscale.tune.asha import read_promotion_state
@@ -197,7 +198,7 @@ def _trial(sampled: dict, base: dict, search_dir: str, metric: str, eval_at_samp
     stop_marker.unlink(missing_ok=True)  # a resumed trial runs again
     _watch_for_stop(stop_marker)
     summary = trainer.train(cfg, callbacks=_trial_callbacks(metric, stop_marker), eval_at_samples=eval_at_samples,
-                            pause_at_samples=eval_at_samples if promotion else ())
+                            pause_at_samples=eval_at_samples if promotion else (), code=code)
     if promotion and summary["epochs"] < cfg.train.epochs:
         # The run stopped at a rung, its workers gone and its checkpoint there: now PromotingASHA pauses the
         # trial (this report blocks until it does), never while the run still holds its workers.
@@ -258,12 +259,14 @@ def _this_node_resource() -> str:
     return next(k for k in node["Resources"] if k.startswith("node:") and k != "node:__internal_head__")
 
 
-def search(cfg: Config, *, address: str | None = None, resume: bool = False) -> list[dict]:
-    """Validate everything, run (or resume) the search, write its outputs; returns trial rows, best first."""
+def search(cfg: Config, *, address: str | None = None, resume: bool = False, code: UserCode = NO_CODE
+           ) -> list[dict]:
+    """Validate everything, run (or resume) the search, write its outputs; returns trial rows, best first.
+    `code`: rayscale.tune's model=, loss=, metrics= objects, handed to every trial."""
     base = config_module.to_dict(cfg)
     domains = space.parse_space(cfg.tune.space)
     space.validate(base, domains)
-    prepared = prepare(cfg, scope="search")
+    prepared = prepare(cfg, scope="search", code=code)
     max_t = cfg.train.epochs * prepared.train_rows
     if cfg.tune.metric.startswith("val_") and prepared.val_rows == 0:
         raise UserError(f"tune.metric {cfg.tune.metric}: there is no validation data (data.val_fraction is 0 and "
@@ -299,7 +302,7 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False) -> 
           f"{concurrency} trials at once"
           + (f", grid {cfg.tune.grid_order}" if space.grid_size(domains) > 1 else ""), flush=True)
 
-    tuner = _tuner(cfg, domains, base, search_dir, grace, max_t, concurrency, search_alg, resume)
+    tuner = _tuner(cfg, domains, base, search_dir, grace, max_t, concurrency, search_alg, resume, code)
     results = tuner.fit()
     # The last trials' actors are ended as the search finishes, possibly in the middle of their abort.
     for trial_dir in sorted((search_dir / "trials").glob("*")):
@@ -311,7 +314,7 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False) -> 
 
 
 def _tuner(cfg: Config, domains: list[space.Domain], base: dict, search_dir: Path, grace: int, max_t: int,
-           concurrency: int, search_alg, resume: bool):
+           concurrency: int, search_alg, resume: bool, code: UserCode):
     """The Tuner of a new search, or the one `--resume` restores from `search_dir`."""
     from ray import tune
     from ray.tune import Tuner
@@ -327,7 +330,7 @@ def _tuner(cfg: Config, domains: list[space.Domain], base: dict, search_dir: Pat
     promotion = cfg.tune.asha_variant == "promotion"
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=base, search_dir=str(search_dir), metric=cfg.tune.metric,
-                             eval_at_samples=milestones, promotion=promotion),
+                             eval_at_samples=milestones, promotion=promotion, code=code),
         {"CPU": TRIAL_CPUS, here: trial_share(concurrency) if promotion else 0.001})
     if resume:
         return Tuner.restore(str(search_dir / "tune"), trainable, resume_unfinished=True, restart_errored=True)

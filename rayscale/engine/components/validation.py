@@ -4,6 +4,8 @@ evaluates every row of its own shard of the validation split; the sums are all-r
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -12,6 +14,7 @@ from rayscale.data.collate import micro_batches
 from rayscale.data.sources import DataSpec
 from rayscale.engine import distributed, tasks
 from rayscale.engine.precision import Precision
+from rayscale.engine.user_metrics import UserMetrics
 from rayscale.math.batching import BatchPlan
 
 
@@ -39,11 +42,15 @@ class ValidationSchedule:
 
 
 def evaluate(model: torch.nn.Module, blocks, plan: BatchPlan, spec: DataSpec, precision: Precision,
-             device: torch.device) -> dict[str, float]:
-    """Validation loss (and accuracy) over all validation rows: `blocks` are this rank's shard (numpy blocks in
-    order), taken a worker's batch of `plan` at a time in its micro-batches; the sums of every rank together."""
+             device: torch.device, objective: tasks.Objective | None = None,
+             metrics: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """Validation loss (and accuracy, and the user's metrics as val_<name>) over all validation rows: `blocks`
+    are this rank's shard (numpy blocks in order), taken a worker's batch of `plan` at a time in its
+    micro-batches; the sums of every rank together. `objective`: the loss (the task's by default)."""
+    objective = objective or tasks.Objective(spec.task)
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
+    own = UserMetrics(metrics or {}, device)
     alone = dataclasses.replace(plan, global_batch_size=plan.per_worker_batch_size, num_workers=1)
     assembler = StepAssembler(alone, 0)
     with torch.no_grad():
@@ -51,17 +58,19 @@ def evaluate(model: torch.nn.Module, blocks, plan: BatchPlan, spec: DataSpec, pr
             for batch in micro_batches(step, plan.micro_batch_size, device):
                 with precision.autocast():
                     output = tasks.forward(model, batch)
-                sums[0] += tasks.loss_sum(spec.task, output, batch).double()
+                loss, count = objective.loss(output, batch)
+                sums[0] += loss.double()
                 hits = tasks.correct(spec.task, output, batch)
                 if hits is not None:
                     sums[1] += hits.double()
-                sums[2] += tasks.count(spec.task, batch).double()
+                sums[2] += (count if count is not None else objective.count(batch)).double()
+                own.update(output, batch)
     model.train()
-    loss, correct, count = distributed.all_reduce(sums, device).tolist()
+    loss, correct, count, *reduced = distributed.all_reduce([*sums.tolist(), *own.sums()], device).tolist()
     metrics = {"val_loss": loss / max(count, 1e-12)}
     if spec.task != "regression":
         metrics["val_accuracy"] = correct / max(count, 1e-12)
-    return metrics
+    return {**metrics, **own.results(reduced)}
 
 
 def at_micro_batch(plan: BatchPlan, micro_batch_size: int) -> BatchPlan:

@@ -1,0 +1,332 @@
+"""Your own model, loss and metrics: factories sized by the data, outputs as tensors, dicts or `.logits`,
+activation checkpointing on user models, per-sample losses with their own weights (accumulation exact),
+masked tokens, one label per sequence, metrics (functions and torchmetrics) reduced over ranks exactly, and
+the Python API's check that an object can reach the workers."""
+
+from __future__ import annotations
+
+import copy
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+import torch.nn.functional as F
+import user_code
+from inprocess import train
+from parquet_fixtures import write
+from torch import nn
+
+import rayscale
+from rayscale import config
+from rayscale.api import with_code
+from rayscale.config import ModelConfig
+from rayscale.data import sources
+from rayscale.data.collate import collate
+from rayscale.engine.precision import Precision
+from rayscale.engine.step import train_step
+from rayscale.engine.tasks import IGNORE_INDEX, DataSpec, Objective, correct, count, forward, logits_of
+from rayscale.errors import UserError
+from rayscale.models import build_model
+from rayscale.plugins import UserCode, import_path
+
+FP32 = Precision("fp32", "cpu")
+LOCK = threading.Lock()  # what no pickle can take
+TABULAR = DataSpec("classification", (6,), num_outputs=3)
+BASE = ("train.epochs=1", "batch.global_batch_size=64", "data.lanes=2")
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+def test_a_user_factory_gets_the_data_sizes_its_signature_names_and_kwargs_win():
+    model = build_model(ModelConfig(name="user_code:sized_mlp"), TABULAR)
+    assert (model.blocks[0][0].in_features, model.head.out_features) == (6, 3)
+    wider = build_model(ModelConfig(name="user_code:sized_mlp", kwargs={"num_classes": 7, "hidden": 4}), TABULAR)
+    assert (wider.blocks[0][0].out_features, wider.head.out_features) == (4, 7)
+
+
+@dataclass
+class HuggingFaceStyle:
+    logits: torch.Tensor
+    loss: None = None
+
+
+@pytest.mark.parametrize("wrap", [
+    pytest.param(lambda t: t, id="tensor"),
+    pytest.param(lambda t: {"logits": t, "hidden_states": None}, id="dict"),
+    pytest.param(lambda t: HuggingFaceStyle(t), id="object-with-logits"),
+    pytest.param(lambda t: (t, "past"), id="tuple"),
+])
+def test_a_models_output_may_be_a_tensor_a_dict_an_object_with_logits_or_a_tuple(wrap):
+    logits = torch.randn(4, 3)
+    assert logits_of(wrap(logits)) is logits
+
+
+def test_an_output_without_logits_is_refused_naming_what_came():
+    with pytest.raises(TypeError, match=r"returned dict \(keys: scores\); expected a tensor"):
+        logits_of({"scores": torch.zeros(1)})
+    model = build_model(ModelConfig(name="user_code:DictOutput"), TABULAR)
+    assert forward(model, {"x": torch.randn(5, 6)}).shape == (5, 3)
+
+
+class Recomputes(nn.Module):
+    """Counts forwards of its hidden block: checkpointing runs it again in backward. Switched on by an
+    `activation_checkpointing` attribute it reads itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.calls = 0
+        self.activation_checkpointing = False
+
+    def checkpointed(self) -> bool:
+        return self.activation_checkpointing
+
+    def block(self, x):
+        self.calls += 1
+        return torch.tanh(self.hidden(x))
+
+    def forward(self, x):
+        if self.checkpointed():
+            return self.head(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False))
+        return self.head(self.block(x))
+
+
+class HuggingFaceStyleRecomputes(Recomputes):
+    """Switched on as a Hugging Face model is, by a method (and no attribute of that name)."""
+
+    def __init__(self):
+        super().__init__()
+        del self.activation_checkpointing
+        self.gradient_checkpointing = False
+
+    def gradient_checkpointing_enable(self):
+        self.gradient_checkpointing = True
+
+    def checkpointed(self) -> bool:
+        return self.gradient_checkpointing
+
+
+@pytest.mark.parametrize("model_class", [Recomputes, HuggingFaceStyleRecomputes])
+def test_activation_checkpointing_reaches_a_user_model_and_leaves_the_gradients_alone(model_class):
+    torch.manual_seed(0)
+    original = model_class()
+    plain = build_model(ModelConfig(name="mlp"), TABULAR, original)
+    checkpointed = build_model(ModelConfig(name="mlp", activation_checkpointing=True), TABULAR, original)
+    x = torch.randn(4, 6)
+    grads = []
+    for model in (plain, checkpointed):
+        model(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert (plain.calls, checkpointed.calls, original.calls) == (1, 2, 0)  # recomputed in backward; copies
+    assert all(torch.allclose(a, b) for a, b in zip(*grads, strict=True))
+
+
+def test_activation_checkpointing_on_a_model_that_cannot_is_one_clear_error():
+    with pytest.raises(UserError, match=r"model.activation_checkpointing: model's Linear supports none of"):
+        build_model(ModelConfig(name="mlp", activation_checkpointing=True), TABULAR, nn.Linear(6, 3))
+
+
+def test_a_factory_that_takes_the_switch_gets_it():
+    seen = []
+
+    def factory(input_shape, num_classes, activation_checkpointing=False):
+        seen.append(activation_checkpointing)
+        return nn.Linear(input_shape[0], num_classes)
+
+    build_model(ModelConfig(name="mlp", activation_checkpointing=True), TABULAR, factory)
+    assert seen == [True]
+
+
+# -------------------------------------------------------------------------------------------------- losses
+
+def _params(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _step(loss, sizes, x, y):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    bounds = np.cumsum([0, *sizes])
+    micro = [{"x": x[a:b], "y": y[a:b]} for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    result = train_step(model, micro, optimizer, task=Objective("classification", loss), lr=0.5, precision=FP32)
+    return _params(model), result
+
+
+def _data(rows=10):
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(rows, 6, generator=generator, dtype=torch.float64), torch.randint(0, 3, (rows,),
+                                                                                         generator=generator)
+
+
+def test_a_per_sample_user_loss_trains_exactly_as_the_builtin_one():
+    x, y = _data()
+    builtin, _ = _step(None, [10], x, y)
+    user, result = _step(user_code.per_sample_cross_entropy, [4, 4, 2], x, y)
+    assert torch.allclose(user, builtin, rtol=1e-12, atol=1e-14) and result.global_count.item() == 10
+
+
+def test_a_user_loss_with_its_own_weights_is_normalised_by_their_global_sum_across_micro_batches():
+    x, y = _data()
+    whole, result = _step(user_code.class_zero_counts_double, [10], x, y)
+    accumulated, _ = _step(user_code.class_zero_counts_double, [4, 4, 2], x, y)
+    assert result.global_count.item() == 10 + (y == 0).sum().item()
+    assert torch.allclose(accumulated, whole, rtol=1e-12, atol=1e-14)
+    # By hand: the weighted mean of the per-sample losses, one SGD step.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    weights = 1.0 + (y == 0).double()
+    (F.cross_entropy(model(x), y, reduction="none") * weights).sum().div(weights.sum()).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.5 * p.grad
+    assert torch.allclose(whole, _params(model), rtol=1e-12, atol=1e-14)
+
+
+def test_a_user_loss_that_reduces_is_refused_with_the_shape_it_returned():
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"train.loss: returned losses of shape \(\); expected one per sample"):
+        _step(lambda output, batch: F.cross_entropy(output, batch["y"]), [10], x, y)
+
+
+# ------------------------------------------------------------------------------------ tokens and sequences
+
+def test_masked_tokens_count_nowhere_and_accumulation_stays_exact():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 11, (6, 5), generator=generator)
+    y = torch.randint(0, 4, (6, 5), generator=generator)
+    y[0, :3] = IGNORE_INDEX
+    y[3, 1] = IGNORE_INDEX
+    lengths = torch.tensor([5, 1, 3, 2, 5, 4])
+    mask = torch.arange(5)[None, :] < lengths[:, None]
+    batch = {"x": x, "y": y, "mask": mask}
+    real = int(lengths.sum()) - 3 - 1
+    assert count("token_classification", batch).item() == real
+    output = torch.randn(6, 5, 4)
+    # The masked tokens' labels are not classes: accuracy over the others only.
+    hits = ((output.argmax(-1) == y) & mask & (y != IGNORE_INDEX)).sum()
+    assert correct("token_classification", output, batch).item() == hits.item()
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embedding, self.head = nn.Embedding(11, 8), nn.Linear(8, 4)
+
+        def forward(self, tokens, mask):
+            return self.head(self.embedding(tokens))
+
+    def run(sizes):
+        model = Tokens().double()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        bounds = np.cumsum([0, *sizes])
+        micro = [{k: v[a:b] for k, v in batch.items()} for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        result = train_step(model, micro, optimizer, task="token_classification", lr=1.0, precision=FP32)
+        return _params(model), result
+
+    whole, result = run([6])
+    accumulated, _ = run([2, 3, 1])
+    assert result.global_count.item() == real
+    assert torch.allclose(accumulated, whole, rtol=1e-12, atol=1e-14)
+
+
+def _token_rows(rows: int, *, per_sequence: bool, masked: bool = True) -> pa.Table:
+    rng = np.random.default_rng(0)
+    tokens = [rng.integers(1, 12, size=rng.integers(2, 9)).tolist() for _ in range(rows)]
+    if per_sequence:
+        labels = [seq[0] % 3 for seq in tokens]  # the class is in the first token
+    else:
+        labels = [[t % 3 for t in seq] for seq in tokens]
+        if masked:
+            for seq in labels:
+                seq[0] = IGNORE_INDEX  # as a causal LM masks the first position
+    return pa.table({"tokens": pa.array(tokens, pa.list_(pa.int64())), "label": labels})
+
+
+def test_a_token_column_with_masked_labels_is_read_and_other_negatives_are_refused(tmp_path):
+    data = config.load(overrides=["data.sequence=tokens", "data.num_classes=3"]).data
+    info = sources.inspect_source(write(tmp_path / "ok.parquet", _token_rows(40, per_sequence=False)), data, 0)
+    assert info.spec.task == "token_classification"
+    rows = sources.read_chunk("parquet", info.chunks[0], data, 0)
+    assert all(labels[0] == IGNORE_INDEX for labels in rows["y"])
+    bad = _token_rows(40, per_sequence=False)
+    labels = bad.column("label").to_pylist()
+    labels[7][1] = -5
+    bad = bad.set_column(1, "label", pa.array(labels))
+    with pytest.raises(UserError, match=r"has label -5 \(row 7\); expected classes 0 to 2 .* or -100"):
+        sources.inspect_source(write(tmp_path / "bad.parquet", bad), data, 0)
+
+
+def test_one_label_per_sequence_reads_collates_and_trains_the_pooled_transformer(tmp_path):
+    source = write(tmp_path / "seq.parquet", _token_rows(600, per_sequence=True), row_group_size=150)
+    data = config.load(overrides=["data.sequence=tokens"]).data
+    info = sources.inspect_source(source, data, 0)
+    assert info.spec.task == "sequence_classification" and info.spec.num_outputs == 3
+    batch = collate(sources.read_chunk("parquet", info.chunks[0], data, 0), torch.device("cpu"))
+    assert batch["y"].shape == (150,) and batch["mask"].shape == batch["x"].shape
+    model = build_model(ModelConfig(name="transformer"), info.spec)
+    assert forward(model, batch).shape == (150, 3)
+    run = train(tmp_path, "seq", f"data.source={source}", "data.sequence=tokens", "model.name=transformer",
+                "train.epochs=6", "batch.global_batch_size=32", "optim.name=adamw", "optim.lr=0.003",
+                "schedule.warmup_samples=0", "train.noise_scale=false")
+    assert run.summary["data_spec"]["task"] == "sequence_classification"
+    assert run.summary["final"]["val_accuracy"] > 0.8  # chance is 1/3
+
+
+# ------------------------------------------------------------------------------------------------- metrics
+
+def test_metrics_and_a_weighted_user_loss_on_two_ranks_reduce_exactly(tmp_path):
+    from torchmetrics.classification import MulticlassAccuracy
+
+    code = UserCode(loss=user_code.cross_entropy_weighted_by_one,
+                    metrics=(("hit", user_code.hit), ("micro_accuracy", MulticlassAccuracy(10, average="micro"))))
+    builtin = train(tmp_path, "builtin", *BASE, workers=2)
+    user = train(tmp_path, "user", *BASE, workers=2, code=code)
+    # Weights of 1 from the loss: the count the step corrects to is the one it scaled by, so nothing moves.
+    assert all(torch.equal(user.model[k], builtin.model[k]) for k in builtin.model)
+    final = user.summary["final"]
+    # (float32 sums in another order: the built-in one sums inside cross_entropy)
+    assert final["val_loss"] == pytest.approx(builtin.summary["final"]["val_loss"], rel=1e-6)
+    assert final["val_hit"] == final["val_accuracy"]  # the same sums, all-reduced with val_loss
+    assert final["val_micro_accuracy"] == pytest.approx(final["val_accuracy"], abs=1e-6)  # torchmetrics' sync
+    assert user.summary["python_objects"] == {"loss": "user_code.cross_entropy_weighted_by_one",
+                                              "metrics.hit": "user_code.hit",
+                                              "metrics.micro_accuracy": "torchmetrics.classification."
+                                                                        "accuracy.MulticlassAccuracy"}
+    evaluations = [line for line in user.lines if line.get("evaluation")]
+    assert evaluations and all("val_hit" in line and "val_micro_accuracy" in line for line in evaluations)
+
+
+def test_metrics_named_in_the_config_are_imported_and_a_bad_name_fails_before_training(tmp_path):
+    run = train(tmp_path, "named", *BASE, "train.metrics={hit: user_code:hit}", "train.loss=user_code:per_sample_cross_entropy")
+    assert run.summary["final"]["val_hit"] == run.summary["final"]["val_accuracy"]
+    with pytest.raises(UserError, match="train.metrics.f1: user_code has no attribute f1"):
+        train(tmp_path, "bad", *BASE, "train.metrics={f1: user_code:f1}")
+    assert not (tmp_path / "bad").exists()
+
+
+# ---------------------------------------------------------------------------------------- the Python API
+
+def test_importable_objects_are_named_in_the_config_and_the_rest_travel_as_objects():
+    cfg, code = with_code(config.load(), user_code.sized_mlp, lambda output, batch: output.sum(dim=1),
+                          {"hit": user_code.hit, "local": lambda output, batch: output[:, 0]})
+    assert cfg.model.name == "user_code:sized_mlp" and cfg.train.metrics == {"hit": "user_code:hit"}
+    assert cfg.train.loss is None and code.loss is not None and [n for n, _ in code.metrics] == ["local"]
+    assert import_path(copy.deepcopy) == "copy:deepcopy" and import_path(nn.Linear(1, 1)) is None
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"loss": lambda output, batch, lock=LOCK: output}, r"loss: cannot be sent to the workers \(TypeError"),
+    ({"model": 3}, "model: expected a torch.nn.Module or a factory returning one, got int"),
+    ({"metrics": {"f 1": user_code.hit}}, r"metrics\['f 1'\]: expected an identifier"),
+    ({"model": lambda: nn.Linear(2, 3), "overrides": {"model.kwargs": {"width": 3}}},
+     r"model.kwargs: <lambda>\(\) does not accept them"),
+])
+def test_objects_that_cannot_reach_the_workers_or_be_used_fail_before_anything_runs(tmp_path, kwargs, message):
+    overrides = {"run.output_dir": str(tmp_path), **kwargs.pop("overrides", {})}
+    with pytest.raises(UserError, match=message):
+        rayscale.train(overrides=overrides, **kwargs)
+    assert list(tmp_path.iterdir()) == []
