@@ -1,4 +1,6 @@
-"""`rayscale` command line: parse, then call library functions. Nothing runs at import time.
+"""`rayscale` command line: parse, then call the Python API (rayscale/api.py) or a tool.
+
+Nothing runs at import time.
 
 Bad input (a `UserError`) is printed as one line on stderr with exit code 2; `--debug` shows the traceback.
 """
@@ -30,7 +32,8 @@ def _cluster_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rayscale", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="rayscale", description="Train and tune PyTorch models on Ray: Ray Data "
+                                     "into Ray Train DDP workers, Ray Tune ASHA over them.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for bad input")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -96,15 +99,17 @@ def cmd_config_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from rayscale.launch.trainer import train_from_cli
+    from rayscale import api
 
-    return train_from_cli(args.config, args.overrides, address=args.address)
+    api.train(args.config, overrides=args.overrides, address=args.address)
+    return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from rayscale.tune.search import tune_from_cli
+    from rayscale import api
 
-    return tune_from_cli(args.config, args.overrides, address=args.address, resume=args.resume)
+    api.tune(args.config, overrides=args.overrides, address=args.address, resume=args.resume)
+    return 0
 
 
 def cmd_find_batch_size(args: argparse.Namespace) -> int:

@@ -442,3 +442,46 @@ def test_a_worker_killed_inside_a_slow_upload_then_one_frozen_restart_from_check
     # for the 1.5 s its upload slept: a synchronous upload would take at least that every time.
     held = sorted(line["checkpoint_s"] for line in lines if line["checkpoint_s"] > 0)
     assert held and held[len(held) // 2] < 0.5, held
+
+
+def test_the_python_api_ships_a_model_object_a_lambda_loss_and_metrics_to_two_ray_workers(ray_session, tmp_path):
+    """Objects no worker could import (a module instance, lambdas defined here) travel pickled to both workers;
+    the metrics come back reduced over them, and the run's model loads with the module handed in again."""
+    import torch.nn.functional as F
+    from torchmetrics.classification import MulticlassAccuracy
+
+    import rayscale
+    from rayscale.models import MLP
+
+    torch.manual_seed(3)
+    model = MLP(in_features=64, num_outputs=10, hidden_sizes=(32,))
+    result = rayscale.train(
+        {"train": {"epochs": 2}, "batch": {"global_batch_size": 64}},
+        overrides={"run.output_dir": str(tmp_path), "run.name": "objects", "scaling.num_workers": 2},
+        model=model, loss=lambda output, batch: F.cross_entropy(output, batch["y"], reduction="none"),
+        metrics={"hit": lambda output, batch: (output.argmax(dim=-1) == batch["y"]).float(),
+                 "micro_accuracy": MulticlassAccuracy(10, average="micro")})
+    final = result.final
+    assert result.summary["world_size"] == 2 and final["val_accuracy"] > 0.8
+    assert final["val_hit"] == final["val_accuracy"]
+    assert final["val_micro_accuracy"] == pytest.approx(final["val_accuracy"], abs=1e-6)
+    assert set(result.summary["python_objects"]) == {"model", "loss", "metrics.hit", "metrics.micro_accuracy"}
+    with pytest.raises(rayscale.UserError, match="pass it again: rayscale.load_model"):
+        result.load_model()
+    loaded = result.load_model(model=model)
+    weights = torch.load(result.run_dir / "model.pt")
+    assert all(torch.equal(loaded.state_dict()[k], weights[k]) for k in weights)
+    assert not torch.equal(weights["head.weight"], model.head.weight)  # trained a copy; the caller's is as it was
+
+
+def test_rayscale_tune_ranks_trials_by_a_metric_handed_in_as_an_object(ray_session, tmp_path):
+    import rayscale
+
+    search = rayscale.tune(
+        {"tune": {"num_samples": 1, "max_concurrent_trials": 1, "metric": "val_hit", "mode": "max",
+                  "space": {"optim.lr": {"grid": [0.0001, 0.3]}}, "grid_order": "listed"}},
+        overrides={"run.output_dir": str(tmp_path), "run.name": "by_hit", "scaling.num_workers": 1,
+                   "train.epochs": 1},
+        metrics={"hit": lambda output, batch: (output.argmax(dim=-1) == batch["y"]).float()})
+    assert [float(trial["optim.lr"]) for trial in search.trials] == [0.3, 0.0001]  # best val_hit first
+    assert float(search.best["best_val_hit"]) > 0.5 and search.best_config_path.is_file()

@@ -176,9 +176,3 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
         summary = write_outputs(prepared, Path(directory), started, first_step_at, phases)
     print_summary(summary)
     return summary
-
-
-def train_from_cli(config_path: str | None, overrides: list[str], address: str | None = None) -> int:
-    cfg = config_module.load(config_path, overrides)
-    train(cfg, address=address)
-    return 0

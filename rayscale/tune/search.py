@@ -420,9 +420,3 @@ def _short(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}" if math.isfinite(value) else str(value)
     return "-" if value is None else str(value)
-
-
-def tune_from_cli(config_path: str | None, overrides: list[str], address: str | None, resume: bool) -> int:
-    cfg = config_module.load(config_path, overrides)
-    search(cfg, address=address, resume=resume)
-    return 0
