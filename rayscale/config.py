@@ -269,6 +269,8 @@ class RunConfig:
                                       "Train's health check) fails the attempt, which then restarts from the "
                                       "last checkpoint; Ray's defaults are 30 and 10 minutes", unit="seconds",
                                 minimum=1.0)
+    progress: str = key("auto", "auto: a progress bar with rate and ETA on an interactive terminal, else a line "
+                                "every train.log_every_samples; bar; lines", choices=("auto", "bar", "lines"))
     poll_interval_s: float = key(0.25, "how often Ray Train's controller polls its workers; every report (and "
                                        "checkpoint) waits for a poll, so Ray's 2 s default costs up to 2 s per "
                                        "epoch end", unit="seconds", minimum=0.01)

@@ -4,6 +4,7 @@ them (driver/outputs.py). What `rayscale train` adds on top is Ray: tests/test_p
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import pickle
@@ -56,7 +57,8 @@ class DrainOnAsk:
 
 
 def train(output_dir: Path, name: str, *overrides: str, workers: int = 1, eval_at_samples=(),
-          pause_at_samples=(), drain_on_ask: int | None = None, code: UserCode = NO_CODE) -> Trained:
+          pause_at_samples=(), drain_on_ask: int | None = None, code: UserCode = NO_CODE,
+          progress_lines: bool = True) -> Trained:
     """`rayscale train` for `overrides`, without Ray. Re-running the same name resumes, as there.
     `drain_on_ask`: a node is drained from that question of the loop on (one rank: HeldForRestart is raised
     after the drain's checkpoint). `code`: rayscale.train's model=, loss=, metrics= objects."""
@@ -71,7 +73,8 @@ def train(output_dir: Path, name: str, *overrides: str, workers: int = 1, eval_a
         groups.unlink(missing_ok=True)
     record_group(groups, in_process=True)  # as local mode does: each run of the loop is one worker group
     (prepared.run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(cfg), sort_keys=False))
-    payload = worker_payload(prepared, eval_at_samples, pause_at_samples)
+    payload = dataclasses.replace(worker_payload(prepared, eval_at_samples, pause_at_samples),
+                                  progress_lines=progress_lines)
     feed = LocalReads(prepared.train, prepared.val)
     if workers == 1:
         reports = _rank(0, 1, 0, payload, feed, drain_on_ask)

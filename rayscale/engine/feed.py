@@ -158,7 +158,7 @@ class EpochFeed:
         run.state.epoch, run.state.step_in_epoch = epoch + 1, 0
         loop.set_validation(val)
         line = loop.line(epoch, epoch_end=True, evaluation=bool(val), validation=val)
-        run.say(f"epoch {epoch + 1}/{self.epochs} done: samples {run.state.samples_seen:,} {shown(val)}")
+        run.progress(f"epoch {epoch + 1}/{self.epochs} done: samples {run.state.samples_seen:,} {shown(val)}")
         for component in loop.components:
             component.end_epoch(run, epoch)
         loop.metrics.reported()

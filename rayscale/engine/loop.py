@@ -90,7 +90,7 @@ class TrainLoop:
                   NonFiniteGuard(cfg.train.max_nonfinite_steps), state, plan, lr, plan.micro_batch_size,
                   payload.train_rows, payload.val_rows,
                   Objective(payload.spec.task, payload.code.loss_fn(cfg.train.loss)),
-                  payload.code.metric_fns(cfg.train.metrics))
+                  payload.code.metric_fns(cfg.train.metrics), payload.progress_lines)
         self.components = self._components(run, restored is not None)
         if restored is not None:
             checkpoint.restore(restored.saved, model, run.optimizer, run.precision.scaler)
@@ -197,7 +197,7 @@ class TrainLoop:
         inside = seen < segment.end_samples
         if self.metrics.due(seen) and inside:
             line, wanted = self.line_and_wish(segment.epoch)
-            run.say(f"{where} samples {seen:,} loss {line.train_loss:.4f} lr {line.lr:.4g} "
+            run.progress(f"{where} samples {seen:,} loss {line.train_loss:.4f} lr {line.lr:.4g} "
                     f"{line.samples_per_sec:,.0f} samples/s")
             if wanted:
                 self.metrics.reported()
@@ -206,7 +206,7 @@ class TrainLoop:
             val = self.validate()
             self.set_validation(val)
             line = self.line(segment.epoch, evaluation=True, validation=val)
-            run.say(f"{where} samples {seen:,} {shown(val)}")
+            run.progress(f"{where} samples {seen:,} {shown(val)}")
             self.metrics.reported()
             if self.rung_pause.pause_if_reached(seen):
                 self.save(line.to_json())  # the rung's result and its checkpoint

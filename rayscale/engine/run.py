@@ -35,11 +35,18 @@ class Run:
     val_rows: int
     objective: Objective  # the task's loss, or train.loss
     metrics: dict  # train.metrics by name: functions and torchmetrics objects (engine/user_metrics.py)
+    progress_lines: bool = True  # False: the driver draws a progress bar from metrics.jsonl instead
 
     def where(self, epoch: int) -> str:
         return "online" if self.cfg.data.online else f"epoch {epoch + 1}/{self.cfg.train.epochs}"
 
     def say(self, text: str) -> None:
-        """A progress line, from rank 0 only."""
+        """A line for the user, from rank 0 only."""
         if self.rank == 0:
             print(f"[rayscale] {text}", flush=True)
+
+    def progress(self, text: str) -> None:
+        """A periodic progress line (a log interval, a validation, an epoch end): left out while the driver
+        draws a bar (driver/progress.py)."""
+        if self.progress_lines:
+            self.say(text)

@@ -47,6 +47,7 @@ class WorkerPayload:
     ps_shards: tuple[tuple[int, ...], ...] = ()  # and each one's parameter indices
     watch_drains: bool = False  # on a cluster with Ray's preemption watcher: checkpoint when a node is drained
     code: UserCode = UserCode()  # rayscale.train's model=, loss=, metrics= (crosses pickled, as Ray sends it)
+    progress_lines: bool = True  # rank 0 prints a line every log interval (False: the driver draws a bar)
 
     def to_dict(self) -> dict:
         # The split specs cross as objects (Ray pickles them): they hold the source's chunk list and data config.

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import yaml
@@ -18,8 +20,9 @@ from rayscale.config import Config
 from rayscale.data.datasets import quiet_ray_data
 from rayscale.driver.outputs import print_summary, read_metrics, startup_phases, write_outputs
 from rayscale.driver.prepare import NO_CODE, PreparedRun, check_same_config, prepare, worker_payload
+from rayscale.driver.progress import ProgressBar, wants_bar
 from rayscale.errors import UserError
-from rayscale.files import CONFIG_FILE, GROUPS_FILE
+from rayscale.files import CONFIG_FILE, GROUPS_FILE, METRICS_FILE
 from rayscale.launch.callbacks import controller_callback, record_group
 from rayscale.launch.connect import PREEMPTION_WATCHER_ENV, connect
 from rayscale.launch.fit import check_cluster_fits, check_fits_before_start
@@ -32,7 +35,7 @@ POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # and this one (default
 
 def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, name: str = "checkpoints",
                   callbacks: list | None = None, eval_at_samples: list[int] | tuple[int, ...] = (),
-                  pause_at_samples: list[int] | tuple[int, ...] = ()):
+                  pause_at_samples: list[int] | tuple[int, ...] = (), progress_lines: bool = True):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -50,7 +53,7 @@ def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, nam
     # No datasets here: each worker builds the Ray Data reads of its own lanes and validation shard
     # (launch/ray_context.py), which only it knows once the group's size is known.
     payload = dataclasses.replace(worker_payload(prepared, eval_at_samples, pause_at_samples),
-                                  watch_drains=watches_drains())
+                                  watch_drains=watches_drains(), progress_lines=progress_lines)
     if cfg.train.strategy == "parameter_server":
         from rayscale.launch.ps_actors import start_servers
 
@@ -154,9 +157,14 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
     print(f"[rayscale] run directory {prepared.run_dir}", flush=True)
     if cfg.scaling.num_workers == 0:  # local mode: this process is the one "worker group" (no controller)
         record_group(groups, local=True)
+    bar = wants_bar(cfg.run.progress, sys.stdout)
     try:
-        result = build_trainer(prepared, callbacks=[*(callbacks or []), controller_callback(groups, cfg.scaling.elastic)],
-                               eval_at_samples=eval_at_samples, pause_at_samples=pause_at_samples).fit()
+        fitting = build_trainer(prepared, callbacks=[*(callbacks or []), controller_callback(groups, cfg.scaling.elastic)],
+                                eval_at_samples=eval_at_samples, pause_at_samples=pause_at_samples,
+                                progress_lines=not bar)
+        with ProgressBar(prepared.run_dir / METRICS_FILE, None if cfg.data.online else
+                         cfg.train.epochs * prepared.train_rows, cfg.train.epochs) if bar else nullcontext():
+            result = fitting.fit()
     except Exception as exc:
         # Bad input found only while the data streams (a NaN in a later row group, a file changed mid-run)
         # is still the user's one-line error, not a traceback from inside a worker.

@@ -177,6 +177,7 @@ def _trial(sampled: dict, base: dict, search_dir: str, metric: str, eval_at_samp
 
     cfg = space.apply(base, sampled_values(sampled))
     cfg.run.output_dir = str(Path(search_dir) / "trials")
+    cfg.run.progress = "lines"  # a trial's output is its actor's log; Tune's own table shows the search
     trial_id = cfg.run.name = tune.get_context().get_trial_id()
     finished = _finished_records(cfg)
     if finished:

@@ -1,0 +1,92 @@
+"""run.progress: on an interactive terminal the driver draws a progress bar (tqdm: samples, rate, ETA, the
+latest loss and validation) from the metrics.jsonl rank 0 writes, and the workers leave out their periodic
+lines; anywhere else (`ray job logs`, a file, a pipe) the workers print a plain line every
+train.log_every_samples, as they always have.
+
+The bar follows the run directory on the driver's filesystem, where rank 0 writes the log on one node (a
+laptop, one machine); on a multi-node cluster rank 0 may write on another node, and the bar then stays at 0
+until the run ends (run.progress lines gives the workers' own lines there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import IO
+
+from rayscale.engine.components.validation import shown
+
+POLL_S = 0.5
+
+
+def wants_bar(mode: str, stream: IO) -> bool:
+    """run.progress: bar, lines, or auto (a bar when `stream` is an interactive terminal)."""
+    if mode != "auto":
+        return mode == "bar"
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a replaced or closed stream
+        return False
+
+
+class ProgressBar:
+    """A tqdm bar over a run's metrics.jsonl, updated by a thread while the run trains (a context manager)."""
+
+    def __init__(self, metrics_path: Path, total_samples: int | None, epochs: int, file: IO | None = None):
+        from tqdm import tqdm
+
+        self.path, self.epochs, self.file = Path(metrics_path), epochs, file
+        self.bar = tqdm(total=total_samples, unit=" samples", unit_scale=True, dynamic_ncols=True, file=file,
+                        desc="[rayscale] training", smoothing=0.1)
+        self.read_to, self.identity = 0, None
+        self.ended: set[int] = set()  # epochs whose end was written above the bar
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._follow, name="rayscale-progress", daemon=True)
+
+    def __enter__(self) -> ProgressBar:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.poll()  # the last lines, written after the thread's last look
+        self.bar.close()
+
+    def _follow(self) -> None:
+        while not self.stop.wait(POLL_S):
+            self.poll()
+
+    def poll(self) -> None:
+        """Read the lines added since the last look; a rewritten log (a resumed run keeps the lines up to its
+        checkpoint) is read again from its start."""
+        try:
+            status = os.stat(self.path)
+        except FileNotFoundError:
+            return
+        if (status.st_ino, status.st_dev) != self.identity or status.st_size < self.read_to:
+            self.identity, self.read_to = (status.st_ino, status.st_dev), 0
+        if status.st_size == self.read_to:
+            return
+        with open(self.path, "rb") as log:
+            log.seek(self.read_to)
+            added = log.read()
+        complete = added[:added.rfind(b"\n") + 1]  # a line being written is read next time
+        self.read_to += len(complete)
+        for raw in complete.splitlines():
+            if raw.strip():
+                self.show(json.loads(raw))
+
+    def show(self, line: dict) -> None:
+        self.bar.update(line["samples_seen"] - self.bar.n)  # absolute: a resumed run's lines move it back
+        postfix = {"loss": f"{line['train_loss']:.4f}"} if line.get("train_loss") is not None else {}
+        validation = {key: value for key, value in line.items() if key.startswith("val_")}
+        postfix.update({key: f"{value:.4f}" for key, value in validation.items()})
+        self.bar.set_postfix(postfix, refresh=False)
+        if line.get("epoch_end") and line["epoch"] not in self.ended:
+            self.ended.add(line["epoch"])
+            self.bar.write(f"[rayscale] epoch {line['epoch'] + 1}/{self.epochs} done: samples "
+                           f"{line['samples_seen']:,} {shown(validation)}".rstrip(), file=self.file)
+        self.bar.refresh()

@@ -1,0 +1,74 @@
+"""run.progress: the driver's bar over metrics.jsonl on an interactive terminal, the workers' lines elsewhere."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import pytest
+from inprocess import train
+
+from rayscale.driver import progress
+from rayscale.driver.progress import ProgressBar, wants_bar
+from rayscale.engine import checkpoint
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("mode, stream, expected", [
+    ("auto", Terminal(), True), ("auto", io.StringIO(), False), ("bar", io.StringIO(), True),
+    ("lines", Terminal(), False),
+])
+def test_auto_draws_a_bar_only_on_an_interactive_terminal(mode, stream, expected):
+    assert wants_bar(mode, stream) is expected
+
+
+def _line(samples, **extra):
+    return {"samples_seen": samples, "epoch": 0, "train_loss": 1.5, **extra}
+
+
+def test_the_bar_follows_the_log_with_rate_eta_loss_and_epoch_ends_even_when_a_resume_rewrites_it(tmp_path):
+    log, screen = tmp_path / "metrics.jsonl", io.StringIO()
+    bar = ProgressBar(log, total_samples=1000, epochs=2, file=screen)
+    bar.poll()  # no log yet: nothing to show
+    log.write_text(json.dumps(_line(200)) + "\n" + json.dumps(_line(500, epoch_end=True, val_loss=0.25)) + "\n"
+                   + '{"samples_seen": 6')  # a line being written: read next time
+    bar.poll()
+    assert bar.bar.n == 500 and "val_loss 0.2500" in screen.getvalue()
+    assert "epoch 1/2 done: samples 500 val_loss 0.2500" in screen.getvalue()
+    assert "500/1" in screen.getvalue() and "loss=1.5000" in screen.getvalue()
+    # Resumed from the epoch end: the log is rewritten up to it, and the bar goes on from there.
+    checkpoint.write_bytes_atomic(log, (json.dumps(_line(500, epoch_end=True)) + "\n"
+                                        + json.dumps(_line(700, epoch=1)) + "\n").encode())
+    bar.poll()
+    assert bar.bar.n == 700 and screen.getvalue().count("epoch 1/2 done") == 1
+    bar.bar.close()
+
+
+def test_the_bar_thread_reads_lines_written_while_it_runs_and_the_last_ones_at_exit(tmp_path, monkeypatch):
+    monkeypatch.setattr(progress, "POLL_S", 0.01)
+    log, screen = tmp_path / "metrics.jsonl", io.StringIO()
+    with ProgressBar(log, total_samples=None, epochs=1, file=screen) as bar:
+        log.write_text(json.dumps(_line(64)) + "\n")
+        deadline = time.time() + 10
+        while bar.bar.n != 64 and time.time() < deadline:
+            time.sleep(0.01)
+        assert bar.bar.n == 64
+        with open(log, "a") as handle:
+            handle.write(json.dumps(_line(128, epoch_end=True)) + "\n")
+    assert bar.bar.n == 128 and "epoch 1/1 done" in screen.getvalue()
+
+
+def test_with_a_bar_the_workers_leave_out_their_periodic_lines_only(tmp_path, capsys):
+    train(tmp_path, "quiet", "train.epochs=1", "batch.global_batch_size=64", "train.log_every_samples=256",
+          progress_lines=False)
+    quiet = capsys.readouterr().out
+    train(tmp_path, "lines", "train.epochs=1", "batch.global_batch_size=64", "train.log_every_samples=256")
+    lines = capsys.readouterr().out
+    assert "samples 256 loss" in lines and "epoch 1/1 done" in lines
+    assert "loss" not in quiet and "done" not in quiet
+    assert "global batch 64" in quiet  # what the run is, said once, stays
