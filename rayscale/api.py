@@ -125,6 +125,16 @@ def tune(config: ConfigLike = None, *, overrides: Overrides = (), address: str |
     return SearchResult(run_directory(cfg), trials)
 
 
+def evaluate(run_dir: str | Path, data: str | None = None, *, model: Any = None, loss: Callable | None = None,
+             metrics: Mapping[str, Any] | None = None, device: str = "cpu", output: str | Path | None = None
+             ) -> dict:
+    """`rayscale eval`: the run's model over its validation split (or `data`, with the run's columns), in this
+    process; returns {"data", "rows", val_loss, ...} and writes it to RUN_DIR/eval.json (or `output`)."""
+    from rayscale.tools.evaluate import evaluate_run
+
+    return evaluate_run(run_dir, data, model=model, loss=loss, metrics=metrics, device=device, output=output)
+
+
 def with_code(cfg: config_module.Config, model: Any, loss: Callable | None, metrics: Mapping[str, Any] | None
               ) -> tuple[config_module.Config, UserCode]:
     """The config naming what can be named by import path, and the objects that travel pickled."""

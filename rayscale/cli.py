@@ -59,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     suggest.add_argument("--max-batch", type=int, help="largest global batch to consider (default: 64x the run's)")
     suggest.add_argument("--plot", help="where to write the figure (default: RUN_DIR/suggest.png)")
 
+    evaluation = commands.add_parser("eval", help="a finished run's model over its validation split or other data: "
+                                                 "val_loss, val_accuracy and train.metrics")
+    evaluation.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by rayscale train")
+    evaluation.add_argument("--data", help="a Parquet file, directory, glob or URI with the run's columns (default: "
+                                           "the run's validation split)")
+    evaluation.add_argument("--output", help="where to write the metrics as JSON (default: RUN_DIR/eval.json)")
+    evaluation.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+
     show = commands.add_parser("config", help="inspect configs").add_subparsers(dest="action", required=True)
     show_cmd = show.add_parser("show", help="print the resolved config and its derived values")
     _config_args(show_cmd)
@@ -140,6 +148,16 @@ def cmd_find_batch_size(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rayscale.engine.components.validation import shown
+    from rayscale.tools.evaluate import evaluate_run
+
+    found = evaluate_run(args.run_dir, args.data, device=args.device, output=args.output)
+    metrics = {key: value for key, value in found.items() if key not in ("data", "rows")}
+    print(f"[rayscale] eval of {args.run_dir} on {found['data']} ({found['rows']:,} rows): {shown(metrics)}")
+    return 0
+
+
 def cmd_suggest(args: argparse.Namespace) -> int:
     from rayscale.tools.suggest import suggest_from_cli
 
@@ -152,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train": cmd_train,
         "tune": cmd_tune,
         "suggest": cmd_suggest,
+        "eval": cmd_eval,
         "find-batch-size": cmd_find_batch_size,
         "config": lambda a: cmd_config_show(a) if a.action == "show" else cmd_config_keys(a),
     }[args.command]

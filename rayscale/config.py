@@ -103,6 +103,9 @@ class ModelConfig:
     name: str = key("mlp", "mlp | cnn | transformer | package.module:factory")
     kwargs: dict = key({}, "keyword arguments for the model factory (e.g. hidden_sizes, d_model); a user factory "
                            "also gets the data sizes its signature names (input_shape, num_classes, vocab_size, ...)")
+    init_from: str | None = key(None, "start a new run from these weights: a run directory, one of its "
+                                      "checkpoints, or a .safetensors or .pt state_dict file (a resumed run "
+                                      "continues from its own checkpoint); every worker reads it")
     activation_checkpointing: bool = key(False, "recompute activations in backward (built-in models; user models "
                                                 "through an activation_checkpointing argument or attribute, or "
                                                 "Hugging Face's gradient_checkpointing_enable)")

@@ -50,6 +50,8 @@ def prepare(cfg: Config, scope: str = "run", code: UserCode = NO_CODE) -> Prepar
     objects (model=, loss=, metrics=)."""
     plan = plan_batches(cfg.batch.global_batch_size, cfg.batch.micro_batch_size, cfg.scaling.num_workers)
     rules.check(cfg, scope)
+    if cfg.model.init_from is not None and "://" not in cfg.model.init_from:  # workers run in other directories
+        cfg.model.init_from = str(Path(cfg.model.init_from).expanduser().resolve())
     train, val, train_rows, val_rows = _splits(cfg)
     if train_rows == 0:
         raise UserError(f"data.source: {cfg.data.source} leaves no training rows")
@@ -96,6 +98,10 @@ def _check_model(cfg: Config, spec: sources.DataSpec, code: UserCode) -> None:
     from rayscale.models import build_model
 
     model = build_model(cfg.model, spec, code.model)
+    if cfg.model.init_from is not None:  # read on every worker too; a bad file or a misfit fails here first
+        from rayscale.models.export import start_from
+
+        start_from(model, cfg.model.init_from)
     build_optimizer(cfg.optim, model, cfg.optim.lr)
 
 

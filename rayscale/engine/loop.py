@@ -43,6 +43,7 @@ from rayscale.engine.tasks import Objective
 from rayscale.math.adaptive_batch import plan_for
 from rayscale.math.schedules import peak_lr, schedule_from_config
 from rayscale.models import build_model
+from rayscale.models.export import start_from
 
 
 class TrainLoop:
@@ -80,8 +81,10 @@ class TrainLoop:
         np.random.seed(cfg.seed)
         self.strategy = ParameterServer(context.parameter_client) if cfg.train.strategy == "parameter_server" \
             else DataParallel()
-        model = self.strategy.wrap(build_model(cfg.model, payload.spec, payload.code.model), context.device,
-                                   context.world_size)
+        model = build_model(cfg.model, payload.spec, payload.code.model)
+        if cfg.model.init_from is not None and restored is None:  # a resumed run has its own weights
+            start_from(model, cfg.model.init_from)
+        model = self.strategy.wrap(model, context.device, context.world_size)
         # The lr scales from optim.base_batch_size, or (null) from the initial global batch: an adaptive batch
         # moves the lr by the scaling rule; a fixed one is its own base.
         lr = peak_lr(cfg.optim, plan.global_batch_size, cfg.batch.global_batch_size)

@@ -57,6 +57,48 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu", model: n
     return built.to(device).eval()
 
 
+def initial_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """model.init_from's weights: a run directory's model, a checkpoint's, or a safetensors or torch file."""
+    from rayscale.engine.checkpoint import STATE_FILE, read_state
+
+    where = Path(path).expanduser()
+    if where.is_dir():
+        if (where / STATE_FILE).is_file():
+            return read_state(where).model
+        if (where / MODEL_SAFETENSORS_FILE).is_file() or (where / MODEL_FILE).is_file():
+            return read_weights(where)
+        raise UserError(f"model.init_from: {path} holds no {MODEL_SAFETENSORS_FILE}, {MODEL_FILE} or checkpoint "
+                        f"({STATE_FILE}); expected a run directory, a checkpoint or a weights file")
+    if not where.is_file():
+        raise UserError(f"model.init_from: {path} does not exist")
+    try:
+        if where.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(where))
+        weights = torch.load(where, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"model.init_from: cannot read {path} ({type(exc).__name__}: "
+                        f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
+    if not (isinstance(weights, dict) and all(isinstance(v, torch.Tensor) for v in weights.values())):
+        raise UserError(f"model.init_from: {path} is not a state_dict (a mapping of names to tensors)")
+    return weights
+
+
+def start_from(model: nn.Module, path: str | Path) -> None:
+    """Load model.init_from's weights into `model`, every name and shape matching (else one line saying which)."""
+    weights, own = initial_weights(path), model.state_dict()
+    missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+    wrong = [f"{name} {tuple(weights[name].shape)} vs {tuple(own[name].shape)}" for name in own
+             if name in weights and weights[name].shape != own[name].shape]
+    if missing or unexpected or wrong:
+        said = [f"missing {', '.join(missing[:3])}" if missing else "",
+                f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
+                f"shapes {', '.join(wrong[:3])}" if wrong else ""]
+        raise UserError(f"model.init_from: {path} does not fit the model ({'; '.join(s for s in said if s)})")
+    model.load_state_dict(weights)
+
+
 def read_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     safetensors, pickled = run_dir / MODEL_SAFETENSORS_FILE, run_dir / MODEL_FILE
     if safetensors.is_file():

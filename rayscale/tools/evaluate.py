@@ -1,0 +1,65 @@
+"""`rayscale eval RUN_DIR [--data SRC]`: a finished run's model over its validation split, or over other data
+with the run's columns, in this process (CPU, or the first GPU with --device cuda); the metrics the run logs at
+a validation (val_loss, val_accuracy, train.metrics), printed and written to RUN_DIR/eval.json (or --output)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from rayscale import config as config_module
+from rayscale.errors import UserError
+from rayscale.files import CONFIG_FILE
+
+EVAL_FILE = "eval.json"
+
+
+def evaluate_run(run_dir: str | Path, data: str | None = None, *, model: Any = None,
+                 loss: Callable | None = None, metrics: Mapping[str, Any] | None = None, device: str = "cpu",
+                 output: str | Path | None = None) -> dict:
+    """The run's model over `data` (default: the run's validation split): {"data", "rows", metrics...}, also
+    written to `output` (default RUN_DIR/eval.json). `model`, `loss`, `metrics`: as handed to rayscale.train,
+    for a run that got them as objects (the config's names are imported as in training)."""
+    import torch
+
+    from rayscale.data import sources
+    from rayscale.data.local_feed import read_shard
+    from rayscale.data.splits import SplitSpec, shard_reads, split_chunk_rows
+    from rayscale.driver.prepare import prepare
+    from rayscale.engine.components.validation import evaluate
+    from rayscale.engine.precision import make_precision
+    from rayscale.engine.tasks import Objective
+    from rayscale.models.export import load_model
+    from rayscale.plugins import UserCode
+
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise UserError(f"{run_dir}: no {CONFIG_FILE}; expected the directory of a finished rayscale run")
+    cfg = config_module.load(run_dir / CONFIG_FILE)
+    cfg.model = dataclasses.replace(cfg.model, init_from=None)  # the run's own weights are loaded below
+    prepared = prepare(cfg)
+    if data is None:
+        if prepared.val is None:
+            raise UserError(f"{run_dir}: the run has no validation split (data.val_fraction 0, no data.val_source); "
+                            f"give --data")
+        split, label = prepared.val, "validation split"
+    else:
+        info = sources.inspect_source(data, cfg.data, cfg.seed, key="--data")
+        if (info.spec.task, info.spec.input_shape[1:]) != (prepared.spec.task, prepared.spec.input_shape[1:]):
+            raise UserError(f"--data: {data} holds {info.spec.task} {info.spec.input_shape}, but the run trained on "
+                            f"{prepared.spec.task} {prepared.spec.input_shape}")
+        split, label = SplitSpec(info, "all", 0.0, cfg.data, cfg.seed), data
+    code = UserCode(model=model, loss=loss, metrics=tuple((metrics or {}).items()))
+    where = torch.device(device)
+    network = load_model(run_dir, where, model)
+    rows = split_chunk_rows(split)
+    found = evaluate(network, read_shard(split, shard_reads(rows, 1)[0]), prepared.plan, prepared.spec,
+                     make_precision(cfg.train.precision, where), where,
+                     Objective(prepared.spec.task, code.loss_fn(cfg.train.loss)), code.metric_fns(cfg.train.metrics))
+    result = {"data": label, "rows": sum(rows), **found}
+    destination = Path(output) if output is not None else run_dir / EVAL_FILE
+    destination.write_text(json.dumps(result, indent=2) + "\n")
+    return result

@@ -1,0 +1,91 @@
+"""`rayscale eval` / rayscale.evaluate and model.init_from, without Ray (tests/inprocess.py trains the runs)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from inprocess import train
+from parquet_fixtures import tabular, tabular_x, write
+
+import rayscale
+from rayscale import cli
+from rayscale.errors import UserError
+
+BASE = ("train.epochs=2", "batch.global_batch_size=64", "model.kwargs={hidden_sizes: [16]}")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    source = write(tmp / "train.parquet", tabular(0, 900), row_group_size=300)
+    run = train(tmp, "a", *BASE, f"data.source={source}", "data.features=[a, b]", "optim.lr=0.02")
+    return tmp, run
+
+
+def test_eval_on_the_runs_validation_split_gives_what_the_run_logged_and_writes_it(trained, capsys):
+    _, run = trained
+    assert cli.main(["eval", str(run.run_dir)]) == 0
+    printed = capsys.readouterr().out
+    written = json.loads((run.run_dir / "eval.json").read_text())
+    assert written["data"] == "validation split" and written["rows"] == run.summary["val_rows"]
+    assert written["val_accuracy"] == run.summary["final"]["val_accuracy"]
+    assert written["val_loss"] == pytest.approx(run.summary["final"]["val_loss"], rel=1e-6)
+    assert f"val_accuracy {written['val_accuracy']:.4f}" in printed
+
+
+def test_eval_on_other_data_equals_the_model_applied_by_hand(trained):
+    tmp, run = trained
+    other = write(tmp / "other.parquet", tabular(5000, 250))
+    found = rayscale.evaluate(run.run_dir, other, output=tmp / "other.json")
+    model = rayscale.load_model(run.run_dir)
+    ids = np.arange(5000, 5250)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(tabular_x(ids)))
+    labels = torch.from_numpy(ids % 3)
+    assert found["rows"] == 250
+    assert found["val_accuracy"] == pytest.approx((logits.argmax(1) == labels).double().mean().item(), abs=1e-12)
+    assert found["val_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert json.loads((tmp / "other.json").read_text()) == found
+
+
+def test_eval_refuses_what_is_not_a_run_and_data_without_the_runs_columns(trained, tmp_path, capsys):
+    tmp, run = trained
+    assert cli.main(["eval", str(tmp_path)]) == 2
+    assert "no config.yaml; expected the directory of a finished rayscale run" in capsys.readouterr().err
+    narrow = write(tmp_path / "narrow.parquet", tabular(0, 50).drop_columns(["b"]))
+    with pytest.raises(UserError, match="data.features: column 'b' not in .*narrow.parquet"):
+        rayscale.evaluate(run.run_dir, narrow)
+    with pytest.raises(UserError, match="--data: no Parquet file at .*missing.parquet"):
+        rayscale.evaluate(run.run_dir, str(tmp_path / "missing.parquet"))
+
+
+@pytest.mark.parametrize("start", ["run directory", "checkpoint", "safetensors"])
+def test_init_from_starts_a_new_run_from_the_weights(trained, tmp_path, start):
+    tmp, run = trained
+    where = {"run directory": run.run_dir, "safetensors": run.run_dir / "model.safetensors",
+             "checkpoint": sorted((run.run_dir / "checkpoints").glob("checkpoint-*"))[-1]}[start]
+    source = tmp / "train.parquet"
+    # A learning rate too small to move anything: the new run ends where it started.
+    again = train(tmp_path, "b", *BASE, f"data.source={source}", "data.features=[a, b]", "optim.lr=1e-12",
+                  "schedule.warmup_samples=0", "train.epochs=1", f"model.init_from={where}")
+    started = rayscale.load_model(run.run_dir).state_dict() if start != "checkpoint" else \
+        torch.load(where / "state.pt", weights_only=False)["model"]
+    assert all(torch.allclose(again.model[k], started[k], atol=1e-8) for k in started)
+    fresh = train(tmp_path, "c", *BASE, f"data.source={source}", "data.features=[a, b]", "optim.lr=1e-12",
+                  "schedule.warmup_samples=0", "train.epochs=1")
+    assert not torch.allclose(fresh.model["head.weight"], started["head.weight"])
+
+
+def test_init_from_a_misfit_or_a_missing_file_fails_before_the_run_naming_the_key(trained, tmp_path):
+    tmp, run = trained
+    source = tmp / "train.parquet"
+    with pytest.raises(UserError, match=r"model.init_from: .* does not fit the model \(.*shapes blocks.0.0.weight "
+                                        r"\(16, 2\) vs \(8, 2\)"):
+        train(tmp_path, "misfit", *BASE, f"data.source={source}", "data.features=[a, b]",
+              "model.kwargs={hidden_sizes: [8]}", f"model.init_from={run.run_dir}")
+    with pytest.raises(UserError, match="model.init_from: .*nothing.pt does not exist"):
+        train(tmp_path, "missing", *BASE, f"model.init_from={tmp_path / 'nothing.pt'}")
+    assert not (tmp_path / "misfit").exists() and not (tmp_path / "missing").exists()
