@@ -113,7 +113,7 @@ def tune_overhead(size: dict, output_dir: Path) -> dict:
     from rayscale import config
     from rayscale.driver.prepare import prepare
     from rayscale.launch import trainer
-    from rayscale.tune import search as tune
+    from rayscale.tuning import search as tune
 
     rows, lrs = size["tune_rows"], size["tune_lrs"]
     # Validation on in both, as Tune needs its metric.

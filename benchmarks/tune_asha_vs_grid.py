@@ -1,6 +1,6 @@
 """ASHA against the exhaustive grid it prunes: how much training does it save, and does it keep the winner?
 
-Both searches run `rayscale.tune.search` over the same grid-only space on the bundled digits, so they see
+Both searches run `rayscale.tuning.search` over the same grid-only space on the bundled digits, so they see
 exactly the same configurations, with the same seed, trained by the same code:
 
   (a) grid: `tune.grace_samples` is a whole trial's budget, so ASHA has a single rung at max_t and stops
@@ -104,13 +104,13 @@ def trained_samples(search_dir: Path, trial_id: str) -> int:
 
 def effective_grace(cfg, budget: int) -> int:
     """The grace period `tune.search` uses (and prints)."""
-    from rayscale.tune.search import default_grace
+    from rayscale.tuning.search import default_grace
 
     return default_grace(cfg.tune.grace_samples, budget, cfg.tune.reduction_factor, cfg.schedule.warmup_samples)
 
 
 def run_search(cfg, keys: list[str], budget: int) -> dict:
-    from rayscale.tune import search as tune
+    from rayscale.tuning import search as tune
 
     started = time.perf_counter()
     rows = tune.search(cfg)
@@ -163,7 +163,7 @@ def replay_in_random_orders(grid: dict, grace: int, budget: int, reduction_facto
     ASHA's trials train too, same seed — one trial at a time, in the run's order (it must reproduce the live
     ASHA run) and in random orders. `running_min`: ASHA is given each trial's best value so far instead of its
     latest (a what-if, not what rayscale does). `variant` promotion: rayscale's PromotingASHA, replayed by
-    rayscale.tune.promotion.replay_one_at_a_time.
+    rayscale.tuning.promotion.replay_one_at_a_time.
     """
     import random
     from types import SimpleNamespace
@@ -176,8 +176,8 @@ def replay_in_random_orders(grid: dict, grace: int, budget: int, reduction_facto
     curves = [r["history"] for r in by_creation]
 
     def replay_promotion(order) -> tuple[float, float]:
-        from rayscale.tune.promotion import replay_one_at_a_time
-        from rayscale.tune.search import rung_milestones
+        from rayscale.tuning.promotion import replay_one_at_a_time
+        from rayscale.tuning.search import rung_milestones
 
         scores = {i: [(samples, -value) for samples, value in curve] for i, curve in enumerate(curves)}
         trained = replay_one_at_a_time(scores, list(order), rung_milestones(grace, budget, reduction_factor),
@@ -189,7 +189,7 @@ def replay_in_random_orders(grid: dict, grace: int, budget: int, reduction_facto
         if variant == "promotion":
             return replay_promotion(order)
         bracket = _Bracket(min_t=grace, max_t=budget, reduction_factor=reduction_factor, s=0,
-                           stop_last_trials=False)  # as rayscale.tune configures its ASHAScheduler
+                           stop_last_trials=False)  # as rayscale.tuning.search configures its ASHAScheduler
         used, best = 0, float("inf")
         for i in order:
             trial_best = float("inf")
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
 
-    from rayscale.tune import space
+    from rayscale.tuning import space
 
     settings = dict(SMOKE if args.smoke else FULL)
     settings["epochs"] = args.epochs or settings["epochs"]

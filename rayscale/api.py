@@ -118,7 +118,7 @@ def tune(config: ConfigLike = None, *, overrides: Overrides = (), address: str |
     """Search as `rayscale tune` does; `resume` continues the search in run.output_dir / run.name. `model`,
     `loss` and `metrics` as for `train`, the same for every trial (tune.metric may name val_<name>)."""
     from rayscale.driver.prepare import run_directory
-    from rayscale.tune.search import search
+    from rayscale.tuning.search import search
 
     cfg, code = with_code(resolve_config(config, overrides), model, loss, metrics)
     trials = search(cfg, address=address, resume=resume, code=code)
@@ -133,6 +133,17 @@ def evaluate(run_dir: str | Path, data: str | None = None, *, model: Any = None,
     from rayscale.tools.evaluate import evaluate_run
 
     return evaluate_run(run_dir, data, model=model, loss=loss, metrics=metrics, device=device, output=output)
+
+
+def predict(run_dir: str | Path, data: str, output: str | Path, *, address: str | None = None,
+            workers: int | None = None, model: Any = None) -> Path:
+    """`rayscale predict`: the run's model over `data` (Parquet with the run's input columns) with Ray Data, on
+    an actor pool over the cluster (a GPU per actor where there are GPUs); every row with its `prediction` (and
+    `probabilities`) written to the new directory `output` as Parquet, in `data`'s order. Returns `output`."""
+    from rayscale.launch.predict import predict as run_prediction
+
+    run_prediction(run_dir, data, output, address=address, workers=workers, model=model)
+    return Path(output).expanduser().resolve()
 
 
 def with_code(cfg: config_module.Config, model: Any, loss: Callable | None, metrics: Mapping[str, Any] | None

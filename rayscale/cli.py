@@ -67,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--output", help="where to write the metrics as JSON (default: RUN_DIR/eval.json)")
     evaluation.add_argument("--device", default="cpu", help="cpu (default) or cuda")
 
+    prediction = commands.add_parser("predict", help="batch inference with a finished run's model over the "
+                                                     "cluster (Ray Data, an actor pool), written as Parquet")
+    prediction.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by rayscale train")
+    prediction.add_argument("--data", required=True, help="a Parquet file, directory, glob or URI with the run's "
+                                                          "input columns (labels not needed)")
+    prediction.add_argument("--output", required=True, help="a new (or empty) directory for the Parquet output")
+    prediction.add_argument("--workers", type=int, help="actors holding the model (default: one per GPU, else "
+                                                        "the CPUs less one, at most 4)")
+    _cluster_args(prediction)
+
     show = commands.add_parser("config", help="inspect configs").add_subparsers(dest="action", required=True)
     show_cmd = show.add_parser("show", help="print the resolved config and its derived values")
     _config_args(show_cmd)
@@ -158,6 +168,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from rayscale import api
+
+    api.predict(args.run_dir, args.data, args.output, address=args.address, workers=args.workers)
+    return 0
+
+
 def cmd_suggest(args: argparse.Namespace) -> int:
     from rayscale.tools.suggest import suggest_from_cli
 
@@ -171,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "tune": cmd_tune,
         "suggest": cmd_suggest,
         "eval": cmd_eval,
+        "predict": cmd_predict,
         "find-batch-size": cmd_find_batch_size,
         "config": lambda a: cmd_config_show(a) if a.action == "show" else cmd_config_keys(a),
     }[args.command]

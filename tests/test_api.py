@@ -55,3 +55,9 @@ def test_the_safetensors_export_holds_every_weight_tied_ones_included():
 def test_loading_a_directory_that_is_not_a_finished_run_says_so(tmp_path):
     with pytest.raises(rayscale.UserError, match="no config.yaml; expected the directory of a finished rayscale run"):
         rayscale.load_model(tmp_path)
+
+
+def test_rayscale_tune_stays_the_function_once_the_search_package_is_imported():
+    import rayscale.tuning.search  # noqa: F401 - importing a subpackage sets an attribute on its parent
+
+    assert rayscale.tune.__module__ == "rayscale.api" and callable(rayscale.train)

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
-from rayscale.tune.asha import ResumableASHA
+from rayscale.tuning.asha import ResumableASHA
 
 SETTINGS = {"time_attr": "samples_seen", "max_t": 4000, "grace_period": 1000, "reduction_factor": 2,
             "stop_last_trials": False}

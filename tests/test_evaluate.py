@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import sys
 
 import numpy as np
 import pytest
@@ -89,3 +91,25 @@ def test_init_from_a_misfit_or_a_missing_file_fails_before_the_run_naming_the_ke
     with pytest.raises(UserError, match="model.init_from: .*nothing.pt does not exist"):
         train(tmp_path, "missing", *BASE, f"model.init_from={tmp_path / 'nothing.pt'}")
     assert not (tmp_path / "misfit").exists() and not (tmp_path / "missing").exists()
+
+
+def test_predict_refuses_bad_input_before_ray_starts(trained, tmp_path, capsys):
+    tmp, run = trained
+    source = str(tmp / "train.parquet")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "old.parquet").write_bytes(b"")
+    narrow = write(tmp_path / "narrow.parquet", tabular(0, 50).drop_columns(["b"]))
+    for argv, message in [
+        (["predict", str(tmp_path), "--data", source, "--output", str(tmp_path / "o")], "no config.yaml"),
+        (["predict", str(run.run_dir), "--data", source, "--output", str(taken)],
+         "--output: .* already exists and is not an empty directory"),
+        (["predict", str(run.run_dir), "--data", narrow, "--output", str(tmp_path / "o")],
+         "--data: column 'b' \\(an input of the run\\) not in"),
+        (["predict", str(run.run_dir), "--data", str(tmp_path / "none"), "--output", str(tmp_path / "o")],
+         "--data: no Parquet file at"),
+    ]:
+        assert cli.main(argv) == 2
+        assert re.search(message, capsys.readouterr().err), message
+    assert not (tmp_path / "o").exists()
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()  # refused before Ray started

@@ -485,3 +485,32 @@ def test_rayscale_tune_ranks_trials_by_a_metric_handed_in_as_an_object(ray_sessi
         metrics={"hit": lambda output, batch: (output.argmax(dim=-1) == batch["y"]).float()})
     assert [float(trial["optim.lr"]) for trial in search.trials] == [0.3, 0.0001]  # best val_hit first
     assert float(search.best["best_val_hit"]) > 0.5 and search.best_config_path.is_file()
+
+
+def test_predict_writes_every_row_with_the_models_prediction_in_order_and_needs_no_label(ray_session, tmp_path):
+    """rayscale predict over Ray Data: two actors holding the model, rows from three row groups written in
+    their order, predictions equal to the model applied by hand; the label column is not needed."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from inprocess import train as train_in_process
+    from parquet_fixtures import tabular, tabular_x, write
+
+    import rayscale
+
+    source = write(tmp_path / "train.parquet", tabular(0, 600), row_group_size=200)
+    run = train_in_process(tmp_path, "p", "train.epochs=1", "batch.global_batch_size=64", f"data.source={source}",
+                           "data.features=[a, b]", "model.kwargs={hidden_sizes: [16]}", "optim.lr=0.01")
+    unlabelled = write(tmp_path / "new.parquet", tabular(1000, 300).drop_columns(["label"]), row_group_size=100)
+    out = rayscale.predict(run.run_dir, unlabelled, tmp_path / "out", workers=2)
+    table = pa.concat_tables([pq.read_table(path) for path in sorted(out.glob("*.parquet"))])
+    ids = np.arange(1000, 1300)
+    assert table.column("a").to_pylist() == (ids * 0.5).tolist()  # every row, in order, its columns kept
+    with torch.no_grad():
+        logits = rayscale.load_model(run.run_dir)(torch.from_numpy(tabular_x(ids)))
+    assert table.column("prediction").to_pylist() == logits.argmax(dim=1).tolist()
+    probabilities = torch.tensor(table.column("probabilities").to_pylist())
+    assert torch.allclose(probabilities, torch.softmax(logits, dim=1), atol=1e-6)
+    with pytest.raises(rayscale.UserError, match="--output: .* already exists and is not an empty directory"):
+        rayscale.predict(run.run_dir, unlabelled, out)
+    assert not list(tmp_path.glob(".out.partial-*"))

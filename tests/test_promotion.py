@@ -10,8 +10,8 @@ import pytest
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
-from rayscale.tune.asha import PromotingASHA, read_promotion_state
-from rayscale.tune.promotion import RUNG_PAUSE, Rungs, replay_one_at_a_time
+from rayscale.tuning.asha import PromotingASHA, read_promotion_state
+from rayscale.tuning.promotion import RUNG_PAUSE, Rungs, replay_one_at_a_time
 
 MILESTONES = [100, 400, 1600]  # budget 2,700: as the benchmark's 1, 4, 16 of 27 epochs
 BUDGET = 2700
@@ -72,7 +72,7 @@ def test_settled_rungs_need_the_rung_below_settled_and_done():
 
 
 def simulate(curves: dict[str, list[tuple[int, float]]], order: list[str]) -> dict[str, int]:
-    """One trial at a time over curves of losses (rayscale.tune.promotion.replay_one_at_a_time takes scores)."""
+    """One trial at a time over curves of losses (rayscale.tuning.promotion.replay_one_at_a_time takes scores)."""
     scores = {t: [(s, -v) for s, v in c] for t, c in curves.items()}
     return replay_one_at_a_time(scores, order, MILESTONES, 4)
 
@@ -185,7 +185,7 @@ def test_a_trial_restored_while_waiting_at_its_rung_pauses_again_without_trainin
     from rayscale import config
     from rayscale.files import METRICS_FILE
     from rayscale.launch import trainer
-    from rayscale.tune import search as tune
+    from rayscale.tuning import search as tune
 
     base = config.to_dict(config.load())
     rungs = Rungs(MILESTONES, 4)

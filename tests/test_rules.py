@@ -9,7 +9,7 @@ from rayscale import cli, config, rules
 from rayscale.errors import ConfigError
 from rayscale.launch import trainer
 from rayscale.rules import RULES
-from rayscale.tune import search
+from rayscale.tuning import search
 
 PARAMS = [pytest.param(index, rule, id=f"{index}-{'+'.join(rule.keys)}") for index, rule in enumerate(RULES)]
 

@@ -16,9 +16,9 @@ import pytest
 from rayscale import config
 from rayscale.errors import ConfigError
 from rayscale.math.batching import fit_micro_batch
-from rayscale.tune import search as tune
-from rayscale.tune import space
-from rayscale.tune.space import Domain
+from rayscale.tuning import search as tune
+from rayscale.tuning import space
+from rayscale.tuning.space import Domain
 
 
 def base_dict(*overrides: str) -> dict:

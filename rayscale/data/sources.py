@@ -214,6 +214,17 @@ def _open(path: str) -> pq.ParquetFile:
     return pq.ParquetFile(path)
 
 
+def parquet_files(source: str, key: str) -> list[str]:
+    """The Parquet files `source` names, sorted (a file, a directory, a glob or a URI); `key` names it in errors."""
+    return _list_files(source, key)
+
+
+def column_names(path: str) -> list[str]:
+    """The columns of one Parquet file (a local path or a URI), from its footer."""
+    with _open(path) as parquet:
+        return parquet.schema_arrow.names
+
+
 def _list_files(source: str, key: str) -> list[str]:
     """Sorted Parquet files named by `source`: a file, a directory (every *.parquet below), a glob or a URI."""
     has_glob = any(c in source for c in "*?[")

@@ -12,7 +12,7 @@ no other trial can still reach rung k (the rung is *settled*), its best max(1, f
 and the rest are stopped, so that a small search still trains one trial to the end. Every trial is then
 judged against every other at the same rung, whatever order they came in.
 
-Pure bookkeeping, no Ray: `rayscale.tune.asha.PromotingASHA` drives it from Tune. Scores are "higher is better"
+Pure bookkeeping, no Ray: `rayscale.tuning.asha.PromotingASHA` drives it from Tune. Scores are "higher is better"
 (a minimized metric is passed negated).
 """
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-RUNG_PAUSE = "rung_pause"  # a trial's report that its Train run stopped at a rung (rayscale.tune._trial)
+RUNG_PAUSE = "rung_pause"  # a trial's report that its Train run stopped at a rung (rayscale.tuning.search._trial)
 
 
 @dataclass

@@ -27,8 +27,8 @@ from rayscale.launch.callbacks import remove_placement_groups_left
 from rayscale.launch.connect import connect, loopback_unless_joining
 from rayscale.launch.fit import check_cluster_fits, check_fits_before_start
 from rayscale.plugins import UserCode
-from rayscale.tune import space
-from rayscale.tune.promotion import RUNG_PAUSE
+from rayscale.tuning import space
+from rayscale.tuning.promotion import RUNG_PAUSE
 
 TIME_ATTR = "samples_seen"
 
@@ -173,7 +173,7 @@ def _trial(sampled: dict, base: dict, search_dir: str, metric: str, eval_at_samp
            promotion: bool = False, code: UserCode = NO_CODE) -> None:
     from ray import tune
 
-    from rayscale.tune.asha import read_promotion_state
+    from rayscale.tuning.asha import read_promotion_state
 
     cfg = space.apply(base, sampled_values(sampled))
     cfg.run.output_dir = str(Path(search_dir) / "trials")
@@ -320,7 +320,7 @@ def _tuner(cfg: Config, domains: list[space.Domain], base: dict, search_dir: Pat
     from ray import tune
     from ray.tune import Tuner
 
-    from rayscale.tune.asha import PromotingASHA, ResumableASHA
+    from rayscale.tuning.asha import PromotingASHA, ResumableASHA
 
     # A trial's driver only waits on its TorchTrainer: it holds almost no CPU. It runs on this node (Ray's
     # built-in node:<ip> resource), and so does its Train controller (Train places it beside the driver): the

@@ -17,7 +17,7 @@ from pathlib import Path
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
-from rayscale.tune.promotion import RUNG_PAUSE, Rungs
+from rayscale.tuning.promotion import RUNG_PAUSE, Rungs
 
 
 class ResumableASHA(AsyncHyperBandScheduler):

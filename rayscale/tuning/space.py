@@ -6,7 +6,7 @@
         optim.lr: {loguniform: [0.01, 1.0]}
         schedule.name: {grid: [cosine, step]}
 
-Pure Python: `rayscale.tune` turns the parsed domains into Ray Tune's.
+Pure Python: `rayscale.tuning.search` turns the parsed domains into Ray Tune's.
 """
 
 from __future__ import annotations

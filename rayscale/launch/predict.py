@@ -1,0 +1,150 @@
+"""`rayscale predict RUN_DIR --data SRC --output OUT`: batch inference with Ray Data over the cluster.
+
+SRC's rows stream through a pool of actors that each hold the run's model (one GPU each where the cluster has
+GPUs, else one CPU each); each batch comes back with the model's predictions beside every column it had, and the
+whole is written to OUT as Parquet files, rows in SRC's order. SRC needs the run's input columns only
+(`data.features`, or every column but the label, weight and difficulty ones, or `data.sequence`): the label may
+be missing.
+
+Output columns, besides SRC's own: `prediction` (the class for classification, one class per real token for
+token sequences, the target or targets for regression) and, for classification, `probabilities` (the softmax).
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rayscale import config as config_module
+from rayscale.errors import UserError
+from rayscale.files import CONFIG_FILE, SUMMARY_FILE
+
+BATCH_ROWS = 1024
+
+
+def input_columns(data: config_module.DataConfig, names: list[str]) -> list[str]:
+    """The columns the model reads, as the run's data config resolves them (sources._resolve_columns)."""
+    if data.sequence is not None:
+        return [data.sequence]
+    if data.features is not None:
+        return list(data.features)
+    taken = {data.label, data.weight, data.curriculum_column}
+    return [name for name in names if name not in taken and not name.startswith("__index_level_")]
+
+
+class Predictor:
+    """One actor of the pool: the run's model on its device, applied to Arrow batches (their columns kept)."""
+
+    def __init__(self, run_dir: str, columns: list[str], sequence: bool, task: str, device: str, model: Any = None):
+        import torch
+
+        from rayscale.models.export import load_model
+
+        torch.set_num_threads(1)
+        self.device = torch.device(device)
+        self.model = load_model(run_dir, self.device, model)
+        self.columns, self.sequence, self.task = columns, sequence, task
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        import torch
+
+        from rayscale.engine.tasks import forward
+
+        inputs = self.inputs(table)
+        with torch.no_grad():
+            output = forward(self.model, {k: torch.from_numpy(v).to(self.device) for k, v in inputs.items()})
+        output = output.float().cpu()
+        if self.task == "regression":
+            values = output.numpy()
+            return table.append_column("prediction", pa.array(values[:, 0] if values.shape[1] == 1
+                                                               else values.tolist()))
+        if self.task == "token_classification":
+            classes, lengths = output.argmax(dim=-1).numpy(), inputs["mask"].sum(axis=1)
+            return table.append_column("prediction", pa.array([classes[i, :n].tolist()
+                                                               for i, n in enumerate(lengths)]))
+        table = table.append_column("prediction", pa.array(output.argmax(dim=-1).numpy()))
+        return table.append_column("probabilities", pa.array(torch.softmax(output, dim=-1).numpy().tolist(),
+                                                             pa.list_(pa.float32())))
+
+    def inputs(self, table: pa.Table) -> dict[str, np.ndarray]:
+        """The model's input tensors (as numpy) from the batch's input columns."""
+        if self.sequence:
+            tokens = table.column(self.columns[0]).to_pylist()
+            lengths = np.array([len(seq) for seq in tokens], dtype=np.int64)
+            x = np.zeros((len(tokens), max(int(lengths.max(initial=1)), 1)), dtype=np.int64)
+            for i, seq in enumerate(tokens):
+                x[i, :len(seq)] = seq
+            return {"x": x, "mask": np.arange(x.shape[1])[None, :] < lengths[:, None]}
+        first = table.column(self.columns[0])
+        if len(self.columns) == 1 and not (pa.types.is_integer(first.type) or pa.types.is_floating(first.type)
+                                           or pa.types.is_boolean(first.type)):  # one list column
+            return {"x": np.asarray(first.to_pylist(), dtype=np.float32)}
+        return {"x": np.stack([table.column(name).to_numpy(zero_copy_only=False).astype(np.float32)
+                               for name in self.columns], axis=1)}
+
+
+def predict(run_dir: str | Path, data: str, output: str | Path, *, address: str | None = None,
+            workers: int | None = None, model: Any = None) -> int:
+    """Run the prediction; returns the rows written. Bad input is refused before Ray starts."""
+    import json
+
+    from rayscale.data.sources import column_names, parquet_files
+    from rayscale.launch.connect import connect
+
+    run_dir, output = Path(run_dir).resolve(), Path(output).expanduser().resolve()
+    for name in (CONFIG_FILE, SUMMARY_FILE):
+        if not (run_dir / name).is_file():
+            raise UserError(f"{run_dir}: no {name}; expected the directory of a finished rayscale run")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise UserError(f"--output: {output} already exists and is not an empty directory; pick a new one")
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers {workers}: expected at least 1")
+    cfg = config_module.load(run_dir / CONFIG_FILE)
+    spec = json.loads((run_dir / SUMMARY_FILE).read_text())["data_spec"]
+    files = parquet_files(data, "--data")
+    if not files:
+        raise UserError(f"--data: no Parquet file at {data!r} (expected a file, a directory of .parquet files, a "
+                        f"glob or a URI)")
+    names = column_names(files[0])
+    columns = input_columns(cfg.data, names)
+    for name in columns:
+        if name not in names:
+            raise UserError(f"--data: column {name!r} (an input of the run) not in {files[0]} (columns: "
+                            f"{', '.join(names)})")
+    from rayscale.models.export import load_model
+
+    load_model(run_dir, "cpu", model)  # the model rebuilds here first (a user factory must import)
+
+    connect(address)
+    import ray
+    from ray.data import DataContext
+
+    DataContext.get_current().execution_options.preserve_order = True  # rows written in SRC's order
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    pool = workers or (gpus or max(1, min(4, int(ray.cluster_resources().get("CPU", 1)) - 1)))
+    dataset = ray.data.read_parquet(files)
+    predicted = dataset.map_batches(
+        Predictor, batch_size=BATCH_ROWS, batch_format="pyarrow", concurrency=pool,
+        num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
+        fn_constructor_kwargs={"run_dir": str(run_dir), "columns": columns, "sequence": cfg.data.sequence is not None,
+                               "task": spec["task"], "device": "cuda" if gpus else "cpu", "model": model})
+    print(f"[rayscale] predict with {run_dir.name}'s model on {data} ({len(files)} files): {pool} "
+          f"{'GPU' if gpus else 'CPU'} actors, writing {output}", flush=True)
+    # Written beside OUT and renamed into place once whole: a failed run leaves no half-written OUT.
+    staging = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        predicted.write_parquet(str(staging))
+        if output.exists():
+            output.rmdir()  # the empty directory checked above
+        staging.rename(output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    rows = sum(pq.ParquetFile(path).metadata.num_rows for path in output.glob("*.parquet"))
+    print(f"[rayscale] wrote {rows:,} rows to {output}", flush=True)
+    return rows
