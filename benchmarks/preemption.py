@@ -62,7 +62,10 @@ def simulated_cluster(step_log_dir: Path, watcher_poll_s: float | None = None):
                            "health_check_initial_delay_ms": 1000}})
     nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
     cluster.wait_for_nodes()
-    env = {"RAYSCALE_TEST_STEP_LOG": str(step_log_dir),
+    # RAY_ADDRESS in every process of the cluster: Train's placement-group cleaner asks Ray's state API whether
+    # the controller lives, and without it the API follows the latest Ray started on this machine (another
+    # test's, say), finds no controller there and removes the running group's placement group.
+    env = {"RAYSCALE_TEST_STEP_LOG": str(step_log_dir), "RAY_ADDRESS": cluster.address,
            **({POLL_ENV: str(watcher_poll_s)} if watcher_poll_s is not None else {})}
     ray.init(address=cluster.address, logging_level="WARNING",
              runtime_env={"worker_process_setup_hook": "step_log.install", "env_vars": env})

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -394,29 +395,38 @@ def test_train_job_stops_cleanly_and_resubmitting_resumes(cluster, tmp_path):
 
 @pytest.mark.slow
 def test_dashboard_is_reached_through_the_ssh_port_forward(cluster):
-    local_port = _free_port()
-    forward = subprocess.Popen([str(BIN / "ray"), "dashboard", str(cluster.config), "--port", str(local_port),
-                                "--remote-port", str(cluster.ports["dashboard"]), "--no-config-cache"],
-                               env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{local_port}/api/version"
-        deadline, refused = time.time() + 60, None
-        while time.time() < deadline and refused is None:
-            try:
-                urllib.request.urlopen(url, timeout=5)
-                pytest.fail("the dashboard answered without a token")
-            except urllib.error.HTTPError as error:  # the forward is up; the dashboard wants the token
-                refused = error.code
-            except OSError:
-                time.sleep(1)
-        assert refused == 401
-        token = cluster.token.read_text().strip()
-        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
-        assert b"ray_version" in urllib.request.urlopen(request, timeout=10).read()
-    finally:
-        os.killpg(forward.pid, signal.SIGTERM)
-        forward.wait(timeout=30)
+    # A port free when picked can be taken before the forward binds it (another Ray on this machine starts
+    # workers on random ports): then the forward fails, and what answers there is not HTTP. Up to 3 ports.
+    for _ in range(3):
+        local_port = _free_port()
+        forward = subprocess.Popen([str(BIN / "ray"), "dashboard", str(cluster.config), "--port", str(local_port),
+                                    "--remote-port", str(cluster.ports["dashboard"]), "--no-config-cache"],
+                                   env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   start_new_session=True)
+        try:
+            url = f"http://127.0.0.1:{local_port}/api/version"
+            deadline, refused = time.time() + 60, None
+            while time.time() < deadline and refused is None:
+                try:
+                    urllib.request.urlopen(url, timeout=5)
+                    pytest.fail("the dashboard answered without a token")
+                except urllib.error.HTTPError as error:  # the forward is up; the dashboard wants the token
+                    refused = error.code
+                except OSError:  # not up yet (a reset connection included)
+                    time.sleep(1)
+                except http.client.HTTPException:  # not HTTP: another process holds the port, not the forward
+                    break
+            if refused is None and time.time() < deadline:
+                continue
+            assert refused == 401
+            token = cluster.token.read_text().strip()
+            request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+            assert b"ray_version" in urllib.request.urlopen(request, timeout=10).read()
+            return
+        finally:
+            os.killpg(forward.pid, signal.SIGTERM)
+            forward.wait(timeout=30)
+    pytest.fail("three local ports were taken before the forward could bind them")
 
 
 @pytest.mark.slow
