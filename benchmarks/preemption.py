@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from benchmarks import RESULTS, output_dir_or_none
+from rayscale.launch.connect import free_loopback_port
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"  # step_log (the setup hook) and loop_models (the model)
 POLL_ENV = "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"  # how often Train's watcher asks Ray for drains (5 s default)
@@ -56,15 +57,19 @@ def simulated_cluster(step_log_dir: Path, watcher_poll_s: float | None = None):
     ray.shutdown()
     # A node lost without notice is declared dead after a few missed health checks (Ray's default: 5 of every
     # 3 s, after 5 s); until then Train's elastic policy still counts its CPUs.
+    # No dashboard, but its address (which Ray records in the GCS all the same) on a port of its own: Train's
+    # placement-group cleaner asks the state API at that address whether the controller lives. At the default
+    # 8265, another Ray's dashboard on this machine answered "no such actor", and the cleaner removed the
+    # running group's placement group. Here the API is unreachable, which the cleaner takes as "don't know".
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": False,
+        "num_cpus": 0, "include_dashboard": False, "dashboard_host": "127.0.0.1",
+        "dashboard_port": free_loopback_port(),
         "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3,
                            "health_check_initial_delay_ms": 1000}})
     nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
     cluster.wait_for_nodes()
-    # RAY_ADDRESS in every process of the cluster: Train's placement-group cleaner asks Ray's state API whether
-    # the controller lives, and without it the API follows the latest Ray started on this machine (another
-    # test's, say), finds no controller there and removes the running group's placement group.
+    # RAY_ADDRESS in every process of the cluster: without it Ray's state API follows the latest Ray started on
+    # this machine (another test's, say), not this one.
     env = {"RAYSCALE_TEST_STEP_LOG": str(step_log_dir), "RAY_ADDRESS": cluster.address,
            **({POLL_ENV: str(watcher_poll_s)} if watcher_poll_s is not None else {})}
     ray.init(address=cluster.address, logging_level="WARNING",

@@ -273,9 +273,9 @@ def test_an_unreachable_cluster_is_one_line_exit_2_nothing_written(args, env, fr
                                                                    capsys, monkeypatch):
     import ray
 
-    from rayscale.launch.connect import _free_loopback_port
+    from rayscale.launch.connect import free_loopback_port
 
-    port = str(_free_loopback_port())
+    port = str(free_loopback_port())
     for name, value in env.items():
         monkeypatch.setenv(name, value.replace("{port}", port))
     # ray.init would retry an absent head for minutes, blocked inside Ray's C++ client where no Python timeout

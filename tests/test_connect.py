@@ -11,7 +11,7 @@ import socket
 import pytest
 
 from rayscale.errors import UserError
-from rayscale.launch.connect import _free_loopback_port, check_reachable, connect
+from rayscale.launch.connect import check_reachable, connect, free_loopback_port
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def test_an_address_that_answers_passes(address, listening_port):
                  id="port-out-of-range"),
 ])
 def test_an_address_where_nothing_answers_is_one_line(address, named, message):
-    port = _free_loopback_port()
+    port = free_loopback_port()
     with pytest.raises(UserError, match=re.escape(message.format(port=port))) as info:
         check_reachable(address.format(port=port), named)
     assert "\n" not in str(info.value)

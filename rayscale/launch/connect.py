@@ -77,15 +77,19 @@ def connect(address: str | None) -> None:
     # as RAY_ADDRESS. Ray's state API, which Train V2 uses to remove the placement groups of stopped runs,
     # otherwise refuses to guess when another Ray runs on the machine ("Found multiple active Ray
     # instances"), and stopped Tune trials then keep their CPUs.
-    port = _free_loopback_port()
+    port = free_loopback_port()
     previous = os.environ.get("RAY_GCS_SERVER_PORT")
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     try:
         # address="local": always a fresh embedded instance, never another Ray found on this machine.
         # One logical CPU beyond the workers' reservation, or Ray Data's read tasks never get scheduled.
-        # The dashboard stays on (Ray Train's state API needs it), on loopback only.
+        # The dashboard stays on (Ray Train's state API needs it), on loopback only, on a port of its own: at
+        # Ray's fixed 8265, a second Ray on the machine (another rayscale run) records that address while the
+        # first one's dashboard holds it, and Train's placement-group cleaner, asking there whether its
+        # controller lives, hears "no such actor" and removes the running group's placement group.
         ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, dashboard_host="127.0.0.1",
-                 logging_level="WARNING", runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{port}"}})
+                 dashboard_port=free_loopback_port(), logging_level="WARNING",
+                 runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{port}"}})
     finally:
         if previous is None:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)
@@ -119,7 +123,7 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def _free_loopback_port() -> int:
+def free_loopback_port() -> int:
     import socket
 
     with socket.socket() as probe:
