@@ -330,3 +330,19 @@ def test_objects_that_cannot_reach_the_workers_or_be_used_fail_before_anything_r
     with pytest.raises(UserError, match=message):
         rayscale.train(overrides=overrides, **kwargs)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_module_handed_in_is_trained_as_a_copy_recorded_and_loaded_again_with_it(tmp_path):
+    from rayscale.models import MLP
+
+    torch.manual_seed(3)
+    model = MLP(in_features=64, num_outputs=10, hidden_sizes=(32,))
+    before = copy.deepcopy(model.state_dict())
+    run = train(tmp_path, "module", *BASE, code=UserCode(model=model))
+    assert run.summary["python_objects"] == {"model": "rayscale.models.builtin.MLP"}
+    assert run.summary["final"]["val_accuracy"] > 0.5
+    assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)  # the caller's module untouched
+    with pytest.raises(UserError, match="pass it again: rayscale.load_model"):
+        rayscale.load_model(run.run_dir)
+    loaded = rayscale.load_model(run.run_dir, model=model)
+    assert all(torch.equal(loaded.state_dict()[k], run.model[k]) for k in run.model)
