@@ -2,9 +2,9 @@
 
 SRC's rows stream through a pool of actors that each hold the run's model (one GPU each where the cluster has
 GPUs, else one CPU each); each batch comes back with the model's predictions beside every column it had, and the
-whole is written to OUT as Parquet files, rows in SRC's order. SRC needs the run's input columns only
-(`data.features`, or every column but the label, weight and difficulty ones, or `data.sequence`): the label may
-be missing.
+whole is written to OUT as Parquet files (part-00000.parquet, ... of a million rows each), rows in SRC's
+order. SRC needs the run's input columns only (`data.features`, or every column but the label, weight and
+difficulty ones, or `data.sequence`): the label may be missing.
 
 Output columns, besides SRC's own: `prediction` (the class for classification, one class per real token for
 token sequences, the target or targets for regression) and, for classification, `probabilities` (the softmax).
@@ -26,6 +26,7 @@ from rayscale.errors import UserError
 from rayscale.files import CONFIG_FILE, SUMMARY_FILE
 
 BATCH_ROWS = 1024
+ROWS_PER_FILE = 1_000_000
 
 
 def input_columns(data: config_module.DataConfig, names: list[str]) -> list[str]:
@@ -89,6 +90,26 @@ class Predictor:
                                for name in self.columns], axis=1)}
 
 
+def _write_in_order(predicted, directory: Path) -> None:
+    """The batches as they come (in SRC's order: preserve_order), into part-00000.parquet, part-00001.parquet, ...
+    of ROWS_PER_FILE rows. Written here, not by Ray Data's parallel writers, whose files' names do not follow
+    the dataset's order; the model's work stays on the actor pool, only the writing passes through this process."""
+    directory.mkdir(parents=True)
+    writer, part, rows_in_part = None, 0, 0
+    try:
+        for batch in predicted.iter_batches(batch_format="pyarrow", batch_size=None):
+            if writer is None or rows_in_part >= ROWS_PER_FILE:
+                if writer is not None:
+                    writer.close()
+                writer = pq.ParquetWriter(directory / f"part-{part:05d}.parquet", batch.schema)
+                part, rows_in_part = part + 1, 0
+            writer.write_table(batch.cast(writer.schema))
+            rows_in_part += batch.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+
+
 def predict(run_dir: str | Path, data: str, output: str | Path, *, address: str | None = None,
             workers: int | None = None, model: Any = None) -> int:
     """Run the prediction; returns the rows written. Bad input is refused before Ray starts."""
@@ -125,7 +146,9 @@ def predict(run_dir: str | Path, data: str, output: str | Path, *, address: str 
     import ray
     from ray.data import DataContext
 
-    DataContext.get_current().execution_options.preserve_order = True  # rows written in SRC's order
+    context = DataContext.get_current()
+    kept_order = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True  # rows written in SRC's order (this process's setting)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     pool = workers or (gpus or max(1, min(4, int(ray.cluster_resources().get("CPU", 1)) - 1)))
     dataset = ray.data.read_parquet(files)
@@ -139,12 +162,13 @@ def predict(run_dir: str | Path, data: str, output: str | Path, *, address: str 
     # Written beside OUT and renamed into place once whole: a failed run leaves no half-written OUT.
     staging = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
-        predicted.write_parquet(str(staging))
+        _write_in_order(predicted, staging)
         if output.exists():
             output.rmdir()  # the empty directory checked above
         staging.rename(output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        context.execution_options.preserve_order = kept_order
     rows = sum(pq.ParquetFile(path).metadata.num_rows for path in output.glob("*.parquet"))
     print(f"[rayscale] wrote {rows:,} rows to {output}", flush=True)
     return rows
