@@ -183,11 +183,6 @@ RULES: tuple[Rule, ...] = (
          lambda c: "scaling.min_workers: a search runs every trial at a fixed worker count (trials share the "
                    "cluster); set a fixed scaling.num_workers",
          ("scaling.num_workers=[1, 2]",), scope="search"),
-    Rule(("scaling.num_workers", "tune.space"),
-         lambda c: c.scaling.num_workers == 0,
-         lambda c: "scaling.num_workers: 0 (local mode, no worker group) cannot run inside a Tune trial; a "
-                   "search needs at least 1 worker per trial",
-         ("scaling.num_workers=0",), scope="search"),
     # batch.adaptive needs what each mode decides from.
     Rule(("batch.growth_every_samples", "batch.adaptive"),
          lambda c: c.batch.adaptive == "step" and c.batch.growth_every_samples is None,
