@@ -346,3 +346,5 @@ def test_a_module_handed_in_is_trained_as_a_copy_recorded_and_loaded_again_with_
         rayscale.load_model(run.run_dir)
     loaded = rayscale.load_model(run.run_dir, model=model)
     assert all(torch.equal(loaded.state_dict()[k], run.model[k]) for k in run.model)
+    evaluated = rayscale.evaluate(run.run_dir, model=model)  # the module handed in, not model.name's MLP
+    assert evaluated["val_accuracy"] == run.summary["final"]["val_accuracy"]

@@ -283,6 +283,13 @@ class _Columns:
     difficulty: str | None = None  # data.curriculum_column where the file has it (required in data.source)
 
 
+def unclaimed_columns(names: list[str], data: DataConfig) -> list[str]:
+    """The feature columns when data.features is null: every column not the label, the weight or the difficulty
+    (which is never a feature), nor pandas' index."""
+    taken = {data.label, data.weight, data.curriculum_column}
+    return [name for name in names if name not in taken and not name.startswith("__index_level_")]
+
+
 def _resolve_columns(schema: pa.Schema, data: DataConfig, path: str) -> _Columns:
     names = schema.names
 
@@ -324,8 +331,7 @@ def _resolve_columns(schema: pa.Schema, data: DataConfig, path: str) -> _Columns
         for name in features:
             need(name, "data.features")
     else:
-        taken = {data.label, data.weight, data.curriculum_column}  # the difficulty is never a feature
-        features = [n for n in names if n not in taken and not n.startswith("__index_level_")]
+        features = unclaimed_columns(names, data)
         if not features:
             raise UserError(f"data.features: no feature columns left in {path} (columns: {', '.join(names)})")
     for name in features:

@@ -110,8 +110,7 @@ class TrainLoop:
         self.lr_at = lambda samples: run.peak_lr * schedule(samples)
         # Unweighted per-row losses: a step's loss normaliser is its row count, known on every rank without the
         # scalar all-reduce train_step would otherwise make (zero-weight padding rows are not in rows_in_step).
-        self.rows_are_the_count = payload.spec.task != "token_classification" \
-            and cfg.data.weight is None
+        self.rows_are_the_count = payload.spec.task != "token_classification" and cfg.data.weight is None
         return run
 
     def _components(self, run: Run, resumed: bool) -> list[Component]:

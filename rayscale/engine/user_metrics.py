@@ -31,7 +31,8 @@ def is_torchmetric(metric: Any) -> bool:
 
 
 class UserMetrics:
-    """One validation's metrics: `update` per micro-batch, `sums` for the shared all-reduce, then `results`."""
+    """One validation's metrics: `update` per micro-batch, `totals` (on the device) for the shared all-reduce,
+    then `results`."""
 
     def __init__(self, metrics: Mapping[str, Callable | Any], device: torch.device):
         self.functions = {name: fn for name, fn in metrics.items() if not is_torchmetric(fn)}
@@ -56,9 +57,6 @@ class UserMetrics:
             predictions, targets = _real(output, batch)
             for metric in self.objects.values():
                 metric.update(predictions, targets)
-
-    def sums(self) -> list[float]:
-        return self.totals.tolist()
 
     def results(self, reduced: list[float]) -> dict[str, float]:
         """Every metric as `val_<name>`: the functions' from their reduced sums, the objects' from compute()

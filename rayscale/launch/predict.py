@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rayscale import config as config_module
+from rayscale.data.sources import column_names, parquet_files, unclaimed_columns
 from rayscale.errors import UserError
 from rayscale.files import CONFIG_FILE, SUMMARY_FILE
 
@@ -35,8 +36,7 @@ def input_columns(data: config_module.DataConfig, names: list[str]) -> list[str]
         return [data.sequence]
     if data.features is not None:
         return list(data.features)
-    taken = {data.label, data.weight, data.curriculum_column}
-    return [name for name in names if name not in taken and not name.startswith("__index_level_")]
+    return unclaimed_columns(names, data)
 
 
 class Predictor:
@@ -115,7 +115,6 @@ def predict(run_dir: str | Path, data: str, output: str | Path, *, address: str 
     """Run the prediction; returns the rows written. Bad input is refused before Ray starts."""
     import json
 
-    from rayscale.data.sources import column_names, parquet_files
     from rayscale.launch.connect import connect
 
     run_dir, output = Path(run_dir).resolve(), Path(output).expanduser().resolve()

@@ -15,6 +15,7 @@ from rayscale.data.sources import DataSpec
 from rayscale.errors import UserError
 from rayscale.files import CONFIG_FILE, MODEL_FILE, MODEL_SAFETENSORS_FILE, SUMMARY_FILE
 from rayscale.models.factory import build_model
+from rayscale.plugins import first_line
 
 
 def safetensors_bytes(weights: dict[str, torch.Tensor]) -> bytes:
@@ -78,8 +79,7 @@ def initial_weights(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(where))
         weights = torch.load(where, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UserError(f"model.init_from: cannot read {path} ({type(exc).__name__}: "
-                        f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
+        raise UserError(f"model.init_from: cannot read {path} ({type(exc).__name__}: {first_line(exc)})") from None
     if not (isinstance(weights, dict) and all(isinstance(v, torch.Tensor) for v in weights.values())):
         raise UserError(f"model.init_from: {path} is not a state_dict (a mapping of names to tensors)")
     return weights

@@ -40,7 +40,8 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, *, model: Any = N
         raise UserError(f"{run_dir}: no {CONFIG_FILE}; expected the directory of a finished rayscale run")
     cfg = config_module.load(run_dir / CONFIG_FILE)
     cfg.model = dataclasses.replace(cfg.model, init_from=None)  # the run's own weights are loaded below
-    prepared = prepare(cfg)
+    code = UserCode(model=model, loss=loss, metrics=tuple((metrics or {}).items()))
+    prepared = prepare(cfg, code=code)  # a model handed in is the one to build, not model.name's
     if data is None:
         if prepared.val is None:
             raise UserError(f"{run_dir}: the run has no validation split (data.val_fraction 0, no data.val_source); "
@@ -52,7 +53,6 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, *, model: Any = N
             raise UserError(f"--data: {data} holds {info.spec.task} {info.spec.input_shape}, but the run trained on "
                             f"{prepared.spec.task} {prepared.spec.input_shape}")
         split, label = SplitSpec(info, "all", 0.0, cfg.data, cfg.seed), data
-    code = UserCode(model=model, loss=loss, metrics=tuple((metrics or {}).items()))
     where = torch.device(device)
     network = load_model(run_dir, where, model)
     rows = split_chunk_rows(split)

@@ -66,7 +66,7 @@ def evaluate(model: torch.nn.Module, blocks, plan: BatchPlan, spec: DataSpec, pr
                 sums[2] += (count if count is not None else objective.count(batch)).double()
                 own.update(output, batch)
     model.train()
-    loss, correct, count, *reduced = distributed.all_reduce([*sums.tolist(), *own.sums()], device).tolist()
+    loss, correct, count, *reduced = distributed.all_reduce(torch.cat([sums, own.totals]), device).tolist()
     metrics = {"val_loss": loss / max(count, 1e-12)}
     if spec.task != "regression":
         metrics["val_accuracy"] = correct / max(count, 1e-12)
