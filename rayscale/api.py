@@ -98,30 +98,40 @@ def resolve_config(config: ConfigLike = None, overrides: Overrides = ()) -> conf
 
 
 def train(config: ConfigLike = None, *, overrides: Overrides = (), address: str | None = None,
-          model: Any = None, loss: Callable | None = None, metrics: Mapping[str, Any] | None = None) -> Result:
+          model: Any = None, loss: Callable | None = None, metrics: Mapping[str, Any] | None = None,
+          train_data: Any = None, val_data: Any = None) -> Result:
     """Train as `rayscale train` does (an embedded Ray, or the cluster at `address` / RAY_ADDRESS) and return
     the run once it has written its outputs.
 
     `model`: a torch.nn.Module, or a factory called with model.kwargs and the data sizes it names
     (input_shape, num_classes, vocab_size, ...). `loss`: (output, batch) -> per-sample (or per-token) losses,
-    or (losses, weights). `metrics`: {name: function or torchmetrics Metric}, validated as val_<name>."""
+    or (losses, weights). `metrics`: {name: function or torchmetrics Metric}, validated as val_<name>.
+    `train_data`, `val_data`: ray.data.Datasets standing for data.source and data.val_source (run once, their
+    rows held in the object store while the run trains; docs/guide/bring-your-own.md)."""
     from rayscale.launch.trainer import train as run_training
+    from rayscale.launch.user_data import dataset_sources
 
     cfg, code = with_code(resolve_config(config, overrides), model, loss, metrics)
-    summary = run_training(cfg, address=address, code=code)
+    cfg, datasets = with_data(cfg, train_data, val_data)
+    given = dataset_sources(cfg, datasets, address=address)
+    summary = run_training(cfg, address=address, code=code, given=given)
     return Result(Path(summary["run_dir"]), summary)
 
 
 def tune(config: ConfigLike = None, *, overrides: Overrides = (), address: str | None = None,
          resume: bool = False, model: Any = None, loss: Callable | None = None,
-         metrics: Mapping[str, Any] | None = None) -> SearchResult:
+         metrics: Mapping[str, Any] | None = None, train_data: Any = None, val_data: Any = None) -> SearchResult:
     """Search as `rayscale tune` does; `resume` continues the search in run.output_dir / run.name. `model`,
-    `loss` and `metrics` as for `train`, the same for every trial (tune.metric may name val_<name>)."""
+    `loss`, `metrics`, `train_data` and `val_data` as for `train`, the same for every trial (tune.metric may
+    name val_<name>); a Dataset runs once for the whole search."""
     from rayscale.driver.prepare import run_directory
+    from rayscale.launch.user_data import dataset_sources
     from rayscale.tuning.search import search
 
     cfg, code = with_code(resolve_config(config, overrides), model, loss, metrics)
-    trials = search(cfg, address=address, resume=resume, code=code)
+    cfg, datasets = with_data(cfg, train_data, val_data)
+    given = dataset_sources(cfg, datasets, address=address, scope="search")
+    trials = search(cfg, address=address, resume=resume, code=code, given=given)
     return SearchResult(run_directory(cfg), trials)
 
 
@@ -173,6 +183,24 @@ def with_code(cfg: config_module.Config, model: Any, loss: Callable | None, metr
                     metrics=tuple((name, metric) for name, metric in (metrics or {}).items()
                                   if name not in named_metrics))
     return cfg, code
+
+
+def with_data(cfg: config_module.Config, train_data: Any, val_data: Any
+              ) -> tuple[config_module.Config, dict[str, Any]]:
+    """The config whose data.source / data.val_source stand for the Datasets given (ray_dataset:train_data,
+    config.yaml records so), and the Datasets by argument."""
+    import dataclasses
+
+    from rayscale.data.sources import DATASET_PREFIX
+
+    datasets = {name: value for name, value in (("train_data", train_data), ("val_data", val_data))
+                if value is not None}
+    data = cfg.data
+    if train_data is not None:
+        data = dataclasses.replace(data, source=DATASET_PREFIX + "train_data")
+    if val_data is not None:
+        data = dataclasses.replace(data, val_source=DATASET_PREFIX + "val_data")
+    return dataclasses.replace(cfg, data=data), datasets
 
 
 def _plain(mapping: Mapping) -> dict:

@@ -13,10 +13,16 @@ from __future__ import annotations
 
 import warnings
 
+from rayscale.config import DataConfig
+from rayscale.data import sources
 from rayscale.data.splits import SplitSpec, read_split_pieces
+from rayscale.errors import UserError
 from rayscale.math.lanes import ChunkRead
+from rayscale.plugins import first_line
 
 READ_CPUS = 0.25
+DATASET_CHUNK_BYTES = 16 << 20  # a Ray Dataset's chunk (one read's unit) holds about this much converted data
+DATASET_CHUNK_ROWS = 8192  # and at most this many rows (a synthetic source's generated block)
 
 
 def read_tasks_at_once(chunks: int) -> int:
@@ -96,3 +102,93 @@ def quiet_ray_data() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     # Blocks in the order of the reads, always, in every process that streams (each worker builds its own reads).
     ray.data.DataContext.get_current().execution_options.preserve_order = True
+
+
+# ------------------------------------------------------------------------------ a Ray Dataset handed in
+
+def inspect_dataset(dataset, data: DataConfig, argument: str) -> sources.SourceInfo:
+    """A `ray.data.Dataset` as a source: run once to the end, its blocks held in the object store for the whole
+    run, every row converted and checked once by tasks on the cluster's CPUs, then numbered in the Dataset's
+    own order (its execution keeps the order: preserve_order) and cut into chunks like any source's, so lanes,
+    splits, shuffles and resume treat it as they treat Parquet. `argument`: train_data or val_data."""
+    import ray
+    import ray.data
+
+    if not isinstance(dataset, ray.data.Dataset):
+        raise UserError(f"{argument}: expected a ray.data.Dataset, got {type(dataset).__name__}")
+    if data.curriculum_column is not None:
+        raise UserError(f"data.curriculum_column: a curriculum needs its difficulty histogram from Parquet "
+                        f"footers; not available with {argument}= (write the Dataset with write_parquet and "
+                        f"set data.source to it)")
+    options = dataset.context.execution_options  # the Dataset's own context, restored after
+    kept_order, options.preserve_order = options.preserve_order, True
+    try:
+        bundles = list(dataset.materialize().iter_internal_ref_bundles())
+    except Exception as exc:  # the user's own reads and map_batches run here
+        raise UserError(f"{argument}: the Dataset failed to run ({type(exc).__name__}: {first_line(exc)})") from None
+    finally:
+        options.preserve_order = kept_order
+    pieces = [sources.BlockPiece(entry.ref, part.start_offset if part else 0,
+                                 part.end_offset - part.start_offset if part else entry.metadata.num_rows)
+              for bundle in bundles for entry, part in zip(bundle.blocks, bundle.slices, strict=True)]
+    pieces = [piece for piece in pieces if piece.rows]
+    if not pieces:
+        raise UserError(f"{argument}: the Dataset has no rows")
+    starts = [0]
+    for piece in pieces:
+        starts.append(starts[-1] + piece.rows)
+    check = ray.remote(_check_block).options(num_cpus=READ_CPUS, max_retries=0)
+    try:
+        checked = ray.get([check.remote(piece, data, argument, start)
+                           for piece, start in zip(pieces, starts, strict=False)])
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, UserError):
+            raise UserError(str(cause)) from None
+        raise
+    schema = checked[0][1]
+    spec = sources.dataset_spec(schema, data, argument, [stats for stats, _ in checked])
+    return sources.SourceInfo("ray_dataset", spec, _chunks(pieces, starts, spec, argument), starts[-1])
+
+
+def _check_block(piece: sources.BlockPiece, data: DataConfig, argument: str, first_row: int):
+    """Ray task: one block's rows converted and checked (sources.table_stats), and its schema."""
+    table = _piece_table(piece)
+    return sources.table_stats(table, data, argument, first_row), table.schema
+
+
+def _chunks(pieces: list[sources.BlockPiece], starts: list[int], spec: sources.DataSpec, argument: str
+            ) -> tuple[sources.Chunk, ...]:
+    """Chunks of one size in rows, set by a row's size alone (not by Ray's block sizes, which vary between
+    executions): the same Dataset gives the same chunks, so a resumed run finds its lanes as they were."""
+    import math
+
+    row_bytes = 24 + (16 * spec.input_shape[0] if spec.vocab_size is not None else 4 * math.prod(spec.input_shape))
+    size = max(1, min(DATASET_CHUNK_ROWS, DATASET_CHUNK_BYTES // row_bytes))
+    chunks = []
+    for start in range(0, starts[-1], size):
+        stop = min(start + size, starts[-1])
+        parts = tuple(sources.BlockPiece(piece.ref, piece.offset + max(start, first) - first,
+                                         min(stop, first + piece.rows) - max(start, first))
+                      for piece, first in zip(pieces, starts, strict=False)
+                      if first < stop and first + piece.rows > start)
+        chunks.append(sources.Chunk(start, stop, argument, None, parts))
+    return tuple(chunks)
+
+
+def _piece_table(piece: sources.BlockPiece):
+    import ray
+    from ray.data.block import BlockAccessor
+
+    block = ray.get(piece.ref)
+    return BlockAccessor.for_block(block).to_arrow().slice(piece.offset, piece.rows)
+
+
+def fetch_blocks(chunk: sources.Chunk) -> list:
+    """The Arrow tables of a Ray Dataset chunk's block pieces, in order (from the object store)."""
+    import ray
+    from ray.data.block import BlockAccessor
+
+    blocks = ray.get([piece.ref for piece in chunk.blocks])
+    return [BlockAccessor.for_block(block).to_arrow().slice(piece.offset, piece.rows)
+            for piece, block in zip(chunk.blocks, blocks, strict=True)]

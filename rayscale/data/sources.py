@@ -1,17 +1,20 @@
-"""Where rows come from: the bundled digits, seeded synthetic generators, and Parquet (local or on a URI).
+"""Where rows come from: the bundled digits, seeded synthetic generators, Parquet (local or on a URI), and a
+Ray Dataset handed to rayscale.train (`train_data=`, `val_data=`).
 
 Every source is a list of *chunks*: contiguous ranges of global row ids that can be read on their own (a
-Parquet row group, a slice of digits, a block of generated rows). The driver calls `inspect_source` once, which
-looks at metadata only, and ships the chunks; Ray Data tasks call `read_chunk` to turn one chunk into numpy
-columns:
+Parquet row group, a slice of digits, a block of generated rows, a run of a materialized Ray Dataset's blocks).
+The driver calls `inspect_source` once, which looks at metadata only, and ships the chunks; Ray Data tasks call
+`read_chunk` to turn one chunk into numpy columns:
 
   row_id  int64 (n,)   global row id, chunk.start .. chunk.stop - 1
-  x       float32 (n, F) tabular | float32 (n, 1, H, W) images | object (n,) of int64 token arrays
+  x       float32 (n, F) tabular | float32 (n, *shape) a tensor column (images: (n, 1, H, W) digits, or
+          whatever shape a Ray Dataset's tensor column has) | object (n,) of int64 token arrays
   y       int64 (n,) classes (one per row, or per sequence) | float32 (n, K) regression targets
           | object (n,) of int64 per-token classes (IGNORE_INDEX: a masked token)
   weight  float32 (n,), only when data.weight is set
 
-This module imports neither Ray nor torch and never downloads anything.
+This module imports neither Ray nor torch and never downloads anything; a Ray Dataset's chunks are fetched by
+data/datasets.py (the data layer's Ray code) and converted here, by the same code as Parquet's row groups.
 """
 
 from __future__ import annotations
@@ -53,21 +56,34 @@ GENERATION_BLOCK_ROWS = 8192  # synthetic rows are generated per block of this m
 TEACHER_HIDDEN = 16  # width of the regression teacher's hidden layer
 
 
+DATASET_PREFIX = "ray_dataset:"  # data.source / data.val_source of a Ray Dataset handed in: ray_dataset:train_data
+
+
+@dataclass(frozen=True)
+class BlockPiece:
+    """Rows [offset, offset + rows) of one block of a materialized Ray Dataset (`ref`: its ObjectRef)."""
+
+    ref: object
+    offset: int
+    rows: int
+
+
 @dataclass(frozen=True)
 class Chunk:
     """One unit of lazy reading: global row ids [start, stop)."""
 
     start: int  # global row id of the chunk's first row
     stop: int  # one past the last row id
-    path: str | None = None  # Parquet file (local path or URI) for Parquet sources
+    path: str | None = None  # Parquet file (local path or URI) for Parquet sources; the argument for a Dataset
     row_group: int | None = None  # row group inside `path`
+    blocks: tuple[BlockPiece, ...] = ()  # a Ray Dataset's rows, in order
 
 
 @dataclass(frozen=True)
 class SourceInfo:
     """What the driver knows about a source without reading its rows."""
 
-    kind: str  # "digits" | "synthetic" | "parquet"
+    kind: str  # "digits" | "synthetic" | "parquet" | "ray_dataset"
     spec: DataSpec  # task, input_shape, num_outputs, vocab_size
     chunks: tuple[Chunk, ...]  # in row-id order, covering [0, num_rows) without gaps
     num_rows: int
@@ -86,6 +102,10 @@ def inspect_source(source: str, data: DataConfig, seed: int, *, key: str = "data
         return _inspect_digits()
     if source == "synthetic":
         return _inspect_synthetic(data.synthetic)
+    if source.startswith(DATASET_PREFIX):  # its SourceInfo comes from data/datasets.py, made where it was given
+        argument = source[len(DATASET_PREFIX):]
+        raise UserError(f"{key}: {source} stands for a ray.data.Dataset handed to rayscale.train({argument}=...) "
+                        f"or rayscale.tune; pass the Dataset again (a config file or the CLI cannot carry it)")
     return _inspect_parquet(source, data, key)
 
 
@@ -100,7 +120,23 @@ def read_chunk(info_kind: str, chunk: Chunk, data: DataConfig, seed: int) -> dic
         return _read_synthetic(chunk, data.synthetic, seed)
     if info_kind == "parquet":
         return _read_parquet(chunk, data)
+    if info_kind == "ray_dataset":
+        from rayscale.data.datasets import fetch_blocks  # the block fetch is Ray's; the conversion is below
+
+        parts, start = [], chunk.start
+        for table in fetch_blocks(chunk):
+            parts.append(table_rows(table, data, chunk.path or "train_data", start, start))
+            start += table.num_rows
+        return {key: concat_columns([part[key] for part in parts]) for key in parts[0]}
     raise ValueError(f"unknown source kind {info_kind!r}")
+
+
+def concat_columns(parts: list[np.ndarray]) -> np.ndarray:
+    if parts[0].dtype == object:
+        out = np.empty(sum(len(p) for p in parts), dtype=object)
+        out[:] = [item for part in parts for item in part]
+        return out
+    return np.concatenate(parts)
 
 
 # ------------------------------------------------------------------------------------------------ digits
@@ -268,6 +304,18 @@ def _is_number(tp: pa.DataType) -> bool:
     return pa.types.is_integer(tp) or pa.types.is_floating(tp) or pa.types.is_boolean(tp)
 
 
+def tensor_shape(tp: pa.DataType) -> tuple[int, ...] | None:
+    """The per-row shape of a fixed-shape tensor column (Ray Data's tensor extension type, which numpy columns
+    of more than one dimension become, or Arrow's fixed_shape_tensor); None for any other type."""
+    shape = getattr(tp, "shape", None) if isinstance(tp, pa.ExtensionType) else None
+    return tuple(int(size) for size in shape) if shape is not None and None not in shape else None
+
+
+def _tensor_value_type(tp: pa.ExtensionType) -> pa.DataType:
+    storage = tp.storage_type
+    return storage.value_type if _is_list(storage) else storage
+
+
 def _is_list(tp: pa.DataType) -> bool:
     return pa.types.is_list(tp) or pa.types.is_large_list(tp) or pa.types.is_fixed_size_list(tp)
 
@@ -290,7 +338,7 @@ def unclaimed_columns(names: list[str], data: DataConfig) -> list[str]:
     return [name for name in names if name not in taken and not name.startswith("__index_level_")]
 
 
-def _resolve_columns(schema: pa.Schema, data: DataConfig, path: str) -> _Columns:
+def resolve_columns(schema: pa.Schema, data: DataConfig, path: str) -> _Columns:
     names = schema.names
 
     def need(name: str, config_key: str) -> pa.DataType:
@@ -336,7 +384,15 @@ def _resolve_columns(schema: pa.Schema, data: DataConfig, path: str) -> _Columns
             raise UserError(f"data.features: no feature columns left in {path} (columns: {', '.join(names)})")
     for name in features:
         tp = schema.field(name).type
-        if _is_list(tp):
+        if isinstance(tp, pa.ExtensionType):
+            if tensor_shape(tp) is None:
+                raise UserError(f"data.features: column {name!r} in {path} holds tensors of varying shapes "
+                                f"({tp}); expected one shape for every row (images: read_images(size=...))")
+            if len(features) > 1:
+                raise UserError(f"data.features: column {name!r} in {path} is a tensor column, which must be "
+                                f"the only feature column (features: {', '.join(features)})")
+            tp = _tensor_value_type(tp)
+        elif _is_list(tp):
             if len(features) > 1:
                 raise UserError(f"data.features: column {name!r} in {path} is a list column, which must be the "
                                 f"only feature column (features: {', '.join(features)})")
@@ -366,7 +422,7 @@ def _inspect_parquet(source: str, data: DataConfig, key: str) -> SourceInfo:
         except (pa.ArrowException, OSError) as exc:
             raise UserError(f"{key}: {path} is not a readable Parquet file ({_first_line(exc)})") from None
         with parquet:
-            resolved = _resolve_columns(schema, data, path)
+            resolved = resolve_columns(schema, data, path)
             if key == "data.source" and data.curriculum_column is not None and resolved.difficulty is None:
                 raise UserError(f"data.curriculum_column: column {data.curriculum_column!r} not in {path} "
                                 f"(columns: {', '.join(schema.names)})")
@@ -469,6 +525,51 @@ class _Stats:
                     self.widths[name] = width
 
 
+@dataclass(frozen=True)
+class TableStats:
+    """What inspecting a Ray Dataset learns from each block (its rows converted and checked by `table_rows`):
+    merged over the blocks into the _Stats a DataSpec is derived from."""
+
+    rows: int
+    label_max: int | None
+    token_max: int | None
+    longest: int
+    shapes: tuple[tuple[str, tuple[int, ...]], ...]  # per-row shape of the inputs and the targets (not sequences)
+
+
+def table_stats(table: pa.Table, data: DataConfig, path: str, first_row: int) -> TableStats:
+    """Every row of `table` converted and checked (finite, in range, same-length lists), and its sizes."""
+    rows = table_rows(table, data, path, first_row, first_row)
+    columns = resolve_columns(table.schema, data, path)
+    labels, _ = _per_value(rows["y"]) if rows["y"].dtype.kind in "iuO" else (np.zeros(0, np.int64), None)
+    tokens = _per_value(rows["x"])[0] if columns.sequence else np.zeros(0, np.int64)
+    labels = labels[labels != IGNORE_INDEX] if columns.sequence else labels
+    shapes = () if columns.sequence else (("data.features", rows["x"].shape[1:]), ("data.label", rows["y"].shape[1:]))
+    return TableStats(table.num_rows, int(labels.max()) if len(labels) else None,
+                      int(tokens.max()) if len(tokens) else None,
+                      max((len(t) for t in rows["x"]), default=0) if columns.sequence else 0,
+                      tuple((key, tuple(int(size) for size in shape)) for key, shape in shapes))
+
+
+def dataset_spec(schema: pa.Schema, data: DataConfig, path: str, blocks: list[TableStats]) -> DataSpec:
+    """A Ray Dataset's DataSpec, as a Parquet source's, from its schema and every block's stats; list columns
+    must have one length across blocks as within them."""
+    columns, stats, shapes = resolve_columns(schema, data, path), _Stats(), {}
+    for block in blocks:
+        stats.label_max = _merge(max, stats.label_max, block.label_max)
+        stats.token_max = _merge(max, stats.token_max, block.token_max)
+        stats.longest = max(stats.longest, block.longest)
+        for key, shape in block.shapes:
+            if shapes.setdefault(key, shape) != shape:
+                raise UserError(f"{key}: rows of {path} have shapes {shapes[key]} and {shape}; expected one "
+                                f"shape for every row")
+    for key, name in (("data.features", columns.features[0] if columns.features else None),
+                      ("data.label", columns.label)):
+        if key in shapes and len(shapes[key]) == 1:
+            stats.widths[name] = shapes[key][0]  # a list column's length, as a Parquet footer gives it
+    return _parquet_spec(columns, {name: schema.field(name).type for name in _used(columns)}, stats, data)
+
+
 def _merge(pick, current, new):
     if new is None:
         return current
@@ -518,14 +619,15 @@ def _parquet_spec(columns: _Columns, types: dict[str, pa.DataType], stats: _Stat
     first = columns.features[0]
     list_feature = len(columns.features) == 1 and _is_list(types[first])
     width = _list_width(types[first], first, stats) if list_feature else len(columns.features)
+    shape = tensor_shape(types[first]) or (width,)
     label_type = types[columns.label]
     if pa.types.is_integer(label_type):
-        return DataSpec("classification", (width,), classes())
+        return DataSpec("classification", shape, classes())
     if pa.types.is_boolean(label_type):
-        return DataSpec("classification", (width,), 2)
+        return DataSpec("classification", shape, 2)
     if _is_list(label_type):  # a list of floats per row: several regression targets
-        return DataSpec("regression", (width,), _list_width(label_type, columns.label, stats))
-    return DataSpec("regression", (width,), 1)
+        return DataSpec("regression", shape, _list_width(label_type, columns.label, stats))
+    return DataSpec("regression", shape, 1)
 
 
 @dataclass(frozen=True)
@@ -600,18 +702,26 @@ def _read_parquet(chunk: Chunk, data: DataConfig) -> dict[str, np.ndarray]:
     path = chunk.path
     assert path is not None and chunk.row_group is not None, chunk
     with _open(path) as parquet:
-        columns = _resolve_columns(parquet.schema_arrow, data, path)
+        columns = resolve_columns(parquet.schema_arrow, data, path)
         table = parquet.read_row_group(chunk.row_group, columns=_used(columns))
-        ranges = _ranges(columns, parquet.schema_arrow, data.num_classes)
         # Errors name rows as the file counts them (a chunk's row ids run on across files and online batches).
         first_row = sum(parquet.metadata.row_group(group).num_rows for group in range(chunk.row_group))
     if table.num_rows != chunk.stop - chunk.start:
         raise UserError(f"data.source: {path} row group {chunk.row_group} has {table.num_rows} rows, "
                         f"expected {chunk.stop - chunk.start} (did the file change since the run started?)")
+    return table_rows(table, data, path, chunk.start, first_row)
+
+
+def table_rows(table: pa.Table, data: DataConfig, path: str, row_start: int, first_row: int
+               ) -> dict[str, np.ndarray]:
+    """The rows of an Arrow table (a Parquet row group, a Ray Dataset's rows) as numpy columns, every value
+    checked; row ids from `row_start`, and errors naming rows from `first_row` as `path` counts them."""
+    columns = resolve_columns(table.schema, data, path)
+    ranges = _ranges(columns, table.schema, data.num_classes)
     for name, config_key in _roles(columns):
         if table.column(name).null_count:
             raise UserError(f"{config_key}: column {name!r} in {path} has missing values")
-    rows = {"row_id": np.arange(chunk.start, chunk.stop, dtype=np.int64)}
+    rows = {"row_id": np.arange(row_start, row_start + table.num_rows, dtype=np.int64)}
     if columns.sequence:
         rows["x"] = _sequences(table.column(columns.sequence), f"data.sequence: column {columns.sequence!r} in "
                                                                 f"{path}")
@@ -627,7 +737,10 @@ def _read_parquet(chunk: Chunk, data: DataConfig) -> dict[str, np.ndarray]:
         if len(rows["x"]) and min(len(t) for t in rows["x"]) == 0:
             raise UserError(f"data.sequence: column {columns.sequence!r} in {path} has an empty sequence")
     else:
-        if len(columns.features) == 1 and _is_list(table.column(columns.features[0]).type):
+        shape = tensor_shape(table.column(columns.features[0]).type)
+        if shape is not None:
+            rows["x"] = _tensors(table.column(columns.features[0]), shape)
+        elif len(columns.features) == 1 and _is_list(table.column(columns.features[0]).type):
             rows["x"] = _matrix(table.column(columns.features[0]), f"data.features: column "
                                                                    f"{columns.features[0]!r} in {path}")
         else:
@@ -679,6 +792,14 @@ def _matrix(column: pa.ChunkedArray, what: str) -> np.ndarray:
         raise UserError(f"{what} has missing values inside its lists")
     width = int(lengths[0]) if len(lengths) else 0
     return values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(lengths), width)
+
+
+def _tensors(column: pa.ChunkedArray, shape: tuple[int, ...]) -> np.ndarray:
+    """A fixed-shape tensor column -> float32 (n, *shape), from its storage (row-major values per row), so that
+    no extension type's own converter (Ray's) needs importing."""
+    storage = column.combine_chunks().storage
+    values = pc.list_flatten(storage) if _is_list(storage.type) else storage
+    return values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(storage), *shape)
 
 
 def _sequences(column: pa.ChunkedArray, what: str) -> np.ndarray:

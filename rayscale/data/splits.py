@@ -16,6 +16,7 @@ import numpy as np
 
 from rayscale.config import DataConfig
 from rayscale.data import sources
+from rayscale.data.sources import concat_columns
 from rayscale.math import curriculum, lanes
 
 VAL_BUCKETS = 1_000_000
@@ -97,14 +98,6 @@ def _read_split_chunk(index: int, spec: SplitSpec) -> dict[str, np.ndarray]:
     if spec.split == "train":
         keep = ~keep
     return {key: value[keep] for key, value in rows.items()}
-
-
-def concat_columns(parts: list[np.ndarray]) -> np.ndarray:
-    if parts[0].dtype == object:
-        out = np.empty(sum(len(p) for p in parts), dtype=object)
-        out[:] = [item for part in parts for item in part]
-        return out
-    return np.concatenate(parts)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ and what the driver then sends every worker (`worker_payload`)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from rayscale.math.batching import BatchPlan, plan_batches
 from rayscale.plugins import UserCode, check_shippable, import_callable
 
 NO_CODE = UserCode()  # a run with everything named in its config
+NO_DATA: dict[str, sources.SourceInfo] = {}  # a run whose sources are all named in its config
 
 
 @dataclass
@@ -45,14 +47,16 @@ def run_directory(cfg: Config) -> Path:
     return Path(cfg.run.output_dir).expanduser().resolve() / cfg.run.name
 
 
-def prepare(cfg: Config, scope: str = "run", code: UserCode = NO_CODE) -> PreparedRun:
+def prepare(cfg: Config, scope: str = "run", code: UserCode = NO_CODE,
+            given: Mapping[str, sources.SourceInfo] = NO_DATA) -> PreparedRun:
     """Every check that needs no cluster. Raises UserError; writes nothing. `code`: rayscale.train's Python
-    objects (model=, loss=, metrics=)."""
+    objects (model=, loss=, metrics=); `given`: the sources of its Ray Datasets (train_data=, val_data=), by
+    the data.source / data.val_source that stands for them (launch/user_data.py inspects them)."""
     plan = plan_batches(cfg.batch.global_batch_size, cfg.batch.micro_batch_size, cfg.scaling.num_workers)
     rules.check(cfg, scope)
     if cfg.model.init_from is not None and "://" not in cfg.model.init_from:  # workers run in other directories
         cfg.model.init_from = str(Path(cfg.model.init_from).expanduser().resolve())
-    train, val, train_rows, val_rows = _splits(cfg)
+    train, val, train_rows, val_rows = _splits(cfg, given)
     if train_rows == 0:
         raise UserError(f"data.source: {cfg.data.source} leaves no training rows")
     if train_rows < plan.global_batch_size and not cfg.data.online:  # online: small files are fine
@@ -73,11 +77,14 @@ def prepare(cfg: Config, scope: str = "run", code: UserCode = NO_CODE) -> Prepar
     return PreparedRun(cfg, plan, train, val, train_rows, val_rows, run_dir, code)
 
 
-def _splits(cfg: Config) -> tuple[SplitSpec, SplitSpec | None, int, int]:
+def _splits(cfg: Config, given: Mapping[str, sources.SourceInfo]) -> tuple[SplitSpec, SplitSpec | None, int, int]:
     """(training split, validation split or None, their rows), from the sources' metadata."""
-    info = sources.inspect_source(cfg.data.source, cfg.data, cfg.seed)
+    def inspect(source: str, key: str) -> sources.SourceInfo:
+        return given[source] if source in given else sources.inspect_source(source, cfg.data, cfg.seed, key=key)
+
+    info = inspect(cfg.data.source, "data.source")
     if cfg.data.val_source is not None:
-        val_info = sources.inspect_source(cfg.data.val_source, cfg.data, cfg.seed, key="data.val_source")
+        val_info = inspect(cfg.data.val_source, "data.val_source")
         if val_info.spec.input_shape[1:] != info.spec.input_shape[1:] or val_info.spec.task != info.spec.task:
             raise UserError(f"data.val_source: {cfg.data.val_source} does not match data.source "
                             f"({val_info.spec.task} {val_info.spec.input_shape} vs {info.spec.task} "

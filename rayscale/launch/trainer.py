@@ -10,6 +10,7 @@ import dataclasses
 import os
 import sys
 import time
+from collections.abc import Mapping
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -18,8 +19,9 @@ import yaml
 from rayscale import config as config_module
 from rayscale.config import Config
 from rayscale.data.datasets import quiet_ray_data
+from rayscale.data.sources import SourceInfo
 from rayscale.driver.outputs import print_summary, read_metrics, startup_phases, write_outputs
-from rayscale.driver.prepare import NO_CODE, PreparedRun, check_same_config, prepare, worker_payload
+from rayscale.driver.prepare import NO_CODE, NO_DATA, PreparedRun, check_same_config, prepare, worker_payload
 from rayscale.driver.progress import ProgressBar, wants_bar
 from rayscale.errors import UserError
 from rayscale.files import CONFIG_FILE, GROUPS_FILE, METRICS_FILE
@@ -135,13 +137,14 @@ def user_error_inside(exc: BaseException) -> UserError | None:
 
 def train(cfg: Config, *, address: str | None = None, callbacks: list | None = None,
           eval_at_samples: list[int] | tuple[int, ...] = (), pause_at_samples: list[int] | tuple[int, ...] = (),
-          code: UserCode = NO_CODE) -> dict:
+          code: UserCode = NO_CODE, given: Mapping[str, SourceInfo] = NO_DATA) -> dict:
     """Validate, run and write outputs; returns the summary. `eval_at_samples`: extra points (samples seen)
     at which the workers validate mid-epoch — Tune's rung milestones. `pause_at_samples`: the run ends at the
     first of these past where it starts, with a checkpoint there (ASHA by promotion: a trial paused at a rung);
-    the same call again resumes from it. `code`: rayscale.train's model=, loss=, metrics= objects."""
+    the same call again resumes from it. `code`: rayscale.train's model=, loss=, metrics= objects; `given`: the
+    sources of its Ray Datasets (launch/user_data.py)."""
     started = time.time()
-    prepared = prepare(cfg, code=code)
+    prepared = prepare(cfg, code=code, given=given)
     check_same_config(cfg, prepared.run_dir)
     check_fits_before_start(address, cfg)
     connecting = time.time()

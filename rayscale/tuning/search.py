@@ -12,14 +12,16 @@ import csv
 import json
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
 
 from rayscale import config as config_module
 from rayscale.config import Config
+from rayscale.data.sources import SourceInfo
 from rayscale.driver.outputs import read_metrics
-from rayscale.driver.prepare import NO_CODE, prepare, run_directory
+from rayscale.driver.prepare import NO_CODE, NO_DATA, prepare, run_directory
 from rayscale.errors import UserError
 from rayscale.files import CONFIG_FILE, SUMMARY_FILE
 from rayscale.launch import trainer
@@ -170,7 +172,7 @@ def _finished_records(cfg: Config) -> list[dict] | None:
 
 
 def _trial(sampled: dict, base: dict, search_dir: str, metric: str, eval_at_samples: list[int],
-           promotion: bool = False, code: UserCode = NO_CODE) -> None:
+           promotion: bool = False, code: UserCode = NO_CODE, given: Mapping[str, SourceInfo] = NO_DATA) -> None:
     from ray import tune
 
     from rayscale.tuning.asha import read_promotion_state
@@ -199,7 +201,7 @@ def _trial(sampled: dict, base: dict, search_dir: str, metric: str, eval_at_samp
     stop_marker.unlink(missing_ok=True)  # a resumed trial runs again
     _watch_for_stop(stop_marker)
     summary = trainer.train(cfg, callbacks=_trial_callbacks(metric, stop_marker), eval_at_samples=eval_at_samples,
-                            pause_at_samples=eval_at_samples if promotion else (), code=code)
+                            pause_at_samples=eval_at_samples if promotion else (), code=code, given=given)
     if promotion and summary["epochs"] < cfg.train.epochs:
         # The run stopped at a rung, its workers gone and its checkpoint there: now PromotingASHA pauses the
         # trial (this report blocks until it does), never while the run still holds its workers.
@@ -260,14 +262,15 @@ def _this_node_resource() -> str:
     return next(k for k in node["Resources"] if k.startswith("node:") and k != "node:__internal_head__")
 
 
-def search(cfg: Config, *, address: str | None = None, resume: bool = False, code: UserCode = NO_CODE
-           ) -> list[dict]:
+def search(cfg: Config, *, address: str | None = None, resume: bool = False, code: UserCode = NO_CODE,
+           given: Mapping[str, SourceInfo] = NO_DATA) -> list[dict]:
     """Validate everything, run (or resume) the search, write its outputs; returns trial rows, best first.
-    `code`: rayscale.tune's model=, loss=, metrics= objects, handed to every trial."""
+    `code`: rayscale.tune's model=, loss=, metrics= objects, handed to every trial; `given`: its Ray Datasets'
+    sources, run once here and read by every trial from the object store this process owns."""
     base = config_module.to_dict(cfg)
     domains = space.parse_space(cfg.tune.space)
     space.validate(base, domains)
-    prepared = prepare(cfg, scope="search", code=code)
+    prepared = prepare(cfg, scope="search", code=code, given=given)
     max_t = cfg.train.epochs * prepared.train_rows
     if cfg.tune.metric.startswith("val_") and prepared.val_rows == 0:
         raise UserError(f"tune.metric {cfg.tune.metric}: there is no validation data (data.val_fraction is 0 and "
@@ -303,7 +306,7 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False, cod
           f"{concurrency} trials at once"
           + (f", grid {cfg.tune.grid_order}" if space.grid_size(domains) > 1 else ""), flush=True)
 
-    tuner = _tuner(cfg, domains, base, search_dir, grace, max_t, concurrency, search_alg, resume, code)
+    tuner = _tuner(cfg, domains, base, search_dir, grace, max_t, concurrency, search_alg, resume, code, given)
     results = tuner.fit()
     # The last trials' actors are ended as the search finishes, possibly in the middle of their abort.
     for trial_dir in sorted((search_dir / "trials").glob("*")):
@@ -315,7 +318,7 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False, cod
 
 
 def _tuner(cfg: Config, domains: list[space.Domain], base: dict, search_dir: Path, grace: int, max_t: int,
-           concurrency: int, search_alg, resume: bool, code: UserCode):
+           concurrency: int, search_alg, resume: bool, code: UserCode, given: Mapping[str, SourceInfo]):
     """The Tuner of a new search, or the one `--resume` restores from `search_dir`."""
     from ray import tune
     from ray.tune import Tuner
@@ -331,7 +334,7 @@ def _tuner(cfg: Config, domains: list[space.Domain], base: dict, search_dir: Pat
     promotion = cfg.tune.asha_variant == "promotion"
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=base, search_dir=str(search_dir), metric=cfg.tune.metric,
-                             eval_at_samples=milestones, promotion=promotion, code=code),
+                             eval_at_samples=milestones, promotion=promotion, code=code, given=given),
         {"CPU": TRIAL_CPUS, here: trial_share(concurrency) if promotion else 0.001})
     if resume:
         return Tuner.restore(str(search_dir / "tune"), trainable, resume_unfinished=True, restart_errored=True)
