@@ -125,7 +125,7 @@ def inspect_dataset(dataset, data: DataConfig, argument: str) -> sources.SourceI
     try:
         bundles = list(dataset.materialize().iter_internal_ref_bundles())
     except Exception as exc:  # the user's own reads and map_batches run here
-        raise UserError(f"{argument}: the Dataset failed to run ({type(exc).__name__}: {first_line(exc)})") from None
+        raise UserError(f"{argument}: the Dataset failed to run ({_users_error(exc)})") from exc
     finally:
         options.preserve_order = kept_order
     pieces = [sources.BlockPiece(entry.ref, part.start_offset if part else 0,
@@ -138,9 +138,9 @@ def inspect_dataset(dataset, data: DataConfig, argument: str) -> sources.SourceI
     for piece in pieces:
         starts.append(starts[-1] + piece.rows)
     check = ray.remote(_check_block).options(num_cpus=READ_CPUS, max_retries=0)
+    refs = [check.remote(piece, data, argument, start) for piece, start in zip(pieces, starts, strict=False)]
     try:
-        checked = ray.get([check.remote(piece, data, argument, start)
-                           for piece, start in zip(pieces, starts, strict=False)])
+        checked = [ray.get(ref) for ref in refs]  # in order: the error names the first bad row
     except ray.exceptions.RayTaskError as exc:
         cause = getattr(exc, "cause", None)
         if isinstance(cause, UserError):
@@ -149,6 +149,19 @@ def inspect_dataset(dataset, data: DataConfig, argument: str) -> sources.SourceI
     schema = checked[0][1]
     spec = sources.dataset_spec(schema, data, argument, [stats for stats, _ in checked])
     return sources.SourceInfo("ray_dataset", spec, _chunks(pieces, starts, spec, argument), starts[-1])
+
+
+def _users_error(exc: BaseException) -> str:
+    """`Type: message` of the user's own exception inside Ray's wrappers: a map_batches function's error reaches
+    the driver as a RayTaskError whose text holds the task's traceback, the user's exception first ("... the
+    direct cause of the following exception: ... UserCodeException")."""
+    text = str(exc)
+    if "direct cause of the following exception" in text:
+        lines = [line.strip() for line in text.split("direct cause of the following exception")[0].splitlines()]
+        found = [line for line in lines if line and not line.startswith(("File ", "The above", "\x1b", "ray::"))]
+        if found:
+            return found[-1]
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def _check_block(piece: sources.BlockPiece, data: DataConfig, argument: str, first_row: int):
