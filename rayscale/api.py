@@ -135,11 +135,12 @@ def tune(config: ConfigLike = None, *, overrides: Overrides = (), address: str |
     return SearchResult(run_directory(cfg), trials)
 
 
-def evaluate(run_dir: str | Path, data: str | None = None, *, model: Any = None, loss: Callable | None = None,
+def evaluate(run_dir: str | Path, data: Any = None, *, model: Any = None, loss: Callable | None = None,
              metrics: Mapping[str, Any] | None = None, device: str = "cpu", output: str | Path | None = None
              ) -> dict:
-    """`rayscale eval`: the run's model over its validation split (or `data`, with the run's columns), in this
-    process; returns {"data", "rows", val_loss, ...} and writes it to RUN_DIR/eval.json (or `output`)."""
+    """`rayscale eval`: the run's model over its validation split (or `data`, with the run's columns: a source
+    as data.source names one, or a ray.data.Dataset), in this process; returns {"data", "rows", val_loss, ...}
+    and writes it to RUN_DIR/eval.json (or `output`)."""
     from rayscale.tools.evaluate import evaluate_run
 
     return evaluate_run(run_dir, data, model=model, loss=loss, metrics=metrics, device=device, output=output)

@@ -56,7 +56,8 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    source: str = key("digits", "digits | synthetic | a Parquet file, directory, glob or URI (s3://, gs://)")
+    source: str = key("digits", "digits | synthetic | a Parquet file, directory, glob or URI (s3://, gs://) | "
+                                "ray_dataset:train_data (a ray.data.Dataset given as rayscale.train(train_data=))")
     features: list[str] | None = key(None, "Parquet feature columns (null: every column not used otherwise)")
     label: str = key("label", "Parquet label column")
     weight: str | None = key(None, "optional Parquet per-sample weight column")
@@ -67,7 +68,8 @@ class DataConfig:
                                   minimum=2)
     val_fraction: float = key(0.2, "share of rows held out for validation when val_source is not set",
                               minimum=0.0)
-    val_source: str | None = key(None, "separate validation data (same kinds as source)")
+    val_source: str | None = key(None, "separate validation data (same kinds as source; "
+                                       "ray_dataset:val_data: val_data=)")
     shuffle: str = key("local", "per-epoch shuffle: local (block order + seeded buffer), full, none",
                        choices=("local", "full", "none"))
     shuffle_buffer_rows: int = key(2048, "local shuffle buffer (all lanes together: each lane shuffles windows of "

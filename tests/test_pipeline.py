@@ -463,15 +463,25 @@ def test_a_worker_killed_inside_a_slow_upload_then_one_frozen_restart_from_check
     assert held and held[len(held) // 2] < 0.5, held
 
 
-def test_rayscale_tune_ranks_trials_by_a_metric_handed_in_as_an_object(ray_session, tmp_path):
+def test_rayscale_tune_ranks_trials_by_a_metric_handed_in_as_an_object_on_a_ray_dataset(ray_session, tmp_path):
+    """The digits as a Ray Dataset (run once by the search, read by every trial) and a metric as a lambda."""
+    import numpy as np
+    import pyarrow as pa
+    import ray.data
+    from sklearn.datasets import load_digits
+
     import rayscale
 
+    digits = load_digits()
+    pixels = pa.FixedSizeListArray.from_arrays(pa.array((digits.data / 16).astype(np.float32).ravel()), 64)
+    table = pa.table({"pixels": pixels, "digit": digits.target.astype(np.int64)})
     search = rayscale.tune(
         {"tune": {"num_samples": 1, "max_concurrent_trials": 1, "metric": "val_hit", "mode": "max",
                   "space": {"optim.lr": {"grid": [0.0001, 0.3]}}, "grid_order": "listed"}},
         overrides={"run.output_dir": str(tmp_path), "run.name": "by_hit", "scaling.num_workers": 1,
-                   "train.epochs": 1},
-        metrics={"hit": lambda output, batch: (output.argmax(dim=-1) == batch["y"]).float()})
+                   "train.epochs": 1, "data.features": ["pixels"], "data.label": "digit"},
+        metrics={"hit": lambda output, batch: (output.argmax(dim=-1) == batch["y"]).float()},
+        train_data=ray.data.from_arrow(table))
     assert [float(trial["optim.lr"]) for trial in search.trials] == [0.3, 0.0001]  # best val_hit first
     assert float(search.best["best_val_hit"]) > 0.5 and search.best_config_path.is_file()
 

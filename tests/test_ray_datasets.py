@@ -56,6 +56,7 @@ def cluster(tmp_path_factory):
 @pytest.mark.slow
 def test_two_workers_on_two_nodes_train_every_row_of_a_dataset_once_per_epoch_with_equal_steps(cluster, tmp_path):
     import step_log
+    import torch
 
     ray_cluster, log = cluster
     result = rayscale.train(
@@ -74,6 +75,17 @@ def test_two_workers_on_two_nodes_train_every_row_of_a_dataset_once_per_epoch_wi
         assert step_log.every_row_once(kept, epoch, summary["train_rows"])
     steps = collections.Counter((r["rank"], r["epoch"]) for r in step_log.records(log))
     assert steps[(0, 0)] == steps[(1, 0)] == steps[(0, 1)] == steps[(1, 1)] == math.ceil(summary["train_rows"] / 64)
+    assert summary["python_objects"] == {"train_data": "ray.data.Dataset (1,001 rows)"}
+    # Evaluated over a Dataset (the run keeps none of its own): every row, the metrics a validation logs.
+    evaluated = rayscale.evaluate(result.run_dir, data=_dataset())
+    assert evaluated["rows"] == rows and evaluated["data"] == "ray.data.Dataset"
+    every = _preprocess({"id": np.arange(rows)})
+    with torch.no_grad():
+        logits = result.load_model()(torch.from_numpy(every["x"]))
+    by_hand = torch.nn.functional.cross_entropy(logits, torch.from_numpy(every["y"])).item()
+    assert evaluated["val_loss"] == pytest.approx(by_hand, rel=1e-5)
+    with pytest.raises(rayscale.UserError, match="trained on a ray.data.Dataset .* give data"):
+        rayscale.evaluate(result.run_dir)
     # The config records what stood for the Dataset; a rerun from it alone says what is missing.
     recorded = config.load(result.run_dir / "config.yaml")
     assert recorded.data.source == "ray_dataset:train_data"

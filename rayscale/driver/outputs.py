@@ -110,7 +110,8 @@ def summarize(prepared: PreparedRun, state: TrainState, records: list[dict], sta
                                  cfg.batch.micro_batch_size),
         "effective_lr": peak_lr(cfg.optim, batch, cfg.batch.global_batch_size),  # at the batch it ended with
         "data_spec": dataclasses.asdict(prepared.spec),  # what the model was sized for (rayscale.load_model)
-        "python_objects": prepared.code.described(),  # rayscale.train's model=, loss=, metrics= not in the config
+        # rayscale.train's model=, loss=, metrics=, train_data=, val_data= (not in the config)
+        "python_objects": {**prepared.code.described(), **_datasets(prepared)},
         "train_rows": online.rows if cfg.data.online else prepared.train_rows,
         "val_rows": prepared.val_rows,
         "rows_left_out": 0,  # partial last steps are trained, never dropped (data/assembly.py)
@@ -185,3 +186,9 @@ def _phases(phases: dict) -> str:
 
 def _fmt(value, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
+
+
+def _datasets(prepared: PreparedRun) -> dict[str, str]:
+    splits = [split for split in (prepared.train, prepared.val) if split is not None]
+    return {split.info.chunks[0].path: f"ray.data.Dataset ({split.info.num_rows:,} rows)"
+            for split in splits if split.info.kind == "ray_dataset"}

@@ -12,7 +12,7 @@ from typing import Any
 
 from rayscale import rules
 from rayscale.config import Config
-from rayscale.data.datasets import inspect_dataset
+from rayscale.data.datasets import inspect_dataset, quiet_ray_data
 from rayscale.data.sources import DATASET_PREFIX, SourceInfo
 from rayscale.launch.connect import connect
 
@@ -25,6 +25,7 @@ def dataset_sources(cfg: Config, datasets: Mapping[str, Any], *, address: str | 
         return {}
     rules.check(cfg, scope)
     connect(address)
+    quiet_ray_data()  # Ray Data's execution logs at INFO would bury the lines below
     found = {}
     for argument, dataset in datasets.items():
         print(f"[rayscale] running {argument} once to count, check and hold its rows", flush=True)

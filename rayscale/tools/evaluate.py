@@ -17,10 +17,11 @@ from rayscale.files import CONFIG_FILE
 EVAL_FILE = "eval.json"
 
 
-def evaluate_run(run_dir: str | Path, data: str | None = None, *, model: Any = None,
+def evaluate_run(run_dir: str | Path, data: Any = None, *, model: Any = None,
                  loss: Callable | None = None, metrics: Mapping[str, Any] | None = None, device: str = "cpu",
                  output: str | Path | None = None) -> dict:
-    """The run's model over `data` (default: the run's validation split): {"data", "rows", metrics...}, also
+    """The run's model over `data` (a source as data.source names one, or a ray.data.Dataset; default: the run's
+    validation split): {"data", "rows", metrics...}, also
     written to `output` (default RUN_DIR/eval.json). `model`, `loss`, `metrics`: as handed to rayscale.train,
     for a run that got them as objects (the config's names are imported as in training)."""
     import torch
@@ -41,14 +42,26 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, *, model: Any = N
     cfg = config_module.load(run_dir / CONFIG_FILE)
     cfg.model = dataclasses.replace(cfg.model, init_from=None)  # the run's own weights are loaded below
     code = UserCode(model=model, loss=loss, metrics=tuple((metrics or {}).items()))
-    prepared = prepare(cfg, code=code)  # a model handed in is the one to build, not model.name's
-    if data is None:
+    stood_for = [source for source in (cfg.data.source, cfg.data.val_source)
+                 if source is not None and source.startswith(sources.DATASET_PREFIX)]
+    if data is None and stood_for:
+        raise UserError(f"{run_dir}: the run trained on a ray.data.Dataset (data.source {cfg.data.source}), which "
+                        f"it does not keep; give data (a Parquet source or a ray.data.Dataset)")
+    info = None
+    if data is not None and not isinstance(data, str | Path):
+        from rayscale.data.datasets import inspect_dataset
+
+        info, data = inspect_dataset(data, cfg.data, "data"), "ray.data.Dataset"
+    elif data is not None:
+        info = sources.inspect_source(str(data), cfg.data, cfg.seed, key="--data")
+    # A run's Datasets are gone with the process that gave them: the data given stands for them.
+    prepared = prepare(cfg, code=code, given={source: info for source in stood_for})  # model= is the one to build
+    if info is None:
         if prepared.val is None:
             raise UserError(f"{run_dir}: the run has no validation split (data.val_fraction 0, no data.val_source); "
                             f"give --data")
         split, label = prepared.val, "validation split"
     else:
-        info = sources.inspect_source(data, cfg.data, cfg.seed, key="--data")
         if (info.spec.task, info.spec.input_shape[1:]) != (prepared.spec.task, prepared.spec.input_shape[1:]):
             raise UserError(f"--data: {data} holds {info.spec.task} {info.spec.input_shape}, but the run trained on "
                             f"{prepared.spec.task} {prepared.spec.input_shape}")
