@@ -233,6 +233,22 @@ def test_masked_tokens_count_nowhere_and_accumulation_stays_exact():
     assert torch.allclose(accumulated, whole, rtol=1e-12, atol=1e-14)
 
 
+def test_a_model_whose_forward_names_attention_mask_gets_the_mask_by_that_name(tmp_path):
+    # GPT-2's forward in transformers 5 is (input_ids, cache, attention_mask, ...): positionally, the mask would
+    # land in the cache's place.
+    spec = DataSpec("token_classification", (5,), num_outputs=3, vocab_size=11)
+    model = build_model(ModelConfig(name="user_code:CacheBeforeMask"), spec)
+    mask = torch.arange(5)[None, :] < torch.tensor([5, 2])[:, None]
+    batch = {"x": torch.randint(0, 11, (2, 5)), "y": torch.zeros(2, 5, dtype=torch.int64), "mask": mask}
+    assert forward(model, batch).shape == (2, 5, 3)
+    assert model.masks_seen[-1] is mask
+    # Through DDP's wrapper (2 gloo ranks), which passes keywords on to the model.
+    source = write(tmp_path / "tokens.parquet", _token_rows(200, per_sequence=False))
+    run = train(tmp_path, "named_mask", *BASE, f"data.source={source}", "data.sequence=tokens", workers=2,
+                code=UserCode(model=user_code.CacheBeforeMask))
+    assert run.summary["data_spec"]["task"] == "token_classification"
+
+
 def _token_rows(rows: int, *, per_sequence: bool, masked: bool = True) -> pa.Table:
     rng = np.random.default_rng(0)
     tokens = [rng.integers(1, 12, size=rng.integers(2, 9)).tolist() for _ in range(rows)]
