@@ -316,6 +316,14 @@ def test_metrics_and_a_weighted_user_loss_on_two_ranks_reduce_exactly(tmp_path):
     assert evaluations and all("val_hit" in line and "val_micro_accuracy" in line for line in evaluations)
 
 
+def test_val_accuracy_counts_rows_by_their_sample_weights_not_by_a_user_losss_weights(tmp_path):
+    # The loss counts class 0 double: val_loss is normalised by those weights, but accuracy stays the share of
+    # rows predicted right (it was divided by the loss's weight sum, 0.71 beside a macro F1 of 0.95 on digits).
+    code = UserCode(loss=user_code.class_zero_counts_double, metrics=(("hit", user_code.hit),))
+    final = train(tmp_path, "class_zero_double", *BASE, code=code).summary["final"]
+    assert final["val_accuracy"] == final["val_hit"]  # a function metric: per-sample hits over the real rows
+
+
 def test_metrics_named_in_the_config_are_imported_and_a_bad_name_fails_before_training(tmp_path):
     run = train(tmp_path, "named", *BASE, "train.metrics={hit: user_code:hit}", "train.loss=user_code:per_sample_cross_entropy")
     assert run.summary["final"]["val_hit"] == run.summary["final"]["val_accuracy"]
