@@ -82,3 +82,24 @@ def test_the_hugging_face_causal_lm_trains_on_two_workers_with_its_prompts_maske
     assert final["val_accuracy"] == pytest.approx(hits / count, abs=1e-9)
     assert final["val_accuracy"] > 0.95  # every unmasked token follows from the ones before it
 
+
+def test_a_user_loss_and_torchmetrics_and_function_metrics_from_a_plain_script(tmp_path):
+    pytest.importorskip("torchmetrics")
+    stdout, output_dir = run_example("custom_loss_and_metrics.py", tmp_path, "--epochs", "8", "--workers", "0")
+    run_dir = output_dir / "custom_loss_and_metrics"
+    assert (run_dir / "model.safetensors").is_file() and (run_dir / "metrics.jsonl").is_file()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["python_objects"] == {
+        "loss": "__main__.smoothed_weighted_cross_entropy", "metrics.top2": "__main__.top2_hit",
+        "metrics.f1": "torchmetrics.classification.f_beta.MulticlassF1Score"}
+    logged = evaluations(run_dir)
+    assert logged and all(0 <= line[name] <= 1 for line in logged for name in ("val_f1", "val_top2"))
+    # Top-2 holds top-1, over the same real rows: never below val_accuracy.
+    assert all(line["val_top2"] >= line["val_accuracy"] for line in logged)
+    # A label-smoothed loss cannot go below the smoothed target's entropy (0.4999 for 0.1 over 10 classes),
+    # however good the model: val_loss was the user's loss, weighted, not the built-in cross-entropy.
+    floor = -(0.91 * math.log(0.91) + 9 * 0.01 * math.log(0.01))
+    final = summary["final"]
+    assert all(line["val_loss"] > floor for line in logged)
+    assert final["val_accuracy"] > 0.9 and final["val_f1"] > 0.9
+    assert all(f"{name}: {final[name]:.4f}" in stdout for name in ("val_loss", "val_accuracy", "val_f1", "val_top2"))
