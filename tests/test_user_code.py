@@ -233,6 +233,22 @@ def test_masked_tokens_count_nowhere_and_accumulation_stays_exact():
     assert torch.allclose(accumulated, whole, rtol=1e-12, atol=1e-14)
 
 
+def test_a_model_whose_forward_names_attention_mask_gets_the_mask_by_that_name(tmp_path):
+    # GPT-2's forward in transformers 5 is (input_ids, cache, attention_mask, ...): positionally, the mask would
+    # land in the cache's place.
+    spec = DataSpec("token_classification", (5,), num_outputs=3, vocab_size=11)
+    model = build_model(ModelConfig(name="user_code:CacheBeforeMask"), spec)
+    mask = torch.arange(5)[None, :] < torch.tensor([5, 2])[:, None]
+    batch = {"x": torch.randint(0, 11, (2, 5)), "y": torch.zeros(2, 5, dtype=torch.int64), "mask": mask}
+    assert forward(model, batch).shape == (2, 5, 3)
+    assert model.masks_seen[-1] is mask
+    # Through DDP's wrapper (2 gloo ranks), which passes keywords on to the model.
+    source = write(tmp_path / "tokens.parquet", _token_rows(200, per_sequence=False))
+    run = train(tmp_path, "named_mask", *BASE, f"data.source={source}", "data.sequence=tokens", workers=2,
+                code=UserCode(model=user_code.CacheBeforeMask))
+    assert run.summary["data_spec"]["task"] == "token_classification"
+
+
 def _token_rows(rows: int, *, per_sequence: bool, masked: bool = True) -> pa.Table:
     rng = np.random.default_rng(0)
     tokens = [rng.integers(1, 12, size=rng.integers(2, 9)).tolist() for _ in range(rows)]
@@ -298,6 +314,14 @@ def test_metrics_and_a_weighted_user_loss_on_two_ranks_reduce_exactly(tmp_path):
                                                                         "accuracy.MulticlassAccuracy"}
     evaluations = [line for line in user.lines if line.get("evaluation")]
     assert evaluations and all("val_hit" in line and "val_micro_accuracy" in line for line in evaluations)
+
+
+def test_val_accuracy_counts_rows_by_their_sample_weights_not_by_a_user_losss_weights(tmp_path):
+    # The loss counts class 0 double: val_loss is normalised by those weights, but accuracy stays the share of
+    # rows predicted right (it was divided by the loss's weight sum, 0.71 beside a macro F1 of 0.95 on digits).
+    code = UserCode(loss=user_code.class_zero_counts_double, metrics=(("hit", user_code.hit),))
+    final = train(tmp_path, "class_zero_double", *BASE, code=code).summary["final"]
+    assert final["val_accuracy"] == final["val_hit"]  # a function metric: per-sample hits over the real rows
 
 
 def test_metrics_named_in_the_config_are_imported_and_a_bad_name_fails_before_training(tmp_path):

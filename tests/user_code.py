@@ -42,3 +42,19 @@ class DictOutput(nn.Module):
 
     def forward(self, x):
         return {"logits": self.inner(x), "hidden": x}
+
+
+class CacheBeforeMask(nn.Module):
+    """Shaped like Hugging Face's GPT-2 in transformers 5: forward(input_ids, cache, attention_mask, ...). A mask
+    handed in the cache's place fails as GPT-2 fails ('Tensor' object has no attribute 'get_seq_length')."""
+
+    def __init__(self, vocab_size, num_classes):
+        super().__init__()
+        self.embedding, self.head = nn.Embedding(vocab_size, 8), nn.Linear(8, num_classes)
+        self.masks_seen = []
+
+    def forward(self, input_ids, cache=None, attention_mask=None, position_ids=None):
+        if cache is not None:
+            cache.get_seq_length()
+        self.masks_seen.append(attention_mask)
+        return {"logits": self.head(self.embedding(input_ids))}

@@ -14,11 +14,14 @@ micro-batches equal one big batch, a partial last window included.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from rayscale.data.sources import (  # noqa: F401 - defined with the sources (no torch in Ray Data tasks)
     IGNORE_INDEX,
@@ -28,10 +31,28 @@ from rayscale.data.sources import (  # noqa: F401 - defined with the sources (no
 
 
 def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's logits (or regression outputs) for a batch: `model(x, mask)` for sequences, else `model(x)`."""
+    """The model's logits (or regression outputs) for a batch: `model(x, mask)` for sequences, else `model(x)`.
+    A model whose forward names an `attention_mask` parameter gets the mask by that name, wherever that
+    parameter stands: Hugging Face's models do, and some put it third (GPT-2's second is its key-value cache)."""
     if "mask" in batch:
+        if takes_attention_mask(model):
+            return logits_of(model(batch["x"], attention_mask=batch["mask"]))
         return logits_of(model(batch["x"], batch["mask"]))
     return logits_of(model(batch["x"]))
+
+
+def takes_attention_mask(model: torch.nn.Module) -> bool:
+    """Whether the model (inside DDP's wrapper, which passes keywords on) names `attention_mask` in its forward."""
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    return _names_attention_mask(type(inner))
+
+
+@functools.cache
+def _names_attention_mask(model_class: type) -> bool:
+    try:
+        return "attention_mask" in inspect.signature(model_class.forward).parameters
+    except (TypeError, ValueError):  # a forward without a signature Python can read
+        return False
 
 
 def logits_of(output) -> torch.Tensor:

@@ -2,8 +2,10 @@
 
 Built-ins take their data-derived sizes (input width, classes, vocabulary) from the `DataSpec`, so users
 only ever set the knobs in `model.kwargs`. A user factory gets `model.kwargs` plus the data sizes its signature
-names (DATA_SIZE_NAMES). Either way the engine calls `model(x, mask)` for sequences and `model(x)` otherwise,
-and reads a tensor, a dict's or an object's `logits`, or a tuple's first element (engine/tasks.py).
+names (DATA_SIZE_NAMES). Either way the engine calls `model(x, mask)` for sequences
+(`model(x, attention_mask=mask)` when the model's forward names that parameter, as Hugging Face's do) and
+`model(x)` otherwise, and reads a tensor, a dict's or an object's `logits`, or a tuple's first element
+(engine/tasks.py).
 """
 
 from __future__ import annotations

@@ -49,7 +49,9 @@ def evaluate(model: torch.nn.Module, blocks, plan: BatchPlan, spec: DataSpec, pr
     micro-batches; the sums of every rank together. `objective`: the loss (the task's by default)."""
     objective = objective or tasks.Objective(spec.task)
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
+    # loss, its count (the user loss's own weights where it returns them), correct, the task's count. Accuracy
+    # counts each row by its sample weight, as `correct` does, never by the user loss's weights.
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
     own = UserMetrics(metrics or {}, device)
     alone = dataclasses.replace(plan, global_batch_size=plan.per_worker_batch_size, num_workers=1)
     assembler = StepAssembler(alone, 0)
@@ -58,16 +60,19 @@ def evaluate(model: torch.nn.Module, blocks, plan: BatchPlan, spec: DataSpec, pr
             for batch in micro_batches(step, plan.micro_batch_size, device):
                 with precision.autocast():
                     output = tasks.forward(model, batch)
-                loss, count = objective.loss(output, batch)
+                loss, own_count = objective.loss(output, batch)
+                task_count = objective.count(batch)
                 sums[0] += loss.double()
+                sums[1] += (own_count if own_count is not None else task_count).double()
                 hits = tasks.correct(spec.task, output, batch)
                 if hits is not None:
-                    sums[1] += hits.double()
-                sums[2] += (count if count is not None else objective.count(batch)).double()
+                    sums[2] += hits.double()
+                sums[3] += task_count.double()
                 own.update(output, batch)
     model.train()
-    loss, correct, count, *reduced = distributed.all_reduce(torch.cat([sums, own.totals]), device).tolist()
-    metrics = {"val_loss": loss / max(count, 1e-12)}
+    loss, loss_count, correct, count, *reduced = distributed.all_reduce(torch.cat([sums, own.totals]),
+                                                                        device).tolist()
+    metrics = {"val_loss": loss / max(loss_count, 1e-12)}
     if spec.task != "regression":
         metrics["val_accuracy"] = correct / max(count, 1e-12)
     return {**metrics, **own.results(reduced)}
