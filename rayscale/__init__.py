@@ -3,7 +3,7 @@
 From Python: `rayscale.train(config) -> Result`, `rayscale.tune(config) -> SearchResult`,
 `rayscale.load_model(run_dir)` (rayscale/api.py, docs/guide/python.md)."""
 
-from rayscale.api import Result, SearchResult, evaluate, predict, train, tune
+from rayscale.api import Result, SearchResult, connect, evaluate, predict, train, tune
 from rayscale.errors import UserError
 
 
@@ -15,4 +15,4 @@ def load_model(run_dir, device: str = "cpu", model=None):
     return load(run_dir, device, model)
 
 
-__all__ = ["Result", "SearchResult", "UserError", "evaluate", "load_model", "predict", "train", "tune"]
+__all__ = ["Result", "SearchResult", "UserError", "connect", "evaluate", "load_model", "predict", "train", "tune"]

@@ -82,6 +82,15 @@ class SearchResult:
         return self.search_dir / "best_config.yaml"
 
 
+def connect(address: str | None = None) -> None:
+    """Join the cluster at `address` (default RAY_ADDRESS), else start the Ray that `rayscale.train` would start
+    (on 127.0.0.1, in this process). Call it before building a ray.data.Dataset for train_data=, so that the
+    Dataset runs on the cluster that trains (Ray Data would otherwise start a default Ray of its own)."""
+    from rayscale.launch.connect import connect as join
+
+    join(address)
+
+
 def resolve_config(config: ConfigLike = None, overrides: Overrides = ()) -> config_module.Config:
     """The validated config for `config` with `overrides` applied (the CLI's -c and --set)."""
     if isinstance(overrides, str):

@@ -50,7 +50,6 @@ def load_example(name: str):
 
 @pytest.mark.slow  # 45-75 s on 2 cores, most of it starting 2 Ray Train workers
 def test_the_hugging_face_causal_lm_trains_on_two_workers_with_its_prompts_masked(tmp_path):
-    pytest.importorskip("transformers")
     stdout, output_dir = run_example("hf_causal_lm.py", tmp_path, "--rows", "1000", "--epochs", "3",
                                      "--max-length", "12", "--workers", "2")
     run_dir = output_dir / "hf_causal_lm"
@@ -85,7 +84,6 @@ def test_the_hugging_face_causal_lm_trains_on_two_workers_with_its_prompts_maske
 
 @pytest.mark.slow  # starts Ray (local mode still runs Ray Data): 19 s on 2 cores, 68 s while they were shared
 def test_a_user_loss_and_torchmetrics_and_function_metrics_from_a_plain_script(tmp_path):
-    pytest.importorskip("torchmetrics")
     stdout, output_dir = run_example("custom_loss_and_metrics.py", tmp_path, "--epochs", "8", "--workers", "0")
     run_dir = output_dir / "custom_loss_and_metrics"
     assert (run_dir / "model.safetensors").is_file() and (run_dir / "metrics.jsonl").is_file()
@@ -104,3 +102,22 @@ def test_a_user_loss_and_torchmetrics_and_function_metrics_from_a_plain_script(t
     assert all(line["val_loss"] > floor for line in logged)
     assert final["val_accuracy"] > 0.9 and final["val_f1"] > 0.9
     assert all(f"{name}: {final[name]:.4f}" in stdout for name in ("val_loss", "val_accuracy", "val_f1", "val_top2"))
+
+
+@pytest.mark.slow  # 25-40 s on 2 cores, most of it starting 2 Ray Train workers
+def test_a_resnet_trains_on_png_files_read_with_read_images_on_two_workers(tmp_path):
+    """The example draws 3 classes of PNG images, reads them with ray.data.read_images, preprocesses them in a
+    map_batches of its own and trains its ResNet factory on 2 workers from the Datasets; the accuracy it logs
+    is the one the loaded model gets on the validation files read by hand."""
+    stdout, output_dir = run_example("image_resnet.py", tmp_path, "--images-per-class", "40", "--epochs", "4")
+    run_dir = output_dir / "image_resnet"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["train_rows"], summary["val_rows"], summary["world_sizes"]) == (120, 30, [2])
+    assert summary["python_objects"] == {"model": "__main__.resnet", "train_data": "ray.data.Dataset (120 rows)",
+                                         "val_data": "ray.data.Dataset (30 rows)"}
+    assert summary["samples_seen"] == 4 * 120  # every image once per epoch
+    accuracy = summary["final"]["val_accuracy"]
+    assert accuracy >= 0.8  # stripes across, stripes down and squares: easy once trained
+    assert f"val_accuracy: {accuracy:.4f}" in stdout
+    assert f"by hand over 30 validation files: accuracy {accuracy:.4f}" in stdout
+    assert len(list((output_dir / "image_resnet_pngs").glob("*/*/*.png"))) == 150
