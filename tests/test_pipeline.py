@@ -140,7 +140,8 @@ def test_local_mode_trains_and_writes_outputs_and_the_python_api_returns_the_run
     from rayscale.models.factory import build_model
 
     result = rayscale.train({"train": {"epochs": 2}, "batch": {"global_batch_size": 64, "micro_batch_size": 16}},
-                            overrides=[f"run.output_dir={tmp_path}", "run.name=local", "scaling.num_workers=0"])
+                            overrides=[f"run.output_dir={tmp_path}", "run.name=local", "scaling.num_workers=0",
+                                       "run.trackers=[mlflow, tensorboard, wandb]"])
     summary, run_dir = result.summary, tmp_path / "local"
     assert result.run_dir == run_dir
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "model.pt", "model.safetensors", "curves.png"):
@@ -167,6 +168,20 @@ def test_local_mode_trains_and_writes_outputs_and_the_python_api_returns_the_run
     loaded = result.load_model()
     x = torch.randn(5, *spec["input_shape"])
     assert torch.equal(loaded(x), by_hand.eval()(x)) and not loaded.training
+
+    # run.trackers, followed on the driver while Ray Train ran (tests/test_tracking.py reads every field back).
+    from mlflow import MlflowClient
+    from tracker_records import expected_points, mlflow_points, tensorboard_points, wandb_run
+
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    (tracked,) = client.search_runs([client.get_experiment_by_name("rayscale").experiment_id])
+    assert tracked.info.status == "FINISHED" and tracked.info.run_name == "local"
+    expected = expected_points(records)
+    assert mlflow_points(client, tracked.info.run_id, "val_loss") == expected["val_loss"]
+    assert {a.path for a in client.list_artifacts(tracked.info.run_id)} >= {"model.safetensors", "model.pt"}
+    assert [step for step, _ in tensorboard_points(run_dir / "tensorboard")["train_loss"]] == \
+        [step for step, _ in expected["train_loss"]]
+    assert dict(wandb_run(run_dir)["points"]["val_accuracy"]) == dict(expected["val_accuracy"])
 
 
 def test_local_mode_resumes_a_crashed_run_from_its_run_directory_and_a_finished_one_trains_nothing(ray_session,
