@@ -24,7 +24,14 @@ from rayscale import cli, config
 from rayscale.driver.outputs import read_metrics
 from rayscale.driver.progress import MetricsFollower
 from rayscale.driver.trackers import flat
-from rayscale.driver.tracking import Tracking, destinations, final_files, line_position, metric_values
+from rayscale.driver.tracking import (
+    Tracking,
+    destinations,
+    end_cut_off,
+    final_files,
+    line_position,
+    metric_values,
+)
 from rayscale.files import TRACKING_FILE
 
 SHORT = ("train.epochs=2", "batch.global_batch_size=64", "train.log_every_samples=256",
@@ -44,7 +51,7 @@ def tracked(tmp_path, name, *overrides):
         with MetricsFollower(run_dir / "metrics.jsonl", [tracking.log_line]):
             train(tmp_path, name, *overrides)
     except BaseException:
-        tracking.finish([], [], failed=True)
+        tracking.finish([], [], "FAILED")
         raise
     tracking.finish(read_metrics(run_dir), final_files(run_dir))
     return cfg, run_dir
@@ -142,6 +149,28 @@ def test_a_tracker_that_fails_mid_run_is_dropped_with_a_warning_and_the_run_goes
     assert (run_dir / "model.safetensors").exists() and (run_dir / "summary.json").exists()
     steps = [step for step, _ in tensorboard_points(run_dir / "tensorboard")["train_loss"]]
     assert steps == [line["samples_seen"] for line in trained.lines if line["train_loss"] is not None]
+
+
+def test_a_run_cut_off_before_its_trackers_ended_is_caught_up_from_its_files(tmp_path):
+    """A trial Tune ends without waiting: its trackers logged the first lines and were never ended. The search's
+    driver logs the rest from metrics.jsonl and ends them; a second look starts nothing again."""
+    cfg = config.load(overrides=[f"run.output_dir={tmp_path}", "run.name=cut", "run.trackers=[mlflow, tensorboard]"])
+    run_dir = tmp_path / "cut"
+    run_dir.mkdir()
+    lines = [{"samples_seen": 64 * i, "step": i, "train_loss": 1.0 / i} for i in range(1, 5)]
+    lines.append({"samples_seen": 256, "evaluation": True, "val_loss": 0.5})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    tracking = Tracking.start(cfg, run_dir, destinations(run_dir))
+    for line in lines[:2]:
+        tracking.log_line(line)  # and then the process is gone
+    end_cut_off(cfg, run_dir, destinations(run_dir), "KILLED")
+    client, run = mlflow_run(run_dir)
+    assert run.info.status == "KILLED"
+    assert mlflow_points(client, run.info.run_id, "train_loss") == [(64 * i, 1.0 / i) for i in range(1, 5)]
+    assert mlflow_points(client, run.info.run_id, "val_loss") == [(256, 0.5)]
+    assert [step for step, _ in tensorboard_points(run_dir / "tensorboard")["train_loss"]] == [64, 128, 192, 256]
+    end_cut_off(cfg, run_dir, destinations(run_dir), "KILLED")
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2
 
 
 @pytest.mark.parametrize("line, position, metrics", [

@@ -1,6 +1,6 @@
 """run.trackers: one class per tracking library, each with the same three calls that driver/tracking.py makes on
 the driver: start (a new run, or the one an earlier attempt of this run directory started), `log(metrics, step)`
-for each metrics.jsonl line, and `finish(files, failed)` with the run's final files. Each imports its library
+for each metrics.jsonl line, and `finish(files, ending)` with the run's final files. Each imports its library
 only when started: they are optional extras.
 
 Why our own classes rather than Ray Tune's MLflowLoggerCallback and WandbLoggerCallback: those see only what a
@@ -43,7 +43,7 @@ class Tracker(Protocol):
 
     def log(self, metrics: dict[str, float], step: int) -> None: ...
 
-    def finish(self, files: list[Path], failed: bool) -> None: ...
+    def finish(self, files: list[Path], ending: str) -> None: ...  # ending: FINISHED, FAILED or KILLED
 
 
 def flat(config: dict, prefix: str = "") -> dict[str, Any]:
@@ -117,10 +117,10 @@ class MlflowTracker:
         self.client.log_batch(self.run_id, metrics=[Metric(name, value, now, step)
                                                     for name, value in metrics.items()])
 
-    def finish(self, files: list[Path], failed: bool) -> None:
+    def finish(self, files: list[Path], ending: str) -> None:
         for path in files:
             self.client.log_artifact(self.run_id, str(path))
-        self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
+        self.client.set_terminated(self.run_id, ending)  # MLflow's own statuses
 
 
 class TensorBoardTracker:
@@ -144,7 +144,7 @@ class TensorBoardTracker:
             self.writer.add_scalar(name, value, step)
         self.writer.flush()  # lines are seconds apart: a TensorBoard watching the run sees each at once
 
-    def finish(self, files: list[Path], failed: bool) -> None:
+    def finish(self, files: list[Path], ending: str) -> None:
         self.writer.close()
 
 
@@ -167,7 +167,7 @@ class WandbTracker:
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)
 
-    def finish(self, files: list[Path], failed: bool) -> None:
+    def finish(self, files: list[Path], ending: str) -> None:
         for path in files:
             self.run.save(str(path), base_path=str(path.parent), policy="now")
-        self.run.finish(exit_code=1 if failed else 0)
+        self.run.finish(exit_code=0 if ending == "FINISHED" else 1)

@@ -79,6 +79,7 @@ class TrackerState:
     # The last line logged: (samples_seen, 1 if it validated or ended an epoch): a mid-epoch validation line shares
     # its samples_seen with the periodic line before it, and comes after it.
     logged_through: tuple[int, int] | None = None
+    ended: bool = False  # the tracker's run was ended (by this attempt, or by a search for a trial cut off)
 
 
 def line_position(line: dict) -> tuple[int, int]:
@@ -91,7 +92,7 @@ def read_state(run_dir: Path) -> dict[str, TrackerState]:
     if saved.get("version") != STATE_VERSION:
         return {}
     return {name: TrackerState(entry.get("run_id"), tuple(entry["logged_through"])
-                               if entry.get("logged_through") is not None else None)
+                               if entry.get("logged_through") is not None else None, entry.get("ended", False))
             for name, entry in saved["trackers"].items()}
 
 
@@ -137,9 +138,9 @@ class Tracking:
             try:
                 tracking.trackers[name] = _open(name, config, run_dir, cfg.run.name, where, state.run_id)
             except Exception as exc:
-                tracking.finish([], [], failed=True)
+                tracking.finish([], [], "FAILED")
                 raise UserError(f"run.trackers: {name} could not start: {first_line(exc)}") from exc
-            state.run_id = tracking.trackers[name].run_id
+            state.run_id, state.ended = tracking.trackers[name].run_id, False
         write_state(run_dir, states)
         return tracking
 
@@ -159,14 +160,15 @@ class Tracking:
         if logged:
             write_state(self.run_dir, self.states)
 
-    def finish(self, lines: list[dict], files: list[Path], failed: bool = False) -> None:
+    def finish(self, lines: list[dict], files: list[Path], ending: str = "FINISHED") -> None:
         """The lines no follower saw (a multi-node run's log arrives with its final checkpoint), `files`, and the
-        end of each tracker's run (failed: marked so)."""
+        end of each tracker's run: FINISHED, FAILED or KILLED (MLflow's statuses; W&B: exit code 0 or 1)."""
         for line in lines:
             self.log_line(line)
         for name, tracker in list(self.trackers.items()):
-            self._safely(name, tracker.finish, files, failed)
+            self.states[name].ended = self._safely(name, tracker.finish, files, ending)
         self.trackers.clear()
+        write_state(self.run_dir, self.states)
 
     def _safely(self, name: str, call, *args) -> bool:
         try:
@@ -181,3 +183,18 @@ class Tracking:
 
 def final_files(run_dir: Path) -> list[Path]:
     return [run_dir / name for name in FINAL_FILES if (run_dir / name).exists()]
+
+
+def end_cut_off(cfg: Config, run_dir: Path, where: Destinations, ending: str) -> None:
+    """A run whose process was ended before its trackers were (a trial ASHA stopped: Tune ends its actor without
+    waiting for it): the lines they did not log, and their end, from its files. Only the trackers that need it are
+    started again."""
+    from rayscale.driver.outputs import read_metrics  # which imports prepare, which imports this module
+
+    states, lines = read_state(run_dir), read_metrics(run_dir)
+    last = line_position(lines[-1]) if lines else None
+    names = [name for name, state in states.items() if not state.ended or (
+        last is not None and (state.logged_through is None or state.logged_through < last))]
+    tracking = Tracking.start(cfg, run_dir, where, names=names) if names else None
+    if tracking is not None:
+        tracking.finish(lines, [], ending)

@@ -165,9 +165,9 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
     try:
         summary = _fit(prepared, groups, callbacks, eval_at_samples, pause_at_samples, tracking,
                        (started, connecting, connected))
-    except BaseException:
-        if tracking is not None:  # what the follower saw is logged; the tracker runs are marked failed
-            tracking.finish([], [], failed=True)
+    except BaseException as exc:
+        if tracking is not None:  # what the follower saw is logged; the tracker runs end as failed or killed
+            tracking.finish([], [], "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     if tracking is not None:
         tracking.finish(read_metrics(prepared.run_dir), final_files(prepared.run_dir))
