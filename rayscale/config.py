@@ -279,6 +279,11 @@ class RunConfig:
     poll_interval_s: float = key(0.25, "how often Ray Train's controller polls its workers; every report (and "
                                        "checkpoint) waits for a poll, so Ray's 2 s default costs up to 2 s per "
                                        "epoch end", unit="seconds", minimum=0.01)
+    trackers: list[str] = key([], "experiment trackers the driver logs the config, every metrics.jsonl line and the "
+                                  "final model to: mlflow (a sqlite store in the run directory unless "
+                                  "MLFLOW_TRACKING_URI is set), tensorboard (<run dir>/tensorboard), wandb (offline "
+                                  "in <run dir>/wandb unless WANDB_MODE is set); each is a pip extra",
+                              choices=("mlflow", "tensorboard", "wandb"))
 
 
 @dataclass
@@ -433,10 +438,12 @@ def _check_value(value: Any, meta: typing.Mapping[str, Any], path: str, nullable
     if words and isinstance(value, str) and value not in words:
         raise ConfigError(f"{path}: expected a number{', null' if nullable else ''} or "
                           f"{' or '.join(words)}, got {value!r}")
-    if choices and value not in choices:
-        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise ConfigError(f"{path}: expected one of {', '.join(map(str, choices))}, got {value!r}{hint}")
+    for item in (value if choices and isinstance(value, list) else [value] if choices else []):  # a list: each
+        if item not in choices:
+            close = difflib.get_close_matches(str(item), [str(c) for c in choices], n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"{path}: expected {'each to be ' if item is not value else ''}one of "
+                              f"{', '.join(map(str, choices))}, got {item!r}{hint}")
     # nan passes every comparison below and inf is no amount of anything: no key takes either. YAML's .nan
     # and .inf, and nan or inf written as a string, all arrive here as floats.
     if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):

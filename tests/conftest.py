@@ -7,3 +7,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # A loaded 2-core CI machine can take longer than Train's 60 s default to start a worker group.
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
 
+# run.trackers: W&B never goes online from a test (whatever this shell says), and MLflow keeps to each run's store.
+os.environ["WANDB_MODE"] = "offline"
+os.environ["WANDB_SILENT"] = "true"
+for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "WANDB_PROJECT", "WANDB_API_KEY", "WANDB_BASE_URL"):
+    os.environ.pop(name, None)

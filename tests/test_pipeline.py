@@ -140,7 +140,8 @@ def test_local_mode_trains_and_writes_outputs_and_the_python_api_returns_the_run
     from rayscale.models.factory import build_model
 
     result = rayscale.train({"train": {"epochs": 2}, "batch": {"global_batch_size": 64, "micro_batch_size": 16}},
-                            overrides=[f"run.output_dir={tmp_path}", "run.name=local", "scaling.num_workers=0"])
+                            overrides=[f"run.output_dir={tmp_path}", "run.name=local", "scaling.num_workers=0",
+                                       "run.trackers=[mlflow, tensorboard, wandb]"])
     summary, run_dir = result.summary, tmp_path / "local"
     assert result.run_dir == run_dir
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "model.pt", "model.safetensors", "curves.png"):
@@ -167,6 +168,20 @@ def test_local_mode_trains_and_writes_outputs_and_the_python_api_returns_the_run
     loaded = result.load_model()
     x = torch.randn(5, *spec["input_shape"])
     assert torch.equal(loaded(x), by_hand.eval()(x)) and not loaded.training
+
+    # run.trackers, followed on the driver while Ray Train ran (tests/test_tracking.py reads every field back).
+    from mlflow import MlflowClient
+    from tracker_records import expected_points, mlflow_points, tensorboard_points, wandb_run
+
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    (tracked,) = client.search_runs([client.get_experiment_by_name("rayscale").experiment_id])
+    assert tracked.info.status == "FINISHED" and tracked.info.run_name == "local"
+    expected = expected_points(records)
+    assert mlflow_points(client, tracked.info.run_id, "val_loss") == expected["val_loss"]
+    assert {a.path for a in client.list_artifacts(tracked.info.run_id)} >= {"model.safetensors", "model.pt"}
+    assert [step for step, _ in tensorboard_points(run_dir / "tensorboard")["train_loss"]] == \
+        [step for step, _ in expected["train_loss"]]
+    assert dict(wandb_run(run_dir)["points"]["val_accuracy"]) == dict(expected["val_accuracy"])
 
 
 def test_local_mode_resumes_a_crashed_run_from_its_run_directory_and_a_finished_one_trains_nothing(ray_session,
@@ -479,11 +494,38 @@ def test_rayscale_tune_ranks_trials_by_a_metric_handed_in_as_an_object_on_a_ray_
         {"tune": {"num_samples": 1, "max_concurrent_trials": 1, "metric": "val_hit", "mode": "max",
                   "space": {"optim.lr": {"grid": [0.0001, 0.3]}}, "grid_order": "listed"}},
         overrides={"run.output_dir": str(tmp_path), "run.name": "by_hit", "scaling.num_workers": 1,
-                   "train.epochs": 1, "data.features": ["pixels"], "data.label": "digit"},
+                   "train.epochs": 1, "data.features": ["pixels"], "data.label": "digit",
+                   "run.trackers": ["mlflow", "tensorboard", "wandb"]},
         metrics={"hit": lambda output, batch: (output.argmax(dim=-1) == batch["y"]).float()},
         train_data=ray.data.from_arrow(table))
     assert [float(trial["optim.lr"]) for trial in search.trials] == [0.3, 0.0001]  # best val_hit first
     assert float(search.best["best_val_hit"]) > 0.5 and search.best_config_path.is_file()
+
+    # run.trackers: one tracker run per trial, grouped by the search. MLflow: one store and experiment for the
+    # search, its own run with each trial's nested under it; TensorBoard: a directory per trial under the
+    # search's; W&B: one group.
+    from mlflow import MlflowClient
+    from tracker_records import expected_points, mlflow_points, tensorboard_points, wandb_run
+
+    search_dir = tmp_path / "by_hit"
+    client = MlflowClient(f"sqlite:///{search_dir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("by_hit").experiment_id])
+    (parent,) = [run for run in runs if run.info.run_name == "by_hit"]
+    trials = {run.info.run_name: run for run in runs if run is not parent}
+    assert trials.keys() == {trial["trial_id"] for trial in search.trials}
+    assert parent.info.status == "FINISHED" and {a.path for a in client.list_artifacts(parent.info.run_id)} == {
+        "trials.csv", "best_config.yaml"}
+    for trial_id, run in trials.items():
+        trial_dir = search_dir / "trials" / trial_id
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["rayscale.search"] == "by_hit" and run.info.status == "FINISHED"
+        assert float(run.data.params["optim.lr"]) in (0.3, 0.0001)
+        expected = expected_points(read_metrics(trial_dir))
+        assert mlflow_points(client, run.info.run_id, "val_hit") == expected["val_hit"]
+        assert len(tensorboard_points(trial_dir / "tensorboard")["val_hit"]) == len(expected["val_hit"])
+        (wandb_meta,) = wandb_run(trial_dir)["runs"]
+        assert wandb_meta.run_group == "by_hit" and wandb_meta.display_name == trial_id
+    assert sorted(p.parent.parent.name for p in search_dir.glob("trials/*/tensorboard/events.*")) == sorted(trials)
 
 
 def test_predict_writes_every_row_with_the_models_prediction_in_order_and_needs_no_label(ray_session, tmp_path):

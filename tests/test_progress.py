@@ -10,7 +10,7 @@ import pytest
 from inprocess import train
 
 from rayscale.driver import progress
-from rayscale.driver.progress import ProgressBar, wants_bar
+from rayscale.driver.progress import MetricsFollower, ProgressBar, wants_bar
 from rayscale.engine import checkpoint
 
 
@@ -32,27 +32,30 @@ def _line(samples, **extra):
 
 
 def test_the_bar_follows_the_log_with_rate_eta_loss_and_epoch_ends_even_when_a_resume_rewrites_it(tmp_path):
-    log, screen = tmp_path / "metrics.jsonl", io.StringIO()
-    bar = ProgressBar(log, total_samples=1000, epochs=2, file=screen)
-    bar.poll()  # no log yet: nothing to show
+    log, screen, seen = tmp_path / "metrics.jsonl", io.StringIO(), []
+    bar = ProgressBar(total_samples=1000, epochs=2, file=screen)
+    follower = MetricsFollower(log, [bar.show, seen.append])
+    follower.poll()  # no log yet: nothing to show
     log.write_text(json.dumps(_line(200)) + "\n" + json.dumps(_line(500, epoch_end=True, val_loss=0.25)) + "\n"
                    + '{"samples_seen": 6')  # a line being written: read next time
-    bar.poll()
+    follower.poll()
+    assert [line["samples_seen"] for line in seen] == [200, 500]  # every reader gets every line
     assert bar.bar.n == 500 and "val_loss 0.2500" in screen.getvalue()
     assert "epoch 1/2 done: samples 500 val_loss 0.2500" in screen.getvalue()
     assert "500/1" in screen.getvalue() and "loss=1.5000" in screen.getvalue()
     # Resumed from the epoch end: the log is rewritten up to it, and the bar goes on from there.
     checkpoint.write_bytes_atomic(log, (json.dumps(_line(500, epoch_end=True)) + "\n"
                                         + json.dumps(_line(700, epoch=1)) + "\n").encode())
-    bar.poll()
+    follower.poll()
     assert bar.bar.n == 700 and screen.getvalue().count("epoch 1/2 done") == 1
+    assert [line["samples_seen"] for line in seen] == [200, 500, 500, 700]  # the rewritten log read again
     bar.bar.close()
 
 
 def test_the_bar_thread_reads_lines_written_while_it_runs_and_the_last_ones_at_exit(tmp_path, monkeypatch):
     monkeypatch.setattr(progress, "POLL_S", 0.01)
     log, screen = tmp_path / "metrics.jsonl", io.StringIO()
-    with ProgressBar(log, total_samples=None, epochs=1, file=screen) as bar:
+    with ProgressBar(total_samples=None, epochs=1, file=screen) as bar, MetricsFollower(log, [bar.show]):
         log.write_text(json.dumps(_line(64)) + "\n")
         deadline = time.time() + 10
         while bar.bar.n != 64 and time.time() < deadline:

@@ -50,7 +50,7 @@ def search(tmp_path_factory):
     out = tmp_path_factory.mktemp("tune")
     search_args = args(*SMALL, f"run.output_dir={out}", "run.name=grid", "train.epochs=1",
                        "tune.reduction_factor=2", "tune.num_samples=1", "train.strategy=parameter_server",
-                       "tune.space={optim.lr: {grid: [0.3, 0.0003, 0.0001]}}")
+                       "tune.space={optim.lr: {grid: [0.3, 0.0003, 0.0001]}}", "run.trackers=[mlflow, tensorboard]")
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     trials = out / "grid" / "trials"
     with open(out / "first.log", "w") as log:
@@ -197,3 +197,28 @@ def test_killed_search_resumes_without_rerunning_finished_trials_or_exceeding_it
         spans.append((min(r["started_at"] for r in lines), max(r["started_at"] + r["time"] for r in lines)))
     spans.sort()
     assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:], strict=False)), spans
+
+
+def test_every_trial_has_one_tracker_run_under_the_search_across_the_kill_and_the_resume(search):
+    """run.trackers: one MLflow run per trial in the search's store and experiment, nested under the search's
+    own run (continued by --resume, as the killed trial's is), each holding its trial's lines once; TensorBoard
+    event files in each trial's directory."""
+    from mlflow import MlflowClient
+    from tracker_records import expected_points, mlflow_points
+
+    _, search_dir, _ = search
+    client = MlflowClient(f"sqlite:///{search_dir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("grid").experiment_id])
+    (parent,) = [run for run in runs if run.info.run_name == "grid"]
+    trials = {run.info.run_name: run for run in runs if run is not parent}
+    assert trials.keys() == {r["trial_id"] for r in rows(search_dir)} and parent.info.status == "FINISHED"
+    status = {r["trial_id"]: r["status"] for r in rows(search_dir)}
+    for trial_id, run in trials.items():
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        lines = read_metrics(search_dir / "trials" / trial_id)
+        points = mlflow_points(client, run.info.run_id, "val_loss")
+        assert [step for step, _ in points] == [step for step, _ in expected_points(lines)["val_loss"]], trial_id
+        # A stopped trial's Train run is aborted (its trackers end FAILED), or Tune ends its process first, and
+        # the search's driver ends them (KILLED) with any line they missed.
+        assert run.info.status in (("FINISHED",) if status[trial_id] == "completed" else ("FAILED", "KILLED"))
+        assert list((search_dir / "trials" / trial_id / "tensorboard").glob("events.out.tfevents.*"))

@@ -16,6 +16,7 @@ from rayscale import rules
 from rayscale.config import Config
 from rayscale.data import sources
 from rayscale.data.splits import SplitSpec, cache_plan, count_rows, split_chunk_rows
+from rayscale.driver.tracking import check_installed
 from rayscale.engine.state import WorkerPayload
 from rayscale.errors import UserError
 from rayscale.files import CONFIG_FILE
@@ -54,6 +55,7 @@ def prepare(cfg: Config, scope: str = "run", code: UserCode = NO_CODE,
     the data.source / data.val_source that stands for them (launch/user_data.py inspects them)."""
     plan = plan_batches(cfg.batch.global_batch_size, cfg.batch.micro_batch_size, cfg.scaling.num_workers)
     rules.check(cfg, scope)
+    check_installed(cfg.run.trackers)
     if cfg.model.init_from is not None and "://" not in cfg.model.init_from:  # workers run in other directories
         cfg.model.init_from = str(Path(cfg.model.init_from).expanduser().resolve())
     train, val, train_rows, val_rows = _splits(cfg, given)

@@ -1,11 +1,15 @@
-"""run.progress: on an interactive terminal the driver draws a progress bar (tqdm: samples, rate, ETA, the
+"""The driver's view of a run while it trains: `MetricsFollower` reads the metrics.jsonl rank 0 writes as it grows
+and hands each line to its readers, the progress bar and the trackers (driver/tracking.py).
+
+run.progress: on an interactive terminal the driver draws a progress bar (tqdm: samples, rate, ETA, the
 latest loss and validation) from the metrics.jsonl rank 0 writes, and the workers leave out their periodic
 lines; anywhere else (`ray job logs`, a file, a pipe) the workers print a plain line every
 train.log_every_samples, as they always have.
 
 The bar follows the run directory on the driver's filesystem, where rank 0 writes the log on one node (a
 laptop, one machine); on a multi-node cluster rank 0 may write on another node, and the bar then stays at 0
-until the run ends (run.progress lines gives the workers' own lines there).
+until the run ends (run.progress lines gives the workers' own lines there); the trackers get the lines then,
+from the copy the final checkpoint brings back.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -31,21 +36,19 @@ def wants_bar(mode: str, stream: IO) -> bool:
         return False
 
 
-class ProgressBar:
-    """A tqdm bar over a run's metrics.jsonl, updated by a thread while the run trains (a context manager)."""
+class MetricsFollower:
+    """A thread that reads the lines added to a run's metrics.jsonl every POLL_S while the run trains, and once
+    more at exit, and hands each complete line to every reader in order (a context manager). A rewritten log (a
+    resumed run keeps the lines up to its checkpoint) is read again from its start: readers see those lines
+    twice and must tell them apart themselves (the bar moves back; the trackers skip what they logged)."""
 
-    def __init__(self, metrics_path: Path, total_samples: int | None, epochs: int, file: IO | None = None):
-        from tqdm import tqdm
-
-        self.path, self.epochs, self.file = Path(metrics_path), epochs, file
-        self.bar = tqdm(total=total_samples, unit=" samples", unit_scale=True, dynamic_ncols=True, file=file,
-                        desc="[rayscale] training", smoothing=0.1)
+    def __init__(self, metrics_path: Path, readers: Sequence[Callable[[dict], None]]):
+        self.path, self.readers = Path(metrics_path), list(readers)
         self.read_to, self.identity = 0, None
-        self.ended: set[int] = set()  # epochs whose end was written above the bar
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._follow, name="rayscale-progress", daemon=True)
+        self.thread = threading.Thread(target=self._follow, name="rayscale-metrics", daemon=True)
 
-    def __enter__(self) -> ProgressBar:
+    def __enter__(self) -> MetricsFollower:
         self.thread.start()
         return self
 
@@ -53,15 +56,13 @@ class ProgressBar:
         self.stop.set()
         self.thread.join()
         self.poll()  # the last lines, written after the thread's last look
-        self.bar.close()
 
     def _follow(self) -> None:
         while not self.stop.wait(POLL_S):
             self.poll()
 
     def poll(self) -> None:
-        """Read the lines added since the last look; a rewritten log (a resumed run keeps the lines up to its
-        checkpoint) is read again from its start."""
+        """Read the lines added since the last look."""
         try:
             status = os.stat(self.path)
         except FileNotFoundError:
@@ -77,7 +78,27 @@ class ProgressBar:
         self.read_to += len(complete)
         for raw in complete.splitlines():
             if raw.strip():
-                self.show(json.loads(raw))
+                line = json.loads(raw)
+                for reader in self.readers:
+                    reader(line)
+
+
+class ProgressBar:
+    """A tqdm bar over a run's metrics lines (a MetricsFollower's reader; a context manager that closes it)."""
+
+    def __init__(self, total_samples: int | None, epochs: int, file: IO | None = None):
+        from tqdm import tqdm
+
+        self.epochs, self.file = epochs, file
+        self.bar = tqdm(total=total_samples, unit=" samples", unit_scale=True, dynamic_ncols=True, file=file,
+                        desc="[rayscale] training", smoothing=0.1)
+        self.ended: set[int] = set()  # epochs whose end was written above the bar
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.bar.close()
 
     def show(self, line: dict) -> None:
         self.bar.update(line["samples_seen"] - self.bar.n)  # absolute: a resumed run's lines move it back

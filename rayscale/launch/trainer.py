@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping
-from contextlib import nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 
 import yaml
@@ -22,7 +22,9 @@ from rayscale.data.datasets import quiet_ray_data
 from rayscale.data.sources import SourceInfo
 from rayscale.driver.outputs import print_summary, read_metrics, startup_phases, write_outputs
 from rayscale.driver.prepare import NO_CODE, NO_DATA, PreparedRun, check_same_config, prepare, worker_payload
-from rayscale.driver.progress import ProgressBar, wants_bar
+from rayscale.driver.progress import MetricsFollower, ProgressBar, wants_bar
+from rayscale.driver.trackers import Destinations
+from rayscale.driver.tracking import Tracking, destinations, final_files
 from rayscale.errors import UserError
 from rayscale.files import CONFIG_FILE, GROUPS_FILE, METRICS_FILE
 from rayscale.launch.callbacks import controller_callback, record_group
@@ -137,12 +139,14 @@ def user_error_inside(exc: BaseException) -> UserError | None:
 
 def train(cfg: Config, *, address: str | None = None, callbacks: list | None = None,
           eval_at_samples: list[int] | tuple[int, ...] = (), pause_at_samples: list[int] | tuple[int, ...] = (),
-          code: UserCode = NO_CODE, given: Mapping[str, SourceInfo] = NO_DATA) -> dict:
+          code: UserCode = NO_CODE, given: Mapping[str, SourceInfo] = NO_DATA,
+          track_to: Destinations | None = None) -> dict:
     """Validate, run and write outputs; returns the summary. `eval_at_samples`: extra points (samples seen)
     at which the workers validate mid-epoch — Tune's rung milestones. `pause_at_samples`: the run ends at the
     first of these past where it starts, with a checkpoint there (ASHA by promotion: a trial paused at a rung);
     the same call again resumes from it. `code`: rayscale.train's model=, loss=, metrics= objects; `given`: the
-    sources of its Ray Datasets (launch/user_data.py)."""
+    sources of its Ray Datasets (launch/user_data.py). `track_to`: where run.trackers write (a search's trials:
+    the search's; default: the run directory, or the libraries' environment variables)."""
     started = time.time()
     prepared = prepare(cfg, code=code, given=given)
     check_same_config(cfg, prepared.run_dir)
@@ -160,13 +164,36 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
     print(f"[rayscale] run directory {prepared.run_dir}", flush=True)
     if cfg.scaling.num_workers == 0:  # local mode: this process is the one "worker group" (no controller)
         record_group(groups, local=True)
+    tracking = Tracking.start(cfg, prepared.run_dir, track_to or destinations(prepared.run_dir))
+    try:
+        summary = _fit(prepared, groups, callbacks, eval_at_samples, pause_at_samples, tracking,
+                       (started, connecting, connected))
+    except BaseException as exc:
+        if tracking is not None:  # what the follower saw is logged; the tracker runs end as failed or killed
+            tracking.finish([], [], "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    if tracking is not None:
+        tracking.finish(read_metrics(prepared.run_dir), final_files(prepared.run_dir))
+    print_summary(summary)
+    return summary
+
+
+def _fit(prepared: PreparedRun, groups: Path, callbacks: list | None, eval_at_samples, pause_at_samples,
+         tracking: Tracking | None, times: tuple[float, float, float]) -> dict:
+    """Train (the progress bar and the trackers following metrics.jsonl meanwhile) and write the outputs."""
+    cfg, (started, connecting, connected) = prepared.cfg, times
     bar = wants_bar(cfg.run.progress, sys.stdout)
     try:
         fitting = build_trainer(prepared, callbacks=[*(callbacks or []), controller_callback(groups, cfg.scaling.elastic)],
                                 eval_at_samples=eval_at_samples, pause_at_samples=pause_at_samples,
                                 progress_lines=not bar)
-        with ProgressBar(prepared.run_dir / METRICS_FILE, None if cfg.data.online else
-                         cfg.train.epochs * prepared.train_rows, cfg.train.epochs) if bar else nullcontext():
+        with ExitStack() as following:
+            readers = [tracking.log_line] if tracking is not None else []
+            if bar:
+                readers.append(following.enter_context(ProgressBar(
+                    None if cfg.data.online else cfg.train.epochs * prepared.train_rows, cfg.train.epochs)).show)
+            if readers:  # entered last, so it leaves first: its last look comes before the bar closes
+                following.enter_context(MetricsFollower(prepared.run_dir / METRICS_FILE, readers))
             result = fitting.fit()
     except Exception as exc:
         # Bad input found only while the data streams (a NaN in a later row group, a file changed mid-run)
@@ -184,6 +211,4 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
     if result.checkpoint is None:
         raise RuntimeError("training ended without a checkpoint; see the log above")
     with result.checkpoint.as_directory() as directory:
-        summary = write_outputs(prepared, Path(directory), started, first_step_at, phases)
-    print_summary(summary)
-    return summary
+        return write_outputs(prepared, Path(directory), started, first_step_at, phases)

@@ -9,6 +9,7 @@ batch sizes are compared after the same amount of data, not after the same numbe
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -22,6 +23,8 @@ from rayscale.config import Config
 from rayscale.data.sources import SourceInfo
 from rayscale.driver.outputs import read_metrics
 from rayscale.driver.prepare import NO_CODE, NO_DATA, prepare, run_directory
+from rayscale.driver.trackers import Destinations
+from rayscale.driver.tracking import Tracking, destinations, end_cut_off
 from rayscale.errors import UserError
 from rayscale.files import CONFIG_FILE, SUMMARY_FILE
 from rayscale.launch import trainer
@@ -172,7 +175,8 @@ def _finished_records(cfg: Config) -> list[dict] | None:
 
 
 def _trial(sampled: dict, base: dict, search_dir: str, metric: str, eval_at_samples: list[int],
-           promotion: bool = False, code: UserCode = NO_CODE, given: Mapping[str, SourceInfo] = NO_DATA) -> None:
+           promotion: bool = False, code: UserCode = NO_CODE, given: Mapping[str, SourceInfo] = NO_DATA,
+           track_to: Destinations | None = None) -> None:
     from ray import tune
 
     from rayscale.tuning.asha import read_promotion_state
@@ -201,7 +205,8 @@ def _trial(sampled: dict, base: dict, search_dir: str, metric: str, eval_at_samp
     stop_marker.unlink(missing_ok=True)  # a resumed trial runs again
     _watch_for_stop(stop_marker)
     summary = trainer.train(cfg, callbacks=_trial_callbacks(metric, stop_marker), eval_at_samples=eval_at_samples,
-                            pause_at_samples=eval_at_samples if promotion else (), code=code, given=given)
+                            pause_at_samples=eval_at_samples if promotion else (), code=code, given=given,
+                            track_to=track_to)
     if promotion and summary["epochs"] < cfg.train.epochs:
         # The run stopped at a rung, its workers gone and its checkpoint there: now PromotingASHA pauses the
         # trial (this report blocks until it does), never while the run still holds its workers.
@@ -306,19 +311,41 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False, cod
           f"{concurrency} trials at once"
           + (f", grid {cfg.tune.grid_order}" if space.grid_size(domains) > 1 else ""), flush=True)
 
-    tuner = _tuner(cfg, domains, base, search_dir, grace, max_t, concurrency, search_alg, resume, code, given)
-    results = tuner.fit()
-    # The last trials' actors are ended as the search finishes, possibly in the middle of their abort.
-    for trial_dir in sorted((search_dir / "trials").glob("*")):
-        remove_placement_groups_left(trial_dir)
-    rows = summarize(results, cfg, domains, max_t)
-    write_outputs(rows, cfg, search_dir)
+    # run.trackers: every trial logs to the search's destinations; MLflow also gets a run for the search itself,
+    # which the trials' runs nest under (its trials.csv and best_config.yaml logged at the end).
+    track_to = destinations(search_dir, search=cfg.run.name)
+    search_run = Tracking.start(cfg, search_dir, track_to, names=[n for n in cfg.run.trackers if n == "mlflow"])
+    if search_run is not None:
+        track_to = dataclasses.replace(track_to, parent_run_id=search_run.run_id("mlflow"))
+    try:
+        tuner = _tuner(cfg, domains, base, search_dir, grace, max_t, concurrency, search_alg, resume, code,
+                       given, track_to if cfg.run.trackers else None)
+        results = tuner.fit()
+        # The last trials' actors are ended as the search finishes, possibly in the middle of their abort.
+        for trial_dir in sorted((search_dir / "trials").glob("*")):
+            remove_placement_groups_left(trial_dir)
+        rows = summarize(results, cfg, domains, max_t)
+        write_outputs(rows, cfg, search_dir)
+    except BaseException as exc:
+        if search_run is not None:
+            search_run.finish([], [], "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    if cfg.run.trackers:  # a trial Tune ended before its trackers: what they missed, and their end
+        for row in rows:
+            if row["status"] != "completed" and (search_dir / "trials" / row["trial_id"] / CONFIG_FILE).exists():
+                trial_dir = search_dir / "trials" / row["trial_id"]
+                end_cut_off(config_module.load(trial_dir / CONFIG_FILE), trial_dir, track_to,
+                            "KILLED" if row["status"] == "stopped early" else "FAILED")
+    if search_run is not None:
+        search_run.finish([], [path for path in (search_dir / "trials.csv", search_dir / "best_config.yaml")
+                               if path.exists()])
     print_ranking(rows, cfg, domains)
     return rows
 
 
 def _tuner(cfg: Config, domains: list[space.Domain], base: dict, search_dir: Path, grace: int, max_t: int,
-           concurrency: int, search_alg, resume: bool, code: UserCode, given: Mapping[str, SourceInfo]):
+           concurrency: int, search_alg, resume: bool, code: UserCode, given: Mapping[str, SourceInfo],
+           track_to: Destinations | None):
     """The Tuner of a new search, or the one `--resume` restores from `search_dir`."""
     from ray import tune
     from ray.tune import Tuner
@@ -334,7 +361,8 @@ def _tuner(cfg: Config, domains: list[space.Domain], base: dict, search_dir: Pat
     promotion = cfg.tune.asha_variant == "promotion"
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=base, search_dir=str(search_dir), metric=cfg.tune.metric,
-                             eval_at_samples=milestones, promotion=promotion, code=code, given=given),
+                             eval_at_samples=milestones, promotion=promotion, code=code, given=given,
+                             track_to=track_to),
         {"CPU": TRIAL_CPUS, here: trial_share(concurrency) if promotion else 0.001})
     if resume:
         return Tuner.restore(str(search_dir / "tune"), trainable, resume_unfinished=True, restart_errored=True)
