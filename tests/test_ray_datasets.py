@@ -134,7 +134,8 @@ def _ragged(batch: dict) -> dict:
     (lambda ds: ds.map_batches(_ragged), DATA,
      r"^data.features: rows of train_data have shapes \(1, 3\) and \(1, 4\); expected one shape for every row$"),
     (lambda ds: ds.map_batches(_preprocess), config.DataConfig(label="y"),
-     r"^data.features: column 'id_copy' in train_data is int64|column 'x'"),
+     r"^data.features: column 'x' in train_data is a tensor column, which must be the only feature column "
+     r"\(features: x, id_copy\)$"),
     (lambda ds: ds.map_batches(_preprocess), config.DataConfig(features=("x",), label="y", num_classes=2),
      r"^data.label: column 'y' in train_data has label 2 \(row 2\); expected classes 0 to 1"),
     (lambda ds: ds.filter(lambda row: False).map_batches(_preprocess), DATA, r"^train_data: the Dataset has no rows$"),
