@@ -11,6 +11,7 @@ rank takes the same steps.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 from rayscale.config import DataConfig
@@ -174,8 +175,6 @@ def _chunks(pieces: list[sources.BlockPiece], starts: list[int], spec: sources.D
             ) -> tuple[sources.Chunk, ...]:
     """Chunks of one size in rows, set by a row's size alone (not by Ray's block sizes, which vary between
     executions): the same Dataset gives the same chunks, so a resumed run finds its lanes as they were."""
-    import math
-
     row_bytes = 24 + (16 * spec.input_shape[0] if spec.vocab_size is not None else 4 * math.prod(spec.input_shape))
     size = max(1, min(DATASET_CHUNK_ROWS, DATASET_CHUNK_BYTES // row_bytes))
     chunks = []
@@ -190,18 +189,19 @@ def _chunks(pieces: list[sources.BlockPiece], starts: list[int], spec: sources.D
 
 
 def _piece_table(piece: sources.BlockPiece):
-    import ray
-    from ray.data.block import BlockAccessor
-
-    block = ray.get(piece.ref)
-    return BlockAccessor.for_block(block).to_arrow().slice(piece.offset, piece.rows)
+    return fetch_pieces((piece,))[0]
 
 
 def fetch_blocks(chunk: sources.Chunk) -> list:
     """The Arrow tables of a Ray Dataset chunk's block pieces, in order (from the object store)."""
+    return fetch_pieces(chunk.blocks)
+
+
+def fetch_pieces(pieces: tuple[sources.BlockPiece, ...]) -> list:
+    """Each piece's rows of its block (an Arrow table or a pandas DataFrame) as an Arrow table."""
     import ray
     from ray.data.block import BlockAccessor
 
-    blocks = ray.get([piece.ref for piece in chunk.blocks])
+    blocks = ray.get([piece.ref for piece in pieces])
     return [BlockAccessor.for_block(block).to_arrow().slice(piece.offset, piece.rows)
-            for piece, block in zip(chunk.blocks, blocks, strict=True)]
+            for piece, block in zip(pieces, blocks, strict=True)]
