@@ -192,6 +192,11 @@ class TrainConfig:
     noise_scale_every_steps: int = key(4, "measure the noise scale on one optimizer step in this many (with 2+ "
                                           "workers a measured step all-reduces after its backward, not during "
                                           "it)", unit="steps", minimum=1)
+    compile: bool | str = key(False, "compile each micro-batch's forward and loss with torch.compile: true or "
+                                     "inductor (generated kernels; on CPU needs a C++ compiler), aot_eager (traced "
+                                     "but not code-generated: a check, no speed-up), false: eager; the backward, "
+                                     "accumulation and optimizer step stay as they are; validation stays eager",
+                              choices=(False, True, "inductor", "aot_eager"))
     strategy: str = key("ddp", "how workers combine gradients: ddp (all-reduce, every worker steps its own copy) "
                                "or parameter_server (workers pull the parameters from ps.num_servers Ray "
                                "actors, push gradients, and the optimizer steps on the servers)",
@@ -432,6 +437,11 @@ def _check_ranges(obj: Any, prefix: str) -> None:
         _check_value(getattr(obj, f.name), f.metadata, f"{prefix}{f.name}", nullable="None" in str(f.type))
 
 
+def _yaml_word(choice: Any) -> str:
+    """A choice as the user writes it in YAML or --set: true, not True."""
+    return str(choice).lower() if isinstance(choice, bool) else str(choice)
+
+
 def _check_value(value: Any, meta: typing.Mapping[str, Any], path: str, nullable: bool) -> None:
     """The schema's checks on one coerced value: its words or choices, finite, its minimum, a plain name."""
     words, choices, minimum, name_in = (meta.get(k) for k in ("words", "choices", "minimum", "name_in"))
@@ -440,10 +450,10 @@ def _check_value(value: Any, meta: typing.Mapping[str, Any], path: str, nullable
                           f"{' or '.join(words)}, got {value!r}")
     for item in (value if choices and isinstance(value, list) else [value] if choices else []):  # a list: each
         if item not in choices:
-            close = difflib.get_close_matches(str(item), [str(c) for c in choices], n=1)
+            close = difflib.get_close_matches(str(item), [_yaml_word(c) for c in choices], n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ConfigError(f"{path}: expected {'each to be ' if item is not value else ''}one of "
-                              f"{', '.join(map(str, choices))}, got {item!r}{hint}")
+                              f"{', '.join(map(_yaml_word, choices))}, got {item!r}{hint}")
     # nan passes every comparison below and inf is no amount of anything: no key takes either. YAML's .nan
     # and .inf, and nan or inf written as a string, all arrive here as floats.
     if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):

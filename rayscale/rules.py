@@ -210,6 +210,12 @@ RULES: tuple[Rule, ...] = (
          lambda c: "train.precision fp16: not with train.strategy parameter_server (the GradScaler's loss scale "
                    "would have to travel with every gradient); use bf16 or fp32",
          ("train.strategy=parameter_server", "train.precision=fp16", "scaling.use_gpu=true")),
+    Rule(("train.compile", "train.strategy"),
+         lambda c: _parameter_server(c) and c.train.compile is not False,
+         lambda c: "train.compile: not with train.strategy parameter_server (each pull replaces the workers' "
+                   "weights under the compiled graph, which is not tested); use train.strategy ddp or "
+                   "train.compile false",
+         ("train.strategy=parameter_server", "train.compile=true")),
     Rule(("batch.micro_batch_size", "train.strategy"),
          lambda c: _parameter_server(c) and c.batch.micro_batch_size == "auto",
          lambda c: "batch.micro_batch_size auto: not with train.strategy parameter_server; set a number",

@@ -20,6 +20,7 @@ from rayscale.engine import checkpoint, distributed
 from rayscale.engine.components import Component, part_dict, read_part
 from rayscale.engine.components import checkpointing as checkpoints
 from rayscale.engine.components.adaptive_batch import AdaptiveBatch, AdaptiveBatchPart
+from rayscale.engine.components.compilation import Compilation
 from rayscale.engine.components.curriculum_metrics import CurriculumMeter
 from rayscale.engine.components.micro_batch import AutoMicroBatch, MicroBatchPart
 from rayscale.engine.components.noise_scale import NoiseScaleMeter
@@ -68,7 +69,8 @@ class TrainLoop:
         self.validation = ValidationSchedule(cfg.train.eval_every_samples, payload.eval_at_samples,
                                              state.samples_seen, payload.val_rows > 0)
         self.run.say(f"{self.run.plan.describe()}; {self.feed.describe(payload.train_rows)}"
-                     + (f"; resuming at epoch {state.epoch} step {state.step_in_epoch}" if restored else ""))
+                     + (f"; resuming at epoch {state.epoch} step {state.step_in_epoch}" if restored else "")
+                     + (f"; {self.compilation.describe()}" if self.compilation.backend else ""))
         self.metrics.started_at = time.time()
 
     def _build(self, state: TrainState, restored: checkpoints.Restored | None) -> Run:
@@ -119,6 +121,7 @@ class TrainLoop:
         base_batch = cfg.optim.base_batch_size or plan_for(cfg.batch.global_batch_size, cfg.batch.micro_batch_size,
                                                            run.world_size).micro_batch_size
         self.micro = AutoMicroBatch(run.plan.auto, read_part(state, AutoMicroBatch.name, MicroBatchPart))
+        self.compilation = Compilation(cfg.train.compile)
         self.noise = NoiseScaleMeter(cfg, run.plan, world_size=run.world_size, fp16=run.precision.scaler is not None,
                                      gradients_all_reduced=self.strategy.gradients_all_reduced,
                                      base_batch=base_batch, in_tokens=payload.spec.task == "token_classification",
@@ -130,7 +133,8 @@ class TrainLoop:
         self.preemption = PreemptionCheck(cfg.run.preemption_check_steps,
                                           self.context.drain_notice if self.context.watches_drains else None,
                                           read_part(state, PreemptionCheck.name, PreemptionPart))
-        optional = [self.averaging, CurriculumMeter() if cfg.data.curriculum_column else None,
+        optional = [self.compilation if self.compilation.backend else None, self.averaging,
+                    CurriculumMeter() if cfg.data.curriculum_column else None,
                     self.feed if isinstance(self.feed, Component) else None]
         return [self.adaptive, self.micro, self.noise, self.rung_pause, *filter(None, optional), self.preemption,
                 self.checkpoints, self.strategy]
@@ -174,7 +178,8 @@ class TrainLoop:
                 run.model, micro, run.optimizer, task=run.objective, lr=lr, precision=run.precision,
                 grad_clip=self.cfg.train.grad_clip, measure_noise=self.noise.measures(state.step),
                 global_count=rows.rows_in_step if self.rows_are_the_count else None,
-                clock=self.metrics.interval.clock, oom_safe=self.micro.auto, update=update)))
+                clock=self.metrics.interval.clock, oom_safe=self.micro.auto, update=update,
+                forward_loss=self.compilation.forward_loss)))
         self.guard(result)
         for component in self.components:
             component.after_step(run, rows, result)

@@ -25,6 +25,10 @@ from rayscale.engine.precision import Precision
 
 # train.strategy parameter_server: hands the gradients and the lr to the servers; returns (global norm, applied)
 RemoteUpdate = Callable[[list[torch.Tensor], float], tuple[torch.Tensor, bool]]
+# (model, micro-batch, objective, precision) -> (summed loss, the count of a loss that weighs its own, or None):
+# forward_and_loss below, or train.compile's compiled version of it (components/compilation.py)
+ForwardLoss = Callable[[torch.nn.Module, dict[str, torch.Tensor], tasks.Objective, Precision],
+                       tuple[torch.Tensor, torch.Tensor | None]]
 
 
 @dataclass
@@ -83,6 +87,14 @@ def _momentum_buffers_made(optimizer: torch.optim.Optimizer) -> None:
                     optimizer.state[parameter]["momentum_buffer"] = torch.zeros_like(parameter)
 
 
+def forward_and_loss(model: torch.nn.Module, micro_batch: dict[str, torch.Tensor], objective: tasks.Objective,
+                     precision: Precision) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A micro-batch's summed loss (not yet normalised) and its own count when the loss weighs its own rows."""
+    with precision.autocast():
+        output = tasks.forward(model, micro_batch)
+    return objective.loss(output, micro_batch)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -91,8 +103,8 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]],
                optimizer: torch.optim.Optimizer, *, task: str | tasks.Objective, lr: float, precision: Precision,
                grad_clip: float | None = None, global_count: float | None = None, measure_noise: bool = False,
-               clock: StepClock | None = None, oom_safe: bool = False, update: RemoteUpdate | None = None
-               ) -> StepResult:
+               clock: StepClock | None = None, oom_safe: bool = False, update: RemoteUpdate | None = None,
+               forward_loss: ForwardLoss = forward_and_loss) -> StepResult:
     """Accumulate gradients over `micro_batches` and apply one optimizer step at `lr`.
 
     Every worker must call this the same number of times, each with at least one micro-batch (a rank with
@@ -114,6 +126,7 @@ def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tenso
     pass (the last micro-batch's backward no longer overlaps the all-reduce: the price of never hanging).
     `update` (train.strategy parameter_server): instead of clipping and stepping here, hand the gradients
     (each rank's sum / global count: they add up over ranks) and the lr to it.
+    `forward_loss`: what runs each micro-batch's forward and loss (train.compile passes a compiled one).
     `task`: the task's name, or an Objective with a user loss; one that weighs its own losses gives its count
     only after the forward: the backward then scales by the task's count, and the gradients are corrected to
     the loss's own global count (one more scalar all-reduce) before they are clipped or applied.
@@ -131,7 +144,8 @@ def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tenso
     mark("micro_batches")
     losses, out_of_memory, small, own_counts = _accumulate(
         model, micro_batches, objective=objective, precision=precision, loss_scale=loss_scale, sync_last=not average_after,
-        oom_safe=oom_safe, first_is_small=measure_noise and world_size == 1, parameters=parameters, mark=mark)
+        oom_safe=oom_safe, first_is_small=measure_noise and world_size == 1, parameters=parameters, mark=mark,
+        forward_loss=forward_loss)
     if oom_safe:
         _agree_on_memory(out_of_memory, world_size, local_count.device, optimizer)
     mark("backward_done")
@@ -178,7 +192,7 @@ def _normaliser(objective: tasks.Objective, micro_batches: list[dict[str, torch.
 
 
 def _accumulate(model, micro_batches, *, objective, precision, loss_scale, sync_last: bool, oom_safe: bool,
-                first_is_small: bool, parameters, mark
+                first_is_small: bool, parameters, mark, forward_loss: ForwardLoss
                 ) -> tuple[list[torch.Tensor], bool, tuple | None, list[torch.Tensor]]:
     """Forward and backward of every micro-batch: (their detached summed losses, whether one ran out of device
     memory (`oom_safe` only; the rest are then not run), the first micro-batch's (count, squared gradient
@@ -193,9 +207,7 @@ def _accumulate(model, micro_batches, *, objective, precision, loss_scale, sync_
             mark("last_micro_batch")
         try:
             with contextlib.nullcontext() if sync else model.no_sync():
-                with precision.autocast():
-                    output = tasks.forward(model, micro_batch)
-                micro_loss, own_count = objective.loss(output, micro_batch)
+                micro_loss, own_count = forward_loss(model, micro_batch, objective, precision)
                 scale = loss_scale if isinstance(loss_scale, float) else loss_scale.to(micro_loss.dtype)
                 scaled = micro_loss * scale
                 if precision.scaler is not None:

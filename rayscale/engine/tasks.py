@@ -41,6 +41,9 @@ def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     return logits_of(model(batch["x"]))
 
 
+# A property of the model's class: train.compile reads it once while tracing instead of tracing the signature's
+# inspection (which it would redo at every compile).
+@torch.compiler.assume_constant_result
 def takes_attention_mask(model: torch.nn.Module) -> bool:
     """Whether the model (inside DDP's wrapper, which passes keywords on) names `attention_mask` in its forward."""
     inner = model.module if isinstance(model, DistributedDataParallel) else model

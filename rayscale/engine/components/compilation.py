@@ -1,0 +1,59 @@
+"""train.compile: each micro-batch's forward and loss through torch.compile; the rest of the step as it was.
+
+What is compiled is `step.forward_and_loss`, one function, so the loss fuses with the model's last layer. The
+backward runs the compiled graph's backward; accumulation, the loss normaliser, clipping, the non-finite skip
+and the optimizer step are train_step's, unchanged. The module is not wrapped, so its state_dict (model.pt,
+checkpoints) keeps its own keys, and validation runs it eagerly.
+
+Micro-batches are not all one size: the partial last step, a rank's one zero-weight padding row, the halving of
+batch.micro_batch_size auto, sequences padded to each micro-batch's longest. torch.compile's automatic dynamic
+shapes (dynamic=None) compile the first size as it is and, the first time a dimension changes, once more with
+that dimension symbolic; sizes 0 and 1 get graphs of their own (PyTorch specialises them). A run then compiles
+a handful of graphs whatever its length, each counted in the log (`compiles`), and Dynamo's limit per function
+(torch._dynamo.config.recompile_limit) caps anything worse: past it the function runs eagerly, with a warning.
+
+Under DDP the model call inside the function is DDP's forward, which Dynamo does not trace: it runs eagerly, so
+no_sync keeps working, and the module's own forward under it is compiled by Dynamo's DDPOptimizer, split at
+DDP's gradient buckets so that a bucket's all-reduce starts while the rest of the backward runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rayscale.engine.components import Component
+from rayscale.engine.step import ForwardLoss, forward_and_loss
+
+
+def backend_of(setting: bool | str) -> str | None:
+    """train.compile's value as a torch.compile backend (None: eager)."""
+    if setting is False:
+        return None
+    return "inductor" if setting is True else setting
+
+
+class Compilation(Component):
+    """The step's forward-and-loss function, compiled or eager, and how many graphs it has compiled."""
+
+    def __init__(self, setting: bool | str):
+        self.backend = backend_of(setting)
+        self.graphs = 0  # compiled on this rank since the run (or this attempt) started
+        if self.backend is None:
+            self.forward_loss: ForwardLoss = forward_and_loss
+            return
+        # Compiled code is cached per function, and the limit counts every graph a process compiled for it: a
+        # process that trained before (a notebook, the tests) would spend this run's limit on that run's shapes.
+        torch.compiler.reset()
+        compile_graph = torch._dynamo.lookup_backend(self.backend)
+
+        def counted(graph: torch.fx.GraphModule, example_inputs):
+            self.graphs += 1
+            return compile_graph(graph, example_inputs)
+
+        self.forward_loss = torch.compile(forward_and_loss, backend=counted, dynamic=None)
+
+    def describe(self) -> str:
+        return f"forward and loss compiled ({self.backend}; the first steps of each new shape compile)"
+
+    def log_fields(self, run, sums, steps):
+        return {"compiles": self.graphs} if self.backend is not None else {}
