@@ -196,3 +196,13 @@ def test_find_batch_size_counts_the_most_loaded_workers_share_of_the_optimizer_s
 
 def _finder_model() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 256), nn.Linear(256, 256), nn.Linear(256, 10))
+
+
+def test_the_benchmark_measures_about_half_the_state_per_worker_and_the_same_weights(tmp_path):
+    """benchmarks/sharded_state.py at its smoke size: its figures, from 2 gloo processes."""
+    from benchmarks import sharded_state
+
+    result = sharded_state.run("smoke", tmp_path)
+    replicated, sharded = result["replicated"]["state_bytes_per_worker"], result["sharded"]["state_bytes_per_worker"]
+    assert replicated[0] == replicated[1] and sum(sharded) == replicated[0]
+    assert result["targets"][0]["pass"] and result["bitwise_equal"]
