@@ -8,8 +8,9 @@ of the config's data, repeated to size. Sequences use the longest ones, so every
 What "fits" means:
 - CUDA: the step ran without an out-of-memory error; the peak is `max_memory_allocated`.
 - CPU: running out of memory kills the process instead of raising, so the probe must not go there. It counts
-  the step's tensor memory instead (parameters, gradients, optimizer state, the batch, and the activations
-  autograd keeps for backward, through saved-tensor hooks), and a micro-batch fits when that stays within
+  the step's tensor memory instead (parameters, gradients, optimizer state -- under optim.shard_state the most
+  loaded worker's share only --, the batch, and the activations autograd keeps for backward, through
+  saved-tensor hooks), and a micro-batch fits when that stays within
   the budget (`--memory-mb`, default half the memory available now). An injected out-of-memory error (tests)
   counts as not fitting on a CPU too.
 
