@@ -1,6 +1,6 @@
 """`python -m benchmarks` (or `make bench`): every side-by-side benchmark in one run, ratios from the same run.
 
-    python -m benchmarks [--smoke] [--only throughput,...,gpu_mfu,strategy] [--output-dir DIR] [--results-dir DIR]
+    python -m benchmarks [--smoke] [--only throughput,...,strategy,sharded_state] [--output-dir DIR] [--results-dir DIR]
 
 Writes benchmarks/results/<name>.json per benchmark (`.smoke` added with --smoke) and
 benchmarks/results/summary[.smoke].md, and prints the Markdown. Exit code 0 whatever the targets say (a missed
@@ -23,7 +23,7 @@ from pathlib import Path
 from benchmarks import RESULTS
 
 BENCHMARKS = ("throughput", "ingest", "accumulation", "noise_overhead", "mfu", "memory", "scale", "gpu_mfu",
-              "strategy")
+              "strategy", "sharded_state")
 
 
 def machine() -> dict:

@@ -237,6 +237,10 @@ class OptimConfig:
     base_batch_size: int | None = key(None, "batch size optim.lr was tuned for (null: the global batch)",
                                       unit="samples", minimum=1)
     scaling_rule: str = key("none", "how lr follows the global batch", choices=("none", "linear", "sqrt"))
+    shard_state: bool = key(False, "DDP: each worker keeps the optimizer state (momentum, Adam moments) of its "
+                                   "own share of the weight tensors only, about 1/num_workers of it, and "
+                                   "broadcasts the tensors it steps (ZeRO stage 1); the same model within fp32 "
+                                   "rounding, checkpoints as unsharded; with one worker it holds everything")
 
 
 @dataclass

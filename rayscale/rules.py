@@ -234,6 +234,11 @@ RULES: tuple[Rule, ...] = (
          lambda c: "train.ema_half_life_samples: not with train.strategy parameter_server (the weights live on "
                    "the servers)",
          ("train.strategy=parameter_server", "train.ema_half_life_samples=100")),
+    Rule(("optim.shard_state", "train.strategy"),
+         lambda c: _parameter_server(c) and c.optim.shard_state,
+         lambda c: "optim.shard_state: not with train.strategy parameter_server (its servers already hold the "
+                   "optimizer state, off the workers); set optim.shard_state false or train.strategy ddp",
+         ("train.strategy=parameter_server", "optim.shard_state=true")),
     Rule(("tune.search", "tune.space"),
          lambda c: c.tune.search != "random" and _has_grid(c),
          lambda c: f"tune.search {c.tune.search}: grid domains need tune.search random",

@@ -12,8 +12,7 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from inprocess import train
+from inprocess import start_ranks, train
 from torch import nn
 
 from benchmarks.gpt import make as make_gpt
@@ -169,7 +168,7 @@ def _ddp_worker(rank, world, port, result_path):
 
 def test_two_ddp_ranks_compiled_train_one_eager_processs_model(tmp_path):
     result_path = tmp_path / "rank0.pt"
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(result_path)), nprocs=2)
+    start_ranks(_ddp_worker, (2, _free_port(), str(result_path)), 2)
     got = torch.load(result_path)
     data = rows(11)
     steps = [[cut(data, [8, 3])[0], cut(data, [8, 3])[1]], [cut(data, [8, 3])[0]]]

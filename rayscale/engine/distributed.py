@@ -81,3 +81,28 @@ def average_gradients(parameters: list[torch.Tensor], bucket_mb: float = 25.0) -
             dist.all_reduce(flat.div_(ranks))
             for p, synced in zip(bucket, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
                 p.grad = synced
+
+
+def broadcast_from(tensors: list[torch.Tensor], source: int) -> None:
+    """`source` rank's values of `tensors` on every rank, in place, in one broadcast per dtype (the other ranks'
+    tensors give only their shapes)."""
+    if not is_distributed() or not tensors:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        by_dtype.setdefault(tensor.dtype, []).append(tensor)
+    for same in by_dtype.values():
+        flat = torch._utils._flatten_dense_tensors([t.detach() for t in same])
+        dist.broadcast(flat, src=source)
+        if dist.get_rank() != source:
+            with torch.no_grad():
+                torch._foreach_copy_(same, torch._utils._unflatten_dense_tensors(flat, same))
+
+
+def gather_to_rank_0(value: T) -> list[T] | None:
+    """Every rank's `value` (picklable) on rank 0, in rank order; None on the other ranks."""
+    if not is_distributed():
+        return [value]
+    box = [None] * world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(value, box, dst=0)
+    return box

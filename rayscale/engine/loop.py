@@ -40,6 +40,7 @@ from rayscale.engine.state import TrainState, WorkerPayload
 from rayscale.engine.step import StepResult, train_step
 from rayscale.engine.strategies.ddp import DataParallel
 from rayscale.engine.strategies.parameter_server import ParameterServer
+from rayscale.engine.strategies.sharded_state import ShardedDataParallel
 from rayscale.engine.tasks import Objective
 from rayscale.math.adaptive_batch import plan_for
 from rayscale.math.schedules import peak_lr, schedule_from_config
@@ -82,7 +83,7 @@ class TrainLoop:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
         np.random.seed(cfg.seed)
         self.strategy = ParameterServer(context.parameter_client) if cfg.train.strategy == "parameter_server" \
-            else DataParallel()
+            else ShardedDataParallel(context.rank) if cfg.optim.shard_state else DataParallel()
         model = build_model(cfg.model, payload.spec, payload.code.model)
         if cfg.model.init_from is not None and restored is None:  # a resumed run has its own weights
             start_from(model, cfg.model.init_from)
@@ -90,8 +91,9 @@ class TrainLoop:
         # The lr scales from optim.base_batch_size, or (null) from the initial global batch: an adaptive batch
         # moves the lr by the scaling rule; a fixed one is its own base.
         lr = peak_lr(cfg.optim, plan.global_batch_size, cfg.batch.global_batch_size)
-        run = Run(cfg, payload.spec, context.rank, context.world_size, context.device, model,
-                  build_optimizer(cfg.optim, model, lr), make_precision(cfg.train.precision, context.device),
+        optimizer = build_optimizer(cfg.optim, model, lr, self.strategy.optimizer_shards)
+        run = Run(cfg, payload.spec, context.rank, context.world_size, context.device, model, optimizer,
+                  make_precision(cfg.train.precision, context.device),
                   NonFiniteGuard(cfg.train.max_nonfinite_steps), state, plan, lr, plan.micro_batch_size,
                   payload.train_rows, payload.val_rows,
                   Objective(payload.spec.task, payload.code.loss_fn(cfg.train.loss)),

@@ -13,12 +13,16 @@ step on GPU never waits for the device (`.item()` or `bool(tensor)` would sync o
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from rayscale.config import OptimConfig
 from rayscale.errors import ConfigError, UserError
+
+if TYPE_CHECKING:
+    from rayscale.engine.strategies.sharded_state import OptimizerShards
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -174,11 +178,26 @@ def _check_betas(betas: list[float]) -> tuple[float, float]:
     return betas[0], betas[1]
 
 
-def build_optimizer(cfg: OptimConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+def _zero_momentum_buffers(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """A step pre-hook of fused SGD. Fused SGD creates a momentum buffer uninitialised at a parameter's first step
+    and fills it in the kernel: a first step skipped on the device (step.skips_on_device) would leave garbage in
+    it. A zero buffer made before gives the same first step (buf = momentum x 0 + grad = grad, as PyTorch's
+    buf = grad, where dampening is 0). Only for the tensors this step updates: those with a gradient (under
+    optim.shard_state, this rank's own, which is why the shards' hook is registered before this one)."""
+    for group in optimizer.param_groups:
+        if group["momentum"] and group["dampening"] == 0:
+            for parameter in group["params"]:
+                if parameter.grad is not None and "momentum_buffer" not in optimizer.state[parameter]:
+                    optimizer.state[parameter]["momentum_buffer"] = torch.zeros_like(parameter)
+
+
+def build_optimizer(cfg: OptimConfig, model: nn.Module, lr: float,
+                    shards: OptimizerShards | None = None) -> torch.optim.Optimizer:
     """The optimizer named by `cfg.name` over `param_groups(model)`.
 
     `lr` is the peak learning rate after the batch-size scaling rule. The schedule overwrites each group's
     "lr" every step as a multiple of the group's "initial_lr", which is why both are set here.
+    `shards` (optim.shard_state): this rank steps, and keeps state for, only its own tensors (sharded_state.py).
     """
     betas = _check_betas(cfg.betas)
     groups = param_groups(model, cfg.weight_decay)
@@ -191,6 +210,16 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, lr: float) -> torch.opti
     # and its "foreach" default on CUDA. They take floating-point tensors on CPU or CUDA only.
     fused = {"fused": True} if all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
                                    for group in groups for p in group["params"]) else {}
+    optimizer = _named(cfg, groups, lr, betas, fused)
+    if shards is not None:
+        shards.attach(optimizer)
+    if isinstance(optimizer, torch.optim.SGD) and fused:
+        optimizer.register_step_pre_hook(_zero_momentum_buffers)
+    return optimizer
+
+
+def _named(cfg: OptimConfig, groups: list[dict], lr: float, betas: tuple[float, float],
+           fused: dict) -> torch.optim.Optimizer:
     if cfg.name == "sgd":
         # Plain SGD's weight_decay is L2 (added to the gradient); each group carries its own value.
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **fused)

@@ -68,23 +68,10 @@ def _world_size(model: torch.nn.Module) -> int:
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     """PyTorch's fused Adam, AdamW and SGD skip their whole update (weights, moments, step count) on the device
     when given a `found_inf` flag, as GradScaler gives them: the non-finite guard then needs no host sync.
-    SGD only without dampening (see _momentum_buffers_made)."""
+    SGD only without dampening (see optimizers._zero_momentum_buffers)."""
     if not (optimizer.defaults.get("fused") and getattr(optimizer, "_step_supports_amp_scaling", False)):
         return False
     return not isinstance(optimizer, torch.optim.SGD) or all(g["dampening"] == 0 for g in optimizer.param_groups)
-
-
-def _momentum_buffers_made(optimizer: torch.optim.Optimizer) -> None:
-    """Fused SGD creates a momentum buffer uninitialised at a parameter's first step and fills it in the kernel:
-    a first step skipped on the device would leave garbage in it. A zero buffer made before gives the same
-    first step (buf = momentum x 0 + grad = grad, as PyTorch's buf = grad; dampening is 0)."""
-    if not isinstance(optimizer, torch.optim.SGD):
-        return
-    for group in optimizer.param_groups:
-        if group["momentum"]:
-            for parameter in group["params"]:
-                if parameter.grad is not None and "momentum_buffer" not in optimizer.state[parameter]:
-                    optimizer.state[parameter]["momentum_buffer"] = torch.zeros_like(parameter)
 
 
 def forward_and_loss(model: torch.nn.Module, micro_batch: dict[str, torch.Tensor], objective: tasks.Objective,
@@ -252,7 +239,6 @@ def _clip_and_step(optimizer: torch.optim.Optimizer, parameters: list[torch.Tens
     set_lr(optimizer, lr)
     if precision.scaler is None and skips_on_device(optimizer):
         # No host sync: the fused kernels read the flag on the device and leave everything as it was.
-        _momentum_buffers_made(optimizer)
         optimizer.found_inf, optimizer.grad_scale = (~finite).to(torch.float32), None
         try:
             optimizer.step()

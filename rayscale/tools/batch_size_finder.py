@@ -8,8 +8,9 @@ of the config's data, repeated to size. Sequences use the longest ones, so every
 What "fits" means:
 - CUDA: the step ran without an out-of-memory error; the peak is `max_memory_allocated`.
 - CPU: running out of memory kills the process instead of raising, so the probe must not go there. It counts
-  the step's tensor memory instead (parameters, gradients, optimizer state, the batch, and the activations
-  autograd keeps for backward, through saved-tensor hooks), and a micro-batch fits when that stays within
+  the step's tensor memory instead (parameters, gradients, optimizer state -- under optim.shard_state the most
+  loaded worker's share only --, the batch, and the activations autograd keeps for backward, through
+  saved-tensor hooks), and a micro-batch fits when that stays within
   the budget (`--memory-mb`, default half the memory available now). An injected out-of-memory error (tests)
   counts as not fitting on a CPU too.
 
@@ -92,16 +93,21 @@ class TensorMemory:
     """Counts the tensor memory of a CPU step: what the model, optimizer and batch hold, plus the activations
     autograd saves for backward (each storage once, parameters and inputs not again)."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 state_of: list[torch.Tensor] | None = None) -> None:
+        """`state_of`: the parameters whose optimizer state a worker holds (optim.shard_state: the most loaded
+        worker's shard; None: every parameter's)."""
         self.model, self.optimizer = model, optimizer
+        self.state_of = None if state_of is None else {id(p) for p in state_of}
         self.saved: dict[int, int] = {}
         self._known: set[int] = set()
 
-    def _held(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    def _held(self, batch: dict[str, torch.Tensor], every_state: bool = False) -> list[torch.Tensor]:
         tensors = [*self.model.parameters(), *self.model.buffers(), *batch.values()]
         tensors += [p.grad for p in self.model.parameters() if p.grad is not None]
-        return tensors + [v for state in self.optimizer.state.values() for v in state.values()
-                          if isinstance(v, torch.Tensor)]
+        return tensors + [v for p, state in self.optimizer.state.items() for v in state.values()
+                          if isinstance(v, torch.Tensor)
+                          and (every_state or self.state_of is None or id(p) in self.state_of)]
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
@@ -113,7 +119,7 @@ class TensorMemory:
         # What already exists is told apart by address now, before backward frees the activations: afterwards
         # the allocator hands their memory to the gradients, and the addresses would collide.
         self.saved = {}
-        self._known = {t.untyped_storage().data_ptr() for t in self._held(batch)}
+        self._known = {t.untyped_storage().data_ptr() for t in self._held(batch, every_state=True)}
         return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
 
     def total_mb(self, batch: dict[str, torch.Tensor]) -> float:
@@ -156,6 +162,7 @@ def find(cfg: Config, *, limit: int | None = None, memory_mb: float | None = Non
     from rayscale.engine.optimizers import build_optimizer
     from rayscale.engine.precision import make_precision
     from rayscale.engine.step import is_out_of_memory, train_step
+    from rayscale.engine.strategies.sharded_state import largest_shard, trainable
     from rayscale.math.batching import plan_batches
     from rayscale.math.schedules import peak_lr
     from rayscale.models import build_model
@@ -176,7 +183,9 @@ def find(cfg: Config, *, limit: int | None = None, memory_mb: float | None = Non
     model = build_model(cfg.model, spec).to(device)
     lr = peak_lr(cfg.optim, plan.global_batch_size, cfg.batch.global_batch_size)
     optimizer = build_optimizer(cfg.optim, model, lr)
-    counter = TensorMemory(model, optimizer)
+    # optim.shard_state: a worker keeps the state of its own shard only; the most loaded one's is what must fit.
+    counter = TensorMemory(model, optimizer, largest_shard(trainable(optimizer), cfg.scaling.num_workers)
+                           if cfg.optim.shard_state else None)
     finding = Finding(device=str(device), budget_mb=budget, largest=None, limit=limit)
 
     def fits(size: int) -> bool:
@@ -225,8 +234,10 @@ def report(finding: Finding, cfg: Config) -> list[str]:
              + (" (the most tried: raise --max to go further)" if capped else "")]
     if finding.per_sample is not None:
         slope, fixed = finding.per_sample
+        state = (f"the most loaded of {max(cfg.scaling.num_workers, 1)} workers' share of the optimizer state"
+                 if cfg.optim.shard_state else "optimizer state")
         lines.append(f"memory per sample: {slope:.4g} MiB, plus {fixed:.4g} MiB that does not grow with the batch "
-                     f"(weights, gradients, optimizer state)")
+                     f"(weights, gradients, {state})")
     micro = fit_micro_batch(plan.per_worker_batch_size, finding.largest)
     lines.append(f"for batch.global_batch_size {plan.global_batch_size} on {plan.num_workers} workers: "
                  f"--set batch.micro_batch_size={micro} (the largest divisor of the per-worker batch "

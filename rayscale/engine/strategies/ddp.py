@@ -34,6 +34,7 @@ class DataParallel(Component):
     """Every worker holds the model and the optimizer; DDP averages the gradients."""
 
     gradients_all_reduced = True
+    optimizer_shards = None  # optim.shard_state: sharded_state.ShardedDataParallel's
 
     def wrap(self, model: torch.nn.Module, device: torch.device, world_size: int) -> torch.nn.Module:
         return prepare_model(model, device, world_size)

@@ -29,6 +29,7 @@ class ParameterClient(Protocol):
 
 class ParameterServer(Component):
     gradients_all_reduced = False  # no worker ever holds the summed gradient: no noise scale
+    optimizer_shards = None  # the servers hold the optimizer state (rules.py refuses optim.shard_state)
 
     def __init__(self, make_client):
         self.make_client = make_client  # model -> ParameterClient, once the model exists
