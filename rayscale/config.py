@@ -185,7 +185,8 @@ class TrainConfig:
                                  minimum=1)
     eval_every_samples: int = key(0, "also validate mid-epoch every this many samples (0: at epoch ends only)",
                                   unit="samples", minimum=0)
-    report_every_seconds: float = key(10.0, "ray.train.report at most this often (plus epoch ends)",
+    report_every_seconds: float = key(10.0, "ray.train.report at most this often (plus the epoch ends that "
+                                            "checkpoint, and under rayscale tune every validation)",
                                       unit="seconds", minimum=0.0)
     noise_scale: bool = key(True, "measure the gradient noise scale, the critical batch size and this batch's "
                                   "statistical efficiency (needs 2+ workers or 2+ micro-batches; not with fp16)")
@@ -263,8 +264,12 @@ class RunConfig:
     storage_path: str | None = key(None, "where Ray Train keeps checkpoints (null: <run dir>/checkpoints); on a "
                                          "multi-node cluster a URI every node reaches (s3://bucket/prefix, "
                                          "gs://..., or a shared mount)")
-    checkpoint_every_samples: int | None = key(None, "also checkpoint mid-epoch this often (null: epoch ends)",
+    checkpoint_every_samples: int | None = key(None, "also checkpoint mid-epoch this often (null: epoch ends only)",
                                                unit="samples", minimum=1)
+    checkpoint_every_seconds: float = key(10.0, "an epoch end checkpoints only once this long has passed since "
+                                                "the last checkpoint (0: every epoch end); the last epoch, a rung "
+                                                "pause, a drain notice and run.checkpoint_every_samples "
+                                                "checkpoint whatever it says", unit="seconds", minimum=0.0)
     max_failures: int = key(3, "worker-group restarts after a fault (a worker or node lost without notice) "
                                "before giving up", minimum=0)
     max_preemptions: int | None = key(None, "restarts after a preemption (a node drained first: spot "

@@ -62,10 +62,11 @@ class DrainOnAsk:
 
 def train(output_dir: Path, name: str, *overrides: str, workers: int = 1, eval_at_samples=(),
           pause_at_samples=(), drain_on_ask: int | None = None, code: UserCode = NO_CODE,
-          progress_lines: bool = True) -> Trained:
+          progress_lines: bool = True, report_evaluations: bool = False) -> Trained:
     """`rayscale train` for `overrides`, without Ray. Re-running the same name resumes, as there.
     `drain_on_ask`: a node is drained from that question of the loop on (one rank: HeldForRestart is raised
-    after the drain's checkpoint). `code`: rayscale.train's model=, loss=, metrics= objects."""
+    after the drain's checkpoint). `code`: rayscale.train's model=, loss=, metrics= objects.
+    `report_evaluations`: every validation is reported, as for a Tune trial."""
     cfg = config.load(overrides=[f"run.output_dir={output_dir}", f"run.name={name}",
                                  f"scaling.num_workers={workers}", *overrides])
     started = time.time()
@@ -78,7 +79,7 @@ def train(output_dir: Path, name: str, *overrides: str, workers: int = 1, eval_a
     record_group(groups, in_process=True)  # as local mode does: each run of the loop is one worker group
     (prepared.run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(cfg), sort_keys=False))
     payload = dataclasses.replace(worker_payload(prepared, eval_at_samples, pause_at_samples),
-                                  progress_lines=progress_lines)
+                                  progress_lines=progress_lines, report_evaluations=report_evaluations)
     feed = LocalReads(prepared.train, prepared.val)
     if workers == 1:
         reports = _rank(0, 1, 0, payload, feed, drain_on_ask)

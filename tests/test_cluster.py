@@ -347,7 +347,8 @@ def test_train_job_stops_cleanly_and_resubmitting_resumes(cluster, tmp_path):
     epochs = 40
     entrypoint = ["jobs/train.py", "-c", "configs/digits_mlp.yaml", "--set", f"train.epochs={epochs}",
                   "--set", "batch.global_batch_size=64",
-                  "--set", f"run.output_dir={tmp_path}", "--set", "run.name=stopped"]
+                  "--set", f"run.output_dir={tmp_path}", "--set", "run.name=stopped",
+                  "--set", "run.checkpoint_every_seconds=0"]
     first = _submit(cluster, *entrypoint, wait=False, submission_id="rayscale-stop-1")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     metrics = tmp_path / "stopped" / "metrics.jsonl"

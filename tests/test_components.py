@@ -211,6 +211,39 @@ def test_a_checkpoint_is_due_every_n_samples_from_where_the_run_starts():
     assert not CheckpointSchedule(None, 0).due(10**9)
 
 
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_an_epoch_end_checkpoint_is_due_on_rank_0s_clock_once_the_interval_has_passed_since_the_last():
+    """The wish rides in a log line's all-reduce (its second sum): rank 0's counts, other ranks add 0, and every
+    rank reads the same answer from the sum. A checkpoint made meanwhile (mid-epoch, a drain) restarts the wait."""
+    clock = FakeClock()
+    run = SimpleNamespace(world_size=2)
+    rank0, rank1 = (CheckpointSchedule(None, 0, every_seconds=10.0, rank=rank, clock=clock) for rank in (0, 1))
+
+    def agreed() -> tuple[bool, bool]:
+        sums = [a + b for a, b in zip(rank0.interval_sums(), rank1.interval_sums(), strict=True)]
+        rank0.log_fields(run, sums, steps=1)
+        rank1.log_fields(run, sums, steps=1)
+        return rank0.epoch_end_due, rank1.epoch_end_due
+
+    clock.now += 9.9
+    assert agreed() == (False, False)
+    clock.now += 0.1
+    assert agreed() == (True, True)
+    rank0.saved(0.02)
+    rank1.saved(0.03)
+    clock.now += 5
+    assert agreed() == (False, False)
+    assert rank1.interval_sums()[1] == 0.0  # another rank never wishes, however long it waits
+    assert CheckpointSchedule(None, 0, every_seconds=0.0).epoch_end_due  # 0: every epoch end, from the first
+
+
 def test_a_component_reads_its_part_typed_with_defaults_where_the_checkpoint_has_none():
     state = TrainState(parts={"micro_batch": {"micro_batch_size": 8}})
     assert read_part(state, "micro_batch", MicroBatchPart) == MicroBatchPart(8)

@@ -62,9 +62,49 @@ def test_the_loop_trains_and_writes_the_run_directory(tmp_path):
                 "data_wait_fraction", "peak_memory_mb", "memory_mb", "gradient_noise_scale", "update_s"):
         assert key in run.lines[0], key
     assert run.lines[-1]["memory_mb"] > 0 and run.lines[-1]["val_accuracy"] > 0.5
-    # Each epoch end is a checkpoint, reported with its line.
-    saved = [(metrics["epoch"], metrics["training_done"]) for metrics, directory in run.reports if directory]
-    assert saved == [(1, False), (2, True)]
+    last, directory = run.reports[-1]  # the last epoch end always checkpoints: the outputs are made from it
+    assert last["training_done"] and directory is not None
+
+
+@pytest.mark.parametrize(("overrides", "report_evaluations", "reports"), [
+    # every epoch end a checkpoint, reported with its line
+    (("run.checkpoint_every_seconds=0",), False, [(1, True), (2, True)]),
+    # epochs far shorter than the interval: only the last epoch end checkpoints, and nothing else is reported
+    (("run.checkpoint_every_seconds=3600",), False, [(2, True)]),
+    # a Tune trial: the epoch end without a checkpoint still reports its validation
+    (("run.checkpoint_every_seconds=3600",), True, [(1, False), (2, True)]),
+    # run.checkpoint_every_samples goes on mid-epoch (1,024, then the step past 2,048), whatever the seconds say
+    (("run.checkpoint_every_seconds=3600", "run.checkpoint_every_samples=1024"), False,
+     [(1024, True), (2090, True), (2, True)]),
+])
+def test_an_epoch_end_checkpoints_when_due_and_reports_when_wanted(tmp_path, overrides, report_evaluations, reports):
+    run = train(tmp_path, "policy", *BASE, "batch.micro_batch_size=64", "train.report_every_seconds=3600",
+                *overrides, report_evaluations=report_evaluations)
+    assert [(metrics["epoch"] if metrics.get("epoch_end") or "training_done" in metrics else metrics["samples_seen"],
+             directory is not None) for metrics, directory in run.reports] == reports
+    for metrics, _ in run.reports:
+        if metrics.get("epoch_end"):
+            assert metrics["evaluation"] and "val_loss" in metrics
+
+
+def test_a_crash_after_epoch_ends_without_checkpoints_resumes_from_the_last_one_bitwise(tmp_path):
+    """Three epochs, checkpoints only where run.checkpoint_every_samples says (1,024 and 2,090, inside epochs 1 and
+    2; epoch 2's end makes none), a crash in epoch 3: the run resumes from 2,090, replays epoch 2's end and what
+    followed, and ends on the uninterrupted model, bit for bit."""
+    def crashing(name, crash_after):
+        return train(tmp_path, name, "train.epochs=3", "batch.global_batch_size=64", "batch.micro_batch_size=64",
+                     "run.checkpoint_every_samples=1024", "run.checkpoint_every_seconds=3600",
+                     *crash_once(tmp_path, name, crash_after))
+
+    whole = crashing("whole", 10**9)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        crashing("crashed", 2 * 23 + 2)  # 23 steps an epoch: step 2 of epoch 3
+    resumed = crashing("crashed", 2 * 23 + 2)
+    saved = checkpoint.read_state(checkpoint.latest_local(resumed.run_dir / "checkpoints")).train_state
+    assert saved.resumes == 1 and resumed.summary["restarts"] == 1
+    assert same(whole.model, resumed.model)
+    samples = [r["samples_seen"] for r in resumed.lines]
+    assert samples == sorted(samples) and len(samples) == len(whole.lines)  # lines after the checkpoint replaced
 
 
 def test_weight_average_is_validated_and_exported_and_leaves_training_alone(tmp_path):
@@ -117,7 +157,7 @@ def test_adaptive_batch_grows_at_epoch_ends_and_a_crashed_run_resumes_at_the_gro
     def adaptive(name, crash_after):
         return train(tmp_path, name, "train.epochs=5", "batch.global_batch_size=32", "batch.micro_batch_size=16",
                      "batch.adaptive=step", "batch.growth_every_samples=2800", "optim.scaling_rule=linear",
-                     *crash_once(tmp_path, name, crash_after))
+                     "run.checkpoint_every_seconds=0", *crash_once(tmp_path, name, crash_after))
 
     whole = adaptive("whole", 10**9)
     rows = whole.summary["train_rows"]

@@ -343,6 +343,7 @@ def test_async_parameter_server_from_the_cli_keeps_its_staleness_bound_and_survi
     killer.start()
     overrides = [f"run.output_dir={tmp_path}", "run.name=async", "train.epochs=4", "batch.global_batch_size=128",
                  "model.name=ps_slow_model:make", "model.kwargs={}", "train.noise_scale=false",
+                 "run.checkpoint_every_seconds=0",
                  "train.strategy=parameter_server", "ps.mode=async", "ps.max_staleness=1", "ps.num_servers=2"]
     code = cli.main(["train", *[arg for item in overrides for arg in ("--set", item)]])
     killer.join()

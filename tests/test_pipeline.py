@@ -191,7 +191,7 @@ def test_local_mode_resumes_a_crashed_run_from_its_run_directory_and_a_finished_
     for bit; started once more, it trains nothing and hands that checkpoint back for the outputs."""
     def local(name, crash_after):
         return run(tmp_path, name, "scaling.num_workers=0", "batch.micro_batch_size=16",
-                   "model.name=loop_models:crash_once",
+                   "run.checkpoint_every_seconds=0", "model.name=loop_models:crash_once",
                    f"model.kwargs={{after: {crash_after}, marker: {tmp_path / name}.marker}}")
 
     _, whole = local("whole", 10**9)

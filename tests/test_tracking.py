@@ -111,7 +111,7 @@ def test_a_resumed_run_goes_on_in_the_same_tracker_runs_and_logs_each_line_once(
     it again. Each tracker goes on in the run it started and only forward: it keeps what the first attempt logged
     and takes the second attempt's lines from there on, each point once."""
     crash = ("model.name=loop_models:crash_once", f"model.kwargs={{after: 30, marker: {tmp_path}/marker}}",
-             "batch.micro_batch_size=null")
+             "batch.micro_batch_size=null", "run.checkpoint_every_seconds=0")
     with pytest.raises(RuntimeError, match="injected crash"):
         tracked(tmp_path, "resumed", *SHORT, *crash, "run.trackers=[mlflow, tensorboard]")
     run_dir = tmp_path / "resumed"

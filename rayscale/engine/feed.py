@@ -151,8 +151,9 @@ class EpochFeed:
             yield Segment(epoch, iter(steps.steps(rows)), first, (epoch + 1) * run.train_rows)
 
     def end_segment(self, loop: TrainLoop, segment: Segment) -> bool:
-        """The epoch end: validate, the epoch-end line, the components' end (the next batch), a checkpoint.
-        True: the run pauses here at a rung."""
+        """The epoch end: validate, the epoch-end line, the components' end (the next batch), then a checkpoint
+        where one is due (the last epoch, a rung pause, run.checkpoint_every_seconds), else a report of the
+        validation where a consumer wants every one (Tune). True: the run pauses here at a rung."""
         run, epoch = loop.run, segment.epoch
         val = loop.validate()
         run.state.epoch, run.state.step_in_epoch = epoch + 1, 0
@@ -161,10 +162,16 @@ class EpochFeed:
         run.progress(f"epoch {epoch + 1}/{self.epochs} done: samples {run.state.samples_seen:,} {shown(val)}")
         for component in loop.components:
             component.end_epoch(run, epoch)
-        loop.metrics.reported()
         paused = loop.rung_pause.pause_if_reached(run.state.samples_seen)
-        loop.save({**line.to_json(), "epoch": epoch + 1, "training_done": epoch + 1 == self.epochs})
+        last = epoch + 1 == self.epochs
+        metrics = {**line.to_json(), "epoch": epoch + 1, "training_done": last}
+        if paused or last or loop.checkpoints.epoch_end_due:
+            loop.metrics.reported()
+            loop.save(metrics)
+        elif loop.payload.report_evaluations:
+            loop.metrics.reported()
+            loop.context.report(metrics)
         return paused
 
     def finish(self, loop: TrainLoop) -> None:
-        """Every epoch's end was its checkpoint: nothing left."""
+        """The last epoch's end was its checkpoint: nothing left."""

@@ -65,7 +65,8 @@ class TrainLoop:
         self.streams = SplitStreams(context, payload, cfg, lanes)
         self.feed = OnlineFeed(cfg, payload.spec, read_part(state, OnlineFeed.name, OnlinePart)) \
             if cfg.data.online else EpochFeed(cfg, payload, self.streams, state, context, lanes)
-        self.checkpoints = checkpoints.CheckpointSchedule(cfg.run.checkpoint_every_samples, state.samples_seen)
+        self.checkpoints = checkpoints.CheckpointSchedule(cfg.run.checkpoint_every_samples, state.samples_seen,
+                                                          cfg.run.checkpoint_every_seconds, context.rank)
         self.run = self._build(state, restored)
         self.validation = ValidationSchedule(cfg.train.eval_every_samples, payload.eval_at_samples,
                                              state.samples_seen, payload.val_rows > 0)
@@ -275,4 +276,4 @@ class TrainLoop:
         self.strategy.before_checkpoint(run)
         started = time.perf_counter()
         self.context.save(metrics, lambda directory: checkpoints.write_part(run, directory, self.metrics.path))
-        self.checkpoints.add_blocked(time.perf_counter() - started)
+        self.checkpoints.saved(time.perf_counter() - started)

@@ -48,6 +48,7 @@ class WorkerPayload:
     watch_drains: bool = False  # on a cluster with Ray's preemption watcher: checkpoint when a node is drained
     code: UserCode = UserCode()  # rayscale.train's model=, loss=, metrics= (crosses pickled, as Ray sends it)
     progress_lines: bool = True  # rank 0 prints a line every log interval (False: the driver draws a bar)
+    report_evaluations: bool = False  # every validation is reported (a Tune trial's), not only checkpoints
 
     def to_dict(self) -> dict:
         # The split specs cross as objects (Ray pickles them): they hold the source's chunk list and data config.

@@ -39,7 +39,10 @@ POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # and this one (default
 
 def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, name: str = "checkpoints",
                   callbacks: list | None = None, eval_at_samples: list[int] | tuple[int, ...] = (),
-                  pause_at_samples: list[int] | tuple[int, ...] = (), progress_lines: bool = True):
+                  pause_at_samples: list[int] | tuple[int, ...] = (), progress_lines: bool = True,
+                  report_evaluations: bool = False):
+    """`report_evaluations`: the caller's callbacks (Tune's) want every validation reported, not only those
+    of the epoch ends that checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -57,7 +60,8 @@ def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, nam
     # No datasets here: each worker builds the Ray Data reads of its own lanes and validation shard
     # (launch/ray_context.py), which only it knows once the group's size is known.
     payload = dataclasses.replace(worker_payload(prepared, eval_at_samples, pause_at_samples),
-                                  watch_drains=watches_drains(), progress_lines=progress_lines)
+                                  watch_drains=watches_drains(), progress_lines=progress_lines,
+                                  report_evaluations=report_evaluations)
     if cfg.train.strategy == "parameter_server":
         from rayscale.launch.ps_actors import start_servers
 
@@ -186,7 +190,7 @@ def _fit(prepared: PreparedRun, groups: Path, callbacks: list | None, eval_at_sa
     try:
         fitting = build_trainer(prepared, callbacks=[*(callbacks or []), controller_callback(groups, cfg.scaling.elastic)],
                                 eval_at_samples=eval_at_samples, pause_at_samples=pause_at_samples,
-                                progress_lines=not bar)
+                                progress_lines=not bar, report_evaluations=bool(callbacks))
         with ExitStack() as following:
             readers = [tracking.log_line] if tracking is not None else []
             if bar:

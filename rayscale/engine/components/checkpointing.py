@@ -1,9 +1,10 @@
-"""Checkpoints from the loop's side: when one is due (run.checkpoint_every_samples, besides every epoch end),
+"""Checkpoints from the loop's side: when one is due (run.checkpoint_every_samples, run.checkpoint_every_seconds),
 what each rank writes into it, and what a restarted rank reads back (the file formats: engine/checkpoint.py)."""
 
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,21 +34,36 @@ def read(directory: Path | None, rank: int) -> Restored | None:
 class CheckpointSchedule(Component):
     """When a checkpoint is due, and how long the ranks were held up writing checkpoints: logged per line as
     `checkpoint_s` (the mean over ranks of the seconds spent inside checkpoints since the previous line). With
-    run.checkpoint_upload async that is the local write only; the copy to run.storage_path runs beside training."""
+    run.checkpoint_upload async that is the local write only; the copy to run.storage_path runs beside training.
 
-    def __init__(self, every: int | None, samples_seen: int):
+    Mid-epoch a checkpoint is due every run.checkpoint_every_samples. An epoch end checkpoints once
+    run.checkpoint_every_seconds have passed since the last checkpoint, on rank 0's clock: each rank's wish
+    rides in the epoch-end line's all-reduce, so every rank makes the same choice (a checkpoint is a collective).
+    Epochs of milliseconds then pay for a checkpoint every few seconds, not at every end; a resume is as exact
+    from any checkpoint, it only replays more steps. The loop checkpoints the last epoch, a rung pause and a
+    drain notice whatever this says."""
+
+    def __init__(self, every: int | None, samples_seen: int, every_seconds: float = 0.0, rank: int = 0,
+                 clock=time.perf_counter):
         self.every = every
         self.next_at = samples_seen + every if every else None
         self.blocked_s = 0.0  # since the last log line, on this rank
+        self.every_seconds, self.rank, self.clock = every_seconds, rank, clock
+        self.last_saved = clock()  # the attempt's start counts as its last checkpoint
+        self.epoch_end_due = every_seconds == 0  # as agreed at the latest log line
 
-    def add_blocked(self, seconds: float) -> None:
-        self.blocked_s += seconds
+    def saved(self, blocked_s: float) -> None:
+        """A checkpoint was made, holding this rank up `blocked_s`."""
+        self.blocked_s += blocked_s
+        self.last_saved = self.clock()
 
     def interval_sums(self) -> list[float]:
         blocked, self.blocked_s = self.blocked_s, 0.0
-        return [blocked]
+        wish = self.rank == 0 and self.clock() - self.last_saved >= self.every_seconds
+        return [blocked, float(wish)]
 
     def log_fields(self, run: Run, sums: list[float], steps: int) -> dict[str, float]:
+        self.epoch_end_due = sums[1] > 0
         return {"checkpoint_s": sums[0] / run.world_size}
 
     def due(self, samples_seen: int) -> bool:
