@@ -58,3 +58,18 @@ def test_rungs_from_another_budget_are_not_mixed_in(tmp_path):
     # 1000 is a rung of both: kept; the new rungs at 500 and 2000 start empty.
     assert _result(other, "hopeless", 500, 2.3) == TrialScheduler.CONTINUE
     assert _result(other, "hopeless", 1000, 2.3) == TrialScheduler.STOP
+
+
+def test_a_trial_that_trained_its_whole_budget_is_never_stopped_at_a_rung_there(tmp_path):
+    """grace equal to the budget: Ray's ASHA has its one rung at max_t, where it would stop a worse trial at its
+    last report, while the trial writes its outputs. Ray's own scheduler does; ours lets it finish."""
+    settings = {**SETTINGS, "grace_period": SETTINGS["max_t"]}
+    ours = ResumableASHA(**settings, state_file=tmp_path / "asha_rungs.json")
+    ours.set_search_properties("val_loss", "min")
+    rays = AsyncHyperBandScheduler(**settings)
+    rays.set_search_properties("val_loss", "min")
+    for scheduler in (ours, rays):
+        assert _result(scheduler, "good", 4000, 0.2) == TrialScheduler.CONTINUE
+    assert _result(rays, "worse", 4000, 0.9) == TrialScheduler.STOP
+    assert _result(ours, "worse", 4000, 0.9) == TrialScheduler.CONTINUE
+    assert _result(ours, "worse", 1000, 0.9) == TrialScheduler.CONTINUE  # below the rung: nothing to decide

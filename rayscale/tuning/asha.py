@@ -60,6 +60,11 @@ class ResumableASHA(AsyncHyperBandScheduler):
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         self._load()
+        if result.get(self._time_attr, 0) >= self._max_t:
+            # The whole budget is trained. Ray puts a rung at max_t when grace x rf^k reaches it (grace equal to
+            # a trial's samples, say): stopping there saves no training and would cut the trial off while it
+            # writes its outputs (model.pt, summary.json), listed as completed with none of them.
+            return TrialScheduler.CONTINUE
         action = super().on_trial_result(tune_controller, trial, result)
         self._save()
         return action
