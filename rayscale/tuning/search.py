@@ -382,7 +382,11 @@ def _tuner(cfg: Config, domains: list[space.Domain], base: dict, search_dir: Pat
                                     # Tune counts paused trials against its limit: promotion would
                                     # deadlock once every slot waits at a rung (trial_share instead).
                                     max_concurrent_trials=None if promotion else concurrency,
-                                    search_alg=search_alg),
+                                    search_alg=search_alg,
+                                    # A new trial takes the last one's actor, its imports done: 4-6 s less
+                                    # between trials (benchmarks/trial_gaps.py). Nothing of a trial is
+                                    # kept in it: each trial's run is its own Train run and directory.
+                                    reuse_actors=True),
         run_config=tune.RunConfig(name="tune", storage_path=str(search_dir), verbose=1,
                                   callbacks=[_release_stopped_trials(search_dir / "trials", RELEASE_DELAY_S)]),
     )
