@@ -127,3 +127,12 @@ def test_a_worker_count_that_does_not_divide_the_lanes_is_refused_naming_the_key
     assert owned_lanes(1, 4, 8) == [1, 5]
     with pytest.raises(ValueError, match="data.lanes 6 is not a multiple of 4 workers"):
         check_lanes(6, 4)
+
+
+def test_rank_step_is_shared_read_only():
+    """rank_step is cached (every epoch asks the same steps): a caller changing the order it got would change
+    every later epoch's rows, so the order cannot be written to."""
+    first = rank_step(3, 1450, 128, 4, 1, 2)
+    assert rank_step(3, 1450, 128, 4, 1, 2) is first
+    with pytest.raises(ValueError, match="read-only"):
+        first.order[0] = 0

@@ -24,6 +24,7 @@ physical ranks then own whole.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -98,10 +99,12 @@ class RankStep:
     order: np.ndarray  # the rank's rows in global-position order, as indices into the lanes' takes concatenated
 
 
+@functools.lru_cache(maxsize=4096)
 def rank_step(step: int, rows: int, global_batch: int, lanes: int, rank: int, world_size: int) -> RankStep:
     """Rank `rank`'s part of global step `step`: how many rows it takes from each of its lanes, and the order
     that interleaves them by global position (so the rows, and their order, do not depend on the lane streams'
-    block boundaries)."""
+    block boundaries). Cached: every epoch asks the same steps again (and a step again while its rows arrive),
+    so short epochs would otherwise spend a good part of their lane assembly here; `order` is read-only."""
     first, last = step * global_batch, min((step + 1) * global_batch, rows)
     mine = owned_lanes(rank, world_size, lanes)
     positions = np.arange(first + (rank - first) % world_size, last, world_size)
@@ -112,6 +115,7 @@ def rank_step(step: int, rows: int, global_batch: int, lanes: int, rank: int, wo
     offsets = dict(zip(mine, np.cumsum([0] + [take for _, take in takes[:-1]]).tolist(), strict=True))
     within = positions // lanes - np.maximum(0, -((lane_of - first) // lanes))  # consumed(lane, first), at once
     order = np.array([offsets[lane] for lane in lane_of], dtype=np.int64) + within
+    order.flags.writeable = False
     return RankStep(max(0, last - first), takes, order)
 
 
