@@ -11,7 +11,7 @@ import torch.distributed as dist
 from inprocess import start_ranks
 from torch import nn
 
-from rayscale.engine import checkpoint
+from rayscale.engine import checkpoint, distributed
 from rayscale.engine.clock import StepClock
 from rayscale.engine.guard import NonFiniteGuard
 from rayscale.engine.precision import Precision, make_precision
@@ -422,6 +422,29 @@ def test_on_cpu_the_gradients_of_a_step_go_in_one_all_reduce(tmp_path):
     result_path = tmp_path / "calls.pt"
     start_ranks(_bucket_worker, (2, _free_port(), str(result_path)), 2)
     assert torch.load(result_path)[1:] == [1, 1, 1]
+
+
+def _sum_and_max_worker(rank, world, port, result_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    calls = []
+    for name in ("all_gather", "all_reduce", "broadcast"):  # every collective the helper could make, counted
+        real = getattr(dist, name)
+        setattr(dist, name, lambda *args, _real=real, _name=name, **kwargs: calls.append(_name) or _real(*args, **kwargs))
+    got = distributed.sum_and_max([rank + 1.0, 10.0 * rank], [float(rank), -float(rank)], torch.device("cpu"))
+    if rank == 0:
+        torch.save({"got": got, "calls": calls}, result_path)
+    dist.barrier()
+    os._exit(0)  # see _ddp_worker
+
+
+def test_a_log_lines_sums_and_maxima_over_the_ranks_take_one_collective(tmp_path):
+    """Each collective waits for the slowest rank: a log line reduces its sums and its maxima in one."""
+    result_path = tmp_path / "reduced.pt"
+    start_ranks(_sum_and_max_worker, (2, _free_port(), str(result_path)), 2)
+    result = torch.load(result_path)
+    assert result["got"] == ([3.0, 10.0], [1.0, 0.0])
+    assert result["calls"] == ["all_gather"]
 
 
 # ------------------------------------------------------------------------------ the noise scale's small batch

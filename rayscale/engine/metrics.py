@@ -1,9 +1,9 @@
 """metrics.jsonl: the interval sums kept on the device between log lines, and the typed line rank 0 writes.
 
-A line is due every train.log_every_samples; the sums of its interval are all-reduced once (each component
-adds its own to the same all-reduce) and the timings and memory once more (their max: the slowest worker sets
-the pace). Whether a line is also reported to the context (a barrier under Ray Train) is decided on rank 0's
-clock, train.report_every_seconds, and agreed in that same all-reduce.
+A line is due every train.log_every_samples; the sums of its interval (each component adds its own) and the
+timings and memory (their max: the slowest worker sets the pace) are reduced over the ranks in one collective.
+Whether a line is also reported to the context (a barrier under Ray Train) is decided on rank 0's clock,
+train.report_every_seconds, and agreed in that same collective.
 """
 
 from __future__ import annotations
@@ -156,14 +156,12 @@ class MetricsLog:
         elapsed = time.perf_counter() - interval.started
         want_report = float(self.rank == 0 and time.perf_counter() - self.last_report >= self.report_every_s)
         own = [component.interval_sums() for component in components]
-        loss_sum, count, wants, *reduced = distributed.all_reduce(
-            [interval.loss_sum.item(), interval.count.item(), want_report, *(v for sums in own for v in sums)],
-            self.device).tolist()
         timings = interval.clock.take().means()
         # The slowest rank sets the step time; -1 stands for "not measured" (no no-sync micro-batch).
-        peak, now, *timed = distributed.all_reduce(
+        (loss_sum, count, wants, *reduced), (peak, now, *timed) = distributed.sum_and_max(
+            [interval.loss_sum.item(), interval.count.item(), want_report, *(v for sums in own for v in sums)],
             [peak_memory_mb(self.device), memory_mb(self.device),
-             *(-1.0 if t is None else t for t in timings.values())], self.device, op="max").tolist()
+             *(-1.0 if t is None else t for t in timings.values())], self.device)
         component_fields: dict[str, Any] = {}
         for component, sums in zip(components, own, strict=True):
             component_fields.update(component.log_fields(run, reduced[:len(sums)], interval.steps))

@@ -45,7 +45,7 @@ class Component:
         must not be read on the host here)."""
 
     def interval_sums(self) -> list[float]:
-        """Numbers to sum over every rank at the next log line (one all-reduce for every component); the
+        """Numbers to sum over every rank at the next log line (one collective for every component); the
         component starts a new interval."""
         return []
 

@@ -38,7 +38,7 @@ class CheckpointSchedule(Component):
 
     Mid-epoch a checkpoint is due every run.checkpoint_every_samples. An epoch end checkpoints once
     run.checkpoint_every_seconds have passed since the last checkpoint, on rank 0's clock: each rank's wish
-    rides in the epoch-end line's all-reduce, so every rank makes the same choice (a checkpoint is a collective).
+    rides in the epoch-end line's collective, so every rank makes the same choice (a checkpoint is a collective).
     Epochs of milliseconds then pay for a checkpoint every few seconds, not at every end; a resume is as exact
     from any checkpoint, it only replays more steps. The loop checkpoints the last epoch, a rung pause and a
     drain notice whatever this says."""
