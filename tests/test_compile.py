@@ -7,12 +7,11 @@ on 2 cores the first time a machine compiles it (PyTorch caches the kernels)."""
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-from inprocess import start_ranks, train
+from inprocess import _free_port, start_ranks, train
 from torch import nn
 
 from benchmarks.gpt import make as make_gpt
@@ -130,12 +129,6 @@ def test_the_setting_names_the_backend_and_off_compiles_nothing():
 
 
 # ------------------------------------------------------------------------------------- two ranks (gloo, DDP)
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ddp_worker(rank, world, port, result_path):
     """Rank 0: 8 rows in micro-batches of 3 (3, 3, 2); rank 1: 3 rows, then nothing (a zero-weight row)."""

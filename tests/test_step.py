@@ -2,13 +2,12 @@
 
 import copy
 import os
-import socket
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
-from inprocess import start_ranks
+from inprocess import _free_port, start_ranks
 from torch import nn
 
 from rayscale.engine import checkpoint, distributed
@@ -321,12 +320,6 @@ def test_save_atomic_leaves_no_partial_file(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------- 2-process gloo DDP on loopback
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _join(rank, world, port, rows_per_rank):
     """Join the gloo group; every row of the test data and this rank's consecutive share of them."""
