@@ -1,6 +1,7 @@
 """A Ray `worker_process_setup_hook` for tests: every training rank appends each step it trains to
 $RAYSCALE_TEST_STEP_LOG/<pid>.jsonl: when, its rank and world size, the epoch, the step's index in it, and the
-row ids it trained (none for a zero-weight stand-in). Nothing is logged unless the variable is set."""
+row ids it trained (none for a zero-weight stand-in); and, in <pid>.held.jsonl, when a rank checkpointed for a
+drain and began holding for the restart, at which step. Nothing is logged unless the variable is set."""
 
 from __future__ import annotations
 
@@ -29,10 +30,30 @@ def install() -> None:
 
     loop.TrainLoop.train_one = logged
 
+    from rayscale.launch import ray_context
+
+    hold_for_restart = ray_context.RayTrainContext.hold_for_restart
+
+    def held(self, notice):
+        record = {"time": time.time(), "pid": os.getpid(), "rank": self.rank}
+        with open(Path(directory) / f"{os.getpid()}.held.jsonl", "a") as out:
+            out.write(json.dumps(record) + "\n")
+        hold_for_restart(self, notice)
+
+    ray_context.RayTrainContext.hold_for_restart = held
+
 
 def records(directory: Path) -> list[dict]:
-    found = [json.loads(line) for path in sorted(Path(directory).glob("*.jsonl"))
-             for line in path.read_text().splitlines()]
+    return _read(Path(directory).glob("*[0-9].jsonl"))
+
+
+def holds(directory: Path) -> list[dict]:
+    """Every rank's start of a hold for a restart after a drain's checkpoint, oldest first."""
+    return _read(Path(directory).glob("*.held.jsonl"))
+
+
+def _read(paths) -> list[dict]:
+    found = [json.loads(line) for path in sorted(paths) for line in path.read_text().splitlines()]
     return sorted(found, key=lambda record: record["time"])
 
 
