@@ -82,6 +82,9 @@ class DataConfig:
                                   "validation split, in memory after a first full pass when they are at most "
                                   "this size, and replays later epochs from there bitwise (0: stream every "
                                   "epoch; never for sequences)", unit="MiB", minimum=0.0)
+    read_in_worker_mb: float = key(64.0, "a split estimated at most this size is read by each worker itself, "
+                                         "not by Ray Data's read tasks (which start in new processes, seconds "
+                                         "before the first block); 0: always Ray Data", unit="MiB", minimum=0.0)
     bucket_by_length: bool = key(False, "group sequences of similar length to cut padding")
     stratified: bool = key(False, "class-balanced batches (classification)")
     curriculum_column: str | None = key(None, "curriculum: a numeric Parquet column, lower = easier; early epochs "

@@ -19,6 +19,7 @@ from rayscale.data.splits import (
     chunk_rows,
     count_rows,
     is_validation,
+    read_in_worker,
     read_split_pieces,
 )
 from rayscale.math.batching import plan_batches
@@ -221,6 +222,28 @@ def test_cache_plan_only_for_fixed_width_rows_under_the_limit():
     assert cache_plan(SplitSpec(info, "val", 0.2, DataConfig(shuffle="full"), 0), 347, 1024) is not None
 
 
+def test_a_split_is_read_in_the_worker_only_when_its_estimated_size_is_at_most_the_limit():
+    info = sources.inspect_source("digits", DataConfig(), 0)
+    spec = SplitSpec(info, "train", 0.2, DataConfig(), 0)
+    assert sources.row_bytes(info.spec) == 24 + 4 * 64
+    assert read_in_worker(spec, 1450, 64)
+    assert not read_in_worker(spec, 1450, 0)  # 0: always Ray Data
+    assert not read_in_worker(spec, 1450, 0.01)  # 1,450 rows of 64 floats are more than 10 KiB
+    assert not read_in_worker(None, 0, 64)  # no such split
+    tokens = sources.DataSpec("token_classification", (128,), 50, vocab_size=50)
+    assert sources.row_bytes(tokens) == 24 + 16 * 128  # tokens and per-token labels up to the longest sequence
+
+
+def test_the_digits_are_scikit_learns_read_without_importing_it():
+    from sklearn.datasets import load_digits
+
+    sources._digits.cache_clear()
+    x, y = sources._digits()
+    digits = load_digits()
+    assert x.dtype == np.float32 and y.dtype == np.int64
+    assert np.array_equal(x, (digits.data / 16.0).astype(np.float32)) and np.array_equal(y, digits.target)
+
+
 def test_an_empty_block_of_another_dtype_changes_nothing():
     """Ray Data turns a zero-row 2-D column into pickled objects; such a block must not make x an object array."""
     plan = plan_batches(4, 2, 1)
@@ -327,7 +350,15 @@ def test_each_rank_reads_and_validates_its_own_shard_and_every_validation_row_on
     asked = []
     context = types.SimpleNamespace(rank=world_size - 1, world_size=world_size,
                                     read=lambda split, reads, prefetch: asked.append((split, reads)) or iter(()))
-    payload = types.SimpleNamespace(cache_train=False, val_cache=None, val_split=val, train_rows=100,
+    payload = types.SimpleNamespace(cache_train=False, val_cache=None, train_split=None, val_split=val,
+                                    train_rows=100, val_rows=sum(split_chunk_rows(val)),
                                     val_chunk_rows=tuple(split_chunk_rows(val)))
-    list(SplitStreams(context, payload, config.load(), lanes=world_size).val())
+    through_ray = config.load(overrides=["data.read_in_worker_mb=0"])
+    list(SplitStreams(context, payload, through_ray, lanes=world_size).val())
     assert asked == [("val", shard_plan[world_size - 1])]
+    # A split this small (the default data.read_in_worker_mb) is read by the rank itself: the same blocks.
+    here = list(SplitStreams(context, payload, config.load(), lanes=world_size).val())
+    assert len(asked) == 1
+    expected = list(LocalReads(None, val)("val", shard_plan[world_size - 1]))
+    assert len(here) == len(expected) and all(np.array_equal(a[key], b[key]) for a, b in zip(here, expected, strict=True)
+                                              for key in b)

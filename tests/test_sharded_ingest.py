@@ -50,7 +50,7 @@ def test_each_rank_reads_its_own_lanes_on_its_own_node_and_the_run_reads_the_fil
     source = parquet_fixtures.write(tmp_path / "rows.parquet", parquet_fixtures.tabular(0, ROWS),
                                     row_group_size=ROW_GROUP)
     cfg = config.load(overrides=[f"data.source={source}", "data.val_fraction=0.1", "data.cache_mb=0",
-                                 f"train.epochs={EPOCHS}", "batch.global_batch_size=64",
+                                 "data.read_in_worker_mb=0", f"train.epochs={EPOCHS}", "batch.global_batch_size=64",
                                  "batch.micro_batch_size=null", "scaling.num_workers=2",
                                  "scaling.cpus_per_worker=1.5", f"run.output_dir={tmp_path}", "run.name=sharded"])
     summary = train(cfg, address=cluster.address)

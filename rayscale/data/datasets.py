@@ -11,7 +11,6 @@ rank takes the same steps.
 
 from __future__ import annotations
 
-import math
 import warnings
 
 from rayscale.config import DataConfig
@@ -175,8 +174,7 @@ def _chunks(pieces: list[sources.BlockPiece], starts: list[int], spec: sources.D
             ) -> tuple[sources.Chunk, ...]:
     """Chunks of one size in rows, set by a row's size alone (not by Ray's block sizes, which vary between
     executions): the same Dataset gives the same chunks, so a resumed run finds its lanes as they were."""
-    row_bytes = 24 + (16 * spec.input_shape[0] if spec.vocab_size is not None else 4 * math.prod(spec.input_shape))
-    size = max(1, min(DATASET_CHUNK_ROWS, DATASET_CHUNK_BYTES // row_bytes))
+    size = max(1, min(DATASET_CHUNK_ROWS, DATASET_CHUNK_BYTES // sources.row_bytes(spec)))
     chunks = []
     for start in range(0, starts[-1], size):
         stop = min(start + size, starts[-1])

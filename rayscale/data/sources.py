@@ -22,9 +22,11 @@ from __future__ import annotations
 import difflib
 import functools
 import glob
+import math
 import os
 from dataclasses import dataclass
 from fnmatch import fnmatch
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -49,6 +51,14 @@ class DataSpec:
     input_shape: tuple[int, ...]  # per-sample shape of x: (F,), (C, H, W) or (L,) for sequences
     num_outputs: int  # classes for classification tasks, targets for regression
     vocab_size: int | None = None  # sequences only
+
+
+def row_bytes(spec: DataSpec) -> int:
+    """A row's size in memory, estimated from its shape alone: float32 features (or int64 tokens and per-token
+    labels, up to the longest sequence), plus a label, a row id and a weight."""
+    if spec.vocab_size is not None:
+        return 24 + 16 * spec.input_shape[0]
+    return 24 + 4 * math.prod(size for size in spec.input_shape if size is not None)
 
 BUILTIN = ("digits", "synthetic")
 DIGITS_CHUNKS = 8  # ~225 rows each, so that shuffling the block order has something to shuffle
@@ -143,10 +153,21 @@ def concat_columns(parts: list[np.ndarray]) -> np.ndarray:
 
 @functools.lru_cache(maxsize=1)
 def _digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits  # the 8x8 digits ship inside the scikit-learn wheel
+    """The 8x8 digits that ship inside the scikit-learn wheel, read as its `load_digits` reads them, without
+    importing scikit-learn (most of a second in every process that reads them)."""
+    import gzip
+    import importlib.util
 
-    digits = load_digits()
-    return (digits.data / 16.0).astype(np.float32), digits.target.astype(np.int64)
+    package = importlib.util.find_spec("sklearn")
+    path = Path(package.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if package else None
+    if path is None or not path.is_file():  # another layout: let scikit-learn find it
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        return (digits.data / 16.0).astype(np.float32), digits.target.astype(np.int64)
+    with gzip.open(path, mode="rt", encoding="utf-8") as rows:
+        table = np.loadtxt(rows, delimiter=",")
+    return (table[:, :-1] / 16.0).astype(np.float32), table[:, -1].astype(np.int64)
 
 
 def _inspect_digits() -> SourceInfo:

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 from rayscale.config import Config
 from rayscale.data.assembly import SplitCache, StepRows
 from rayscale.data.lane_steps import LaneCache, LaneOrder, LaneSteps, epoch_pieces, lane_order, piece_rows
-from rayscale.data.splits import curriculum_order, shard_reads
+from rayscale.data.local_feed import read_shard
+from rayscale.data.splits import curriculum_order, read_in_worker, shard_reads
 from rayscale.engine.components import read_part
 from rayscale.engine.components.adaptive_batch import AdaptiveBatch, AdaptiveBatchPart
 from rayscale.engine.components.validation import shown
@@ -40,6 +41,10 @@ class SplitStreams:
     def __init__(self, context: Context, payload: WorkerPayload, cfg: Config, lanes: int):
         limit = cfg.data.cache_mb * 2**20
         self.context = context
+        # Small splits are read here, not through the context's Ray Data (data.read_in_worker_mb).
+        self.read_here = {split: spec for split, spec, rows in (("train", payload.train_split, payload.train_rows),
+                                                                ("val", payload.val_split, payload.val_rows))
+                          if read_in_worker(spec, rows, cfg.data.read_in_worker_mb)}
         owned = lane_plan.owned_lanes(context.rank, context.world_size, lanes) if not cfg.data.online else []
         sizes = lane_plan.lane_sizes(payload.train_rows, lanes)
         self.train_cache = LaneCache({lane: sizes[lane] for lane in owned}, limit) if payload.cache_train else None
@@ -50,15 +55,21 @@ class SplitStreams:
     def train(self, pieces: list[lane_plan.Piece]) -> Iterable[tuple[lane_plan.Piece, dict]]:
         if self.train_cache is not None and self.train_cache.ready:
             return self.train_cache.replay(pieces)
-        pairs = piece_rows(self.context.read("train", [piece.read for piece in pieces], prefetch=4), pieces)
+        pairs = piece_rows(self.read("train", [piece.read for piece in pieces], prefetch=4), pieces)
         return self.train_cache.record(pairs) if self.train_cache is not None else pairs
 
     def val(self) -> Iterable[dict]:
         """This rank's shard of the validation split (its rows only: each row is validated by one rank)."""
         if self.val_cache is not None and self.val_cache.ready:
             return self.val_cache.replay(range(len(self.val_cache.starts)))  # chunk order, as read
-        stream = self.context.read("val", self.val_reads, prefetch=2)
+        stream = self.read("val", self.val_reads, prefetch=2)
         return self.val_cache.record(stream) if self.val_cache is not None else stream
+
+
+    def read(self, split: str, reads: list[lane_plan.ChunkRead], prefetch: int) -> Iterable[dict]:
+        if split in self.read_here:
+            return read_shard(self.read_here[split], reads)
+        return self.context.read(split, reads, prefetch)
 
 
 def started_early(blocks: Iterable) -> Iterator:
