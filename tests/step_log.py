@@ -1,7 +1,7 @@
 """A Ray `worker_process_setup_hook` for tests: every training rank appends each step it trains to
 $RAYSCALE_TEST_STEP_LOG/<pid>.jsonl: when, its rank and world size, the epoch, the step's index in it, and the
-row ids it trained (none for a zero-weight stand-in); and, in <pid>.held.jsonl, when a rank checkpointed for a
-drain and began holding for the restart, at which step. Nothing is logged unless the variable is set."""
+row ids it trained (none for a zero-weight stand-in); in <pid>.notice.jsonl, when Train's watcher handed the rank
+a drain notice; in <pid>.held.jsonl, when the rank checkpointed for a drain and began holding for the restart. Nothing is logged unless the variable is set."""
 
 from __future__ import annotations
 
@@ -42,6 +42,21 @@ def install() -> None:
 
     ray_context.RayTrainContext.hold_for_restart = held
 
+    # When Train's preemption watcher hands this rank a drain notice (the worker actor's method it calls).
+    from ray.train.v2._internal.execution.worker_group.worker import RayTrainWorker
+
+    mark_preempt = RayTrainWorker.mark_preempt
+
+    def noticed(self, info):
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        record = {"time": time.time(), "pid": os.getpid(), "rank": get_train_context().get_world_rank()}
+        with open(Path(directory) / f"{os.getpid()}.notice.jsonl", "a") as out:
+            out.write(json.dumps(record) + "\n")
+        mark_preempt(self, info)
+
+    RayTrainWorker.mark_preempt = noticed
+
 
 def records(directory: Path) -> list[dict]:
     return _read(Path(directory).glob("*[0-9].jsonl"))
@@ -50,6 +65,11 @@ def records(directory: Path) -> list[dict]:
 def holds(directory: Path) -> list[dict]:
     """Every rank's start of a hold for a restart after a drain's checkpoint, oldest first."""
     return _read(Path(directory).glob("*.held.jsonl"))
+
+
+def notices(directory: Path) -> list[dict]:
+    """Every drain notice a rank was handed by Train's watcher, oldest first."""
+    return _read(Path(directory).glob("*.notice.jsonl"))
 
 
 def _read(paths) -> list[dict]:

@@ -212,3 +212,17 @@ def test_a_compiled_run_halving_its_micro_batch_compiles_a_bounded_few_graphs_an
     first_epoch_end = next(i for i, line in enumerate(compiled.lines) if line.get("epoch_end"))
     assert counts[0] == 1 and counts[-1] == 2  # 16 rows, then the batch dimension symbolic once (10 rows)
     assert compiled.lines[first_epoch_end]["compiles"] == counts[-1]  # epochs 2 and 3 compile nothing new
+
+
+def test_the_compile_benchmark_runs_every_config_at_smoke_size(capsys):
+    """benchmarks/compile.py at its smoke size (aot_eager: the harness, not the compiler's speed): a row for each
+    config, the shipped transformer config's steps among them, and a verdict for each transformer config."""
+    from benchmarks import compile as benchmark
+
+    assert benchmark.main(["--smoke", "--blocks", "2", "--steps", "3", "--backend", "aot_eager"]) == 0
+    out = capsys.readouterr().out
+    for name in benchmark.CONFIGS:
+        row = next(line for line in out.splitlines() if line.startswith(f"| {name} |"))
+        eager, compiled = (float(cell.replace(",", "")) for cell in row.split("|")[2:4])
+        assert eager > 0 and compiled > 0
+    assert sum(line.startswith("target: ") for line in out.splitlines()) == 2
