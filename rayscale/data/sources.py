@@ -60,6 +60,7 @@ def row_bytes(spec: DataSpec) -> int:
         return 24 + 16 * spec.input_shape[0]
     return 24 + 4 * math.prod(size for size in spec.input_shape if size is not None)
 
+
 BUILTIN = ("digits", "synthetic")
 DIGITS_CHUNKS = 8  # ~225 rows each, so that shuffling the block order has something to shuffle
 GENERATION_BLOCK_ROWS = 8192  # synthetic rows are generated per block of this many rows, keyed by block index

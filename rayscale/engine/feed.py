@@ -35,8 +35,8 @@ class Segment:
 
 class SplitStreams:
     """This rank's rows: its lanes of a training epoch and its shard of the validation split, replayed from the
-    worker's memory once held (bitwise what a read gives), else read through the context (and kept on the way
-    when they may be)."""
+    worker's memory once held (bitwise what a read gives), else read through the context, or in this process
+    when the split is small (data.read_in_worker_mb: the same blocks), and kept on the way when they may be."""
 
     def __init__(self, context: Context, payload: WorkerPayload, cfg: Config, lanes: int):
         limit = cfg.data.cache_mb * 2**20
