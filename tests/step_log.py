@@ -1,7 +1,8 @@
 """A Ray `worker_process_setup_hook` for tests: every training rank appends each step it trains to
 $RAYSCALE_TEST_STEP_LOG/<pid>.jsonl: when, its rank and world size, the epoch, the step's index in it, and the
 row ids it trained (none for a zero-weight stand-in); in <pid>.notice.jsonl, when Train's watcher handed the rank
-a drain notice; in <pid>.held.jsonl, when the rank checkpointed for a drain and began holding for the restart. Nothing is logged unless the variable is set."""
+a drain notice; in <pid>.held.jsonl, when the rank checkpointed for a drain and began holding for the restart.
+Nothing is logged unless the variable is set."""
 
 from __future__ import annotations
 
