@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.compile [--blocks 8] [--steps 10] [--threads 1] [--backend inductor] [--smoke]
 
-Two configs, each run twice from the same initial weights with the same rows, the step the worker runs
+Three configs, each run twice from the same initial weights with the same rows, the step the worker runs
 (`engine.step.train_step` with the optimizer `build_optimizer` makes), eager and with train.compile's
 compiled forward and loss (`Compilation("inductor")`, or `--backend`):
   throughput   the throughput benchmark's model: MLP 64-512-512-10, 128 rows a step, SGD with momentum;
