@@ -41,8 +41,8 @@ def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, nam
                   callbacks: list | None = None, eval_at_samples: list[int] | tuple[int, ...] = (),
                   pause_at_samples: list[int] | tuple[int, ...] = (), progress_lines: bool = True,
                   report_evaluations: bool = False):
-    """`report_evaluations`: the caller's callbacks (Tune's) want every validation reported, not only those
-    of the epoch ends that checkpoint."""
+    """`report_evaluations`: every validation is reported (a Tune trial's), not only those of the epoch ends
+    that checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -144,13 +144,15 @@ def user_error_inside(exc: BaseException) -> UserError | None:
 def train(cfg: Config, *, address: str | None = None, callbacks: list | None = None,
           eval_at_samples: list[int] | tuple[int, ...] = (), pause_at_samples: list[int] | tuple[int, ...] = (),
           code: UserCode = NO_CODE, given: Mapping[str, SourceInfo] = NO_DATA,
-          track_to: Destinations | None = None) -> dict:
+          track_to: Destinations | None = None, report_evaluations: bool = False) -> dict:
     """Validate, run and write outputs; returns the summary. `eval_at_samples`: extra points (samples seen)
     at which the workers validate mid-epoch — Tune's rung milestones. `pause_at_samples`: the run ends at the
     first of these past where it starts, with a checkpoint there (ASHA by promotion: a trial paused at a rung);
     the same call again resumes from it. `code`: rayscale.train's model=, loss=, metrics= objects; `given`: the
     sources of its Ray Datasets (launch/user_data.py). `track_to`: where run.trackers write (a search's trials:
-    the search's; default: the run directory, or the libraries' environment variables)."""
+    the search's; default: the run directory, or the libraries' environment variables). `report_evaluations`:
+    every validation is reported to `callbacks` (a Tune trial's ASHA decides on each), not only those of the
+    epoch ends that checkpoint."""
     started = time.time()
     prepared = prepare(cfg, code=code, given=given)
     check_same_config(cfg, prepared.run_dir)
@@ -170,8 +172,8 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
         record_group(groups, local=True)
     tracking = Tracking.start(cfg, prepared.run_dir, track_to or destinations(prepared.run_dir))
     try:
-        summary = _fit(prepared, groups, callbacks, eval_at_samples, pause_at_samples, tracking,
-                       (started, connecting, connected))
+        summary = _fit(prepared, groups, callbacks, eval_at_samples, pause_at_samples, report_evaluations,
+                       tracking, (started, connecting, connected))
     except BaseException as exc:
         if tracking is not None:  # what the follower saw is logged; the tracker runs end as failed or killed
             tracking.finish([], [], "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
@@ -183,14 +185,14 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
 
 
 def _fit(prepared: PreparedRun, groups: Path, callbacks: list | None, eval_at_samples, pause_at_samples,
-         tracking: Tracking | None, times: tuple[float, float, float]) -> dict:
+         report_evaluations: bool, tracking: Tracking | None, times: tuple[float, float, float]) -> dict:
     """Train (the progress bar and the trackers following metrics.jsonl meanwhile) and write the outputs."""
     cfg, (started, connecting, connected) = prepared.cfg, times
     bar = wants_bar(cfg.run.progress, sys.stdout)
     try:
         fitting = build_trainer(prepared, callbacks=[*(callbacks or []), controller_callback(groups, cfg.scaling.elastic)],
                                 eval_at_samples=eval_at_samples, pause_at_samples=pause_at_samples,
-                                progress_lines=not bar, report_evaluations=bool(callbacks))
+                                progress_lines=not bar, report_evaluations=report_evaluations)
         with ExitStack() as following:
             readers = [tracking.log_line] if tracking is not None else []
             if bar:

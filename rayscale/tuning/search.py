@@ -206,7 +206,7 @@ def _trial(sampled: dict, base: dict, search_dir: str, metric: str, eval_at_samp
     _watch_for_stop(stop_marker)
     summary = trainer.train(cfg, callbacks=_trial_callbacks(metric, stop_marker), eval_at_samples=eval_at_samples,
                             pause_at_samples=eval_at_samples if promotion else (), code=code, given=given,
-                            track_to=track_to)
+                            track_to=track_to, report_evaluations=True)
     if promotion and summary["epochs"] < cfg.train.epochs:
         # The run stopped at a rung, its workers gone and its checkpoint there: now PromotingASHA pauses the
         # trial (this report blocks until it does), never while the run still holds its workers.

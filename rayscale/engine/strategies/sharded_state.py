@@ -104,7 +104,6 @@ class OptimizerShards:
                                         if i in self.own_indices}}
 
 
-
 class ShardedDataParallel(DataParallel):
     """train.strategy ddp with optim.shard_state: DDP's all-reduce, then each rank steps its own tensors."""
 
