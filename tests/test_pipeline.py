@@ -18,6 +18,7 @@ import torch
 
 from rayscale import config
 from rayscale.driver.outputs import print_summary, read_metrics
+from rayscale.files import GROUPS_FILE
 from rayscale.launch import trainer
 from rayscale.launch.connect import connect
 
@@ -271,9 +272,10 @@ def test_start_up_splits_into_phases_that_add_up_to_it(reference, capsys):
     assert f"worker setup {phases['worker_setup']:.1f}" in capsys.readouterr().out
 
 
-def test_the_embedded_ray_starts_no_preemption_watcher(reference):
+def test_the_embedded_ray_starts_no_preemption_watcher_and_no_run_starts_unused_actors(reference):
     """One node has no drains to watch: the reference run's controller started no PreemptionWatcher actor
-    (connect turns it off for the embedded Ray; ~7 CPU-seconds a run)."""
+    (connect turns it off for the embedded Ray; ~7 CPU-seconds a run). No run starts Train's DatasetManager (it
+    is given no datasets) or its PlacementGroupCleaner (rayscale removes the groups a run left itself)."""
     import ray
     from ray.util.state import list_actors
 
@@ -282,6 +284,14 @@ def test_the_embedded_ray_starts_no_preemption_watcher(reference):
     classes = {actor.class_name for actor in list_actors(address=address, limit=10_000)}  # dead ones included
     assert "TrainController" in classes and "RayTrainWorker" in classes
     assert "PreemptionWatcher" not in classes
+    assert not classes & {"DatasetManager", "PlacementGroupCleaner"}
+    from ray.util.placement_group import placement_group_table
+
+    _, summary, _ = reference
+    groups = [json.loads(line)["placement_group"] for line in
+              (Path(summary["run_dir"]) / GROUPS_FILE).read_text().splitlines()]
+    table = placement_group_table()
+    assert groups and all(table[group]["state"] == "REMOVED" for group in groups)
 
 
 def test_same_config_and_seed_with_mid_epoch_validation_give_a_bitwise_identical_model(reference, tmp_path):

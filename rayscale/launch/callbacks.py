@@ -96,11 +96,11 @@ def record_group(groups_file: Path, **fields) -> None:
 def remove_placement_groups_left(run_dir: Path) -> int:
     """Remove the placement groups of this run's worker groups that are still held; returns how many.
 
-    Train's controller removes its group's placement group when it finishes or aborts, and a detached cleaner
-    removes it when the controller dies first; but the cleaner is stopped as the abort begins, so a controller
-    killed mid-abort (a stopped Tune trial whose actor Tune ends at once) leaves the placement group held for
-    as long as the job lives (a 1-CPU group held after a search was seen on a loaded 2-core machine). A
-    placement group is not fate-shared with the actor that created it, only with its job."""
+    Train's controller removes its group's placement group when it finishes or aborts; a controller that dies
+    first (a stopped Tune trial whose actor Tune ends mid-abort, a crash) leaves it held for as long as the job
+    lives (a 1-CPU group held after a search was seen on a loaded 2-core machine): a placement group is not
+    fate-shared with the actor that created it, only with its job. Train's own detached cleaner, which covered
+    only part of this, is not started (launch/torch_trainer.py): every run and every trial calls this instead."""
     from ray._raylet import PlacementGroupID
     from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 

@@ -27,7 +27,7 @@ from rayscale.driver.trackers import Destinations
 from rayscale.driver.tracking import Tracking, destinations, final_files
 from rayscale.errors import UserError
 from rayscale.files import CONFIG_FILE, GROUPS_FILE, METRICS_FILE
-from rayscale.launch.callbacks import controller_callback, record_group
+from rayscale.launch.callbacks import controller_callback, record_group, remove_placement_groups_left
 from rayscale.launch.connect import PREEMPTION_WATCHER_ENV, connect
 from rayscale.launch.fit import check_cluster_fits, check_fits_before_start
 from rayscale.math.schedules import peak_lr
@@ -44,8 +44,9 @@ def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, nam
     """`report_evaluations`: every validation is reported (a Tune trial's), not only those of the epoch ends
     that checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
+    from rayscale.launch.torch_trainer import trainer_class
     from rayscale.launch.worker import train_worker
 
     cfg = prepared.cfg
@@ -69,7 +70,7 @@ def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, nam
         names, shards, handles = start_servers(cfg, prepared.spec, lr, prepared.code.model)
         payload = dataclasses.replace(payload, ps_servers=tuple(names), ps_shards=tuple(map(tuple, shards)))
         _SERVERS[str(prepared.run_dir)] = handles  # owned by this process: they live as long as it does
-    return TorchTrainer(
+    return trainer_class()(
         train_worker,
         train_loop_config=payload.to_dict(),
         scaling_config=scaling_config(cfg),
@@ -210,6 +211,10 @@ def _fit(prepared: PreparedRun, groups: Path, callbacks: list | None, eval_at_sa
         raise UserError(str(found)) from exc
     finally:
         stop_servers(prepared.run_dir)
+        # What Train's own cleaner did (launch/torch_trainer.py): a controller that died before removing its
+        # worker group's placement group (a stopped Tune trial's, or a crash) leaves it held until the job ends.
+        if sys.modules["ray"].is_initialized():  # not after a Ctrl-C that shut it down
+            remove_placement_groups_left(prepared.run_dir)
     records = read_metrics(prepared.run_dir)
     # Start-up: from this command's start to the moment the (latest) worker group began training.
     first_step_at = records[-1].get("started_at") if records else None
