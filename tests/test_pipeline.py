@@ -205,6 +205,8 @@ def test_local_mode_resumes_a_crashed_run_from_its_run_directory_and_a_finished_
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     again, model = local("crashed", 92 + 40)
     assert again["steps"] == summary["steps"] and again["restarts"] == 2
+    # No start-up of its own (it never reached a first step), not the earlier command's taken from this one's.
+    assert again["startup_time_s"] is None and again["startup_phases_s"]["launch"] is None
     assert all(torch.equal(whole[k], model[k]) for k in whole)
 
 
@@ -275,7 +277,8 @@ def test_start_up_splits_into_phases_that_add_up_to_it(reference, capsys):
 def test_the_embedded_ray_starts_no_preemption_watcher_and_no_run_starts_unused_actors(reference):
     """One node has no drains to watch: the reference run's controller started no PreemptionWatcher actor
     (connect turns it off for the embedded Ray; ~7 CPU-seconds a run). No run starts Train's DatasetManager (it
-    is given no datasets) or its PlacementGroupCleaner (rayscale removes the groups a run left itself)."""
+    is given no datasets) or its PlacementGroupCleaner (rayscale removes the groups a run left itself), and the
+    embedded Ray's raylet starts no idle Python workers as the driver connects."""
     import ray
     from ray.util.state import list_actors
 
@@ -285,6 +288,8 @@ def test_the_embedded_ray_starts_no_preemption_watcher_and_no_run_starts_unused_
     assert "TrainController" in classes and "RayTrainWorker" in classes
     assert "PreemptionWatcher" not in classes
     assert not classes & {"DatasetManager", "PlacementGroupCleaner"}
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    assert b"RAY_prestart_worker_first_driver=0" in Path(f"/proc/{raylet}/environ").read_bytes().split(b"\0")
     from ray.util.placement_group import placement_group_table
 
     _, summary, _ = reference

@@ -163,8 +163,9 @@ def print_summary(summary: dict) -> None:
         ("train loss", _fmt(final.get("train_loss"))),
         ("val loss", _fmt(final.get("val_loss"))),
         ("val accuracy", _fmt(final.get("val_accuracy"))),
-        ("wall time", f"{summary['wall_time_s']:.1f} s (start-up {_fmt(summary['startup_time_s'], '.1f')} s"
-                      + _phases(summary.get("startup_phases_s") or {}) + ")"),
+        ("wall time", f"{summary['wall_time_s']:.1f} s (" + (
+            f"start-up {summary['startup_time_s']:.1f} s" if summary["startup_time_s"] is not None
+            else "no step trained") + _phases(summary.get("startup_phases_s") or {}) + ")"),
         ("rows left out", str(summary["rows_left_out"])),
         ("restarts", f"{summary['restarts']} ({summary['resizes']} resizes, {summary['preemptions']} "
                      f"preemptions, {summary['fault_restarts']} faults)" if summary["restarts"] else "0"),

@@ -13,6 +13,7 @@ from pathlib import Path
 from rayscale.errors import UserError
 
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Train's controller reads this
+PRESTART_ENV = "RAY_prestart_worker_first_driver"  # the raylet reads this (Ray system config)
 REACH_TIMEOUT_S = 5.0  # a head that is up accepts a TCP connection at once; a dropped packet waits this long
 
 
@@ -73,6 +74,10 @@ def connect(address: str | None) -> None:
     # 1-epoch digits run, 2 cores). Set before ray.init so every process of this Ray inherits it; a user's
     # own setting wins.
     os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
+    # Ray starts a Python worker per CPU as the driver connects; no rayscale run uses them (Train's controller
+    # and workers carry runtime environments of their own, so each gets a new process anyway): a 1-epoch
+    # digits run took 22.7 -> 21.4 CPU-s and 18.3 -> 17.3 s without them (2 cores).
+    os.environ.setdefault(PRESTART_ENV, "0")
     # Our own GCS port, so the address is known before Ray starts: every process of this cluster gets it
     # as RAY_ADDRESS. Ray's state API, which Train V2 uses to remove the placement groups of stopped runs,
     # otherwise refuses to guess when another Ray runs on the machine ("Found multiple active Ray

@@ -216,9 +216,11 @@ def _fit(prepared: PreparedRun, groups: Path, callbacks: list | None, eval_at_sa
         if sys.modules["ray"].is_initialized():  # not after a Ctrl-C that shut it down
             remove_placement_groups_left(prepared.run_dir)
     records = read_metrics(prepared.run_dir)
-    # Start-up: from this command's start to the moment the (latest) worker group began training.
-    first_step_at = records[-1].get("started_at") if records else None
-    phases = startup_phases(started, connecting, connected, records[-1] if records else {})
+    # Start-up: from this command's start to the moment the (latest) worker group began training. A run that
+    # was already finished trains nothing: its last line is an earlier command's, and this one has no start-up.
+    latest = records[-1] if records and records[-1].get("entered_at", 0) >= started else {}
+    first_step_at = latest.get("started_at")
+    phases = startup_phases(started, connecting, connected, latest)
     if result.checkpoint is None:
         raise RuntimeError("training ended without a checkpoint; see the log above")
     with result.checkpoint.as_directory() as directory:
