@@ -12,3 +12,7 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
 for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "WANDB_PROJECT", "WANDB_API_KEY", "WANDB_BASE_URL"):
     os.environ.pop(name, None)
+
+# The clusters tests start themselves (ray.cluster_utils) skip Ray's idle prestarted workers too, as the embedded
+# Ray does (launch/connect.py): nothing here uses them.
+os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
