@@ -45,3 +45,13 @@ print("ray" in sys.modules, any(name.startswith("ray.") for name in sys.modules)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "False False"
+
+
+def test_importing_the_engine_and_the_driver_imports_no_compiler():
+    """torch.compile's Dynamo (~0.8 s of imports) loads only when something needs it (an optimizer, train.compile),
+    never because a rayscale module was imported."""
+    code = "import sys, rayscale.engine.loop, rayscale.launch.trainer, rayscale.cli; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "False"
+

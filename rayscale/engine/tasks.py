@@ -41,9 +41,9 @@ def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     return logits_of(model(batch["x"]))
 
 
-# A property of the model's class: train.compile reads it once while tracing instead of tracing the signature's
-# inspection (which it would redo at every compile).
-@torch.compiler.assume_constant_result
+# A property of the model's class: train.compile marks it a constant (components/compilation.py), so Dynamo reads
+# it once while tracing instead of tracing the signature's inspection at every compile. Marked there, not with a
+# decorator here: torch.compiler's decorator imports Dynamo (~0.8 s) in every process that imports this module.
 def takes_attention_mask(model: torch.nn.Module) -> bool:
     """Whether the model (inside DDP's wrapper, which passes keywords on) names `attention_mask` in its forward."""
     inner = model.module if isinstance(model, DistributedDataParallel) else model

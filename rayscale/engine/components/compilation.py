@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from rayscale.engine import tasks
 from rayscale.engine.components import Component
 from rayscale.engine.step import ForwardLoss, forward_and_loss
 
@@ -44,6 +45,7 @@ class Compilation(Component):
         # Compiled code is cached per function, and the limit counts every graph a process compiled for it: a
         # process that trained before (a notebook, the tests) would spend this run's limit on that run's shapes.
         torch.compiler.reset()
+        torch.compiler.assume_constant_result(tasks.takes_attention_mask)  # marks the function itself
         compile_graph = torch._dynamo.lookup_backend(self.backend)
 
         def counted(graph: torch.fx.GraphModule, example_inputs):
