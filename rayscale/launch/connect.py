@@ -79,19 +79,20 @@ def connect(address: str | None) -> None:
     # digits run took 22.7 -> 21.4 CPU-s and 18.3 -> 17.3 s without them (2 cores).
     os.environ.setdefault(PRESTART_ENV, "0")
     # Our own GCS port, so the address is known before Ray starts: every process of this cluster gets it
-    # as RAY_ADDRESS. Ray's state API, which Train V2 uses to remove the placement groups of stopped runs,
-    # otherwise refuses to guess when another Ray runs on the machine ("Found multiple active Ray
-    # instances"), and stopped Tune trials then keep their CPUs.
+    # as RAY_ADDRESS. Ray's state API (ray.util.state), asked from inside this cluster, otherwise refuses to
+    # guess when another Ray runs on the machine ("Found multiple active Ray instances"); Train's own
+    # placement-group cleaner, which rayscale no longer starts (launch/torch_trainer.py), was one such caller.
     port = free_loopback_port()
     previous = os.environ.get("RAY_GCS_SERVER_PORT")
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     try:
         # address="local": always a fresh embedded instance, never another Ray found on this machine.
         # One logical CPU beyond the workers' reservation, or Ray Data's read tasks never get scheduled.
-        # The dashboard stays on (Ray Train's state API needs it), on loopback only, on a port of its own: at
-        # Ray's fixed 8265, a second Ray on the machine (another rayscale run) records that address while the
-        # first one's dashboard holds it, and Train's placement-group cleaner, asking there whether its
-        # controller lives, hears "no such actor" and removes the running group's placement group.
+        # The dashboard stays on (the state API and the user's view of the run), on loopback only, on a port of
+        # its own: at Ray's fixed 8265, a second Ray on the machine (another rayscale run) records that address
+        # while the first one's dashboard holds it, and state queries sent there reach the wrong cluster (Train's
+        # placement-group cleaner, which asked there whether its controller lived, once removed a running
+        # group's placement group that way).
         ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, dashboard_host="127.0.0.1",
                  dashboard_port=free_loopback_port(), logging_level="WARNING",
                  runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{port}"}})
