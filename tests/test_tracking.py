@@ -173,6 +173,27 @@ def test_a_run_cut_off_before_its_trackers_ended_is_caught_up_from_its_files(tmp
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2
 
 
+def test_a_line_logged_just_before_the_process_ended_unrecorded_is_not_logged_again(tmp_path):
+    """A trial's actor ended by Tune between logging a line and recording it in tracking.json: the search's
+    driver counts what MLflow and TensorBoard hold, so that line is not logged twice."""
+    cfg = config.load(overrides=[f"run.output_dir={tmp_path}", "run.name=cut", "run.trackers=[mlflow, tensorboard]"])
+    run_dir = tmp_path / "cut"
+    run_dir.mkdir()
+    lines = [{"samples_seen": 64 * i, "step": i, "train_loss": 1.0 / i} for i in range(1, 5)]
+    lines.append({"samples_seen": 256, "step": 4, "evaluation": True, "val_loss": 0.5})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    tracking = Tracking.start(cfg, run_dir, destinations(run_dir))
+    tracking.log_line(lines[0])
+    for tracker in tracking.trackers.values():  # the second line reached the trackers, and then the process went
+        tracker.log(metric_values(lines[1]), lines[1]["samples_seen"])
+    tracking.trackers["tensorboard"].writer.close()
+    end_cut_off(cfg, run_dir, destinations(run_dir), "KILLED")
+    client, run = mlflow_run(run_dir)
+    assert mlflow_points(client, run.info.run_id, "train_loss") == [(64 * i, 1.0 / i) for i in range(1, 5)]
+    assert mlflow_points(client, run.info.run_id, "val_loss") == [(256, 0.5)]
+    assert [step for step, _ in tensorboard_points(run_dir / "tensorboard")["train_loss"]] == [64, 128, 192, 256]
+
+
 @pytest.mark.parametrize("line, position, metrics", [
     # a periodic line: its numbers, not the step itself, the wall-clock stamps or nulls
     ({"samples_seen": 256, "step": 4, "train_loss": 2.0, "started_at": 1.7e9, "entered_at": 1.7e9,

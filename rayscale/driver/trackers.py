@@ -117,6 +117,10 @@ class MlflowTracker:
         self.client.log_batch(self.run_id, metrics=[Metric(name, value, now, step)
                                                     for name, value in metrics.items()])
 
+    def lines_held(self) -> int:
+        """How many lines this run holds: every line logs `step`, in one batch with its other numbers."""
+        return len(self.client.get_metric_history(self.run_id, "step"))
+
     def finish(self, files: list[Path], ending: str) -> None:
         for path in files:
             self.client.log_artifact(self.run_id, str(path))
@@ -143,6 +147,16 @@ class TensorBoardTracker:
         for name, value in metrics.items():
             self.writer.add_scalar(name, value, step)
         self.writer.flush()  # lines are seconds apart: a TensorBoard watching the run sees each at once
+
+    def lines_held(self) -> int:
+        """How many lines the event files hold (every line writes `step`; the scalars a resume wrote over
+        are counted too, as they are in the files)."""
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        self.writer.flush()
+        events = EventAccumulator(self.writer.log_dir, size_guidance={"scalars": 0}, purge_orphaned_data=False)
+        events.Reload()
+        return len(events.Scalars("step")) if "step" in events.Tags()["scalars"] else 0
 
     def finish(self, files: list[Path], ending: str) -> None:
         self.writer.close()

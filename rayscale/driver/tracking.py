@@ -160,6 +160,24 @@ class Tracking:
         if logged:
             write_state(self.run_dir, self.states)
 
+    def recount(self, lines: list[dict]) -> None:
+        """A process ended between logging a line and recording it in tracking.json (a trial's actor, ended by
+        Tune the moment ASHA stopped it): a tracker that can count what it holds then holds exactly one line
+        more than `lines` (the run's final log) has up to the recorded position, and that next line is marked
+        logged, so it is not logged twice. Any other count (a resize moved the lines' positions) leaves the
+        record as it is."""
+        for name, tracker in self.trackers.items():
+            counting = getattr(tracker, "lines_held", None)  # W&B's offline files cannot say
+            try:
+                held = counting() if counting is not None else None
+            except Exception:  # noqa: BLE001 - then what tracking.json says stands
+                held = None
+            through = self.states[name].logged_through
+            known = sum(1 for line in lines if through is not None and line_position(line) <= through)
+            if held == known + 1 and held <= len(lines):
+                self.states[name].logged_through = line_position(lines[known])
+        write_state(self.run_dir, self.states)
+
     def finish(self, lines: list[dict], files: list[Path], ending: str = "FINISHED") -> None:
         """The lines no follower saw (a multi-node run's log arrives with its final checkpoint), `files`, and the
         end of each tracker's run: FINISHED, FAILED or KILLED (MLflow's statuses; W&B: exit code 0 or 1)."""
@@ -197,4 +215,5 @@ def end_cut_off(cfg: Config, run_dir: Path, where: Destinations, ending: str) ->
         last is not None and (state.logged_through is None or state.logged_through < last))]
     tracking = Tracking.start(cfg, run_dir, where, names=names) if names else None
     if tracking is not None:
+        tracking.recount(lines)
         tracking.finish(lines, [], ending)
