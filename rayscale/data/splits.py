@@ -144,7 +144,7 @@ def add_curriculum_keys(batch: dict[str, np.ndarray], order: CurriculumOrder) ->
 def cache_plan(spec: SplitSpec, rows: int, limit_mb: float) -> list[tuple[int, int]] | None:
     """The chunk bounds a worker needs to replay a validation shard from memory, or None when it should stream
     every validation: caching is off, the rows would not fit the limit, or the rows vary in length."""
-    if limit_mb <= 0 or spec.data.sequence is not None or rows * sources.row_bytes(spec.info.spec) > limit_mb * 2**20:
+    if spec.data.sequence is not None or not fits(spec, rows, limit_mb):
         return None
     return [(chunk.start, chunk.stop) for chunk in spec.info.chunks]
 
@@ -153,4 +153,9 @@ def read_in_worker(spec: SplitSpec | None, rows: int, limit_mb: float) -> bool:
     """Whether a worker reads its part of a split itself (data.read_in_worker_mb): the whole split is estimated
     at most `limit_mb`, so reading it in the worker's own thread costs less than starting Ray Data's read tasks
     (new processes: seconds, on every node, before the first block)."""
-    return spec is not None and limit_mb > 0 and rows * sources.row_bytes(spec.info.spec) <= limit_mb * 2**20
+    return spec is not None and fits(spec, rows, limit_mb)
+
+
+def fits(spec: SplitSpec, rows: int, limit_mb: float) -> bool:
+    """Whether `rows` of the split are estimated at most `limit_mb` (0: nothing fits)."""
+    return limit_mb > 0 and rows * sources.row_bytes(spec.info.spec) <= limit_mb * 2**20

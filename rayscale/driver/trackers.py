@@ -149,8 +149,8 @@ class TensorBoardTracker:
         self.writer.flush()  # lines are seconds apart: a TensorBoard watching the run sees each at once
 
     def lines_held(self) -> int:
-        """How many lines the event files hold (every line writes `step`; the scalars a resume wrote over
-        are counted too, as they are in the files)."""
+        """How many lines the directory's event files hold, this run's earlier attempts' included: every line
+        writes `step`."""
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
         self.writer.flush()

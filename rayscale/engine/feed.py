@@ -65,7 +65,6 @@ class SplitStreams:
         stream = self.read("val", self.val_reads, prefetch=2)
         return self.val_cache.record(stream) if self.val_cache is not None else stream
 
-
     def read(self, split: str, reads: list[lane_plan.ChunkRead], prefetch: int) -> Iterable[dict]:
         if split in self.read_here:
             return read_shard(self.read_here[split], reads)
