@@ -9,7 +9,6 @@ import datetime
 import multiprocessing
 import os
 import pickle
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from rayscale.engine.context import InProcessContext
 from rayscale.engine.loop import TrainLoop
 from rayscale.files import CHECKPOINTS_DIR, CONFIG_FILE, GROUPS_FILE, MODEL_FILE
 from rayscale.launch.callbacks import record_group
+from rayscale.launch.connect import free_loopback_port
 from rayscale.plugins import UserCode
 
 COLLECTIVE_TIMEOUT_S = 120
@@ -131,9 +131,7 @@ def _in_environment(rank: int, environment: dict, fn, args: tuple) -> None:
 
 
 def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    return free_loopback_port()  # outside the ephemeral range: see there
 
 
 def whole_split_metrics(run_dir: Path, weights: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -55,6 +55,17 @@ def test_cluster_configs_validate_against_rays_schema(path):
     validate_config(prepare_config(raw))  # and as `ray up` sees it, merged with the provider's defaults
 
 
+def _token_auth_is_forced(commands: str, generated: bool = True) -> bool:
+    start = commands.index("ray start")
+    made = commands.find("ray get-auth-token --generate >/dev/null")  # the token itself never reaches a log
+    return -1 < commands.find("RAY_AUTH_MODE=token") < start and (not generated or -1 < made < start)
+
+
+def test_local_yaml_makes_the_heads_token_before_starting():
+    cfg = _load(REPO / "clusters/local.yaml")
+    assert _token_auth_is_forced(" ".join(cfg["head_start_ray_commands"]))
+
+
 def test_cluster_yaml_invariants():
     text = (REPO / "cluster.yaml").read_text()
     cfg = yaml.safe_load(text)
@@ -85,10 +96,14 @@ def test_cluster_yaml_invariants():
     assert f"-r {synced}/requirements.txt" in setup and f"-e {synced}" in setup
     assert ".venv" in cfg["rsync_exclude"]
 
-    # The dashboard stays on the head's loopback (reached with `ray dashboard`); token auth is never disabled.
+    # The dashboard stays on the head's loopback (reached with `ray dashboard`).
     start = " ".join(cfg["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in start and "0.0.0.0" not in start
-    assert "RAY_AUTH_MODE" not in text and "auth_mode" not in text.lower()
+    # Token auth on every node: `ray start` turns it on only where a token exists, so the head makes one before
+    # it starts, and each worker gets the head's before its own `ray start`.
+    assert _token_auth_is_forced(start) and "disabled" not in text
+    assert "~/.ray/auth_token" in cfg["cluster_synced_files"]
+    assert _token_auth_is_forced(" ".join(cfg["worker_start_ray_commands"]), generated=False)
     # Nothing secret.
     for secret in ("aws_secret_access_key", "aws_access_key_id", "PRIVATE KEY", "ssh_private_key", "AKIA"):
         assert secret not in text, secret
@@ -146,9 +161,9 @@ def _cluster_processes(marker: str) -> dict[int, str]:
 # ---------------------------------------------------------------------------------- the local cluster
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from rayscale.launch.connect import free_loopback_port
+
+    return free_loopback_port()
 
 
 def _wait_for_port(port: int, timeout: float = 30) -> None:
@@ -197,6 +212,10 @@ def _render_local_yaml(home: Path, ssh_port: int, key: Path, ports: dict[str, in
     # the end stops this cluster's processes instead).
     starts = [rewrite(c) for c in cfg["head_start_ray_commands"] if not c.strip().endswith("ray stop")]
     assert len(starts) == 1 and "ray start --head" in starts[0]
+    # The head gets a home of its own, so the token the client fetches is one its start command made (any
+    # earlier ray.init on this machine left one in the real home, which `ray start` would have taken).
+    starts[0] = (f"export HOME={home / 'head_home'} && "
+                 + starts[0].replace("~/ray_bootstrap_config.yaml", str(Path.home() / "ray_bootstrap_config.yaml")))
     starts[0] = (starts[0].replace("--port=6379", f"--port={ports['gcs']}")
                  .replace("--dashboard-port=8265", f"--dashboard-port={ports['dashboard']}")
                  + f" --dashboard-agent-listen-port={ports['agent']} --ray-client-server-port={ports['client']}"
@@ -232,6 +251,9 @@ def _stop_by_pid(pids, grace: float = 15) -> None:
             time.sleep(0.2)
 
 
+RETRIED_STARTS = ("timed out during startup", "Address already in use", "Failed to start the grpc server")
+
+
 @pytest.fixture(scope="module")
 def cluster():
     import ray
@@ -240,26 +262,29 @@ def cluster():
     # A short path: Ray's unix sockets live under the temp dir and must stay below 108 characters.
     home = Path(tempfile.mkdtemp(prefix="rsc-", dir="/tmp"))
     sshd, ssh_port, key = _start_sshd(home)
-    ports = {name: _free_port() for name in ("gcs", "dashboard", "agent", "client")}
-    config = _render_local_yaml(home, ssh_port, key, ports)
-    state = SimpleNamespace(home=home, config=config, sshd=sshd, marker=str(home / "ray"),
-                            address=f"http://127.0.0.1:{ports['dashboard']}", ports=ports,
-                            token=home / "auth_token", down=False)
+    state = SimpleNamespace(home=home, sshd=sshd, marker=str(home / "ray"), token=home / "auth_token", down=False)
     try:
         for _ in range(3):
+            state.ports = {name: _free_port() for name in ("gcs", "dashboard", "agent", "client")}
+            state.config = config = _render_local_yaml(home, ssh_port, key, state.ports)
+            state.address = f"http://127.0.0.1:{state.ports['dashboard']}"
             up = ray_cli("up", "-y", str(config), "--no-config-cache", "--disable-usage-stats", timeout=600)
-            # `ray start` gives the head's raylet a fixed 30 s (ray/_private/node.py) to register with the GCS,
-            # which a 2-core machine running another module's Ray tests missed in 2 of 3 full runs (session 6); the head's
-            # start commands begin with `ray stop`, so running `ray up` again starts it afresh.
-            if up.returncode == 0 or "timed out during startup" not in up.stdout + up.stderr:
+            said = up.stdout + up.stderr
+            # Worth another try, and only these: `ray start` gives the head's raylet a fixed 30 s
+            # (ray/_private/node.py) to register with the GCS, which a 2-core machine busy with another module's
+            # Ray tests can miss; and a port picked free may be taken before the head binds it (another process's
+            # pick). Each try renders fresh ports; the head's processes of a failed try are stopped first.
+            if up.returncode == 0 or not any(sign in said for sign in RETRIED_STARTS):
                 break
+            _stop_by_pid(list(_cluster_processes(state.marker)))
         assert up.returncode == 0, up.stdout[-4000:] + up.stderr[-4000:]
         # The cluster guide's next step: copy the head's token (written there by `ray start`) to the client.
-        state.fetched = ray_cli("rsync-down", str(config), "~/.ray/auth_token", str(state.token))
+        state.fetched = ray_cli("rsync-down", str(config), str(home / "head_home/.ray/auth_token"), str(state.token))
         yield state
     finally:
         if not state.down:  # the last test brings it down and checks; this is the safety net
-            ray_cli("down", "-y", str(config), timeout=300)
+            if hasattr(state, "config"):
+                ray_cli("down", "-y", str(state.config), timeout=300)
             _stop_by_pid(list(_cluster_processes(state.marker)) + [sshd.pid])
         shutil.rmtree(home, ignore_errors=True)
 

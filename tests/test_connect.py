@@ -63,3 +63,21 @@ def test_rays_connection_error_is_one_line_naming_the_flag(monkeypatch):
     monkeypatch.setattr(ray, "init", no_cluster)
     with pytest.raises(UserError, match=r"^--address auto: Could not find any running Ray instance\. .*to\.$"):
         connect("auto")
+
+
+def test_a_picked_port_lies_below_the_kernels_ephemeral_range_and_is_free():
+    from rayscale.launch.connect import OWN_PORTS_FROM, _ephemeral_ports_from
+
+    for _ in range(20):
+        port = free_loopback_port()
+        assert OWN_PORTS_FROM <= port < _ephemeral_ports_from()  # no outgoing connection takes one of these
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", port))
+
+
+def test_with_no_room_below_the_ephemeral_range_the_kernel_picks(monkeypatch):
+    import rayscale.launch.connect as connect_module
+
+    kernels = connect_module._ephemeral_ports_from()
+    monkeypatch.setattr(connect_module, "_ephemeral_ports_from", lambda: connect_module.OWN_PORTS_FROM + 10)
+    assert free_loopback_port() >= kernels  # too few ports to pick from at random: bind to 0

@@ -129,9 +129,37 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+# Ray's worker processes take ports 10002-19999 by default; Ray's own random picks, and the local port of every
+# outgoing connection on the machine, come from the kernel's ephemeral range (32768 and up on Linux).
+OWN_PORTS_FROM = 20000
+
+
+def _ephemeral_ports_from() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_loopback_port() -> int:
+    """A loopback port free now and, as far as this machine's habits go, still free when Ray binds it.
+
+    A port the kernel hands out (bind to 0) is ephemeral: between our probe and Ray's bind, any process's
+    outgoing connection may take it as its local port (a test cluster's GCS once failed with "Address
+    already in use" that way, with another Ray busy beside it). So pick at random below the ephemeral range
+    and above Ray's worker ports, where only another such pick can land."""
+    import random
     import socket
 
-    with socket.socket() as probe:
+    low, high = OWN_PORTS_FROM, _ephemeral_ports_from() - 1
+    for _ in range(64 if high - low >= 1000 else 0):
+        port = random.randint(low, high)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as probe:  # a machine with an unusual port layout: the kernel's pick
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
