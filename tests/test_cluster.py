@@ -367,11 +367,14 @@ TRAINING = ("RayTrainWorker", "TrainController", "jobs/train.py")
 
 @pytest.mark.slow
 def test_train_job_stops_cleanly_and_resubmitting_resumes(cluster, tmp_path):
-    # An epoch of digits at batch 64 (23 steps) takes ~1 s once the data is cached: 40 leave the stop below time
-    # to land (at 20 epochs of batch 128, a fresh-clone CI run finished the job before `ray job stop` did).
-    epochs = 40
+    # The stop below must land before the job's last epoch, however fast the machine: the digits MLP with a
+    # sleep of 0.05 s per training forward (tests/loop_models.py, which the job's working directory carries), so
+    # each epoch of 23 steps takes at least 1.15 s and the 15 after the first at least 17 s. At the digits MLP's
+    # own pace, 40 epochs passed in 6 s after the first and a loaded CI run finished the job before the stop.
+    epochs = 16
     entrypoint = ["jobs/train.py", "-c", "configs/digits_mlp.yaml", "--set", f"train.epochs={epochs}",
-                  "--set", "batch.global_batch_size=64",
+                  "--set", "batch.global_batch_size=64", "--set", "model.name=tests.loop_models:slow",
+                  "--set", "model.kwargs={delay_s: 0.05}",
                   "--set", f"run.output_dir={tmp_path}", "--set", "run.name=stopped",
                   "--set", "run.checkpoint_every_seconds=0"]
     first = _submit(cluster, *entrypoint, wait=False, submission_id="rayscale-stop-1")
