@@ -152,7 +152,8 @@ class ScalingConfig:
                                 minimum=1.0)
     use_gpu: bool = key(False, "one GPU per worker, nccl backend")
     # Ray refuses a worker bundle of zero resources (and a GPU worker still runs its loop on a CPU).
-    cpus_per_worker: float = key(1.0, "CPUs reserved per worker", minimum=0.0, exclusive_minimum=True)
+    cpus_per_worker: float = key(1.0, "CPUs reserved per worker; its torch threads: the whole part, at least 1 "
+                                      "(Ray's OMP_NUM_THREADS)", minimum=0.0, exclusive_minimum=True)
 
     @staticmethod
     def from_raw(raw: dict, prefix: str) -> dict:

@@ -81,3 +81,20 @@ def test_with_no_room_below_the_ephemeral_range_the_kernel_picks(monkeypatch):
     kernels = connect_module._ephemeral_ports_from()
     monkeypatch.setattr(connect_module, "_ephemeral_ports_from", lambda: connect_module.OWN_PORTS_FROM + 10)
     assert free_loopback_port() >= kernels  # too few ports to pick from at random: bind to 0
+
+
+def test_a_pick_skips_the_ports_picked_beside_it_and_ignores_pythons_seeded_generator(monkeypatch):
+    import random
+
+    import rayscale.launch.connect as connect_module
+
+    def seeded(*args):
+        raise AssertionError("the global random generator, which a user's script may have seeded")
+
+    monkeypatch.setattr(random, "randint", seeded)
+    monkeypatch.setattr(random, "random", seeded)
+    low = connect_module.OWN_PORTS_FROM
+    monkeypatch.setattr(connect_module, "_ephemeral_ports_from", lambda: low + 1001)
+    avoid = set(range(low, low + 1000))  # all but one of the range: most picks must be passed over
+    for _ in range(10):
+        assert free_loopback_port(avoid) not in avoid

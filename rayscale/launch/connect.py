@@ -8,6 +8,8 @@ cluster.
 from __future__ import annotations
 
 import os
+import random
+from collections.abc import Collection
 from pathlib import Path
 
 from rayscale.errors import UserError
@@ -94,7 +96,7 @@ def connect(address: str | None) -> None:
         # placement-group cleaner, which asked there whether its controller lived, once removed a running
         # group's placement group that way).
         ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, dashboard_host="127.0.0.1",
-                 dashboard_port=free_loopback_port(), logging_level="WARNING",
+                 dashboard_port=free_loopback_port(avoid={port}), logging_level="WARNING",
                  runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{port}"}})
     finally:
         if previous is None:
@@ -134,6 +136,9 @@ def _first_line(exc: BaseException) -> str:
 OWN_PORTS_FROM = 20000
 
 
+_PICKER = random.SystemRandom()
+
+
 def _ephemeral_ports_from() -> int:
     try:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
@@ -141,19 +146,22 @@ def _ephemeral_ports_from() -> int:
         return 32768
 
 
-def free_loopback_port() -> int:
-    """A loopback port free now and, as far as this machine's habits go, still free when Ray binds it.
+def free_loopback_port(avoid: Collection[int] = ()) -> int:
+    """A loopback port free now and, as far as this machine's habits go, still free when Ray binds it; never
+    one of `avoid` (ports picked for the same start and not bound yet).
 
     A port the kernel hands out (bind to 0) is ephemeral: between our probe and Ray's bind, any process's
     outgoing connection may take it as its local port (a test cluster's GCS once failed with "Address
     already in use" that way, with another Ray busy beside it). So pick at random below the ephemeral range
-    and above Ray's worker ports, where only another such pick can land."""
-    import random
+    and above Ray's worker ports, where only another such pick can land. The operating system's randomness:
+    a script that seeded Python's `random` must not make two runs on one machine pick the same ports."""
     import socket
 
     low, high = OWN_PORTS_FROM, _ephemeral_ports_from() - 1
     for _ in range(64 if high - low >= 1000 else 0):
-        port = random.randint(low, high)
+        port = _PICKER.randint(low, high)
+        if port in avoid:
+            continue
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port))
