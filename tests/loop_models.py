@@ -87,3 +87,9 @@ class Slow(MLP):
 
 def slow(delay_s, hidden_sizes=(256, 256)):
     return Slow(delay_s, hidden_sizes)
+
+
+def frozen(hidden_sizes=(256, 256)):
+    """The digits MLP with every parameter frozen: nothing for an optimizer to train."""
+    model = MLP(in_features=64, num_outputs=10, hidden_sizes=tuple(hidden_sizes))
+    return model.requires_grad_(False)

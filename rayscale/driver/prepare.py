@@ -103,7 +103,7 @@ def _splits(cfg: Config, given: Mapping[str, sources.SourceInfo]) -> tuple[Split
 
 def _check_model(cfg: Config, spec: sources.DataSpec, code: UserCode) -> None:
     """Build the model once on the driver (CPU, tiny) so a bad name or kwargs fails before Ray starts."""
-    from rayscale.engine.optimizers import build_optimizer
+    from rayscale.engine.optimizers import check_optimizer
     from rayscale.models import build_model
 
     model = build_model(cfg.model, spec, code.model)
@@ -111,7 +111,7 @@ def _check_model(cfg: Config, spec: sources.DataSpec, code: UserCode) -> None:
         from rayscale.models.export import start_from
 
         start_from(model, cfg.model.init_from)
-    build_optimizer(cfg.optim, model, cfg.optim.lr)
+    check_optimizer(cfg.optim, model, cfg.optim.lr)
 
 
 def _check_code(cfg: Config, code: UserCode) -> None:

@@ -191,6 +191,28 @@ def _zero_momentum_buffers(optimizer: torch.optim.Optimizer, args, kwargs) -> No
                     optimizer.state[parameter]["momentum_buffer"] = torch.zeros_like(parameter)
 
 
+def check_optimizer(cfg: OptimConfig, model: nn.Module, lr: float) -> None:
+    """Build the optimizer once and drop it: the driver's check, before Ray starts, that the workers' build
+    will not fail (no trainable parameter, a fused kernel the parameters' dtype lacks...).
+
+    Without loading the compiler. PyTorch's optimizers add their parameter groups through a method wrapped in
+    torch._disable_dynamo, whose first call imports torch._dynamo: ~1.6 s of a `rayscale train` driver's
+    prepare phase, for a driver that never compiles. The check calls the method it wraps (functools.wraps'
+    __wrapped__) instead, only while it builds, and only where nothing has loaded the compiler yet."""
+    import sys
+
+    decorated = torch.optim.Optimizer.add_param_group
+    plain = getattr(decorated, "__wrapped__", None)
+    if plain is None or "torch._dynamo" in sys.modules:
+        build_optimizer(cfg, model, lr)
+        return
+    torch.optim.Optimizer.add_param_group = plain
+    try:
+        build_optimizer(cfg, model, lr)
+    finally:
+        torch.optim.Optimizer.add_param_group = decorated
+
+
 def build_optimizer(cfg: OptimConfig, model: nn.Module, lr: float,
                     shards: OptimizerShards | None = None) -> torch.optim.Optimizer:
     """The optimizer named by `cfg.name` over `param_groups(model)`.
