@@ -93,3 +93,23 @@ def frozen(hidden_sizes=(256, 256)):
     """The digits MLP with every parameter frozen: nothing for an optimizer to train."""
     model = MLP(in_features=64, num_outputs=10, hidden_sizes=tuple(hidden_sizes))
     return model.requires_grad_(False)
+
+
+class Paced(MLP):
+    """Sleeps `delay_s` per training forward while `pace_file` exists: a run slowed for as long as a test needs
+    (to stop it mid-run), then at full speed once the test removes the file (its resume, under the same config)."""
+
+    def __init__(self, delay_s, pace_file, hidden_sizes):
+        super().__init__(in_features=64, num_outputs=10, hidden_sizes=tuple(hidden_sizes))
+        self.delay_s, self.pace_file = delay_s, Path(pace_file)
+
+    def forward(self, x):
+        if self.training and self.pace_file.exists():
+            import time
+
+            time.sleep(self.delay_s)
+        return super().forward(x)
+
+
+def paced(delay_s, pace_file, hidden_sizes=(256, 256)):
+    return Paced(delay_s, pace_file, hidden_sizes)

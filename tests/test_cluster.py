@@ -369,14 +369,17 @@ TRAINING = ("RayTrainWorker", "TrainController", "jobs/train.py")
 
 @pytest.mark.slow
 def test_train_job_stops_cleanly_and_resubmitting_resumes(cluster, tmp_path):
-    # The stop below must land before the job's last epoch, however fast the machine: the digits MLP with a
-    # sleep of 0.05 s per training forward (tests/loop_models.py, which the job's working directory carries), so
-    # each epoch of 23 steps takes at least 1.15 s and the 15 after the first at least 17 s. At the digits MLP's
-    # own pace, 40 epochs passed in 6 s after the first and a loaded CI run finished the job before the stop.
+    # The stop below must land before the job's last epoch, however fast the machine: until the stop, the
+    # digits MLP sleeps 0.05 s per training forward (tests/loop_models.py's paced, which the job's working
+    # directory carries), so each epoch of 23 steps takes at least 1.15 s and the 15 after the first at least
+    # 17 s; the resumed job, the same config, trains at full speed. At the MLP's own pace, 40 epochs passed in
+    # 6 s after the first and a loaded CI run finished the job before the stop.
     epochs = 16
+    pace = tmp_path / "pace"
+    pace.touch()
     entrypoint = ["jobs/train.py", "-c", "configs/digits_mlp.yaml", "--set", f"train.epochs={epochs}",
-                  "--set", "batch.global_batch_size=64", "--set", "model.name=tests.loop_models:slow",
-                  "--set", "model.kwargs={delay_s: 0.05}",
+                  "--set", "batch.global_batch_size=64", "--set", "model.name=tests.loop_models:paced",
+                  "--set", f"model.kwargs={{delay_s: 0.05, pace_file: {pace}}}",
                   "--set", f"run.output_dir={tmp_path}", "--set", "run.name=stopped",
                   "--set", "run.checkpoint_every_seconds=0"]
     first = _submit(cluster, *entrypoint, wait=False, submission_id="rayscale-stop-1")
@@ -406,6 +409,7 @@ def test_train_job_stops_cleanly_and_resubmitting_resumes(cluster, tmp_path):
         time.sleep(1)
     assert not left, left
     assert not (tmp_path / "stopped" / "summary.json").exists()  # it did not finish
+    pace.unlink()
 
     # The same job again resumes from the last checkpoint and finishes the run; its log, followed the cluster guide's
     # way, shows the resume and the progress.
