@@ -280,7 +280,8 @@ def cluster():
                 break
             _stop_by_pid(list(_cluster_processes(state.marker)))
         assert up.returncode == 0, up.stdout[-4000:] + up.stderr[-4000:]
-        # The cluster guide's next step: copy the head's token (written there by `ray start`) to the client.
+        # The cluster guide's next step: copy the head's token (made by its start command) to the client; the
+        # guide's ~/.ray/auth_token, in the head's own home here.
         state.fetched = ray_cli("rsync-down", str(config), str(home / "head_home/.ray/auth_token"), str(state.token))
         yield state
     finally:
@@ -320,7 +321,7 @@ def _job_status(cluster, job_id: str) -> str:
 
 @pytest.mark.slow
 def test_token_is_fetched_from_the_head_and_required(cluster):
-    fetched = cluster.fetched  # `ray rsync-down <config> ~/.ray/auth_token <file>`, run by the fixture
+    fetched = cluster.fetched  # `ray rsync-down <config> <head's home>/.ray/auth_token <file>`, run by the fixture
     assert fetched.returncode == 0, fetched.stdout[-2000:] + fetched.stderr[-2000:]
     assert cluster.token.read_text().strip()
     listed = _job(cluster, "list", timeout=120)
