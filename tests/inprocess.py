@@ -85,7 +85,7 @@ def train(output_dir: Path, name: str, *overrides: str, workers: int = 1, eval_a
         reports = _rank(0, 1, 0, payload, feed, drain_on_ask)
     else:
         out = prepared.run_dir / ".reports"
-        start_ranks(_spawned, (workers, _free_port(), payload, feed, str(out), drain_on_ask), workers)
+        start_ranks(_spawned, (workers, free_loopback_port(), payload, feed, str(out), drain_on_ask), workers)
         reports = pickle.loads(out.read_bytes())
     final = checkpoint.latest_local(prepared.run_dir / CHECKPOINTS_DIR)
     summary = write_outputs(prepared, final, started, first_step_at=None)
@@ -128,10 +128,6 @@ def _in_environment(rank: int, environment: dict, fn, args: tuple) -> None:
     os.environ.clear()
     os.environ.update(environment)
     fn(rank, *args)
-
-
-def _free_port() -> int:
-    return free_loopback_port()  # outside the ephemeral range: see there
 
 
 def whole_split_metrics(run_dir: Path, weights: dict[str, torch.Tensor]) -> dict[str, float]:

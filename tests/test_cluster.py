@@ -28,6 +28,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from rayscale.launch.connect import free_loopback_port
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
@@ -160,12 +162,6 @@ def _cluster_processes(marker: str) -> dict[int, str]:
 
 # ---------------------------------------------------------------------------------- the local cluster
 
-def _free_port(avoid=()) -> int:
-    from rayscale.launch.connect import free_loopback_port
-
-    return free_loopback_port(avoid)
-
-
 def _wait_for_port(port: int, timeout: float = 30) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -184,7 +180,7 @@ def _start_sshd(home: Path) -> tuple[subprocess.Popen, int, Path]:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(home / "host_key")], check=True)
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(home / "id_ed25519")], check=True)
     shutil.copy(home / "id_ed25519.pub", home / "authorized_keys")
-    port = _free_port()
+    port = free_loopback_port()
     (home / "sshd_config").write_text("\n".join([
         f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {home / 'host_key'}", f"PidFile {home / 'sshd.pid'}",
         f"AuthorizedKeysFile {home / 'authorized_keys'}", "PubkeyAuthentication yes", "PasswordAuthentication no",
@@ -267,7 +263,7 @@ def cluster():
         for _ in range(3):
             state.ports = {}
             for name in ("gcs", "dashboard", "agent", "client"):
-                state.ports[name] = _free_port(avoid=set(state.ports.values()) | {ssh_port})
+                state.ports[name] = free_loopback_port(avoid=set(state.ports.values()) | {ssh_port})
             state.config = config = _render_local_yaml(home, ssh_port, key, state.ports)
             state.address = f"http://127.0.0.1:{state.ports['dashboard']}"
             up = ray_cli("up", "-y", str(config), "--no-config-cache", "--disable-usage-stats", timeout=600)
@@ -436,7 +432,7 @@ def test_dashboard_is_reached_through_the_ssh_port_forward(cluster):
     # A port free when picked can be taken before the forward binds it (another Ray on this machine starts
     # workers on random ports): then the forward fails, and what answers there is not HTTP. Up to 3 ports.
     for _ in range(3):
-        local_port = _free_port()
+        local_port = free_loopback_port()
         forward = subprocess.Popen([str(BIN / "ray"), "dashboard", str(cluster.config), "--port", str(local_port),
                                     "--remote-port", str(cluster.ports["dashboard"]), "--no-config-cache"],
                                    env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

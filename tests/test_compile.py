@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from inprocess import _free_port, start_ranks, train
+from inprocess import start_ranks, train
 from torch import nn
 
 from benchmarks.gpt import make as make_gpt
@@ -21,6 +21,7 @@ from rayscale.engine.precision import Precision
 from rayscale.engine.step import train_step
 from rayscale.engine.strategies.ddp import prepare_model
 from rayscale.engine.tasks import Objective
+from rayscale.launch.connect import free_loopback_port
 
 FP32 = Precision("fp32", "cpu")
 
@@ -161,7 +162,7 @@ def _ddp_worker(rank, world, port, result_path):
 
 def test_two_ddp_ranks_compiled_train_one_eager_processs_model(tmp_path):
     result_path = tmp_path / "rank0.pt"
-    start_ranks(_ddp_worker, (2, _free_port(), str(result_path)), 2)
+    start_ranks(_ddp_worker, (2, free_loopback_port(), str(result_path)), 2)
     got = torch.load(result_path)
     data = rows(11)
     steps = [[cut(data, [8, 3])[0], cut(data, [8, 3])[1]], [cut(data, [8, 3])[0]]]

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-from inprocess import _free_port, start_ranks, train
+from inprocess import start_ranks, train
 from torch import nn
 from torch.multiprocessing.spawn import ProcessException
 
@@ -23,6 +23,7 @@ from rayscale.engine.step import train_step
 from rayscale.engine.strategies.ddp import prepare_model
 from rayscale.engine.strategies.ps_shards import shard_parameters
 from rayscale.engine.strategies.sharded_state import OptimizerShards, largest_shard, state_bytes
+from rayscale.launch.connect import free_loopback_port
 from rayscale.tools import batch_size_finder
 
 OPTIMIZERS = ("sgd", "adamw", "lars", "lamb")
@@ -86,7 +87,7 @@ def _engine_rank(rank: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded")
-    start_ranks(_engine_rank, (_free_port(), str(out)), 2)
+    start_ranks(_engine_rank, (free_loopback_port(), str(out)), 2)
     return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
 
 

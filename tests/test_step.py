@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-from inprocess import _free_port, start_ranks
+from inprocess import start_ranks
 from torch import nn
 
 from rayscale.engine import checkpoint, distributed
@@ -18,6 +18,7 @@ from rayscale.engine.state import TrainState
 from rayscale.engine.step import MicroBatchTooLarge, is_out_of_memory, skips_on_device, train_step
 from rayscale.engine.strategies.ddp import prepare_model
 from rayscale.errors import ConfigError, NonFiniteError
+from rayscale.launch.connect import free_loopback_port
 
 FP32 = Precision("fp32", "cpu")
 
@@ -373,7 +374,7 @@ def _ddp_worker(rank, world, port, rows_per_rank, micro, result_path, known_coun
 ])
 def test_ddp_two_processes_match_one_process(tmp_path, rows_per_rank, micro, known_count):
     result_path = tmp_path / "rank0.pt"
-    start_ranks(_ddp_worker, (2, _free_port(), rows_per_rank, micro, str(result_path), known_count), 2)
+    start_ranks(_ddp_worker, (2, free_loopback_port(), rows_per_rank, micro, str(result_path), known_count), 2)
     got = torch.load(result_path)
     # Same two steps in one process on all rows as a single batch.
     x, y = dataset(sum(rows_per_rank))
@@ -413,7 +414,7 @@ def test_on_cpu_the_gradients_of_a_step_go_in_one_all_reduce(tmp_path):
     """gloo's fixed cost per all-reduce call outweighs the overlap of PyTorch's small first bucket: a model with
     more than 1 MiB of gradients still makes one all-reduce a step once DDP has rebuilt its buckets."""
     result_path = tmp_path / "calls.pt"
-    start_ranks(_bucket_worker, (2, _free_port(), str(result_path)), 2)
+    start_ranks(_bucket_worker, (2, free_loopback_port(), str(result_path)), 2)
     assert torch.load(result_path)[1:] == [1, 1, 1]
 
 
@@ -434,7 +435,7 @@ def _sum_and_max_worker(rank, world, port, result_path):
 def test_a_log_lines_sums_and_maxima_over_the_ranks_take_one_collective(tmp_path):
     """Each collective waits for the slowest rank: a log line reduces its sums and its maxima in one."""
     result_path = tmp_path / "reduced.pt"
-    start_ranks(_sum_and_max_worker, (2, _free_port(), str(result_path)), 2)
+    start_ranks(_sum_and_max_worker, (2, free_loopback_port(), str(result_path)), 2)
     result = torch.load(result_path)
     assert result["got"] == ([3.0, 10.0], [1.0, 0.0])
     assert result["calls"] == ["all_gather"]
@@ -487,7 +488,7 @@ def test_ddp_reports_each_ranks_share_as_the_small_batch_and_still_averages_exac
     batch is its own rows, and the update is the one-process update, as is that of the steps after it, measured
     (averaged by train_step) or not (by DDP)."""
     rows_per_rank = [6, 3]
-    start_ranks(_ddp_noise_worker, (2, _free_port(), rows_per_rank, str(tmp_path)), 2)
+    start_ranks(_ddp_noise_worker, (2, free_loopback_port(), rows_per_rank, str(tmp_path)), 2)
     x, y = dataset(sum(rows_per_rank))
     for rank, (start, rows) in enumerate([(0, 6), (6, 3)]):
         got = torch.load(tmp_path / f"rank{rank}.pt")
@@ -605,7 +606,7 @@ def _ddp_oom_worker(rank, world, port, rows_per_rank, result_path):
 
 
 def test_ddp_ranks_agree_to_halve_the_micro_batch_when_one_runs_out_of_memory(tmp_path):
-    start_ranks(_ddp_oom_worker, (2, _free_port(), [8, 8], str(tmp_path / "rank")), 2)
+    start_ranks(_ddp_oom_worker, (2, free_loopback_port(), [8, 8], str(tmp_path / "rank")), 2)
     got = [torch.load(tmp_path / f"rank.{rank}") for rank in (0, 1)]
     assert got[0]["tried"] == got[1]["tried"] == [8, 4, 2]  # rank 0 never failed, yet redid the step with 1
     assert got[0]["small_count"] == 8  # the noise scale's small batch is still each rank's share

@@ -134,9 +134,7 @@ def _first_line(exc: BaseException) -> str:
 # Ray's worker processes take ports 10002-19999 by default; Ray's own random picks, and the local port of every
 # outgoing connection on the machine, come from the kernel's ephemeral range (32768 and up on Linux).
 OWN_PORTS_FROM = 20000
-
-
-_PICKER = random.SystemRandom()
+_PICKER = random.SystemRandom()  # the OS's randomness, whatever a user's script seeded
 
 
 def _ephemeral_ports_from() -> int:
