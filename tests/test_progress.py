@@ -52,6 +52,21 @@ def test_the_bar_follows_the_log_with_rate_eta_loss_and_epoch_ends_even_when_a_r
     bar.bar.close()
 
 
+def test_a_log_rewritten_under_the_same_inode_with_more_bytes_is_read_again_from_its_start(tmp_path):
+    """A rewrite the follower did not see happen: the same inode number (freed by one replace, taken by the next)
+    and a file longer than what was read, so the old offset falls inside a line of the new one."""
+    log, seen = tmp_path / "metrics.jsonl", []
+    follower = MetricsFollower(log, [seen.append])
+    log.write_text(json.dumps(_line(200)) + "\n")
+    follower.poll()
+    inode = log.stat().st_ino
+    with open(log, "r+") as handle:  # in place: the inode the follower knows
+        handle.write(json.dumps(_line(300, validation_rows=123456)) + "\n" + json.dumps(_line(400)) + "\n")
+    assert log.stat().st_ino == inode
+    follower.poll()
+    assert [line["samples_seen"] for line in seen] == [200, 300, 400]
+
+
 def test_the_bar_thread_reads_lines_written_while_it_runs_and_the_last_ones_at_exit(tmp_path, monkeypatch):
     monkeypatch.setattr(progress, "POLL_S", 0.01)
     log, screen = tmp_path / "metrics.jsonl", io.StringIO()

@@ -64,16 +64,21 @@ class MetricsFollower:
     def poll(self) -> None:
         """Read the lines added since the last look."""
         try:
-            status = os.stat(self.path)
+            log = open(self.path, "rb")
         except FileNotFoundError:
             return
-        if (status.st_ino, status.st_dev) != self.identity or status.st_size < self.read_to:
-            self.identity, self.read_to = (status.st_ino, status.st_dev), 0
-        if status.st_size == self.read_to:
-            return
-        with open(self.path, "rb") as log:
+        with log:
+            # Identity and size from the file this handle reads, not from a stat of the path before opening it:
+            # a resume, or the driver's copy of the final log, replaces the file, and a stale offset read into a
+            # new file lands mid-line.
+            status = os.fstat(log.fileno())
+            if ((status.st_ino, status.st_dev) != self.identity or status.st_size < self.read_to
+                    or not _at_line_start(log, self.read_to)):  # a freed inode number taken by a later rewrite
+                self.identity, self.read_to = (status.st_ino, status.st_dev), 0
+            if status.st_size == self.read_to:
+                return
             log.seek(self.read_to)
-            added = log.read()
+            added = log.read(status.st_size - self.read_to)
         complete = added[:added.rfind(b"\n") + 1]  # a line being written is read next time
         self.read_to += len(complete)
         for raw in complete.splitlines():
@@ -81,6 +86,14 @@ class MetricsFollower:
                 line = json.loads(raw)
                 for reader in self.readers:
                     reader(line)
+
+
+def _at_line_start(log: IO[bytes], offset: int) -> bool:
+    """Whether `offset` in the open log follows a newline (or is its start)."""
+    if offset == 0:
+        return True
+    log.seek(offset - 1)
+    return log.read(1) == b"\n"
 
 
 class ProgressBar:
