@@ -108,8 +108,13 @@ def test_an_elastic_run_shrinks_when_a_node_goes_grows_back_when_one_comes_and_c
     from inprocess import train as train_in_process
 
     epochs, check_steps, drain_s = "train.epochs=12", 4, 30.0
-    # Slow steps: Ray Data's coordinator, which Train asks what fits, sees a new node only at its next 20 s tick.
-    cfg = _cfg(tmp_path, "elastic", epochs, "model.kwargs={delay_s: 0.1}", "scaling.num_workers=[1, 2]",
+    # Slow steps while the nodes come and go: Ray Data's coordinator, which Train asks what fits, sees a new node
+    # only at its next 20 s tick. The test removes the pace file once the last event is over: the rest of the run
+    # trains at the MLP's own speed (the same numbers: the model only sleeps).
+    pace = tmp_path / "pace"
+    pace.touch()
+    cfg = _cfg(tmp_path, "elastic", epochs, "model.name=loop_models:paced",
+               f"model.kwargs={{delay_s: 0.1, pace_file: {pace}}}", "scaling.num_workers=[1, 2]",
                "scaling.resize_check_s=5", "run.checkpoint_every_samples=1024",
                f"run.preemption_check_steps={check_steps}")
     started = time.time()
@@ -139,6 +144,7 @@ def test_an_elastic_run_shrinks_when_a_node_goes_grows_back_when_one_comes_and_c
     cluster.cluster.remove_node(cluster.nodes[1], allow_graceful=False)
     gone_at = time.time()
     after_drain = wait_for("training at 1 worker after the drain", lambda: trained(1, gone_at), 180, outcome)
+    pace.unlink()
     thread.join(timeout=300)
     assert not thread.is_alive(), "the run did not end"
     if "error" in outcome:
