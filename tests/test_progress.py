@@ -52,16 +52,19 @@ def test_the_bar_follows_the_log_with_rate_eta_loss_and_epoch_ends_even_when_a_r
     bar.bar.close()
 
 
-def test_a_log_rewritten_under_the_same_inode_with_more_bytes_is_read_again_from_its_start(tmp_path):
+@pytest.mark.parametrize("first_line", [_line(300, validation_rows=123456), _line(300)],
+                         ids=["old-offset-mid-line", "old-offset-at-a-line-end"])
+def test_a_log_rewritten_under_the_same_inode_with_more_bytes_is_read_again_from_its_start(tmp_path, first_line):
     """A rewrite the follower did not see happen: the same inode number (freed by one replace, taken by the next)
-    and a file longer than what was read, so the old offset falls inside a line of the new one."""
+    and a file longer than what was read, so the old offset falls inside a line of the new one, or by chance at
+    the end of one."""
     log, seen = tmp_path / "metrics.jsonl", []
     follower = MetricsFollower(log, [seen.append])
     log.write_text(json.dumps(_line(200)) + "\n")
     follower.poll()
     inode = log.stat().st_ino
     with open(log, "r+") as handle:  # in place: the inode the follower knows
-        handle.write(json.dumps(_line(300, validation_rows=123456)) + "\n" + json.dumps(_line(400)) + "\n")
+        handle.write(json.dumps(first_line) + "\n" + json.dumps(_line(400)) + "\n")
     assert log.stat().st_ino == inode
     follower.poll()
     assert [line["samples_seen"] for line in seen] == [200, 300, 400]

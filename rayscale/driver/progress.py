@@ -24,6 +24,7 @@ from typing import IO
 from rayscale.engine.components.validation import shown
 
 POLL_S = 0.5
+TAIL_BYTES = 256  # of what was read, compared on each look to tell a rewritten log from a grown one
 
 
 def wants_bar(mode: str, stream: IO) -> bool:
@@ -45,6 +46,7 @@ class MetricsFollower:
     def __init__(self, metrics_path: Path, readers: Sequence[Callable[[dict], None]]):
         self.path, self.readers = Path(metrics_path), list(readers)
         self.read_to, self.identity = 0, None
+        self.last_read = b""  # the bytes before read_to: a rewrite that kept the inode number must still hold them
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._follow, name="rayscale-metrics", daemon=True)
 
@@ -56,6 +58,10 @@ class MetricsFollower:
         self.stop.set()
         self.thread.join()
         self.poll()  # the last lines, written after the thread's last look
+
+    def _still_holds_what_was_read(self, log: IO[bytes]) -> bool:
+        log.seek(self.read_to - len(self.last_read))
+        return log.read(len(self.last_read)) == self.last_read
 
     def _follow(self) -> None:
         while not self.stop.wait(POLL_S):
@@ -73,27 +79,20 @@ class MetricsFollower:
             # new file lands mid-line.
             status = os.fstat(log.fileno())
             if ((status.st_ino, status.st_dev) != self.identity or status.st_size < self.read_to
-                    or not _at_line_start(log, self.read_to)):  # a freed inode number taken by a later rewrite
-                self.identity, self.read_to = (status.st_ino, status.st_dev), 0
+                    or not self._still_holds_what_was_read(log)):  # a freed inode number taken by a later rewrite
+                self.identity, self.read_to, self.last_read = (status.st_ino, status.st_dev), 0, b""
             if status.st_size == self.read_to:
                 return
             log.seek(self.read_to)
             added = log.read(status.st_size - self.read_to)
         complete = added[:added.rfind(b"\n") + 1]  # a line being written is read next time
         self.read_to += len(complete)
+        self.last_read = (self.last_read + complete)[-TAIL_BYTES:]
         for raw in complete.splitlines():
             if raw.strip():
                 line = json.loads(raw)
                 for reader in self.readers:
                     reader(line)
-
-
-def _at_line_start(log: IO[bytes], offset: int) -> bool:
-    """Whether `offset` in the open log follows a newline (or is its start)."""
-    if offset == 0:
-        return True
-    log.seek(offset - 1)
-    return log.read(1) == b"\n"
 
 
 class ProgressBar:
