@@ -42,9 +42,11 @@ OPTIONS = ("batch.global_batch_size=64", "batch.micro_batch_size=null", "data.la
 
 
 @contextmanager
-def simulated_cluster(step_log_dir: Path, watcher_poll_s: float | None = None):
+def simulated_cluster(step_log_dir: Path, watcher_poll_s: float | None = None, watch_preemption: bool = True):
     """A head with no CPU (the driver and Train's controller) and two nodes of 2 CPUs: one worker of 1.5 CPUs
     per node and half a CPU beside it for its reads. Every process logs the steps it trains (tests/step_log.py).
+    Train's preemption watcher runs (as on a real cluster) unless `watch_preemption` is false: a test with no node
+    drained spares the actor it starts per worker group.
     Yields (cluster, nodes): replace an entry of `nodes` when you add one back."""
     import ray
     from ray.cluster_utils import Cluster
@@ -71,7 +73,8 @@ def simulated_cluster(step_log_dir: Path, watcher_poll_s: float | None = None):
     # RAY_ADDRESS in every process of the cluster: without it Ray's state API follows the latest Ray started on
     # this machine (another test's, say), not this one.
     env = {"RAYSCALE_TEST_STEP_LOG": str(step_log_dir), "RAY_ADDRESS": cluster.address,
-           **({POLL_ENV: str(watcher_poll_s)} if watcher_poll_s is not None else {})}
+           **({POLL_ENV: str(watcher_poll_s)} if watcher_poll_s is not None else {}),
+           **({} if watch_preemption else {PREEMPTION_WATCHER_ENV: "0"})}
     ray.init(address=cluster.address, logging_level="WARNING",
              runtime_env={"worker_process_setup_hook": "step_log.install", "env_vars": env})
     try:

@@ -17,46 +17,50 @@ def install() -> None:
     directory = os.environ.get("RAYSCALE_TEST_STEP_LOG")
     if not directory:
         return
-    from rayscale.engine import loop
+    from after_import import on_import
 
-    train_one = loop.TrainLoop.train_one
+    def log_steps(loop) -> None:
+        train_one = loop.TrainLoop.train_one
 
-    def logged(self, rows, index, waited_from):
-        train_one(self, rows, index, waited_from)
-        record = {"time": time.time(), "pid": os.getpid(), "rank": self.run.rank,
-                  "world_size": self.run.world_size, "epoch": self.run.state.epoch, "index": index,
-                  "rows": [] if rows.padding else rows.rows["row_id"].tolist()}
-        with open(Path(directory) / f"{os.getpid()}.jsonl", "a") as out:
-            out.write(json.dumps(record) + "\n")
+        def logged(self, rows, index, waited_from):
+            train_one(self, rows, index, waited_from)
+            record = {"time": time.time(), "pid": os.getpid(), "rank": self.run.rank,
+                      "world_size": self.run.world_size, "epoch": self.run.state.epoch, "index": index,
+                      "rows": [] if rows.padding else rows.rows["row_id"].tolist()}
+            with open(Path(directory) / f"{os.getpid()}.jsonl", "a") as out:
+                out.write(json.dumps(record) + "\n")
 
-    loop.TrainLoop.train_one = logged
+        loop.TrainLoop.train_one = logged
 
-    from rayscale.launch import ray_context
+    def log_holds(ray_context) -> None:
+        hold_for_restart = ray_context.RayTrainContext.hold_for_restart
 
-    hold_for_restart = ray_context.RayTrainContext.hold_for_restart
+        def held(self, notice):
+            record = {"time": time.time(), "pid": os.getpid(), "rank": self.rank}
+            with open(Path(directory) / f"{os.getpid()}.held.jsonl", "a") as out:
+                out.write(json.dumps(record) + "\n")
+            hold_for_restart(self, notice)
 
-    def held(self, notice):
-        record = {"time": time.time(), "pid": os.getpid(), "rank": self.rank}
-        with open(Path(directory) / f"{os.getpid()}.held.jsonl", "a") as out:
-            out.write(json.dumps(record) + "\n")
-        hold_for_restart(self, notice)
+        ray_context.RayTrainContext.hold_for_restart = held
 
-    ray_context.RayTrainContext.hold_for_restart = held
+    def log_notices(worker) -> None:
+        """When Train's preemption watcher hands this rank a drain notice (the worker actor's method it calls)."""
+        mark_preempt = worker.RayTrainWorker.mark_preempt
 
-    # When Train's preemption watcher hands this rank a drain notice (the worker actor's method it calls).
-    from ray.train.v2._internal.execution.worker_group.worker import RayTrainWorker
+        def noticed(self, info):
+            from ray.train.v2._internal.execution.context import get_train_context
 
-    mark_preempt = RayTrainWorker.mark_preempt
+            record = {"time": time.time(), "pid": os.getpid(), "rank": get_train_context().get_world_rank()}
+            with open(Path(directory) / f"{os.getpid()}.notice.jsonl", "a") as out:
+                out.write(json.dumps(record) + "\n")
+            mark_preempt(self, info)
 
-    def noticed(self, info):
-        from ray.train.v2._internal.execution.context import get_train_context
+        worker.RayTrainWorker.mark_preempt = noticed
 
-        record = {"time": time.time(), "pid": os.getpid(), "rank": get_train_context().get_world_rank()}
-        with open(Path(directory) / f"{os.getpid()}.notice.jsonl", "a") as out:
-            out.write(json.dumps(record) + "\n")
-        mark_preempt(self, info)
-
-    RayTrainWorker.mark_preempt = noticed
+    # Patched where they are imported: a training rank. Task workers and the controller never import the loop.
+    on_import("rayscale.engine.loop", log_steps)
+    on_import("rayscale.launch.ray_context", log_holds)
+    on_import("ray.train.v2._internal.execution.worker_group.worker", log_notices)
 
 
 def records(directory: Path) -> list[dict]:

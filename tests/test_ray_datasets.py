@@ -49,7 +49,7 @@ def cluster(tmp_path_factory):
     from benchmarks import preemption
 
     log = tmp_path_factory.mktemp("steps")
-    with preemption.simulated_cluster(log) as (ray_cluster, _):
+    with preemption.simulated_cluster(log, watch_preemption=False) as (ray_cluster, _):
         yield ray_cluster, log
 
 
