@@ -44,15 +44,15 @@ def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, nam
     """`report_evaluations`: every validation is reported (a Tune trial's), not only those of the epoch ends
     that checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchConfig
 
+    from rayscale.launch.torch_backend import TorchConfigOnWorkers
     from rayscale.launch.torch_trainer import trainer_class
     from rayscale.launch.worker import train_worker
 
     cfg = prepared.cfg
     quiet_ray_data()
     # A SIGSTOPped or deadlocked worker: its peers' next collective times out after run.hang_timeout_s
-    # (TorchConfig below), and a lone worker stops answering the controller's health check, whose timeout
+    # (the torch config below), and a lone worker stops answering the controller's health check, whose timeout
     # Train takes from the environment it passes to its controller. Both far below Ray's 30 and 10 minutes.
     os.environ[HEALTH_CHECK_TIMEOUT_ENV] = str(cfg.run.hang_timeout_s)
     # ray.train.report is a barrier released at the controller's next poll: at Ray's 2 s, a 12-epoch digits run
@@ -74,8 +74,8 @@ def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, nam
         train_worker,
         train_loop_config=payload.to_dict(),
         scaling_config=scaling_config(cfg),
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo",
-                                 timeout_s=int(cfg.run.hang_timeout_s)),
+        torch_config=TorchConfigOnWorkers(backend="nccl" if cfg.scaling.use_gpu else "gloo",
+                                          timeout_s=int(cfg.run.hang_timeout_s)),
         run_config=RunConfig(
             # Without run.storage_path the checkpoints live in the run directory; with it (a bucket or a shared
             # mount, which multi-node clusters need), under <storage_path>/<run.name>.
