@@ -110,7 +110,8 @@ def test_the_config_is_rays_to_the_trainer_and_the_accelerator_set_up():
     assert ours.backend_cls.has_replica_groups == _TorchBackend.has_replica_groups
 
 
-@pytest.mark.parametrize("fields", [{"backend": "tpu_dist"}, {"backend": "hccl"}, {"init_method": "tcp"}])
+@pytest.mark.parametrize("fields", [{"backend": "tpu_dist"}, {"backend": "hccl"}, {"backend": None},
+                                    {"init_method": "tcp"}])
 def test_what_it_does_not_set_up_it_refuses(fields):
     with pytest.raises(ValueError, match="gloo or nccl with env:// only"):
         torch_backend.TorchConfigOnWorkers(**fields)

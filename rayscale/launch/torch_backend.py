@@ -23,12 +23,12 @@ BACKENDS = ("gloo", "nccl")
 class TorchConfigOnWorkers(BackendConfig):
     """Ray's TorchConfig (backend, init_method, timeout_s) for the backends in BACKENDS, env:// init only."""
 
-    backend: str | None = None
+    backend: str = "gloo"
     init_method: str = "env"
     timeout_s: int = 1800
 
     def __post_init__(self):
-        if self.backend not in (None, *BACKENDS) or self.init_method != "env":
+        if self.backend not in BACKENDS or self.init_method != "env":
             raise ValueError(f"TorchConfigOnWorkers sets up {' or '.join(BACKENDS)} with env:// only, not "
                              f"backend {self.backend!r}, init_method {self.init_method!r}")
 
