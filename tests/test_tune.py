@@ -115,18 +115,54 @@ def test_stopped_trials_give_their_resources_back(search):
     assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
 
 
-def test_placement_groups_a_run_left_are_removed(search, tmp_path):
-    """What the search does after each trial (remove_placement_groups_left): a placement group that a
-    run's worker_groups.jsonl names and that is still held is removed; removed ones and old lines are left."""
+@pytest.fixture
+def group_maker():
+    """An actor that creates placement groups, as Train's controller does; ended after the test."""
     import ray
-    from ray.util.placement_group import placement_group, placement_group_table
+
+    @ray.remote(num_cpus=0)
+    class Maker:
+        def make(self) -> str:
+            from ray.util.placement_group import placement_group
+
+            group = placement_group([{"CPU": 0.01}])
+            ray.get(group.ready(), timeout=60)
+            return group.id.hex()
+
+        def actor_id(self) -> str:
+            return ray.get_runtime_context().get_actor_id()
+
+    makers = []
+    yield lambda: makers.append(Maker.remote()) or makers[-1]
+    for maker in makers:
+        ray.kill(maker)
+
+
+def test_placement_groups_a_run_left_are_removed(search, tmp_path, group_maker):
+    """What the search does after each trial (remove_placement_groups_left): a placement group that a
+    run's worker_groups.jsonl names and that is still held is removed, and so is one that a controller named
+    there created without recording it (one dying while it retried did); removed ones, old lines and the
+    groups of other controllers are left."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table
+
+    def state(pg_id: str) -> str:
+        return placement_group_table(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))["state"]
 
     held = placement_group([{"CPU": 0.01}])
     ray.get(held.ready(), timeout=60)
-    lines = [{"started_at": 0.0}, {"started_at": 1.0, "placement_group": held.id.hex()}]
+    controller, other = group_maker(), group_maker()
+    recorded, unrecorded, others = (ray.get(maker.make.remote(), timeout=60) for maker in (controller, controller,
+                                                                                          other))
+    controller_id = ray.get(controller.actor_id.remote(), timeout=60)
+    ray.kill(controller)  # its groups stay held: a placement group lives as long as its job, not its creator
+    assert state(unrecorded) == "CREATED"
+    lines = [{"started_at": 0.0}, {"started_at": 1.0, "placement_group": held.id.hex()},
+             {"started_at": 2.0, "placement_group": recorded, "controller": controller_id}]
     (tmp_path / GROUPS_FILE).write_text("".join(json.dumps(line) + "\n" for line in lines))
-    assert remove_placement_groups_left(tmp_path) == 1
-    assert placement_group_table(held)["state"] == "REMOVED"
+    assert remove_placement_groups_left(tmp_path) == 3
+    assert [state(pg_id) for pg_id in (held.id.hex(), recorded, unrecorded)] == ["REMOVED"] * 3
+    assert state(others) == "CREATED"
     assert remove_placement_groups_left(tmp_path) == 0
 
 
@@ -134,7 +170,7 @@ def test_every_trial_names_its_placement_group(search):
     _, search_dir, _ = search
     for trial in (search_dir / "trials").iterdir():
         lines = [json.loads(line) for line in (trial / GROUPS_FILE).read_text().splitlines()]
-        assert lines and all(len(line["placement_group"]) > 0 for line in lines)
+        assert lines and all(len(line["placement_group"]) > 0 and len(line["controller"]) > 0 for line in lines)
 
 
 def test_best_config_trains_as_it_is_and_reproduces_the_trial(search, tmp_path):

@@ -18,7 +18,8 @@ def controller_callback(groups_file: Path, elastic: bool = False):
 
     - One line in `groups_file` per worker group started: a checkpoint's progress counts the restores before
       it, but not a restart that failed again before the next checkpoint; this counts every one. The line
-      names the group's placement group, for `remove_placement_groups_left` to find.
+      names the group's placement group and the controller (its actor ID), for `remove_placement_groups_left`
+      to find.
     - Before a failed group is replaced, Train waits up to 30 s for its process group to shut down gracefully,
       which a frozen worker never does: 5 s is plenty for a healthy group. The controller reads the variable
       from its own environment (Train does not pass it on from the driver), so it is set here, in the
@@ -42,9 +43,11 @@ def controller_callback(groups_file: Path, elastic: bool = False):
             os.environ.setdefault(SHUTDOWN_TIMEOUT_ENV, str(SHUTDOWN_TIMEOUT_S))
 
         def after_worker_group_start(self, worker_group) -> None:
+            import ray
+
             group = worker_group.get_worker_group_state().placement_group_handle.placement_group
             record_group(groups_file, placement_group=group.id.hex(), world_size=len(worker_group.get_workers()),
-                         cause=self.cause)
+                         cause=self.cause, controller=ray.get_runtime_context().get_actor_id())
 
     return RunControl()
 
@@ -99,19 +102,38 @@ def remove_placement_groups_left(run_dir: Path) -> int:
     Train's controller removes its group's placement group when it finishes or aborts; a controller that dies
     first (a stopped Tune trial whose actor Tune ends mid-abort, a crash) leaves it held for as long as the job
     lives (a 1-CPU group held after a search was seen on a loaded 2-core machine): a placement group is not
-    fate-shared with the actor that created it, only with its job. Train's own detached cleaner, which covered
-    only part of this, is not started (launch/torch_trainer.py): every run and every trial calls this instead."""
+    fate-shared with the actor that created it, only with its job. A controller ended while it retries also
+    leaves one it never recorded: seen in a search, a stopped trial's controller, its workers killed with its
+    actor, retried and created the next group's placement group as it died. So the groups named in
+    `worker_groups.jsonl` go, and every group that a controller named there created. Call this once the run is
+    over: its controllers' groups are then garbage. Train's own detached cleaner, which covered only part of
+    this, is not started (launch/torch_trainer.py): every run and every trial calls this instead."""
     from ray._raylet import PlacementGroupID
-    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
 
     path = run_dir / GROUPS_FILE
     if not path.exists():
         return 0
-    held = {pg_id for pg_id, entry in placement_group_table().items() if entry.get("state") != "REMOVED"}
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    named = {line["placement_group"] for line in lines if line.get("placement_group")}
+    controllers = {line["controller"] for line in lines if line.get("controller")}
     removed = 0
-    for line in path.read_text().splitlines():
-        pg_id = json.loads(line).get("placement_group") if line.strip() else None
-        if pg_id in held:
+    for pg_id, creator in held_placement_groups().items():
+        if pg_id in named or creator in controllers:
             remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
             removed += 1
     return removed
+
+
+def held_placement_groups() -> dict[str, str]:
+    """Every placement group not yet removed, by ID, with the ID of the actor that created it (hex; empty for
+    a driver's): Ray's public table leaves the creator out, so this reads the GCS's own records."""
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    held = {}
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        group = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        if group.state != gcs_pb2.PlacementGroupTableData.REMOVED:
+            held[group.placement_group_id.hex()] = group.creator_actor_id.hex()
+    return held
