@@ -132,6 +132,17 @@ def group_maker():
         def actor_id(self) -> str:
             return ray.get_runtime_context().get_actor_id()
 
+        def make_then_exit(self, delay_s: float, record: str) -> None:
+            """In a while, create a group (its ID written to `record`), then end this process."""
+            import threading
+
+            def later() -> None:
+                time.sleep(delay_s)
+                Path(record).write_text(self.make())
+                os._exit(0)
+
+            threading.Thread(target=later, daemon=True).start()
+
     makers = []
     yield lambda: makers.append(Maker.remote()) or makers[-1]
     for maker in makers:
@@ -164,6 +175,28 @@ def test_placement_groups_a_run_left_are_removed(search, tmp_path, group_maker):
     assert [state(pg_id) for pg_id in (held.id.hex(), recorded, unrecorded)] == ["REMOVED"] * 3
     assert state(others) == "CREATED"
     assert remove_placement_groups_left(tmp_path) == 0
+
+
+def test_the_sweep_waits_for_a_controller_still_running_and_removes_the_group_it_created_last(
+        search, tmp_path, group_maker):
+    """A stopped trial's controller, killed while it retried, created a group 0.2 s after the GCS had marked it
+    dead, and a sweep right after the search had ended missed it: with `wait_s`, the sweep first waits until
+    every controller named in worker_groups.jsonl has no process left, then removes what it created."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, placement_group_table
+
+    from rayscale.launch.callbacks import running_controllers
+
+    controller = group_maker()
+    controller_id = ray.get(controller.actor_id.remote(), timeout=60)
+    (tmp_path / GROUPS_FILE).write_text(json.dumps({"started_at": 0.0, "controller": controller_id}) + "\n")
+    assert running_controllers({controller_id, "ab" * 16}) == {controller_id}  # an unknown actor is not running
+    record = tmp_path / "created"
+    controller.make_then_exit.remote(2.0, str(record))
+    assert remove_placement_groups_left(tmp_path, wait_s=120) == 1
+    assert not running_controllers({controller_id})
+    group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(record.read_text())))
+    assert placement_group_table(group)["state"] == "REMOVED"
 
 
 def test_every_trial_names_its_placement_group(search):

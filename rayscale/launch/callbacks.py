@@ -96,7 +96,7 @@ def record_group(groups_file: Path, **fields) -> None:
         handle.write(json.dumps({"started_at": time.time(), **fields}) + "\n")
 
 
-def remove_placement_groups_left(run_dir: Path) -> int:
+def remove_placement_groups_left(run_dir: Path, wait_s: float = 0.0) -> int:
     """Remove the placement groups of this run's worker groups that are still held; returns how many.
 
     Train's controller removes its group's placement group when it finishes or aborts; a controller that dies
@@ -107,22 +107,59 @@ def remove_placement_groups_left(run_dir: Path) -> int:
     actor, retried and created the next group's placement group as it died. So the groups named in
     `worker_groups.jsonl` go, and every group that a controller named there created. Call this once the run is
     over: its controllers' groups are then garbage. Train's own detached cleaner, which covered only part of
-    this, is not started (launch/torch_trainer.py): every run and every trial calls this instead."""
+    this, is not started (launch/torch_trainer.py): every run and every trial calls this instead.
+
+    `wait_s`: first wait up to this long until no controller named there is still running
+    (`running_controllers`). One killed mid-retry created its group 0.2 s after the GCS had marked it dead,
+    between the raylet's SIGTERM and SIGKILL, so a sweep right after a search ended missed it."""
     from ray._raylet import PlacementGroupID
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-    path = run_dir / GROUPS_FILE
-    if not path.exists():
+    lines = _group_lines(run_dir)
+    if not lines:
         return 0
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     named = {line["placement_group"] for line in lines if line.get("placement_group")}
-    controllers = {line["controller"] for line in lines if line.get("controller")}
+    controllers = controllers_of(run_dir)
+    deadline = time.monotonic() + wait_s
+    while running_controllers(controllers) and time.monotonic() < deadline:
+        time.sleep(0.1)
     removed = 0
     for pg_id, creator in held_placement_groups().items():
         if pg_id in named or creator in controllers:
             remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
             removed += 1
     return removed
+
+
+def controllers_of(run_dir: Path) -> set[str]:
+    """The actor IDs of the Train controllers that started this run's worker groups (worker_groups.jsonl)."""
+    return {line["controller"] for line in _group_lines(run_dir) if line.get("controller")}
+
+
+def _group_lines(run_dir: Path) -> list[dict]:
+    path = run_dir / GROUPS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def running_controllers(actor_ids: set[str]) -> set[str]:
+    """Those of these actors whose process the GCS still counts alive: a dead actor's process can still run
+    for a moment, until the raylet's SIGKILL, and act (create a placement group). An actor that never got a
+    process, or one the GCS no longer knows, is not running."""
+    from ray._private.state import state
+    from ray._raylet import ActorID, WorkerID
+    from ray.core.generated import gcs_pb2
+
+    accessor = state._connect_and_get_accessor()
+    running = set()
+    for actor_id in actor_ids:
+        actor = accessor.get_actor_info(ActorID(bytes.fromhex(actor_id)))
+        worker_id = gcs_pb2.ActorTableData.FromString(actor).address.worker_id if actor else b""
+        worker = accessor.get_worker_info(WorkerID(worker_id)) if worker_id else None
+        if worker is not None and gcs_pb2.WorkerTableData.FromString(worker).is_alive:
+            running.add(actor_id)
+    return running
 
 
 def held_placement_groups() -> dict[str, str]:

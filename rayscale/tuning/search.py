@@ -28,7 +28,7 @@ from rayscale.driver.tracking import Tracking, destinations, end_cut_off
 from rayscale.errors import UserError
 from rayscale.files import CONFIG_FILE, SUMMARY_FILE
 from rayscale.launch import trainer
-from rayscale.launch.callbacks import remove_placement_groups_left
+from rayscale.launch.callbacks import controllers_of, remove_placement_groups_left, running_controllers
 from rayscale.launch.connect import connect, loopback_unless_joining
 from rayscale.launch.fit import check_cluster_fits, check_fits_before_start
 from rayscale.plugins import UserCode
@@ -74,6 +74,7 @@ STOP_MARKER = ".tune_stopped"
 THREAD_TIMEOUT_ENV = "TUNE_FUNCTION_THREAD_TIMEOUT_S"  # read in the trial's actor when Tune reuses it
 THREAD_TIMEOUT_S = 30
 RELEASE_DELAY_S = 10.0  # after a trial ends, before its left placement groups are removed
+CONTROLLER_EXIT_WAIT_S = 30.0  # at the search's end, for the last trials' controllers to exit (about 0.2 s)
 RUNGS_FILE = "asha_rungs.json"  # ASHA's recorded rungs, for --resume (asha.py)
 PROMOTION_FILE = "asha_promotions.json"  # tune.asha_variant promotion: rungs and promotions (promotion.py)
 TRIAL_CPUS = 0.01  # a trial's own actor only waits on its TorchTrainer; Tune refuses zero ("empty head")
@@ -158,8 +159,11 @@ def _release_stopped_trials(trials_dir: Path, delay_s: float):
         def on_step_begin(self, iteration, trials, **info) -> None:
             now = time.monotonic()
             for trial_id, ended in list(self.ended.items()):
-                if now - ended >= delay_s:  # its controller has had time to abort and clean up itself
-                    remove_placement_groups_left(trials_dir / trial_id)
+                # Its controller has had time to abort and clean up itself; one still running (dying) could
+                # create a group after this sweep: wait for the next step.
+                trial_dir = trials_dir / trial_id
+                if now - ended >= delay_s and not running_controllers(controllers_of(trial_dir)):
+                    remove_placement_groups_left(trial_dir)
                     del self.ended[trial_id]
 
     return ReleaseStoppedTrials()
@@ -321,9 +325,10 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False, cod
         tuner = _tuner(cfg, domains, base, search_dir, grace, max_t, concurrency, search_alg, resume, code,
                        given, track_to if cfg.run.trackers else None)
         results = tuner.fit()
-        # The last trials' actors are ended as the search finishes, possibly in the middle of their abort.
+        # The last trials' actors are ended as the search finishes, possibly in the middle of their abort: their
+        # controllers may still be dying, and able to create a group.
         for trial_dir in sorted((search_dir / "trials").glob("*")):
-            remove_placement_groups_left(trial_dir)
+            remove_placement_groups_left(trial_dir, wait_s=CONTROLLER_EXIT_WAIT_S)
         rows = summarize(results, cfg, domains, max_t)
         write_outputs(rows, cfg, search_dir)
     except BaseException as exc:
