@@ -31,7 +31,7 @@ system-deps:
 
 test: setup system-deps
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -q -n 2 --dist loadfile --durations=25
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 train: setup
 	$(VENV)/bin/rayscale train

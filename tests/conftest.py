@@ -16,3 +16,16 @@ for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "WANDB_PROJECT", "
 # The clusters tests start themselves (ray.cluster_utils) skip Ray's idle prestarted workers too, as the embedded
 # Ray does (launch/connect.py): nothing here uses them.
 os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+
+# The longest modules first (seconds each took in `make test` on the 2-core machine, 2026-12-06), then the rest as
+# collected. Run with `--dist loadfile --no-loadscope-reorder` (the Makefile's): pytest-xdist hands modules out in
+# this order, and the many short ones fill both workers at the end. Its own order (most tests first) started these,
+# few tests each, last, and one worker ran a long module alone while the other sat idle. A stale list only orders.
+LONGEST_FIRST = ("test_pipeline", "test_cluster", "test_elastic", "test_tune", "test_examples",
+                 "test_parameter_server", "test_benchmarks", "test_benchmark_asha", "test_ray_datasets",
+                 "test_benchmarks_memory_scale_gpu", "test_loop", "test_ordering", "test_sharded_ingest")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
