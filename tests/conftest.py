@@ -17,6 +17,13 @@ for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "WANDB_PROJECT", "
 # Ray does (launch/connect.py): nothing here uses them.
 os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 
+# Every Ray the tests start (embedded, simulated clusters, `ray start`) reports the dashboard's node and worker
+# metrics every 60 s instead of every 5: no test reads them, and an idle embedded Ray took 3.7 CPU-seconds per
+# 30 s with Ray's defaults against 1.6 with these (the reporter walks every process on each report), on a
+# 2-core machine whose test run is CPU-bound.
+os.environ.setdefault("REPORTER_UPDATE_INTERVAL_MS", "60000")
+os.environ.setdefault("METRICS_RECORD_INTERVAL_S", "60")
+
 # The longest modules first (seconds each took in `make test` on the 2-core machine, 2026-12-06), then the rest as
 # collected. Run with `--dist loadfile --no-loadscope-reorder` (the Makefile's): pytest-xdist hands modules out in
 # this order, and the many short ones fill both workers at the end. Its own order (most tests first) started these,
