@@ -24,8 +24,8 @@ os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 os.environ.setdefault("REPORTER_UPDATE_INTERVAL_MS", "60000")
 os.environ.setdefault("METRICS_RECORD_INTERVAL_S", "60")
 
-# The longest modules first (seconds each took in `make test` on the 2-core machine, 2026-12-06), then the rest as
-# collected. Run with `--dist loadfile --no-loadscope-reorder` (the Makefile's): pytest-xdist hands modules out in
+# The longest modules first (by the seconds each took in `make test` on the 2-core machine, 2026-12-06), then the
+# rest as collected. Run with `--dist loadfile --no-loadscope-reorder` (the Makefile's): pytest-xdist hands modules out in
 # this order, and the many short ones fill both workers at the end. Its own order (most tests first) started these,
 # few tests each, last, and one worker ran a long module alone while the other sat idle. A stale list only orders.
 LONGEST_FIRST = ("test_pipeline", "test_cluster", "test_elastic", "test_tune", "test_examples",
