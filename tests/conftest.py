@@ -23,6 +23,9 @@ os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 # 2-core machine whose test run is CPU-bound.
 os.environ.setdefault("REPORTER_UPDATE_INTERVAL_MS", "60000")
 os.environ.setdefault("METRICS_RECORD_INTERVAL_S", "60")
+# The embedded Ray starts without its dashboard's modules (launch/connect.py), except in the module that tests
+# them (test_pipeline's ray_session): ~1.9 CPU-seconds less per Ray instance started and left idle for 35 s.
+os.environ.setdefault("RAYSCALE_DASHBOARD", "0")
 
 # The longest modules first (by the seconds each took in `make test` on the 2-core machine, 2026-12-06), then the
 # rest as collected. Run with `--dist loadfile --no-loadscope-reorder` (the Makefile's): pytest-xdist hands modules out in

@@ -98,3 +98,36 @@ def test_a_pick_skips_the_ports_picked_beside_it_and_ignores_pythons_seeded_gene
     avoid = set(range(low, low + 1000))  # all but one of the range: most picks must be passed over
     for _ in range(10):
         assert free_loopback_port(avoid) not in avoid
+
+
+@pytest.mark.parametrize("value", ["yes", "", "2", "off"])
+def test_a_dashboard_setting_other_than_0_or_1_is_one_line_before_ray_starts(monkeypatch, value):
+    import ray
+
+    monkeypatch.setenv("RAYSCALE_DASHBOARD", value)
+    ray.shutdown()
+    with pytest.raises(UserError, match=r"^RAYSCALE_DASHBOARD='.*': expected 0 \(no dashboard for the embedded "
+                                        r"Ray\) or 1$"):
+        connect(None)
+    assert not ray.is_initialized()
+
+
+@pytest.mark.slow
+def test_the_embedded_ray_without_its_dashboard_starts_none_of_its_modules(monkeypatch):
+    """RAYSCALE_DASHBOARD=0 (the tests' setting, tests/conftest.py): Ray's minimal dashboard process, still on
+    loopback, but none of the module processes the full dashboard forks. The full one is tested where it is
+    used (tests/test_pipeline.py: the state API, loopback only)."""
+    import ray  # noqa: I001 - first: it puts its own copy of psutil on the path
+    import psutil
+
+    monkeypatch.setenv("RAYSCALE_DASHBOARD", "0")
+    ray.shutdown()
+    connect(None)
+    try:
+        commands = [" ".join(child.cmdline()) for child in psutil.Process().children(recursive=True)]
+        dashboards = [command for command in commands if "ray/dashboard/dashboard.py" in command]
+        assert len(dashboards) == 1 and "--host=127.0.0.1" in dashboards[0]
+        assert not [command for command in commands if "ray.dashboard.subprocesses" in command]
+        assert ray.cluster_resources()["CPU"] >= 2  # a working Ray
+    finally:
+        ray.shutdown()

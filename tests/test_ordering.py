@@ -139,7 +139,7 @@ def local_ray(tmp_path_factory):
     os.environ[SEEN_DIR_ENV] = str(tmp_path_factory.mktemp("seen"))
     os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
     ray.shutdown()
-    connect(None)  # as `rayscale train` starts it (dashboard on, for Ray Train)
+    connect(None)  # as `rayscale train` starts it
     yield
     ray.shutdown()
 
