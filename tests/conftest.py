@@ -27,10 +27,11 @@ os.environ.setdefault("METRICS_RECORD_INTERVAL_S", "60")
 # them (test_pipeline's ray_session): ~1.9 CPU-seconds less per Ray instance started and left idle for 35 s.
 os.environ.setdefault("RAYSCALE_DASHBOARD", "0")
 
-# The longest modules first (by the seconds each took in `make test` on the 2-core machine, 2026-12-06), then the
-# rest as collected. Run with `--dist loadfile --no-loadscope-reorder` (the Makefile's): pytest-xdist hands modules out in
-# this order, and the many short ones fill both workers at the end. Its own order (most tests first) started these,
-# few tests each, last, and one worker ran a long module alone while the other sat idle. A stale list only orders.
+# The longest modules first (by the seconds each took in `make test` on the 2-core machine, 2026-12-06), then
+# the rest as collected. With `--dist loadfile --no-loadscope-reorder` (the Makefile's), pytest-xdist hands
+# modules out in this order, and the many short ones fill both workers at the end. Its own order (most tests
+# first) started these, few tests each, last, and one worker ran a long module alone while the other sat idle.
+# A stale list only orders.
 LONGEST_FIRST = ("test_pipeline", "test_cluster", "test_elastic", "test_tune", "test_examples",
                  "test_parameter_server", "test_benchmarks", "test_benchmark_asha", "test_ray_datasets",
                  "test_benchmarks_memory_scale_gpu", "test_loop", "test_ordering", "test_sharded_ingest")

@@ -105,15 +105,9 @@ def ray_session(tmp_path_factory):
     sys.path.insert(0, str(plugin_dir))
     ray.shutdown()
     # With its dashboard, as `rayscale train` starts it: its state API and its listening sockets are tested here.
-    tests_setting = os.environ.get("RAYSCALE_DASHBOARD")
-    os.environ["RAYSCALE_DASHBOARD"] = "1"
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAYSCALE_DASHBOARD", "1")
         connect(None)
-    finally:
-        if tests_setting is None:
-            os.environ.pop("RAYSCALE_DASHBOARD")
-        else:
-            os.environ["RAYSCALE_DASHBOARD"] = tests_setting
     yield plugin_dir
     ray.shutdown()
 
