@@ -235,6 +235,23 @@ def ray_cli(*args: str, token: Path | None = None, timeout: float = 300, **kwarg
                           timeout=timeout, cwd=REPO, **kwargs)
 
 
+def _running(pid: int) -> bool:
+    """Whether the process still runs: an ended child of this process stays a zombie until it is reaped (sshd's,
+    until its Popen is polled), and must not hold a wait for it up to the grace period."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _stop_cluster(processes: dict[int, str], also: tuple[int, ...] = ()) -> None:
+    """Stop the head's processes (`_cluster_processes`) and `also` by pid, the GCS last, as `ray stop` orders it:
+    a GCS sent SIGTERM together with its raylet was seen to outlast a 15 s grace; stopped after, it ends in ~2 s."""
+    gcs = [pid for pid, command in processes.items() if "gcs_server" in command]
+    _stop_by_pid([pid for pid in processes if pid not in gcs] + list(also))
+    _stop_by_pid(gcs)
+
+
 def _stop_by_pid(pids, grace: float = 15) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
@@ -243,7 +260,7 @@ def _stop_by_pid(pids, grace: float = 15) -> None:
             except ProcessLookupError:
                 pass
         deadline = time.time() + grace
-        while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
+        while time.time() < deadline and any(_running(pid) for pid in pids):
             time.sleep(0.2)
 
 
@@ -274,7 +291,7 @@ def cluster():
             # pick). Each try renders fresh ports; the head's processes of a failed try are stopped first.
             if up.returncode == 0 or not any(sign in said for sign in RETRIED_STARTS):
                 break
-            _stop_by_pid(list(_cluster_processes(state.marker)))
+            _stop_cluster(_cluster_processes(state.marker))
         assert up.returncode == 0, up.stdout[-4000:] + up.stderr[-4000:]
         # The cluster guide's next step: copy the head's token (made by its start command) to the client; the
         # guide's ~/.ray/auth_token, in the head's own home here.
@@ -284,7 +301,7 @@ def cluster():
         if not state.down:  # the last test brings it down and checks; this is the safety net
             if hasattr(state, "config"):
                 ray_cli("down", "-y", str(state.config), timeout=300)
-            _stop_by_pid(list(_cluster_processes(state.marker)) + [sshd.pid])
+            _stop_cluster(_cluster_processes(state.marker), also=(sshd.pid,))
         shutil.rmtree(home, ignore_errors=True)
 
 
@@ -471,9 +488,8 @@ def test_ray_down_and_the_sweep_leave_no_process(cluster):
     down = ray_cli("down", "-y", str(cluster.config), timeout=300)
     assert down.returncode == 0, down.stdout[-2000:] + down.stderr[-2000:]
     # The local provider's `ray down` leaves the head's Ray running (seen here): stop it by pid.
-    _stop_by_pid(list(_cluster_processes(cluster.marker)) + [cluster.sshd.pid])
+    _stop_cluster(_cluster_processes(cluster.marker), also=(cluster.sshd.pid,))
     cluster.down = True
     assert not _cluster_processes(cluster.marker)
-    assert not [pid for pid in before if Path(f"/proc/{pid}").exists()
-                and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"]
+    assert not [pid for pid in before if _running(pid)]
     assert cluster.sshd.poll() is not None
