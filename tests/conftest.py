@@ -25,8 +25,8 @@ os.environ.setdefault("REPORTER_UPDATE_INTERVAL_MS", "60000")
 os.environ.setdefault("METRICS_RECORD_INTERVAL_S", "60")
 # One intra-op thread per torch (and BLAS) process the tests start outside Ray's workers (which Ray already
 # gives one per CPU): two xdist workers share 2 cores, and with one thread per core each, their waiting OpenMP
-# threads spun on cores the other needed. Six in-process modules took 123 CPU-seconds with torch's default
-# threads against 74 with this, on the 2-core machine under `-n 2`.
+# threads spun on cores the other needed (six in-process modules: 123 CPU-seconds against 74; the command and
+# machine are in docs/development.md).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The embedded Ray starts without its dashboard's modules (launch/connect.py), except in the module that tests
 # them (test_pipeline's ray_session): ~1.9 CPU-seconds less per Ray instance started and left idle for 35 s.
