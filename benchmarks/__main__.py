@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: proves the scripts work (CI)")
     parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated subset of " + ", ".join(BENCHMARKS))
-    parser.add_argument("--output-dir", type=Path, help="scratch space for runs (default: a new temporary dir)")
+    parser.add_argument("--output-dir", type=Path, help="scratch space for runs, a new <benchmark>-* directory in it "
+                                                        "per benchmark and invocation (default: a new temporary dir)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where the JSON and Markdown go "
                                                                           "(default benchmarks/results)")
     args = parser.parse_args(argv)
@@ -73,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in chosen:
         module = importlib.import_module(f"benchmarks.{name}")
         print(f"benchmarks: {name} ({size})", flush=True)
-        work = scratch / name
-        work.mkdir(exist_ok=True)
+        # A directory of its own every time: a run directory left by an earlier invocation in the same
+        # --output-dir would be resumed (a finished run trains nothing) and its old figures reported as new.
+        work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=scratch))
         began = time.time()
         try:
             result = module.run(size, work)

@@ -33,6 +33,32 @@ def test_a_resumed_stream_that_drifts_is_counted_both_ways():
     assert account(REFERENCE, attempts) == {"rows_lost": 2, "rows_duplicated": 2}
 
 
+def test_each_benchmark_runs_in_a_new_directory_every_time(tmp_path, monkeypatch):
+    """`python -m benchmarks` twice with the same --output-dir: the second must not find the first one's runs
+    (a finished run left there was resumed, trained nothing, and its old figures were reported as new)."""
+    import importlib
+    from types import SimpleNamespace
+
+    from benchmarks import __main__ as suite
+
+    given = []
+
+    def run(size: str, work: Path) -> dict:
+        assert not any(work.iterdir()), f"{work} holds an earlier run"
+        (work / "round_1").mkdir()
+        given.append(work)
+        return {"targets": []}
+
+    monkeypatch.setattr(importlib, "import_module", lambda name: SimpleNamespace(run=run, table=lambda r: "-"))
+    monkeypatch.setattr(suite, "machine", lambda: {"cpus": 2})
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # main adds the repository to it
+    for _ in range(2):
+        assert suite.main(["--smoke", "--only", "throughput", "--output-dir", str(tmp_path / "work"),
+                           "--results-dir", str(tmp_path / "results")]) == 0
+    assert len(set(given)) == 2
+    assert all(work.parent == tmp_path / "work" and work.name.startswith("throughput-") for work in given)
+
+
 @pytest.mark.slow
 def test_the_benchmark_suite_runs_at_tiny_sizes(tmp_path):
     """`python -m benchmarks --smoke`: each benchmark runs and writes its result; the figures mean nothing.
