@@ -14,3 +14,17 @@ def output_dir_or_none(benchmark: str, path: Path) -> Path | None:
         print(f"{benchmark}: --output-dir {path} is not empty; expected a new or empty directory", file=sys.stderr)
         return None
     return path
+
+
+def scratch_or_none(benchmark: str, path: Path | None) -> Path | None:
+    """Where a benchmark's runs go: `--output-dir` when it is new or empty (created), a new temporary directory
+    when none was given, or None (exit 2) for a directory that already holds something, said on stderr: a run
+    left there by an earlier invocation would be resumed (a finished one trains nothing), not measured."""
+    import tempfile
+
+    if path is None:
+        return Path(tempfile.mkdtemp(prefix=f"rayscale-{benchmark}-"))
+    path = output_dir_or_none(benchmark, path)
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+    return path

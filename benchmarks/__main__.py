@@ -15,12 +15,11 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
 
-from benchmarks import RESULTS
+from benchmarks import RESULTS, scratch_or_none
 
 BENCHMARKS = ("throughput", "ingest", "accumulation", "noise_overhead", "mfu", "memory", "scale", "gpu_mfu",
               "strategy", "sharded_state")
@@ -48,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: proves the scripts work (CI)")
     parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated subset of " + ", ".join(BENCHMARKS))
-    parser.add_argument("--output-dir", type=Path, help="scratch space for runs, a new <benchmark>-* directory in it "
-                                                        "per benchmark and invocation (default: a new temporary dir)")
+    parser.add_argument("--output-dir", type=Path, help="scratch space for runs, new or empty "
+                                                        "(default: a new temporary dir)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where the JSON and Markdown go "
                                                                           "(default benchmarks/results)")
     args = parser.parse_args(argv)
@@ -62,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.gpu_mfu import add_repository_to_worker_path
 
     add_repository_to_worker_path()
-    scratch = args.output_dir or Path(tempfile.mkdtemp(prefix="rayscale-bench-"))
-    scratch.mkdir(parents=True, exist_ok=True)
+    scratch = scratch_or_none("benchmarks", args.output_dir)
+    if scratch is None:
+        return 2
     size = "smoke" if args.smoke else "full"
     suffix = ".smoke" if args.smoke else ""
     results_dir = args.results_dir
@@ -74,9 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in chosen:
         module = importlib.import_module(f"benchmarks.{name}")
         print(f"benchmarks: {name} ({size})", flush=True)
-        # A directory of its own every time: a run directory left by an earlier invocation in the same
-        # --output-dir would be resumed (a finished run trains nothing) and its old figures reported as new.
-        work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=scratch))
+        work = scratch / name
+        work.mkdir()
         began = time.time()
         try:
             result = module.run(size, work)

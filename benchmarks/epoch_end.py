@@ -23,11 +23,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import gloo
+from benchmarks import gloo, scratch_or_none
 
 WORKERS, GLOBAL_BATCH, MICRO_BATCH, LR = 2, 128, 64, 0.1
 TARGET_RATIO, TARGET_EPOCH_END_MS = 0.7, 50.0
@@ -125,12 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for the rayscale run (repeatable)")
-    parser.add_argument("--output-dir", type=Path, help="scratch space (default: a new temporary directory)")
+    parser.add_argument("--output-dir", type=Path, help="scratch space, new or empty (default: a new temporary directory)")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from rayscale.launch.connect import connect
 
-    scratch = args.output_dir or Path(tempfile.mkdtemp(prefix="epoch_end-"))
+    scratch = scratch_or_none("epoch_end", args.output_dir)
+    if scratch is None:
+        return 2
     ratios, after_read, costs = [], [], []
     print("| round | load (1, 5, 15 min) | system | samples/s, whole run | median epoch ms | train s | "
           "first epoch s (of it waiting for Ray Data's first blocks) | start-up s (prepare, Ray, launch, worker setup) | after last epoch s |")

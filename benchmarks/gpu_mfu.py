@@ -35,11 +35,10 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import RESULTS
+from benchmarks import RESULTS, scratch_or_none
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -272,14 +271,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="(a) and (c) with train.compile (inductor)")
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_PEAK_TFLOPS,
                         help="the card's dense bf16 peak (default 989, H100 SXM)")
-    parser.add_argument("--output-dir", type=Path, default=None, help="scratch space (default: a new temporary dir)")
+    parser.add_argument("--output-dir", type=Path, default=None, help="scratch space, new or empty (default: a new temporary dir)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where the JSON goes (default "
                                                                           "benchmarks/results)")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before anything imports ray
     add_repository_to_worker_path()
-    output_dir = args.output_dir or Path(tempfile.mkdtemp(prefix="rayscale-gpu-mfu-"))
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = scratch_or_none("gpu_mfu", args.output_dir)
+    if output_dir is None:
+        return 2
     try:
         result = run("smoke" if args.smoke else "full", output_dir, args.peak_tflops, args.compile)
     finally:

@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
+
+from benchmarks import scratch_or_none
 
 TARGET_S = 3.0
 
@@ -25,7 +26,7 @@ TARGET_S = 3.0
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=3)
-    parser.add_argument("--output-dir", type=Path)
+    parser.add_argument("--output-dir", type=Path, help="scratch space, new or empty (default: a new temporary directory)")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from rayscale import config
@@ -33,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     from rayscale.launch.connect import connect
     from rayscale.tuning import search as tune
 
-    out = args.output_dir or Path(tempfile.mkdtemp(prefix="rayscale-trial-gaps-"))
+    out = scratch_or_none("trial_gaps", args.output_dir)
+    if out is None:
+        return 2
     lrs = [round(0.3 / 3 ** i, 4) for i in range(args.trials)]
     base = [f"run.output_dir={out}", "scaling.num_workers=1", "train.epochs=1", "train.noise_scale=false"]
     connect(None)

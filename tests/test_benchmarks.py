@@ -33,9 +33,10 @@ def test_a_resumed_stream_that_drifts_is_counted_both_ways():
     assert account(REFERENCE, attempts) == {"rows_lost": 2, "rows_duplicated": 2}
 
 
-def test_each_benchmark_runs_in_a_new_directory_every_time(tmp_path, monkeypatch):
-    """`python -m benchmarks` twice with the same --output-dir: the second must not find the first one's runs
-    (a finished run left there was resumed, trained nothing, and its old figures were reported as new)."""
+def test_an_output_dir_holding_an_earlier_run_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    """`python -m benchmarks` twice with the same --output-dir: the second is refused (exit 2) before anything
+    runs. Its runs would have found the first one's: a finished run left there was resumed, trained nothing, and
+    its old figures were reported as new."""
     import importlib
     from types import SimpleNamespace
 
@@ -52,11 +53,28 @@ def test_each_benchmark_runs_in_a_new_directory_every_time(tmp_path, monkeypatch
     monkeypatch.setattr(importlib, "import_module", lambda name: SimpleNamespace(run=run, table=lambda r: "-"))
     monkeypatch.setattr(suite, "machine", lambda: {"cpus": 2})
     monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # main adds the repository to it
-    for _ in range(2):
-        assert suite.main(["--smoke", "--only", "throughput", "--output-dir", str(tmp_path / "work"),
-                           "--results-dir", str(tmp_path / "results")]) == 0
-    assert len(set(given)) == 2
-    assert all(work.parent == tmp_path / "work" and work.name.startswith("throughput-") for work in given)
+    argv = ["--smoke", "--only", "throughput", "--output-dir", str(tmp_path / "work"),
+            "--results-dir", str(tmp_path / "results")]
+    assert suite.main(argv) == 0
+    assert given == [(tmp_path / "work" / "throughput").resolve()]
+    capsys.readouterr()
+    assert suite.main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "--output-dir" in error and "not empty" in error, error
+    assert len(given) == 1 and [p.name for p in given[0].iterdir()] == ["round_1"]  # nothing ran, nothing changed
+
+
+def test_a_benchmarks_scratch_is_the_given_directory_when_new_or_empty_or_a_temporary_one(tmp_path, capsys):
+    from benchmarks import scratch_or_none
+
+    assert scratch_or_none("epoch_end", tmp_path / "new") == (tmp_path / "new").resolve()
+    assert (tmp_path / "new").is_dir()
+    (tmp_path / "new" / "round_1").mkdir()
+    assert scratch_or_none("epoch_end", tmp_path / "new") is None
+    assert capsys.readouterr().err.startswith("epoch_end: --output-dir ")
+    temporary = scratch_or_none("trial_gaps", None)
+    assert temporary.is_dir() and not any(temporary.iterdir()) and temporary.name.startswith("rayscale-trial_gaps-")
+    temporary.rmdir()
 
 
 @pytest.mark.slow
