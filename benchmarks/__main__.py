@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where the JSON and Markdown go "
                                                                           "(default benchmarks/results)")
     args = parser.parse_args(argv)
-    chosen = [name.strip() for name in args.only.split(",") if name.strip()]
+    chosen = list(dict.fromkeys(name.strip() for name in args.only.split(",") if name.strip()))  # each once
     unknown = sorted(set(chosen) - set(BENCHMARKS))
     if unknown:
         print(f"benchmarks: --only {','.join(unknown)}: expected some of {', '.join(BENCHMARKS)}", file=sys.stderr)

@@ -53,10 +53,10 @@ def test_an_output_dir_holding_an_earlier_run_is_refused_in_one_line(tmp_path, m
     monkeypatch.setattr(importlib, "import_module", lambda name: SimpleNamespace(run=run, table=lambda r: "-"))
     monkeypatch.setattr(suite, "machine", lambda: {"cpus": 2})
     monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # main adds the repository to it
-    argv = ["--smoke", "--only", "throughput", "--output-dir", str(tmp_path / "work"),
+    argv = ["--smoke", "--only", "throughput,throughput", "--output-dir", str(tmp_path / "work"),
             "--results-dir", str(tmp_path / "results")]
     assert suite.main(argv) == 0
-    assert given == [(tmp_path / "work" / "throughput").resolve()]
+    assert given == [(tmp_path / "work" / "throughput").resolve()]  # named twice, run once
     capsys.readouterr()
     assert suite.main(argv) == 2
     error = capsys.readouterr().err
