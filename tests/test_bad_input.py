@@ -8,6 +8,7 @@ knowable up front); and leave an existing run directory exactly as it was.
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -304,6 +305,9 @@ def _assert_refused(args, fragments, tmp_path, existing_run, capsys, monkeypatch
     if "run.name" not in " ".join(argv):
         argv += ["--set", "run.name=existing"]
     monkeypatch.syspath_prepend(str(tmp_path))
+    # Importing the user's module from tmp_path makes Python cache its bytecode there: the interpreter's write,
+    # not rayscale's, kept out of what the test compares.
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
     before, around = _snapshot(existing_run), sorted(tmp_path.iterdir())
 
     code = cli.main(argv)
