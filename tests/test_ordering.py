@@ -327,20 +327,23 @@ def seen_dir(local_ray) -> Path:
     return Path(os.environ[SEEN_DIR_ENV])
 
 
-@pytest.mark.slow
 def test_online_two_workers_agree_on_files_and_steps(tmp_path, seen_dir):
+    """Two ranks (gloo processes, the engine's in-process context): rank 0 decides each next file and both train
+    its rows as the same steps. What Ray Train adds to a run (a worker group) is the same for online data and is
+    tested in tests/test_pipeline.py."""
+    from inprocess import train as train_in_process
+
     stream = tmp_path / "stream"
     stream.mkdir()
     _write_part(stream, "part-000.parquet", 0, 90)  # shares of 16 rows; last steps of 26 and 28 rows: no padding
     _write_part(stream, "part-001.parquet", 90, 60)
-    argv = ["train", "--set", f"data.source={stream}", "--set", "data.online=true", "--set", "data.online_poll_s=0.2",
-            "--set", "data.online_idle_timeout_s=1", "--set", "schedule.name=constant",
-            "--set", "model.name=test_ordering:recording_model", "--set", "scaling.num_workers=2",
-            "--set", "batch.global_batch_size=32", "--set", "batch.micro_batch_size=null",
-            "--set", f"run.output_dir={tmp_path / 'runs'}", "--set", "run.name=online2"]
-    assert cli.main(argv) == 0
+    trained = train_in_process(
+        tmp_path / "runs", "online2", f"data.source={stream}", "data.online=true", "data.online_poll_s=0.2",
+        "data.online_idle_timeout_s=1", "schedule.name=constant", "model.name=test_ordering:recording_model",
+        "batch.global_batch_size=32", "batch.micro_batch_size=null", workers=2)
     ranks = seen_rows(seen_dir)
     assert len(ranks) == 2 and sorted(ranks[0] + ranks[1]) == list(range(150))  # each row once, on one rank
     assert ranks[0][:16] == list(range(16)) and ranks[1][:16] == list(range(16, 32))  # the same steps, split
-    summary = json.loads((tmp_path / "runs" / "online2" / "summary.json").read_text())
+    summary = trained.summary
+    assert summary["world_size"] == 2
     assert summary["online_files"] == 2 and summary["samples_seen"] == 150 and summary["steps"] == 3 + 2
