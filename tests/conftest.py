@@ -39,7 +39,7 @@ os.environ.setdefault("RAYSCALE_DASHBOARD", "0")
 # A stale list only orders.
 LONGEST_FIRST = ("test_pipeline", "test_cluster", "test_elastic", "test_tune", "test_examples",
                  "test_parameter_server", "test_benchmarks", "test_benchmark_asha", "test_ray_datasets",
-                 "test_benchmarks_memory_scale_gpu", "test_loop", "test_ordering", "test_sharded_ingest")
+                 "test_loop", "test_ordering", "test_sharded_ingest")
 
 
 def pytest_collection_modifyitems(items):

@@ -1,4 +1,4 @@
-"""The benchmark scripts' own arithmetic (the scripts themselves are not part of the test run)."""
+"""The benchmark scripts' own arithmetic, and the suite (`python -m benchmarks --smoke`) at tiny sizes."""
 
 import json
 import os
@@ -77,32 +77,59 @@ def test_a_benchmarks_scratch_is_the_given_directory_when_new_or_empty_or_a_temp
     temporary.rmdir()
 
 
-@pytest.mark.slow
-def test_the_benchmark_suite_runs_at_tiny_sizes(tmp_path):
-    """`python -m benchmarks --smoke`: each benchmark runs and writes its result; the figures mean nothing.
-    (Memory and scale: tests/test_benchmarks_memory_scale_gpu.py, a file of its own so it can run beside this.)"""
+SMOKE = ("throughput", "ingest", "accumulation", "noise_overhead", "mfu", "memory", "scale", "gpu_mfu")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> Path:
+    """`python -m benchmarks --smoke` over every benchmark of the suite, in one process and one embedded Ray: the
+    results directory. The figures mean nothing; each benchmark ran and wrote its result."""
+    out = tmp_path_factory.mktemp("smoke")
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    done = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--output-dir", str(tmp_path / "work"),
-                           "--results-dir", str(tmp_path / "results"),
-                           "--only", "throughput,ingest,accumulation,noise_overhead,mfu"], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--output-dir", str(out / "work"),
+                           "--results-dir", str(out / "results"), "--only", ",".join(SMOKE)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for name in ("throughput", "ingest", "accumulation", "noise_overhead", "mfu"):
-        result = json.loads((tmp_path / "results" / f"{name}.smoke.json").read_text())
+    return out / "results"
+
+
+@pytest.mark.slow
+def test_the_benchmark_suite_runs_at_tiny_sizes(smoke):
+    for name in SMOKE:
+        result = json.loads((smoke / f"{name}.smoke.json").read_text())
         assert result["targets"] and result["machine"]["cpus"], name
-    throughput = json.loads((tmp_path / "results" / "throughput.smoke.json").read_text())
+    throughput = json.loads((smoke / "throughput.smoke.json").read_text())
     assert all(throughput[k]["samples_per_sec"] > 0 for k in ("rayscale", "ray_train", "plain_ddp"))
     (only_round,) = throughput["rounds"]  # the smoke size runs one round; each ratio is that round's own
     assert throughput["targets"][0]["value"] == pytest.approx(
         only_round["rayscale"]["samples_per_sec"] / only_round["ray_train"]["samples_per_sec"])
-    ingest = json.loads((tmp_path / "results" / "ingest.smoke.json").read_text())
+    ingest = json.loads((smoke / "ingest.smoke.json").read_text())
     assert 0 <= ingest["streamed"]["steady_data_wait_fraction"] <= 1
-    accumulation = json.loads((tmp_path / "results" / "accumulation.smoke.json").read_text())
+    accumulation = json.loads((smoke / "accumulation.smoke.json").read_text())
     assert accumulation["rayscale"]["allreduce_rounds_per_step"] == 1
     assert accumulation["naive"]["allreduce_rounds_per_step"] == 4
-    noise = json.loads((tmp_path / "results" / "noise_overhead.smoke.json").read_text())
+    noise = json.loads((smoke / "noise_overhead.smoke.json").read_text())
     assert noise["estimates_taken"] > 0 and noise["step_s"]["on"] > 0
-    assert "| benchmark | measure |" in (tmp_path / "results" / "summary.smoke.md").read_text()
+    summary = (smoke / "summary.smoke.md").read_text()
+    assert "| benchmark | measure |" in summary and "| memory |" in summary
+
+
+@pytest.mark.slow
+def test_memory_scale_and_gpu_benchmarks_run_at_tiny_sizes(smoke):
+    """The GPU benchmark's whole path too (Parquet sequences, the GPT factory in a Ray worker, bf16, the raw
+    loop, FLOP counting), on the CPU when no GPU is here. (Their arithmetic: tests/test_benchmarks_memory_scale_gpu.py.)"""
+    memory = json.loads((smoke / "memory.smoke.json").read_text())
+    assert [p["micro_batch_size"] for p in memory["micro_sweep"]] == [64, 16]
+    assert all(p["peak_memory_mb"] > 0 for p in memory["micro_sweep"])
+    assert [e["epoch"] for e in memory["epochs"]] == [1, 2, 3] and all(e["memory_mb"] > 0 for e in memory["epochs"])
+    scale = json.loads((smoke / "scale.smoke.json").read_text())
+    assert [p["rows"] for p in scale["dataset_sizes"]] == [1000, 4000]
+    assert all(p["driver_peak_memory_mb"] > 0 and p["samples_per_sec"] > 0 for p in scale["dataset_sizes"])
+    assert scale["tune"]["one_at_a_time"]["trials"] == 1
+    gpu = json.loads((smoke / "gpu_mfu.smoke.json").read_text())
+    assert gpu["flops_per_token"] > 0 and gpu["measured_matmul_tflops"] > 0
+    assert all(gpu[part]["tokens_per_sec"] > 0 for part in ("raw", "step_only", "rayscale"))
+    assert gpu["rayscale"]["log_lines"] >= 2  # one epoch, logged often enough for a steady window
 
 
 def test_the_step_overhead_diagnostic_runs_and_prints_every_loop():

@@ -1,7 +1,6 @@
-"""The memory, scale and GPU benchmarks: their arithmetic, and smoke runs (a file of its own, so that pytest-xdist
-can run it beside tests/test_benchmarks.py's smoke run)."""
+"""The memory, scale and GPU benchmarks' arithmetic, and the GPU benchmark's refusal without a GPU (their smoke
+runs: tests/test_benchmarks.py, with the rest of the suite)."""
 
-import json
 import os
 import subprocess
 import sys
@@ -36,30 +35,6 @@ def test_steady_rate_leaves_out_the_first_interval_and_evaluations():
 def test_activation_estimate_scales_with_the_micro_batch():
     assert activation_mb(256, [1024, 1024]) == pytest.approx(256 * 2048 * 2 * 4 / 2**20)
     assert activation_mb(512, [1024]) == pytest.approx(2 * activation_mb(256, [1024]))
-
-
-@pytest.mark.slow
-def test_memory_scale_and_gpu_benchmarks_run_at_tiny_sizes(tmp_path):
-    """The GPU benchmark's whole path too (Parquet sequences, the GPT factory in a Ray worker, bf16, the raw
-    loop, FLOP counting), on the CPU when no GPU is here."""
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    done = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--only", "memory,scale,gpu_mfu",
-                           "--output-dir", str(tmp_path / "work"), "--results-dir", str(tmp_path / "results")],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    memory = json.loads((tmp_path / "results" / "memory.smoke.json").read_text())
-    assert [p["micro_batch_size"] for p in memory["micro_sweep"]] == [64, 16]
-    assert all(p["peak_memory_mb"] > 0 for p in memory["micro_sweep"])
-    assert [e["epoch"] for e in memory["epochs"]] == [1, 2, 3] and all(e["memory_mb"] > 0 for e in memory["epochs"])
-    scale = json.loads((tmp_path / "results" / "scale.smoke.json").read_text())
-    assert [p["rows"] for p in scale["dataset_sizes"]] == [1000, 4000]
-    assert all(p["driver_peak_memory_mb"] > 0 and p["samples_per_sec"] > 0 for p in scale["dataset_sizes"])
-    assert scale["tune"]["one_at_a_time"]["trials"] == 1
-    gpu = json.loads((tmp_path / "results" / "gpu_mfu.smoke.json").read_text())
-    assert gpu["flops_per_token"] > 0 and gpu["measured_matmul_tflops"] > 0
-    assert all(gpu[part]["tokens_per_sec"] > 0 for part in ("raw", "step_only", "rayscale"))
-    assert gpu["rayscale"]["log_lines"] >= 2  # one epoch, logged often enough for a steady window
-    assert "| memory |" in (tmp_path / "results" / "summary.smoke.md").read_text()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the full run is the benchmark itself")
