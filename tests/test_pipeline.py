@@ -302,27 +302,6 @@ def test_the_embedded_ray_starts_no_preemption_watcher_and_no_run_starts_unused_
     assert groups and all(table[group]["state"] == "REMOVED" for group in groups)
 
 
-def test_same_config_and_seed_with_mid_epoch_validation_give_a_bitwise_identical_model(reference, tmp_path):
-    """Run again with the same config and seed, validating mid-epoch as well and streaming every epoch from Ray
-    Data (the reference replays epochs 2+ from each worker's cache): the same model, bit for bit (reproducible,
-    validation touches no training state, the cache replays Ray Data's order), and the validations are
-    reported."""
-    _, summary, model = reference
-    _, evaluated = run(tmp_path, "evaluated", "batch.micro_batch_size=8", "run.checkpoint_every_samples=320",
-                       "train.eval_every_samples=400", "data.cache_mb=0", AVERAGED)
-    assert all(torch.equal(model[k], evaluated[k]) for k in model)  # validation touches no training state
-    records = read_metrics(tmp_path / "evaluated")
-    mid = [r for r in records if r.get("evaluation") and not r.get("epoch_end")]
-    rows = summary["train_rows"]
-    # Validated after the first step at or past each multiple of 400, unless that step ends an epoch (the
-    # epoch end validates anyway).
-    step_ends = [epoch * rows + min(k * 64, rows) for epoch in (0, 1) for k in range(1, -(-rows // 64) + 1)]
-    crossings = [next(end for end in step_ends if end >= point) for point in range(400, 2 * rows, 400)]
-    assert [r["samples_seen"] for r in mid] == [end for end in crossings if end % rows]
-    assert all(0 < r["val_loss"] < 10 and 0 <= r["val_accuracy"] <= 1 for r in mid)
-    assert sum(bool(r.get("epoch_end") and r.get("evaluation")) for r in records) == 2
-
-
 def test_embedded_ray_listens_on_loopback_only(ray_session):
     """Every server the embedded Ray started (GCS, raylet, object manager, dashboard, agents) is on 127.0.0.1."""
     import subprocess
@@ -369,7 +348,12 @@ def test_killed_driver_rerun_resumes_from_storage_path_and_matches_bitwise(refer
     would), kept its checkpoints in run.storage_path, and its run directory's metrics.jsonl is deleted too (as
     when rank 0 ran on another node). Its Train controller and workers die with it, giving their CPUs back;
     running the same command again resumes from the latest checkpoint, brings the log back from it, and ends
-    with the uninterrupted run's model, bit for bit."""
+    with the uninterrupted run's model, bit for bit.
+
+    Its config differs from the reference's in what must not change the model: it also validates mid-epoch, and
+    streams every epoch from Ray Data (the reference replays epochs 2+ from each worker's cache). So the same
+    model also says that validation touches no training state and that the cache replays Ray Data's order; and
+    the validations are reported where they fall, across the kill too."""
     import signal
     import subprocess
 
@@ -381,7 +365,8 @@ def test_killed_driver_rerun_resumes_from_storage_path_and_matches_bitwise(refer
                "--set", f"run.output_dir={tmp_path}", "--set", "run.name=driver", "--set", "train.epochs=2",
                "--set", "batch.global_batch_size=64", "--set", "batch.micro_batch_size=8",
                "--set", "run.checkpoint_every_samples=320", "--set", "model.name=slow_model:make",
-               "--set", f"run.storage_path={store}", "--set", "train.log_every_samples=128", "--set", AVERAGED]
+               "--set", f"run.storage_path={store}", "--set", "train.log_every_samples=128", "--set", AVERAGED,
+               "--set", "train.eval_every_samples=400", "--set", "data.cache_mb=0"]
     log = open(tmp_path / "first.log", "w")
     driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
@@ -408,9 +393,20 @@ def test_killed_driver_rerun_resumes_from_storage_path_and_matches_bitwise(refer
     assert summary["samples_seen"] == expected_summary["samples_seen"]
     model = torch.load(tmp_path / "driver" / "model.pt")
     assert all(torch.equal(expected[k], model[k]) for k in expected)
-    samples = [r["samples_seen"] for r in read_metrics(tmp_path / "driver")]
+    records = read_metrics(tmp_path / "driver")
+    samples = [r["samples_seen"] for r in records]
     assert samples == sorted(samples)  # lines after the checkpoint were replaced, not duplicated
     assert samples[0] <= 128  # the lines from before the kill came back with the checkpoint
+
+    # Validated after the first step at or past each multiple of 400, unless that step ends an epoch (the epoch
+    # end validates anyway); each once, the ones before the kill included.
+    mid = [r for r in records if r.get("evaluation") and not r.get("epoch_end")]
+    rows = expected_summary["train_rows"]
+    step_ends = [epoch * rows + min(k * 64, rows) for epoch in (0, 1) for k in range(1, -(-rows // 64) + 1)]
+    crossings = [next(end for end in step_ends if end >= point) for point in range(400, 2 * rows, 400)]
+    assert [r["samples_seen"] for r in mid] == [end for end in crossings if end % rows]
+    assert all(0 < r["val_loss"] < 10 and 0 <= r["val_accuracy"] <= 1 for r in mid)
+    assert sum(bool(r.get("epoch_end") and r.get("evaluation")) for r in records) == 2
 
 
 def _registered_checkpoint(experiment: Path) -> bool:
