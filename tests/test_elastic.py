@@ -2,7 +2,8 @@
 
 - Unit: why Train's controller starts a new worker group (an elastic resize, a preemption, a fault), as
   worker_groups.jsonl records it and summary.json counts it.
-- On a simulated two-node cluster (`ray.cluster_utils.Cluster`, everything on 127.0.0.1): see the tests below.
+- On a simulated two-node cluster (`ray.cluster_utils.Cluster`, everything on 127.0.0.1): see the test below. (That
+  a fixed run with a rank per node trains what two ranks on one machine train: tests/test_sharded_ingest.py.)
 """
 
 from __future__ import annotations
@@ -76,21 +77,6 @@ def _cfg(tmp_path, name, *overrides):
 
 def _model(run_dir: Path) -> dict:
     return torch.load(run_dir / "model.pt")
-
-
-@pytest.mark.slow
-def test_a_run_with_one_worker_per_node_trains_the_model_one_node_trains(cluster, tmp_path):
-    """Two workers, on two nodes, against the same two ranks in two processes of this machine."""
-    from inprocess import train as train_in_process
-
-    from rayscale.launch.trainer import train
-
-    summary = train(_cfg(tmp_path, "two_nodes", "model.kwargs={delay_s: 0}", "scaling.num_workers=2"),
-                    address=cluster.cluster.address)
-    one_node = train_in_process(tmp_path, "one_node", *OPTIONS, "model.kwargs={delay_s: 0}", workers=2)
-    model = _model(Path(summary["run_dir"]))
-    assert all(torch.equal(model[key], one_node.model[key]) for key in model)
-    assert summary["world_sizes"] == [2] and summary["restarts"] == 0
 
 
 @pytest.mark.slow

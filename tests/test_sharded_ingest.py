@@ -1,6 +1,7 @@
 """Sharded ingest on a simulated two-node cluster (`ray.cluster_utils.Cluster`, one training worker per node):
 each rank reads only its own lanes, its read tasks run on its own node, and the whole run reads about the file
-once per pass. Every process logs what it reads through a Ray setup hook (tests/read_log.py)."""
+once per pass; and the model is the one two ranks in two processes of this machine train, bit for bit. Every
+process logs what it reads through a Ray setup hook (tests/read_log.py)."""
 
 from __future__ import annotations
 
@@ -43,19 +44,27 @@ def two_nodes(tmp_path_factory):
 def test_each_rank_reads_its_own_lanes_on_its_own_node_and_the_run_reads_the_file_once_per_pass(
         two_nodes, tmp_path):
     import read_log
+    import torch
+    from inprocess import train as train_in_process
 
     from rayscale.launch.trainer import train
 
     cluster, nodes, log = two_nodes
     source = parquet_fixtures.write(tmp_path / "rows.parquet", parquet_fixtures.tabular(0, ROWS),
                                     row_group_size=ROW_GROUP)
-    cfg = config.load(overrides=[f"data.source={source}", "data.val_fraction=0.1", "data.cache_mb=0",
-                                 "data.read_in_worker_mb=0", f"train.epochs={EPOCHS}", "batch.global_batch_size=64",
-                                 "batch.micro_batch_size=null", "scaling.num_workers=2",
-                                 "scaling.cpus_per_worker=1.5", f"run.output_dir={tmp_path}", "run.name=sharded"])
+    options = [f"data.source={source}", "data.val_fraction=0.1", "data.cache_mb=0", "data.read_in_worker_mb=0",
+               f"train.epochs={EPOCHS}", "batch.global_batch_size=64", "batch.micro_batch_size=null"]
+    cfg = config.load(overrides=[*options, "scaling.num_workers=2", "scaling.cpus_per_worker=1.5",
+                                 f"run.output_dir={tmp_path}", "run.name=sharded"])
     summary = train(cfg, address=cluster.address)
     train_rows = summary["train_rows"]
     assert summary["samples_seen"] == EPOCHS * train_rows
+    assert summary["world_sizes"] == [2] and summary["restarts"] == 0
+    # DDP under Train, a rank per node, trains the model that two ranks in two processes of this machine train.
+    one_node = train_in_process(tmp_path, "one_node", *options, workers=2)
+    model = torch.load(Path(summary["run_dir"]) / "model.pt")
+    assert model.keys() == one_node.model.keys()
+    assert all(torch.equal(model[key], one_node.model[key]) for key in model)
 
     records = read_log.records(log)
     asked = [r for r in records if r["kind"] == "ask" and r["split"] == "train"]
