@@ -27,9 +27,9 @@ SIZES = {
              "model_rows": 40_000, "models": [[64], [256, 256], [1024, 1024], [2048, 2048, 2048]],
              "tune_rows": 8_000, "tune_lrs": [0.01, 0.03, 0.1, 0.3], "tune_default_concurrency": True},
     # Local mode (the loop in the driver): a smoke run proves the script, not the figures, so it skips
-    # the worker start-up.
+    # the worker start-up; except in (c), where a trial needs a worker group to report to Tune.
     "smoke": {"workers": 0, "rows": [1_000, 4_000], "features": 8, "hidden": [16], "global_batch": 128,
-              "model_rows": 1_000, "models": [[8]], "tune_rows": 512, "tune_lrs": [0.1],
+              "model_rows": 1_000, "models": [[8]], "tune_rows": 512, "tune_lrs": [0.1], "tune_workers": 1,
               "tune_default_concurrency": False},
 }
 MAX_DRIVER_GROWTH = 0.10
@@ -117,6 +117,7 @@ def tune_overhead(size: dict, output_dir: Path) -> dict:
 
     rows, lrs = size["tune_rows"], size["tune_lrs"]
     # Validation on in both, as Tune needs its metric.
+    size = {**size, "workers": size.get("tune_workers", size["workers"])}
     base = [*_overrides(output_dir, "single", size, rows, size["hidden"]),
             "data.val_fraction=0.2"]
     singles = []
@@ -135,6 +136,10 @@ def tune_overhead(size: dict, output_dir: Path) -> dict:
             *([f"tune.max_concurrent_trials={concurrency}"] if concurrency else [])])
         began = time.perf_counter()
         trials = tune.search(cfg)
+        unfinished = [trial["status"] for trial in trials if trial["status"] != "completed"]
+        if unfinished:  # a failed trial's time is not a trial's overhead
+            raise RuntimeError(f"scale: {len(unfinished)} of {len(trials)} trials of the {name} search did not "
+                               f"complete ({', '.join(unfinished)}); see its trials.csv in {output_dir}")
         searches[name] = {"wall_s": round(time.perf_counter() - began, 1), "trials": len(trials),
                           "concurrency": concurrency or tune.max_concurrent(cfg)}
     n = len(lrs)

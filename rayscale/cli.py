@@ -18,6 +18,7 @@ from rayscale import config as config_module
 from rayscale.errors import UserError
 
 EXIT_BAD_INPUT = 2
+EXIT_SEARCH_FAILED = 1  # the search ran, but not one trial trained to a result
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -126,7 +127,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from rayscale import api
 
-    api.tune(args.config, overrides=args.overrides, address=args.address, resume=args.resume)
+    result = api.tune(args.config, overrides=args.overrides, address=args.address, resume=args.resume)
+    failed = [trial for trial in result.trials if trial["status"] == "error"]
+    if failed and len(failed) == len(result.trials):  # nothing to rank: a script must not take it for a search
+        print(f"rayscale: error: every trial of the search failed ({len(failed)} of {len(failed)}); Tune's table "
+              f"above names each one's error.txt, and {result.search_dir / 'trials.csv'} lists them",
+              file=sys.stderr)
+        return EXIT_SEARCH_FAILED
     return 0
 
 

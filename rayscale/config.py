@@ -141,7 +141,7 @@ class BatchConfig:
 
 @dataclass
 class ScalingConfig:
-    num_workers: int = key(2, "Ray Train workers (0: local mode, the loop runs in the driver); with "
+    num_workers: int = key(2, "Ray Train workers (0: local mode, the loop runs in the driver; not in a search); with "
                               "scaling.min_workers, the most an elastic run grows to ([min, max] sets both)",
                            minimum=0)
     min_workers: int | None = key(None, "elastic: the fewest workers a run goes on with when nodes go (null: "

@@ -183,6 +183,11 @@ RULES: tuple[Rule, ...] = (
          lambda c: "scaling.min_workers: a search runs every trial at a fixed worker count (trials share the "
                    "cluster); set a fixed scaling.num_workers",
          ("scaling.num_workers=[1, 2]",), scope="search"),
+    Rule(("scaling.num_workers", "tune.space"),
+         lambda c: c.scaling.num_workers == 0,
+         lambda c: "scaling.num_workers: 0 (local mode) cannot train a search's trials (a trial reports to Tune "
+                   "through its Ray Train worker group, which local mode does not start); set it to 1 or more",
+         ("scaling.num_workers=0",), scope="search"),
     # batch.adaptive needs what each mode decides from.
     Rule(("batch.growth_every_samples", "batch.adaptive"),
          lambda c: c.batch.adaptive == "step" and c.batch.growth_every_samples is None,

@@ -227,6 +227,12 @@ def test_best_config_trains_as_it_is_and_reproduces_the_trial(search, tmp_path):
                  id="indivisible-batch"),
     pytest.param(["tune.metric=val_loss", "data.val_fraction=0"], "tune.metric val_loss: there is no validation",
                  id="no-validation"),
+    # Local mode has no Train worker group to report a trial to Tune: every trial failed, and the search exited 0.
+    pytest.param(["scaling.num_workers=0"], "scaling.num_workers: 0 (local mode) cannot train a search's trials",
+                 id="local-mode"),
+    pytest.param(["tune.space={scaling.num_workers: {choice: [1, 0]}}"],
+                 "tune.space.scaling.num_workers: scaling.num_workers=0 is not usable: scaling.num_workers: 0 "
+                 "(local mode)", id="local-mode-sampled"),
 ])
 def test_bad_search_is_a_one_line_error_and_writes_nothing(tmp_path, capsys, overrides, message):
     code = cli.main(["tune", *args(f"run.output_dir={tmp_path}", *overrides)])
@@ -234,6 +240,24 @@ def test_bad_search_is_a_one_line_error_and_writes_nothing(tmp_path, capsys, ove
     assert code == 2
     assert message in err and err.count("\n") == 1
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("statuses, code", [(["error", "error"], 1), (["error", "completed"], 0),
+                                             (["stopped early", "completed"], 0)])
+def test_a_search_whose_every_trial_failed_exits_1_in_one_line(tmp_path, capsys, monkeypatch, statuses, code):
+    """The search ran, so it is not bad input (2); but with no trial trained to a result there is nothing to rank,
+    and a script running `rayscale tune` must not take it for a finished search."""
+    from rayscale import api
+
+    trials = [{"trial_id": f"t{i}", "status": status} for i, status in enumerate(statuses)]
+    monkeypatch.setattr(api, "tune", lambda *a, **k: api.SearchResult(tmp_path / "search", trials))
+    assert cli.main(["tune"]) == code
+    err = capsys.readouterr().err
+    if code:
+        assert err.count("\n") == 1 and err.startswith("rayscale: error: every trial of the search failed (2 of 2)")
+        assert str(tmp_path / "search" / "trials.csv") in err
+    else:
+        assert err == ""
 
 
 def test_missing_optional_searcher_is_a_clear_error(tmp_path, capsys):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rayscale import config as config_module
+from rayscale import rules
 from rayscale.config import Config
 from rayscale.errors import ConfigError
 from rayscale.math.batching import fit_micro_batch, plan_batches
@@ -121,8 +122,10 @@ def validate(base: dict, domains: list[Domain]) -> None:
     """Every value a trial can get must give a valid config; errors name the space key and the value.
 
     Keys interact (a global batch must divide by the workers), so combinations are checked together when
-    there are at most MAX_COMBINATIONS of them, each domain alone otherwise.
+    there are at most MAX_COMBINATIONS of them, each domain alone otherwise. The base config's own rules are
+    checked first, so that what it breaks is reported as its own, not as a sampled value's.
     """
+    rules.check(config_module.from_dict(base), "search")
     for domain in domains:
         for value in domain.check_values():
             _check(base, {domain.key: value}, domain.key)
@@ -135,7 +138,7 @@ def validate(base: dict, domains: list[Domain]) -> None:
 
 def _check(base: dict, sampled: dict, where: str) -> None:
     try:
-        apply(base, sampled)
+        rules.check(apply(base, sampled), "search")  # a trial's own settings must combine too
     except ConfigError as exc:
         shown = ", ".join(f"{k}={v!r}" for k, v in sampled.items())
         raise ConfigError(f"tune.space.{where}: {shown} is not usable: {exc}") from None
