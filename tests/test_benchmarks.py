@@ -125,7 +125,7 @@ def test_memory_scale_and_gpu_benchmarks_run_at_tiny_sizes(smoke):
     scale = json.loads((smoke / "scale.smoke.json").read_text())
     assert [p["rows"] for p in scale["dataset_sizes"]] == [1000, 4000]
     assert all(p["driver_peak_memory_mb"] > 0 and p["samples_per_sec"] > 0 for p in scale["dataset_sizes"])
-    assert scale["tune"]["one_at_a_time"]["trials"] == 1
+    assert scale["tune"] is None  # not at the smoke size: see test_the_tune_overhead_is_the_searchs_extra_time_per_trial
     gpu = json.loads((smoke / "gpu_mfu.smoke.json").read_text())
     assert gpu["flops_per_token"] > 0 and gpu["measured_matmul_tflops"] > 0
     assert all(gpu[part]["tokens_per_sec"] > 0 for part in ("raw", "step_only", "rayscale"))

@@ -37,6 +37,45 @@ def test_activation_estimate_scales_with_the_micro_batch():
     assert activation_mb(512, [1024]) == pytest.approx(2 * activation_mb(256, [1024]))
 
 
+def _stand_ins(monkeypatch, statuses: list[str], single_s: float, search_s: float):
+    """trainer.train and tune.search replaced by calls that only let the clock run on."""
+    import benchmarks.scale as scale
+    from rayscale.launch import trainer
+    from rayscale.tuning import search
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(scale.time, "perf_counter", lambda: clock["now"])
+
+    def train(cfg):
+        clock["now"] += single_s
+
+    def tune(cfg):
+        clock["now"] += search_s
+        return [{"trial_id": f"t{i}", "status": status} for i, status in enumerate(statuses)]
+
+    monkeypatch.setattr(trainer, "train", train)
+    monkeypatch.setattr(search, "search", tune)
+    return scale
+
+
+def test_the_tune_overhead_is_the_searchs_extra_time_per_trial(tmp_path, monkeypatch):
+    """Part (c) of benchmarks/scale.py (not run at the smoke size): 2 configurations of 10 s each, searched in
+    26 s one at a time: 3 s per trial."""
+    scale = _stand_ins(monkeypatch, ["completed", "completed"], single_s=10.0, search_s=26.0)
+    size = {**scale.SIZES["smoke"], "tune_lrs": [0.1, 0.3]}
+    overhead = scale.tune_overhead(size, tmp_path)
+    assert (overhead["trials"], overhead["single_runs_wall_s"], overhead["overhead_per_trial_s"]) == (2, 20.0, 3.0)
+    assert overhead["one_at_a_time"] == {"wall_s": 26.0, "trials": 2, "concurrency": 1}
+
+
+def test_the_tune_overhead_refuses_a_search_whose_trials_did_not_all_complete(tmp_path, monkeypatch):
+    """A failed trial's time is not a trial's overhead (a local-mode search once failed every trial, and its
+    time was reported as overhead)."""
+    scale = _stand_ins(monkeypatch, ["completed", "error"], single_s=10.0, search_s=26.0)
+    with pytest.raises(RuntimeError, match="1 of 2 trials of the one_at_a_time search did not complete"):
+        scale.tune_overhead({**scale.SIZES["smoke"], "tune_lrs": [0.1, 0.3]}, tmp_path)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the full run is the benchmark itself")
 def test_gpu_benchmark_refuses_a_full_run_without_a_gpu():
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
