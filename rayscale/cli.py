@@ -130,7 +130,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     result = api.tune(args.config, overrides=args.overrides, address=args.address, resume=args.resume)
     failed = [trial for trial in result.trials if trial["status"] == "error"]
     if failed and len(failed) == len(result.trials):  # nothing to rank: a script must not take it for a search
-        print(f"rayscale: error: every trial of the search failed ({len(failed)} of {len(failed)}); Tune's table "
+        print(f"rayscale: error: every trial of the search failed ({len(failed)} of {len(result.trials)}); Tune's table "
               f"above names each one's error.txt, and {result.search_dir / 'trials.csv'} lists them",
               file=sys.stderr)
         return EXIT_SEARCH_FAILED
