@@ -5,13 +5,23 @@ Loopback only: a port that was free a moment ago has nothing listening; a listen
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 
 import pytest
 
 from rayscale.errors import UserError
-from rayscale.launch.connect import check_reachable, connect, free_loopback_port
+from rayscale.launch import connect as connecting
+from rayscale.launch.connect import (
+    AUTOSCALER_REQUESTS_ENV,
+    PREEMPTION_WATCHER_ENV,
+    PRESTART_ENV,
+    autoscaler_requests,
+    check_reachable,
+    connect,
+    free_loopback_port,
+)
 
 
 @pytest.fixture
@@ -131,3 +141,27 @@ def test_the_embedded_ray_without_its_dashboard_starts_none_of_its_modules(monke
         assert ray.cluster_resources()["CPU"] >= 2  # a working Ray
     finally:
         ray.shutdown()
+
+
+def test_the_embedded_rays_settings_reach_its_processes_and_joining_a_cluster_drops_them(monkeypatch,
+                                                                                        listening_port):
+    """For the embedded Ray's processes (set before ray.init, which they inherit): Train's preemption watcher off,
+    no prestarted workers, no autoscaler requests; a user's own setting wins. A cluster joined later in the same
+    process (a notebook) gets none of what connect set: it has drains to watch and may have an autoscaler."""
+    import ray
+
+    keys = (PREEMPTION_WATCHER_ENV, PRESTART_ENV, AUTOSCALER_REQUESTS_ENV)
+    for key in (*keys, "RAY_ADDRESS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv(PRESTART_ENV, "1")  # the user's own
+    monkeypatch.setattr(connecting, "_SET_FOR_EMBEDDED", set())
+    seen = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: seen.append({key: os.environ.get(key) for key in keys}))
+
+    connect(None)
+    assert seen == [{PREEMPTION_WATCHER_ENV: "0", PRESTART_ENV: "1", AUTOSCALER_REQUESTS_ENV: "0"}]
+    assert not autoscaler_requests()
+    connect(f"127.0.0.1:{listening_port}")
+    assert seen[1] == {PREEMPTION_WATCHER_ENV: None, PRESTART_ENV: "1", AUTOSCALER_REQUESTS_ENV: None}
+    assert autoscaler_requests()

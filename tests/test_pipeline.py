@@ -280,8 +280,9 @@ def test_start_up_splits_into_phases_that_add_up_to_it(reference, capsys):
 def test_the_embedded_ray_starts_no_preemption_watcher_and_no_run_starts_unused_actors(reference):
     """One node has no drains to watch: the reference run's controller started no PreemptionWatcher actor
     (connect turns it off for the embedded Ray; ~7 CPU-seconds a run). No run starts Train's DatasetManager (it
-    is given no datasets) or its PlacementGroupCleaner (rayscale removes the groups a run left itself), and the
-    embedded Ray's raylet starts no idle Python workers as the driver connects."""
+    is given no datasets) or its PlacementGroupCleaner (rayscale removes the groups a run left itself); no fixed
+    run on the embedded Ray, which has no autoscaler, starts the AutoscalingCoordinator it would ask for resources;
+    and the embedded Ray's raylet starts no idle Python workers as the driver connects."""
     import ray
     from ray.util.state import list_actors
 
@@ -290,7 +291,7 @@ def test_the_embedded_ray_starts_no_preemption_watcher_and_no_run_starts_unused_
     classes = {actor.class_name for actor in list_actors(address=address, limit=10_000)}  # dead ones included
     assert "TrainController" in classes and "RayTrainWorker" in classes
     assert "PreemptionWatcher" not in classes
-    assert not classes & {"DatasetManager", "PlacementGroupCleaner"}
+    assert not classes & {"DatasetManager", "PlacementGroupCleaner", "_AutoscalingCoordinatorActor"}
     raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
     assert b"RAY_prestart_worker_first_driver=0" in Path(f"/proc/{raylet}/environ").read_bytes().split(b"\0")
     from ray.util.placement_group import placement_group_table

@@ -18,6 +18,14 @@ PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Train's contro
 PRESTART_ENV = "RAY_prestart_worker_first_driver"  # the raylet reads this (Ray system config)
 REACH_TIMEOUT_S = 5.0  # a head that is up accepts a TCP connection at once; a dropped packet waits this long
 DASHBOARD_ENV = "RAYSCALE_DASHBOARD"  # 0: the embedded Ray starts without its dashboard's modules; 1 (default)
+AUTOSCALER_REQUESTS_ENV = "RAYSCALE_AUTOSCALER_REQUESTS"  # 0: fixed-size runs ask no autoscaler for resources
+_SET_FOR_EMBEDDED: set[str] = set()  # the variables connect set for an embedded Ray (a user's own are not here)
+
+
+def autoscaler_requests() -> bool:
+    """Whether a fixed-size run's controller asks the cluster's autoscaler for its workers' resources
+    (RAYSCALE_AUTOSCALER_REQUESTS, on by default; the embedded Ray, which has none, turns it off)."""
+    return os.environ.get(AUTOSCALER_REQUESTS_ENV, "1").strip().lower() not in ("0", "false")
 
 
 def dashboard_wanted() -> bool:
@@ -73,6 +81,7 @@ def connect(address: str | None) -> None:
     if ray.is_initialized():
         return
     if address:
+        _forget_embedded_settings()  # an embedded Ray this process ran before chose them, not this cluster
         check_reachable(address, named)
         try:
             ray.init(address=address, logging_level="WARNING")
@@ -81,15 +90,18 @@ def connect(address: str | None) -> None:
         return
     include_dashboard = dashboard_wanted()  # a bad value is refused before Ray starts
     _forget_dead_cluster_address()
-    # Train's preemption watcher (an actor per worker group, polling for node drains to log them) has nothing
-    # to watch on one embedded node, and cost ~7 CPU-seconds per 2-worker run here (43 -> 36 CPU-s for a
-    # 1-epoch digits run, 2 cores). Set before ray.init so every process of this Ray inherits it; a user's
-    # own setting wins.
-    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
-    # Ray starts a Python worker per CPU as the driver connects; no rayscale run uses them (Train's controller
-    # and workers carry runtime environments of their own, so each gets a new process anyway): a 1-epoch
-    # digits run took 22.7 -> 21.4 CPU-s and 18.3 -> 17.3 s without them (2 cores).
-    os.environ.setdefault(PRESTART_ENV, "0")
+    # Every process of this Ray inherits these (set before ray.init); a user's own setting wins.
+    # - Train's preemption watcher (an actor per worker group, polling for node drains to log them) has nothing
+    #   to watch on one embedded node, and cost ~7 CPU-seconds per 2-worker run here (43 -> 36 CPU-s for a
+    #   1-epoch digits run, 2 cores).
+    # - Ray starts a Python worker per CPU as the driver connects; no rayscale run uses them (Train's controller
+    #   and workers carry runtime environments of their own, so each gets a new process anyway): a 1-epoch
+    #   digits run took 22.7 -> 21.4 CPU-s and 18.3 -> 17.3 s without them (2 cores).
+    # - The embedded Ray has no autoscaler for a run's controller to ask for resources (launch/torch_trainer.py).
+    for key in (PREEMPTION_WATCHER_ENV, PRESTART_ENV, AUTOSCALER_REQUESTS_ENV):
+        if key not in os.environ:
+            os.environ[key] = "0"
+            _SET_FOR_EMBEDDED.add(key)
     # Our own GCS port, so the address is known before Ray starts: every process of this cluster gets it
     # as RAY_ADDRESS. Ray's state API (ray.util.state), asked from inside this cluster, otherwise refuses to
     # guess when another Ray runs on the machine ("Found multiple active Ray instances"); Train's own
@@ -116,6 +128,12 @@ def connect(address: str | None) -> None:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)
         else:
             os.environ["RAY_GCS_SERVER_PORT"] = previous
+
+
+def _forget_embedded_settings() -> None:
+    for key in _SET_FOR_EMBEDDED:
+        os.environ.pop(key, None)
+    _SET_FOR_EMBEDDED.clear()
 
 
 def check_reachable(address: str, named: str = "--address") -> None:

@@ -28,7 +28,7 @@ from rayscale.driver.tracking import Tracking, destinations, final_files
 from rayscale.errors import UserError
 from rayscale.files import CONFIG_FILE, GROUPS_FILE, METRICS_FILE
 from rayscale.launch.callbacks import controller_callback, record_group, remove_placement_groups_left
-from rayscale.launch.connect import PREEMPTION_WATCHER_ENV, connect
+from rayscale.launch.connect import PREEMPTION_WATCHER_ENV, autoscaler_requests, connect
 from rayscale.launch.fit import check_cluster_fits, check_fits_before_start
 from rayscale.math.schedules import peak_lr
 from rayscale.plugins import UserCode
@@ -90,6 +90,7 @@ def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, nam
             # Train V2 re-routes print() through its logger, which echoes every progress line twice.
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
+        autoscaler_requests=autoscaler_requests(),
     )
 
 
