@@ -165,3 +165,16 @@ def test_the_embedded_rays_settings_reach_its_processes_and_joining_a_cluster_dr
     connect(f"127.0.0.1:{listening_port}")
     assert seen[1] == {PREEMPTION_WATCHER_ENV: None, PRESTART_ENV: "1", AUTOSCALER_REQUESTS_ENV: None}
     assert autoscaler_requests()
+
+
+@pytest.mark.parametrize("value", ["yes", "", "false", "2"])
+def test_an_autoscaler_requests_setting_other_than_0_or_1_is_one_line_before_ray_starts(monkeypatch, value):
+    import ray
+
+    monkeypatch.setenv("RAYSCALE_AUTOSCALER_REQUESTS", value)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail("Ray started"))
+    for address in (None, "127.0.0.1:6379"):
+        with pytest.raises(UserError, match=r"^RAYSCALE_AUTOSCALER_REQUESTS='.*': expected 0 \(fixed-size runs ask "
+                                            r"no autoscaler for their workers' resources\) or 1$"):
+            connect(address)

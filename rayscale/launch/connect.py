@@ -24,8 +24,12 @@ _SET_FOR_EMBEDDED: set[str] = set()  # the variables connect set for an embedded
 
 def autoscaler_requests() -> bool:
     """Whether a fixed-size run's controller asks the cluster's autoscaler for its workers' resources
-    (RAYSCALE_AUTOSCALER_REQUESTS, on by default; the embedded Ray, which has none, turns it off)."""
-    return os.environ.get(AUTOSCALER_REQUESTS_ENV, "1").strip().lower() not in ("0", "false")
+    (RAYSCALE_AUTOSCALER_REQUESTS, 1 by default; the embedded Ray, which has none, sets 0)."""
+    value = os.environ.get(AUTOSCALER_REQUESTS_ENV, "1").strip()
+    if value not in ("0", "1"):
+        raise UserError(f"{AUTOSCALER_REQUESTS_ENV}={value!r}: expected 0 (fixed-size runs ask no autoscaler for "
+                        f"their workers' resources) or 1")
+    return value == "1"
 
 
 def dashboard_wanted() -> bool:
@@ -76,6 +80,7 @@ def connect(address: str | None) -> None:
     """Join a cluster (`--address`, RAY_ADDRESS, or inside `ray job submit`), else start Ray on loopback."""
     named = "--address" if address else "RAY_ADDRESS"
     address = loopback_unless_joining(address)
+    autoscaler_requests()  # a bad value is refused before Ray starts
     import ray
 
     if ray.is_initialized():

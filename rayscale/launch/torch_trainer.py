@@ -13,7 +13,7 @@ again for every Tune trial and every restart. The DataContext still reaches the 
 Without `autoscaler_requests`, a fixed-size run also leaves out Ray Data's AutoscalingCoordinator, a detached actor
 through which Train's scaling policy asks the cluster's autoscaler for the group's resources. The embedded Ray has
 no autoscaler to ask, yet the controller started the actor and waited for its answer before it placed the workers:
-~2 CPU-seconds and ~1.5 s before the first step of every run on a fresh embedded Ray (the 2-core machine). An
+~2 CPU-seconds, and the first step ~1.4 s later, in every run on a fresh embedded Ray (the 2-core machine). An
 elastic run keeps it: its policy asks the coordinator what the cluster holds.
 """
 
