@@ -80,10 +80,34 @@ PROMOTION_FILE = "asha_promotions.json"  # tune.asha_variant promotion: rungs an
 TRIAL_CPUS = 0.01  # a trial's own actor only waits on its TorchTrainer; Tune refuses zero ("empty head")
 
 
+_REPORTS: list = []  # the queue this trial actor's runs report through, kept for the actor's next trial
+
+
+def _reports_queue():
+    """The Ray queue a trial's TrainController puts its reports in for Tune, one per trial actor.
+
+    Train's Tune callback makes a new queue (a new actor process, ~1.3 CPU-seconds) for every trial's session;
+    Tune reuses the trial actor for the next trial, and now the queue as well. Emptied first: the last trial's
+    controller may have put a report that Tune no longer read, once it had stopped that trial (the controller
+    has ended by the time the trial function returns, so nothing arrives from it afterwards)."""
+    from ray.train._internal.session import get_session
+    from ray.util.queue import Queue
+
+    if not _REPORTS:
+        _REPORTS.append(Queue(1, actor_options={"num_cpus": 0}))
+    queue = _REPORTS[0]
+    while not queue.empty():
+        queue.get_nowait()
+    get_session()._inter_actor_queue = queue
+    return queue
+
+
 def _trial_callbacks(metric: str, stop_marker: Path) -> list:
     """Run in the trial's TrainController (placed on the trial driver's node, so both see the marker file)."""
     from ray.train.v2._internal.execution.callback import WorkerGroupCallback
     from ray.tune.integration.ray_train import TuneReportCallback
+
+    _reports_queue()  # before the callback below, which takes the session's queue
 
     class EvaluationReport(TuneReportCallback):
         """Forward only the reports that measured the metric at that point (epoch ends and Tune's rung

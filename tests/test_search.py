@@ -1,0 +1,55 @@
+"""rayscale/tuning/search.py's pieces that run inside a trial actor, without Ray (the searches themselves:
+tests/test_tune.py)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from ray.train._internal import session as train_session
+from ray.util import queue as ray_queue
+
+from rayscale.tuning import search
+
+
+class FakeQueue:
+    made = 0
+
+    def __init__(self, maxsize, actor_options=None):
+        FakeQueue.made += 1
+        self.items = []
+
+    def empty(self):
+        return not self.items
+
+    def get_nowait(self):
+        return self.items.pop(0)
+
+
+@pytest.fixture
+def trial_actor(monkeypatch):
+    """A trial actor's process: a session per trial, as Tune makes when it reuses the actor."""
+    sessions = []
+    monkeypatch.setattr(train_session, "get_session", lambda: sessions[-1])
+    monkeypatch.setattr(ray_queue, "Queue", FakeQueue)
+    monkeypatch.setattr(search, "_REPORTS", [])
+    FakeQueue.made = 0
+    return lambda: sessions.append(SimpleNamespace(_inter_actor_queue=None)) or sessions[-1]
+
+
+def test_a_trial_actors_trials_report_through_one_queue_emptied_before_each(trial_actor):
+    first = trial_actor()
+    queue = search._reports_queue()
+    assert first._inter_actor_queue is queue
+    queue.items.append({"val_loss": 1.0})  # put by the first trial's controller after Tune stopped that trial
+    second = trial_actor()
+    assert search._reports_queue() is queue and second._inter_actor_queue is queue
+    assert FakeQueue.made == 1 and queue.empty()
+
+
+def test_trains_callback_takes_the_queue_a_session_already_has():
+    """What the reuse rests on: Train's Tune callback asks the session for its queue and makes one only if it
+    has none."""
+    held = object()
+    owner = SimpleNamespace(_inter_actor_queue=held)
+    assert train_session._TrainSession._get_or_create_inter_actor_queue(owner) is held
