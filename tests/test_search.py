@@ -17,9 +17,10 @@ class FakeQueue:
 
     def __init__(self, maxsize, actor_options=None):
         FakeQueue.made += 1
-        self.items = []
+        self.items, self.asked = [], 0
 
     def empty(self):
+        self.asked += 1
         return not self.items
 
     def get_nowait(self):
@@ -41,6 +42,7 @@ def test_a_trial_actors_trials_report_through_one_queue_emptied_before_each(tria
     first = trial_actor()
     queue = search._reports_queue()
     assert first._inter_actor_queue is queue
+    assert queue.asked == 0  # a new queue is not waited for: its actor process is still starting
     queue.items.append({"val_loss": 1.0})  # put by the first trial's controller after Tune stopped that trial
     second = trial_actor()
     assert search._reports_queue() is queue and second._inter_actor_queue is queue

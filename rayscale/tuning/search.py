@@ -93,11 +93,13 @@ def _reports_queue():
     from ray.train._internal.session import get_session
     from ray.util.queue import Queue
 
-    if not _REPORTS:
-        _REPORTS.append(Queue(1, actor_options={"num_cpus": 0}))
-    queue = _REPORTS[0]
-    while not queue.empty():
-        queue.get_nowait()
+    if _REPORTS:
+        queue = _REPORTS[0]
+        while not queue.empty():
+            queue.get_nowait()
+    else:  # a new queue is empty: not asked, as its actor still starts (the first put waits for it instead)
+        queue = Queue(1, actor_options={"num_cpus": 0})
+        _REPORTS.append(queue)
     get_session()._inter_actor_queue = queue
     return queue
 
