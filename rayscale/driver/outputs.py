@@ -53,6 +53,13 @@ def startup_phases(started: float, connecting: float, connected: float, record: 
     return {name: (round(value, 3) if value is not None else None) for name, value in phases.items()}
 
 
+def start_loading_plots() -> None:
+    """The plotting library's import, started in the background while the workers train (tools/plots.py)."""
+    from rayscale.tools.plots import load_in_background
+
+    load_in_background()
+
+
 def write_outputs(prepared: PreparedRun, final_checkpoint: Path, started: float, first_step_at: float | None,
                   phases: dict | None = None) -> dict:
     """From the run's final checkpoint directory: every output file; returns the summary."""

@@ -20,7 +20,13 @@ from rayscale import config as config_module
 from rayscale.config import Config
 from rayscale.data.datasets import quiet_ray_data
 from rayscale.data.sources import SourceInfo
-from rayscale.driver.outputs import print_summary, read_metrics, startup_phases, write_outputs
+from rayscale.driver.outputs import (
+    print_summary,
+    read_metrics,
+    start_loading_plots,
+    startup_phases,
+    write_outputs,
+)
 from rayscale.driver.prepare import NO_CODE, NO_DATA, PreparedRun, check_same_config, prepare, worker_payload
 from rayscale.driver.progress import MetricsFollower, ProgressBar, wants_bar
 from rayscale.driver.trackers import Destinations
@@ -202,6 +208,8 @@ def _fit(prepared: PreparedRun, groups: Path, callbacks: list | None, eval_at_sa
                     None if cfg.data.online else cfg.train.epochs * prepared.train_rows, cfg.train.epochs)).show)
             if readers:  # entered last, so it leaves first: its last look comes before the bar closes
                 following.enter_context(MetricsFollower(prepared.run_dir / METRICS_FILE, readers))
+            if cfg.scaling.num_workers > 0:  # local mode trains in this process: a thread there would slow it
+                start_loading_plots()
             result = fitting.fit()
     except Exception as exc:
         # Bad input found only while the data streams (a NaN in a later row group, a file changed mid-run)

@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from pathlib import Path
+
+_LOADING: list[threading.Thread] = []  # the thread importing matplotlib ahead, if one was started
+
+
+def load_in_background() -> None:
+    """Import matplotlib in a thread, while the driver only waits for its workers: the curves drawn at the run's
+    end then do not wait for its import (~0.8 s on the 2-core machine), nor does a search's next trial."""
+    if not _LOADING and "matplotlib.pyplot" not in sys.modules:
+        _LOADING.append(threading.Thread(target=_pyplot, name="rayscale-import-matplotlib", daemon=True))
+        _LOADING[0].start()
 
 
 def _pyplot():
+    if _LOADING and _LOADING[0] is not threading.current_thread():
+        _LOADING[0].join()  # never two threads importing it at once
     import matplotlib
 
     matplotlib.use("Agg")
