@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+from ray.exceptions import RayActorError
 from ray.train._internal import session as train_session
 from ray.util import queue as ray_queue
 
@@ -17,10 +18,12 @@ class FakeQueue:
 
     def __init__(self, maxsize, actor_options=None):
         FakeQueue.made += 1
-        self.items, self.asked = [], 0
+        self.items, self.asked, self.gone = [], 0, False
 
     def empty(self):
         self.asked += 1
+        if self.gone:
+            raise RayActorError()
         return not self.items
 
     def get_nowait(self):
@@ -47,6 +50,15 @@ def test_a_trial_actors_trials_report_through_one_queue_emptied_before_each(tria
     second = trial_actor()
     assert search._reports_queue() is queue and second._inter_actor_queue is queue
     assert FakeQueue.made == 1 and queue.empty()
+
+
+def test_a_queue_whose_actor_is_gone_is_replaced(trial_actor):
+    trial_actor()
+    lost = search._reports_queue()
+    lost.gone = True  # its node was lost
+    second = trial_actor()
+    queue = search._reports_queue()
+    assert queue is not lost and second._inter_actor_queue is queue and FakeQueue.made == 2
 
 
 def test_trains_callback_takes_the_queue_a_session_already_has():

@@ -89,19 +89,21 @@ def _reports_queue():
     Train's Tune callback makes a new queue (a new actor process, ~1.3 CPU-seconds) for every trial's session;
     Tune reuses the trial actor for the next trial, and now the queue as well. Emptied first: the last trial's
     controller may have put a report that Tune no longer read, once it had stopped that trial (the controller
-    has ended by the time the trial function returns, so nothing arrives from it afterwards)."""
+    has ended by the time the trial function returns, so nothing arrives from it afterwards). A queue whose
+    actor is gone (its node lost) is replaced."""
+    from ray.exceptions import RayActorError
     from ray.train._internal.session import get_session
     from ray.util.queue import Queue
 
-    if _REPORTS:
-        queue = _REPORTS[0]
-        while not queue.empty():
-            queue.get_nowait()
-    else:  # a new queue is empty: not asked, as its actor still starts (the first put waits for it instead)
-        queue = Queue(1, actor_options={"num_cpus": 0})
-        _REPORTS.append(queue)
-    get_session()._inter_actor_queue = queue
-    return queue
+    try:
+        while _REPORTS and not _REPORTS[0].empty():
+            _REPORTS[0].get_nowait()
+    except RayActorError:
+        _REPORTS.clear()
+    if not _REPORTS:  # a new queue is empty: not asked, as its actor still starts (the first put waits for it)
+        _REPORTS.append(Queue(1, actor_options={"num_cpus": 0}))
+    get_session()._inter_actor_queue = _REPORTS[0]
+    return _REPORTS[0]
 
 
 def _trial_callbacks(metric: str, stop_marker: Path) -> list:
