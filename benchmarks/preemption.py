@@ -42,11 +42,13 @@ OPTIONS = ("batch.global_batch_size=64", "batch.micro_batch_size=null", "data.la
 
 
 @contextmanager
-def simulated_cluster(step_log_dir: Path, watcher_poll_s: float | None = None, watch_preemption: bool = True):
+def simulated_cluster(step_log_dir: Path, watcher_poll_s: float | None = None, watch_preemption: bool = True,
+                      coordinator_tick_s: float | None = None):
     """A head with no CPU (the driver and Train's controller) and two nodes of 2 CPUs: one worker of 1.5 CPUs
     per node and half a CPU beside it for its reads. Every process logs the steps it trains (tests/step_log.py).
     Train's preemption watcher runs (as on a real cluster) unless `watch_preemption` is false: a test with no node
-    drained spares the actor it starts per worker group.
+    drained spares the actor it starts per worker group. `coordinator_tick_s`: how often the AutoscalingCoordinator
+    that Train's elastic policy asks looks for new nodes (Ray's 20 s unless given; tests/step_log.py sets it).
     Yields (cluster, nodes): replace an entry of `nodes` when you add one back."""
     import ray
     from ray.cluster_utils import Cluster
@@ -74,6 +76,7 @@ def simulated_cluster(step_log_dir: Path, watcher_poll_s: float | None = None, w
     # this machine (another test's, say), not this one.
     env = {"RAYSCALE_TEST_STEP_LOG": str(step_log_dir), "RAY_ADDRESS": cluster.address,
            **({POLL_ENV: str(watcher_poll_s)} if watcher_poll_s is not None else {}),
+           **({"RAYSCALE_TEST_COORDINATOR_TICK_S": str(coordinator_tick_s)} if coordinator_tick_s is not None else {}),
            **({} if watch_preemption else {PREEMPTION_WATCHER_ENV: "0"})}
     ray.init(address=cluster.address, logging_level="WARNING",
              runtime_env={"worker_process_setup_hook": "step_log.install", "env_vars": env})

@@ -2,7 +2,11 @@
 $RAYSCALE_TEST_STEP_LOG/<pid>.jsonl: when, its rank and world size, the epoch, the step's index in it, and the
 row ids it trained (none for a zero-weight stand-in); in <pid>.notice.jsonl, when Train's watcher handed the rank
 a drain notice; in <pid>.held.jsonl, when the rank checkpointed for a drain and began holding for the restart.
-Nothing is logged unless the variable is set."""
+Nothing is logged unless the variable is set.
+
+$RAYSCALE_TEST_COORDINATOR_TICK_S, where set, is how often Ray Data's AutoscalingCoordinator (which Train's elastic
+policy asks what the cluster holds) looks at the cluster's nodes: every 20 s in Ray, so a node added waits up to
+that long before an elastic run may grow onto it."""
 
 from __future__ import annotations
 
@@ -12,12 +16,19 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+COORDINATOR = "ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator"
+
 
 def install() -> None:
+    from after_import import on_import
+
+    tick = os.environ.get("RAYSCALE_TEST_COORDINATOR_TICK_S")
+    if tick:  # read by the coordinator's thread before each of its sleeps, so set before its actor starts
+        on_import(COORDINATOR, lambda module: setattr(module._AutoscalingCoordinatorActor, "TICK_INTERVAL_S",
+                                                      float(tick)))
     directory = os.environ.get("RAYSCALE_TEST_STEP_LOG")
     if not directory:
         return
-    from after_import import on_import
 
     def log_steps(loop) -> None:
         train_one = loop.TrainLoop.train_one

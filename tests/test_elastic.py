@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -60,6 +61,7 @@ def test_a_new_worker_groups_cause_is_read_off_the_controllers_state(index):
 
 OPTIONS = ("train.epochs=8", *preemption.OPTIONS)
 WATCHER_POLL_S = 1.0  # Train's preemption watcher asks Ray for drains every second here (5 s by default)
+COORDINATOR_TICK_S = 5.0  # the coordinator Train asks what fits sees a new node within 5 s here (20 s in Ray)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +69,8 @@ def cluster(tmp_path_factory):
     """benchmarks/preemption.py's simulated cluster: a head with no CPU and two nodes of 2 CPUs, one worker of
     1.5 CPUs per node; every process logs the steps it trains (tests/step_log.py)."""
     log = tmp_path_factory.mktemp("steps")
-    with preemption.simulated_cluster(log, watcher_poll_s=WATCHER_POLL_S) as (ray_cluster, nodes):
+    with preemption.simulated_cluster(log, watcher_poll_s=WATCHER_POLL_S,
+                                      coordinator_tick_s=COORDINATOR_TICK_S) as (ray_cluster, nodes):
         yield SimpleNamespace(cluster=ray_cluster, nodes=nodes, log=log)
 
 
@@ -95,7 +98,7 @@ def test_an_elastic_run_shrinks_when_a_node_goes_grows_back_when_one_comes_and_c
 
     epochs, check_steps, drain_s = "train.epochs=12", 4, 30.0
     # Slow steps while the nodes come and go: Ray Data's coordinator, which Train asks what fits, sees a new node
-    # only at its next 20 s tick. The test removes the pace file once the last event is over: the rest of the run
+    # only at its next tick (COORDINATOR_TICK_S). The test removes the pace file once the last event is over: the rest of the run
     # trains at the MLP's own speed (the same numbers: the model only sleeps).
     pace = tmp_path / "pace"
     pace.touch()
@@ -126,6 +129,12 @@ def test_an_elastic_run_shrinks_when_a_node_goes_grows_back_when_one_comes_and_c
     wait_for("both ranks checkpointing for the drain and holding",
              lambda: len([hold for hold in step_log.holds(cluster.log) if hold["time"] > drained_at]) >= 2,
              drain_s, outcome)
+    # The fixed 2-worker run the model is compared with, trained in this process while the ranks hold (idle
+    # until the deadline).
+    fixed = {}
+    fixed_thread = threading.Thread(target=lambda: fixed.update(trained=train_in_process(
+        tmp_path, "fixed", *OPTIONS, epochs, "model.kwargs={delay_s: 0}", workers=2)), daemon=True)
+    fixed_thread.start()
     time.sleep(max(0.0, drained_at + drain_s - time.time()))
     cluster.cluster.remove_node(cluster.nodes[1], allow_graceful=False)
     gone_at = time.time()
@@ -174,6 +183,7 @@ def test_an_elastic_run_shrinks_when_a_node_goes_grows_back_when_one_comes_and_c
                       "notice_to_checkpoint_steps": checkpointed - last_before_notice,
                       "steps_redone": len(redone)}))
 
-    fixed = train_in_process(tmp_path, "fixed", *OPTIONS, epochs, "model.kwargs={delay_s: 0}", workers=2)
+    fixed_thread.join(timeout=300)
+    assert "trained" in fixed, "the fixed run failed or did not end (its error is above)"
     model = _model(Path(summary["run_dir"]))
-    assert all(torch.allclose(model[key], fixed.model[key], rtol=1e-4, atol=1e-5) for key in model)
+    assert all(torch.allclose(model[key], fixed["trained"].model[key], rtol=1e-4, atol=1e-5) for key in model)
