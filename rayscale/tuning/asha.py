@@ -5,6 +5,8 @@ rungs forget every result recorded before the kill. A resumed search would then 
 against none of the trials that finished before it, and let a hopeless one run its whole budget. This
 scheduler writes its rungs to a file after every decision and reads them back when a restored search first
 uses it. (Ray's own `save`/`restore` methods exist, but nothing in Tune calls them.)
+
+Both schedulers also release the placement groups an ended trial's run left (ReleasesLeftGroups, release.py).
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
 from rayscale.tuning.promotion import RUNG_PAUSE, Rungs
+from rayscale.tuning.release import LeftGroups, ReleasesLeftGroups
 
 
-class ResumableASHA(AsyncHyperBandScheduler):
+class ResumableASHA(ReleasesLeftGroups, AsyncHyperBandScheduler):
     def __init__(self, *, state_file: str | Path, **kwargs) -> None:
         super().__init__(**kwargs)
         self._state_file = str(state_file)
@@ -75,7 +78,7 @@ class ResumableASHA(AsyncHyperBandScheduler):
         self._save()
 
 
-class PromotingASHA(FIFOScheduler):
+class PromotingASHA(ReleasesLeftGroups, FIFOScheduler):
     """`tune.asha_variant: promotion` (rayscale/promotion.py says why): a trial reports its rung's validation,
     its Train run ends at the rung with a checkpoint there, and the trial reports RUNG_PAUSE; it is paused then,
     holding nothing, and resumed from that checkpoint when promoted. Hopeless trials are stopped as soon as
@@ -83,8 +86,8 @@ class PromotingASHA(FIFOScheduler):
     by resumed trials too (a trial restored by `--resume` while waiting at a rung pauses again at once)."""
 
     def __init__(self, *, time_attr: str, milestones: list[int], reduction_factor: float,
-                 state_file: str | Path) -> None:
-        super().__init__()
+                 state_file: str | Path, left_groups: LeftGroups | None = None) -> None:
+        super().__init__(left_groups=left_groups)
         self._time_attr = time_attr
         self._state_file = str(state_file)
         self._rungs = Rungs(milestones=list(milestones), reduction_factor=reduction_factor)
@@ -127,6 +130,7 @@ class PromotingASHA(FIFOScheduler):
     def choose_trial_to_run(self, tune_controller):
         """Promote the waiting trials that earned it (Tune restarts them once resources allow) and stop those
         that never will; new trials Tune starts by itself. Idempotent, as Tune requires."""
+        self.sweep_left_groups()
         self._load()
         trials = [t for t in tune_controller.get_trials() if t.status not in (Trial.TERMINATED, Trial.ERROR)]
         rungs = self._rungs

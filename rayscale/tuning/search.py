@@ -28,7 +28,7 @@ from rayscale.driver.tracking import Tracking, destinations, end_cut_off
 from rayscale.errors import UserError
 from rayscale.files import CONFIG_FILE, SUMMARY_FILE
 from rayscale.launch import trainer
-from rayscale.launch.callbacks import controllers_of, remove_placement_groups_left, running_controllers
+from rayscale.launch.callbacks import remove_placement_groups_left
 from rayscale.launch.connect import connect, loopback_unless_joining
 from rayscale.launch.fit import check_cluster_fits, check_fits_before_start
 from rayscale.plugins import UserCode
@@ -73,7 +73,6 @@ def sampled_values(trial_config: dict) -> dict:
 STOP_MARKER = ".tune_stopped"
 THREAD_TIMEOUT_ENV = "TUNE_FUNCTION_THREAD_TIMEOUT_S"  # read in the trial's actor when Tune reuses it
 THREAD_TIMEOUT_S = 30
-RELEASE_DELAY_S = 10.0  # after a trial ends, before its left placement groups are removed
 CONTROLLER_EXIT_WAIT_S = 30.0  # at the search's end, for the last trials' controllers to exit (about 0.2 s)
 RUNGS_FILE = "asha_rungs.json"  # ASHA's recorded rungs, for --resume (asha.py)
 PROMOTION_FILE = "asha_promotions.json"  # tune.asha_variant promotion: rungs and promotions (promotion.py)
@@ -165,36 +164,6 @@ def _watch_for_stop(stop_marker: Path) -> None:
         stop_marker.touch()
 
     threading.Thread(target=watch, name="rayscale-stop-watch", daemon=True).start()
-
-
-def _release_stopped_trials(trials_dir: Path, delay_s: float):
-    """A Tune callback, in the search's driver: a while after a trial ends, remove any placement group its
-    Train run still holds (launch/callbacks.py says how one is left), so that later trials
-    never wait for CPUs that nothing uses (Ray #54305)."""
-    import time
-
-    from ray import tune
-
-    class ReleaseStoppedTrials(tune.Callback):
-        def __init__(self) -> None:
-            self.ended: dict[str, float] = {}
-
-        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-            self.ended[trial.trial_id] = time.monotonic()
-
-        on_trial_error = on_trial_complete
-
-        def on_step_begin(self, iteration, trials, **info) -> None:
-            now = time.monotonic()
-            for trial_id, ended in list(self.ended.items()):
-                # Its controller has had time to abort and clean up itself; one still running (dying) could
-                # create a group after this sweep: wait for the next step.
-                trial_dir = trials_dir / trial_id
-                if now - ended >= delay_s and not running_controllers(controllers_of(trial_dir)):
-                    remove_placement_groups_left(trial_dir)
-                    del self.ended[trial_id]
-
-    return ReleaseStoppedTrials()
 
 
 def _finished_records(cfg: Config) -> list[dict] | None:
@@ -384,6 +353,7 @@ def _tuner(cfg: Config, domains: list[space.Domain], base: dict, search_dir: Pat
     from ray.tune import Tuner
 
     from rayscale.tuning.asha import PromotingASHA, ResumableASHA
+    from rayscale.tuning.release import LeftGroups
 
     # A trial's driver only waits on its TorchTrainer: it holds almost no CPU. It runs on this node (Ray's
     # built-in node:<ip> resource), and so does its Train controller (Train places it beside the driver): the
@@ -401,12 +371,13 @@ def _tuner(cfg: Config, domains: list[space.Domain], base: dict, search_dir: Pat
         return Tuner.restore(str(search_dir / "tune"), trainable, resume_unfinished=True, restart_errored=True)
     # stop_last_trials=False: a trial that reaches max_t finishes by itself and writes its outputs
     # (summary.json, model.pt), which is also how --resume recognises it as finished.
+    left_groups = LeftGroups(search_dir / "trials")
     scheduler = PromotingASHA(time_attr=TIME_ATTR, milestones=milestones,
                               reduction_factor=cfg.tune.reduction_factor,
-                              state_file=search_dir / PROMOTION_FILE) if promotion else \
+                              state_file=search_dir / PROMOTION_FILE, left_groups=left_groups) if promotion else \
         ResumableASHA(time_attr=TIME_ATTR, max_t=max_t, grace_period=grace,
                       reduction_factor=cfg.tune.reduction_factor, stop_last_trials=False,
-                      state_file=search_dir / RUNGS_FILE)
+                      state_file=search_dir / RUNGS_FILE, left_groups=left_groups)
     return Tuner(
         trainable,
         param_space=param_space(domains, cfg),
@@ -420,8 +391,8 @@ def _tuner(cfg: Config, domains: list[space.Domain], base: dict, search_dir: Pat
                                     # between trials (benchmarks/trial_gaps.py). Nothing of a trial is
                                     # kept in it: each trial's run is its own Train run and directory.
                                     reuse_actors=True),
-        run_config=tune.RunConfig(name="tune", storage_path=str(search_dir), verbose=1,
-                                  callbacks=[_release_stopped_trials(search_dir / "trials", RELEASE_DELAY_S)]),
+        # No Tune callbacks (tuning/release.py says why).
+        run_config=tune.RunConfig(name="tune", storage_path=str(search_dir), verbose=1),
     )
 
 
