@@ -98,8 +98,8 @@ def test_an_elastic_run_shrinks_when_a_node_goes_grows_back_when_one_comes_and_c
 
     epochs, check_steps, drain_s = "train.epochs=12", 4, 30.0
     # Slow steps while the nodes come and go: Ray Data's coordinator, which Train asks what fits, sees a new node
-    # only at its next tick (COORDINATOR_TICK_S). The test removes the pace file once the last event is over: the rest of the run
-    # trains at the MLP's own speed (the same numbers: the model only sleeps).
+    # only at its next tick (COORDINATOR_TICK_S). The test removes the pace file once the last event is over: the
+    # rest of the run trains at the MLP's own speed (the same numbers: the model only sleeps).
     pace = tmp_path / "pace"
     pace.touch()
     cfg = _cfg(tmp_path, "elastic", epochs, "model.name=loop_models:paced",
@@ -131,9 +131,16 @@ def test_an_elastic_run_shrinks_when_a_node_goes_grows_back_when_one_comes_and_c
              drain_s, outcome)
     # The fixed 2-worker run the model is compared with, trained in this process while the ranks hold (idle
     # until the deadline).
-    fixed = {}
-    fixed_thread = threading.Thread(target=lambda: fixed.update(trained=train_in_process(
-        tmp_path, "fixed", *OPTIONS, epochs, "model.kwargs={delay_s: 0}", workers=2)), daemon=True)
+    fixed: dict = {}
+
+    def train_fixed() -> None:
+        try:
+            fixed["trained"] = train_in_process(tmp_path, "fixed", *OPTIONS, epochs, "model.kwargs={delay_s: 0}",
+                                                workers=2)
+        except BaseException as exc:  # noqa: BLE001 - raised in the test's thread below
+            fixed["error"] = exc
+
+    fixed_thread = threading.Thread(target=train_fixed, daemon=True)
     fixed_thread.start()
     time.sleep(max(0.0, drained_at + drain_s - time.time()))
     cluster.cluster.remove_node(cluster.nodes[1], allow_graceful=False)
@@ -184,6 +191,8 @@ def test_an_elastic_run_shrinks_when_a_node_goes_grows_back_when_one_comes_and_c
                       "steps_redone": len(redone)}))
 
     fixed_thread.join(timeout=300)
-    assert "trained" in fixed, "the fixed run failed or did not end (its error is above)"
+    if "error" in fixed:
+        raise fixed["error"]
+    assert "trained" in fixed, "the fixed run did not end"
     model = _model(Path(summary["run_dir"]))
     assert all(torch.allclose(model[key], fixed["trained"].model[key], rtol=1e-4, atol=1e-5) for key in model)
