@@ -3,7 +3,6 @@ configs train end to end (local mode, small data); the GPU config fails cleanly 
 
 import importlib.util
 import json
-import os
 import re
 from pathlib import Path
 
@@ -30,18 +29,15 @@ def _load_job(name: str):
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """One local Ray for the slow tests of this module, shut down afterwards so later modules start clean.
-
-    Started as connect starts it (which then finds it running). address="local" keeps it our own:
-    a bare ray.init() would join any cluster that a `ray start` on this machine recorded in
-    /tmp/ray/ray_current_cluster, such as another test session's.
-    """
+    """One embedded Ray for the slow tests of this module, started as `rayscale train` starts it (which then finds
+    it running), and shut down afterwards so later modules start clean."""
     import ray
+
+    from rayscale.launch.connect import connect
 
     if ray.is_initialized():  # left over from an earlier module
         ray.shutdown()
-    ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, dashboard_host="127.0.0.1",
-             logging_level="WARNING")
+    connect(None)
     yield ray
     ray.shutdown()
 
