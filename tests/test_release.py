@@ -105,3 +105,17 @@ def test_a_searchs_tuner_hands_tune_no_callbacks(tmp_path, monkeypatch):
         scheduler = internal._tune_config.scheduler
         assert isinstance(scheduler.left_groups, release.LeftGroups)
         assert scheduler.left_groups.trials_dir == Path(tmp_path / variant / "trials")
+
+
+def test_a_scheduler_pickled_before_it_had_left_groups_still_runs(tmp_path):
+    """A search started by an older rayscale and resumed after an upgrade: Tune unpickles its scheduler without
+    calling __init__, so the instance has no left_groups of its own."""
+    scheduler = ResumableASHA(time_attr="samples_seen", max_t=1000, grace_period=100, reduction_factor=4,
+                              stop_last_trials=False, state_file=tmp_path / "rungs.json")
+    del scheduler.__dict__["left_groups"]
+    controller = SimpleNamespace(get_trials=lambda: [], search_alg=None)
+    trial = _trial("a")
+    scheduler.set_search_properties("val_loss", "min")
+    scheduler.on_trial_add(controller, trial)
+    scheduler.on_trial_error(controller, trial)
+    assert scheduler.choose_trial_to_run(controller) is None

@@ -46,6 +46,10 @@ class ReleasesLeftGroups:
     """A Tune scheduler's part (listed before its Tune base class): the trials it hears end go to `left_groups`,
     which is swept whenever Tune asks the scheduler which trial to run (every step of its loop)."""
 
+    # A scheduler pickled by an older rayscale (a search resumed after an upgrade) has none: it released nothing,
+    # its Tune callback did.
+    left_groups: LeftGroups | None = None
+
     def __init__(self, *args, left_groups: LeftGroups | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.left_groups = left_groups
