@@ -146,21 +146,31 @@ def test_the_embedded_ray_without_its_dashboard_starts_none_of_its_modules(monke
 def test_the_embedded_rays_settings_reach_its_processes_and_joining_a_cluster_drops_them(monkeypatch,
                                                                                         listening_port):
     """For the embedded Ray's processes (set before ray.init, which they inherit): Train's preemption watcher off,
-    no prestarted workers, no autoscaler requests; a user's own setting wins. A cluster joined later in the same
+    no prestarted workers, no autoscaler requests; a user's own setting wins. Its own address as RAY_ADDRESS,
+    in the environment while Ray starts, not as a runtime environment (with one, every worker process starts
+    twice over), and gone from this process's environment afterwards. A cluster joined later in the same
     process (a notebook) gets none of what connect set: it has drains to watch and may have an autoscaler."""
     import ray
 
     keys = (PREEMPTION_WATCHER_ENV, PRESTART_ENV, AUTOSCALER_REQUESTS_ENV)
-    for key in (*keys, "RAY_ADDRESS"):
+    for key in (*keys, "RAY_ADDRESS", "RAY_GCS_SERVER_PORT"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv(PRESTART_ENV, "1")  # the user's own
     monkeypatch.setattr(connecting, "_SET_FOR_EMBEDDED", set())
-    seen = []
+    seen, addresses = [], []
+
+    def init(**kwargs):
+        seen.append({key: os.environ.get(key) for key in keys})
+        addresses.append((kwargs, os.environ.get("RAY_ADDRESS"), os.environ.get("RAY_GCS_SERVER_PORT")))
+
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kwargs: seen.append({key: os.environ.get(key) for key in keys}))
+    monkeypatch.setattr(ray, "init", init)
 
     connect(None)
     assert seen == [{PREEMPTION_WATCHER_ENV: "0", PRESTART_ENV: "1", AUTOSCALER_REQUESTS_ENV: "0"}]
+    (kwargs, address, port), = addresses
+    assert kwargs["address"] == "local" and "runtime_env" not in kwargs and address == f"127.0.0.1:{port}"
+    assert "RAY_ADDRESS" not in os.environ and "RAY_GCS_SERVER_PORT" not in os.environ
     assert not autoscaler_requests()
     connect(f"127.0.0.1:{listening_port}")
     assert seen[1] == {PREEMPTION_WATCHER_ENV: None, PRESTART_ENV: "1", AUTOSCALER_REQUESTS_ENV: None}

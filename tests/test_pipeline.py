@@ -282,7 +282,8 @@ def test_the_embedded_ray_starts_no_preemption_watcher_and_no_run_starts_unused_
     (connect turns it off for the embedded Ray; ~7 CPU-seconds a run). No run starts Train's DatasetManager (it
     is given no datasets) or its PlacementGroupCleaner (rayscale removes the groups a run left itself); no fixed
     run on the embedded Ray, which has no autoscaler, starts the AutoscalingCoordinator it would ask for resources;
-    and the embedded Ray's raylet starts no idle Python workers as the driver connects."""
+    and the embedded Ray's raylet starts no idle Python workers as the driver connects. Its job has no runtime
+    environment."""
     import ray
     from ray.util.state import list_actors
 
@@ -293,7 +294,11 @@ def test_the_embedded_ray_starts_no_preemption_watcher_and_no_run_starts_unused_
     assert "PreemptionWatcher" not in classes
     assert not classes & {"DatasetManager", "PlacementGroupCleaner", "_AutoscalingCoordinatorActor"}
     raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
-    assert b"RAY_prestart_worker_first_driver=0" in Path(f"/proc/{raylet}/environ").read_bytes().split(b"\0")
+    environment = Path(f"/proc/{raylet}/environ").read_bytes().split(b"\0")
+    assert b"RAY_prestart_worker_first_driver=0" in environment
+    # Its workers get the Ray's own address from the raylet, not from a runtime environment (with which every
+    # worker process would start through Ray's runtime-environment setup first).
+    assert f"RAY_ADDRESS={address}".encode() in environment and not ray.get_runtime_context().runtime_env
     from ray.util.placement_group import placement_group_table
 
     _, summary, _ = reference

@@ -111,9 +111,14 @@ def connect(address: str | None) -> None:
     # as RAY_ADDRESS. Ray's state API (ray.util.state), asked from inside this cluster, otherwise refuses to
     # guess when another Ray runs on the machine ("Found multiple active Ray instances"); Train's own
     # placement-group cleaner, which rayscale no longer starts (launch/torch_trainer.py), was one such caller.
+    # Set in this process's environment while Ray starts (its daemons inherit it, and the raylet hands it to
+    # every worker), not as the job's runtime environment: with one, Ray starts each worker process through
+    # its runtime-environment setup script, a second Python start with its own imports of Ray (0.7 -> 1.2
+    # CPU-seconds for an empty actor's process, 2 cores). ray.init(address="local") itself ignores it.
     port = free_loopback_port()
-    previous = os.environ.get("RAY_GCS_SERVER_PORT")
+    saved = {name: os.environ.get(name) for name in ("RAY_GCS_SERVER_PORT", "RAY_ADDRESS")}
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
     try:
         # address="local": always a fresh embedded instance, never another Ray found on this machine.
         # One logical CPU beyond the workers' reservation, or Ray Data's read tasks never get scheduled.
@@ -126,13 +131,13 @@ def connect(address: str | None) -> None:
         # and left idle 35 s on 2 cores, and nothing of rayscale's needs them.
         ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=include_dashboard,
                  dashboard_host="127.0.0.1",
-                 dashboard_port=free_loopback_port(avoid={port}), logging_level="WARNING",
-                 runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{port}"}})
+                 dashboard_port=free_loopback_port(avoid={port}), logging_level="WARNING")
     finally:
-        if previous is None:
-            os.environ.pop("RAY_GCS_SERVER_PORT", None)
-        else:
-            os.environ["RAY_GCS_SERVER_PORT"] = previous
+        for name, value in saved.items():  # this process keeps what it had: it is connected already
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _forget_embedded_settings() -> None:
