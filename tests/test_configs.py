@@ -148,13 +148,23 @@ def test_synthetic_config_trains_end_to_end(name, rows, tmp_path, ray_cluster):
 
 
 @pytest.mark.slow
-def test_parquet_config_trains_end_to_end(tmp_path, ray_cluster):
+def test_parquet_config_trains_end_to_end_on_its_two_workers_from_the_relative_path_it_names(
+        tmp_path, ray_cluster, monkeypatch):
+    """As the config's own comment says to run it: the example data written to data/example.parquet, then
+    `rayscale train -c configs/parquet_example.yaml` from that directory. The config names its data by a relative
+    path, and Ray Train runs each worker in a directory of its own: the path is made absolute where it was given."""
     job = _load_job("write_example_parquet")
-    dataset = tmp_path / "example.parquet"
-    job.write_example_parquet(dataset, rows=4000, files=3, seed=0)  # the job's defaults: 25 steps an epoch
-    run_dir = _train_locally(CONFIG_DIR / "parquet_example.yaml", tmp_path / "runs", f"data.source={dataset}")
+    monkeypatch.chdir(tmp_path)
+    job.write_example_parquet(Path("data/example.parquet"), rows=4000, files=3, seed=0)  # 25 steps an epoch
+    assert config.load(CONFIG_DIR / "parquet_example.yaml").data.source == "data/example.parquet"
+    assert cli.main(["train", "-c", str(CONFIG_DIR / "parquet_example.yaml"), "--set", "train.epochs=1",
+                     "--set", "run.output_dir=runs", "--set", "run.max_failures=0"]) == 0
+    run_dir = tmp_path / "runs" / "parquet_example"
     summary = _check_run(run_dir, 4000)
+    assert summary["world_sizes"] == [2]
     assert summary["final"]["val_accuracy"] > 0.4  # four classes: well above chance after one epoch
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["source"]
+    assert saved == str(tmp_path / "data" / "example.parquet")  # a resume from elsewhere reads the same files
 
 
 @pytest.mark.slow

@@ -548,9 +548,11 @@ def test_rayscale_tune_ranks_trials_by_a_metric_handed_in_as_an_object_on_a_ray_
     assert sorted(p.parent.parent.name for p in search_dir.glob("trials/*/tensorboard/events.*")) == sorted(trials)
 
 
-def test_predict_writes_every_row_with_the_models_prediction_in_order_and_needs_no_label(ray_session, tmp_path):
+def test_predict_writes_every_row_with_the_models_prediction_in_order_and_needs_no_label(ray_session, tmp_path,
+                                                                                        monkeypatch):
     """rayscale predict over Ray Data: two actors holding the model, rows from three row groups written in
-    their order, predictions equal to the model applied by hand; the label column is not needed."""
+    their order, predictions equal to the model applied by hand; the label column is not needed. The data is
+    named by a path relative to where predict was called (this Ray's processes started elsewhere)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -563,7 +565,9 @@ def test_predict_writes_every_row_with_the_models_prediction_in_order_and_needs_
     run = train_in_process(tmp_path, "p", "train.epochs=1", "batch.global_batch_size=64", f"data.source={source}",
                            "data.features=[a, b]", "model.kwargs={hidden_sizes: [16]}", "optim.lr=0.01")
     unlabelled = write(tmp_path / "new.parquet", tabular(1000, 300).drop_columns(["label"]), row_group_size=100)
-    out = rayscale.predict(run.run_dir, unlabelled, tmp_path / "out", workers=2)
+    monkeypatch.chdir(tmp_path)
+    out = rayscale.predict(run.run_dir, "new.parquet", "out", workers=2)
+    assert out == tmp_path / "out"
     table = pa.concat_tables([pq.read_table(path) for path in sorted(out.glob("*.parquet"))])
     ids = np.arange(1000, 1300)
     assert table.column("a").to_pylist() == (ids * 0.5).tolist()  # every row, in order, its columns kept

@@ -67,3 +67,26 @@ def test_trains_callback_takes_the_queue_a_session_already_has():
     held = object()
     owner = SimpleNamespace(_inter_actor_queue=held)
     assert train_session._TrainSession._get_or_create_inter_actor_queue(owner) is held
+
+
+def test_every_trial_is_made_from_a_config_naming_its_data_absolutely(tmp_path, monkeypatch):
+    """Tune runs each trial in a working directory of its own: the base config every trial's config is made from
+    names a relative data.source by the absolute path it had where the search was started."""
+    from parquet_fixtures import tabular, write
+
+    from rayscale import config
+    from rayscale.tuning import space
+
+    write(tmp_path / "rows.parquet", tabular(0, 300))
+    monkeypatch.chdir(tmp_path)
+    bases = []
+
+    def validate(base, domains):
+        bases.append(base)
+        raise RuntimeError("stop before anything starts")
+
+    monkeypatch.setattr(space, "validate", validate)
+    cfg = config.load(overrides=["data.source=rows.parquet", f"run.output_dir={tmp_path / 'runs'}"])
+    with pytest.raises(RuntimeError, match="stop before"):
+        search.search(cfg)
+    assert bases[0]["data"]["source"] == str(tmp_path / "rows.parquet")

@@ -264,6 +264,15 @@ def _is_uri(path: str) -> bool:
     return "://" in path
 
 
+def absolute_source(source: str) -> str:
+    """A local path (file, directory or glob) made absolute against this process's working directory: Ray Train
+    runs every worker in a directory of its own, where a relative path names nothing. Built-in sources, the
+    stand-ins for Ray Datasets and URIs are returned as they are."""
+    if source in BUILTIN or source.startswith(DATASET_PREFIX) or _is_uri(source):
+        return source
+    return os.path.abspath(os.path.expanduser(source))
+
+
 def _open(path: str) -> pq.ParquetFile:
     """Open one Parquet file, a local path or a URI; raises pyarrow's errors unchanged."""
     if _is_uri(path):

@@ -56,8 +56,7 @@ def prepare(cfg: Config, scope: str = "run", code: UserCode = NO_CODE,
     plan = plan_batches(cfg.batch.global_batch_size, cfg.batch.micro_batch_size, cfg.scaling.num_workers)
     rules.check(cfg, scope)
     check_installed(cfg.run.trackers)
-    if cfg.model.init_from is not None and "://" not in cfg.model.init_from:  # workers run in other directories
-        cfg.model.init_from = str(Path(cfg.model.init_from).expanduser().resolve())
+    absolute_paths(cfg)
     train, val, train_rows, val_rows = _splits(cfg, given)
     if train_rows == 0:
         raise UserError(f"data.source: {cfg.data.source} leaves no training rows")
@@ -77,6 +76,19 @@ def prepare(cfg: Config, scope: str = "run", code: UserCode = NO_CODE,
     run_dir = run_directory(cfg)
     _check_writable(run_dir)
     return PreparedRun(cfg, plan, train, val, train_rows, val_rows, run_dir, code)
+
+
+def absolute_paths(cfg: Config) -> None:
+    """Make the config's local paths absolute against this process's working directory, where the user gave
+    them: Ray Train runs every worker (and Tune every trial) in a directory of its own. URIs and built-in
+    sources are left as they are; a path that is absolute already is unchanged, so calling this again is safe."""
+    cfg.data.source = sources.absolute_source(cfg.data.source)
+    if cfg.data.val_source is not None:
+        cfg.data.val_source = sources.absolute_source(cfg.data.val_source)
+    if cfg.model.init_from is not None and "://" not in cfg.model.init_from:
+        cfg.model.init_from = str(Path(cfg.model.init_from).expanduser().resolve())
+    if cfg.run.storage_path is not None and "://" not in cfg.run.storage_path:
+        cfg.run.storage_path = os.path.abspath(os.path.expanduser(cfg.run.storage_path))
 
 
 def _splits(cfg: Config, given: Mapping[str, sources.SourceInfo]) -> tuple[SplitSpec, SplitSpec | None, int, int]:
@@ -138,6 +150,9 @@ def check_same_config(cfg: Config, run_dir: Path) -> None:
     if not existing.exists():
         return
     old = yaml.safe_load(existing.read_text()) or {}
+    for key in ("source", "val_source"):  # a run saved with a relative path (local mode), resumed from where it ran
+        if isinstance(old.get("data"), dict) and isinstance(old["data"].get(key), str):
+            old["data"][key] = sources.absolute_source(old["data"][key])
     new = config_module.to_dict(cfg)
     for section in new:
         if section in ("run", "scaling", "tune"):

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rayscale import config as config_module
-from rayscale.data.sources import column_names, parquet_files, unclaimed_columns
+from rayscale.data.sources import absolute_source, column_names, parquet_files, unclaimed_columns
 from rayscale.errors import UserError
 from rayscale.files import CONFIG_FILE, SUMMARY_FILE
 
@@ -127,7 +127,7 @@ def predict(run_dir: str | Path, data: str, output: str | Path, *, address: str 
         raise UserError(f"--workers {workers}: expected at least 1")
     cfg = config_module.load(run_dir / CONFIG_FILE)
     spec = json.loads((run_dir / SUMMARY_FILE).read_text())["data_spec"]
-    files = parquet_files(data, "--data")
+    files = parquet_files(absolute_source(str(data)), "--data")  # read by Ray Data's tasks, wherever they run
     if not files:
         raise UserError(f"--data: no Parquet file at {data!r} (expected a file, a directory of .parquet files, a "
                         f"glob or a URI)")

@@ -22,7 +22,7 @@ from rayscale import config as config_module
 from rayscale.config import Config
 from rayscale.data.sources import SourceInfo
 from rayscale.driver.outputs import read_metrics
-from rayscale.driver.prepare import NO_CODE, NO_DATA, prepare, run_directory
+from rayscale.driver.prepare import NO_CODE, NO_DATA, absolute_paths, prepare, run_directory
 from rayscale.driver.trackers import Destinations
 from rayscale.driver.tracking import Tracking, destinations, end_cut_off
 from rayscale.errors import UserError
@@ -273,6 +273,7 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False, cod
     """Validate everything, run (or resume) the search, write its outputs; returns trial rows, best first.
     `code`: rayscale.tune's model=, loss=, metrics= objects, handed to every trial; `given`: its Ray Datasets'
     sources, run once here and read by every trial from the object store this process owns."""
+    absolute_paths(cfg)  # before the trials' configs are made from it: each trial runs in a directory of its own
     base = config_module.to_dict(cfg)
     domains = space.parse_space(cfg.tune.space)
     space.validate(base, domains)

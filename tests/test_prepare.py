@@ -1,0 +1,75 @@
+"""The driver's preparation of a run, without Ray: local paths made absolute where the user gave them (Ray Train
+runs every worker, and Tune every trial, in a directory of its own), and the resume check that reads them."""
+
+import os
+
+import pytest
+import yaml
+from parquet_fixtures import tabular, write
+
+from rayscale import config
+from rayscale.data.sources import absolute_source
+from rayscale.driver.prepare import check_same_config, prepare, worker_payload
+from rayscale.errors import UserError
+from rayscale.files import CONFIG_FILE
+
+
+@pytest.mark.parametrize("given, kept", [
+    ("digits", True), ("synthetic", True), ("ray_dataset:train_data", True), ("s3://bucket/rows/", True),
+    ("gs://bucket/rows/*.parquet", True), ("/data/rows.parquet", True),
+    ("rows.parquet", False), ("data/../rows/*.parquet", False), ("~/rows.parquet", False),
+])
+def test_a_local_source_is_made_absolute_and_anything_else_is_kept(given, kept, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    made = absolute_source(given)
+    if kept:
+        assert made == given
+    else:
+        assert made == os.path.normpath(os.path.join(tmp_path, os.path.expanduser(given)))
+        assert absolute_source(made) == made  # again: unchanged
+
+
+def test_a_run_prepared_from_relative_paths_hands_its_workers_absolute_ones(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    write(tmp_path / "data" / "train.parquet", tabular(0, 300), row_group_size=100)
+    write(tmp_path / "data" / "val.parquet", tabular(300, 100))
+    monkeypatch.chdir(tmp_path)
+    cfg = config.load(overrides=["data.source=data/train.parquet", "data.val_source=./data/val.parquet",
+                                 "run.output_dir=runs", "run.storage_path=store", "batch.global_batch_size=32",
+                                 "batch.micro_batch_size=null"])
+    prepared = prepare(cfg)
+    monkeypatch.chdir("/")  # where a worker runs: nothing relative may be left
+    payload = worker_payload(prepared)
+    assert payload.config["data"]["source"] == str(tmp_path / "data" / "train.parquet")
+    assert payload.config["data"]["val_source"] == str(tmp_path / "data" / "val.parquet")
+    assert payload.config["run"]["storage_path"] == str(tmp_path / "store")
+    chunks = [*prepared.train.info.chunks, *prepared.val.info.chunks]
+    assert chunks and all(os.path.isabs(chunk.path) and os.path.isfile(chunk.path) for chunk in chunks)
+
+
+def test_a_run_saved_with_a_relative_source_still_resumes_and_one_saved_absolute_is_its_own_files(tmp_path,
+                                                                                                monkeypatch):
+    """A run in local mode saved data.source as given (relative) before the path was made absolute: resumed from
+    where it ran, it is the same run. A run saved now names its files absolutely: the same relative name, given
+    from another directory, is other files and another run."""
+    for place in ("here", "there"):
+        (tmp_path / place / "data").mkdir(parents=True)
+        write(tmp_path / place / "data" / "train.parquet", tabular(0, 300))
+    overrides = ["data.source=data/train.parquet", f"run.output_dir={tmp_path / 'runs'}", "run.name=old"]
+    run_dir = tmp_path / "runs" / "old"
+    run_dir.mkdir(parents=True)
+    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(config.load(overrides=overrides))))
+    monkeypatch.chdir(tmp_path / "here")
+    cfg = config.load(overrides=overrides)
+    prepare(cfg)
+    check_same_config(cfg, run_dir)  # the old run, resumed from where it ran
+
+    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(cfg)))  # as this version saves it
+    assert yaml.safe_load((run_dir / CONFIG_FILE).read_text())["data"]["source"] == str(
+        tmp_path / "here" / "data" / "train.parquet")
+    check_same_config(cfg, run_dir)
+    monkeypatch.chdir(tmp_path / "there")
+    cfg = config.load(overrides=overrides)
+    prepare(cfg)
+    with pytest.raises(UserError, match="holds a run with a different 'data' config"):
+        check_same_config(cfg, run_dir)
