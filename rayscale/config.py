@@ -44,7 +44,8 @@ def section(cls: type, doc: str) -> Any:
 class SyntheticConfig:
     kind: str = key("classification", "what the generator makes",
                     choices=("classification", "regression", "image", "sequence"))
-    rows: int = key(20_000, "rows generated (lazily, by Ray Data, never whole on the driver)", unit="rows",
+    rows: int = key(20_000, "rows generated (lazily, a chunk at a time where they are read; never whole on the "
+                            "driver)", unit="rows",
                     minimum=1)
     num_features: int = key(32, "feature width for classification/regression", minimum=1)
     num_classes: int = key(10, "classes for classification/image/sequence labels", minimum=2)
@@ -56,8 +57,9 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    source: str = key("digits", "digits | synthetic | a Parquet file, directory, glob or URI (s3://, gs://) | "
-                                "ray_dataset:train_data (a ray.data.Dataset given as rayscale.train(train_data=))")
+    source: str = key("digits", "digits | synthetic | a Parquet file, directory, glob or URI (s3://, gs://; a "
+                                "relative path is from where rayscale runs) | ray_dataset:train_data (a "
+                                "ray.data.Dataset given as rayscale.train(train_data=))")
     features: list[str] | None = key(None, "Parquet feature columns (null: every column not used otherwise)")
     label: str = key("label", "Parquet label column")
     weight: str | None = key(None, "optional Parquet per-sample weight column")
@@ -323,8 +325,8 @@ class TuneConfig:
     grid_order: str = key("shuffled", "order the grid domains' combinations run in: shuffled (seeded by seed; "
                                       "what ASHA assumes) or listed (as written, last key fastest)",
                           choices=("shuffled", "listed"))
-    search: str = key("random", "search algorithm (grid domains are enumerated by every one); optuna and "
-                                "hyperopt need their packages", choices=("random", "optuna", "hyperopt"))
+    search: str = key("random", "search algorithm (grid domains need random, which enumerates them); "
+                                "optuna and hyperopt need their packages", choices=("random", "optuna", "hyperopt"))
     max_concurrent_trials: int | None = key(None, "trials at once (null: as many as the cluster's CPUs or GPUs "
                                                   "fit, one CPU kept for Ray Data)", minimum=1)
 
@@ -590,6 +592,9 @@ def describe() -> list[tuple[str, str, str, str]]:
             type_name = _type_name(tp)
             if f.metadata.get("words"):  # "an integer or a string or null" says less than the words it takes
                 type_name = type_name.replace("a string", " or ".join(f.metadata["words"]))
+            if f.metadata.get("choices"):  # a closed set: name its members, not their type
+                type_name = ("a list, each one of " if typing.get_origin(tp) is list else "one of ") + ", ".join(yaml.safe_dump(choice).strip().removesuffix("...").strip()
+                                                  for choice in f.metadata["choices"])
             rows.append((f"{prefix}{f.name}", type_name, yaml.safe_dump(default).strip()
                          .removesuffix("...").strip(), doc))
 

@@ -88,6 +88,11 @@ def test_every_key_is_documented():
                      "run.output_dir", "run.name"]:
         assert required in names
     assert all(row[3] for row in rows)
+    types = {row[0]: row[1] for row in rows}  # a closed set of values is named, member by member
+    assert types["optim.name"] == "one of sgd, adamw, lars, lamb"
+    assert types["train.compile"] == "one of false, true, inductor, aot_eager"
+    assert types["run.trackers"] == "a list, each one of mlflow, tensorboard, wandb"
+    assert types["optim.lr"] == "a number"
 
 
 def _keys_of_type(wanted: type) -> list[str]:
