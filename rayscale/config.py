@@ -14,6 +14,7 @@ import math
 import os
 import types
 import typing
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,13 +25,14 @@ from rayscale.errors import ConfigError
 
 
 def key(default: Any, doc: str, *, unit: str | None = None, choices: tuple | None = None,
-        minimum: float | None = None, exclusive_minimum: bool = False, words: tuple[str, ...] = (),
-        name_in: str | None = None) -> Any:
-    """A config field with its documentation; `minimum` is inclusive unless `exclusive_minimum`; `words`: the
+        minimum: float | None = None, exclusive_minimum: bool = False, maximum: float | None = None,
+        words: tuple[str, ...] = (), name_in: str | None = None) -> Any:
+    """A config field with its documentation; `minimum` is inclusive unless `exclusive_minimum`, `maximum`
+    inclusive; `words`: the
     only strings a numeric key also takes (e.g. auto); `name_in`: the value names one entry of that directory
     (a file or directory name, never a path that could lead outside it). Every number must be finite."""
     meta = {"doc": doc, "unit": unit, "choices": choices, "minimum": minimum,
-            "exclusive_minimum": exclusive_minimum, "words": words, "name_in": name_in}
+            "exclusive_minimum": exclusive_minimum, "maximum": maximum, "words": words, "name_in": name_in}
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -333,7 +335,8 @@ class TuneConfig:
 
 @dataclass
 class Config:
-    seed: int = key(0, "seeds data order, model init and dropout")
+    seed: int = key(0, "seeds data order, model init and dropout", minimum=0, maximum=2**32 - 1)  # numpy's and
+    # torch's generators both take it (numpy refuses a negative seed, torch one of 2**64 or more)
     data: DataConfig = section(DataConfig, "where samples come from")
     model: ModelConfig = section(ModelConfig, "what is trained")
     batch: BatchConfig = section(BatchConfig, "global batch and micro-batching")
@@ -478,6 +481,9 @@ def _check_value(value: Any, meta: typing.Mapping[str, Any], path: str, nullable
             raise ConfigError(f"{path}: expected a value greater than {minimum:g}, got {value!r}")
         if value < minimum:
             raise ConfigError(f"{path}: expected a value of at least {minimum:g}, got {value!r}")
+    maximum = meta.get("maximum")
+    if maximum is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value > maximum:
+        raise ConfigError(f"{path}: expected a value of at most {maximum}, got {value!r}")
     if name_in and not _is_plain_name(value):
         raise ConfigError(f"{path}: expected a name inside {name_in} (not empty, '.' or '..', no '/'), "
                           f"got {value!r}")
@@ -546,12 +552,34 @@ def set_dotted(raw: dict, dotted: str, value: Any) -> None:
         node, cls = child, tp
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (plain YAML keeps the last one silently,
+    and a second `train:` section would drop the first one's keys)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping",
+                                                        key_node.start_mark)
+            if isinstance(key, Hashable):
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:  # a directory, no permission, not UTF-8 text
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"not UTF-8 text ({exc.reason})" \
+            if isinstance(exc, UnicodeDecodeError) else str(exc)
+        raise ConfigError(f"config file {path}: cannot read it: {reason}") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

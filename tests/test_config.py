@@ -44,6 +44,8 @@ def test_overrides_are_coerced(override, path, expected):
     pytest.param("scaling.use_gpu=maybe", "scaling.use_gpu: expected true/false", id="bool"),
     pytest.param("optim=1", "optim is a section", id="section-as-value"),
     pytest.param("optim.lr", "expected KEY=VALUE", id="no-equals"),
+    pytest.param("seed=-1", "seed: expected a value of at least 0, got -1", id="negative-seed"),
+    pytest.param("seed=4294967296", "seed: expected a value of at most 4294967295, got 4294967296", id="huge-seed"),
 ])
 def test_override_errors(override, message):
     with pytest.raises(ConfigError) as info:
@@ -65,12 +67,29 @@ def test_yaml_file_and_overrides(tmp_path):
     pytest.param("optim:\n  lr: 0.1\n  moment: 0.9\n", "unknown config key optim.moment (did you mean "
                                                        "optim.momentum?)", id="unknown-in-file"),
     pytest.param("optim: 3\n", "optim: expected a mapping", id="section-not-mapping"),
+    # Plain YAML keeps the last of two equal keys: the first value, or a whole first section, would be lost.
+    pytest.param("train:\n  epochs: 1\n  epochs: 5\n", "at line 3, column 3: key 'epochs' appears twice",
+                 id="key-twice"),
+    pytest.param("train: {epochs: 1}\noptim: {lr: 1}\ntrain: {log_every_samples: 10}\n",
+                 "at line 3, column 1: key 'train' appears twice", id="section-twice"),
+    pytest.param(b"\xff\xfe\x00garbage", "cannot read it: not UTF-8 text", id="not-text"),
 ])
 def test_yaml_errors(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(ConfigError, match=re.escape(message)):
         config.load(path)
+
+
+def test_a_config_path_that_is_a_directory_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=re.escape(f"config file {tmp_path}: cannot read it: Is a directory")):
+        config.load(tmp_path)
+
+
+def test_yaml_anchors_and_one_key_per_mapping_still_load(tmp_path):
+    path = tmp_path / "anchors.yaml"
+    path.write_text("optim: &o {lr: 0.5}\nschedule: {name: constant}\n")
+    assert config.load(path).optim.lr == 0.5
 
 
 def test_missing_file():
