@@ -49,6 +49,8 @@ def test_an_address_that_answers_passes(address, listening_port):
     pytest.param("127.0.0.1:x", "--address", "--address 127.0.0.1:x: expected host:port", id="port-not-a-number"),
     pytest.param("127.0.0.1:99999", "--address", "--address 127.0.0.1:99999: expected host:port",
                  id="port-out-of-range"),
+    pytest.param("garbage!!", "--address", "--address garbage!!: expected host:port", id="no-port"),
+    pytest.param("ray://", "RAY_ADDRESS", "RAY_ADDRESS ray://: expected host:port", id="no-host"),
 ])
 def test_an_address_where_nothing_answers_is_one_line(address, named, message):
     port = free_loopback_port()

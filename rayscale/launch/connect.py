@@ -158,8 +158,11 @@ def check_reachable(address: str, named: str = "--address") -> None:
         host, port = where.hostname, where.port
     except ValueError as exc:
         raise UserError(f"{named} {address}: expected host:port, e.g. 127.0.0.1:6379 ({exc})") from None
+    if address.strip().lower() in ("auto", "local"):
+        return  # Ray's own words: ray.init decides
     if not host or port is None:
-        return
+        raise UserError(f"{named} {address}: expected host:port (e.g. 127.0.0.1:6379), ray://host:port, auto or "
+                        f"local")
     try:
         socket.create_connection((host, port), timeout=REACH_TIMEOUT_S).close()
     except OSError as exc:
