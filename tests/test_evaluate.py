@@ -7,6 +7,7 @@ import re
 import sys
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from inprocess import train
@@ -62,6 +63,38 @@ def test_eval_refuses_what_is_not_a_run_and_data_without_the_runs_columns(traine
         rayscale.evaluate(run.run_dir, narrow)
     with pytest.raises(UserError, match="--data: no Parquet file at .*missing.parquet"):
         rayscale.evaluate(run.run_dir, str(tmp_path / "missing.parquet"))
+    (tmp_path / "a_dir").mkdir()
+    for argv, message in [  # each refused before anything is evaluated, in one line
+        (["--output", ""], "--output: expected a file path for the metrics' JSON, got an empty one"),
+        (["--output", str(tmp_path / "a_dir")], "--output: .*a_dir is a directory"),
+        (["--output", str(tmp_path / "no" / "e.json")], "--output: .*no does not exist"),
+        (["--device", "foo"], "--device foo: .*expected cpu or cuda"),
+        (["--device", "cuda:7"], "--device cuda:7: this machine has"),
+    ]:
+        if argv[-1] == "cuda:7" and torch.cuda.device_count() > 7:
+            continue
+        assert cli.main(["eval", str(run.run_dir), *argv]) == 2
+        error = capsys.readouterr().err
+        assert re.search(message, error) and error.count("\n") == 1, (argv, error)
+    assert not list(tmp_path.glob("**/*.json"))
+
+
+def test_eval_and_predict_refuse_a_run_whose_summary_or_weights_were_cut_short(trained, tmp_path, capsys):
+    """A run killed while writing its outputs: one line naming the file, not a traceback."""
+    import shutil
+
+    tmp, run = trained
+    for name, cut, message in [("summary.json", 100, "summary.json: not readable JSON"),
+                               ("model.safetensors", 0, "model.safetensors: cannot read the model's weights")]:
+        copy = tmp_path / name
+        shutil.copytree(run.run_dir, copy)
+        with open(copy / name, "r+b") as handle:
+            handle.truncate(cut)
+        for argv in (["eval", str(copy)],
+                     ["predict", str(copy), "--data", str(tmp / "train.parquet"), "--output", str(tmp_path / "o")]):
+            assert cli.main(argv) == 2
+            error = capsys.readouterr().err
+            assert message in error and error.count("\n") == 1, (argv, error)
 
 
 @pytest.mark.parametrize("start", ["run directory", "checkpoint", "safetensors"])
@@ -100,6 +133,7 @@ def test_predict_refuses_bad_input_before_ray_starts(trained, tmp_path, capsys):
     taken.mkdir()
     (taken / "old.parquet").write_bytes(b"")
     narrow = write(tmp_path / "narrow.parquet", tabular(0, 50).drop_columns(["b"]))
+    text = write(tmp_path / "text.parquet", tabular(0, 50).set_column(0, "a", pa.array(["x"] * 50)))
     for argv, message in [
         (["predict", str(tmp_path), "--data", source, "--output", str(tmp_path / "o")], "no config.yaml"),
         (["predict", str(run.run_dir), "--data", source, "--output", str(taken)],
@@ -108,6 +142,9 @@ def test_predict_refuses_bad_input_before_ray_starts(trained, tmp_path, capsys):
          "--data: column 'b' \\(an input of the run\\) not in"),
         (["predict", str(run.run_dir), "--data", str(tmp_path / "none"), "--output", str(tmp_path / "o")],
          "--data: no Parquet file at"),
+        (["predict", str(run.run_dir), "--data", text, "--output", str(tmp_path / "o")],
+         "--data: the run's model cannot read the rows of .*text.parquet \\(ValueError: could not convert"),
+        (["predict", str(run.run_dir), "--data", source, "--output", ""], "--output: expected a new .* empty path"),
     ]:
         assert cli.main(argv) == 2
         assert re.search(message, capsys.readouterr().err), message

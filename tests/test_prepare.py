@@ -73,3 +73,25 @@ def test_a_run_saved_with_a_relative_source_still_resumes_and_one_saved_absolute
     prepare(cfg)
     with pytest.raises(UserError, match="holds a run with a different 'data' config"):
         check_same_config(cfg, run_dir)
+
+
+def test_a_validation_source_with_other_feature_columns_is_refused_before_the_run(tmp_path):
+    """Two features where training has three: the model's first layer could not read them (it failed in every
+    worker, after Ray started)."""
+    write(tmp_path / "train.parquet", tabular(0, 300))
+    write(tmp_path / "val.parquet", tabular(300, 100).drop_columns(["b"]))
+    cfg = config.load(overrides=[f"data.source={tmp_path / 'train.parquet'}", f"run.output_dir={tmp_path / 'runs'}",
+                                 f"data.val_source={tmp_path / 'val.parquet'}", "batch.global_batch_size=32",
+                                 "batch.micro_batch_size=null"])
+    with pytest.raises(UserError, match=r"data.val_source: .*val.parquet does not match data.source "
+                                        r"\(classification \(2,\) vs classification \(3,\)\)"):
+        prepare(cfg)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_storage_path_that_is_a_file_is_refused_before_the_run(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    cfg = config.load(overrides=[f"run.output_dir={tmp_path / 'runs'}", f"run.storage_path={tmp_path / 'a_file'}"])
+    with pytest.raises(UserError, match="run.storage_path: .*a_file is a file; expected a directory"):
+        prepare(cfg)
+    assert not (tmp_path / "runs").exists()

@@ -52,6 +52,13 @@ class DataSpec:
     num_outputs: int  # classes for classification tasks, targets for regression
     vocab_size: int | None = None  # sequences only
 
+    def takes_inputs_of(self, other: DataSpec) -> bool:
+        """Whether a model sized for this data reads `other`'s rows: the same task and per-sample shape (any
+        sequence length: sequences are padded per micro-batch)."""
+        if self.task != other.task or (self.vocab_size is None) != (other.vocab_size is None):
+            return False
+        return self.vocab_size is not None or self.input_shape == other.input_shape
+
 
 def row_bytes(spec: DataSpec) -> int:
     """A row's size in memory, estimated from its shape alone: float32 features (or int64 tokens and per-token
@@ -284,6 +291,14 @@ def _open(path: str) -> pq.ParquetFile:
 def parquet_files(source: str, key: str) -> list[str]:
     """The Parquet files `source` names, sorted (a file, a directory, a glob or a URI); `key` names it in errors."""
     return _list_files(source, key)
+
+
+def first_rows(path: str, columns: list[str], rows: int) -> pa.Table:
+    """Up to `rows` rows of one Parquet file's `columns` (a local path or a URI), from its first row group."""
+    with _open(path) as parquet:
+        for batch in parquet.iter_batches(batch_size=rows, columns=columns):
+            return pa.Table.from_batches([batch])
+        return pa.table({name: pa.array([]) for name in columns})
 
 
 def column_names(path: str) -> list[str]:

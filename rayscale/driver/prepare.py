@@ -75,6 +75,9 @@ def prepare(cfg: Config, scope: str = "run", code: UserCode = NO_CODE,
         import_callable(cfg.run.checkpoint_upload_fn, "run.checkpoint_upload_fn")
     run_dir = run_directory(cfg)
     _check_writable(run_dir)
+    if cfg.run.storage_path is not None and os.path.exists(cfg.run.storage_path) \
+            and not os.path.isdir(cfg.run.storage_path):  # made absolute above when local
+        raise UserError(f"run.storage_path: {cfg.run.storage_path} is a file; expected a directory (or a URI)")
     return PreparedRun(cfg, plan, train, val, train_rows, val_rows, run_dir, code)
 
 
@@ -99,7 +102,7 @@ def _splits(cfg: Config, given: Mapping[str, sources.SourceInfo]) -> tuple[Split
     info = inspect(cfg.data.source, "data.source")
     if cfg.data.val_source is not None:
         val_info = inspect(cfg.data.val_source, "data.val_source")
-        if val_info.spec.input_shape[1:] != info.spec.input_shape[1:] or val_info.spec.task != info.spec.task:
+        if not info.spec.takes_inputs_of(val_info.spec):
             raise UserError(f"data.val_source: {cfg.data.val_source} does not match data.source "
                             f"({val_info.spec.task} {val_info.spec.input_shape} vs {info.spec.task} "
                             f"{info.spec.input_shape})")

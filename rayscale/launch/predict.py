@@ -90,6 +90,28 @@ class Predictor:
                                for name in self.columns], axis=1)}
 
 
+def _try_first_rows(run_dir: Path, path: str, columns: list[str], sequence: bool, task: str, model: Any) -> None:
+    """The run's model over the first rows of SRC, here on the CPU before Ray starts: a user factory that does not
+    import, columns the model cannot read (too few features, text) fail in one line, not in the actors."""
+    import torch
+
+    from rayscale.data.sources import first_rows
+
+    threads = torch.get_num_threads()
+    try:
+        predictor = Predictor(str(run_dir), columns, sequence, task, "cpu", model)  # the model rebuilds here first
+        rows = first_rows(path, columns, 4)
+        if rows.num_rows == 0:
+            return
+        try:
+            predictor(rows)
+        except Exception as exc:
+            raise UserError(f"--data: the run's model cannot read the rows of {path} ({type(exc).__name__}: "
+                            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _write_in_order(predicted, directory: Path) -> None:
     """The batches as they come (in SRC's order: preserve_order), into part-00000.parquet, part-00001.parquet, ...
     of ROWS_PER_FILE rows. Written here, not by Ray Data's parallel writers, whose files' names do not follow
@@ -113,11 +135,14 @@ def _write_in_order(predicted, directory: Path) -> None:
 def predict(run_dir: str | Path, data: str, output: str | Path, *, address: str | None = None,
             workers: int | None = None, model: Any = None) -> int:
     """Run the prediction; returns the rows written. Bad input is refused before Ray starts."""
-    import json
-
     from rayscale.launch.connect import connect
+    from rayscale.models.export import run_summary
 
+    if not str(output).strip():  # Path("") is the working directory, which the output would replace
+        raise UserError("--output: expected a new (or empty) directory for the Parquet output, got an empty path")
     run_dir, output = Path(run_dir).resolve(), Path(output).expanduser().resolve()
+    if output == Path.cwd().resolve() or output in Path.cwd().resolve().parents:
+        raise UserError(f"--output: {output} is the working directory or holds it; expected a new directory")
     for name in (CONFIG_FILE, SUMMARY_FILE):
         if not (run_dir / name).is_file():
             raise UserError(f"{run_dir}: no {name}; expected the directory of a finished rayscale run")
@@ -126,7 +151,7 @@ def predict(run_dir: str | Path, data: str, output: str | Path, *, address: str 
     if workers is not None and workers < 1:
         raise UserError(f"--workers {workers}: expected at least 1")
     cfg = config_module.load(run_dir / CONFIG_FILE)
-    spec = json.loads((run_dir / SUMMARY_FILE).read_text())["data_spec"]
+    spec = run_summary(run_dir)["data_spec"]
     files = parquet_files(absolute_source(str(data)), "--data")  # read by Ray Data's tasks, wherever they run
     if not files:
         raise UserError(f"--data: no Parquet file at {data!r} (expected a file, a directory of .parquet files, a "
@@ -137,9 +162,7 @@ def predict(run_dir: str | Path, data: str, output: str | Path, *, address: str 
         if name not in names:
             raise UserError(f"--data: column {name!r} (an input of the run) not in {files[0]} (columns: "
                             f"{', '.join(names)})")
-    from rayscale.models.export import load_model
-
-    load_model(run_dir, "cpu", model)  # the model rebuilds here first (a user factory must import)
+    _try_first_rows(run_dir, files[0], columns, cfg.data.sequence is not None, spec["task"], model)
 
     connect(address)
     import ray
@@ -148,8 +171,12 @@ def predict(run_dir: str | Path, data: str, output: str | Path, *, address: str 
     context = DataContext.get_current()
     kept_order = context.execution_options.preserve_order
     context.execution_options.preserve_order = True  # rows written in SRC's order (this process's setting)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    pool = workers or (gpus or max(1, min(4, int(ray.cluster_resources().get("CPU", 1)) - 1)))
+    gpus, cpus = int(ray.cluster_resources().get("GPU", 0)), int(ray.cluster_resources().get("CPU", 1))
+    pool = workers or (gpus or max(1, min(4, cpus - 1)))
+    if workers is not None and workers > (gpus or cpus - 1):  # the rest would wait for a CPU forever
+        raise UserError(f"--workers {workers}: the cluster has {gpus} GPUs" if gpus else
+                        f"--workers {workers}: the cluster has {cpus} CPUs, of which {cpus - 1} can hold a model "
+                        f"(one reads the data); expected at most {max(cpus - 1, 1)}")
     dataset = ray.data.read_parquet(files)
     predicted = dataset.map_batches(
         Predictor, batch_size=BATCH_ROWS, batch_format="pyarrow", concurrency=pool,

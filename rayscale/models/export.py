@@ -44,9 +44,7 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu", model: n
         if not (run_dir / name).is_file():
             raise UserError(f"{run_dir}: no {name}; expected the directory of a finished rayscale run")
     cfg = config_module.read_yaml(run_dir / CONFIG_FILE)
-    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
-    if "data_spec" not in summary:
-        raise UserError(f"{run_dir / SUMMARY_FILE}: no data_spec; the run was written by an older rayscale")
+    summary = run_summary(run_dir)
     given = summary.get("python_objects", {}).get("model")
     if given is not None and model is None:
         raise UserError(f"{run_dir}: the run's model was handed to rayscale.train as a Python object ({given}); "
@@ -56,6 +54,18 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu", model: n
                         model)
     built.load_state_dict(read_weights(run_dir))
     return built.to(device).eval()
+
+
+def run_summary(run_dir: Path) -> dict:
+    """A finished run's summary.json, with the data_spec its model was sized for; one line if it cannot be read."""
+    try:
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    except (ValueError, OSError) as exc:  # cut short (a run killed while writing it) or unreadable
+        raise UserError(f"{run_dir / SUMMARY_FILE}: not readable JSON ({first_line(exc)}); expected the summary of "
+                        f"a finished rayscale run") from None
+    if not isinstance(summary, dict) or "data_spec" not in summary:
+        raise UserError(f"{run_dir / SUMMARY_FILE}: no data_spec; the run was written by an older rayscale")
+    return summary
 
 
 def initial_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -101,10 +111,16 @@ def start_from(model: nn.Module, path: str | Path) -> None:
 
 def read_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     safetensors, pickled = run_dir / MODEL_SAFETENSORS_FILE, run_dir / MODEL_FILE
-    if safetensors.is_file():
-        from safetensors.torch import load_file
+    for path in (safetensors, pickled):
+        if not path.is_file():
+            continue
+        try:
+            if path == safetensors:
+                from safetensors.torch import load_file
 
-        return load_file(str(safetensors))
-    if pickled.is_file():
-        return torch.load(pickled, map_location="cpu", weights_only=True)
+                return load_file(str(path))
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # empty or cut short: a run killed while writing it
+            raise UserError(f"{path}: cannot read the model's weights ({type(exc).__name__}: {first_line(exc)})"
+                            ) from None
     raise UserError(f"{run_dir}: neither {MODEL_SAFETENSORS_FILE} nor {MODEL_FILE}; did the run finish?")

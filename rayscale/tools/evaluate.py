@@ -24,7 +24,6 @@ def evaluate_run(run_dir: str | Path, data: Any = None, *, model: Any = None,
     validation split): {"data", "rows", metrics...}, also
     written to `output` (default RUN_DIR/eval.json). `model`, `loss`, `metrics`: as handed to rayscale.train,
     for a run that got them as objects (the config's names are imported as in training)."""
-    import torch
 
     from rayscale.data import sources
     from rayscale.data.local_feed import read_shard
@@ -39,6 +38,8 @@ def evaluate_run(run_dir: str | Path, data: Any = None, *, model: Any = None,
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
         raise UserError(f"{run_dir}: no {CONFIG_FILE}; expected the directory of a finished rayscale run")
+    destination = _destination(run_dir, output)
+    where = _device(device)
     cfg = config_module.load(run_dir / CONFIG_FILE)
     cfg.model = dataclasses.replace(cfg.model, init_from=None)  # the run's own weights are loaded below
     code = UserCode(model=model, loss=loss, metrics=tuple((metrics or {}).items()))
@@ -62,17 +63,44 @@ def evaluate_run(run_dir: str | Path, data: Any = None, *, model: Any = None,
                             f"give --data")
         split, label = prepared.val, "validation split"
     else:
-        if (info.spec.task, info.spec.input_shape[1:]) != (prepared.spec.task, prepared.spec.input_shape[1:]):
+        if not prepared.spec.takes_inputs_of(info.spec):
             raise UserError(f"--data: {data} holds {info.spec.task} {info.spec.input_shape}, but the run trained on "
                             f"{prepared.spec.task} {prepared.spec.input_shape}")
         split, label = SplitSpec(info, "all", 0.0, cfg.data, cfg.seed), data
-    where = torch.device(device)
     network = load_model(run_dir, where, model)
     rows = split_chunk_rows(split)
     found = evaluate(network, read_shard(split, shard_reads(rows, 1)[0]), prepared.plan, prepared.spec,
                      make_precision(cfg.train.precision, where), where,
                      Objective(prepared.spec.task, code.loss_fn(cfg.train.loss)), code.metric_fns(cfg.train.metrics))
     result = {"data": label, "rows": sum(rows), **found}
-    destination = Path(output) if output is not None else run_dir / EVAL_FILE
     destination.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _destination(run_dir: Path, output: str | Path | None) -> Path:
+    """Where the metrics go, checked before anything is evaluated: a file in a directory that exists."""
+    if output is None:
+        return run_dir / EVAL_FILE
+    if not str(output).strip():
+        raise UserError("--output: expected a file path for the metrics' JSON, got an empty one")
+    path = Path(output).expanduser()
+    if path.is_dir():
+        raise UserError(f"--output: {path} is a directory; expected a file path for the metrics' JSON")
+    if not path.parent.is_dir():
+        raise UserError(f"--output: {path.parent} does not exist; expected a file in an existing directory")
+    return path
+
+
+def _device(name: str):
+    """The device to evaluate on, refused in one line if torch cannot use it here."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise UserError(f"--device {name}: {str(exc).splitlines()[0]}; expected cpu or cuda[:N]") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: expected cpu or cuda[:N]")
+    return device
