@@ -18,6 +18,7 @@ import user_code
 from inprocess import train
 from parquet_fixtures import write
 from torch import nn
+from torchmetrics.classification import MulticlassF1Score
 
 import rayscale
 from rayscale import config
@@ -348,6 +349,14 @@ def test_importable_objects_are_named_in_the_config_and_the_rest_travel_as_objec
     ({"metrics": {"f 1": user_code.hit}}, r"metrics\['f 1'\]: expected an identifier"),
     ({"model": lambda: nn.Linear(2, 3), "overrides": {"model.kwargs": {"width": 3}}},
      r"model.kwargs: <lambda>\(\) does not accept them"),
+    # Tried on two rows of the data on the driver: these failed in every worker, once per allowed restart.
+    ({"loss": lambda output, batch: F.cross_entropy(output, batch["y"])},
+     r"loss=: failed on 2 rows of digits \(ValueError: train.loss: returned losses of shape \(\); expected one"),
+    ({"loss": lambda output: output}, r"loss=: failed on 2 rows of digits \(TypeError: .*positional argument"),
+    ({"metrics": {"f1": MulticlassF1Score(num_classes=4)}},
+     r"metrics\['f1'\]: failed on 2 rows of digits \(ValueError: .*number of classes"),
+    ({"overrides": {"train.metrics": {"ce": "torch.nn.functional:cross_entropy"}}},
+     r"train.metrics.ce: failed on 2 rows of digits \(TypeError: cross_entropy_loss\(\): argument 'target'"),
 ])
 def test_objects_that_cannot_reach_the_workers_or_be_used_fail_before_anything_runs(tmp_path, kwargs, message):
     overrides = {"run.output_dir": str(tmp_path), **kwargs.pop("overrides", {})}

@@ -293,12 +293,13 @@ def parquet_files(source: str, key: str) -> list[str]:
     return _list_files(source, key)
 
 
-def first_rows(path: str, columns: list[str], rows: int) -> pa.Table:
-    """Up to `rows` rows of one Parquet file's `columns` (a local path or a URI), from its first row group."""
+def first_rows(path: str, columns: list[str] | None, rows: int) -> pa.Table:
+    """Up to `rows` rows of one Parquet file's `columns` (None: all; a local path or a URI), from its start."""
     with _open(path) as parquet:
         for batch in parquet.iter_batches(batch_size=rows, columns=columns):
             return pa.Table.from_batches([batch])
-        return pa.table({name: pa.array([]) for name in columns})
+        return parquet.schema_arrow.empty_table() if columns is None else \
+            parquet.schema_arrow.empty_table().select(columns)
 
 
 def column_names(path: str) -> list[str]:

@@ -69,8 +69,9 @@ def prepare(cfg: Config, scope: str = "run", code: UserCode = NO_CODE,
     if cfg.batch.adaptive != "none":
         upper_limit(cfg.batch.max_global_batch_size, plan.global_batch_size, train_rows, plan.num_workers,
                     cfg.batch.micro_batch_size)
-    _check_model(cfg, train.info.spec, code)
+    model = _check_model(cfg, train.info.spec, code)
     _check_code(cfg, code)
+    _try_loss_and_metrics(cfg, train.info, model, code)
     if cfg.run.checkpoint_upload_fn is not None:  # imported where the workers run, but a typo fails here first
         import_callable(cfg.run.checkpoint_upload_fn, "run.checkpoint_upload_fn")
     run_dir = run_directory(cfg)
@@ -116,7 +117,7 @@ def _splits(cfg: Config, given: Mapping[str, sources.SourceInfo]) -> tuple[Split
             count_rows(info, "train", cfg.data.val_fraction), val_rows)
 
 
-def _check_model(cfg: Config, spec: sources.DataSpec, code: UserCode) -> None:
+def _check_model(cfg: Config, spec: sources.DataSpec, code: UserCode):
     """Build the model once on the driver (CPU, tiny) so a bad name or kwargs fails before Ray starts."""
     from rayscale.engine.optimizers import check_optimizer
     from rayscale.models import build_model
@@ -127,6 +128,7 @@ def _check_model(cfg: Config, spec: sources.DataSpec, code: UserCode) -> None:
 
         start_from(model, cfg.model.init_from)
     check_optimizer(cfg.optim, model, cfg.optim.lr)
+    return model
 
 
 def _check_code(cfg: Config, code: UserCode) -> None:
@@ -137,6 +139,60 @@ def _check_code(cfg: Config, code: UserCode) -> None:
                                                                         for name, metric in code.metrics)):
         if value is not None:
             check_shippable(value, argument)
+
+
+def _try_loss_and_metrics(cfg: Config, info: sources.SourceInfo, model, code: UserCode) -> None:
+    """A user loss or metric that cannot take the model's output on the data's rows (a wrong signature, a reduced
+    loss, a metric sized for other classes) is refused here in one line naming its key, not in every worker after
+    Ray started (retried run.max_failures times). Only user code is tried, on two training rows on the CPU; a
+    model whose forward fails here (one that needs a GPU, say) leaves the checks to the workers."""
+    loss, metrics = code.loss_fn(cfg.train.loss), code.metric_fns(cfg.train.metrics)
+    if loss is None and not metrics:
+        return
+    rows = _first_rows(cfg, info, 2)
+    if rows is None:
+        return
+    import torch
+
+    from rayscale.data.collate import collate
+    from rayscale.engine.tasks import Objective, forward
+    from rayscale.engine.user_metrics import UserMetrics
+    from rayscale.plugins import first_line
+
+    cpu = torch.device("cpu")
+    batch = collate(rows, cpu)
+    try:
+        with torch.no_grad():
+            output = forward(model, batch)
+    except Exception:
+        return
+    tried = f"{len(rows['y'])} rows of {cfg.data.source}"
+    if loss is not None:
+        key = "loss=" if code.loss is not None else "train.loss"
+        try:
+            Objective(info.spec.task, loss).loss(output, batch)
+        except Exception as exc:
+            raise UserError(f"{key}: failed on {tried} ({type(exc).__name__}: {first_line(exc)})") from None
+    for name, metric in metrics.items():
+        key = f"metrics[{name!r}]" if name in dict(code.metrics) else f"train.metrics.{name}"
+        try:
+            UserMetrics({name: metric}, cpu).update(output, batch)
+        except Exception as exc:
+            raise UserError(f"{key}: failed on {tried} ({type(exc).__name__}: {first_line(exc)})") from None
+
+
+def _first_rows(cfg: Config, info: sources.SourceInfo, rows: int) -> dict | None:
+    """The first rows of the source as the workers read them (numpy columns), or None for a Ray Dataset's."""
+    if not info.chunks:  # an online directory with no file yet
+        return None
+    if info.kind in ("digits", "synthetic"):
+        read = sources.read_chunk(info.kind, info.chunks[0], cfg.data, cfg.seed)
+    elif info.kind == "parquet":
+        path = info.chunks[0].path
+        read = sources.table_rows(sources.first_rows(path, None, rows), cfg.data, path, 0, 0)
+    else:
+        return None
+    return {name: column[:rows] for name, column in read.items()} if len(read["y"]) else None
 
 
 def _check_writable(run_dir: Path) -> None:
