@@ -90,3 +90,19 @@ def test_every_trial_is_made_from_a_config_naming_its_data_absolutely(tmp_path, 
     with pytest.raises(RuntimeError, match="stop before"):
         search.search(cfg)
     assert bases[0]["data"]["source"] == str(tmp_path / "rows.parquet")
+
+
+@pytest.mark.parametrize("metric, metric_names, message", [
+    ("val_los", [], "tune.metric val_los: no trial reports it; expected one of val_loss, val_accuracy, or a "
+                    "training metric such as train_loss (did you mean val_loss?)"),
+    ("val_f2", ["f1"], "tune.metric val_f2: no trial reports it; expected one of val_loss, val_accuracy, val_f1, "
+                       "or a training metric such as train_loss (did you mean val_f1?)"),
+    ("val_f1", ["f1"], None), ("val_accuracy", [], None), ("train_loss", [], None),
+])
+def test_a_validation_metric_no_trial_reports_is_refused_before_the_search(metric, metric_names, message):
+    if message is None:
+        search.check_metric_name(metric, metric_names)
+        return
+    with pytest.raises(search.UserError) as info:
+        search.check_metric_name(metric, metric_names)
+    assert str(info.value) == message

@@ -135,6 +135,19 @@ def _trial_callbacks(metric: str, stop_marker: Path) -> list:
     return [EvaluationReport(), AbortWhenStopped()]
 
 
+def check_metric_name(metric: str, metric_names: list[str]) -> None:
+    """A validation metric (val_...) must be one the trials report: val_loss, val_accuracy or val_<name> of a
+    train.metrics entry. A misspelt one was found only after every trial had trained, in Tune's traceback."""
+    import difflib
+
+    known = ["val_loss", "val_accuracy", *(f"val_{name}" for name in metric_names)]
+    if metric.startswith("val_") and metric not in known:
+        close = difflib.get_close_matches(metric, known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UserError(f"tune.metric {metric}: no trial reports it; expected one of {', '.join(known)}, or a "
+                        f"training metric such as train_loss{hint}")
+
+
 def default_grace(grace_samples: int | None, max_t: int, reduction_factor: float, warmup: int) -> int:
     """ASHA's grace period: tune.grace_samples, else max_t / reduction_factor**3 (four rungs: 1/27, 1/9, 1/3
     of the budget and the end at the default factor 3), and never inside the warmup, where every trial's
@@ -279,6 +292,7 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False, cod
     space.validate(base, domains)
     prepared = prepare(cfg, scope="search", code=code, given=given)
     max_t = cfg.train.epochs * prepared.train_rows
+    check_metric_name(cfg.tune.metric, [*cfg.train.metrics, *(name for name, _ in code.metrics)])
     if cfg.tune.metric.startswith("val_") and prepared.val_rows == 0:
         raise UserError(f"tune.metric {cfg.tune.metric}: there is no validation data (data.val_fraction is 0 and "
                         f"data.val_source is not set)")
