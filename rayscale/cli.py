@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Sequence
 
@@ -200,7 +201,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "config": lambda a: cmd_config_show(a) if a.action == "show" else cmd_config_keys(a),
     }[args.command]
     try:
+        if getattr(args, "address", None) is not None and not args.address.strip():
+            raise UserError("--address: expected host:port, ray://host:port, auto or local, got an empty value "
+                            "(leave the flag out for the embedded Ray)")
         return handler(args)
+    except BrokenPipeError:  # `rayscale config keys | head`: the reader has gone, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+        return 0
     except UserError as exc:
         if args.debug:
             raise

@@ -114,6 +114,8 @@ CASES = [
       for case, name, shown in (("empty", "", "got ''"), ("parent", "..", "got '..'"), ("sibling", "../x", "'../x'"),
                                 ("absolute", "{tmp}/abs", "/abs'"), ("down-then-out", "a/../../b", "'a/../../b'"))),
     ("tune-run-name-outside", ["tune", "--set", "run.name=../search"], ["run.name: expected a name inside"]),
+    ("empty-output-dir", ["train", "--set", "run.output_dir="],
+     ["run.output_dir: expected a directory path, got an empty one"]),
     ("micro-batch-word", ["train", "--set", "batch.micro_batch_size=autoo"],
      ["batch.micro_batch_size", "expected a number, null or auto", "autoo"]),
     ("adaptive-step-without-milestones", ["train", "--set", "batch.adaptive=step"],
@@ -266,6 +268,8 @@ UNREACHABLE = [
      ["--address ray://127.0.0.1:{port}: nothing answers at 127.0.0.1:{port}"]),
     ("address-without-a-port-number", ["train", "--address", "127.0.0.1:head"], {},
      ["--address 127.0.0.1:head: expected host:port"]),
+    ("address-without-a-port", ["train", "--address", "garbage!!"], {}, ["--address garbage!!: expected host:port"]),
+    ("empty-address", ["tune", "--address", ""], {}, ["--address: expected host:port", "got an empty value"]),
 ]
 
 
@@ -355,3 +359,14 @@ def test_user_error_raised_inside_a_worker_is_found_through_rays_wrappers():
     failure = WorkerGroupError("Training failed", worker_failures={0: RuntimeError("other"), 1: wrapped})
     assert user_error_inside(failure) is original
     assert user_error_inside(WorkerGroupError("x", worker_failures={0: RuntimeError("no")})) is None
+
+
+def test_output_read_by_a_reader_that_has_gone_ends_quietly():
+    """`rayscale config keys | head`: once the reader has closed the pipe, the rest is dropped without a traceback."""
+    import subprocess
+
+    command = [str(Path(sys.executable).parent / "rayscale"), "config", "keys"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # before the command writes anything
+    error = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 0 and "Traceback" not in error and "BrokenPipe" not in error, error

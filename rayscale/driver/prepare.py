@@ -74,6 +74,8 @@ def prepare(cfg: Config, scope: str = "run", code: UserCode = NO_CODE,
     _try_loss_and_metrics(cfg, train.info, model, code)
     if cfg.run.checkpoint_upload_fn is not None:  # imported where the workers run, but a typo fails here first
         import_callable(cfg.run.checkpoint_upload_fn, "run.checkpoint_upload_fn")
+    if not cfg.run.output_dir.strip():  # it would be the working directory, unasked
+        raise UserError("run.output_dir: expected a directory path, got an empty one")
     run_dir = run_directory(cfg)
     _check_writable(run_dir)
     if cfg.run.storage_path is not None and os.path.exists(cfg.run.storage_path) \
