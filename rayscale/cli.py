@@ -205,8 +205,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError("--address: expected host:port, ray://host:port, auto or local, got an empty value "
                             "(leave the flag out for the embedded Ray)")
         return handler(args)
-    except BrokenPipeError:  # `rayscale config keys | head`: the reader has gone, which is not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+    except BrokenPipeError:
+        if args.command != "config":  # a run's own pipes or sockets: a failure, not a reader that has gone
+            raise
+        # `rayscale config keys | head`: the reader has gone, which is not an error. Python's flush of stdout at
+        # exit would fail again: point it at /dev/null.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor (a notebook's)
+            pass
         return 0
     except UserError as exc:
         if args.debug:

@@ -88,8 +88,12 @@ def test_a_config_path_that_is_a_directory_is_one_line(tmp_path):
 
 def test_yaml_anchors_and_one_key_per_mapping_still_load(tmp_path):
     path = tmp_path / "anchors.yaml"
-    path.write_text("optim: &o {lr: 0.5}\nschedule: {name: constant}\n")
-    assert config.load(path).optim.lr == 0.5
+    path.write_text("optim: &o {lr: 0.5}\nschedule: {name: constant}\n"
+                    "tune:\n  space:\n    optim.lr: &domain {grid: [0.1, 0.2]}\n"
+                    "    optim.momentum: {<<: *domain, grid: [0.8, 0.9]}\n")
+    cfg = config.load(path)
+    assert cfg.optim.lr == 0.5  # an anchor, and a merge key (<<) overridden by the key beside it
+    assert cfg.tune.space["optim.momentum"] == {"grid": [0.8, 0.9]}
 
 
 def test_missing_file():

@@ -143,10 +143,15 @@ def test_predict_refuses_bad_input_before_ray_starts(trained, tmp_path, capsys):
         (["predict", str(run.run_dir), "--data", str(tmp_path / "none"), "--output", str(tmp_path / "o")],
          "--data: no Parquet file at"),
         (["predict", str(run.run_dir), "--data", text, "--output", str(tmp_path / "o")],
-         "--data: the run's model cannot read the rows of .*text.parquet \\(ValueError: could not convert"),
+         "--data: .*text.parquet: the columns a, b do not make the model's inputs \\(ValueError: could not convert"),
         (["predict", str(run.run_dir), "--data", source, "--output", ""], "--output: expected a new .* empty path"),
     ]:
         assert cli.main(argv) == 2
         assert re.search(message, capsys.readouterr().err), message
     assert not (tmp_path / "o").exists()
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()  # refused before Ray started
+    from rayscale.launch.predict import _check_first_rows
+
+    with pytest.raises(UserError, match=r"--data: .*narrow.parquet: the columns a, w make inputs of shape \(2,\), but "
+                                        r"the run's model takes \(3,\)"):
+        _check_first_rows(str(narrow), ["a", "w"], False, [3])  # a run sized by three feature columns

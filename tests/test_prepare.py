@@ -95,3 +95,26 @@ def test_a_storage_path_that_is_a_file_is_refused_before_the_run(tmp_path):
     with pytest.raises(UserError, match="run.storage_path: .*a_file is a file; expected a directory"):
         prepare(cfg)
     assert not (tmp_path / "runs").exists()
+
+
+def _needs_a_gpu(output, batch):
+    import torch.nn.functional as F
+
+    return F.cross_entropy(output.cuda(), batch["y"].cuda(), reduction="none")  # a GPU worker's loss
+
+
+def _needs_a_process_group(output, batch):
+    import torch.distributed as dist
+
+    return (output.argmax(dim=1) == batch["y"]).float() * dist.get_world_size()
+
+
+def test_user_code_that_needs_the_workers_gpu_or_process_group_is_left_to_them(tmp_path):
+    """The driver tries a user loss and metrics on two rows, but refuses only misfits the workers would meet too:
+    what fails here for want of CUDA or a process group is not refused."""
+    from rayscale.plugins import UserCode
+
+    cfg = config.load(overrides=[f"run.output_dir={tmp_path}"])
+    prepare(cfg, code=UserCode(loss=_needs_a_gpu, metrics=(("world", _needs_a_process_group),)))
+    with pytest.raises(UserError, match=r"metrics\['bad'\]: failed on 2 rows of digits \(TypeError"):
+        prepare(cfg, code=UserCode(metrics=(("bad", lambda output: output),)))

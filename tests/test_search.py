@@ -106,3 +106,27 @@ def test_a_validation_metric_no_trial_reports_is_refused_before_the_search(metri
     with pytest.raises(search.UserError) as info:
         search.check_metric_name(metric, metric_names)
     assert str(info.value) == message
+
+
+def test_paths_a_search_space_chooses_between_are_made_absolute_before_the_trials(tmp_path, monkeypatch):
+    from parquet_fixtures import tabular, write
+
+    from rayscale import config
+    from rayscale.tuning import space
+
+    for name in ("a.parquet", "b.parquet"):
+        write(tmp_path / name, tabular(0, 300))
+    monkeypatch.chdir(tmp_path)
+    bases = []
+
+    def validate(base, domains):
+        bases.append(base)
+        raise RuntimeError("stop before anything starts")
+
+    monkeypatch.setattr(space, "validate", validate)
+    cfg = config.load(overrides=["data.source=a.parquet", f"run.output_dir={tmp_path / 'runs'}",
+                                 "tune.space={data.source: {choice: [a.parquet, b.parquet, digits]}}"])
+    with pytest.raises(RuntimeError, match="stop before"):
+        search.search(cfg)
+    assert bases[0]["tune"]["space"]["data.source"] == {
+        "choice": [str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet"), "digits"]}

@@ -71,7 +71,7 @@ def prepare(cfg: Config, scope: str = "run", code: UserCode = NO_CODE,
                     cfg.batch.micro_batch_size)
     model = _check_model(cfg, train.info.spec, code)
     _check_code(cfg, code)
-    _try_loss_and_metrics(cfg, train.info, model, code)
+    _try_loss_and_metrics(cfg, train.info, model, code, validates=val is not None)
     if cfg.run.checkpoint_upload_fn is not None:  # imported where the workers run, but a typo fails here first
         import_callable(cfg.run.checkpoint_upload_fn, "run.checkpoint_upload_fn")
     if not cfg.run.output_dir.strip():  # it would be the working directory, unasked
@@ -86,15 +86,30 @@ def prepare(cfg: Config, scope: str = "run", code: UserCode = NO_CODE,
 
 def absolute_paths(cfg: Config) -> None:
     """Make the config's local paths absolute against this process's working directory, where the user gave
-    them: Ray Train runs every worker (and Tune every trial) in a directory of its own. URIs and built-in
-    sources are left as they are; a path that is absolute already is unchanged, so calling this again is safe."""
-    cfg.data.source = sources.absolute_source(cfg.data.source)
-    if cfg.data.val_source is not None:
-        cfg.data.val_source = sources.absolute_source(cfg.data.val_source)
-    if cfg.model.init_from is not None and "://" not in cfg.model.init_from:
-        cfg.model.init_from = str(Path(cfg.model.init_from).expanduser().resolve())
-    if cfg.run.storage_path is not None and "://" not in cfg.run.storage_path:
-        cfg.run.storage_path = os.path.abspath(os.path.expanduser(cfg.run.storage_path))
+    them: Ray Train runs every worker (and Tune every trial) in a directory of its own. So are the paths a Tune
+    space searches over. URIs and built-in sources are left as they are; a path that is absolute already is
+    unchanged, so calling this again is safe."""
+    cfg.data.source = _absolute("data.source", cfg.data.source)
+    cfg.data.val_source = _absolute("data.val_source", cfg.data.val_source)
+    cfg.model.init_from = _absolute("model.init_from", cfg.model.init_from)
+    cfg.run.storage_path = _absolute("run.storage_path", cfg.run.storage_path)
+    for dotted, domain in (cfg.tune.space or {}).items():
+        if dotted in _PATH_KEYS and isinstance(domain, dict):
+            for kind, values in domain.items():
+                if isinstance(values, list):
+                    domain[kind] = [_absolute(dotted, value) if isinstance(value, str) else value for value in values]
+
+
+_PATH_KEYS = ("data.source", "data.val_source", "model.init_from", "run.storage_path")
+
+
+def _absolute(key: str, value: str | None) -> str | None:
+    if value is None or "://" in value:
+        return value
+    if key.startswith("data."):
+        return sources.absolute_source(value)
+    return str(Path(value).expanduser().resolve()) if key == "model.init_from" else \
+        os.path.abspath(os.path.expanduser(value))
 
 
 def _splits(cfg: Config, given: Mapping[str, sources.SourceInfo]) -> tuple[SplitSpec, SplitSpec | None, int, int]:
@@ -143,12 +158,14 @@ def _check_code(cfg: Config, code: UserCode) -> None:
             check_shippable(value, argument)
 
 
-def _try_loss_and_metrics(cfg: Config, info: sources.SourceInfo, model, code: UserCode) -> None:
+def _try_loss_and_metrics(cfg: Config, info: sources.SourceInfo, model, code: UserCode, validates: bool) -> None:
     """A user loss or metric that cannot take the model's output on the data's rows (a wrong signature, a reduced
     loss, a metric sized for other classes) is refused here in one line naming its key, not in every worker after
-    Ray started (retried run.max_failures times). Only user code is tried, on two training rows on the CPU; a
-    model whose forward fails here (one that needs a GPU, say) leaves the checks to the workers."""
-    loss, metrics = code.loss_fn(cfg.train.loss), code.metric_fns(cfg.train.metrics)
+    Ray started (retried run.max_failures times). Tried on two training rows on the driver's CPU, the loss on the
+    training forward and the metrics on the validating one (eval mode, no gradients), only where the workers would
+    call them. Only such misfits are refused: any other failure here (code that needs the workers' GPU or process
+    group, a model whose forward cannot run on this CPU) leaves the checks to the workers."""
+    loss, metrics = code.loss_fn(cfg.train.loss), code.metric_fns(cfg.train.metrics) if validates else {}
     if loss is None and not metrics:
         return
     rows = _first_rows(cfg, info, 2)
@@ -163,24 +180,49 @@ def _try_loss_and_metrics(cfg: Config, info: sources.SourceInfo, model, code: Us
 
     cpu = torch.device("cpu")
     batch = collate(rows, cpu)
-    try:
-        with torch.no_grad():
-            output = forward(model, batch)
-    except Exception:
-        return
     tried = f"{len(rows['y'])} rows of {cfg.data.source}"
+
+    def attempt(key: str, call) -> None:
+        try:
+            call()
+        except Exception as exc:
+            if _misfit(exc, key):
+                raise UserError(f"{key}: failed on {tried} ({type(exc).__name__}: {first_line(exc)})") from None
+
     if loss is not None:
-        key = "loss=" if code.loss is not None else "train.loss"
         try:
-            Objective(info.spec.task, loss).loss(output, batch)
-        except Exception as exc:
-            raise UserError(f"{key}: failed on {tried} ({type(exc).__name__}: {first_line(exc)})") from None
-    for name, metric in metrics.items():
-        key = f"metrics[{name!r}]" if name in dict(code.metrics) else f"train.metrics.{name}"
+            output = forward(model.train(), batch)
+        except Exception:
+            return
+        attempt("loss=" if code.loss is not None else "train.loss", lambda: Objective(info.spec.task, loss).loss(output, batch))
+    if metrics:
         try:
-            UserMetrics({name: metric}, cpu).update(output, batch)
-        except Exception as exc:
-            raise UserError(f"{key}: failed on {tried} ({type(exc).__name__}: {first_line(exc)})") from None
+            with torch.no_grad():
+                output = forward(model.eval(), batch)
+        except Exception:
+            return
+        for name, metric in metrics.items():
+            key = f"metrics[{name!r}]" if name in dict(code.metrics) else f"train.metrics.{name}"
+            attempt(key, lambda metric=metric, name=name: UserMetrics({name: metric}, cpu).update(output, batch))
+
+
+def _misfit(exc: Exception, key: str) -> bool:
+    """Whether a user loss's or metric's failure on the driver is one the workers would meet too: a call that does
+    not fit its signature or the tensors it was given, rayscale's own check of what it returned, or a torchmetrics
+    object refusing the output (another number of classes). Not: CUDA or a process group missing here."""
+    import traceback
+
+    said = str(exc)
+    if any(word in said for word in ("CUDA", "cuda", "process group", "init_process_group", "device")):
+        return False
+    if isinstance(exc, TypeError):
+        return True
+    if isinstance(exc, ValueError):
+        if said.startswith(("train.loss:", "train.metrics.")):  # Objective's and UserMetrics' own checks
+            return True
+        frames = traceback.extract_tb(exc.__traceback__)
+        return bool(frames) and "torchmetrics" in frames[-1].filename
+    return False
 
 
 def _first_rows(cfg: Config, info: sources.SourceInfo, rows: int) -> dict | None:

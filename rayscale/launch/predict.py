@@ -90,26 +90,25 @@ class Predictor:
                                for name in self.columns], axis=1)}
 
 
-def _try_first_rows(run_dir: Path, path: str, columns: list[str], sequence: bool, task: str, model: Any) -> None:
-    """The run's model over the first rows of SRC, here on the CPU before Ray starts: a user factory that does not
-    import, columns the model cannot read (too few features, text) fail in one line, not in the actors."""
-    import torch
-
+def _check_first_rows(path: str, columns: list[str], sequence: bool, input_shape: list[int]) -> None:
+    """SRC's first rows made into the model's inputs, here before Ray starts, as the actors make them: columns
+    that are not numbers, or that give another number of features than the model was sized for, fail in one line,
+    not in the actors. (The model itself is not run here: it may need the actors' GPU.)"""
     from rayscale.data.sources import first_rows
 
-    threads = torch.get_num_threads()
+    rows = first_rows(path, columns, 4)
+    if rows.num_rows == 0:
+        return
+    reader = Predictor.__new__(Predictor)  # its input conversion only, without a model
+    reader.columns, reader.sequence = columns, sequence
     try:
-        predictor = Predictor(str(run_dir), columns, sequence, task, "cpu", model)  # the model rebuilds here first
-        rows = first_rows(path, columns, 4)
-        if rows.num_rows == 0:
-            return
-        try:
-            predictor(rows)
-        except Exception as exc:
-            raise UserError(f"--data: the run's model cannot read the rows of {path} ({type(exc).__name__}: "
-                            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
-    finally:
-        torch.set_num_threads(threads)
+        x = reader.inputs(rows)["x"]
+    except (ValueError, TypeError, pa.ArrowException) as exc:
+        raise UserError(f"--data: {path}: the columns {', '.join(columns)} do not make the model's inputs "
+                        f"({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]})") from None
+    if not sequence and tuple(x.shape[1:]) != tuple(input_shape):
+        raise UserError(f"--data: {path}: the columns {', '.join(columns)} make inputs of shape {tuple(x.shape[1:])}, "
+                        f"but the run's model takes {tuple(input_shape)}")
 
 
 def _write_in_order(predicted, directory: Path) -> None:
@@ -162,7 +161,10 @@ def predict(run_dir: str | Path, data: str, output: str | Path, *, address: str 
         if name not in names:
             raise UserError(f"--data: column {name!r} (an input of the run) not in {files[0]} (columns: "
                             f"{', '.join(names)})")
-    _try_first_rows(run_dir, files[0], columns, cfg.data.sequence is not None, spec["task"], model)
+    _check_first_rows(files[0], columns, cfg.data.sequence is not None, spec["input_shape"])
+    from rayscale.models.export import load_model
+
+    load_model(run_dir, "cpu", model)  # the model rebuilds here first (a user factory must import)
 
     connect(address)
     import ray
@@ -171,12 +173,18 @@ def predict(run_dir: str | Path, data: str, output: str | Path, *, address: str 
     context = DataContext.get_current()
     kept_order = context.execution_options.preserve_order
     context.execution_options.preserve_order = True  # rows written in SRC's order (this process's setting)
-    gpus, cpus = int(ray.cluster_resources().get("GPU", 0)), int(ray.cluster_resources().get("CPU", 1))
+    from rayscale.data.datasets import most_resources
+
+    now, most = ray.cluster_resources(), most_resources()  # most: what an autoscaling cluster can grow to
+    gpus, cpus = int(now.get("GPU", 0)), int(now.get("CPU", 1))
     pool = workers or (gpus or max(1, min(4, cpus - 1)))
-    if workers is not None and workers > (gpus or cpus - 1):  # the rest would wait for a CPU forever
-        raise UserError(f"--workers {workers}: the cluster has {gpus} GPUs" if gpus else
-                        f"--workers {workers}: the cluster has {cpus} CPUs, of which {cpus - 1} can hold a model "
-                        f"(one reads the data); expected at most {max(cpus - 1, 1)}")
+    top_gpus, top_cpus = max(gpus, int(most.get("GPU", 0))), max(cpus, int(most.get("CPU", 0)))
+    room = top_gpus or max(top_cpus - 1, 1)  # one CPU left for reading the data
+    if workers is not None and workers > room:  # the rest would wait for a GPU or CPU forever
+        has = "can grow to" if most else "has"
+        raise UserError(f"--workers {workers}: the cluster {has} {top_gpus} GPUs; expected at most {room}"
+                        if top_gpus else f"--workers {workers}: the cluster {has} {top_cpus} CPUs, of which {room} "
+                        f"can hold a model (one reads the data); expected at most {room}")
     dataset = ray.data.read_parquet(files)
     predicted = dataset.map_batches(
         Predictor, batch_size=BATCH_ROWS, batch_format="pyarrow", concurrency=pool,

@@ -101,6 +101,4 @@ def _device(name: str):
         raise UserError(f"--device {name}: {str(exc).splitlines()[0]}; expected cpu or cuda[:N]") from None
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
         raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name}: expected cpu or cuda[:N]")
     return device
