@@ -69,15 +69,16 @@ def test_trains_callback_takes_the_queue_a_session_already_has():
     assert train_session._TrainSession._get_or_create_inter_actor_queue(owner) is held
 
 
-def test_every_trial_is_made_from_a_config_naming_its_data_absolutely(tmp_path, monkeypatch):
-    """Tune runs each trial in a working directory of its own: the base config every trial's config is made from
-    names a relative data.source by the absolute path it had where the search was started."""
+def _base_of_a_search(tmp_path, monkeypatch, *overrides: str) -> dict:
+    """The base config a search started in tmp_path (on rows.parquet there) makes every trial's config from,
+    caught as the search validates its space: nothing starts."""
     from parquet_fixtures import tabular, write
 
     from rayscale import config
     from rayscale.tuning import space
 
-    write(tmp_path / "rows.parquet", tabular(0, 300))
+    for name in ("rows.parquet", "other.parquet"):
+        write(tmp_path / name, tabular(0, 300))
     monkeypatch.chdir(tmp_path)
     bases = []
 
@@ -86,10 +87,16 @@ def test_every_trial_is_made_from_a_config_naming_its_data_absolutely(tmp_path, 
         raise RuntimeError("stop before anything starts")
 
     monkeypatch.setattr(space, "validate", validate)
-    cfg = config.load(overrides=["data.source=rows.parquet", f"run.output_dir={tmp_path / 'runs'}"])
+    cfg = config.load(overrides=["data.source=rows.parquet", f"run.output_dir={tmp_path / 'runs'}", *overrides])
     with pytest.raises(RuntimeError, match="stop before"):
         search.search(cfg)
-    assert bases[0]["data"]["source"] == str(tmp_path / "rows.parquet")
+    return bases[0]
+
+
+def test_every_trial_is_made_from_a_config_naming_its_data_absolutely(tmp_path, monkeypatch):
+    """Tune runs each trial in a working directory of its own: the base config every trial's config is made from
+    names a relative data.source by the absolute path it had where the search was started."""
+    assert _base_of_a_search(tmp_path, monkeypatch)["data"]["source"] == str(tmp_path / "rows.parquet")
 
 
 @pytest.mark.parametrize("metric, metric_names, message", [
@@ -109,24 +116,7 @@ def test_a_validation_metric_no_trial_reports_is_refused_before_the_search(metri
 
 
 def test_paths_a_search_space_chooses_between_are_made_absolute_before_the_trials(tmp_path, monkeypatch):
-    from parquet_fixtures import tabular, write
-
-    from rayscale import config
-    from rayscale.tuning import space
-
-    for name in ("a.parquet", "b.parquet"):
-        write(tmp_path / name, tabular(0, 300))
-    monkeypatch.chdir(tmp_path)
-    bases = []
-
-    def validate(base, domains):
-        bases.append(base)
-        raise RuntimeError("stop before anything starts")
-
-    monkeypatch.setattr(space, "validate", validate)
-    cfg = config.load(overrides=["data.source=a.parquet", f"run.output_dir={tmp_path / 'runs'}",
-                                 "tune.space={data.source: {choice: [a.parquet, b.parquet, digits]}}"])
-    with pytest.raises(RuntimeError, match="stop before"):
-        search.search(cfg)
-    assert bases[0]["tune"]["space"]["data.source"] == {
-        "choice": [str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet"), "digits"]}
+    base = _base_of_a_search(tmp_path, monkeypatch,
+                             "tune.space={data.source: {choice: [rows.parquet, other.parquet, digits]}}")
+    assert base["tune"]["space"]["data.source"] == {
+        "choice": [str(tmp_path / "rows.parquet"), str(tmp_path / "other.parquet"), "digits"]}
