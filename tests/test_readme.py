@@ -3,6 +3,7 @@ name exist, and the README's main command does what it says."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,17 @@ def test_main_command_trains_the_embedded_default_to_95_percent(tmp_path):
     assert summary["final"]["val_accuracy"] >= 0.95
     assert summary["world_size"] == 2 and summary["batch_plan"]["accumulation_steps"] > 1
     assert "val accuracy" in result.stdout
+    # The README's transcript of this command, line by line ("..." for what varies; the run directory is the
+    # reader's own): every line is one the run printed, so the front page cannot drift from the product.
+    readme = (ROOT / "README.md").read_text()
+    transcript = readme[readme.index("$ rayscale train\n"):].split("```")[0].splitlines()[1:]
+    printed = (result.stdout + result.stderr).splitlines()
+    assert len(transcript) > 10
+    for line in transcript:
+        if line.strip() == "..." or "/home/you/" in line:
+            continue
+        pattern = ".*".join(re.escape(part) for part in line.split("..."))
+        assert any(re.search(pattern, out) for out in printed), f"README line not printed: {line!r}"
 
 
 if __name__ == "__main__":  # regenerate the table in docs/reference/config.md in place
