@@ -576,10 +576,10 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file {path} does not exist")
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:  # a directory, no permission, not UTF-8 text
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"not UTF-8 text ({exc.reason})" \
-            if isinstance(exc, UnicodeDecodeError) else str(exc)
-        raise ConfigError(f"config file {path}: cannot read it: {reason}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path}: cannot read it: not UTF-8 text ({exc.reason})") from None
+    except OSError as exc:  # a directory, no permission
+        raise ConfigError(f"config file {path}: cannot read it: {exc.strerror or exc}") from None
     try:
         raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
@@ -623,8 +623,9 @@ def describe() -> list[tuple[str, str, str, str]]:
             if f.metadata.get("words"):  # "an integer or a string or null" says less than the words it takes
                 type_name = type_name.replace("a string", " or ".join(f.metadata["words"]))
             if f.metadata.get("choices"):  # a closed set: name its members, not their type
-                type_name = ("a list, each one of " if typing.get_origin(tp) is list else "one of ") + ", ".join(yaml.safe_dump(choice).strip().removesuffix("...").strip()
-                                                  for choice in f.metadata["choices"])
+                members = (yaml.safe_dump(choice).strip().removesuffix("...").strip()
+                           for choice in f.metadata["choices"])
+                type_name = ("a list, each one of " if typing.get_origin(tp) is list else "one of ") + ", ".join(members)
             rows.append((f"{prefix}{f.name}", type_name, yaml.safe_dump(default).strip()
                          .removesuffix("...").strip(), doc))
 

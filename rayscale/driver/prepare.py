@@ -97,7 +97,7 @@ def absolute_paths(cfg: Config) -> None:
         if dotted in _PATH_KEYS and isinstance(domain, dict):
             for kind, values in domain.items():
                 if isinstance(values, list):
-                    domain[kind] = [_absolute(dotted, value) if isinstance(value, str) else value for value in values]
+                    domain[kind] = [_absolute(dotted, v) if isinstance(v, str) else v for v in values]
 
 
 _PATH_KEYS = ("data.source", "data.val_source", "model.init_from", "run.storage_path")
@@ -186,7 +186,7 @@ def _try_loss_and_metrics(cfg: Config, info: sources.SourceInfo, model, code: Us
         try:
             call()
         except Exception as exc:
-            if _misfit(exc, key):
+            if _misfit(exc):
                 raise UserError(f"{key}: failed on {tried} ({type(exc).__name__}: {first_line(exc)})") from None
 
     if loss is not None:
@@ -194,7 +194,8 @@ def _try_loss_and_metrics(cfg: Config, info: sources.SourceInfo, model, code: Us
             output = forward(model.train(), batch)
         except Exception:
             return
-        attempt("loss=" if code.loss is not None else "train.loss", lambda: Objective(info.spec.task, loss).loss(output, batch))
+        key = "loss=" if code.loss is not None else "train.loss"
+        attempt(key, lambda: Objective(info.spec.task, loss).loss(output, batch))
     if metrics:
         try:
             with torch.no_grad():
@@ -206,7 +207,7 @@ def _try_loss_and_metrics(cfg: Config, info: sources.SourceInfo, model, code: Us
             attempt(key, lambda metric=metric, name=name: UserMetrics({name: metric}, cpu).update(output, batch))
 
 
-def _misfit(exc: Exception, key: str) -> bool:
+def _misfit(exc: Exception) -> bool:
     """Whether a user loss's or metric's failure on the driver is one the workers would meet too: a call that does
     not fit its signature or the tensors it was given, rayscale's own check of what it returned, or a torchmetrics
     object refusing the output (another number of classes). Not: CUDA or a process group missing here."""
@@ -255,7 +256,7 @@ def check_same_config(cfg: Config, run_dir: Path) -> None:
     old = yaml.safe_load(existing.read_text()) or {}
     for key in ("source", "val_source"):  # a run saved with a relative path (local mode), resumed from where it ran
         if isinstance(old.get("data"), dict) and isinstance(old["data"].get(key), str):
-            old["data"][key] = sources.absolute_source(old["data"][key])
+            old["data"][key] = _absolute(f"data.{key}", old["data"][key])
     new = config_module.to_dict(cfg)
     for section in new:
         if section in ("run", "scaling", "tune"):

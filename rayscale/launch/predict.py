@@ -57,7 +57,7 @@ class Predictor:
 
         from rayscale.engine.tasks import forward
 
-        inputs = self.inputs(table)
+        inputs = model_inputs(table, self.columns, self.sequence)
         with torch.no_grad():
             output = forward(self.model, {k: torch.from_numpy(v).to(self.device) for k, v in inputs.items()})
         output = output.float().cpu()
@@ -73,21 +73,22 @@ class Predictor:
         return table.append_column("probabilities", pa.array(torch.softmax(output, dim=-1).numpy().tolist(),
                                                              pa.list_(pa.float32())))
 
-    def inputs(self, table: pa.Table) -> dict[str, np.ndarray]:
-        """The model's input tensors (as numpy) from the batch's input columns."""
-        if self.sequence:
-            tokens = table.column(self.columns[0]).to_pylist()
-            lengths = np.array([len(seq) for seq in tokens], dtype=np.int64)
-            x = np.zeros((len(tokens), max(int(lengths.max(initial=1)), 1)), dtype=np.int64)
-            for i, seq in enumerate(tokens):
-                x[i, :len(seq)] = seq
-            return {"x": x, "mask": np.arange(x.shape[1])[None, :] < lengths[:, None]}
-        first = table.column(self.columns[0])
-        if len(self.columns) == 1 and not (pa.types.is_integer(first.type) or pa.types.is_floating(first.type)
-                                           or pa.types.is_boolean(first.type)):  # one list column
-            return {"x": np.asarray(first.to_pylist(), dtype=np.float32)}
-        return {"x": np.stack([table.column(name).to_numpy(zero_copy_only=False).astype(np.float32)
-                               for name in self.columns], axis=1)}
+
+def model_inputs(table: pa.Table, columns: list[str], sequence: bool) -> dict[str, np.ndarray]:
+    """The model's input tensors (as numpy) from a batch's input columns."""
+    if sequence:
+        tokens = table.column(columns[0]).to_pylist()
+        lengths = np.array([len(seq) for seq in tokens], dtype=np.int64)
+        x = np.zeros((len(tokens), max(int(lengths.max(initial=1)), 1)), dtype=np.int64)
+        for i, seq in enumerate(tokens):
+            x[i, :len(seq)] = seq
+        return {"x": x, "mask": np.arange(x.shape[1])[None, :] < lengths[:, None]}
+    first = table.column(columns[0])
+    if len(columns) == 1 and not (pa.types.is_integer(first.type) or pa.types.is_floating(first.type)
+                                  or pa.types.is_boolean(first.type)):  # one list column
+        return {"x": np.asarray(first.to_pylist(), dtype=np.float32)}
+    return {"x": np.stack([table.column(name).to_numpy(zero_copy_only=False).astype(np.float32)
+                           for name in columns], axis=1)}
 
 
 def _check_first_rows(path: str, columns: list[str], sequence: bool, input_shape: list[int]) -> None:
@@ -99,10 +100,8 @@ def _check_first_rows(path: str, columns: list[str], sequence: bool, input_shape
     rows = first_rows(path, columns, 4)
     if rows.num_rows == 0:
         return
-    reader = Predictor.__new__(Predictor)  # its input conversion only, without a model
-    reader.columns, reader.sequence = columns, sequence
     try:
-        x = reader.inputs(rows)["x"]
+        x = model_inputs(rows, columns, sequence)["x"]
     except (ValueError, TypeError, pa.ArrowException) as exc:
         raise UserError(f"--data: {path}: the columns {', '.join(columns)} do not make the model's inputs "
                         f"({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]})") from None
