@@ -99,19 +99,23 @@ def test_every_trial_is_made_from_a_config_naming_its_data_absolutely(tmp_path, 
     assert _base_of_a_search(tmp_path, monkeypatch)["data"]["source"] == str(tmp_path / "rows.parquet")
 
 
-@pytest.mark.parametrize("metric, metric_names, message", [
-    ("val_los", [], "tune.metric val_los: no trial reports it; expected one of val_loss, val_accuracy, or a "
-                    "training metric such as train_loss (did you mean val_loss?)"),
-    ("val_f2", ["f1"], "tune.metric val_f2: no trial reports it; expected one of val_loss, val_accuracy, val_f1, "
-                       "or a training metric such as train_loss (did you mean val_f1?)"),
-    ("val_f1", ["f1"], None), ("val_accuracy", [], None), ("train_loss", [], None),
+@pytest.mark.parametrize("metric, metric_names, task, message", [
+    ("val_los", [], "classification", "tune.metric val_los: no trial reports it; expected one of val_loss, "
+                                      "val_accuracy, or a training metric such as train_loss (did you mean val_loss?)"),
+    ("val_f2", ["f1"], "classification", "tune.metric val_f2: no trial reports it; expected one of val_loss, "
+                                         "val_accuracy, val_f1, or a training metric such as train_loss (did you mean "
+                                         "val_f1?)"),
+    ("val_accuracy", [], "regression", "tune.metric val_accuracy: no trial reports it; expected one of val_loss, or "
+                                       "a training metric such as train_loss"),
+    ("val_f1", ["f1"], "regression", None), ("val_accuracy", [], "token_classification", None),
+    ("train_loss", [], "classification", None),
 ])
-def test_a_validation_metric_no_trial_reports_is_refused_before_the_search(metric, metric_names, message):
+def test_a_validation_metric_no_trial_reports_is_refused_before_the_search(metric, metric_names, task, message):
     if message is None:
-        search.check_metric_name(metric, metric_names)
+        search.check_metric_name(metric, metric_names, task)
         return
     with pytest.raises(search.UserError) as info:
-        search.check_metric_name(metric, metric_names)
+        search.check_metric_name(metric, metric_names, task)
     assert str(info.value) == message
 
 

@@ -135,12 +135,14 @@ def _trial_callbacks(metric: str, stop_marker: Path) -> list:
     return [EvaluationReport(), AbortWhenStopped()]
 
 
-def check_metric_name(metric: str, metric_names: list[str]) -> None:
-    """A validation metric (val_...) must be one the trials report: val_loss, val_accuracy or val_<name> of a
-    train.metrics entry. A misspelt one was found only after every trial had trained, in Tune's traceback."""
+def check_metric_name(metric: str, metric_names: list[str], task: str) -> None:
+    """A validation metric (val_...) must be one the trials report: val_loss, val_accuracy (not for regression)
+    or val_<name> of a train.metrics entry. A misspelt one was found only after every trial had trained, in Tune's
+    traceback."""
     import difflib
 
-    known = ["val_loss", "val_accuracy", *(f"val_{name}" for name in metric_names)]
+    known = ["val_loss", *(["val_accuracy"] if task != "regression" else []),
+             *(f"val_{name}" for name in metric_names)]
     if metric.startswith("val_") and metric not in known:
         close = difflib.get_close_matches(metric, known, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
@@ -292,7 +294,7 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False, cod
     space.validate(base, domains)
     prepared = prepare(cfg, scope="search", code=code, given=given)
     max_t = cfg.train.epochs * prepared.train_rows
-    check_metric_name(cfg.tune.metric, [*cfg.train.metrics, *(name for name, _ in code.metrics)])
+    check_metric_name(cfg.tune.metric, [*cfg.train.metrics, *(name for name, _ in code.metrics)], prepared.spec.task)
     if cfg.tune.metric.startswith("val_") and prepared.val_rows == 0:
         raise UserError(f"tune.metric {cfg.tune.metric}: there is no validation data (data.val_fraction is 0 and "
                         f"data.val_source is not set)")
