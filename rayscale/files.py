@@ -1,4 +1,8 @@
-"""The name of every file a run directory holds: one constant each (the reference: docs/reference/outputs.md)."""
+"""The name of every file a run directory holds: one constant each (the reference: docs/reference/outputs.md);
+and whether a directory can take them."""
+
+import tempfile
+from pathlib import Path
 
 CONFIG_FILE = "config.yaml"  # the resolved config; a re-run resumes only with the same training sections
 METRICS_FILE = "metrics.jsonl"  # one line per log interval and per epoch end (engine/metrics.py)
@@ -15,3 +19,22 @@ MLFLOW_DB = "mlflow.db"  # run.trackers mlflow: the default store (a search's, f
 MLFLOW_ARTIFACTS_DIR = "mlflow-artifacts"  # and its artifacts, one directory per MLflow run
 SUGGEST_JSON = "suggest.json"  # rayscale suggest RUN_DIR writes these two
 SUGGEST_PLOT = "suggest.png"
+EVAL_FILE = "eval.json"  # rayscale eval RUN_DIR writes it (or to --output)
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path` if it exists, else the nearest of its parents that does: where making it would start."""
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def can_write_in(directory: Path) -> bool:
+    """Whether this process can create files in `directory`, an existing directory: tried (a directory made and
+    removed at once), not read off its permission bits, which root passes everywhere (/proc included) and
+    which say nothing of a full disk."""
+    try:
+        tempfile.TemporaryDirectory(dir=directory, prefix=".rayscale-write-check-").cleanup()
+    except OSError:
+        return False
+    return True

@@ -197,6 +197,9 @@ CASES = [
      ["model.name 'bad_input_models:broken': bad_input_models:broken() raised NameError:", "undefined_width"]),
     ("unwritable-output-dir", ["train", "--set", "run.output_dir={notadir}/runs"],
      ["run.output_dir: cannot write to", "notadir"]),
+    # Permission bits pass /proc for root (whom CI may run as); creating a directory there fails for everyone.
+    ("output-dir-in-proc", ["train", "--set", "run.output_dir=/proc/rayscale-runs"],
+     ["run.output_dir: cannot write to /proc (needed for /proc/rayscale-runs/"]),
     ("invalid-tune-space", ["tune", "--set", "tune.space={optim.lr: {uniform: [1]}}"],
      ["tune.space.optim.lr: uniform expects [low, high]"]),
     ("resume-nothing", ["tune", "--resume", "--set", "run.name=never-searched"], ["--resume: no search to resume"]),

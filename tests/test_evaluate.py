@@ -68,6 +68,7 @@ def test_eval_refuses_what_is_not_a_run_and_data_without_the_runs_columns(traine
         (["--output", ""], "--output: expected a file path for the metrics' JSON, got an empty one"),
         (["--output", str(tmp_path / "a_dir")], "--output: .*a_dir is a directory"),
         (["--output", str(tmp_path / "no" / "e.json")], "--output: .*no does not exist"),
+        (["--output", "/proc/eval.json"], "--output: cannot write in /proc; expected a file in a directory"),
         (["--device", "foo"], "--device foo: .*expected cpu or cuda"),
         (["--device", "cuda:7"], "--device cuda:7: this machine has"),
     ]:
@@ -77,6 +78,19 @@ def test_eval_refuses_what_is_not_a_run_and_data_without_the_runs_columns(traine
         error = capsys.readouterr().err
         assert re.search(message, error) and error.count("\n") == 1, (argv, error)
     assert not list(tmp_path.glob("**/*.json"))
+
+
+def test_eval_into_a_run_directory_it_cannot_write_asks_for_output_before_evaluating(trained, monkeypatch, capsys):
+    from rayscale.tools import evaluate
+
+    _, run = trained
+    tried = []
+    monkeypatch.setattr(evaluate, "can_write_in", lambda directory: tried.append(directory) or False)
+    monkeypatch.setattr(evaluate, "_device", lambda name: pytest.fail("evaluated before the output was checked"))
+    assert cli.main(["eval", str(run.run_dir)]) == 2
+    assert tried == [run.run_dir]
+    error = capsys.readouterr().err
+    assert f"{run.run_dir}: cannot write eval.json there; give --output" in error and error.count("\n") == 1
 
 
 def test_eval_and_predict_refuse_a_run_whose_summary_or_weights_were_cut_short(trained, tmp_path, capsys):
@@ -145,6 +159,8 @@ def test_predict_refuses_bad_input_before_ray_starts(trained, tmp_path, capsys):
         (["predict", str(run.run_dir), "--data", text, "--output", str(tmp_path / "o")],
          "--data: .*text.parquet: the columns a, b do not make the model's inputs \\(ValueError: could not convert"),
         (["predict", str(run.run_dir), "--data", source, "--output", ""], "--output: expected a new .* empty path"),
+        (["predict", str(run.run_dir), "--data", source, "--output", "/proc/rayscale/o"],
+         "--output: cannot create /proc/rayscale/o \\(no writing in /proc\\)"),
     ]:
         assert cli.main(argv) == 2
         assert re.search(message, capsys.readouterr().err), message

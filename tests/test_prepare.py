@@ -2,6 +2,7 @@
 runs every worker, and Tune every trial, in a directory of its own), and the resume check that reads them."""
 
 import os
+from pathlib import Path
 
 import pytest
 import yaml
@@ -118,3 +119,16 @@ def test_user_code_that_needs_the_workers_gpu_or_process_group_is_left_to_them(t
     prepare(cfg, code=UserCode(loss=_needs_a_gpu, metrics=(("world", _needs_a_process_group),)))
     with pytest.raises(UserError, match=r"metrics\['bad'\]: failed on 2 rows of digits \(TypeError"):
         prepare(cfg, code=UserCode(metrics=(("bad", lambda output: output),)))
+
+
+def test_where_a_run_can_write_is_tried_not_read_off_permission_bits(tmp_path):
+    """/proc's bits let root (whom CI may run as) write; making a directory there fails for everyone. The probe
+    leaves nothing behind."""
+    from rayscale.files import can_write_in, nearest_existing
+
+    assert can_write_in(tmp_path) and not any(tmp_path.iterdir())
+    assert not can_write_in(tmp_path / "missing")
+    (tmp_path / "a_file").write_text("")
+    assert not can_write_in(tmp_path / "a_file")
+    assert os.access("/proc", os.W_OK) == (os.geteuid() == 0) and not can_write_in(Path("/proc"))
+    assert nearest_existing(tmp_path / "a" / "b") == tmp_path and nearest_existing(tmp_path) == tmp_path

@@ -214,6 +214,8 @@ BAD = {
         [str(write_run(tmp_path / "run")), "--max-batch", "8"], "below the smallest candidate 16"),
     "plot directory missing": lambda tmp_path: (
         [str(write_run(tmp_path / "run")), "--plot", str(tmp_path / "no" / "x.png")], "--plot: cannot write"),
+    "plot where nothing can be written": lambda tmp_path: (
+        [str(write_run(tmp_path / "run")), "--plot", "/proc/x.png"], "--plot: cannot write /proc/x.png"),
     "plot is a directory": lambda tmp_path: (
         [str(write_run(tmp_path / "run")), "--plot", str(tmp_path)], "--plot: " + f"{tmp_path} is a directory"),
 }

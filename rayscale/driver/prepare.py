@@ -19,7 +19,7 @@ from rayscale.data.splits import SplitSpec, cache_plan, count_rows, split_chunk_
 from rayscale.driver.tracking import check_installed
 from rayscale.engine.state import WorkerPayload
 from rayscale.errors import UserError
-from rayscale.files import CONFIG_FILE
+from rayscale.files import CONFIG_FILE, can_write_in, nearest_existing
 from rayscale.math.adaptive_batch import upper_limit
 from rayscale.math.batching import BatchPlan, plan_batches
 from rayscale.plugins import UserCode, check_shippable, import_callable
@@ -241,10 +241,8 @@ def _first_rows(cfg: Config, info: sources.SourceInfo, rows: int) -> dict | None
 
 
 def _check_writable(run_dir: Path) -> None:
-    probe = run_dir
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+    probe = nearest_existing(run_dir)
+    if not probe.is_dir() or not can_write_in(probe):
         raise UserError(f"run.output_dir: cannot write to {probe} (needed for {run_dir})")
 
 

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from rayscale import config as config_module
 from rayscale.data.sources import absolute_source, column_names, parquet_files, unclaimed_columns
 from rayscale.errors import UserError
-from rayscale.files import CONFIG_FILE, SUMMARY_FILE
+from rayscale.files import CONFIG_FILE, SUMMARY_FILE, can_write_in, nearest_existing
 
 BATCH_ROWS = 1024
 ROWS_PER_FILE = 1_000_000
@@ -146,6 +146,9 @@ def predict(run_dir: str | Path, data: str, output: str | Path, *, address: str 
             raise UserError(f"{run_dir}: no {name}; expected the directory of a finished rayscale run")
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise UserError(f"--output: {output} already exists and is not an empty directory; pick a new one")
+    if not can_write_in(nearest_existing(output.parent)):  # its parents are made as needed
+        raise UserError(f"--output: cannot create {output} (no writing in {nearest_existing(output.parent)}); "
+                        f"expected a new directory where you can write")
     if workers is not None and workers < 1:
         raise UserError(f"--workers {workers}: expected at least 1")
     cfg = config_module.load(run_dir / CONFIG_FILE)

@@ -12,9 +12,7 @@ from typing import Any
 
 from rayscale import config as config_module
 from rayscale.errors import UserError
-from rayscale.files import CONFIG_FILE
-
-EVAL_FILE = "eval.json"
+from rayscale.files import CONFIG_FILE, EVAL_FILE, can_write_in
 
 
 def evaluate_run(run_dir: str | Path, data: Any = None, *, model: Any = None,
@@ -80,6 +78,8 @@ def evaluate_run(run_dir: str | Path, data: Any = None, *, model: Any = None,
 def _destination(run_dir: Path, output: str | Path | None) -> Path:
     """Where the metrics go, checked before anything is evaluated: a file in a directory that exists."""
     if output is None:
+        if not can_write_in(run_dir):
+            raise UserError(f"{run_dir}: cannot write {EVAL_FILE} there; give --output a file path to write")
         return run_dir / EVAL_FILE
     if not str(output).strip():
         raise UserError("--output: expected a file path for the metrics' JSON, got an empty one")
@@ -88,6 +88,8 @@ def _destination(run_dir: Path, output: str | Path | None) -> Path:
         raise UserError(f"--output: {path} is a directory; expected a file path for the metrics' JSON")
     if not path.parent.is_dir():
         raise UserError(f"--output: {path.parent} does not exist; expected a file in an existing directory")
+    if not can_write_in(path.parent):
+        raise UserError(f"--output: cannot write in {path.parent}; expected a file in a directory you can write to")
     return path
 
 

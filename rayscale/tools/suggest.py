@@ -7,14 +7,13 @@ Every check runs before anything is written: bad input raises `UserError` and le
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rayscale import config as config_module
 from rayscale.engine.checkpoint import write_bytes_atomic
 from rayscale.errors import UserError
-from rayscale.files import CONFIG_FILE, METRICS_FILE, SUGGEST_JSON, SUGGEST_PLOT, SUMMARY_FILE
+from rayscale.files import CONFIG_FILE, METRICS_FILE, SUGGEST_JSON, SUGGEST_PLOT, SUMMARY_FILE, can_write_in
 from rayscale.math import goodput
 from rayscale.math.batching import plan_batches
 from rayscale.math.schedules import peak_lr, scaled_lr
@@ -234,7 +233,7 @@ def to_json(result: Suggestion) -> dict:
 def _check_writable_file(path: Path, flag: str) -> None:
     if path.is_dir():
         raise UserError(f"{flag}: {path} is a directory; expected the path of a file to write")
-    if not path.parent.is_dir() or not os.access(path.parent, os.W_OK | os.X_OK):
+    if not path.parent.is_dir() or not can_write_in(path.parent):
         raise UserError(f"{flag}: cannot write {path} (its directory {path.parent} is missing or not writable)")
 
 
