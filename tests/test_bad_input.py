@@ -200,6 +200,8 @@ CASES = [
     # Permission bits pass /proc for root (whom CI may run as); creating a directory there fails for everyone.
     ("output-dir-in-proc", ["train", "--set", "run.output_dir=/proc/rayscale-runs"],
      ["run.output_dir: cannot write to /proc (needed for /proc/rayscale-runs/"]),
+    ("storage-path-in-proc", ["train", "--set", "run.storage_path=/proc/rayscale-storage"],
+     ["run.storage_path: cannot write to /proc (needed for /proc/rayscale-storage)"]),
     ("invalid-tune-space", ["tune", "--set", "tune.space={optim.lr: {uniform: [1]}}"],
      ["tune.space.optim.lr: uniform expects [low, high]"]),
     ("resume-nothing", ["tune", "--resume", "--set", "run.name=never-searched"], ["--resume: no search to resume"]),

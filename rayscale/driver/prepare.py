@@ -77,10 +77,12 @@ def prepare(cfg: Config, scope: str = "run", code: UserCode = NO_CODE,
     if not cfg.run.output_dir.strip():  # it would be the working directory, unasked
         raise UserError("run.output_dir: expected a directory path, got an empty one")
     run_dir = run_directory(cfg)
-    _check_writable(run_dir)
-    if cfg.run.storage_path is not None and os.path.exists(cfg.run.storage_path) \
-            and not os.path.isdir(cfg.run.storage_path):  # made absolute above when local
-        raise UserError(f"run.storage_path: {cfg.run.storage_path} is a file; expected a directory (or a URI)")
+    _check_writable("run.output_dir", run_dir)
+    storage = cfg.run.storage_path  # made absolute above when local
+    if storage is not None and "://" not in storage:
+        if os.path.exists(storage) and not os.path.isdir(storage):
+            raise UserError(f"run.storage_path: {storage} is a file; expected a directory (or a URI)")
+        _check_writable("run.storage_path", Path(storage))
     return PreparedRun(cfg, plan, train, val, train_rows, val_rows, run_dir, code)
 
 
@@ -240,10 +242,10 @@ def _first_rows(cfg: Config, info: sources.SourceInfo, rows: int) -> dict | None
     return {name: column[:rows] for name, column in read.items()} if len(read["y"]) else None
 
 
-def _check_writable(run_dir: Path) -> None:
-    probe = nearest_existing(run_dir)
+def _check_writable(key: str, directory: Path) -> None:
+    probe = nearest_existing(directory)
     if not probe.is_dir() or not can_write_in(probe):
-        raise UserError(f"run.output_dir: cannot write to {probe} (needed for {run_dir})")
+        raise UserError(f"{key}: cannot write to {probe} (needed for {directory})")
 
 
 def check_same_config(cfg: Config, run_dir: Path) -> None:
