@@ -249,6 +249,16 @@ def test_one_rank_accumulating_8_micro_batches_trains_the_model_of_one_batch_of_
         assert torch.allclose(full.model[key], accumulated.model[key], rtol=1e-4, atol=1e-5), key
 
 
+def test_a_run_shorter_than_its_warmup_learns_and_says_its_lr_stays_below_the_peak(tmp_path, capsys):
+    """One epoch of 865 rows under the default cosine schedule and its 1024 samples of warmup: every step once
+    had lr 0 (the empty decay span read as fully decayed) and the run learnt nothing, silently."""
+    trained = train(tmp_path, "short", "train.epochs=1", "data.val_fraction=0.5", "optim.lr=0.5")
+    assert "warmup 1,024 samples is not shorter than the run's 865" in capsys.readouterr().out
+    logged = [line for line in trained.lines if "lr" in line]
+    assert logged and all(0 < line["lr"] < 0.5 for line in logged)
+    assert trained.summary["final"]["val_accuracy"] > 0.5
+
+
 def test_a_finished_run_started_again_trains_nothing(tmp_path):
     first = train(tmp_path, "done", "train.epochs=1")
     again = train(tmp_path, "done", "train.epochs=1")

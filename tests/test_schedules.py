@@ -55,6 +55,16 @@ def test_warmup_then_cosine(samples, expected):
     assert lr_multiplier(samples, 900, name="cosine", **kw) == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("name", ["cosine", "polynomial", "step", "exponential", "constant"])
+def test_a_run_no_longer_than_its_warmup_still_warms_up(name):
+    """865 samples under the default 1024 of warmup: the lr ramps for the whole run instead of decaying to 0
+    before the first step (the decay span is empty, which once read as fully decayed)."""
+    kw = {**COMMON, "warmup_samples": 1024}
+    assert [lr_multiplier(s, 865, name=name, **kw) for s in (64, 512, 865)] == \
+        pytest.approx([64 / 1024, 512 / 1024, 865 / 1024])
+    assert lr_multiplier(1024, 1024, name=name, **kw) == 1.0  # the run ends as its warmup does
+
+
 def test_schedule_means_the_same_at_every_batch_size():
     """Measured in samples: batch 64 and batch 512 see the same lr after the same data."""
     kw = {**COMMON, "warmup_samples": 1024}

@@ -43,7 +43,7 @@ from rayscale.engine.strategies.parameter_server import ParameterServer
 from rayscale.engine.strategies.sharded_state import ShardedDataParallel
 from rayscale.engine.tasks import Objective
 from rayscale.math.adaptive_batch import plan_for
-from rayscale.math.schedules import peak_lr, schedule_from_config
+from rayscale.math.schedules import peak_lr, schedule_from_config, warmup_note
 from rayscale.models import build_model
 from rayscale.models.export import start_from
 
@@ -70,10 +70,20 @@ class TrainLoop:
         self.run = self._build(state, restored)
         self.validation = ValidationSchedule(cfg.train.eval_every_samples, payload.eval_at_samples,
                                              state.samples_seen, payload.val_rows > 0)
-        self.run.say(f"{self.run.plan.describe()}; {self.feed.describe(payload.train_rows)}"
-                     + (f"; resuming at epoch {state.epoch} step {state.step_in_epoch}" if restored else "")
-                     + (f"; {self.compilation.describe()}" if self.compilation.backend else ""))
+        self.run.say(self._plan_line(state if restored else None))
         self.metrics.started_at = time.time()
+
+    def _plan_line(self, resumed: TrainState | None) -> str:
+        """The run's first line: its batch plan, its rows, and what else shapes it."""
+        cfg, rows = self.cfg, self.payload.train_rows
+        parts = [self.run.plan.describe(), self.feed.describe(rows)]
+        if resumed is not None:
+            parts.append(f"resuming at epoch {resumed.epoch} step {resumed.step_in_epoch}")
+        if self.compilation.backend:
+            parts.append(self.compilation.describe())
+        if not cfg.data.online:  # an online run's length is not known up front
+            parts.append(warmup_note(cfg.schedule.warmup_samples, cfg.train.epochs * rows))
+        return "; ".join(part for part in parts if part)
 
     def _build(self, state: TrainState, restored: checkpoints.Restored | None) -> Run:
         """The model, optimizer and components, restored where the run resumes."""

@@ -40,7 +40,10 @@ def decay_factor(name: str, samples_after_warmup: float, decay_samples: float, *
         return gamma ** math.floor(samples_after_warmup / step_samples)
     if name == "exponential":  # the same decay, continuously
         return gamma ** (samples_after_warmup / step_samples)
-    progress = min(max(samples_after_warmup / decay_samples, 0.0), 1.0) if decay_samples > 0 else 1.0
+    if decay_samples > 0:
+        progress = min(max(samples_after_warmup / decay_samples, 0.0), 1.0)
+    else:  # a run no longer than its warmup: no decay while it warms up (its lr never reaches the peak)
+        progress = 0.0 if samples_after_warmup <= 0 else 1.0
     if name == "polynomial":  # power 2 is the "square decay"
         return final_lr_ratio + (1.0 - final_lr_ratio) * (1.0 - progress) ** power
     if name == "cosine":
@@ -60,6 +63,15 @@ def lr_multiplier(samples: int, total_samples: int, *, name: str, warmup_samples
     return warmup_factor(samples, warmup_samples) * decay_factor(
         name, after, decay_samples, step_samples=step, gamma=gamma, power=power,
         final_lr_ratio=final_lr_ratio)
+
+
+def warmup_note(warmup_samples: int, total_samples: int) -> str | None:
+    """What the plan line says of a warmup as long as the run or longer (a short first try of a config
+    under the default warmup): its lr never reaches the peak."""
+    if warmup_samples < total_samples:
+        return None
+    return (f"warmup {warmup_samples:,} samples is not shorter than the run's {total_samples:,}: the lr stays "
+            f"below its peak (lower schedule.warmup_samples)")
 
 
 def schedule_from_config(schedule, total_samples: int):
