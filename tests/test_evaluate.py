@@ -54,6 +54,24 @@ def test_eval_on_other_data_equals_the_model_applied_by_hand(trained):
     assert json.loads((tmp / "other.json").read_text()) == found
 
 
+def test_a_run_trained_on_a_dataset_evaluates_data_smaller_than_its_batch(trained, tmp_path):
+    """The data given stands for the run's Dataset, which is gone; it is evaluated, not trained on, so the
+    training checks (a full global batch of 64 per epoch) do not apply to its 50 rows."""
+    import shutil
+
+    import yaml
+
+    tmp, run = trained
+    copy = tmp_path / "on_a_dataset"
+    shutil.copytree(run.run_dir, copy)
+    saved = yaml.safe_load((copy / "config.yaml").read_text())
+    saved["data"]["source"] = "ray_dataset:train_data"  # as rayscale.train(train_data=...) saves it
+    (copy / "config.yaml").write_text(yaml.safe_dump(saved))
+    small = write(tmp_path / "small.parquet", tabular(1, 50))
+    assert rayscale.evaluate(copy, small)["rows"] == 50
+    assert rayscale.evaluate(copy, small) == rayscale.evaluate(run.run_dir, small)
+
+
 def test_eval_refuses_what_is_not_a_run_and_data_without_the_runs_columns(trained, tmp_path, capsys):
     tmp, run = trained
     assert cli.main(["eval", str(tmp_path)]) == 2

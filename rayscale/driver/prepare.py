@@ -50,25 +50,18 @@ def run_directory(cfg: Config) -> Path:
 
 def prepare(cfg: Config, scope: str = "run", code: UserCode = NO_CODE,
             given: Mapping[str, sources.SourceInfo] = NO_DATA) -> PreparedRun:
-    """Every check that needs no cluster. Raises UserError; writes nothing. `code`: rayscale.train's Python
-    objects (model=, loss=, metrics=); `given`: the sources of its Ray Datasets (train_data=, val_data=), by
-    the data.source / data.val_source that stands for them (launch/user_data.py inspects them)."""
+    """Every check that needs no cluster. Raises UserError; writes nothing. `scope`: run, search (rayscale
+    tune's rules too) or eval (a finished run's config, evaluated on data that need not fill its batch). `code`:
+    rayscale.train's Python objects (model=, loss=, metrics=); `given`: the sources of its Ray Datasets
+    (train_data=, val_data=), by the data.source / data.val_source that stands for them (launch/user_data.py
+    inspects them)."""
     plan = plan_batches(cfg.batch.global_batch_size, cfg.batch.micro_batch_size, cfg.scaling.num_workers)
     rules.check(cfg, scope)
     check_installed(cfg.run.trackers)
     absolute_paths(cfg)
     train, val, train_rows, val_rows = _splits(cfg, given)
-    if train_rows == 0:
-        raise UserError(f"data.source: {cfg.data.source} leaves no training rows")
-    if train_rows < plan.global_batch_size and not cfg.data.online:  # online: small files are fine
-        raise UserError(f"batch.global_batch_size: {plan.global_batch_size} is more than the {train_rows} training "
-                        f"rows of {cfg.data.source} (not one full step per epoch); expected at most {train_rows}")
-    if not cfg.data.online and lanes_of(cfg) > train_rows:
-        raise UserError(f"data.lanes: {lanes_of(cfg)} lanes is more than the {train_rows} training rows of "
-                        f"{cfg.data.source}; expected at most {train_rows}")
-    if cfg.batch.adaptive != "none":
-        upper_limit(cfg.batch.max_global_batch_size, plan.global_batch_size, train_rows, plan.num_workers,
-                    cfg.batch.micro_batch_size)
+    if scope != "eval":  # eval: the data given stands for a finished run's Dataset, and nothing trains on it
+        _check_training_rows(cfg, plan, train_rows)
     model = _check_model(cfg, train.info.spec, code)
     _check_code(cfg, code)
     _try_loss_and_metrics(cfg, train.info, model, code, validates=val is not None)
@@ -84,6 +77,21 @@ def prepare(cfg: Config, scope: str = "run", code: UserCode = NO_CODE,
             raise UserError(f"run.storage_path: {storage} is a file; expected a directory (or a URI)")
         _check_writable("run.storage_path", Path(storage))
     return PreparedRun(cfg, plan, train, val, train_rows, val_rows, run_dir, code)
+
+
+def _check_training_rows(cfg: Config, plan: BatchPlan, train_rows: int) -> None:
+    """Enough training rows for the batch plan: a full step per epoch, a row per lane."""
+    if train_rows == 0:
+        raise UserError(f"data.source: {cfg.data.source} leaves no training rows")
+    if train_rows < plan.global_batch_size and not cfg.data.online:  # online: small files are fine
+        raise UserError(f"batch.global_batch_size: {plan.global_batch_size} is more than the {train_rows} training "
+                        f"rows of {cfg.data.source} (not one full step per epoch); expected at most {train_rows}")
+    if not cfg.data.online and lanes_of(cfg) > train_rows:
+        raise UserError(f"data.lanes: {lanes_of(cfg)} lanes is more than the {train_rows} training rows of "
+                        f"{cfg.data.source}; expected at most {train_rows}")
+    if cfg.batch.adaptive != "none":
+        upper_limit(cfg.batch.max_global_batch_size, plan.global_batch_size, train_rows, plan.num_workers,
+                    cfg.batch.micro_batch_size)
 
 
 def absolute_paths(cfg: Config) -> None:

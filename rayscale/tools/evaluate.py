@@ -54,7 +54,7 @@ def evaluate_run(run_dir: str | Path, data: Any = None, *, model: Any = None,
     elif data is not None:
         info = sources.inspect_source(str(data), cfg.data, cfg.seed, key="--data")
     # A run's Datasets are gone with the process that gave them: the data given stands for them.
-    prepared = prepare(cfg, code=code, given={source: info for source in stood_for})  # model= is the one to build
+    prepared = prepare(cfg, "eval", code=code, given={source: info for source in stood_for})  # model= is the one to build
     if info is None:
         if prepared.val is None:
             raise UserError(f"{run_dir}: the run has no validation split (data.val_fraction 0, no data.val_source); "
