@@ -217,7 +217,8 @@ class TrainConfig:
                                  "(losses, weights); rayscale sums and normalises them by the global count (null: "
                                  "the task's cross-entropy or MSE)")
     metrics: dict = key({}, "validation metrics, name: package.module:object (a function (output, batch) -> "
-                            "per-sample values, or a torchmetrics Metric); written as val_<name>")
+                            "per-sample values, or a torchmetrics Metric); written as val_<name> (not loss or accuracy: "
+                            "rayscale's own)")
 
 
 @dataclass

@@ -32,6 +32,9 @@ def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or ["(no message)"])[0]
 
 
+OWN_METRICS = ("loss", "accuracy")  # validation writes val_loss and val_accuracy; a user metric is val_<name>
+
+
 @dataclass(frozen=True)
 class UserCode:
     """What rayscale.train was handed as Python objects rather than named in the config (model=, loss=,
@@ -58,6 +61,11 @@ class UserCode:
         for name, path in named.items():
             if not isinstance(path, str):
                 raise UserError(f"train.metrics.{name}: expected package.module:name, got {path!r}")
+        for name in (*named, *dict(self.metrics)):
+            if name in OWN_METRICS:
+                key = f"train.metrics.{name}" if name in named else f"metrics[{name!r}]"
+                raise UserError(f"{key}: val_{name} is rayscale's own validation metric, which this one would "
+                                f"replace; give it another name")
         found = {name: import_callable(path, f"train.metrics.{name}") for name, path in named.items()}
         return {**found, **dict(self.metrics)}
 

@@ -357,6 +357,10 @@ def test_importable_objects_are_named_in_the_config_and_the_rest_travel_as_objec
      r"metrics\['f1'\]: failed on 2 rows of digits \(ValueError: .*number of classes"),
     ({"overrides": {"train.metrics": {"ce": "torch.nn.functional:cross_entropy"}}},
      r"train.metrics.ce: failed on 2 rows of digits \(TypeError: cross_entropy_loss\(\): argument 'target'"),
+    # val_loss and val_accuracy are rayscale's: a metric of that name replaced them (and a search ranked by it).
+    ({"metrics": {"loss": lambda output, batch: output[:, 0]}}, r"metrics\['loss'\]: val_loss is rayscale's own validation metric"),
+    ({"overrides": {"train.metrics": {"accuracy": "user_code:hit"}}},
+     r"train.metrics.accuracy: val_accuracy is rayscale's own validation metric, which this one would replace"),
 ])
 def test_objects_that_cannot_reach_the_workers_or_be_used_fail_before_anything_runs(tmp_path, kwargs, message):
     overrides = {"run.output_dir": str(tmp_path), **kwargs.pop("overrides", {})}
