@@ -7,7 +7,7 @@
     model = result.load_model()              # the trained nn.Module, in eval mode
 
     search = rayscale.tune({"tune": {"num_samples": 4}})
-    search.best["val_loss"], search.best_config_path
+    search.best["best_val_loss"], search.best_config_path    # best_<tune.metric>, last_<tune.metric>
 
     # Your own model, loss and metrics, as Python objects:
     result = rayscale.train(cfg, model=make_model, loss=per_sample_loss, metrics={"f1": MulticlassF1Score(10)})
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from rayscale import config as config_module
-from rayscale.errors import UserError
+from rayscale.errors import SearchFailed, UserError
 from rayscale.plugins import UserCode, import_path
 
 ConfigLike = str | Path | Mapping | config_module.Config | None
@@ -132,7 +132,7 @@ def tune(config: ConfigLike = None, *, overrides: Overrides = (), address: str |
          metrics: Mapping[str, Any] | None = None, train_data: Any = None, val_data: Any = None) -> SearchResult:
     """Search as `rayscale tune` does; `resume` continues the search in run.output_dir / run.name. `model`,
     `loss`, `metrics`, `train_data` and `val_data` as for `train`, the same for every trial (tune.metric may
-    name val_<name>); a Dataset runs once for the whole search."""
+    name val_<name>); a Dataset runs once for the whole search. Raises SearchFailed when every trial failed."""
     from rayscale.driver.prepare import run_directory
     from rayscale.launch.user_data import dataset_sources
     from rayscale.tuning.search import search
@@ -141,6 +141,8 @@ def tune(config: ConfigLike = None, *, overrides: Overrides = (), address: str |
     cfg, datasets = with_data(cfg, train_data, val_data)
     given = dataset_sources(cfg, datasets, address=address, scope="search")
     trials = search(cfg, address=address, resume=resume, code=code, given=given)
+    if trials and all(trial["status"] == "error" for trial in trials):  # nothing to rank, nothing best
+        raise SearchFailed(run_directory(cfg), trials)
     return SearchResult(run_directory(cfg), trials)
 
 

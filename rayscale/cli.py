@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import yaml
 
 from rayscale import config as config_module
-from rayscale.errors import UserError
+from rayscale.errors import SearchFailed, UserError
 
 EXIT_BAD_INPUT = 2
 EXIT_SEARCH_FAILED = 1  # the search ran, but not one trial trained to a result
@@ -128,12 +128,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from rayscale import api
 
-    result = api.tune(args.config, overrides=args.overrides, address=args.address, resume=args.resume)
-    failed = [trial for trial in result.trials if trial["status"] == "error"]
-    if failed and len(failed) == len(result.trials):  # nothing to rank: a script must not take it for a search
-        print(f"rayscale: error: every trial of the search failed ({len(failed)} of {len(result.trials)}); Tune's table "
-              f"above names each one's error.txt, and {result.search_dir / 'trials.csv'} lists them",
-              file=sys.stderr)
+    try:
+        api.tune(args.config, overrides=args.overrides, address=args.address, resume=args.resume)
+    except SearchFailed as failed:  # not bad input (2), but a script must not take it for a finished search
+        print(f"rayscale: error: {failed}", file=sys.stderr)
         return EXIT_SEARCH_FAILED
     return 0
 

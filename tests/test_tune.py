@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import rayscale
 from rayscale import cli
 from rayscale.driver.outputs import read_metrics
 from rayscale.files import GROUPS_FILE
@@ -248,16 +249,21 @@ def test_a_search_whose_every_trial_failed_exits_1_in_one_line(tmp_path, capsys,
     """The search ran, so it is not bad input (2); but with no trial trained to a result there is nothing to rank,
     and a script running `rayscale tune` must not take it for a finished search."""
     from rayscale import api
+    from rayscale.tuning import search
 
     trials = [{"trial_id": f"t{i}", "status": status} for i, status in enumerate(statuses)]
-    monkeypatch.setattr(api, "tune", lambda *a, **k: api.SearchResult(tmp_path / "search", trials))
-    assert cli.main(["tune"]) == code
+    monkeypatch.setattr(search, "search", lambda *a, **k: trials)
+    overrides = [f"run.output_dir={tmp_path}", "run.name=search"]
+    assert cli.main(["tune", *args(*overrides)]) == code
     err = capsys.readouterr().err
     if code:
         assert err.count("\n") == 1 and err.startswith("rayscale: error: every trial of the search failed (2 of 2)")
         assert str(tmp_path / "search" / "trials.csv") in err
+        with pytest.raises(rayscale.SearchFailed) as raised:  # from Python too: a script gets no best trial
+            api.tune(overrides=overrides)
+        assert raised.value.trials == trials and raised.value.search_dir == tmp_path / "search"
     else:
-        assert err == ""
+        assert err == "" and api.tune(overrides=overrides).best == trials[0]
 
 
 def test_missing_optional_searcher_is_a_clear_error(tmp_path, capsys):
