@@ -21,7 +21,7 @@ import yaml
 from rayscale import config
 from rayscale.data.local_feed import LocalReads
 from rayscale.driver.outputs import read_metrics, write_outputs
-from rayscale.driver.prepare import NO_CODE, check_same_config, prepare, worker_payload
+from rayscale.driver.prepare import NO_CODE, check_same_config, prepare, saved_attempt, worker_payload
 from rayscale.engine import checkpoint
 from rayscale.engine.components.preemption import PreemptionNotice
 from rayscale.engine.context import InProcessContext
@@ -74,8 +74,8 @@ def train(output_dir: Path, name: str, *overrides: str, workers: int = 1, eval_a
     check_same_config(cfg, prepared.run_dir)
     prepared.run_dir.mkdir(parents=True, exist_ok=True)
     groups = prepared.run_dir / GROUPS_FILE
-    if not (prepared.run_dir / CONFIG_FILE).exists():  # a new run; otherwise earlier attempts count
-        groups.unlink(missing_ok=True)
+    if not (prepared.run_dir / CONFIG_FILE).exists() or not saved_attempt(cfg, prepared.run_dir):
+        groups.unlink(missing_ok=True)  # a new run, or one starting over; otherwise earlier attempts count
     record_group(groups, in_process=True)  # as local mode does: each run of the loop is one worker group
     (prepared.run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(cfg), sort_keys=False))
     payload = dataclasses.replace(worker_payload(prepared, eval_at_samples, pause_at_samples),

@@ -16,7 +16,7 @@ from rayscale.driver.outputs import print_summary
 from rayscale.engine import checkpoint
 from rayscale.engine.components import checkpointing
 from rayscale.engine.context import HeldForRestart
-from rayscale.errors import ConfigError
+from rayscale.errors import ConfigError, UserError
 from rayscale.math.adaptive_batch import goodput_batch, plan_for
 from rayscale.math.schedules import schedule_from_config
 
@@ -105,6 +105,19 @@ def test_a_crash_after_epoch_ends_without_checkpoints_resumes_from_the_last_one_
     assert same(whole.model, resumed.model)
     samples = [r["samples_seen"] for r in resumed.lines]
     assert samples == sorted(samples) and len(samples) == len(whole.lines)  # lines after the checkpoint replaced
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_starts_over_with_a_corrected_config(tmp_path):
+    """Nothing to resume, so nothing to mix: the fixed config trains under the same run.name (it was refused as
+    another run's config) and counts no restart. Once a checkpoint exists, another config is refused again."""
+    with pytest.raises(RuntimeError, match="injected crash"):
+        train(tmp_path, "fixed", *BASE, *crash_once(tmp_path, "fixed", 1))
+    assert not (tmp_path / "fixed" / "checkpoints").exists() or not any((tmp_path / "fixed" / "checkpoints").iterdir())
+    fixed = train(tmp_path, "fixed", *BASE)
+    assert fixed.summary["restarts"] == 0 and fixed.summary["samples_seen"] == 2 * fixed.summary["train_rows"]
+    assert [line["epoch"] for line in fixed.lines if line.get("epoch_end")] == [0, 1]
+    with pytest.raises(UserError, match="holds a run with a different .optim. config"):
+        train(tmp_path, "fixed", *BASE, "optim.lr=0.3")
 
 
 def test_weight_average_is_validated_and_exported_and_leaves_training_alone(tmp_path):

@@ -58,7 +58,7 @@ def test_a_run_saved_with_a_relative_source_still_resumes_and_one_saved_absolute
         write(tmp_path / place / "data" / "train.parquet", tabular(0, 300))
     overrides = ["data.source=data/train.parquet", f"run.output_dir={tmp_path / 'runs'}", "run.name=old"]
     run_dir = tmp_path / "runs" / "old"
-    run_dir.mkdir(parents=True)
+    (run_dir / "checkpoints" / "checkpoint-1").mkdir(parents=True)  # something to resume
     (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(config.load(overrides=overrides))))
     monkeypatch.chdir(tmp_path / "here")
     cfg = config.load(overrides=overrides)
@@ -132,3 +132,20 @@ def test_where_a_run_can_write_is_tried_not_read_off_permission_bits(tmp_path):
     assert not can_write_in(tmp_path / "a_file")
     assert os.access("/proc", os.W_OK) == (os.geteuid() == 0) and not can_write_in(Path("/proc"))
     assert nearest_existing(tmp_path / "a" / "b") == tmp_path and nearest_existing(tmp_path) == tmp_path
+
+
+def test_a_saved_attempt_is_a_checkpoint_where_ray_train_or_local_mode_keeps_them(tmp_path):
+    from rayscale.driver.prepare import saved_attempt
+
+    run_dir = tmp_path / "runs" / "a"
+    plain = config.load(overrides=["run.name=a"])
+    stored = config.load(overrides=["run.name=a", f"run.storage_path={tmp_path / 'store'}"])
+    assert not saved_attempt(plain, run_dir) and not saved_attempt(stored, run_dir)
+    (tmp_path / "store" / "a").mkdir(parents=True)
+    (tmp_path / "store" / "a" / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray's, with no checkpoint
+    assert not saved_attempt(stored, run_dir)
+    (tmp_path / "store" / "a" / "checkpoint_2026-12-07_07-00-00.000000").mkdir()
+    assert saved_attempt(stored, run_dir) and not saved_attempt(plain, run_dir)
+    (run_dir / "checkpoints" / "checkpoint-x1y2").mkdir(parents=True)  # local mode's
+    assert saved_attempt(plain, run_dir)
+    assert saved_attempt(config.load(overrides=["run.storage_path=s3://bucket/runs"]), tmp_path / "new")  # unseen

@@ -19,7 +19,7 @@ from rayscale.data.splits import SplitSpec, cache_plan, count_rows, split_chunk_
 from rayscale.driver.tracking import check_installed
 from rayscale.engine.state import WorkerPayload
 from rayscale.errors import UserError
-from rayscale.files import CONFIG_FILE, can_write_in, nearest_existing
+from rayscale.files import CHECKPOINTS_DIR, CONFIG_FILE, can_write_in, nearest_existing
 from rayscale.math.adaptive_batch import upper_limit
 from rayscale.math.batching import BatchPlan, plan_batches
 from rayscale.plugins import UserCode, check_shippable, import_callable
@@ -256,10 +256,23 @@ def _check_writable(key: str, directory: Path) -> None:
         raise UserError(f"{key}: cannot write to {probe} (needed for {directory})")
 
 
+def saved_attempt(cfg: Config, run_dir: Path) -> bool:
+    """Whether an earlier attempt of this run left a checkpoint to resume from: in the run directory's
+    checkpoints/ (local mode's, and Ray Train's without run.storage_path) or under <run.storage_path>/<run.name>.
+    Assumed so for storage behind a URI, which is not looked into here."""
+    storage = cfg.run.storage_path
+    if storage is not None and "://" in storage:
+        return True
+    places = [run_dir / CHECKPOINTS_DIR, *([Path(storage) / cfg.run.name] if storage else [])]
+    return any(place.is_dir() and any(entry.name.startswith("checkpoint") and entry.is_dir()
+                                      for entry in place.iterdir()) for place in places)
+
+
 def check_same_config(cfg: Config, run_dir: Path) -> None:
-    """Resuming a run with other training settings would silently mix two experiments."""
+    """Resuming a run with other training settings would silently mix two experiments. An attempt that saved no
+    checkpoint (it failed at its start) has nothing to resume: the run starts over with the config given."""
     existing = run_dir / CONFIG_FILE
-    if not existing.exists():
+    if not existing.exists() or not saved_attempt(cfg, run_dir):
         return
     old = yaml.safe_load(existing.read_text()) or {}
     for key in ("source", "val_source"):  # a run saved with a relative path (local mode), resumed from where it ran

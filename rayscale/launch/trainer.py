@@ -27,7 +27,15 @@ from rayscale.driver.outputs import (
     startup_phases,
     write_outputs,
 )
-from rayscale.driver.prepare import NO_CODE, NO_DATA, PreparedRun, check_same_config, prepare, worker_payload
+from rayscale.driver.prepare import (
+    NO_CODE,
+    NO_DATA,
+    PreparedRun,
+    check_same_config,
+    prepare,
+    saved_attempt,
+    worker_payload,
+)
 from rayscale.driver.progress import MetricsFollower, ProgressBar, wants_bar
 from rayscale.driver.trackers import Destinations
 from rayscale.driver.tracking import Tracking, destinations, final_files
@@ -171,8 +179,8 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
     check_cluster_fits(cfg)
     prepared.run_dir.mkdir(parents=True, exist_ok=True)
     groups = prepared.run_dir / GROUPS_FILE
-    if not (prepared.run_dir / CONFIG_FILE).exists():  # a new run; otherwise earlier attempts count
-        groups.unlink(missing_ok=True)
+    if not (prepared.run_dir / CONFIG_FILE).exists() or not saved_attempt(cfg, prepared.run_dir):
+        groups.unlink(missing_ok=True)  # a new run, or one starting over; otherwise earlier attempts count
     (prepared.run_dir / CONFIG_FILE).write_text(
         yaml.safe_dump(config_module.to_dict(cfg), sort_keys=False))
     print(f"[rayscale] run directory {prepared.run_dir}", flush=True)
