@@ -21,7 +21,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassF1Score
 
 import rayscale
-from rayscale import config
+from rayscale import cli, config
 from rayscale.api import with_code
 from rayscale.config import ModelConfig
 from rayscale.data import sources
@@ -385,3 +385,24 @@ def test_a_module_handed_in_is_trained_as_a_copy_recorded_and_loaded_again_with_
     assert all(torch.equal(loaded.state_dict()[k], run.model[k]) for k in run.model)
     evaluated = rayscale.evaluate(run.run_dir, model=model)  # the module handed in, not model.name's MLP
     assert evaluated["val_accuracy"] == run.summary["final"]["val_accuracy"]
+
+
+def test_eval_of_a_run_whose_loss_and_metrics_were_objects_needs_the_loss_again_and_says_what_it_leaves_out(
+        tmp_path, capsys):
+    """Without the loss, val_loss would have been the task's cross-entropy under the same name (half the run's
+    doubled loss, silently); a metric not given again is left out, in a line saying so."""
+    doubled = lambda output, batch: 2 * F.cross_entropy(output, batch["y"], reduction="none")  # noqa: E731
+    hit = lambda output, batch: (output.argmax(dim=1) == batch["y"]).float()  # noqa: E731
+    run = train(tmp_path, "objects", *BASE, code=UserCode(loss=doubled, metrics=(("hit", hit),)))
+    assert set(run.summary["python_objects"]) == {"loss", "metrics.hit"}
+    capsys.readouterr()
+    assert cli.main(["eval", str(run.run_dir)]) == 2
+    error = capsys.readouterr().err
+    assert "the run's loss was handed to rayscale.train as a Python object" in error and error.count("\n") == 1
+    assert not (run.run_dir / "eval.json").exists()
+    again = rayscale.evaluate(run.run_dir, loss=doubled)
+    assert again["val_loss"] == pytest.approx(run.summary["final"]["val_loss"]) and "val_hit" not in again
+    assert "val_hit left out: the run's metrics hit were Python objects" in capsys.readouterr().err
+    both = rayscale.evaluate(run.run_dir, loss=doubled, metrics={"hit": hit})
+    assert both["val_hit"] == pytest.approx(run.summary["final"]["val_hit"])
+    assert "left out" not in capsys.readouterr().err

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ def evaluate_run(run_dir: str | Path, data: Any = None, *, model: Any = None,
         raise UserError(f"{run_dir}: no {CONFIG_FILE}; expected the directory of a finished rayscale run")
     destination = _destination(run_dir, output)
     where = _device(device)
+    _check_objects_given(run_dir, loss, metrics)
     cfg = config_module.load(run_dir / CONFIG_FILE)
     cfg.model = dataclasses.replace(cfg.model, init_from=None)  # the run's own weights are loaded below
     code = UserCode(model=model, loss=loss, metrics=tuple((metrics or {}).items()))
@@ -73,6 +75,24 @@ def evaluate_run(run_dir: str | Path, data: Any = None, *, model: Any = None,
     result = {"data": label, "rows": sum(rows), **found}
     destination.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _check_objects_given(run_dir: Path, loss: Callable | None, metrics: Mapping[str, Any] | None) -> None:
+    """A run trained with a loss or metrics handed in as Python objects (summary.json names them; the objects
+    lived only in that process): without the loss again, val_loss would be the task's own, another number under
+    the same name, so it is refused; a metric not given again is left out, and said so."""
+    from rayscale.models.export import run_summary
+
+    handed_in = run_summary(run_dir).get("python_objects", {})
+    if "loss" in handed_in and loss is None:
+        raise UserError(f"{run_dir}: the run's loss was handed to rayscale.train as a Python object "
+                        f"({handed_in['loss']}); pass it again: rayscale.evaluate(run_dir, loss=...)")
+    left_out = [key.removeprefix("metrics.") for key in handed_in
+                if key.startswith("metrics.") and key.removeprefix("metrics.") not in (metrics or {})]
+    if left_out:
+        print(f"[rayscale] eval: {', '.join(f'val_{name}' for name in left_out)} left out: the run's metrics "
+              f"{', '.join(left_out)} were Python objects; rayscale.evaluate(run_dir, metrics=...) takes them again",
+              file=sys.stderr)
 
 
 def _destination(run_dir: Path, output: str | Path | None) -> Path:
