@@ -12,6 +12,7 @@ MODEL_SAFETENSORS_FILE = "model.safetensors"  # the same weights as safetensors 
 CURVES_FILE = "curves.png"
 GROUPS_FILE = "worker_groups.jsonl"  # one line per worker group started (launch/callbacks.py)
 CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINTS_KEPT = 3  # the latest checkpoints a run keeps (Ray Train's num_to_keep; local mode prunes to it too)
 TRACKING_FILE = "tracking.json"  # run.trackers: each tracker's run id and the last line it logged (driver/tracking.py)
 TENSORBOARD_DIR = "tensorboard"  # run.trackers tensorboard: the event files
 WANDB_DIR = "wandb"  # run.trackers wandb: W&B's own directory (offline-run-*/ by default)

@@ -71,3 +71,17 @@ def test_a_fresh_staging_dir_drops_what_a_killed_attempt_left(tmp_path):
     again = checkpoint.fresh_staging_dir(tmp_path / "run", 1)
     assert again == stale.parent and not any(again.iterdir())
     assert checkpoint.staging_dir(tmp_path / "run", 0) != again  # one per rank
+
+
+def test_local_mode_keeps_the_checkpoints_completed_last_and_drops_a_crashs_leftover(tmp_path):
+    import os
+
+    for index in range(5):
+        _rank_part(tmp_path / f"checkpoint-{index}", 0, 1, {"state.pt": b"s"})
+        manifest = tmp_path / f"checkpoint-{index}" / checkpoint.MANIFEST.format(0)
+        os.utime(manifest, ns=(10**18 + index, 10**18 + index))  # completed in index order, whatever the names
+    (tmp_path / "checkpoint-half").mkdir()  # a part a crash left without its manifest
+    (tmp_path / "other").mkdir()
+    checkpoint.keep_latest(tmp_path, 3)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-3", "checkpoint-4",
+                                                                "other"]

@@ -18,6 +18,7 @@ import torch
 
 from rayscale import config
 from rayscale.driver.outputs import print_summary, read_metrics
+from rayscale.engine import checkpoint
 from rayscale.files import GROUPS_FILE
 from rayscale.launch import trainer
 from rayscale.launch.connect import connect
@@ -145,9 +146,12 @@ def test_local_mode_trains_and_writes_outputs_and_the_python_api_returns_the_run
 
     result = rayscale.train({"train": {"epochs": 2}, "batch": {"global_batch_size": 64, "micro_batch_size": 16}},
                             overrides=[f"run.output_dir={tmp_path}", "run.name=local", "scaling.num_workers=0",
-                                       "run.trackers=[mlflow, tensorboard, wandb]"])
+                                       "run.trackers=[mlflow, tensorboard, wandb]", "run.checkpoint_every_samples=512"])
     summary, run_dir = result.summary, tmp_path / "local"
     assert result.run_dir == run_dir
+    # Every 512 samples and at both epoch ends: more checkpoints than the 3 kept, as under Ray Train.
+    kept = list((run_dir / "checkpoints").glob("checkpoint-*"))
+    assert len(kept) == 3 and checkpoint.latest_local(run_dir / "checkpoints") in kept
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "model.pt", "model.safetensors", "curves.png"):
         assert (run_dir / name).stat().st_size > 0, name
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -81,6 +81,21 @@ def latest_local(directory: str | Path) -> Path | None:
     return best
 
 
+def keep_latest(directory: str | Path, count: int) -> None:
+    """Local mode's retention, as Ray Train's num_to_keep elsewhere: the `count` checkpoints completed last
+    under `directory` (by their rank-0 manifest, written last) stay; older ones, and parts a crash left
+    incomplete, go. Called by the one process writing there, after its save."""
+    completed = []
+    for path in Path(directory).glob("checkpoint-*"):
+        manifest = path / MANIFEST.format(0)
+        if manifest.exists():
+            completed.append((manifest.stat().st_mtime_ns, path))
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+    for _, path in sorted(completed)[:-count]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def staging_dir(run_dir: str | Path, rank: int) -> Path:
     """Where a rank writes a checkpoint before Ray copies it to storage: local disk, one per run and rank, so
     a new attempt can remove what a killed one left (see `fresh_staging_dir`)."""

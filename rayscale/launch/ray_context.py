@@ -21,7 +21,7 @@ from rayscale.engine import checkpoint
 from rayscale.engine.components.preemption import PreemptionNotice
 from rayscale.engine.context import Blocks, WritePart
 from rayscale.engine.state import WorkerPayload
-from rayscale.files import CHECKPOINTS_DIR
+from rayscale.files import CHECKPOINTS_DIR, CHECKPOINTS_KEPT
 from rayscale.math.lanes import ChunkRead
 from rayscale.plugins import import_callable
 
@@ -64,8 +64,9 @@ class RayTrainContext:
         staging = Path(tempfile.mkdtemp(prefix="checkpoint-", dir=self.run_dir / CHECKPOINTS_DIR if self.local_mode
                                         else self.staging_root))
         write(staging)
-        if self.local_mode:  # the checkpoint stays where it was written
+        if self.local_mode:  # the checkpoint stays where it was written, with the latest few before it
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(staging)))
+            checkpoint.keep_latest(self.run_dir / CHECKPOINTS_DIR, CHECKPOINTS_KEPT)
             return
         # Ray copies the part to the run's storage (in the background with checkpoint_upload async) and deletes
         # the staged copy once it is there; the checkpoint counts only when every rank's copy is whole.

@@ -40,7 +40,7 @@ from rayscale.driver.progress import MetricsFollower, ProgressBar, wants_bar
 from rayscale.driver.trackers import Destinations
 from rayscale.driver.tracking import Tracking, destinations, final_files
 from rayscale.errors import UserError
-from rayscale.files import CONFIG_FILE, GROUPS_FILE, METRICS_FILE
+from rayscale.files import CHECKPOINTS_KEPT, CONFIG_FILE, GROUPS_FILE, METRICS_FILE
 from rayscale.launch.callbacks import controller_callback, record_group, remove_placement_groups_left
 from rayscale.launch.connect import PREEMPTION_WATCHER_ENV, autoscaler_requests, connect
 from rayscale.launch.fit import check_cluster_fits, check_fits_before_start
@@ -99,7 +99,7 @@ def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, nam
             failure_config=FailureConfig(max_failures=cfg.run.max_failures,
                                          max_preemption_failures=-1 if cfg.run.max_preemptions is None
                                          else cfg.run.max_preemptions),
-            checkpoint_config=CheckpointConfig(num_to_keep=3),
+            checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
             callbacks=callbacks or [],
             # Train V2 re-routes print() through its logger, which echoes every progress line twice.
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
