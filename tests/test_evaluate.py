@@ -72,6 +72,23 @@ def test_a_run_trained_on_a_dataset_evaluates_data_smaller_than_its_batch(traine
     assert rayscale.evaluate(copy, small) == rayscale.evaluate(run.run_dir, small)
 
 
+def test_classes_the_model_has_no_output_for_are_refused_up_front_in_validation_and_eval_data(trained, tmp_path):
+    """The run trained on labels 0..2 (3 outputs); label 3 in a validation source or eval data ended a run's
+    first validation (after an epoch of training) or an eval in an IndexError from the loss."""
+    import pyarrow.compute as pc
+
+    tmp, run = trained
+    table = tabular(0, 60)
+    more = write(tmp_path / "more.parquet", table.set_column(3, "label", pc.add(table["label"], 1)))
+    with pytest.raises(UserError, match=r"^--data: .*more.parquet has class labels up to 3, but the model was "
+                                        r"sized for 3 classes \(0 to 2\) by the training data"):
+        rayscale.evaluate(run.run_dir, more)
+    with pytest.raises(UserError, match=r"^data.val_source: .*more.parquet has class labels up to 3, but the model"):
+        train(tmp_path, "val", *BASE, f"data.source={tmp / 'train.parquet'}", "data.features=[a, b]",
+              f"data.val_source={more}")
+    assert not (tmp_path / "val").exists()
+
+
 def test_eval_refuses_what_is_not_a_run_and_data_without_the_runs_columns(trained, tmp_path, capsys):
     tmp, run = trained
     assert cli.main(["eval", str(tmp_path)]) == 2

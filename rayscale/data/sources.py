@@ -59,6 +59,17 @@ class DataSpec:
             return False
         return self.vocab_size is not None or self.input_shape == other.input_shape
 
+    def beyond(self, model: DataSpec) -> str | None:
+        """What of this data (its labels, its tokens) a model sized for `model`'s data cannot take, in words; None
+        if nothing. A model built for 6 classes meets label 6 as an IndexError in the middle of a validation."""
+        if self.task != "regression" and self.num_outputs > model.num_outputs:
+            return (f"class labels up to {self.num_outputs - 1}, but the model was sized for {model.num_outputs} "
+                    f"classes (0 to {model.num_outputs - 1}) by the training data; set data.num_classes to cover both")
+        if self.vocab_size is not None and model.vocab_size is not None and self.vocab_size > model.vocab_size:
+            return (f"token ids up to {self.vocab_size - 1}, but the model's vocabulary was sized for "
+                    f"{model.vocab_size} tokens by the training data")
+        return None
+
 
 def row_bytes(spec: DataSpec) -> int:
     """A row's size in memory, estimated from its shape alone: float32 features (or int64 tokens and per-token

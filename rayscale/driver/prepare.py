@@ -134,6 +134,8 @@ def _splits(cfg: Config, given: Mapping[str, sources.SourceInfo]) -> tuple[Split
             raise UserError(f"data.val_source: {cfg.data.val_source} does not match data.source "
                             f"({val_info.spec.task} {val_info.spec.input_shape} vs {info.spec.task} "
                             f"{info.spec.input_shape})")
+        if (misfit := val_info.spec.beyond(info.spec)) is not None:
+            raise UserError(f"data.val_source: {cfg.data.val_source} has {misfit}")
         return (SplitSpec(info, "all", 0.0, cfg.data, cfg.seed), SplitSpec(val_info, "all", 0.0, cfg.data, cfg.seed),
                 info.num_rows, val_info.num_rows)
     if cfg.data.online:  # no held-out split of a stream: validation only with data.val_source

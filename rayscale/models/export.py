@@ -49,11 +49,15 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu", model: n
     if given is not None and model is None:
         raise UserError(f"{run_dir}: the run's model was handed to rayscale.train as a Python object ({given}); "
                         f"pass it again: rayscale.load_model(run_dir, model=...)")
-    spec = summary["data_spec"]
-    built = build_model(config_module.from_dict(cfg).model, DataSpec(**{**spec, "input_shape": tuple(spec["input_shape"])}),
-                        model)
+    built = build_model(config_module.from_dict(cfg).model, run_spec(summary), model)
     built.load_state_dict(read_weights(run_dir))
     return built.to(device).eval()
+
+
+def run_spec(summary: dict) -> DataSpec:
+    """The data a finished run's model was sized for (summary.json's data_spec)."""
+    spec = summary["data_spec"]
+    return DataSpec(**{**spec, "input_shape": tuple(spec["input_shape"])})
 
 
 def run_summary(run_dir: Path) -> dict:

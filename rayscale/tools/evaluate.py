@@ -31,7 +31,7 @@ def evaluate_run(run_dir: str | Path, data: Any = None, *, model: Any = None,
     from rayscale.engine.components.validation import evaluate
     from rayscale.engine.precision import make_precision
     from rayscale.engine.tasks import Objective
-    from rayscale.models.export import load_model
+    from rayscale.models.export import load_model, run_spec, run_summary
     from rayscale.plugins import UserCode
 
     run_dir = Path(run_dir)
@@ -66,6 +66,8 @@ def evaluate_run(run_dir: str | Path, data: Any = None, *, model: Any = None,
         if not prepared.spec.takes_inputs_of(info.spec):
             raise UserError(f"--data: {data} holds {info.spec.task} {info.spec.input_shape}, but the run trained on "
                             f"{prepared.spec.task} {prepared.spec.input_shape}")
+        if (misfit := info.spec.beyond(run_spec(run_summary(run_dir)))) is not None:
+            raise UserError(f"--data: {data} has {misfit}")
         split, label = SplitSpec(info, "all", 0.0, cfg.data, cfg.seed), data
     network = load_model(run_dir, where, model)
     rows = split_chunk_rows(split)
