@@ -111,7 +111,7 @@ def test_a_run_that_failed_before_its_first_checkpoint_starts_over_with_a_correc
     """Nothing to resume, so nothing to mix: the fixed config trains under the same run.name (it was refused as
     another run's config) and counts no restart. Once a checkpoint exists, another config is refused again."""
     with pytest.raises(RuntimeError, match="injected crash"):
-        train(tmp_path, "fixed", *BASE, *crash_once(tmp_path, "fixed", 1))
+        train(tmp_path, "fixed", *BASE, *crash_once(tmp_path, "fixed", 2))
     assert not (tmp_path / "fixed" / "checkpoints").exists() or not any((tmp_path / "fixed" / "checkpoints").iterdir())
     fixed = train(tmp_path, "fixed", *BASE)
     assert fixed.summary["restarts"] == 0 and fixed.summary["samples_seen"] == 2 * fixed.summary["train_rows"]

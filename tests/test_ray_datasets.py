@@ -152,6 +152,20 @@ def test_a_bad_dataset_is_refused_in_one_line_naming_the_argument(cluster, make,
     assert "\n" not in str(raised.value)
 
 
+def test_a_loss_that_cannot_take_a_datasets_rows_is_refused_before_training(cluster, tmp_path):
+    """Tried on the Dataset's first two rows on the driver, as for a Parquet source (it was skipped for Datasets,
+    and a reduced loss failed in every worker, retried run.max_failures times)."""
+    import torch
+
+    ray_cluster, _ = cluster
+    with pytest.raises(rayscale.UserError, match=r"^loss=: failed on 2 rows of ray_dataset:train_data \(ValueError: "
+                                                 r"train.loss: returned losses of shape \(\); expected one per sample"):
+        rayscale.train({"data": {"features": ["x"], "label": "y"}, "run": {"output_dir": str(tmp_path)}},
+                       address=ray_cluster.address, train_data=_dataset(),
+                       loss=lambda output, batch: torch.nn.functional.cross_entropy(output, batch["y"]))
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_mixed_feature_set_keeps_every_unclaimed_column_as_a_feature(cluster):
     """Without data.features every column but the label is a feature: the id copy is a number, so it counts."""
     import ray.data

@@ -357,6 +357,15 @@ def test_importable_objects_are_named_in_the_config_and_the_rest_travel_as_objec
      r"metrics\['f1'\]: failed on 2 rows of digits \(ValueError: .*number of classes"),
     ({"overrides": {"train.metrics": {"ce": "torch.nn.functional:cross_entropy"}}},
      r"train.metrics.ce: failed on 2 rows of digits \(TypeError: cross_entropy_loss\(\): argument 'target'"),
+    # On CPU workers whatever fails on the driver's CPU would fail in every worker, at its first step.
+    ({"loss": lambda output, batch: F.cross_entropy(output, batch["label"], reduction="none")},
+     r"loss=: failed on 2 rows of digits \(KeyError: 'label'\)"),
+    ({"model": lambda: nn.Linear(64, 3)},
+     r"model=: the model gives 3 values per row, but the data has 10 classes; expected 10 logits"),
+    ({"model": lambda: nn.Linear(32, 10)},
+     r"model=: failed on 2 rows of digits \(RuntimeError: mat1 and mat2 shapes cannot be multiplied"),
+    ({"metrics": {"f1": MulticlassF1Score(num_classes=10, average=None)}},
+     r"metrics\['f1'\]: failed on 2 rows of digits \(ValueError: train.metrics.f1: compute\(\) gave Tensor"),
     # val_loss and val_accuracy are rayscale's: a metric of that name replaced them (and a search ranked by it).
     ({"metrics": {"loss": lambda output, batch: output[:, 0]}}, r"metrics\['loss'\]: val_loss is rayscale's own validation metric"),
     ({"overrides": {"train.metrics": {"accuracy": "user_code:hit"}}},
@@ -406,3 +415,17 @@ def test_eval_of_a_run_whose_loss_and_metrics_were_objects_needs_the_loss_again_
     both = rayscale.evaluate(run.run_dir, loss=doubled, metrics={"hit": hit})
     assert both["val_hit"] == pytest.approx(run.summary["final"]["val_hit"])
     assert "left out" not in capsys.readouterr().err
+
+
+def test_on_gpu_workers_only_failures_no_device_changes_are_refused_on_the_drivers_cpu():
+    """A GPU run's model may do on CUDA what the driver's CPU cannot: its forward's RuntimeErrors are left to the
+    workers; a key the batch lacks, a bad signature or an index past the outputs fail on any device."""
+    from rayscale.driver.prepare import _misfit, _needs_a_worker
+
+    assert _misfit(KeyError("label")) and _misfit(IndexError("Target 9 is out of bounds."))
+    assert _misfit(TypeError("loss() takes 1 positional argument but 2 were given"))
+    assert not _misfit(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x64 and 32x10)"))
+    assert not _misfit(NotImplementedError("Could not run 'aten::_flash_attention_forward' on the 'CPU' backend"))
+    assert not _misfit(TypeError("expected a tensor on device cuda:0"))
+    assert _needs_a_worker(RuntimeError("Default process group has not been initialized, please make sure to call "
+                                        "init_process_group.")) and _needs_a_worker(AssertionError("Torch not compiled with CUDA enabled"))

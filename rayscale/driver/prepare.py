@@ -64,7 +64,7 @@ def prepare(cfg: Config, scope: str = "run", code: UserCode = NO_CODE,
         _check_training_rows(cfg, plan, train_rows)
     model = _check_model(cfg, train.info.spec, code)
     _check_code(cfg, code)
-    _try_loss_and_metrics(cfg, train.info, model, code, validates=val is not None)
+    _try_user_code(cfg, train.info, model, code, validates=val is not None)
     if cfg.run.checkpoint_upload_fn is not None:  # imported where the workers run, but a typo fails here first
         import_callable(cfg.run.checkpoint_upload_fn, "run.checkpoint_upload_fn")
     if not cfg.run.output_dir.strip():  # it would be the working directory, unasked
@@ -170,15 +170,17 @@ def _check_code(cfg: Config, code: UserCode) -> None:
             check_shippable(value, argument)
 
 
-def _try_loss_and_metrics(cfg: Config, info: sources.SourceInfo, model, code: UserCode, validates: bool) -> None:
-    """A user loss or metric that cannot take the model's output on the data's rows (a wrong signature, a reduced
-    loss, a metric sized for other classes) is refused here in one line naming its key, not in every worker after
-    Ray started (retried run.max_failures times). Tried on two training rows on the driver's CPU, the loss on the
-    training forward and the metrics on the validating one (eval mode, no gradients), only where the workers would
-    call them. Only such misfits are refused: any other failure here (code that needs the workers' GPU or process
-    group, a model whose forward cannot run on this CPU) leaves the checks to the workers."""
-    loss, metrics = code.loss_fn(cfg.train.loss), code.metric_fns(cfg.train.metrics) if validates else {}
-    if loss is None and not metrics:
+def _try_user_code(cfg: Config, info: sources.SourceInfo, model, code: UserCode, validates: bool) -> None:
+    """What every worker would meet at its first step, retried run.max_failures times after Ray started, tried
+    first on two training rows on the driver's CPU and refused in one line naming its key: the model's forward
+    (train mode; eval mode too where the run validates), its output's width against the data's classes under the
+    task's own loss, the loss (the user's or the task's), and the metrics where the run validates. Where the
+    workers train on CPUs too, any failure here would be theirs; where they train on GPUs, only failures that no
+    device changes are refused (`_misfit`). Code that needs a worker's process group is left to the workers."""
+    same_device = not cfg.scaling.use_gpu
+    loss = code.loss_fn(cfg.train.loss)
+    metrics = code.metric_fns(cfg.train.metrics) if validates else {}
+    if not same_device and loss is None and not metrics:  # a GPU run's model may be too big for a CPU forward
         return
     rows = _first_rows(cfg, info, 2)
     if rows is None:
@@ -194,44 +196,67 @@ def _try_loss_and_metrics(cfg: Config, info: sources.SourceInfo, model, code: Us
     batch = collate(rows, cpu)
     tried = f"{len(rows['y'])} rows of {cfg.data.source}"
 
-    def attempt(key: str, call) -> None:
+    def attempt(key: str, call):
+        """call(), or _LeftToWorkers where its failure is not known to be the workers' too."""
         try:
-            call()
+            return call()
         except Exception as exc:
-            if _misfit(exc):
+            if not _needs_a_worker(exc) and (same_device or _misfit(exc)):
                 raise UserError(f"{key}: failed on {tried} ({type(exc).__name__}: {first_line(exc)})") from None
+            raise _LeftToWorkers from exc
 
-    if loss is not None:
-        try:
-            output = forward(model.train(), batch)
-        except Exception:
+    model_key = "model=" if code.model is not None else "model.name"
+    try:
+        output = attempt(model_key, lambda: forward(model.train(), batch))
+        if loss is None:
+            _check_output_width(model_key, output, info.spec)
+        loss_key = model_key if loss is None else "loss=" if code.loss is not None else "train.loss"
+        attempt(loss_key, lambda: Objective(info.spec.task, loss).loss(output, batch))
+        if not metrics:
             return
-        key = "loss=" if code.loss is not None else "train.loss"
-        attempt(key, lambda: Objective(info.spec.task, loss).loss(output, batch))
-    if metrics:
-        try:
-            with torch.no_grad():
-                output = forward(model.eval(), batch)
-        except Exception:
-            return
+        with torch.no_grad():
+            output = attempt(model_key, lambda: forward(model.eval(), batch))
         for name, metric in metrics.items():
             key = f"metrics[{name!r}]" if name in dict(code.metrics) else f"train.metrics.{name}"
-            attempt(key, lambda metric=metric, name=name: UserMetrics({name: metric}, cpu).update(output, batch))
+            once = UserMetrics({name: metric}, cpu)
+            attempt(key, lambda once=once: (once.update(output, batch), once.results(once.totals.tolist())))
+    except _LeftToWorkers:
+        return
+
+
+class _LeftToWorkers(Exception):
+    """A failure on the driver that the workers might not meet (their GPU): they check for themselves."""
+
+
+def _check_output_width(key: str, output, spec: sources.DataSpec) -> None:
+    """Under the task's cross-entropy a class needs a logit: fewer than the data's classes fail at the first
+    row labelled past them (an IndexError, in every worker, at a step no one can predict)."""
+    if spec.task == "regression" or output.dim() < 2 or output.shape[-1] >= spec.num_outputs:
+        return
+    per = "token" if spec.task == "token_classification" else "row"
+    raise UserError(f"{key}: the model gives {output.shape[-1]} values per {per}, but the data has "
+                    f"{spec.num_outputs} classes; expected {spec.num_outputs} logits (one per class)")
+
+
+def _needs_a_worker(exc: Exception) -> bool:
+    """A failure from what only a worker has: a process group, a GPU (on a driver without one)."""
+    said = str(exc)
+    return any(word in said for word in ("CUDA", "cuda", "process group", "init_process_group", "NCCL", "nccl"))
 
 
 def _misfit(exc: Exception) -> bool:
-    """Whether a user loss's or metric's failure on the driver is one the workers would meet too: a call that does
-    not fit its signature or the tensors it was given, rayscale's own check of what it returned, or a torchmetrics
-    object refusing the output (another number of classes). Not: CUDA or a process group missing here."""
+    """Whether a failure on the driver's CPU is one the workers would meet on any device: a call that does not
+    fit its signature, a key or attribute the code expected and the batch or output does not have, an index out
+    of range (a class past the model's outputs), rayscale's own checks of what came back, or a torchmetrics
+    object refusing the output (another number of classes)."""
     import traceback
 
-    said = str(exc)
-    if any(word in said for word in ("CUDA", "cuda", "process group", "init_process_group", "device")):
+    if "device" in str(exc):
         return False
-    if isinstance(exc, TypeError):
+    if isinstance(exc, TypeError | KeyError | IndexError | AttributeError | NameError):
         return True
     if isinstance(exc, ValueError):
-        if said.startswith(("train.loss:", "train.metrics.")):  # Objective's and UserMetrics' own checks
+        if str(exc).startswith(("train.loss:", "train.metrics.")):  # Objective's and UserMetrics' own checks
             return True
         frames = traceback.extract_tb(exc.__traceback__)
         return bool(frames) and "torchmetrics" in frames[-1].filename
@@ -239,10 +264,10 @@ def _misfit(exc: Exception) -> bool:
 
 
 def _first_rows(cfg: Config, info: sources.SourceInfo, rows: int) -> dict | None:
-    """The first rows of the source as the workers read them (numpy columns), or None for a Ray Dataset's."""
+    """The first rows of the source as the workers read them (numpy columns), or None where there are none yet."""
     if not info.chunks:  # an online directory with no file yet
         return None
-    if info.kind in ("digits", "synthetic"):
+    if info.kind in ("digits", "synthetic", "ray_dataset"):  # a Dataset's first block, in Ray's object store
         read = sources.read_chunk(info.kind, info.chunks[0], cfg.data, cfg.seed)
     elif info.kind == "parquet":
         path = info.chunks[0].path
