@@ -194,11 +194,15 @@ def test_predict_refuses_bad_input_before_ray_starts(trained, tmp_path, capsys):
         (["predict", str(run.run_dir), "--data", text, "--output", str(tmp_path / "o")],
          "--data: .*text.parquet: the columns a, b do not make the model's inputs \\(ValueError: could not convert"),
         (["predict", str(run.run_dir), "--data", source, "--output", ""], "--output: expected a new .* empty path"),
+        (["predict", str(run.run_dir), "--data", write(tmp_path / "empty.parquet", tabular(0, 0)), "--output",
+          str(tmp_path / "o")], "--data: .*empty.parquet has no rows; nothing to predict"),
         (["predict", str(run.run_dir), "--data", source, "--output", "/proc/rayscale/o"],
          "--output: cannot create /proc/rayscale/o \\(no writing in /proc\\)"),
     ]:
         assert cli.main(argv) == 2
         assert re.search(message, capsys.readouterr().err), message
+    with pytest.raises(UserError, match=r"^--data: expected Parquet .* got dict; write a ray.data.Dataset with"):
+        rayscale.predict(run.run_dir, {"a": [1.0]}, tmp_path / "o")  # a Dataset's repr was taken for a path
     assert not (tmp_path / "o").exists()
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()  # refused before Ray started
     from rayscale.launch.predict import _check_first_rows
@@ -206,3 +210,44 @@ def test_predict_refuses_bad_input_before_ray_starts(trained, tmp_path, capsys):
     with pytest.raises(UserError, match=r"--data: .*narrow.parquet: the columns a, w make inputs of shape \(2,\), but "
                                         r"the run's model takes \(3,\)"):
         _check_first_rows(str(narrow), ["a", "w"], False, [3])  # a run sized by three feature columns
+
+
+def test_a_row_the_model_cannot_read_gets_a_null_prediction_and_the_others_their_own(trained):
+    """A prediction actor, in this process: a NaN and a missing feature gave prediction 0 (the argmax of NaN)
+    and NaN probabilities, silently; now those rows' prediction is null, and every other row's is the model's."""
+    from rayscale.launch.predict import Predictor
+
+    tmp, run = trained
+    table = tabular(1000, 8)
+    a, b = table["a"].to_pylist(), table["b"].to_pylist()
+    a[2], b[5] = float("nan"), None
+    table = table.set_column(0, "a", pa.array(a)).set_column(1, "b", pa.array(b, pa.int32()))
+    predicted = Predictor(str(run.run_dir), ["a", "b"], False, "classification", "cpu")(table)
+    readable = [i for i in range(8) if i not in (2, 5)]
+    with torch.no_grad():
+        logits = rayscale.load_model(run.run_dir)(torch.from_numpy(tabular_x(np.arange(1000, 1008)[readable])))
+    classes, probabilities = predicted["prediction"].to_pylist(), predicted["probabilities"].to_pylist()
+    assert [classes[i] for i in (2, 5)] == [None, None] and [probabilities[i] for i in (2, 5)] == [None, None]
+    assert [classes[i] for i in readable] == logits.argmax(dim=1).tolist()
+    assert predicted["prediction"].type == pa.int64()
+    assert predicted.slice(2, 1)["prediction"].to_pylist() == [None]
+    nothing = Predictor(str(run.run_dir), ["a", "b"], False, "classification", "cpu")(table.slice(2, 1))
+    assert nothing["prediction"].type == pa.int64() and nothing["prediction"].to_pylist() == [None]
+
+
+def test_a_token_outside_the_vocabulary_or_a_sequence_past_max_length_gets_a_null_prediction(tmp_path):
+    from parquet_fixtures import VOCAB, sequences
+
+    from rayscale.launch.predict import Predictor
+
+    source = write(tmp_path / "seq.parquet", sequences(0, 256))
+    run = train(tmp_path, "seq", "train.epochs=1", "batch.global_batch_size=64", f"data.source={source}",
+                "data.sequence=tokens", "data.label=tags", "model.name=transformer")
+    longest = run.summary["data_spec"]["input_shape"][0]
+    rows = pa.table({"tokens": pa.array([[1, 2], [1, VOCAB + 3], list(range(longest + 1)), [3, 4, 5]],
+                                        pa.list_(pa.int64()))})
+    predictor = Predictor(str(run.run_dir), ["tokens"], True, "token_classification", "cpu",
+                          vocab_size=run.summary["data_spec"]["vocab_size"])
+    found = predictor(rows)["prediction"].to_pylist()
+    assert found[1] is None and found[2] is None
+    assert len(found[0]) == 2 and len(found[3]) == 3 and all(isinstance(c, int) for c in found[0] + found[3])

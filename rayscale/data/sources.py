@@ -313,6 +313,15 @@ def first_rows(path: str, columns: list[str] | None, rows: int) -> pa.Table:
             parquet.schema_arrow.empty_table().select(columns)
 
 
+def row_count(paths: list[str]) -> int:
+    """The rows of these Parquet files (local paths or URIs), from their footers."""
+    total = 0
+    for path in paths:
+        with _open(path) as parquet:
+            total += parquet.metadata.num_rows
+    return total
+
+
 def column_names(path: str) -> list[str]:
     """The columns of one Parquet file (a local path or a URI), from its footer."""
     with _open(path) as parquet:

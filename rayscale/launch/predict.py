@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rayscale import config as config_module
-from rayscale.data.sources import absolute_source, column_names, parquet_files, unclaimed_columns
+from rayscale.data.sources import absolute_source, column_names, parquet_files, row_count, unclaimed_columns
 from rayscale.errors import UserError
 from rayscale.files import CONFIG_FILE, SUMMARY_FILE, can_write_in, nearest_existing
 
@@ -40,9 +40,12 @@ def input_columns(data: config_module.DataConfig, names: list[str]) -> list[str]
 
 
 class Predictor:
-    """One actor of the pool: the run's model on its device, applied to Arrow batches (their columns kept)."""
+    """One actor of the pool: the run's model on its device, applied to Arrow batches (their columns kept). A row
+    the model cannot read (a missing or non-finite feature, a token outside the vocabulary, a sequence longer than
+    the model's max_length) gets a null prediction instead of a number made from garbage; the driver counts them."""
 
-    def __init__(self, run_dir: str, columns: list[str], sequence: bool, task: str, device: str, model: Any = None):
+    def __init__(self, run_dir: str, columns: list[str], sequence: bool, task: str, device: str, model: Any = None,
+                 vocab_size: int | None = None, outputs: int = 1):
         import torch
 
         from rayscale.models.export import load_model
@@ -51,6 +54,7 @@ class Predictor:
         self.device = torch.device(device)
         self.model = load_model(run_dir, self.device, model)
         self.columns, self.sequence, self.task = columns, sequence, task
+        self.vocab_size, self.outputs = vocab_size, outputs
 
     def __call__(self, table: pa.Table) -> pa.Table:
         import torch
@@ -58,20 +62,50 @@ class Predictor:
         from rayscale.engine.tasks import forward
 
         inputs = model_inputs(table, self.columns, self.sequence)
+        readable = self._readable(inputs)
+        kept = {key: value[readable] for key, value in inputs.items()}
+        if self.sequence:  # padded to the longest readable sequence, not to one left out
+            width = max(int(kept["mask"].sum(axis=1).max(initial=1)), 1)
+            kept = {key: value[:, :width] for key, value in kept.items()}
         with torch.no_grad():
-            output = forward(self.model, {k: torch.from_numpy(v).to(self.device) for k, v in inputs.items()})
-        output = output.float().cpu()
+            output = forward(self.model, {k: torch.from_numpy(v).to(self.device) for k, v in kept.items()}) \
+                if readable.any() else None
+        output = output.float().cpu() if output is not None else None
         if self.task == "regression":
-            values = output.numpy()
-            return table.append_column("prediction", pa.array(values[:, 0] if values.shape[1] == 1
-                                                               else values.tolist()))
+            values = output.numpy() if output is not None else np.zeros((0, 1), np.float32)
+            single = values.shape[1] == 1 if output is not None else self.outputs == 1
+            column = values[:, 0] if single else values.tolist()
+            return table.append_column("prediction", _with_nulls(column, readable, pa.float32() if single
+                                                                 else pa.list_(pa.float64())))
         if self.task == "token_classification":
-            classes, lengths = output.argmax(dim=-1).numpy(), inputs["mask"].sum(axis=1)
-            return table.append_column("prediction", pa.array([classes[i, :n].tolist()
-                                                               for i, n in enumerate(lengths)]))
-        table = table.append_column("prediction", pa.array(output.argmax(dim=-1).numpy()))
-        return table.append_column("probabilities", pa.array(torch.softmax(output, dim=-1).numpy().tolist(),
-                                                             pa.list_(pa.float32())))
+            classes = output.argmax(dim=-1).numpy() if output is not None else None
+            lengths = kept["mask"].sum(axis=1)
+            return table.append_column("prediction", _with_nulls([classes[i, :n].tolist()
+                                                                  for i, n in enumerate(lengths)], readable,
+                                                                 pa.list_(pa.int64())))
+        classes = output.argmax(dim=-1).numpy() if output is not None else np.zeros(0, np.int64)
+        probabilities = torch.softmax(output, dim=-1).numpy().tolist() if output is not None else []
+        table = table.append_column("prediction", _with_nulls(classes, readable, pa.int64()))
+        return table.append_column("probabilities", _with_nulls(probabilities, readable, pa.list_(pa.float32())))
+
+    def _readable(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        x = inputs["x"]
+        if not self.sequence:
+            return np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+        real = inputs["mask"]
+        ok = ~(real & ((x < 0) | (x >= (self.vocab_size or np.iinfo(np.int64).max)))).any(axis=1)
+        longest = getattr(self.model, "max_length", None)
+        return ok & (real.sum(axis=1) <= longest) if isinstance(longest, int) else ok
+
+
+def _with_nulls(values, readable: np.ndarray, type_: pa.DataType) -> pa.Array:
+    """`values` for the readable rows, in place, and null for the others."""
+    if readable.all():
+        return pa.array(values, type_)
+    spread: list = [None] * len(readable)
+    for index, value in zip(np.flatnonzero(readable), list(values), strict=True):
+        spread[index] = value.item() if isinstance(value, np.generic) else value
+    return pa.array(spread, type_)
 
 
 def model_inputs(table: pa.Table, columns: list[str], sequence: bool) -> dict[str, np.ndarray]:
@@ -110,12 +144,13 @@ def _check_first_rows(path: str, columns: list[str], sequence: bool, input_shape
                         f"but the run's model takes {tuple(input_shape)}")
 
 
-def _write_in_order(predicted, directory: Path) -> None:
+def _write_in_order(predicted, directory: Path) -> int:
     """The batches as they come (in SRC's order: preserve_order), into part-00000.parquet, part-00001.parquet, ...
     of ROWS_PER_FILE rows. Written here, not by Ray Data's parallel writers, whose files' names do not follow
-    the dataset's order; the model's work stays on the actor pool, only the writing passes through this process."""
+    the dataset's order; the model's work stays on the actor pool, only the writing passes through this process.
+    Returns the rows the model could not read (their prediction null)."""
     directory.mkdir(parents=True)
-    writer, part, rows_in_part = None, 0, 0
+    writer, part, rows_in_part, unreadable = None, 0, 0, 0
     try:
         for batch in predicted.iter_batches(batch_format="pyarrow", batch_size=None):
             if writer is None or rows_in_part >= ROWS_PER_FILE:
@@ -125,9 +160,11 @@ def _write_in_order(predicted, directory: Path) -> None:
                 part, rows_in_part = part + 1, 0
             writer.write_table(batch.cast(writer.schema))
             rows_in_part += batch.num_rows
+            unreadable += batch.column("prediction").null_count
     finally:
         if writer is not None:
             writer.close()
+    return unreadable
 
 
 def predict(run_dir: str | Path, data: str, output: str | Path, *, address: str | None = None,
@@ -136,6 +173,9 @@ def predict(run_dir: str | Path, data: str, output: str | Path, *, address: str 
     from rayscale.launch.connect import connect
     from rayscale.models.export import run_summary
 
+    if not isinstance(data, str | Path):
+        raise UserError(f"--data: expected Parquet (a file, a directory, a glob or a URI), got "
+                        f"{type(data).__name__}; write a ray.data.Dataset with its write_parquet first")
     if not str(output).strip():  # Path("") is the working directory, which the output would replace
         raise UserError("--output: expected a new (or empty) directory for the Parquet output, got an empty path")
     run_dir, output = Path(run_dir).resolve(), Path(output).expanduser().resolve()
@@ -164,6 +204,8 @@ def predict(run_dir: str | Path, data: str, output: str | Path, *, address: str 
             raise UserError(f"--data: column {name!r} (an input of the run) not in {files[0]} (columns: "
                             f"{', '.join(names)})")
     _check_first_rows(files[0], columns, cfg.data.sequence is not None, spec["input_shape"])
+    if row_count(files) == 0:  # Ray Data would run no batch, and OUT would be an empty directory
+        raise UserError(f"--data: {data} has no rows; nothing to predict")
     from rayscale.models.export import load_model
 
     load_model(run_dir, "cpu", model)  # the model rebuilds here first (a user factory must import)
@@ -192,13 +234,14 @@ def predict(run_dir: str | Path, data: str, output: str | Path, *, address: str 
         Predictor, batch_size=BATCH_ROWS, batch_format="pyarrow", concurrency=pool,
         num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
         fn_constructor_kwargs={"run_dir": str(run_dir), "columns": columns, "sequence": cfg.data.sequence is not None,
-                               "task": spec["task"], "device": "cuda" if gpus else "cpu", "model": model})
+                               "task": spec["task"], "device": "cuda" if gpus else "cpu", "model": model,
+                               "vocab_size": spec.get("vocab_size"), "outputs": spec["num_outputs"]})
     print(f"[rayscale] predict with {run_dir.name}'s model on {data} ({len(files)} files): {pool} "
           f"{'GPU' if gpus else 'CPU'} actors, writing {output}", flush=True)
     # Written beside OUT and renamed into place once whole: a failed run leaves no half-written OUT.
     staging = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
-        _write_in_order(predicted, staging)
+        unreadable = _write_in_order(predicted, staging)
         if output.exists():
             output.rmdir()  # the empty directory checked above
         staging.rename(output)
@@ -207,4 +250,7 @@ def predict(run_dir: str | Path, data: str, output: str | Path, *, address: str 
         context.execution_options.preserve_order = kept_order
     rows = sum(pq.ParquetFile(path).metadata.num_rows for path in output.glob("*.parquet"))
     print(f"[rayscale] wrote {rows:,} rows to {output}", flush=True)
+    if unreadable:
+        print(f"[rayscale] {unreadable:,} of them have a null prediction: a feature missing or not finite, or a "
+              f"token outside the model's vocabulary, or a sequence longer than its max_length", flush=True)
     return rows
