@@ -60,6 +60,21 @@ def start_loading_plots() -> None:
     load_in_background()
 
 
+def finished_run(prepared: PreparedRun) -> dict | None:
+    """The summary of a run that already trained to its last epoch in this run directory (its config the same:
+    check_same_config), or None: started again, it has nothing to train, so it claims nothing and counts no
+    restart. An online run is never finished: new files may have arrived."""
+    cfg, path = prepared.cfg, prepared.run_dir / SUMMARY_FILE
+    if cfg.data.online or not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (ValueError, OSError):  # cut short by a kill while it was written: the run writes it again
+        return None
+    finished = isinstance(summary, dict) and summary.get("epochs", 0) >= cfg.train.epochs  # a paused run's are fewer
+    return summary if finished else None
+
+
 def write_outputs(prepared: PreparedRun, final_checkpoint: Path, started: float, first_step_at: float | None,
                   phases: dict | None = None) -> dict:
     """From the run's final checkpoint directory: every output file; returns the summary."""

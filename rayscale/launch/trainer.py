@@ -21,6 +21,7 @@ from rayscale.config import Config
 from rayscale.data.datasets import quiet_ray_data
 from rayscale.data.sources import SourceInfo
 from rayscale.driver.outputs import (
+    finished_run,
     print_summary,
     read_metrics,
     start_loading_plots,
@@ -172,6 +173,10 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
     started = time.time()
     prepared = prepare(cfg, code=code, given=given)
     check_same_config(cfg, prepared.run_dir)
+    if (finished := finished_run(prepared)) is not None:
+        print(f"[rayscale] run directory {prepared.run_dir}: trained all {cfg.train.epochs} epochs already "
+              f"(summary.json); nothing to train (another run.name trains the config again)", flush=True)
+        return finished
     check_fits_before_start(address, cfg)
     connecting = time.time()
     connect(address)
