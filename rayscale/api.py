@@ -93,16 +93,23 @@ def connect(address: str | None = None) -> None:
 
 def resolve_config(config: ConfigLike = None, overrides: Overrides = ()) -> config_module.Config:
     """The validated config for `config` with `overrides` applied (the CLI's -c and --set)."""
-    if isinstance(overrides, str):
-        raise config_module.ConfigError("overrides: expected a mapping or a list of KEY=VALUE strings, got a string")
+    overrides = () if overrides is None else overrides
+    if isinstance(overrides, str) or not isinstance(overrides, Mapping | Sequence):
+        raise config_module.ConfigError(f"overrides: expected a mapping or a list of KEY=VALUE strings, got "
+                                        f"{'a string' if isinstance(overrides, str) else type(overrides).__name__}")
+    if not isinstance(overrides, Mapping) and not all(isinstance(text, str) for text in overrides):
+        raise config_module.ConfigError("overrides: expected KEY=VALUE strings in the list (or a mapping)")
     pairs = overrides.items() if isinstance(overrides, Mapping) \
         else [config_module.parse_override(text) for text in overrides]
     if config is None or isinstance(config, str | Path):
         raw = config_module.read_yaml(config) if config is not None else {}
     elif isinstance(config, config_module.Config):
         raw = config_module.to_dict(config)
-    else:
+    elif isinstance(config, Mapping):
         raw = _plain(config)
+    else:
+        raise config_module.ConfigError(f"config: expected a YAML file's path, a mapping of keys or a "
+                                        f"rayscale.config.Config, got {type(config).__name__}")
     return config_module.with_overrides(raw, pairs)
 
 
@@ -154,6 +161,7 @@ def evaluate(run_dir: str | Path, data: Any = None, *, model: Any = None, loss: 
     and writes it to RUN_DIR/eval.json (or `output`)."""
     from rayscale.tools.evaluate import evaluate_run
 
+    _check_code_objects(model, loss, metrics)
     return evaluate_run(run_dir, data, model=model, loss=loss, metrics=metrics, device=device, output=output)
 
 
@@ -173,6 +181,20 @@ def with_code(cfg: config_module.Config, model: Any, loss: Callable | None, metr
     """The config naming what can be named by import path, and the objects that travel pickled."""
     import dataclasses
 
+    _check_code_objects(model, loss, metrics)
+    named_model, named_loss = import_path(model), import_path(loss)
+    named_metrics = {name: path for name, metric in (metrics or {}).items() if (path := import_path(metric))}
+    cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, name=named_model or cfg.model.name),
+        train=dataclasses.replace(cfg.train, loss=named_loss or cfg.train.loss,
+                                  metrics={**cfg.train.metrics, **named_metrics}))
+    code = UserCode(model=None if named_model else model, loss=None if named_loss else loss,
+                    metrics=tuple((name, metric) for name, metric in (metrics or {}).items()
+                                  if name not in named_metrics))
+    return cfg, code
+
+
+def _check_code_objects(model: Any, loss: Any, metrics: Any) -> None:
     from torch import nn
 
     if model is not None and not (isinstance(model, nn.Module) or callable(model)):
@@ -185,16 +207,6 @@ def with_code(cfg: config_module.Config, model: Any, loss: Callable | None, metr
     for name, metric in (metrics or {}).items():
         if not (isinstance(name, str) and name.isidentifier()) or not callable(metric):
             raise UserError(f"metrics[{name!r}]: expected an identifier naming a function or torchmetrics Metric")
-    named_model, named_loss = import_path(model), import_path(loss)
-    named_metrics = {name: path for name, metric in (metrics or {}).items() if (path := import_path(metric))}
-    cfg = dataclasses.replace(
-        cfg, model=dataclasses.replace(cfg.model, name=named_model or cfg.model.name),
-        train=dataclasses.replace(cfg.train, loss=named_loss or cfg.train.loss,
-                                  metrics={**cfg.train.metrics, **named_metrics}))
-    code = UserCode(model=None if named_model else model, loss=None if named_loss else loss,
-                    metrics=tuple((name, metric) for name, metric in (metrics or {}).items()
-                                  if name not in named_metrics))
-    return cfg, code
 
 
 def with_data(cfg: config_module.Config, train_data: Any, val_data: Any

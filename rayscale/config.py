@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
 import os
 import types
 import typing
@@ -395,13 +396,13 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                            _integral(float(value.replace("_", ""))), tp, path)
         except (ValueError, ConfigError):
             pass
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+    elif tp is int:  # numbers.Integral: numpy's integers too (a value from a sweep in a notebook)
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
         if isinstance(value, float) and value.is_integer():  # 1e5 in YAML is a float
             return int(value)
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
             return float(value)
     elif tp is str:
         if isinstance(value, str):

@@ -25,6 +25,11 @@ def test_a_config_is_a_path_a_mapping_or_a_config_and_overrides_are_a_mapping_or
     assert resolve_config(cfg, overrides=["seed=9", "data.source=synthetic"]).seed == 9
     assert resolve_config(overrides={"run.name": "a b"}).run.name == "a b"  # strings stay strings
     assert resolve_config().optim.lr == config.load().optim.lr
+    assert resolve_config(overrides=None).optim.lr == config.load().optim.lr
+    import numpy as np  # values from a notebook's sweep: numpy's scalars are numbers too
+
+    swept = resolve_config(overrides={"train.epochs": np.int64(3), "optim.lr": np.float32(0.25)})
+    assert (swept.train.epochs, swept.optim.lr) == (3, 0.25) and type(swept.train.epochs) is int
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -32,6 +37,11 @@ def test_a_config_is_a_path_a_mapping_or_a_config_and_overrides_are_a_mapping_or
     ({"overrides": {"train.epochs": "many"}}, "train.epochs"),
     ({"overrides": "optim.lr=0.1"}, "overrides: expected a mapping or a list"),
     ({"config": "no/such.yaml"}, "config file no/such.yaml does not exist"),
+    ({"config": 123}, "config: expected a YAML file's path, a mapping of keys or a rayscale.config.Config, got int"),
+    ({"config": ["optim.lr=0.1"]}, "config: expected a YAML file's path, a mapping of keys or a rayscale.config"),
+    ({"overrides": [("optim.lr", 0.1)]}, "overrides: expected KEY=VALUE strings in the list"),
+    ({"overrides": 5}, "overrides: expected a mapping or a list of KEY=VALUE strings, got int"),
+    ({"metrics": ["hit"]}, "metrics: expected a mapping of name to function or torchmetrics Metric, got list"),
 ])
 def test_bad_input_raises_the_clis_one_line_error_before_anything_runs(kwargs, message):
     with pytest.raises(rayscale.UserError, match=message.replace(".", r"\.")):
@@ -55,6 +65,13 @@ def test_the_safetensors_export_holds_every_weight_tied_ones_included():
 def test_loading_a_directory_that_is_not_a_finished_run_says_so(tmp_path):
     with pytest.raises(rayscale.UserError, match="no config.yaml; expected the directory of a finished rayscale run"):
         rayscale.load_model(tmp_path)
+    if not torch.cuda.is_available():  # an AssertionError from torch's CUDA stub, after the model was built
+        with pytest.raises(rayscale.UserError, match="^device cuda: this machine has 0 CUDA device"):
+            rayscale.load_model(tmp_path, device="cuda")
+    with pytest.raises(rayscale.UserError, match="^device gpu0: .*; expected cpu or cuda"):
+        rayscale.load_model(tmp_path, device="gpu0")
+    with pytest.raises(rayscale.UserError, match="^metrics: expected a mapping"):
+        rayscale.evaluate(tmp_path, metrics=["hit"])
 
 
 def test_rayscale_tune_stays_the_function_once_the_search_package_is_imported():

@@ -116,12 +116,13 @@ def test_eval_refuses_what_is_not_a_run_and_data_without_the_runs_columns(traine
 
 
 def test_eval_into_a_run_directory_it_cannot_write_asks_for_output_before_evaluating(trained, monkeypatch, capsys):
+    from rayscale.models import export
     from rayscale.tools import evaluate
 
     _, run = trained
     tried = []
     monkeypatch.setattr(evaluate, "can_write_in", lambda directory: tried.append(directory) or False)
-    monkeypatch.setattr(evaluate, "_device", lambda name: pytest.fail("evaluated before the output was checked"))
+    monkeypatch.setattr(export, "usable_device", lambda *a: pytest.fail("evaluated before the output was checked"))
     assert cli.main(["eval", str(run.run_dir)]) == 2
     assert tried == [run.run_dir]
     error = capsys.readouterr().err

@@ -39,7 +39,7 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu", model: n
     section (a user factory must be importable here too), sized by the data the run saw, with the weights of
     model.safetensors (model.pt where a run has no safetensors file). In eval mode, on `device`. `model`: for a
     run whose model was handed to rayscale.train as an object, the same module or factory again."""
-    run_dir = Path(run_dir)
+    run_dir, device = Path(run_dir), usable_device(device)
     for name in (CONFIG_FILE, SUMMARY_FILE):
         if not (run_dir / name).is_file():
             raise UserError(f"{run_dir}: no {name}; expected the directory of a finished rayscale run")
@@ -52,6 +52,17 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu", model: n
     built = build_model(config_module.from_dict(cfg).model, run_spec(summary), model)
     built.load_state_dict(read_weights(run_dir))
     return built.to(device).eval()
+
+
+def usable_device(name: str | torch.device, key: str = "device") -> torch.device:
+    """`name` as a torch device, refused in one line (naming `key`) where torch cannot use it here."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise UserError(f"{key} {name}: {str(exc).splitlines()[0]}; expected cpu or cuda[:N]") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"{key} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def run_spec(summary: dict) -> DataSpec:

@@ -31,14 +31,14 @@ def evaluate_run(run_dir: str | Path, data: Any = None, *, model: Any = None,
     from rayscale.engine.components.validation import evaluate
     from rayscale.engine.precision import make_precision
     from rayscale.engine.tasks import Objective
-    from rayscale.models.export import load_model, run_spec, run_summary
+    from rayscale.models.export import load_model, run_spec, run_summary, usable_device
     from rayscale.plugins import UserCode
 
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
         raise UserError(f"{run_dir}: no {CONFIG_FILE}; expected the directory of a finished rayscale run")
     destination = _destination(run_dir, output)
-    where = _device(device)
+    where = usable_device(device, "--device")
     _check_objects_given(run_dir, loss, metrics)
     cfg = config_module.load(run_dir / CONFIG_FILE)
     cfg.model = dataclasses.replace(cfg.model, init_from=None)  # the run's own weights are loaded below
@@ -113,16 +113,3 @@ def _destination(run_dir: Path, output: str | Path | None) -> Path:
     if not can_write_in(path.parent):
         raise UserError(f"--output: cannot write in {path.parent}; expected a file in a directory you can write to")
     return path
-
-
-def _device(name: str):
-    """The device to evaluate on, refused in one line if torch cannot use it here."""
-    import torch
-
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as exc:
-        raise UserError(f"--device {name}: {str(exc).splitlines()[0]}; expected cpu or cuda[:N]") from None
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
