@@ -366,6 +366,9 @@ def test_importable_objects_are_named_in_the_config_and_the_rest_travel_as_objec
      r"model=: failed on 2 rows of digits \(RuntimeError: mat1 and mat2 shapes cannot be multiplied"),
     ({"metrics": {"f1": MulticlassF1Score(num_classes=10, average=None)}},
      r"metrics\['f1'\]: failed on 2 rows of digits \(ValueError: train.metrics.f1: compute\(\) gave Tensor"),
+    ({"loss": lambda output, batch: (F.cross_entropy(output, batch["y"], reduction="none"),
+                                     torch.tensor([1.0, -1.0]))},
+     r"loss=: failed on 2 rows of digits \(ValueError: train.loss: returned weights from -1 to 1; expected finite"),
     # val_loss and val_accuracy are rayscale's: a metric of that name replaced them (and a search ranked by it).
     ({"metrics": {"loss": lambda output, batch: output[:, 0]}}, r"metrics\['loss'\]: val_loss is rayscale's own validation metric"),
     ({"overrides": {"train.metrics": {"accuracy": "user_code:hit"}}},
