@@ -219,6 +219,12 @@ def with_data(cfg: config_module.Config, train_data: Any, val_data: Any
 
     datasets = {name: value for name, value in (("train_data", train_data), ("val_data", val_data))
                 if value is not None}
+    for name, value in datasets.items():  # known before Ray starts (the Dataset itself is checked once it runs)
+        if not type(value).__module__.startswith("ray.data"):
+            key = "data.source" if name == "train_data" else "data.val_source"
+            given = "a path" if isinstance(value, str | Path) else type(value).__name__
+            raise UserError(f"{name}: expected a ray.data.Dataset, got {given}"
+                            + (f"; name files with {key} instead" if given == "a path" else ""))
     data = cfg.data
     if train_data is not None:
         data = dataclasses.replace(data, source=DATASET_PREFIX + "train_data")

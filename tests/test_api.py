@@ -42,10 +42,16 @@ def test_a_config_is_a_path_a_mapping_or_a_config_and_overrides_are_a_mapping_or
     ({"overrides": [("optim.lr", 0.1)]}, "overrides: expected KEY=VALUE strings in the list"),
     ({"overrides": 5}, "overrides: expected a mapping or a list of KEY=VALUE strings, got int"),
     ({"metrics": ["hit"]}, "metrics: expected a mapping of name to function or torchmetrics Metric, got list"),
+    # Before Ray starts (it was refused once the embedded Ray had started, ~7 s later):
+    ({"train_data": "rows.parquet"}, "train_data: expected a ray.data.Dataset, got a path; name files with data.source"),
+    ({"val_data": [1, 2]}, "val_data: expected a ray.data.Dataset, got list"),
 ])
 def test_bad_input_raises_the_clis_one_line_error_before_anything_runs(kwargs, message):
+    import sys
+
     with pytest.raises(rayscale.UserError, match=message.replace(".", r"\.")):
         rayscale.train(**kwargs)
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
 
 
 def test_the_safetensors_export_holds_every_weight_tied_ones_included():
