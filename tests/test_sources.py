@@ -299,9 +299,21 @@ def test_nan_or_inf_is_refused_naming_column_and_row(tmp_path, column, value, da
     with pytest.raises(UserError) as caught:
         read_all(inspect_source(source, config, seed=0), config)  # row 8 passes inspection, fails the read
     message = str(caught.value)
-    assert message.startswith(f"{key}: column ") and f"has NaN or infinite values (row {row})" in message
+    # The one column of the features (a, b, w here) that holds it, not all of them named as one.
+    assert message.startswith(f"{key}: column '{column}' in ") and f"has NaN or infinite values (row {row})" in message
     if row >= 6:
         inspect_source(source, config, seed=0)  # the second row group is not read up front
+
+
+def test_a_missing_value_is_refused_naming_its_column_and_row(tmp_path):
+    table = tabular(0, 10)
+    values = table.column("b").to_pylist()
+    values[7] = None
+    source = write(tmp_path / "gap.parquet", table.set_column(1, "b", pa.array(values, pa.int32())),
+                   row_group_size=6)
+    config = DataConfig(source=source)
+    with pytest.raises(UserError, match=r"^data.features: column 'b' in .*gap.parquet has missing values \(row 7\)$"):
+        read_all(inspect_source(source, config, seed=0), config)
 
 
 def with_value(tmp_path, column: str, value, row: int, name: str = "bad.parquet", **options):

@@ -787,7 +787,8 @@ def table_rows(table: pa.Table, data: DataConfig, path: str, row_start: int, fir
     ranges = _ranges(columns, table.schema, data.num_classes)
     for name, config_key in _roles(columns):
         if table.column(name).null_count:
-            raise UserError(f"{config_key}: column {name!r} in {path} has missing values")
+            row = first_row + int(np.argmax(table.column(name).is_null().to_numpy(zero_copy_only=False)))
+            raise UserError(f"{config_key}: column {name!r} in {path} has missing values (row {row})")
     rows = {"row_id": np.arange(row_start, row_start + table.num_rows, dtype=np.int64)}
     if columns.sequence:
         rows["x"] = _sequences(table.column(columns.sequence), f"data.sequence: column {columns.sequence!r} in "
@@ -830,17 +831,21 @@ def table_rows(table: pa.Table, data: DataConfig, path: str, row_start: int, fir
 
 def _check_finite(rows: dict[str, np.ndarray], columns: _Columns, path: str, first_row: int) -> None:
     """NaN or infinity in the inputs would train on silently (or poison every step): refuse, naming the row."""
-    keys = {"x": ("data.features", ", ".join(columns.features) if columns.features else columns.sequence),
-            "y": ("data.label", columns.label), "weight": ("data.weight", columns.weight),
-            "difficulty": ("data.curriculum_column", columns.difficulty)}
-    for name, (config_key, column) in keys.items():
+    features = list(columns.features) if columns.features else [columns.sequence]
+    keys = {"x": ("data.features", features), "y": ("data.label", [columns.label]),
+            "weight": ("data.weight", [columns.weight]), "difficulty": ("data.curriculum_column", [columns.difficulty])}
+    for name, (config_key, names) in keys.items():
         values = rows.get(name)
         if values is None or values.dtype.kind != "f":
             continue
-        bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+        finite = np.isfinite(values.reshape(len(values), -1))
+        bad = ~finite.all(axis=1)
         if bad.any():
+            at = int(np.argmax(bad))
+            # One feature column per value of x (scalar columns side by side), else the one column holds them all.
+            column = names[int(np.argmax(~finite[at]))] if len(names) == finite.shape[1] else names[0]
             raise UserError(f"{config_key}: column {column!r} in {path} has NaN or infinite values (row "
-                            f"{first_row + int(np.argmax(bad))}); expected finite numbers")
+                            f"{first_row + at}); expected finite numbers")
 
 
 def _numbers(column: pa.ChunkedArray) -> np.ndarray:
