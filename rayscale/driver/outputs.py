@@ -9,6 +9,7 @@ import resource
 import time
 from pathlib import Path
 
+from rayscale.config import Config
 from rayscale.driver.prepare import PreparedRun
 from rayscale.engine import checkpoint
 from rayscale.engine.components import read_part
@@ -60,11 +61,12 @@ def start_loading_plots() -> None:
     load_in_background()
 
 
-def finished_run(prepared: PreparedRun) -> dict | None:
-    """The summary of a run that already trained to its last epoch in this run directory (its config the same:
+def finished_run(cfg: Config, run_dir: Path) -> dict | None:
+    """The summary of a run that already trained to its last epoch in `run_dir` (its config the same:
     check_same_config), or None: started again, it has nothing to train, so it claims nothing and counts no
-    restart. An online run is never finished: new files may have arrived."""
-    cfg, path = prepared.cfg, prepared.run_dir / SUMMARY_FILE
+    restart (a search's trial found again on --resume is reported from its files). An online run is never
+    finished: new files may have arrived."""
+    path = run_dir / SUMMARY_FILE
     if cfg.data.online or not path.is_file():
         return None
     try:

@@ -173,7 +173,7 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
     started = time.time()
     prepared = prepare(cfg, code=code, given=given)
     check_same_config(cfg, prepared.run_dir)
-    if (finished := finished_run(prepared)) is not None:
+    if (finished := finished_run(cfg, prepared.run_dir)) is not None:
         print(f"[rayscale] run directory {prepared.run_dir}: trained all {cfg.train.epochs} epochs already "
               f"(summary.json); nothing to train (another run.name trains the config again)", flush=True)
         return finished

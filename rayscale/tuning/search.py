@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -21,12 +20,12 @@ import yaml
 from rayscale import config as config_module
 from rayscale.config import Config
 from rayscale.data.sources import SourceInfo
-from rayscale.driver.outputs import read_metrics
+from rayscale.driver.outputs import finished_run, read_metrics
 from rayscale.driver.prepare import NO_CODE, NO_DATA, absolute_paths, prepare, run_directory
 from rayscale.driver.trackers import Destinations
 from rayscale.driver.tracking import Tracking, destinations, end_cut_off
 from rayscale.errors import UserError
-from rayscale.files import CONFIG_FILE, SUMMARY_FILE
+from rayscale.files import CONFIG_FILE
 from rayscale.launch import trainer
 from rayscale.launch.callbacks import remove_placement_groups_left
 from rayscale.launch.connect import connect, loopback_unless_joining
@@ -184,8 +183,7 @@ def _watch_for_stop(stop_marker: Path) -> None:
 def _finished_records(cfg: Config) -> list[dict] | None:
     """A trial that already finished (found again on --resume) is reported from its files, not re-run."""
     run_dir = run_directory(cfg)
-    summary = run_dir / SUMMARY_FILE
-    if not summary.exists() or json.loads(summary.read_text()).get("epochs") != cfg.train.epochs:
+    if finished_run(cfg, run_dir) is None:
         return None
     return [r for r in read_metrics(run_dir) if r.get("evaluation")]
 
