@@ -24,6 +24,26 @@ class Cramped(MLP):
         return super().forward(x)
 
 
+class CrampedOnOneRank(torch.nn.Module):
+    """A batch-norm model (buffers DDP broadcasts before a forward) that runs out of device memory above `limit`
+    rows on rank 1 only: the other rank's forward completes where this one's fails."""
+
+    def __init__(self, limit):
+        super().__init__()
+        self.limit = limit
+        self.layers = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(),
+                                          torch.nn.Linear(32, 10))
+
+    def forward(self, x):
+        if self.training and len(x) > self.limit and torch.distributed.get_rank() == 1:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(x)} rows")
+        return self.layers(x)
+
+
+def cramped_on_one_rank(limit):
+    return CrampedOnOneRank(limit)
+
+
 def cramped(limit, hidden_sizes=(256, 256)):  # the built-in digits MLP: the same initial weights
     return Cramped(limit, in_features=64, num_outputs=10, hidden_sizes=tuple(hidden_sizes))
 

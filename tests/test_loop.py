@@ -326,6 +326,16 @@ def test_two_ranks_agree_to_halve_the_micro_batch_and_train_the_same_maths(two_r
     assert not same(two_ranks.model, found.model)
 
 
+def test_a_batch_norm_model_halving_on_one_rank_only_goes_on_instead_of_hanging(tmp_path):
+    """Rank 1 runs out of memory in a forward rank 0 completes: DDP's decision to broadcast the buffers before
+    the next forward then differed between the ranks, and the redone step waited in two different collectives
+    until the timeout (120 s here)."""
+    found = train(tmp_path, "one_rank", *BASE, "batch.micro_batch_size=auto", "model.name=loop_models:cramped_on_one_rank",
+                  "model.kwargs={limit: 16}", workers=2)
+    assert found.summary["batch_plan"]["micro_batch_size"] == 16
+    assert found.summary["samples_seen"] == 2 * found.summary["train_rows"]
+
+
 def close(a: dict, b: dict) -> bool:
     return all(torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-5) for key in a)
 

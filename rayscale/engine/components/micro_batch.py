@@ -44,6 +44,10 @@ class AutoMicroBatch(Component):
         if not self.auto:
             return attempt(batch)
         buffers = [b.detach().clone() for b in run.model.buffers()]
+        # DDP decides at each forward whether to broadcast the buffers first (a collective), from what its last
+        # completed forward set. A rank whose forward ran out of memory never completed it, while another's did:
+        # redone as they stand, one rank would broadcast and the other not, and both would wait forever.
+        broadcasts = getattr(run.model, "require_forward_param_sync", None)
         while True:
             try:
                 return attempt(batch)
@@ -51,6 +55,8 @@ class AutoMicroBatch(Component):
                 batch = None
                 for buffer, saved in zip(run.model.buffers(), buffers, strict=True):
                     buffer.copy_(saved)
+                if broadcasts is not None:
+                    run.model.require_forward_param_sync = broadcasts
                 if run.device.type == "cuda":
                     torch.cuda.empty_cache()
                 run.micro_batch_size = self.saved.micro_batch_size = smaller_micro_batch(run.micro_batch_size)
