@@ -120,6 +120,19 @@ def test_a_run_that_failed_before_its_first_checkpoint_starts_over_with_a_correc
         train(tmp_path, "fixed", *BASE, "optim.lr=0.3")
 
 
+def test_a_checkpoint_due_at_an_epochs_last_step_is_made_by_the_epoch_end(tmp_path):
+    """run.checkpoint_every_samples falls on epoch 1's last step. Made there, before the epoch end, the checkpoint
+    held the epoch unfinished: a restart replayed its end without the epoch's lines, so batch.adaptive goodput
+    (which decides there, from them) went on at another batch than the run had chosen; and the epoch end's own
+    checkpoint tied with it on samples seen. Now it is one checkpoint, after the end."""
+    trained = train(tmp_path, "at_end", "train.epochs=2", "batch.global_batch_size=64", "batch.adaptive=goodput",
+                    "batch.micro_batch_size=16", "run.checkpoint_every_samples=1450", "run.checkpoint_every_seconds=3600")
+    saved = [checkpoint.read_state(path).train_state for path in (trained.run_dir / "checkpoints").iterdir()]
+    at_the_end = [state for state in saved if state.samples_seen == 1450]
+    assert [(state.epoch, state.step_in_epoch) for state in at_the_end] == [(1, 0)]
+    assert [line["samples_seen"] for line in trained.lines if line.get("epoch_end")] == [1450, 2900]
+
+
 def test_weight_average_is_validated_and_exported_and_leaves_training_alone(tmp_path):
     plain = train(tmp_path, "plain", *BASE)
     averaged = train(tmp_path, "averaged", *BASE, AVERAGED)

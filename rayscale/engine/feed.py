@@ -175,7 +175,7 @@ class EpochFeed:
         paused = loop.rung_pause.pause_if_reached(run.state.samples_seen)
         last = epoch + 1 == self.epochs
         metrics = {**line.to_json(), "epoch": epoch + 1, "training_done": last}
-        if paused or last or loop.checkpoints.epoch_end_due:
+        if paused or last or loop.checkpoints.epoch_end_due or loop.checkpoints.owed:
             loop.metrics.reported()
             loop.save(metrics)
         elif loop.payload.report_evaluations:

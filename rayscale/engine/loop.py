@@ -210,8 +210,9 @@ class TrainLoop:
         run.guard.observe(not skipped or overflow_only, run.state.step)
 
     def after_step(self, segment: Segment) -> bool:
-        """The log line, validation and checkpoint due after this step, in that order. A line or validation due
-        at the segment's last step is the segment end's. True: paused at a rung."""
+        """The log line, validation and checkpoint due after this step, in that order. A line, validation or
+        checkpoint due at the segment's last step is the segment end's (a checkpoint made before the epoch end
+        would hold what that end then changes: the next epoch's batch). True: paused at a rung."""
         run, state = self.run, self.run.state
         seen, where = state.samples_seen, run.where(segment.epoch)
         inside = seen < segment.end_samples
@@ -233,7 +234,10 @@ class TrainLoop:
                 return True
             self.context.report(line.to_json())
         drain = self.preemption.notice(run)
-        if self.checkpoints.due(seen) or drain:
+        due = self.checkpoints.due(seen)
+        if due and not inside and not drain:  # the segment end's, after its validation and end of epoch
+            self.checkpoints.owed = True
+        elif due or drain:
             self.save({"samples_seen": seen, "epoch": segment.epoch, **state.validation()})
         if drain:
             run.say(f"{where} samples {seen:,}: {drain.describe()}; checkpointed at step {state.step}, waiting for "

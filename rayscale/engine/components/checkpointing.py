@@ -36,7 +36,8 @@ class CheckpointSchedule(Component):
     `checkpoint_s` (the mean over ranks of the seconds spent inside checkpoints since the previous line). With
     run.checkpoint_upload async that is the local write only; the copy to run.storage_path runs beside training.
 
-    Mid-epoch a checkpoint is due every run.checkpoint_every_samples. An epoch end checkpoints once
+    Mid-epoch a checkpoint is due every run.checkpoint_every_samples; one due at an epoch's last step is made
+    by the epoch end, after its validation and the components' end of epoch. An epoch end checkpoints once
     run.checkpoint_every_seconds have passed since the last checkpoint, on rank 0's clock: each rank's wish
     rides in the epoch-end line's collective, so every rank makes the same choice (a checkpoint is a collective).
     Epochs of milliseconds then pay for a checkpoint every few seconds, not at every end; a resume is as exact
@@ -51,11 +52,12 @@ class CheckpointSchedule(Component):
         self.every_seconds, self.rank, self.clock = every_seconds, rank, clock
         self.last_saved = clock()  # the attempt's start counts as its last checkpoint
         self.epoch_end_due = every_seconds == 0  # as agreed at the latest log line
+        self.owed = False  # one was due at a segment's last step: the segment end makes it
 
     def saved(self, blocked_s: float) -> None:
         """A checkpoint was made, holding this rank up `blocked_s`."""
         self.blocked_s += blocked_s
-        self.last_saved = self.clock()
+        self.last_saved, self.owed = self.clock(), False
 
     def interval_sums(self) -> list[float]:
         blocked, self.blocked_s = self.blocked_s, 0.0
