@@ -262,6 +262,8 @@ def test_nonfinite_steps_are_skipped_counted_and_abort_the_run_when_too_many_in_
     assert all(torch.isfinite(tensor).all() for tensor in run.model.values())
     logged = [r for r in run.lines if not r.get("evaluation")]
     assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in logged)
+    # The loss averages the steps taken, as the norm does: one skipped step made its interval's loss NaN.
+    assert all(math.isfinite(r["train_loss"]) for r in logged) and math.isfinite(run.summary["final"]["train_loss"])
     assert logged[-1]["nonfinite_skipped"] == 2
     with pytest.raises(Exception, match="at step 5: 3 steps in a row were skipped"):
         train(tmp_path, "from_third", *common, "model.kwargs={at: [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]}",

@@ -64,13 +64,16 @@ class Interval:
         return cls(zero(), zero(), zero(), clock=StepClock(device))
 
     def add_step(self, result, rows: int) -> None:
-        """A train_step result's loss, count and norm, in place into the float64 sums (no conversion op); a
-        skipped step's norm is not finite: it adds nothing (decided on the device when it was skipped there)."""
-        self.loss_sum += result.loss_sum
-        self.count += result.local_count
+        """A train_step result's loss, count and norm, in place into the float64 sums (no conversion op). A
+        skipped (non-finite) step adds none of them, or one NaN loss would make the whole interval's train_loss
+        NaN (decided on the device when it was skipped there)."""
         if isinstance(result.skipped, torch.Tensor):
+            self.loss_sum += torch.where(result.skipped, 0.0, result.loss_sum)
+            self.count += torch.where(result.skipped, 0.0, result.local_count)
             self.grad_norm_sum += torch.where(result.skipped, 0.0, result.grad_norm)
         elif not result.skipped:
+            self.loss_sum += result.loss_sum
+            self.count += result.local_count
             self.grad_norm_sum += result.grad_norm
         self.steps += 1
         self.samples += rows
