@@ -149,3 +149,12 @@ def test_a_saved_attempt_is_a_checkpoint_where_ray_train_or_local_mode_keeps_the
     (run_dir / "checkpoints" / "checkpoint-x1y2").mkdir(parents=True)  # local mode's
     assert saved_attempt(plain, run_dir)
     assert saved_attempt(config.load(overrides=["run.storage_path=s3://bucket/runs"]), tmp_path / "new")  # unseen
+
+
+def test_an_elastic_batch_that_does_not_split_is_refused_with_the_multiple_every_count_splits(tmp_path):
+    """[1, 3] workers: 100 does not split over 3. The batch plan at 3 workers said "use a multiple of 3", and
+    99 was then refused for 2: the elastic rule, checked first, names 6."""
+    cfg = config.load(overrides=["scaling.num_workers=[1, 3]", "batch.global_batch_size=100",
+                                 "batch.micro_batch_size=null", f"run.output_dir={tmp_path}"])
+    with pytest.raises(UserError, match=r"100 does not split over 3 workers, .*use a multiple of 6$"):
+        prepare(cfg)

@@ -55,8 +55,8 @@ def prepare(cfg: Config, scope: str = "run", code: UserCode = NO_CODE,
     rayscale.train's Python objects (model=, loss=, metrics=); `given`: the sources of its Ray Datasets
     (train_data=, val_data=), by the data.source / data.val_source that stands for them (launch/user_data.py
     inspects them)."""
+    rules.check(cfg, scope)  # first: an elastic run's rule names the multiple every worker count splits
     plan = plan_batches(cfg.batch.global_batch_size, cfg.batch.micro_batch_size, cfg.scaling.num_workers)
-    rules.check(cfg, scope)
     check_installed(cfg.run.trackers)
     absolute_paths(cfg)
     train, val, train_rows, val_rows = _splits(cfg, given)
