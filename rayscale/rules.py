@@ -40,7 +40,8 @@ def _online_source_unusable(cfg: Config) -> bool:
 
 def _one_step_per_micro_batch(cfg: Config) -> bool:
     plan = plan_batches(cfg.batch.global_batch_size, cfg.batch.micro_batch_size, cfg.scaling.num_workers)
-    return plan.num_workers == 1 and plan.accumulation_steps == 1 and not plan.auto
+    # auto starts at the whole share and halves only when a GPU runs out of memory: on CPUs it stays whole.
+    return plan.num_workers == 1 and plan.accumulation_steps == 1 and not (plan.auto and cfg.scaling.use_gpu)
 
 
 def _other_parts(cfg: Config) -> tuple[str, ...]:
@@ -202,7 +203,8 @@ RULES: tuple[Rule, ...] = (
     Rule(("batch.adaptive", "batch.micro_batch_size", "scaling.num_workers"),
          lambda c: c.batch.adaptive == "goodput" and _one_step_per_micro_batch(c),
          lambda c: "batch.adaptive goodput needs the noise scale, which one worker measures only with 2+ "
-                   "micro-batches per step: set batch.micro_batch_size below batch.global_batch_size",
+                   "micro-batches per step: set batch.micro_batch_size below batch.global_batch_size"
+                   + (" (auto stays at the whole batch on CPUs)" if c.batch.micro_batch_size == "auto" else ""),
          ("batch.adaptive=goodput", "scaling.num_workers=1", "batch.micro_batch_size=null")),
     # The parameter server keeps the weights and optimizer on Ray actors, and steps there.
     Rule(("scaling.num_workers", "train.strategy"),

@@ -88,3 +88,18 @@ def test_through_the_cli_exit_2_one_line_no_ray_nothing_written(index, rule, tmp
     assert err.splitlines() == [f"rayscale: error: {rule.message(_example(rule))}"]
     assert not ray.is_initialized()
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("micro, gpu, refused", [("auto", False, True), ("auto", True, False), (16, False, False),
+                                                 (None, True, True)])
+def test_goodput_on_one_worker_needs_micro_batches_that_a_cpu_run_under_auto_never_gets(micro, gpu, refused):
+    """auto starts at the whole share and halves only when a GPU runs out of memory: on CPUs a one-worker run
+    kept one micro-batch per step, measured no noise scale, and goodput never moved the batch, silently."""
+    cfg = config.load(overrides=["batch.adaptive=goodput", "scaling.num_workers=1", "batch.global_batch_size=64",
+                                 f"batch.micro_batch_size={'null' if micro is None else micro}",
+                                 f"scaling.use_gpu={str(gpu).lower()}"])
+    if refused:
+        with pytest.raises(ConfigError, match="one worker measures only with 2\\+ micro-batches per step"):
+            rules.check(cfg)
+    else:
+        rules.check(cfg)
