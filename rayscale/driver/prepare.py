@@ -188,7 +188,7 @@ def _try_user_code(cfg: Config, info: sources.SourceInfo, model, code: UserCode,
     import torch
 
     from rayscale.data.collate import collate
-    from rayscale.engine.tasks import Objective, forward
+    from rayscale.engine.tasks import forward
     from rayscale.engine.user_metrics import UserMetrics
     from rayscale.plugins import first_line
 
@@ -211,7 +211,7 @@ def _try_user_code(cfg: Config, info: sources.SourceInfo, model, code: UserCode,
         if loss is None:
             _check_output_width(model_key, output, info.spec)
         loss_key = model_key if loss is None else "loss=" if code.loss is not None else "train.loss"
-        attempt(loss_key, lambda: _loss_once(Objective(info.spec.task, loss), output, batch))
+        attempt(loss_key, lambda: _loss_once(info.spec.task, loss, output, batch))
         if not metrics:
             return
         with torch.no_grad():
@@ -224,16 +224,22 @@ def _try_user_code(cfg: Config, info: sources.SourceInfo, model, code: UserCode,
         return
 
 
-def _loss_once(objective, output, batch) -> None:
-    """The loss of a batch, and the weights a user loss returned with it: a negative weight turns a loss into a
-    gain (the run then diverged, and was stopped as a non-finite one, blaming the lr)."""
+def _loss_once(task: str, loss, output, batch) -> None:
+    """The loss of a batch as the step takes it (the user's called once), and the weights a user loss returned
+    with it: a negative weight turns a loss into a gain (the run then diverged, and was stopped as a non-finite
+    one, blaming the lr)."""
     import torch
 
-    objective.loss(output, batch)
-    if objective.user_loss is None:
-        return
-    returned = objective.user_loss(output, batch)
-    weights = returned[1] if isinstance(returned, tuple) else None
+    from rayscale.engine.tasks import Objective
+
+    returned = []
+
+    def kept(output, batch):
+        returned.append(loss(output, batch))
+        return returned[-1]
+
+    Objective(task, kept if loss is not None else None).loss(output, batch)
+    weights = returned[0][1] if returned and isinstance(returned[0], tuple) else None
     if isinstance(weights, torch.Tensor) and not (torch.isfinite(weights).all() and (weights >= 0).all()):
         raise ValueError(f"train.loss: returned weights from {weights.min().item():g} to {weights.max().item():g}; "
                          f"expected finite weights of at least 0")

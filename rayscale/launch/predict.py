@@ -167,12 +167,8 @@ def _write_in_order(predicted, directory: Path) -> int:
     return unreadable
 
 
-def predict(run_dir: str | Path, data: str, output: str | Path, *, address: str | None = None,
-            workers: int | None = None, model: Any = None) -> int:
-    """Run the prediction; returns the rows written. Bad input is refused before Ray starts."""
-    from rayscale.launch.connect import connect
-    from rayscale.models.export import run_summary
-
+def _check_arguments(run_dir: str | Path, data: Any, output: str | Path, workers: int | None) -> tuple[Path, Path]:
+    """The run directory and OUT, absolute, once every argument that needs no data is usable."""
     if not isinstance(data, str | Path):
         raise UserError(f"--data: expected Parquet (a file, a directory, a glob or a URI), got "
                         f"{type(data).__name__}; write a ray.data.Dataset with its write_parquet first")
@@ -191,6 +187,16 @@ def predict(run_dir: str | Path, data: str, output: str | Path, *, address: str 
                         f"expected a new directory where you can write")
     if workers is not None and workers < 1:
         raise UserError(f"--workers {workers}: expected at least 1")
+    return run_dir, output
+
+
+def predict(run_dir: str | Path, data: str, output: str | Path, *, address: str | None = None,
+            workers: int | None = None, model: Any = None) -> int:
+    """Run the prediction; returns the rows written. Bad input is refused before Ray starts."""
+    from rayscale.launch.connect import connect
+    from rayscale.models.export import run_summary
+
+    run_dir, output = _check_arguments(run_dir, data, output, workers)
     cfg = config_module.load(run_dir / CONFIG_FILE)
     spec = run_summary(run_dir)["data_spec"]
     files = parquet_files(absolute_source(str(data)), "--data")  # read by Ray Data's tasks, wherever they run
