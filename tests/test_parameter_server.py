@@ -188,6 +188,7 @@ SLOW_MODEL = textwrap.dedent('''
     """The digits MLP, slowed down (numerics untouched) so that a test can kill a server actor or a worker
     mid-run; each process that trains it records its pid in $RAYSCALE_TEST_PID_DIR."""
     import os
+    import sys
     import time
     from pathlib import Path
 
@@ -196,9 +197,18 @@ SLOW_MODEL = textwrap.dedent('''
 
     class Slow(MLP):
         def forward(self, x):
-            Path(os.environ["RAYSCALE_TEST_PID_DIR"], str(os.getpid())).touch()
+            if not _on_the_driver():  # a killed pid must be a training worker's, never this test's
+                Path(os.environ["RAYSCALE_TEST_PID_DIR"], str(os.getpid())).touch()
             time.sleep(0.02)
             return super().forward(x)
+
+
+    def _on_the_driver():
+        """The driver's try of the model on two rows before the run (rayscale/driver/prepare.py)."""
+        frame = sys._getframe()
+        while frame is not None and frame.f_code.co_name != "_try_user_code":
+            frame = frame.f_back
+        return frame is not None
 
 
     def make(**kwargs):

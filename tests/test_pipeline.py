@@ -29,6 +29,7 @@ SLOW_MODEL = textwrap.dedent('''
     """The built-in MLP, slowed down (numerics untouched) so a test can kill a worker mid-epoch; each worker
     process records its pid in $RAYSCALE_TEST_PID_DIR."""
     import os
+    import sys
     import time
     from pathlib import Path
 
@@ -39,9 +40,18 @@ SLOW_MODEL = textwrap.dedent('''
 
     class Slow(MLP):
         def forward(self, x):
-            Path(os.environ["RAYSCALE_TEST_PID_DIR"], str(os.getpid())).touch()
+            if not _on_the_driver():  # a killed pid must be a training worker's, never this test's
+                Path(os.environ["RAYSCALE_TEST_PID_DIR"], str(os.getpid())).touch()
             time.sleep(0.01)
             return super().forward(x)
+
+
+    def _on_the_driver():
+        """The driver's try of the model on two rows before the run (rayscale/driver/prepare.py)."""
+        frame = sys._getframe()
+        while frame is not None and frame.f_code.co_name != "_try_user_code":
+            frame = frame.f_back
+        return frame is not None
 
 
     def make(**kwargs):
