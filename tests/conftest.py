@@ -32,14 +32,17 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # them (test_pipeline's ray_session): ~1.9 CPU-seconds less per Ray instance started and left idle for 35 s.
 os.environ.setdefault("RAYSCALE_DASHBOARD", "0")
 
-# The longest modules first (by the seconds each took in `make test` on the 2-core machine, 2026-12-06), then
-# the rest as collected. With `--dist loadfile --no-loadscope-reorder` (the Makefile's), pytest-xdist hands
-# modules out in this order, and the many short ones fill both workers at the end. Its own order (most tests
-# first) started these, few tests each, last, and one worker ran a long module alone while the other sat idle.
-# A stale list only orders.
-LONGEST_FIRST = ("test_pipeline", "test_cluster", "test_elastic", "test_tune", "test_examples",
-                 "test_parameter_server", "test_benchmarks", "test_benchmark_asha", "test_ray_datasets",
-                 "test_loop", "test_ordering", "test_sharded_ingest")
+# The longest modules first, then the rest as collected. With `--dist loadfile --no-loadscope-reorder` (the
+# Makefile's), pytest-xdist hands modules out in this order to whichever worker is free, and the many short ones
+# fill both workers at the end. Its own order (most tests first) started these, few tests each, last, and one
+# worker ran a long module alone while the other sat idle. The order also pairs modules that mostly wait (the
+# cluster's `ray up` and jobs, test_pipeline's hang timeout and slow uploads, the elastic run's node events and
+# drain deadline) with modules that keep both cores busy (the benchmark smoke, Tune, the examples): two waiting
+# modules side by side left the cores 10-50% busy for a minute (`/proc/stat` sampled every 2 s over a run,
+# 2026-12-07). A stale list only orders.
+LONGEST_FIRST = ("test_benchmarks", "test_cluster", "test_pipeline", "test_tune", "test_examples",
+                 "test_elastic", "test_benchmark_asha", "test_ray_datasets", "test_parameter_server",
+                 "test_sharded_ingest", "test_loop", "test_ordering")
 
 
 def pytest_collection_modifyitems(items):
