@@ -1,8 +1,18 @@
 """Checkpoint integrity without Ray: a merged checkpoint is used only when every rank's part is whole."""
 
+import io
+
 import pytest
+import torch
 
 from rayscale.engine import checkpoint
+
+
+def saved(value) -> bytes:
+    """What torch.save writes (a zip archive, a CRC-32 per record)."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
 
 
 def _rank_part(directory, rank, world_size, files):
@@ -15,7 +25,8 @@ def _rank_part(directory, rank, world_size, files):
 @pytest.fixture
 def merged(tmp_path):
     """What Ray's copy of two ranks' staging directories into one checkpoint directory looks like."""
-    parts = {0: {"state.pt": b"s" * 1000, "rng_rank0.pt": b"r" * 10}, 1: {"rng_rank1.pt": b"q" * 12}}
+    parts = {0: {"state.pt": saved(torch.arange(1000.0)), "rng_rank0.pt": saved([1, 2])},
+             1: {"rng_rank1.pt": saved([3, 4, 5])}}
     merged = tmp_path / "checkpoint_000003"
     for rank, files in parts.items():
         staging = tmp_path / f"staging{rank}"
@@ -31,14 +42,28 @@ def test_a_whole_checkpoint_verifies(merged):
 
 
 def test_a_truncated_file_is_refused_by_name(merged):
-    (merged / "state.pt").write_bytes(b"s" * 400)  # a copy cut short by a kill
-    with pytest.raises(checkpoint.IncompleteCheckpoint, match="state.pt has 400 of 1000 bytes"):
+    whole = (merged / "state.pt").read_bytes()
+    (merged / "state.pt").write_bytes(whole[:400])  # a copy cut short by a kill
+    with pytest.raises(checkpoint.IncompleteCheckpoint, match=f"state.pt has 400 of {len(whole)} bytes"):
+        checkpoint.verify(merged)
+
+
+def test_a_file_of_the_right_size_with_damaged_bytes_is_refused_by_its_crc(merged):
+    """A second writer still copying into a file another had cut short leaves zeros where the start was."""
+    whole = (merged / "state.pt").read_bytes()
+    middle = len(whole) // 2
+    (merged / "state.pt").write_bytes(whole[:middle] + bytes(100) + whole[middle + 100:])
+    with pytest.raises(checkpoint.IncompleteCheckpoint, match=r"state.pt is damaged \(.* fails its CRC check\)"):
+        checkpoint.verify(merged)
+    (merged / "state.pt").write_bytes(whole)
+    (merged / "rng_rank1.pt").write_bytes(bytes((merged / "rng_rank1.pt").stat().st_size))
+    with pytest.raises(checkpoint.IncompleteCheckpoint, match="rng_rank1.pt is not a whole torch archive"):
         checkpoint.verify(merged)
 
 
 def test_a_missing_file_is_refused(merged):
     (merged / "rng_rank0.pt").unlink()
-    with pytest.raises(checkpoint.IncompleteCheckpoint, match="rng_rank0.pt has None of 10 bytes"):
+    with pytest.raises(checkpoint.IncompleteCheckpoint, match="rng_rank0.pt has None of [0-9]+ bytes"):
         checkpoint.verify(merged)
 
 
@@ -85,3 +110,9 @@ def test_local_mode_keeps_the_checkpoints_completed_last_and_drops_a_crashs_left
     checkpoint.keep_latest(tmp_path, 3)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-3", "checkpoint-4",
                                                                 "other"]
+
+
+def test_a_cut_manifest_is_refused_by_name(merged):
+    (merged / "manifest_rank1.json").write_text('{"rank": 1, "world_si')  # copied in part by an upload function
+    with pytest.raises(checkpoint.IncompleteCheckpoint, match="manifest_rank1.json is not whole"):
+        checkpoint.verify(merged)

@@ -7,9 +7,10 @@ file untouched.
 
 A checkpoint is one directory merged from every rank's files (Ray copies each rank's staging directory into
 it). Each rank writes its manifest last, naming its files and their sizes, and `verify` checks every rank's
-manifest before a restore: a directory left by a kill during Ray's copy (Ray #41700) is refused by name,
-never loaded half-written. (Ray Train V2 also registers a checkpoint only after every rank reported it, so a
-restart picks the previous whole one; a fault test kills a worker inside that copy.)
+manifest before a restore, and each torch file's records against their CRC-32: a directory left by a kill
+during Ray's copy (Ray #41700), or a file damaged after it, is refused by name, never loaded. (Ray Train V2 also
+registers a checkpoint only after every rank reported it, so a restart picks the previous whole one; a fault
+test kills a worker inside that copy.)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import random
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,15 +57,37 @@ def verify(directory: str | Path) -> None:
     if not first.exists():
         raise IncompleteCheckpoint(f"checkpoint {directory}: no {first.name} (written last, so the checkpoint "
                                    f"was never completed)")
-    world_size = json.loads(first.read_text())["world_size"]
+    world_size = _manifest(directory, first)["world_size"]
     for rank in range(world_size):
         manifest = directory / MANIFEST.format(rank)
         if not manifest.exists():
             raise IncompleteCheckpoint(f"checkpoint {directory}: rank {rank}'s part is missing ({manifest.name})")
-        for name, size in json.loads(manifest.read_text())["files"].items():
+        for name, size in _manifest(directory, manifest)["files"].items():
             found = (directory / name).stat().st_size if (directory / name).exists() else None
             if found != size:
                 raise IncompleteCheckpoint(f"checkpoint {directory}: {name} has {found} of {size} bytes")
+            if name.endswith(".pt"):
+                _check_archive(directory, name)
+
+
+def _check_archive(directory: Path, name: str) -> None:
+    """A torch.save file is a zip archive with a CRC-32 per record: a copy of the right size whose bytes were
+    overwritten (a second writer still copying into a file another had cut short left zeros in its place) fails
+    that check here, not torch.load's on every restart."""
+    try:
+        with zipfile.ZipFile(directory / name) as archive:
+            bad = archive.testzip()
+    except zipfile.BadZipFile as error:
+        raise IncompleteCheckpoint(f"checkpoint {directory}: {name} is not a whole torch archive ({error})") from None
+    if bad is not None:
+        raise IncompleteCheckpoint(f"checkpoint {directory}: {name} is damaged ({bad} fails its CRC check)")
+
+
+def _manifest(directory: Path, manifest: Path) -> dict:
+    try:
+        return json.loads(manifest.read_text())
+    except (ValueError, UnicodeDecodeError) as error:  # written atomically: only a copy made elsewhere can cut it
+        raise IncompleteCheckpoint(f"checkpoint {directory}: {manifest.name} is not whole ({error})") from None
 
 
 def latest_local(directory: str | Path) -> Path | None:

@@ -7,10 +7,11 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
+import pyarrow.fs
 import ray
 import ray.train
 import ray.train.torch
@@ -21,6 +22,7 @@ from rayscale.engine import checkpoint
 from rayscale.engine.components.preemption import PreemptionNotice
 from rayscale.engine.context import Blocks, WritePart
 from rayscale.engine.state import WorkerPayload
+from rayscale.errors import UserError
 from rayscale.files import CHECKPOINTS_DIR, CHECKPOINTS_KEPT
 from rayscale.math.lanes import ChunkRead
 from rayscale.plugins import import_callable
@@ -55,8 +57,8 @@ class RayTrainContext:
         if self._restored is None:
             yield None
             return
-        with self._restored.as_directory() as directory:
-            yield Path(directory)
+        with whole_checkpoint(self._restored, say=print if self.rank == 0 else None) as directory:
+            yield directory
 
     def save(self, metrics: dict, write: WritePart) -> None:
         if self.local_mode:
@@ -109,6 +111,45 @@ class RayTrainContext:
                            f"{self.cfg.run.hang_timeout_s:g} s of the drain's deadline")
 
 
+@contextlib.contextmanager
+def whole_checkpoint(latest: ray.train.Checkpoint, say: Callable[[str], None] | None = None) -> Iterator[Path]:
+    """The directory of `latest` (the checkpoint Ray registered last), or of the newest whole one Ray keeps
+    before it where `latest` was damaged after Ray registered it (storage lost a file; a run.checkpoint_upload_fn
+    copied part of it and returned). Resuming from the latest alone, every restart would fail the same way; the
+    one before is as exact a resume, as after a kill that lost a checkpoint mid-upload, and only replays steps.
+    Every rank checks the same files, so all resume from the same checkpoint. `say`: where to tell the user."""
+    damaged = []
+    for candidate in _newest_first(latest):
+        with candidate.as_directory() as directory:
+            try:
+                checkpoint.verify(directory)
+            except checkpoint.IncompleteCheckpoint as error:
+                damaged.append(str(error))
+                continue
+            if damaged and say is not None:
+                say(f"[rayscale] {'; '.join(damaged)}: resuming from the whole checkpoint before it, "
+                    f"{Path(candidate.path).name}")
+            yield Path(directory)
+            return
+    # The user's to settle (every restart would end here): one line, as bad input is.
+    raise UserError(f"no whole checkpoint to resume from: {'; '.join(damaged)}; to start the run over, remove "
+                    f"its run directory or pick another run.name")
+
+
+def _newest_first(latest: ray.train.Checkpoint) -> Iterator[ray.train.Checkpoint]:
+    """`latest`, then the checkpoints beside it in the run's storage made before it, newest first (Ray names
+    each by the time it was made). Listed only if `latest` is not whole."""
+    yield latest
+    parent, name = latest.path.rstrip("/").rsplit("/", 1)
+    listed = latest.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+    earlier = sorted((info.path for info in listed if info.type == pyarrow.fs.FileType.Directory
+                      and info.base_name.startswith(_RAY_CHECKPOINT_PREFIX) and info.base_name < name),
+                     reverse=True)
+    for path in earlier:
+        yield ray.train.Checkpoint(path, filesystem=latest.filesystem)
+
+
+_RAY_CHECKPOINT_PREFIX = "checkpoint_"  # Ray Train's checkpoint_<date>_<time>.<microseconds> in the run's storage
 _RAY_DEFAULT_DRAIN_S = 120.0  # what Train's controller waits for a drain that gives no deadline
 
 
