@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import yaml
 
 from rayscale import config as config_module
-from rayscale.errors import SearchFailed, UserError
+from rayscale.errors import SearchFailed, UserError, on_the_command_line
 
 EXIT_BAD_INPUT = 2
 EXIT_SEARCH_FAILED = 1  # the search ran, but not one trial trained to a result
@@ -202,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "address", None) is not None and not args.address.strip():
             raise UserError("--address: expected host:port, ray://host:port, auto or local, got an empty value "
                             "(leave the flag out for the embedded Ray)")
-        return handler(args)
+        with on_the_command_line():  # messages name the flags, not the Python API's parameters
+            return handler(args)
     except BrokenPipeError:
         if args.command != "config":  # a run's own pipes or sockets: a failure, not a reader that has gone
             raise

@@ -2,8 +2,38 @@
 
 Anything wrong with what the user gave us (config, data, paths, cluster size) raises `UserError` with a
 single sentence that names the key or file and what was expected. The CLI prints it on one line and exits 2;
-everything else is a bug and keeps its traceback.
+everything else is a bug and keeps its traceback. A message names an argument as the user gave it: a flag on
+the command line, a parameter from Python (`argument`).
 """
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
+_ON_THE_COMMAND_LINE = contextvars.ContextVar("rayscale_on_the_command_line", default=False)
+
+
+@contextlib.contextmanager
+def on_the_command_line() -> Iterator[None]:
+    """Messages name arguments as flags (`--data`) while this lasts: the `rayscale` command sets it."""
+    token = _ON_THE_COMMAND_LINE.set(True)
+    try:
+        yield
+    finally:
+        _ON_THE_COMMAND_LINE.reset(token)
+
+
+def argument(name: str) -> str:
+    """An argument as the user gave it, for a message: `--output` on the command line, `output` from Python."""
+    return f"--{name.replace('_', '-')}" if _ON_THE_COMMAND_LINE.get() else name
+
+
+def give(name: str) -> str:
+    """How to hand an argument in, for a message: `give --output` on the command line, `pass output=` from
+    Python."""
+    return f"give {argument(name)}" if _ON_THE_COMMAND_LINE.get() else f"pass {name}="
 
 
 class UserError(Exception):

@@ -64,8 +64,10 @@ def test_rays_own_words_are_left_to_ray(address):
     check_reachable(address)  # no host:port to probe: ray.init decides
 
 
-def test_rays_connection_error_is_one_line_naming_the_flag(monkeypatch):
+def test_rays_connection_error_is_one_line_naming_the_flag_or_from_python_the_parameter(monkeypatch):
     import ray
+
+    from rayscale.errors import on_the_command_line
 
     def no_cluster(**kwargs):
         raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to.\n"
@@ -73,8 +75,11 @@ def test_rays_connection_error_is_one_line_naming_the_flag(monkeypatch):
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", no_cluster)
-    with pytest.raises(UserError, match=r"^--address auto: Could not find any running Ray instance\. .*to\.$"):
+    with on_the_command_line(), pytest.raises(UserError, match=r"^--address auto: Could not find any running Ray "
+                                                                r"instance\. .*to\.$"):
         connect("auto")
+    with pytest.raises(UserError, match=r"^address auto: Could not find any running Ray instance\."):
+        connect("auto")  # rayscale.train(address="auto") names its parameter
 
 
 def test_a_picked_port_lies_below_the_kernels_ephemeral_range_and_is_free():

@@ -80,7 +80,7 @@ def test_classes_the_model_has_no_output_for_are_refused_up_front_in_validation_
     tmp, run = trained
     table = tabular(0, 60)
     more = write(tmp_path / "more.parquet", table.set_column(3, "label", pc.add(table["label"], 1)))
-    with pytest.raises(UserError, match=r"^--data: .*more.parquet has class labels up to 3, but the model was "
+    with pytest.raises(UserError, match=r"^data: .*more.parquet has class labels up to 3, but the model was "
                                         r"sized for 3 classes \(0 to 2\) by the training data"):
         rayscale.evaluate(run.run_dir, more)
     with pytest.raises(UserError, match=r"^data.val_source: .*more.parquet has class labels up to 3, but the model"):
@@ -96,7 +96,7 @@ def test_eval_refuses_what_is_not_a_run_and_data_without_the_runs_columns(traine
     narrow = write(tmp_path / "narrow.parquet", tabular(0, 50).drop_columns(["b"]))
     with pytest.raises(UserError, match="data.features: column 'b' not in .*narrow.parquet"):
         rayscale.evaluate(run.run_dir, narrow)
-    with pytest.raises(UserError, match="--data: no Parquet file at .*missing.parquet"):
+    with pytest.raises(UserError, match="^data: no Parquet file at .*missing.parquet"):  # the parameter's name
         rayscale.evaluate(run.run_dir, str(tmp_path / "missing.parquet"))
     (tmp_path / "a_dir").mkdir()
     for argv, message in [  # each refused before anything is evaluated, in one line
@@ -112,6 +112,12 @@ def test_eval_refuses_what_is_not_a_run_and_data_without_the_runs_columns(traine
         assert cli.main(["eval", str(run.run_dir), *argv]) == 2
         error = capsys.readouterr().err
         assert re.search(message, error) and error.count("\n") == 1, (argv, error)
+    # The same mistakes from Python name the parameters, not the flags.
+    for given, message in [({"output": ""}, "^output: expected a file path for the metrics' JSON"),
+                           ({"output": tmp_path / "a_dir"}, "^output: .*a_dir is a directory"),
+                           ({"device": "foo"}, "^device foo: .*expected cpu or cuda")]:
+        with pytest.raises(UserError, match=message):
+            rayscale.evaluate(run.run_dir, **given)
     assert not list(tmp_path.glob("**/*.json"))
 
 
@@ -127,6 +133,8 @@ def test_eval_into_a_run_directory_it_cannot_write_asks_for_output_before_evalua
     assert tried == [run.run_dir]
     error = capsys.readouterr().err
     assert f"{run.run_dir}: cannot write eval.json there; give --output" in error and error.count("\n") == 1
+    with pytest.raises(UserError, match="cannot write eval.json there; pass output= a file path to write"):
+        rayscale.evaluate(run.run_dir)
 
 
 def test_eval_and_predict_refuse_a_run_whose_summary_or_weights_were_cut_short(trained, tmp_path, capsys):
@@ -202,13 +210,18 @@ def test_predict_refuses_bad_input_before_ray_starts(trained, tmp_path, capsys):
     ]:
         assert cli.main(argv) == 2
         assert re.search(message, capsys.readouterr().err), message
-    with pytest.raises(UserError, match=r"^--data: expected Parquet .* got dict; write a ray.data.Dataset with"):
+    # From Python the messages name the parameters.
+    with pytest.raises(UserError, match=r"^data: expected Parquet .* got dict; write a ray.data.Dataset with"):
         rayscale.predict(run.run_dir, {"a": [1.0]}, tmp_path / "o")  # a Dataset's repr was taken for a path
+    with pytest.raises(UserError, match="^output: .* already exists and is not an empty directory"):
+        rayscale.predict(run.run_dir, source, taken)
+    with pytest.raises(UserError, match="^workers 0: expected at least 1"):
+        rayscale.predict(run.run_dir, source, tmp_path / "o", workers=0)
     assert not (tmp_path / "o").exists()
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()  # refused before Ray started
     from rayscale.launch.predict import _check_first_rows
 
-    with pytest.raises(UserError, match=r"--data: .*narrow.parquet: the columns a, w make inputs of shape \(2,\), but "
+    with pytest.raises(UserError, match=r"^data: .*narrow.parquet: the columns a, w make inputs of shape \(2,\), but "
                                         r"the run's model takes \(3,\)"):
         _check_first_rows(str(narrow), ["a", "w"], False, [3])  # a run sized by three feature columns
 

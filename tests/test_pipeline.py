@@ -592,12 +592,12 @@ def test_predict_writes_every_row_with_the_models_prediction_in_order_and_needs_
     assert table.column("prediction").to_pylist() == logits.argmax(dim=1).tolist()
     probabilities = torch.tensor(table.column("probabilities").to_pylist())
     assert torch.allclose(probabilities, torch.softmax(logits, dim=1), atol=1e-6)
-    with pytest.raises(rayscale.UserError, match="--output: .* already exists and is not an empty directory"):
+    with pytest.raises(rayscale.UserError, match="^output: .* already exists and is not an empty directory"):
         rayscale.predict(run.run_dir, unlabelled, out)
-    with pytest.raises(rayscale.UserError, match="--output: .* is the working directory or holds it"):
+    with pytest.raises(rayscale.UserError, match="^output: .* is the working directory or holds it"):
         rayscale.predict(run.run_dir, unlabelled, ".")
     cpus = int(ray.cluster_resources()["CPU"])  # more model actors than CPUs would wait for one forever
-    with pytest.raises(rayscale.UserError, match=f"--workers {cpus}: the cluster has {cpus} CPUs"):
+    with pytest.raises(rayscale.UserError, match=f"^workers {cpus}: the cluster has {cpus} CPUs"):
         rayscale.predict(run.run_dir, unlabelled, tmp_path / "more", workers=cpus)
     assert not (tmp_path / "more").exists()
     assert not list(tmp_path.glob(".out.partial-*"))

@@ -281,6 +281,9 @@ def test_missing_optional_searcher_is_a_clear_error(tmp_path, capsys):
 def test_resume_with_nothing_to_resume(tmp_path, capsys):
     assert cli.main(["tune", "--resume", *args(f"run.output_dir={tmp_path}")]) == 2
     assert "--resume: no search to resume" in capsys.readouterr().err
+    with pytest.raises(rayscale.UserError, match="^resume: no search to resume"):  # the parameter's name
+        rayscale.tune(overrides=[pair for pair in args(f"run.output_dir={tmp_path}") if pair != "--set"],
+                      resume=True)
 
 
 def test_killed_search_resumes_without_rerunning_finished_trials_or_exceeding_its_concurrency(search):

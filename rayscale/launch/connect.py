@@ -12,7 +12,7 @@ import random
 from collections.abc import Collection
 from pathlib import Path
 
-from rayscale.errors import UserError
+from rayscale.errors import UserError, argument
 
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Train's controller reads this
 PRESTART_ENV = "RAY_prestart_worker_first_driver"  # the raylet reads this (Ray system config)
@@ -78,7 +78,7 @@ def _forget_dead_cluster_address() -> None:
 
 def connect(address: str | None) -> None:
     """Join a cluster (`--address`, RAY_ADDRESS, or inside `ray job submit`), else start Ray on loopback."""
-    named = "--address" if address else "RAY_ADDRESS"
+    named = argument("address") if address else "RAY_ADDRESS"
     address = loopback_unless_joining(address)
     autoscaler_requests()  # a bad value is refused before Ray starts
     import ray
@@ -146,10 +146,11 @@ def _forget_embedded_settings() -> None:
     _SET_FOR_EMBEDDED.clear()
 
 
-def check_reachable(address: str, named: str = "--address") -> None:
+def check_reachable(address: str, named: str | None = None) -> None:
     """Refuse an address where nothing listens, in seconds: Ray itself retries an absent head for minutes.
 
     Only a host:port (or ray://host:port) is probed; Ray's own words (auto, local) are left to ray.init."""
+    named = named or argument("address")
     import socket
     from urllib.parse import urlsplit
 

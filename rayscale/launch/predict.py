@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from rayscale import config as config_module
 from rayscale.data.sources import absolute_source, column_names, parquet_files, row_count, unclaimed_columns
-from rayscale.errors import UserError
+from rayscale.errors import UserError, argument
 from rayscale.files import CONFIG_FILE, SUMMARY_FILE, can_write_in, nearest_existing
 
 BATCH_ROWS = 1024
@@ -137,10 +137,10 @@ def _check_first_rows(path: str, columns: list[str], sequence: bool, input_shape
     try:
         x = model_inputs(rows, columns, sequence)["x"]
     except (ValueError, TypeError, pa.ArrowException) as exc:
-        raise UserError(f"--data: {path}: the columns {', '.join(columns)} do not make the model's inputs "
+        raise UserError(f"{argument('data')}: {path}: the columns {', '.join(columns)} do not make the model's inputs "
                         f"({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]})") from None
     if not sequence and tuple(x.shape[1:]) != tuple(input_shape):
-        raise UserError(f"--data: {path}: the columns {', '.join(columns)} make inputs of shape {tuple(x.shape[1:])}, "
+        raise UserError(f"{argument('data')}: {path}: the columns {', '.join(columns)} make inputs of shape {tuple(x.shape[1:])}, "
                         f"but the run's model takes {tuple(input_shape)}")
 
 
@@ -170,23 +170,23 @@ def _write_in_order(predicted, directory: Path) -> int:
 def _check_arguments(run_dir: str | Path, data: Any, output: str | Path, workers: int | None) -> tuple[Path, Path]:
     """The run directory and OUT, absolute, once every argument that needs no data is usable."""
     if not isinstance(data, str | Path):
-        raise UserError(f"--data: expected Parquet (a file, a directory, a glob or a URI), got "
+        raise UserError(f"{argument('data')}: expected Parquet (a file, a directory, a glob or a URI), got "
                         f"{type(data).__name__}; write a ray.data.Dataset with its write_parquet first")
     if not str(output).strip():  # Path("") is the working directory, which the output would replace
-        raise UserError("--output: expected a new (or empty) directory for the Parquet output, got an empty path")
+        raise UserError(f"{argument('output')}: expected a new (or empty) directory for the Parquet output, got an empty path")
     run_dir, output = Path(run_dir).resolve(), Path(output).expanduser().resolve()
     if output == Path.cwd().resolve() or output in Path.cwd().resolve().parents:
-        raise UserError(f"--output: {output} is the working directory or holds it; expected a new directory")
+        raise UserError(f"{argument('output')}: {output} is the working directory or holds it; expected a new directory")
     for name in (CONFIG_FILE, SUMMARY_FILE):
         if not (run_dir / name).is_file():
             raise UserError(f"{run_dir}: no {name}; expected the directory of a finished rayscale run")
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise UserError(f"--output: {output} already exists and is not an empty directory; pick a new one")
+        raise UserError(f"{argument('output')}: {output} already exists and is not an empty directory; pick a new one")
     if not can_write_in(nearest_existing(output.parent)):  # its parents are made as needed
-        raise UserError(f"--output: cannot create {output} (no writing in {nearest_existing(output.parent)}); "
+        raise UserError(f"{argument('output')}: cannot create {output} (no writing in {nearest_existing(output.parent)}); "
                         f"expected a new directory where you can write")
     if workers is not None and workers < 1:
-        raise UserError(f"--workers {workers}: expected at least 1")
+        raise UserError(f"{argument('workers')} {workers}: expected at least 1")
     return run_dir, output
 
 
@@ -199,19 +199,19 @@ def predict(run_dir: str | Path, data: str, output: str | Path, *, address: str 
     run_dir, output = _check_arguments(run_dir, data, output, workers)
     cfg = config_module.load(run_dir / CONFIG_FILE)
     spec = run_summary(run_dir)["data_spec"]
-    files = parquet_files(absolute_source(str(data)), "--data")  # read by Ray Data's tasks, wherever they run
+    files = parquet_files(absolute_source(str(data)), argument("data"))  # read by Ray Data's tasks, wherever they run
     if not files:
-        raise UserError(f"--data: no Parquet file at {data!r} (expected a file, a directory of .parquet files, a "
+        raise UserError(f"{argument('data')}: no Parquet file at {data!r} (expected a file, a directory of .parquet files, a "
                         f"glob or a URI)")
     names = column_names(files[0])
     columns = input_columns(cfg.data, names)
     for name in columns:
         if name not in names:
-            raise UserError(f"--data: column {name!r} (an input of the run) not in {files[0]} (columns: "
+            raise UserError(f"{argument('data')}: column {name!r} (an input of the run) not in {files[0]} (columns: "
                             f"{', '.join(names)})")
     _check_first_rows(files[0], columns, cfg.data.sequence is not None, spec["input_shape"])
     if row_count(files) == 0:  # Ray Data would run no batch, and OUT would be an empty directory
-        raise UserError(f"--data: {data} has no rows; nothing to predict")
+        raise UserError(f"{argument('data')}: {data} has no rows; nothing to predict")
     from rayscale.models.export import load_model
 
     load_model(run_dir, "cpu", model)  # the model rebuilds here first (a user factory must import)
@@ -231,10 +231,10 @@ def predict(run_dir: str | Path, data: str, output: str | Path, *, address: str 
     top_gpus, top_cpus = max(gpus, int(most.get("GPU", 0))), max(cpus, int(most.get("CPU", 0)))
     room = top_gpus or max(top_cpus - 1, 1)  # one CPU left for reading the data
     if workers is not None and workers > room:  # the rest would wait for a GPU or CPU forever
-        has = "can grow to" if most else "has"
-        raise UserError(f"--workers {workers}: the cluster {has} {top_gpus} GPUs; expected at most {room}"
-                        if top_gpus else f"--workers {workers}: the cluster {has} {top_cpus} CPUs, of which {room} "
-                        f"can hold a model (one reads the data); expected at most {room}")
+        has, given = "can grow to" if most else "has", f"{argument('workers')} {workers}"
+        raise UserError(f"{given}: the cluster {has} {top_gpus} GPUs; expected at most {room}" if top_gpus else
+                        f"{given}: the cluster {has} {top_cpus} CPUs, of which {room} can hold a model (one reads "
+                        f"the data); expected at most {room}")
     dataset = ray.data.read_parquet(files)
     predicted = dataset.map_batches(
         Predictor, batch_size=BATCH_ROWS, batch_format="pyarrow", concurrency=pool,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rayscale import config as config_module
-from rayscale.errors import UserError
+from rayscale.errors import UserError, argument, give
 from rayscale.files import CONFIG_FILE, EVAL_FILE, can_write_in
 
 
@@ -38,7 +38,7 @@ def evaluate_run(run_dir: str | Path, data: Any = None, *, model: Any = None,
     if not (run_dir / CONFIG_FILE).is_file():
         raise UserError(f"{run_dir}: no {CONFIG_FILE}; expected the directory of a finished rayscale run")
     destination = _destination(run_dir, output)
-    where = usable_device(device, "--device")
+    where = usable_device(device, argument("device"))
     _check_objects_given(run_dir, loss, metrics)
     cfg = config_module.load(run_dir / CONFIG_FILE)
     cfg.model = dataclasses.replace(cfg.model, init_from=None)  # the run's own weights are loaded below
@@ -54,20 +54,20 @@ def evaluate_run(run_dir: str | Path, data: Any = None, *, model: Any = None,
 
         info, data = inspect_dataset(data, cfg.data, "data"), "ray.data.Dataset"
     elif data is not None:
-        info = sources.inspect_source(str(data), cfg.data, cfg.seed, key="--data")
+        info = sources.inspect_source(str(data), cfg.data, cfg.seed, key=argument("data"))
     # A run's Datasets are gone with the process that gave them: the data given stands for them.
     prepared = prepare(cfg, "eval", code=code, given={source: info for source in stood_for})  # model= is the one to build
     if info is None:
         if prepared.val is None:
             raise UserError(f"{run_dir}: the run has no validation split (data.val_fraction 0, no data.val_source); "
-                            f"give --data")
+                            f"{give('data')}")
         split, label = prepared.val, "validation split"
     else:
         if not prepared.spec.takes_inputs_of(info.spec):
-            raise UserError(f"--data: {data} holds {info.spec.task} {info.spec.input_shape}, but the run trained on "
+            raise UserError(f"{argument('data')}: {data} holds {info.spec.task} {info.spec.input_shape}, but the run trained on "
                             f"{prepared.spec.task} {prepared.spec.input_shape}")
         if (misfit := info.spec.beyond(run_spec(run_summary(run_dir)))) is not None:
-            raise UserError(f"--data: {data} has {misfit}")
+            raise UserError(f"{argument('data')}: {data} has {misfit}")
         split, label = SplitSpec(info, "all", 0.0, cfg.data, cfg.seed), data
     network = load_model(run_dir, where, model)
     rows = split_chunk_rows(split)
@@ -101,15 +101,15 @@ def _destination(run_dir: Path, output: str | Path | None) -> Path:
     """Where the metrics go, checked before anything is evaluated: a file in a directory that exists."""
     if output is None:
         if not can_write_in(run_dir):
-            raise UserError(f"{run_dir}: cannot write {EVAL_FILE} there; give --output a file path to write")
+            raise UserError(f"{run_dir}: cannot write {EVAL_FILE} there; {give('output')} a file path to write")
         return run_dir / EVAL_FILE
     if not str(output).strip():
-        raise UserError("--output: expected a file path for the metrics' JSON, got an empty one")
+        raise UserError(f"{argument('output')}: expected a file path for the metrics' JSON, got an empty one")
     path = Path(output).expanduser()
     if path.is_dir():
-        raise UserError(f"--output: {path} is a directory; expected a file path for the metrics' JSON")
+        raise UserError(f"{argument('output')}: {path} is a directory; expected a file path for the metrics' JSON")
     if not path.parent.is_dir():
-        raise UserError(f"--output: {path.parent} does not exist; expected a file in an existing directory")
+        raise UserError(f"{argument('output')}: {path.parent} does not exist; expected a file in an existing directory")
     if not can_write_in(path.parent):
-        raise UserError(f"--output: cannot write in {path.parent}; expected a file in a directory you can write to")
+        raise UserError(f"{argument('output')}: cannot write in {path.parent}; expected a file in a directory you can write to")
     return path

@@ -24,7 +24,7 @@ from rayscale.driver.outputs import finished_run, read_metrics
 from rayscale.driver.prepare import NO_CODE, NO_DATA, absolute_paths, prepare, run_directory
 from rayscale.driver.trackers import Destinations
 from rayscale.driver.tracking import Tracking, destinations, end_cut_off
-from rayscale.errors import UserError
+from rayscale.errors import UserError, argument
 from rayscale.files import CONFIG_FILE
 from rayscale.launch import trainer
 from rayscale.launch.callbacks import remove_placement_groups_left
@@ -308,9 +308,10 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False, cod
     from ray.tune import Tuner
 
     if resume and not Tuner.can_restore(str(tuner_dir)):
-        raise UserError(f"--resume: no search to resume in {search_dir} (run.output_dir / run.name)")
+        raise UserError(f"{argument('resume')}: no search to resume in {search_dir} (run.output_dir / run.name)")
     if not resume and tuner_dir.exists():
-        raise UserError(f"run.name {cfg.run.name}: {search_dir} already holds a search; add --resume to "
+        add_resume = "add --resume" if argument("resume") == "--resume" else "pass resume=True"
+        raise UserError(f"run.name {cfg.run.name}: {search_dir} already holds a search; {add_resume} to "
                         f"continue it or pick another run.name")
 
     search_alg = _search_alg(cfg)  # a missing optional package is known before any resource is claimed
