@@ -165,11 +165,12 @@ def evaluate(run_dir: str | Path, data: Any = None, *, model: Any = None, loss: 
     return evaluate_run(run_dir, data, model=model, loss=loss, metrics=metrics, device=device, output=output)
 
 
-def predict(run_dir: str | Path, data: str, output: str | Path, *, address: str | None = None,
+def predict(run_dir: str | Path, data: Any, output: str | Path, *, address: str | None = None,
             workers: int | None = None, model: Any = None) -> Path:
-    """`rayscale predict`: the run's model over `data` (Parquet with the run's input columns) with Ray Data, on
-    an actor pool over the cluster (a GPU per actor where there are GPUs); every row with its `prediction` (and
-    `probabilities`) written to the new directory `output` as Parquet, in `data`'s order. Returns `output`."""
+    """`rayscale predict`: the run's model over `data` (Parquet, or a ray.data.Dataset, with the run's input
+    columns) with Ray Data, on an actor pool over the cluster (a GPU per actor where there are GPUs); every row
+    with its `prediction` (and `probabilities`) written to the new directory `output` as Parquet, in `data`'s
+    order. Returns `output`."""
     from rayscale.launch.predict import predict as run_prediction
 
     run_prediction(run_dir, data, output, address=address, workers=workers, model=model)

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from inprocess import train
@@ -211,7 +212,8 @@ def test_predict_refuses_bad_input_before_ray_starts(trained, tmp_path, capsys):
         assert cli.main(argv) == 2
         assert re.search(message, capsys.readouterr().err), message
     # From Python the messages name the parameters.
-    with pytest.raises(UserError, match=r"^data: expected Parquet .* got dict; write a ray.data.Dataset with"):
+    with pytest.raises(UserError, match=r"^data: expected Parquet \(a file, a directory, a glob or a URI\) or a "
+                                        r"ray.data.Dataset, got dict$"):
         rayscale.predict(run.run_dir, {"a": [1.0]}, tmp_path / "o")  # a Dataset's repr was taken for a path
     with pytest.raises(UserError, match="^output: .* already exists and is not an empty directory"):
         rayscale.predict(run.run_dir, source, taken)
@@ -223,7 +225,7 @@ def test_predict_refuses_bad_input_before_ray_starts(trained, tmp_path, capsys):
 
     with pytest.raises(UserError, match=r"^data: .*narrow.parquet: the columns a, w make inputs of shape \(2,\), but "
                                         r"the run's model takes \(3,\)"):
-        _check_first_rows(str(narrow), ["a", "w"], False, [3])  # a run sized by three feature columns
+        _check_first_rows(pq.read_table(narrow), str(narrow), ["a", "w"], False, [3])  # a run sized by 3 features
 
 
 def test_a_row_the_model_cannot_read_gets_a_null_prediction_and_the_others_their_own(trained):

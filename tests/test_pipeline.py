@@ -592,6 +592,16 @@ def test_predict_writes_every_row_with_the_models_prediction_in_order_and_needs_
     assert table.column("prediction").to_pylist() == logits.argmax(dim=1).tolist()
     probabilities = torch.tensor(table.column("probabilities").to_pylist())
     assert torch.allclose(probabilities, torch.softmax(logits, dim=1), atol=1e-6)
+    # The same rows as a ray.data.Dataset (one made in this process, split in blocks its own way): the same file.
+    from_dataset = rayscale.predict(run.run_dir, ray.data.from_arrow(pq.read_table(unlabelled)).repartition(3),
+                                    tmp_path / "from_dataset", workers=2)
+    assert pa.concat_tables([pq.read_table(path) for path in sorted(from_dataset.glob("*.parquet"))]).equals(table)
+    with pytest.raises(rayscale.UserError, match=r"^data: column 'b' \(an input of the run\) not in the Dataset "
+                                                 r"\(columns: a, w\)$"):
+        rayscale.predict(run.run_dir, ray.data.from_items([{"a": 1.0, "w": 2.0}]), tmp_path / "narrow")
+    with pytest.raises(rayscale.UserError, match="^data: the Dataset has no rows; nothing to predict$"):
+        rayscale.predict(run.run_dir, ray.data.from_arrow(pq.read_table(unlabelled)).limit(0), tmp_path / "none")
+    assert not (tmp_path / "narrow").exists() and not (tmp_path / "none").exists()
     with pytest.raises(rayscale.UserError, match="^output: .* already exists and is not an empty directory"):
         rayscale.predict(run.run_dir, unlabelled, out)
     with pytest.raises(rayscale.UserError, match="^output: .* is the working directory or holds it"):

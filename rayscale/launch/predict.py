@@ -1,4 +1,5 @@
 """`rayscale predict RUN_DIR --data SRC --output OUT`: batch inference with Ray Data over the cluster.
+(`rayscale.predict` also takes a `ray.data.Dataset` as SRC.)
 
 SRC's rows stream through a pool of actors that each hold the run's model (one GPU each where the cluster has
 GPUs, else one CPU each); each batch comes back with the model's predictions beside every column it had, and the
@@ -13,6 +14,7 @@ token sequences, the target or targets for regression) and, for classification, 
 from __future__ import annotations
 
 import shutil
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -125,23 +127,49 @@ def model_inputs(table: pa.Table, columns: list[str], sequence: bool) -> dict[st
                            for name in columns], axis=1)}
 
 
-def _check_first_rows(path: str, columns: list[str], sequence: bool, input_shape: list[int]) -> None:
-    """SRC's first rows made into the model's inputs, here before Ray starts, as the actors make them: columns
-    that are not numbers, or that give another number of features than the model was sized for, fail in one line,
-    not in the actors. (The model itself is not run here: it may need the actors' GPU.)"""
-    from rayscale.data.sources import first_rows
-
-    rows = first_rows(path, columns, 4)
+def _check_first_rows(rows: pa.Table, where: str, columns: list[str], sequence: bool, input_shape: list[int]
+                      ) -> None:
+    """SRC's first rows (from `where`) made into the model's inputs, here before the actors start, as they make
+    them: columns that are not numbers, or that give another number of features than the model was sized for,
+    fail in one line, not in the actors. (The model itself is not run here: it may need the actors' GPU.)"""
     if rows.num_rows == 0:
         return
+    columns_named, given = ", ".join(columns), f"{argument('data')}: {where}"
     try:
-        x = model_inputs(rows, columns, sequence)["x"]
+        x = model_inputs(rows.select(columns), columns, sequence)["x"]
     except (ValueError, TypeError, pa.ArrowException) as exc:
-        raise UserError(f"{argument('data')}: {path}: the columns {', '.join(columns)} do not make the model's inputs "
+        raise UserError(f"{given}: the columns {columns_named} do not make the model's inputs "
                         f"({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]})") from None
     if not sequence and tuple(x.shape[1:]) != tuple(input_shape):
-        raise UserError(f"{argument('data')}: {path}: the columns {', '.join(columns)} make inputs of shape {tuple(x.shape[1:])}, "
-                        f"but the run's model takes {tuple(input_shape)}")
+        raise UserError(f"{given}: the columns {columns_named} make inputs of shape {tuple(x.shape[1:])}, but the "
+                        f"run's model takes {tuple(input_shape)}")
+
+
+def _is_dataset(data: Any) -> bool:
+    module = sys.modules.get("ray.data")  # a Dataset exists only where ray.data was imported
+    return module is not None and isinstance(data, module.Dataset)
+
+
+def _head(data: Any) -> tuple[pa.Table, str, list | None]:
+    """SRC's first rows (every column), how to name it in a message, and its Parquet files (None: a Dataset)."""
+    from rayscale.data.sources import first_rows
+
+    if _is_dataset(data):
+        try:
+            rows = data.take_batch(4, batch_format="pyarrow")
+        except ValueError:  # Ray Data's word for a Dataset with no rows
+            rows = pa.table({})
+        except Exception as exc:  # the user's own reads and map_batches run here
+            raise UserError(f"{argument('data')}: the Dataset failed to run ({type(exc).__name__}: "
+                            f"{(str(exc).strip().splitlines() or [''])[0]})") from None
+        if rows.num_rows == 0:  # nor would it have columns to check
+            raise UserError(f"{argument('data')}: the Dataset has no rows; nothing to predict")
+        return rows, "the Dataset", None
+    files = parquet_files(absolute_source(str(data)), argument("data"))  # read by Ray Data's tasks, wherever they run
+    if not files:
+        raise UserError(f"{argument('data')}: no Parquet file at {data!r} (expected a file, a directory of .parquet "
+                        f"files, a glob or a URI)")
+    return first_rows(files[0], None, 4), files[0], files
 
 
 def _write_in_order(predicted, directory: Path) -> int:
@@ -169,9 +197,9 @@ def _write_in_order(predicted, directory: Path) -> int:
 
 def _check_arguments(run_dir: str | Path, data: Any, output: str | Path, workers: int | None) -> tuple[Path, Path]:
     """The run directory and OUT, absolute, once every argument that needs no data is usable."""
-    if not isinstance(data, str | Path):
-        raise UserError(f"{argument('data')}: expected Parquet (a file, a directory, a glob or a URI), got "
-                        f"{type(data).__name__}; write a ray.data.Dataset with its write_parquet first")
+    if not isinstance(data, str | Path) and not _is_dataset(data):
+        raise UserError(f"{argument('data')}: expected Parquet (a file, a directory, a glob or a URI) or a "
+                        f"ray.data.Dataset, got {type(data).__name__}")
     if not str(output).strip():  # Path("") is the working directory, which the output would replace
         raise UserError(f"{argument('output')}: expected a new (or empty) directory for the Parquet output, got an empty path")
     run_dir, output = Path(run_dir).resolve(), Path(output).expanduser().resolve()
@@ -190,7 +218,7 @@ def _check_arguments(run_dir: str | Path, data: Any, output: str | Path, workers
     return run_dir, output
 
 
-def predict(run_dir: str | Path, data: str, output: str | Path, *, address: str | None = None,
+def predict(run_dir: str | Path, data: Any, output: str | Path, *, address: str | None = None,
             workers: int | None = None, model: Any = None) -> int:
     """Run the prediction; returns the rows written. Bad input is refused before Ray starts."""
     from rayscale.launch.connect import connect
@@ -199,18 +227,15 @@ def predict(run_dir: str | Path, data: str, output: str | Path, *, address: str 
     run_dir, output = _check_arguments(run_dir, data, output, workers)
     cfg = config_module.load(run_dir / CONFIG_FILE)
     spec = run_summary(run_dir)["data_spec"]
-    files = parquet_files(absolute_source(str(data)), argument("data"))  # read by Ray Data's tasks, wherever they run
-    if not files:
-        raise UserError(f"{argument('data')}: no Parquet file at {data!r} (expected a file, a directory of .parquet files, a "
-                        f"glob or a URI)")
-    names = column_names(files[0])
+    head, where, files = _head(data)
+    names = column_names(files[0]) if files else head.column_names
     columns = input_columns(cfg.data, names)
     for name in columns:
         if name not in names:
-            raise UserError(f"{argument('data')}: column {name!r} (an input of the run) not in {files[0]} (columns: "
+            raise UserError(f"{argument('data')}: column {name!r} (an input of the run) not in {where} (columns: "
                             f"{', '.join(names)})")
-    _check_first_rows(files[0], columns, cfg.data.sequence is not None, spec["input_shape"])
-    if row_count(files) == 0:  # Ray Data would run no batch, and OUT would be an empty directory
+    _check_first_rows(head, where, columns, cfg.data.sequence is not None, spec["input_shape"])
+    if files and row_count(files) == 0:  # Ray Data would run no batch, and OUT would be an empty directory
         raise UserError(f"{argument('data')}: {data} has no rows; nothing to predict")
     from rayscale.models.export import load_model
 
@@ -220,9 +245,6 @@ def predict(run_dir: str | Path, data: str, output: str | Path, *, address: str 
     import ray
     from ray.data import DataContext
 
-    context = DataContext.get_current()
-    kept_order = context.execution_options.preserve_order
-    context.execution_options.preserve_order = True  # rows written in SRC's order (this process's setting)
     from rayscale.data.datasets import most_resources
 
     now, most = ray.cluster_resources(), most_resources()  # most: what an autoscaling cluster can grow to
@@ -235,15 +257,20 @@ def predict(run_dir: str | Path, data: str, output: str | Path, *, address: str 
         raise UserError(f"{given}: the cluster {has} {top_gpus} GPUs; expected at most {room}" if top_gpus else
                         f"{given}: the cluster {has} {top_cpus} CPUs, of which {room} can hold a model (one reads "
                         f"the data); expected at most {room}")
-    dataset = ray.data.read_parquet(files)
+    # Rows written in SRC's order: a Dataset's own context, or this process's for the Dataset read here.
+    context = data.context if files is None else DataContext.get_current()
+    kept_order = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True
+    dataset = data if files is None else ray.data.read_parquet(files)
     predicted = dataset.map_batches(
         Predictor, batch_size=BATCH_ROWS, batch_format="pyarrow", concurrency=pool,
         num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
         fn_constructor_kwargs={"run_dir": str(run_dir), "columns": columns, "sequence": cfg.data.sequence is not None,
                                "task": spec["task"], "device": "cuda" if gpus else "cpu", "model": model,
                                "vocab_size": spec.get("vocab_size"), "outputs": spec["num_outputs"]})
-    print(f"[rayscale] predict with {run_dir.name}'s model on {data} ({len(files)} files): {pool} "
-          f"{'GPU' if gpus else 'CPU'} actors, writing {output}", flush=True)
+    named = where if files is None else f"{data} ({len(files)} files)"
+    print(f"[rayscale] predict with {run_dir.name}'s model on {named}: {pool} {'GPU' if gpus else 'CPU'} actors, "
+          f"writing {output}", flush=True)
     # Written beside OUT and renamed into place once whole: a failed run leaves no half-written OUT.
     staging = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
