@@ -116,3 +116,28 @@ def test_a_cut_manifest_is_refused_by_name(merged):
     (merged / "manifest_rank1.json").write_text('{"rank": 1, "world_si')  # copied in part by an upload function
     with pytest.raises(checkpoint.IncompleteCheckpoint, match="manifest_rank1.json is not whole"):
         checkpoint.verify(merged)
+
+
+def test_a_final_checkpoint_damaged_before_the_outputs_are_written_is_one_line_and_writes_nothing(tmp_path):
+    """The driver writes model.pt and summary.json from the run's last checkpoint. Damaged after Ray registered
+    it, the outputs stop in one line; running the command again trains on from the last whole one."""
+    from inprocess import train
+
+    from rayscale import config
+    from rayscale.driver.outputs import write_outputs
+    from rayscale.driver.prepare import prepare
+    from rayscale.errors import UserError
+    from rayscale.files import CHECKPOINTS_DIR, MODEL_FILE, SUMMARY_FILE
+
+    run_dir = train(tmp_path, "run", "train.epochs=1", "data.source=synthetic", "data.synthetic.rows=512").run_dir
+    final = checkpoint.latest_local(run_dir / CHECKPOINTS_DIR)
+    for name in (MODEL_FILE, SUMMARY_FILE):
+        (run_dir / name).unlink()
+    whole = (final / "state.pt").read_bytes()
+    (final / "state.pt").write_bytes(whole[:100] + bytes(100) + whole[200:])
+    cfg = config.load(overrides=[f"run.output_dir={tmp_path}", "run.name=run", "train.epochs=1",
+                                 "data.source=synthetic", "data.synthetic.rows=512"])
+    with pytest.raises(UserError, match=r"state.pt is damaged .*: the run's last checkpoint is not whole, so no "
+                                        r"output was written; run the same command again"):
+        write_outputs(prepare(cfg), final, 0.0, first_step_at=None)
+    assert not (run_dir / MODEL_FILE).exists() and not (run_dir / SUMMARY_FILE).exists()

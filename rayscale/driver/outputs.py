@@ -20,6 +20,7 @@ from rayscale.engine.components.preemption import PreemptionCheck, PreemptionPar
 from rayscale.engine.components.rung_pause import RungPause, RungPausePart
 from rayscale.engine.components.weight_average import exported_weights
 from rayscale.engine.state import TrainState
+from rayscale.errors import UserError
 from rayscale.files import (
     CURVES_FILE,
     GROUPS_FILE,
@@ -83,7 +84,11 @@ def write_outputs(prepared: PreparedRun, final_checkpoint: Path, started: float,
     from rayscale.tools.plots import plot_curves
 
     run_dir = prepared.run_dir
-    checkpoint.verify(final_checkpoint)
+    try:
+        checkpoint.verify(final_checkpoint)
+    except checkpoint.IncompleteCheckpoint as damaged:  # after Ray registered it: a run.checkpoint_upload_fn's copy
+        raise UserError(f"{damaged}: the run's last checkpoint is not whole, so no output was written; run the same "
+                        f"command again: it trains on from the last whole checkpoint") from None
     saved = checkpoint.read_state(final_checkpoint)
     logged = final_checkpoint / METRICS_FILE
     # Rank 0 may have run on another node: the final checkpoint carries its metrics.jsonl.
