@@ -53,11 +53,46 @@ def test_a_file_of_the_right_size_with_damaged_bytes_is_refused_by_its_crc(merge
     whole = (merged / "state.pt").read_bytes()
     middle = len(whole) // 2
     (merged / "state.pt").write_bytes(whole[:middle] + bytes(100) + whole[middle + 100:])
-    with pytest.raises(checkpoint.IncompleteCheckpoint, match=r"state.pt is damaged \(.* fails its CRC check\)"):
+    with pytest.raises(checkpoint.IncompleteCheckpoint, match=r"state.pt is damaged \(Bad CRC-32 for file "):
         checkpoint.verify(merged)
     (merged / "state.pt").write_bytes(whole)
     (merged / "rng_rank1.pt").write_bytes(bytes((merged / "rng_rank1.pt").stat().st_size))
-    with pytest.raises(checkpoint.IncompleteCheckpoint, match="rng_rank1.pt is not a whole torch archive"):
+    with pytest.raises(checkpoint.IncompleteCheckpoint, match=r"rng_rank1.pt is damaged \(File is not a zip file\)"):
+        checkpoint.verify(merged)
+
+
+def test_a_damaged_record_header_is_refused_and_records_saved_without_a_crc_are_not_checked(merged, monkeypatch):
+    import zipfile
+
+    whole = (merged / "state.pt").read_bytes()
+    at = whole.index(b"PK\x01\x02")  # the first central directory entry: its compression method at +10
+    (merged / "state.pt").write_bytes(whole[:at + 10] + b"\x63\x00" + whole[at + 12:])
+    with pytest.raises(checkpoint.IncompleteCheckpoint, match=r"state.pt is damaged \(NotImplementedError: "):
+        checkpoint.verify(merged)
+    # torch.serialization.set_crc32_options(False): every record's CRC is 0, and the file is whole.
+    torch.serialization.set_crc32_options(False)
+    try:
+        (merged / "state.pt").write_bytes(saved(torch.arange(1000.0)))
+    finally:
+        torch.serialization.set_crc32_options(True)
+    manifest = merged / "manifest_rank0.json"
+    manifest.write_text(manifest.read_text().replace(str(len(whole)), str((merged / "state.pt").stat().st_size)))
+    assert all(record.CRC == 0 for record in zipfile.ZipFile(merged / "state.pt").infolist() if record.file_size)
+    checkpoint.verify(merged)
+
+
+def test_an_archive_found_whole_is_not_read_again_until_it_changes(merged, monkeypatch):
+    import zipfile
+
+    checkpoint.verify(merged)
+    opened = []
+    real = zipfile.ZipFile
+    monkeypatch.setattr(zipfile, "ZipFile", lambda *a, **k: opened.append(a[0]) or real(*a, **k))
+    checkpoint.verify(merged)  # a restore verifies, then reads: the second look reads nothing
+    assert opened == []
+    whole = (merged / "state.pt").read_bytes()
+    (merged / "state.pt").write_bytes(whole[:len(whole) // 2] + bytes(50) + whole[len(whole) // 2 + 50:])
+    with pytest.raises(checkpoint.IncompleteCheckpoint, match="state.pt is damaged"):
         checkpoint.verify(merged)
 
 
