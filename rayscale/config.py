@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from rayscale.errors import ConfigError
+from rayscale.errors import ConfigError, argument
 
 
 def key(default: Any, doc: str, *, unit: str | None = None, choices: tuple | None = None,
@@ -511,7 +511,9 @@ def from_dict(raw: dict) -> Config:
 def parse_override(text: str) -> tuple[str, Any]:
     """`optim.lr=0.1` -> ("optim.lr", 0.1). Values are read as YAML, so `null`, `[1, 2]`, `true` work."""
     if "=" not in text:
-        raise ConfigError(f"--set {text}: expected KEY=VALUE, e.g. --set optim.lr=0.1")
+        if argument("set") == "--set":
+            raise ConfigError(f"--set {text}: expected KEY=VALUE, e.g. --set optim.lr=0.1")
+        raise ConfigError(f"overrides: {text!r}: expected KEY=VALUE, e.g. 'optim.lr=0.1' (or a mapping)")
     dotted, raw_value = text.split("=", 1)
     dotted = dotted.strip()
     try:

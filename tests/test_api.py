@@ -40,6 +40,7 @@ def test_a_config_is_a_path_a_mapping_or_a_config_and_overrides_are_a_mapping_or
     ({"config": 123}, "config: expected a YAML file's path, a mapping of keys or a rayscale.config.Config, got int"),
     ({"config": ["optim.lr=0.1"]}, "config: expected a YAML file's path, a mapping of keys or a rayscale.config"),
     ({"overrides": [("optim.lr", 0.1)]}, "overrides: expected KEY=VALUE strings in the list"),
+    ({"overrides": ["optim.lr"]}, "overrides: 'optim.lr': expected KEY=VALUE, e.g. 'optim.lr=0.1'"),
     ({"overrides": 5}, "overrides: expected a mapping or a list of KEY=VALUE strings, got int"),
     ({"metrics": ["hit"]}, "metrics: expected a mapping of name to function or torchmetrics Metric, got list"),
     # Before Ray starts (it was refused once the embedded Ray had started, ~7 s later):

@@ -234,3 +234,14 @@ def test_set_takes_several_pairs_after_one_flag_and_repeats(capsys):
     assert cli.main(["config", "show", "--set", "optim.lr=0.2", "train.epochs=3", "--set", "seed=7"]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
     assert (shown["optim"]["lr"], shown["train"]["epochs"], shown["seed"]) == (0.2, 3, 7)
+
+
+def test_an_override_without_a_value_is_named_as_the_user_gave_it():
+    from rayscale.errors import on_the_command_line
+
+    with on_the_command_line(), pytest.raises(ConfigError, match=r"^--set optim\.lr: expected KEY=VALUE, e\.g\. "
+                                                                   r"--set optim\.lr=0\.1$"):
+        config.load(overrides=["optim.lr"])
+    with pytest.raises(ConfigError, match=r"^overrides: 'optim\.lr': expected KEY=VALUE, e\.g\. 'optim\.lr=0\.1' "
+                                          r"\(or a mapping\)$"):
+        config.load(overrides=["optim.lr"])  # rayscale.train(overrides=[...])

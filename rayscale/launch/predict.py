@@ -155,14 +155,13 @@ def _head(data: Any) -> tuple[pa.Table, str, list | None]:
     from rayscale.data.sources import first_rows
 
     if _is_dataset(data):
-        try:
-            rows = data.take_batch(4, batch_format="pyarrow")
-        except ValueError:  # Ray Data's word for a Dataset with no rows
-            rows = pa.table({})
+        try:  # the first batch of rows, past any empty blocks
+            rows = next(iter(data.limit(4).iter_batches(batch_size=4, batch_format="pyarrow", prefetch_batches=0)),
+                        None)
         except Exception as exc:  # the user's own reads and map_batches run here
             raise UserError(f"{argument('data')}: the Dataset failed to run ({type(exc).__name__}: "
                             f"{(str(exc).strip().splitlines() or [''])[0]})") from None
-        if rows.num_rows == 0:  # nor would it have columns to check
+        if rows is None or rows.num_rows == 0:  # nor would it have columns to check
             raise UserError(f"{argument('data')}: the Dataset has no rows; nothing to predict")
         return rows, "the Dataset", None
     files = parquet_files(absolute_source(str(data)), argument("data"))  # read by Ray Data's tasks, wherever they run
@@ -225,6 +224,8 @@ def predict(run_dir: str | Path, data: Any, output: str | Path, *, address: str 
     from rayscale.models.export import run_summary
 
     run_dir, output = _check_arguments(run_dir, data, output, workers)
+    if _is_dataset(data):  # looking at its rows runs it: on the cluster asked for, not a Ray it would start
+        connect(address)
     cfg = config_module.load(run_dir / CONFIG_FILE)
     spec = run_summary(run_dir)["data_spec"]
     head, where, files = _head(data)
@@ -261,19 +262,20 @@ def predict(run_dir: str | Path, data: Any, output: str | Path, *, address: str 
     context = data.context if files is None else DataContext.get_current()
     kept_order = context.execution_options.preserve_order
     context.execution_options.preserve_order = True
-    dataset = data if files is None else ray.data.read_parquet(files)
-    predicted = dataset.map_batches(
-        Predictor, batch_size=BATCH_ROWS, batch_format="pyarrow", concurrency=pool,
-        num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
-        fn_constructor_kwargs={"run_dir": str(run_dir), "columns": columns, "sequence": cfg.data.sequence is not None,
-                               "task": spec["task"], "device": "cuda" if gpus else "cpu", "model": model,
-                               "vocab_size": spec.get("vocab_size"), "outputs": spec["num_outputs"]})
-    named = where if files is None else f"{data} ({len(files)} files)"
-    print(f"[rayscale] predict with {run_dir.name}'s model on {named}: {pool} {'GPU' if gpus else 'CPU'} actors, "
-          f"writing {output}", flush=True)
     # Written beside OUT and renamed into place once whole: a failed run leaves no half-written OUT.
     staging = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
+        dataset = data if files is None else ray.data.read_parquet(files)
+        predicted = dataset.map_batches(
+            Predictor, batch_size=BATCH_ROWS, batch_format="pyarrow", concurrency=pool,
+            num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
+            fn_constructor_kwargs={"run_dir": str(run_dir), "columns": columns, "task": spec["task"],
+                                   "sequence": cfg.data.sequence is not None, "device": "cuda" if gpus else "cpu",
+                                   "model": model, "vocab_size": spec.get("vocab_size"),
+                                   "outputs": spec["num_outputs"]})
+        named = where if files is None else f"{data} ({len(files)} files)"
+        print(f"[rayscale] predict with {run_dir.name}'s model on {named}: {pool} {'GPU' if gpus else 'CPU'} "
+              f"actors, writing {output}", flush=True)
         unreadable = _write_in_order(predicted, staging)
         if output.exists():
             output.rmdir()  # the empty directory checked above
