@@ -138,7 +138,8 @@ def whole_checkpoint(latest: ray.train.Checkpoint, say: Callable[[str], None] | 
 
 def _newest_first(latest: ray.train.Checkpoint) -> Iterator[ray.train.Checkpoint]:
     """`latest`, then the checkpoints beside it in the run's storage made before it, newest first (Ray names
-    each by the time it was made). Listed only if `latest` is not whole."""
+    each by the local time it was made). Listed only if `latest` is not whole. A clock set back could misorder
+    two; any whole checkpoint of the run resumes it exactly, so that would only replay more steps."""
     yield latest
     parent, name = latest.path.rstrip("/").rsplit("/", 1)
     listed = latest.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
