@@ -200,18 +200,21 @@ def _check_arguments(run_dir: str | Path, data: Any, output: str | Path, workers
         raise UserError(f"{argument('data')}: expected Parquet (a file, a directory, a glob or a URI) or a "
                         f"ray.data.Dataset, got {type(data).__name__}")
     if not str(output).strip():  # Path("") is the working directory, which the output would replace
-        raise UserError(f"{argument('output')}: expected a new (or empty) directory for the Parquet output, got an empty path")
+        raise UserError(f"{argument('output')}: expected a new (or empty) directory for the Parquet output, got an "
+                        f"empty path")
     run_dir, output = Path(run_dir).resolve(), Path(output).expanduser().resolve()
     if output == Path.cwd().resolve() or output in Path.cwd().resolve().parents:
-        raise UserError(f"{argument('output')}: {output} is the working directory or holds it; expected a new directory")
+        raise UserError(f"{argument('output')}: {output} is the working directory or holds it; expected a new "
+                        f"directory")
     for name in (CONFIG_FILE, SUMMARY_FILE):
         if not (run_dir / name).is_file():
             raise UserError(f"{run_dir}: no {name}; expected the directory of a finished rayscale run")
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise UserError(f"{argument('output')}: {output} already exists and is not an empty directory; pick a new one")
+        raise UserError(f"{argument('output')}: {output} already exists and is not an empty directory; pick a new "
+                        f"one")
     if not can_write_in(nearest_existing(output.parent)):  # its parents are made as needed
-        raise UserError(f"{argument('output')}: cannot create {output} (no writing in {nearest_existing(output.parent)}); "
-                        f"expected a new directory where you can write")
+        raise UserError(f"{argument('output')}: cannot create {output} (no writing in "
+                        f"{nearest_existing(output.parent)}); expected a new directory where you can write")
     if workers is not None and workers < 1:
         raise UserError(f"{argument('workers')} {workers}: expected at least 1")
     return run_dir, output

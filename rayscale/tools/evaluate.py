@@ -64,8 +64,8 @@ def evaluate_run(run_dir: str | Path, data: Any = None, *, model: Any = None,
         split, label = prepared.val, "validation split"
     else:
         if not prepared.spec.takes_inputs_of(info.spec):
-            raise UserError(f"{argument('data')}: {data} holds {info.spec.task} {info.spec.input_shape}, but the run trained on "
-                            f"{prepared.spec.task} {prepared.spec.input_shape}")
+            raise UserError(f"{argument('data')}: {data} holds {info.spec.task} {info.spec.input_shape}, but the run "
+                            f"trained on {prepared.spec.task} {prepared.spec.input_shape}")
         if (misfit := info.spec.beyond(run_spec(run_summary(run_dir)))) is not None:
             raise UserError(f"{argument('data')}: {data} has {misfit}")
         split, label = SplitSpec(info, "all", 0.0, cfg.data, cfg.seed), data
@@ -109,7 +109,9 @@ def _destination(run_dir: Path, output: str | Path | None) -> Path:
     if path.is_dir():
         raise UserError(f"{argument('output')}: {path} is a directory; expected a file path for the metrics' JSON")
     if not path.parent.is_dir():
-        raise UserError(f"{argument('output')}: {path.parent} does not exist; expected a file in an existing directory")
+        raise UserError(f"{argument('output')}: {path.parent} does not exist; expected a file in an existing "
+                        f"directory")
     if not can_write_in(path.parent):
-        raise UserError(f"{argument('output')}: cannot write in {path.parent}; expected a file in a directory you can write to")
+        raise UserError(f"{argument('output')}: cannot write in {path.parent}; expected a file in a directory you "
+                        f"can write to")
     return path
