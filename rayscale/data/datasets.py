@@ -125,7 +125,7 @@ def inspect_dataset(dataset, data: DataConfig, argument: str) -> sources.SourceI
     try:
         bundles = list(dataset.materialize().iter_internal_ref_bundles())
     except Exception as exc:  # the user's own reads and map_batches run here
-        raise UserError(f"{argument}: the Dataset failed to run ({_users_error(exc)})") from exc
+        raise UserError(f"{argument}: the Dataset failed to run ({users_error(exc)})") from exc
     finally:
         options.preserve_order = kept_order
     pieces = [sources.BlockPiece(entry.ref, part.start_offset if part else 0,
@@ -151,7 +151,7 @@ def inspect_dataset(dataset, data: DataConfig, argument: str) -> sources.SourceI
     return sources.SourceInfo("ray_dataset", spec, _chunks(pieces, starts, spec, argument), starts[-1])
 
 
-def _users_error(exc: BaseException) -> str:
+def users_error(exc: BaseException) -> str:
     """`Type: message` of the user's own exception inside Ray's wrappers: a map_batches function's error reaches
     the driver as a RayTaskError whose text holds the task's traceback, the user's exception first ("... the
     direct cause of the following exception: ... UserCodeException")."""

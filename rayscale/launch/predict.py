@@ -27,6 +27,7 @@ from rayscale import config as config_module
 from rayscale.data.sources import absolute_source, column_names, parquet_files, row_count, unclaimed_columns
 from rayscale.errors import UserError, argument
 from rayscale.files import CONFIG_FILE, SUMMARY_FILE, can_write_in, nearest_existing
+from rayscale.plugins import first_line
 
 BATCH_ROWS = 1024
 ROWS_PER_FILE = 1_000_000
@@ -139,7 +140,7 @@ def _check_first_rows(rows: pa.Table, where: str, columns: list[str], sequence: 
         x = model_inputs(rows.select(columns), columns, sequence)["x"]
     except (ValueError, TypeError, pa.ArrowException) as exc:
         raise UserError(f"{given}: the columns {columns_named} do not make the model's inputs "
-                        f"({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]})") from None
+                        f"({type(exc).__name__}: {first_line(exc)})") from None
     if not sequence and tuple(x.shape[1:]) != tuple(input_shape):
         raise UserError(f"{given}: the columns {columns_named} make inputs of shape {tuple(x.shape[1:])}, but the "
                         f"run's model takes {tuple(input_shape)}")
@@ -155,12 +156,13 @@ def _head(data: Any) -> tuple[pa.Table, str, list | None]:
     from rayscale.data.sources import first_rows
 
     if _is_dataset(data):
+        from rayscale.data.datasets import users_error
+
         try:  # the first batch of rows, past any empty blocks
             rows = next(iter(data.limit(4).iter_batches(batch_size=4, batch_format="pyarrow", prefetch_batches=0)),
                         None)
         except Exception as exc:  # the user's own reads and map_batches run here
-            raise UserError(f"{argument('data')}: the Dataset failed to run ({type(exc).__name__}: "
-                            f"{(str(exc).strip().splitlines() or [''])[0]})") from None
+            raise UserError(f"{argument('data')}: the Dataset failed to run ({users_error(exc)})") from None
         if rows is None or rows.num_rows == 0:  # nor would it have columns to check
             raise UserError(f"{argument('data')}: the Dataset has no rows; nothing to predict")
         return rows, "the Dataset", None
