@@ -124,11 +124,13 @@ def train(config: ConfigLike = None, *, overrides: Overrides = (), address: str 
     or (losses, weights). `metrics`: {name: function or torchmetrics Metric}, validated as val_<name>.
     `train_data`, `val_data`: ray.data.Datasets standing for data.source and data.val_source (run once, their
     rows held in the object store while the run trains; docs/guide/bring-your-own.md)."""
+    cfg, code = with_code(resolve_config(config, overrides), model, loss, metrics)
+    cfg, datasets = with_data(cfg, train_data, val_data)
+    # Imported once the config is known to be good: torch and Ray take ~1.5 s to import, a bad key is refused
+    # without them.
     from rayscale.launch.trainer import train as run_training
     from rayscale.launch.user_data import dataset_sources
 
-    cfg, code = with_code(resolve_config(config, overrides), model, loss, metrics)
-    cfg, datasets = with_data(cfg, train_data, val_data)
     given = dataset_sources(cfg, datasets, address=address)
     summary = run_training(cfg, address=address, code=code, given=given)
     return Result(Path(summary["run_dir"]), summary)
@@ -140,12 +142,12 @@ def tune(config: ConfigLike = None, *, overrides: Overrides = (), address: str |
     """Search as `rayscale tune` does; `resume` continues the search in run.output_dir / run.name. `model`,
     `loss`, `metrics`, `train_data` and `val_data` as for `train`, the same for every trial (tune.metric may
     name val_<name>); a Dataset runs once for the whole search. Raises SearchFailed when every trial failed."""
-    from rayscale.driver.prepare import run_directory
+    cfg, code = with_code(resolve_config(config, overrides), model, loss, metrics)
+    cfg, datasets = with_data(cfg, train_data, val_data)
+    from rayscale.driver.prepare import run_directory  # once the config is good, as in train
     from rayscale.launch.user_data import dataset_sources
     from rayscale.tuning.search import search
 
-    cfg, code = with_code(resolve_config(config, overrides), model, loss, metrics)
-    cfg, datasets = with_data(cfg, train_data, val_data)
     given = dataset_sources(cfg, datasets, address=address, scope="search")
     trials = search(cfg, address=address, resume=resume, code=code, given=given)
     if trials and all(trial["status"] == "error" for trial in trials):  # nothing to rank, nothing best
@@ -196,9 +198,7 @@ def with_code(cfg: config_module.Config, model: Any, loss: Callable | None, metr
 
 
 def _check_code_objects(model: Any, loss: Any, metrics: Any) -> None:
-    from torch import nn
-
-    if model is not None and not (isinstance(model, nn.Module) or callable(model)):
+    if model is not None and not callable(model):  # a torch.nn.Module is callable too
         raise UserError(f"model: expected a torch.nn.Module or a factory returning one, got {type(model).__name__}")
     if loss is not None and not callable(loss):
         raise UserError(f"loss: expected a function (output, batch) -> losses, got {type(loss).__name__}")

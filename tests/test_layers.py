@@ -56,6 +56,20 @@ def test_importing_the_engine_and_the_driver_imports_no_compiler():
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "False"
 
+@pytest.mark.parametrize("command", ["train", "tune"])
+def test_a_bad_config_is_refused_before_torch_or_ray_is_imported(command):
+    """`rayscale train --set train.epochs=nan`: the one-line error comes from the config alone, in a fraction of a
+    second, not after ~1.5 s of importing torch and Ray."""
+    code = f"""
+import sys
+from rayscale import cli
+code = cli.main([{command!r}, "--set", "train.epochs=nan"])
+print(code, "torch" in sys.modules, "ray" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "2 False False"
+    assert out.stderr.strip() == "rayscale: error: train.epochs: expected an integer, got 'nan'"
 
 
 def test_the_drivers_checks_before_ray_starts_load_no_compiler_and_leave_the_optimizer_class_as_it_was(tmp_path):
