@@ -23,6 +23,11 @@ os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 # 2-core machine whose test run is CPU-bound.
 os.environ.setdefault("REPORTER_UPDATE_INTERVAL_MS", "60000")
 os.environ.setdefault("METRICS_RECORD_INTERVAL_S", "60")
+# ... and records no metrics at all: every Ray process exports its histograms (RPC and task latencies) to its
+# node's dashboard agent, which replays each bucket's count into OpenTelemetry one value at a time (py-spy on the
+# elastic test's head agent: 83% of its samples in ReporterAgent._export_histogram_data; 17 CPU-seconds in one
+# run). No test reads them. The elastic test alone took 90.3 busy CPU-seconds with them and 65.2 without.
+os.environ.setdefault("RAY_enable_metrics_collection", "0")
 # One intra-op thread per torch (and BLAS) process the tests start outside Ray's workers (which Ray already
 # gives one per CPU): two xdist workers share 2 cores, and with one thread per core each, their waiting OpenMP
 # threads spun on cores the other needed (six in-process modules: 123 CPU-seconds against 74; the command and
