@@ -137,13 +137,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_find_batch_size(args: argparse.Namespace) -> int:
-    from rayscale.tools import batch_size_finder
-
     if args.max is not None and args.max < 1:
         raise UserError(f"--max {args.max}: expected a micro-batch of at least 1")
     if args.memory_mb is not None and not (math.isfinite(args.memory_mb) and args.memory_mb > 0):  # nan, inf
         raise UserError(f"--memory-mb {args.memory_mb:g}: expected a positive number of MiB")
     cfg = config_module.load(args.config, args.overrides)
+    from rayscale.tools import batch_size_finder  # torch: once the flags and the config are known to be good
+
     print(f"[rayscale] find-batch-size: model {cfg.model.name}, data {cfg.data.source}, {cfg.train.precision}, "
           f"optimizer {cfg.optim.name}; one training step per probe", flush=True)
 

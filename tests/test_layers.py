@@ -56,10 +56,10 @@ def test_importing_the_engine_and_the_driver_imports_no_compiler():
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "False"
 
-@pytest.mark.parametrize("command", ["train", "tune"])
+@pytest.mark.parametrize("command", ["train", "tune", "find-batch-size"])
 def test_a_bad_config_is_refused_before_torch_or_ray_is_imported(command):
-    """`rayscale train --set train.epochs=nan`: the one-line error comes from the config alone, in a fraction of a
-    second, not after ~1.5 s of importing torch and Ray."""
+    """`rayscale train --set train.epochs=nan` (and tune, find-batch-size): the one-line error comes from the config
+    alone, in a fraction of a second, not after ~1.5 s of importing torch and Ray."""
     code = f"""
 import sys
 from rayscale import cli
