@@ -5,9 +5,12 @@ Loopback only: a port that was free a moment ago has nothing listening; a listen
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
+import threading
+import time
 
 import pytest
 
@@ -23,13 +26,43 @@ from rayscale.launch.connect import (
     free_loopback_port,
 )
 
+SETTINGS_FRAME = b"\x00\x00\x06\x04\x00\x00\x00\x00\x00" + b"\x00\x03\x00\x00\x00\x64"  # as a Ray head's first
+
+
+@contextlib.contextmanager
+def server_answering(answer: bytes | None):
+    """A loopback server that reads what a client sends and answers `answer` to every connection (None: says
+    nothing and keeps the connection open); yields its port."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    held = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:  # closed: the test is over
+                return
+            held.append(conn)
+            conn.recv(1024)
+            if answer is not None:
+                conn.sendall(answer)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()
+
 
 @pytest.fixture
 def listening_port():
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        yield server.getsockname()[1]
+    """A stand-in for a Ray head: it answers gRPC's preface as a head's GCS does."""
+    with server_answering(SETTINGS_FRAME) as port:
+        yield port
 
 
 @pytest.mark.parametrize("address", [
@@ -37,8 +70,32 @@ def listening_port():
     pytest.param("ray://127.0.0.1:{port}", id="ray-client"),
     pytest.param("localhost:{port}", id="a-name"),
 ])
-def test_an_address_that_answers_passes(address, listening_port):
+def test_an_address_that_answers_as_a_ray_head_passes(address, listening_port):
     check_reachable(address.format(port=listening_port))
+
+
+@pytest.mark.parametrize("answer, heard", [
+    pytest.param(b"HTTP/1.0 400 Bad Request\r\n\r\n", "it answered 'HTTP/1.0 '", id="a-web-server"),
+    pytest.param(b"", "it answered nothing", id="closes-at-once"),
+    pytest.param(None, "it answered nothing", id="says-nothing"),
+])
+def test_a_server_that_is_not_a_ray_head_is_refused_in_seconds_in_one_line(monkeypatch, answer, heard):
+    """Given a port where another server listens (the dashboard's, a web server), ray.init retried for minutes."""
+    monkeypatch.setattr(connecting, "REACH_TIMEOUT_S", 0.5)
+    with server_answering(answer) as port:
+        started = time.monotonic()
+        with pytest.raises(UserError) as info:
+            check_reachable(f"127.0.0.1:{port}", "--address")
+    assert time.monotonic() - started < 5
+    assert str(info.value) == (f"--address 127.0.0.1:{port}: the server at 127.0.0.1:{port} is not a Ray head "
+                               f"({heard}); expected the address ray start --head prints (port 6379 by default; "
+                               f"the dashboard's 8265 is another server)")
+
+
+def test_with_tls_the_handshake_is_left_to_ray(monkeypatch):
+    monkeypatch.setenv("RAY_USE_TLS", "1")  # a TLS head answers only a TLS handshake
+    with server_answering(None) as port:
+        check_reachable(f"127.0.0.1:{port}")
 
 
 @pytest.mark.parametrize("address, named, message", [
@@ -146,6 +203,7 @@ def test_the_embedded_ray_without_its_dashboard_starts_none_of_its_modules(monke
         assert len(dashboards) == 1 and "--host=127.0.0.1" in dashboards[0]
         assert not [command for command in commands if "ray.dashboard.subprocesses" in command]
         assert ray.cluster_resources()["CPU"] >= 2  # a working Ray
+        check_reachable(ray.get_runtime_context().gcs_address)  # a real GCS answers gRPC's preface as expected
     finally:
         ray.shutdown()
 

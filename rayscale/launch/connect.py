@@ -165,11 +165,44 @@ def check_reachable(address: str, named: str | None = None) -> None:
         raise UserError(f"{named} {address}: expected host:port (e.g. 127.0.0.1:6379), ray://host:port, auto or "
                         f"local")
     try:
-        socket.create_connection((host, port), timeout=REACH_TIMEOUT_S).close()
+        conn = socket.create_connection((host, port), timeout=REACH_TIMEOUT_S)
     except OSError as exc:
         reason = exc.strerror or str(exc) or type(exc).__name__
         raise UserError(f"{named} {address}: nothing answers at {host}:{port} ({reason}); expected the address "
                         f"of a running Ray head (ray start --head prints it)") from None
+    with conn:
+        answer = _grpc_answer(conn)
+    if answer is not None and not _is_http2_settings(answer):
+        heard = f"it answered {answer.decode('ascii', 'replace')!r}" if answer else "it answered nothing"
+        raise UserError(f"{named} {address}: the server at {host}:{port} is not a Ray head ({heard}); expected "
+                        f"the address ray start --head prints (port 6379 by default; the dashboard's 8265 is "
+                        f"another server)")
+
+
+# gRPC's HTTP/2 client preface, then an empty SETTINGS frame. A Ray head's GCS (and the Ray Client server a
+# ray:// address names) answers with a SETTINGS frame of its own at once; ray.init given any other server that
+# listens there (a dashboard, a web server) retried it for minutes.
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+_FRAME_HEADER = 9  # bytes: length (3), type (1), flags (1), stream (4)
+
+
+def _grpc_answer(conn) -> bytes | None:
+    """The first bytes the server sends back to gRPC's preface; None where nothing can be told (a cluster
+    with TLS, RAY_USE_TLS, answers only a TLS handshake: ray.init decides)."""
+    if os.environ.get("RAY_USE_TLS", "0").strip().lower() in ("1", "true"):
+        return None
+    answer = b""
+    try:
+        conn.sendall(_HTTP2_PREFACE)
+        while len(answer) < _FRAME_HEADER and (chunk := conn.recv(_FRAME_HEADER - len(answer))):
+            answer += chunk
+    except OSError:  # a timeout, or a reset: what came so far is the answer
+        pass
+    return answer
+
+
+def _is_http2_settings(answer: bytes) -> bool:
+    return len(answer) == _FRAME_HEADER and answer[3] == 0x04 and answer[5:9] == bytes(4)
 
 
 def _first_line(exc: BaseException) -> str:
