@@ -12,6 +12,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 import yaml
 
@@ -33,8 +34,18 @@ def _cluster_args(parser: argparse.ArgumentParser) -> None:
                                           "local Ray on 127.0.0.1)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """A mistake in the flags gets the one-line form of every other bad input (exit 2); argparse's own printed
+    the usage block first. Its subcommands' parsers are of this class too (add_subparsers takes the parent's)."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("rayscale").strip()
+        self.exit(EXIT_BAD_INPUT, f"rayscale: error: {command + ': ' if command else ''}{message} "
+                                  f"(see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rayscale", description="Train and tune PyTorch models on Ray: Ray Data "
+    parser = _Parser(prog="rayscale", description="Train and tune PyTorch models on Ray: Ray Data "
                                      "into Ray Train DDP workers, Ray Tune ASHA over them.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for bad input")
     commands = parser.add_subparsers(dest="command", required=True)

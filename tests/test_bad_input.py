@@ -375,3 +375,24 @@ def test_output_read_by_a_reader_that_has_gone_ends_quietly():
     process.stdout.close()  # before the command writes anything
     error = process.stderr.read().decode()
     assert process.wait(timeout=60) == 0 and "Traceback" not in error and "BrokenPipe" not in error, error
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["suggest", "runs/x", "--max-batch", "nan"],
+     "rayscale: error: suggest: argument --max-batch: invalid int value: 'nan' (see rayscale suggest --help)"),
+    (["predict", "runs/x", "--data", "d", "--output", "o", "--workers", "x"],
+     "rayscale: error: predict: argument --workers: invalid int value: 'x' (see rayscale predict --help)"),
+    (["config", "show", "--set"], "rayscale: error: config show: argument --set: expected at least one argument "
+                                  "(see rayscale config show --help)"),
+    (["trian"], "rayscale: error: argument command: invalid choice: 'trian'"),
+    ([], "rayscale: error: the following arguments are required: command (see rayscale --help)"),
+])
+def test_a_mistake_in_the_flags_is_one_line_exit_2_naming_the_command(argv, message, capsys):
+    """argparse's own error printed the usage block before its message: several lines where every other bad
+    input gets one."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and captured.err.startswith(message), captured.err
