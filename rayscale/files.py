@@ -21,6 +21,7 @@ MLFLOW_ARTIFACTS_DIR = "mlflow-artifacts"  # and its artifacts, one directory pe
 SUGGEST_JSON = "suggest.json"  # rayscale suggest RUN_DIR writes these two
 SUGGEST_PLOT = "suggest.png"
 EVAL_FILE = "eval.json"  # rayscale eval RUN_DIR writes it (or to --output)
+SEARCH_FILE = "search.yaml"  # a search's config as it started: what a resumed search must match (tuning/search.py)
 
 
 def nearest_existing(path: Path) -> Path:

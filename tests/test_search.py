@@ -124,3 +124,58 @@ def test_paths_a_search_space_chooses_between_are_made_absolute_before_the_trial
                              "tune.space={data.source: {choice: [rows.parquet, other.parquet, digits]}}")
     assert base["tune"]["space"]["data.source"] == {
         "choice": [str(tmp_path / "rows.parquet"), str(tmp_path / "other.parquet"), "digits"]}
+
+
+def _started_search(tmp_path, *overrides):
+    """A search directory whose search.yaml holds the config of `overrides`; the config dict of the same."""
+    import yaml
+
+    from rayscale import config
+
+    base = config.to_dict(config.load(overrides=[f"run.output_dir={tmp_path}", "run.name=s", *overrides]))
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "search.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
+    return tmp_path / "s", base
+
+
+@pytest.mark.parametrize("changes", [
+    pytest.param([], id="the-same"),
+    pytest.param(["scaling.num_workers=4", "tune.max_concurrent_trials=1", "run.trackers=[tensorboard]"],
+                 id="hardware-and-concurrency"),
+])
+def test_a_resume_may_change_where_and_on_how_much_it_runs(tmp_path, changes):
+    from rayscale import config
+
+    search_dir, _ = _started_search(tmp_path)
+    resumed = config.to_dict(config.load(overrides=[f"run.output_dir={tmp_path}", "run.name=s", *changes]))
+    search.check_same_search(resumed, search_dir)
+
+
+@pytest.mark.parametrize("change, key", [
+    ("train.epochs=5", "train.epochs"),
+    ("tune.metric=val_accuracy", "tune.metric"),
+    ("tune.space={optim.lr: {grid: [0.1, 0.2]}}", "tune.space"),
+    ("optim.name=adamw", "optim.name"),
+])
+def test_a_resume_with_another_config_is_refused_naming_the_first_key_that_differs(tmp_path, change, key):
+    """Tune keeps the finished trials; the rest would have trained under the new config and been ranked with
+    them as one search."""
+    from rayscale import config
+    from rayscale.errors import UserError
+
+    search_dir, _ = _started_search(tmp_path)
+    resumed = config.to_dict(config.load(overrides=[f"run.output_dir={tmp_path}", "run.name=s", change]))
+    with pytest.raises(UserError) as refused:
+        search.check_same_search(resumed, search_dir)
+    assert str(refused.value) == (
+        f"resume: {key} differs from the search's own config ({search_dir / 'search.yaml'}); resume with the "
+        f"config it started with, or start a new search with another run.name")
+
+
+def test_a_resume_whose_search_yaml_is_unreadable_is_refused_in_one_line(tmp_path):
+    from rayscale.errors import UserError
+
+    search_dir, base = _started_search(tmp_path)
+    (search_dir / "search.yaml").write_text("a: [unclosed\n")
+    with pytest.raises(UserError, match=r"^resume: .*search.yaml cannot be read \(ParserError\), so the "):
+        search.check_same_search(base, search_dir)

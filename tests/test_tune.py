@@ -286,6 +286,19 @@ def test_resume_with_nothing_to_resume(tmp_path, capsys):
                       resume=True)
 
 
+def test_a_resume_with_another_training_config_is_refused_and_changes_nothing(search, capsys):
+    """The finished search's own config with one training key changed: Tune would have kept the finished trials
+    and ranked them with trials trained under the new config."""
+    _, search_dir, _ = search
+    before = {p: p.read_bytes() for p in (search_dir / "trials.csv", search_dir / "best_config.yaml")}
+    capsys.readouterr()
+    assert cli.main(["tune", "--resume", "-c", str(search_dir / "search.yaml"), "--set", "train.epochs=2"]) == 2
+    assert capsys.readouterr().err == (f"rayscale: error: --resume: train.epochs differs from the search's own "
+                                       f"config ({search_dir / 'search.yaml'}); resume with the config it started "
+                                       f"with, or start a new search with another run.name\n")
+    assert {p: p.read_bytes() for p in before} == before
+
+
 def test_killed_search_resumes_without_rerunning_finished_trials_or_exceeding_its_concurrency(search):
     code, search_dir, (finished_summary, stamp) = search
     assert code == 0

@@ -25,7 +25,7 @@ from rayscale.driver.prepare import NO_CODE, NO_DATA, absolute_paths, prepare, r
 from rayscale.driver.trackers import Destinations
 from rayscale.driver.tracking import Tracking, destinations, end_cut_off
 from rayscale.errors import UserError, argument
-from rayscale.files import CONFIG_FILE
+from rayscale.files import CONFIG_FILE, SEARCH_FILE
 from rayscale.launch import trainer
 from rayscale.launch.callbacks import remove_placement_groups_left
 from rayscale.launch.connect import connect, loopback_unless_joining
@@ -281,6 +281,41 @@ def _this_node_resource() -> str:
     return next(k for k in node["Resources"] if k.startswith("node:") and k != "node:__internal_head__")
 
 
+# What a resumed search may change: where it writes and on how much hardware it runs, and how many trials run at
+# once. Anything else would rank trials trained under two configs as one search.
+RESUMABLE = ("run", "scaling", "tune.max_concurrent_trials")
+
+
+def check_same_search(base: dict, search_dir: Path) -> None:
+    """Refuse a resume whose config differs from the search's own (search.yaml) in anything but RESUMABLE:
+    Tune kept the finished trials, and the rest would train and be ranked under the new config."""
+    saved = search_dir / SEARCH_FILE
+    try:
+        started = yaml.safe_load(saved.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"{argument('resume')}: {saved} cannot be read ({type(exc).__name__}), so the search's "
+                        f"config is unknown; start a new search with another run.name") from None
+    changed = _first_change(started if isinstance(started, dict) else {}, base)
+    if changed is not None:
+        raise UserError(f"{argument('resume')}: {changed} differs from the search's own config ({saved}); resume "
+                        f"with the config it started with, or start a new search with another run.name")
+
+
+def _first_change(old: dict, new: dict, prefix: str = "") -> str | None:
+    """The first key (dotted) whose value differs between the two configs, outside RESUMABLE; the search space
+    counts as one key (its own keys are config keys, not sections)."""
+    for key in sorted(set(old) | set(new)):
+        name = f"{prefix}{key}"
+        if name in RESUMABLE:
+            continue
+        if isinstance(old.get(key), dict) and isinstance(new.get(key), dict) and name != "tune.space":
+            if (inner := _first_change(old[key], new[key], f"{name}.")) is not None:
+                return inner
+        elif old.get(key) != new.get(key):
+            return name
+    return None
+
+
 def search(cfg: Config, *, address: str | None = None, resume: bool = False, code: UserCode = NO_CODE,
            given: Mapping[str, SourceInfo] = NO_DATA) -> list[dict]:
     """Validate everything, run (or resume) the search, write its outputs; returns trial rows, best first.
@@ -290,6 +325,19 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False, cod
     base = config_module.to_dict(cfg)
     domains = space.parse_space(cfg.tune.space)
     space.validate(base, domains)
+    search_dir = run_directory(cfg)
+    tuner_dir = search_dir / "tune"
+    loopback_unless_joining(address)
+    from ray.tune import Tuner
+
+    if resume and not Tuner.can_restore(str(tuner_dir)):  # known before the data are read
+        raise UserError(f"{argument('resume')}: no search to resume in {search_dir} (run.output_dir / run.name)")
+    if resume:
+        check_same_search(base, search_dir)
+    if not resume and tuner_dir.exists():
+        add_resume = "add --resume" if argument("resume") == "--resume" else "pass resume=True"
+        raise UserError(f"run.name {cfg.run.name}: {search_dir} already holds a search; {add_resume} to "
+                        f"continue it or pick another run.name")
     prepared = prepare(cfg, scope="search", code=code, given=given)
     max_t = cfg.train.epochs * prepared.train_rows
     check_metric_name(cfg.tune.metric, [*cfg.train.metrics, *(name for name, _ in code.metrics)], prepared.spec.task)
@@ -301,19 +349,6 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False, cod
     if grace > max_t:
         raise UserError(f"tune.grace_samples: {grace} (at least the longest warmup) exceeds a trial's "
                         f"{max_t} samples (train.epochs x {prepared.train_rows} rows)")
-    search_dir = prepared.run_dir
-    tuner_dir = search_dir / "tune"
-
-    loopback_unless_joining(address)
-    from ray.tune import Tuner
-
-    if resume and not Tuner.can_restore(str(tuner_dir)):
-        raise UserError(f"{argument('resume')}: no search to resume in {search_dir} (run.output_dir / run.name)")
-    if not resume and tuner_dir.exists():
-        add_resume = "add --resume" if argument("resume") == "--resume" else "pass resume=True"
-        raise UserError(f"run.name {cfg.run.name}: {search_dir} already holds a search; {add_resume} to "
-                        f"continue it or pick another run.name")
-
     search_alg = _search_alg(cfg)  # a missing optional package is known before any resource is claimed
     check_fits_before_start(address, cfg)
     connect(address)
@@ -321,7 +356,7 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False, cod
     concurrency = max_concurrent(cfg)
     search_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
-        (search_dir / "search.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
+        (search_dir / SEARCH_FILE).write_text(yaml.safe_dump(base, sort_keys=False))
     print(f"[rayscale] search in {search_dir}: {len(domains)} keys, {cfg.tune.num_samples} samples, ASHA by "
           f"{cfg.tune.asha_variant} on "
           f"{TIME_ATTR} (max {max_t:,}, grace {grace:,}, reduction {cfg.tune.reduction_factor:g}), "
