@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 
 import numpy as np
@@ -188,6 +189,17 @@ def test_init_from_a_misfit_or_a_missing_file_fails_before_the_run_naming_the_ke
 def test_predict_refuses_bad_input_before_ray_starts(trained, tmp_path, capsys):
     tmp, run = trained
     source = str(tmp / "train.parquet")
+
+    def files_with(directory, second) -> str:
+        """A directory of two files: a good one first, then `second` (a Parquet file's path, or raw bytes)."""
+        directory.mkdir()
+        shutil.copy(source, directory / "part-0.parquet")
+        if isinstance(second, bytes):
+            (directory / "part-1.parquet").write_bytes(second)
+        else:
+            shutil.copy(second, directory / "part-1.parquet")
+        return str(directory)
+
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "old.parquet").write_bytes(b"")
@@ -208,6 +220,14 @@ def test_predict_refuses_bad_input_before_ray_starts(trained, tmp_path, capsys):
           str(tmp_path / "o")], "--data: .*empty.parquet has no rows; nothing to predict"),
         (["predict", str(run.run_dir), "--data", source, "--output", "/proc/rayscale/o"],
          "--output: cannot create /proc/rayscale/o \\(no writing in /proc\\)"),
+        # Every file of a directory is checked, not only the first (Ray Data's read of a bad one failed with a
+        # traceback after the actors started; one without the inputs gave null predictions).
+        (["predict", str(run.run_dir), "--data", files_with(tmp_path / "csv", b"a,b,w\n1,2,3\n"), "--output",
+          str(tmp_path / "o")], "--data: .*csv/part-1.parquet is not a readable Parquet file \\("),
+        (["predict", str(run.run_dir), "--data", files_with(tmp_path / "narrow_second", narrow), "--output",
+          str(tmp_path / "o")], "--data: column 'b' \\(an input of the run\\) not in .*narrow_second/part-1"),
+        (["predict", str(run.run_dir), "--data", files_with(tmp_path / "text_second", text), "--output",
+          str(tmp_path / "o")], "--data: column 'a' is double in .*part-0.parquet but string in .*part-1.parquet"),
     ]:
         assert cli.main(argv) == 2
         assert re.search(message, capsys.readouterr().err), message

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rayscale import config as config_module
-from rayscale.data.sources import absolute_source, column_names, parquet_files, row_count, unclaimed_columns
+from rayscale.data.sources import absolute_source, column_names, footer, parquet_files, unclaimed_columns
 from rayscale.errors import UserError, argument
 from rayscale.files import CONFIG_FILE, SUMMARY_FILE, can_write_in, nearest_existing
 from rayscale.plugins import first_line
@@ -170,7 +170,33 @@ def _head(data: Any) -> tuple[pa.Table, str, list | None]:
     if not files:
         raise UserError(f"{argument('data')}: no Parquet file at {data!r} (expected a file, a directory of .parquet "
                         f"files, a glob or a URI)")
-    return first_rows(files[0], None, 4), files[0], files
+    try:
+        return first_rows(files[0], None, 4), files[0], files
+    except (pa.ArrowException, OSError) as exc:
+        raise UserError(f"{argument('data')}: {files[0]} is not a readable Parquet file ({first_line(exc)})") from None
+
+
+def _check_every_file(files: list[str], columns: list[str]) -> int:
+    """Every file's footer: readable Parquet holding the run's input columns, each of the type it has in the first
+    file. Returns the rows of all. (Ray Data's read failed at the first bad file with a traceback, its actors
+    started and part of the output written; a file without the columns gave null predictions.)"""
+    types: dict[str, pa.DataType] = {}
+    rows = 0
+    for path in files:
+        try:
+            schema, count = footer(path)
+        except (pa.ArrowException, OSError) as exc:
+            raise UserError(f"{argument('data')}: {path} is not a readable Parquet file ({first_line(exc)})") \
+                from None
+        for name in columns:
+            if name not in schema.names:
+                raise UserError(f"{argument('data')}: column {name!r} (an input of the run) not in {path} "
+                                f"(columns: {', '.join(schema.names)})")
+            if types.setdefault(name, schema.field(name).type) != schema.field(name).type:
+                raise UserError(f"{argument('data')}: column {name!r} is {types[name]} in {files[0]} but "
+                                f"{schema.field(name).type} in {path}")
+        rows += count
+    return rows
 
 
 def _write_in_order(predicted, directory: Path) -> int:
@@ -241,7 +267,7 @@ def predict(run_dir: str | Path, data: Any, output: str | Path, *, address: str 
             raise UserError(f"{argument('data')}: column {name!r} (an input of the run) not in {where} (columns: "
                             f"{', '.join(names)})")
     _check_first_rows(head, where, columns, cfg.data.sequence is not None, spec["input_shape"])
-    if files and row_count(files) == 0:  # Ray Data would run no batch, and OUT would be an empty directory
+    if files and _check_every_file(files, columns) == 0:  # Ray Data would run no batch: OUT an empty directory
         raise UserError(f"{argument('data')}: {data} has no rows; nothing to predict")
     from rayscale.models.export import load_model
 
