@@ -199,6 +199,8 @@ def _no_timings(tmp_path):
 
 BAD = {
     "missing run dir": lambda tmp_path: ([str(tmp_path / "nope")], "does not exist"),
+    "run dir is a file": lambda tmp_path: ([str(_file(tmp_path / "run.txt"))], "run.txt is a file; expected the "
+                                                                                 "directory rayscale train wrote"),
     "no config.yaml": lambda tmp_path: ([str(_without(write_run(tmp_path / "run"), "config.yaml"))],
                                         "config.yaml does not exist"),
     "no metrics.jsonl": lambda tmp_path: ([str(_without(write_run(tmp_path / "run"), "metrics.jsonl"))],
@@ -216,9 +218,24 @@ BAD = {
         [str(write_run(tmp_path / "run")), "--plot", str(tmp_path / "no" / "x.png")], "--plot: cannot write"),
     "plot where nothing can be written": lambda tmp_path: (
         [str(write_run(tmp_path / "run")), "--plot", "/proc/x.png"], "--plot: cannot write /proc/x.png"),
+    # Figures suggest computes from: a string gave a TypeError traceback, a NaN a recommendation.
+    "a noise scale that is not a number": lambda tmp_path: (
+        [str(write_run(tmp_path / "run", [metrics_line(2048), metrics_line(4096, noise="big")]))],
+        "metrics.jsonl line 2: gradient_noise_scale is 'big'; expected a finite number (or none)"),
+    "a noise scale of NaN": lambda tmp_path: (
+        [str(write_run(tmp_path / "run", [metrics_line(2048, noise=float("nan"))]))],
+        "metrics.jsonl line 1: gradient_noise_scale is nan; expected a finite number"),
+    "a throughput of true": lambda tmp_path: (
+        [str(write_run(tmp_path / "run", [metrics_line(2048, per_sec=True)]))],
+        "metrics.jsonl line 1: samples_per_sec is True; expected a finite number"),
     "plot is a directory": lambda tmp_path: (
         [str(write_run(tmp_path / "run")), "--plot", str(tmp_path)], "--plot: " + f"{tmp_path} is a directory"),
 }
+
+
+def _file(path: Path) -> Path:
+    path.write_text("not a run\n")
+    return path
 
 
 def _without(run_dir: Path, name: str) -> Path:

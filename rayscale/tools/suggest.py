@@ -7,6 +7,7 @@ Every check runs before anything is written: bad input raises `UserError` and le
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from rayscale.math.batching import plan_batches
 from rayscale.math.schedules import peak_lr, scaled_lr
 
 TIMING_KEYS = ("micro_batch_s", "sync_micro_batch_s", "update_s")
+# Every figure of metrics.jsonl the suggestion is computed from: each a finite number where a line has it.
+MEASURED_KEYS = (*TIMING_KEYS, "samples_per_sec", "data_wait_fraction", "gradient_noise_scale", "batch_efficiency")
 
 
 @dataclass
@@ -50,7 +53,8 @@ class Suggestion:
 
 def read_run(run_dir: Path) -> tuple[config_module.Config, list[dict]]:
     if not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} does not exist")
+        raise UserError(f"run directory {run_dir} " + ("is a file; expected the directory rayscale train wrote"
+                                                       if run_dir.exists() else "does not exist"))
     for name in (CONFIG_FILE, METRICS_FILE):
         if not (run_dir / name).is_file():
             raise UserError(f"{run_dir / name} does not exist; expected a run directory written by rayscale train")
@@ -65,6 +69,12 @@ def read_run(run_dir: Path) -> tuple[config_module.Config, list[dict]]:
             raise UserError(f"{run_dir / METRICS_FILE} line {number}: not JSON ({exc.msg})") from None
         if not isinstance(record, dict):
             raise UserError(f"{run_dir / METRICS_FILE} line {number}: expected a JSON object")
+        for key in MEASURED_KEYS:  # a NaN or a string would become a recommendation, or a traceback
+            value = record.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                      or not math.isfinite(value)):
+                raise UserError(f"{run_dir / METRICS_FILE} line {number}: {key} is {value!r}; expected a finite "
+                                f"number (or none)")
         records.append(record)
     return cfg, records
 
