@@ -107,6 +107,7 @@ def test_eval_refuses_what_is_not_a_run_and_data_without_the_runs_columns(traine
         (["--output", str(tmp_path / "no" / "e.json")], "--output: .*no does not exist"),
         (["--output", "/proc/eval.json"], "--output: cannot write in /proc; expected a file in a directory"),
         (["--device", "foo"], "--device foo: .*expected cpu or cuda"),
+        (["--device", "meta"], "--device meta: expected cpu or cuda"),  # a device torch knows, rayscale does not use
         (["--device", "cuda:7"], "--device cuda:7: this machine has"),
     ]:
         if argv[-1] == "cuda:7" and torch.cuda.device_count() > 7:
@@ -121,6 +122,19 @@ def test_eval_refuses_what_is_not_a_run_and_data_without_the_runs_columns(traine
         with pytest.raises(UserError, match=message):
             rayscale.evaluate(run.run_dir, **given)
     assert not list(tmp_path.glob("**/*.json"))
+
+
+def test_eval_whose_default_output_is_a_directory_is_refused_before_evaluating(trained, tmp_path, monkeypatch,
+                                                                              capsys):
+    from rayscale.models import export
+
+    _, run = trained
+    monkeypatch.setattr(export, "usable_device", lambda *a: pytest.fail("evaluated before the output was checked"))
+    run_dir = shutil.copytree(run.run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("eval.json"))
+    (run_dir / "eval.json").mkdir()
+    assert cli.main(["eval", str(run_dir)]) == 2
+    assert capsys.readouterr().err == (f"rayscale: error: {run_dir / 'eval.json'} is a directory; give --output a "
+                                       f"file path to write\n")
 
 
 def test_eval_into_a_run_directory_it_cannot_write_asks_for_output_before_evaluating(trained, monkeypatch, capsys):

@@ -60,6 +60,8 @@ def usable_device(name: str | torch.device, key: str = "device") -> torch.device
         device = torch.device(name)
     except (RuntimeError, ValueError, TypeError) as exc:
         raise UserError(f"{key} {name}: {str(exc).splitlines()[0]}; expected cpu or cuda[:N]") from None
+    if device.type not in ("cpu", "cuda"):  # meta, mps, xla...: rayscale runs its models on neither
+        raise UserError(f"{key} {name}: expected cpu or cuda[:N]")
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
         raise UserError(f"{key} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device

@@ -100,6 +100,8 @@ def _check_objects_given(run_dir: Path, loss: Callable | None, metrics: Mapping[
 def _destination(run_dir: Path, output: str | Path | None) -> Path:
     """Where the metrics go, checked before anything is evaluated: a file in a directory that exists."""
     if output is None:
+        if (run_dir / EVAL_FILE).is_dir():
+            raise UserError(f"{run_dir / EVAL_FILE} is a directory; {give('output')} a file path to write")
         if not can_write_in(run_dir):
             raise UserError(f"{run_dir}: cannot write {EVAL_FILE} there; {give('output')} a file path to write")
         return run_dir / EVAL_FILE
