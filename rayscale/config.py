@@ -520,6 +520,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw_value) if raw_value.strip() else ""
     except yaml.YAMLError:
         value = raw_value
+    check_expansion(value, f"{argument('set')} {dotted}" if argument("set") == "--set" else f"overrides: {dotted!r}")
     return dotted, value
 
 
@@ -574,6 +575,32 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+MAX_EXPANDED_VALUES = 100_000  # a config holds a few hundred; YAML aliases nested k deep expand to n**k
+
+
+def check_expansion(value: Any, where: str) -> None:
+    """Refuse YAML whose aliases expand too far, or refer to themselves: the config is copied as a tree of
+    values, and a few lines of nested aliases (`b: [*a, *a, ...]`, 8 deep) took minutes and gigabytes to copy
+    before failing. Counted over the shared values once each, so the count itself stays cheap."""
+    sizes: dict[int, int] = {}
+
+    def size(node: Any) -> int:
+        if not isinstance(node, dict | list):
+            return 1
+        if sizes.get(id(node)) == -1:
+            raise ConfigError(f"{where}: a YAML alias refers to the value that holds it; write the value out")
+        if id(node) not in sizes:
+            sizes[id(node)] = -1  # in progress
+            total = 1 + sum(size(item) for item in (node.values() if isinstance(node, dict) else node))
+            if total > MAX_EXPANDED_VALUES:
+                raise ConfigError(f"{where}: its YAML aliases expand to more than {MAX_EXPANDED_VALUES:,} values; "
+                                  f"a config holds a few hundred")
+            sizes[id(node)] = total
+        return sizes[id(node)]
+
+    size(value)
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
@@ -595,6 +622,7 @@ def read_yaml(path: str | Path) -> dict:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path}: expected a mapping of keys at the top, got {type(raw).__name__}")
+    check_expansion(raw, f"config file {path}")
     return raw
 
 

@@ -1,5 +1,6 @@
 """Config: types, defaults, overrides with coercion, and one-line errors with suggestions."""
 
+import itertools
 import re
 
 import pytest
@@ -61,6 +62,11 @@ def test_yaml_file_and_overrides(tmp_path):
     assert (cfg.optim.name, cfg.optim.lr, cfg.batch.global_batch_size) == ("adamw", 0.01, 64)
 
 
+# a: 10 ones, b: 10 a's, ... f: 10 e's.
+NESTED_ALIASES = ["a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [
+    f"{name}: &{name} [{', '.join([f'*{previous}'] * 10)}]" for previous, name in itertools.pairwise("abcdef")]
+
+
 @pytest.mark.parametrize("text, message", [
     pytest.param("optim: [lr: 1\n", "malformed YAML at line", id="malformed"),
     pytest.param("- 1\n- 2\n", "expected a mapping of keys at the top", id="list-at-top"),
@@ -73,12 +79,24 @@ def test_yaml_file_and_overrides(tmp_path):
     pytest.param("train: {epochs: 1}\noptim: {lr: 1}\ntrain: {log_every_samples: 10}\n",
                  "at line 3, column 1: key 'train' appears twice", id="section-twice"),
     pytest.param(b"\xff\xfe\x00garbage", "cannot read it: not UTF-8 text", id="not-text"),
+    # Aliases nested 6 deep, each 10 wide: a million values once copied out (8 deep took minutes and gigabytes).
+    pytest.param("model:\n  kwargs:\n" + "".join(f"    {line}\n" for line in NESTED_ALIASES),
+                 "its YAML aliases expand to more than 100,000 values", id="aliases-expanding"),
+    pytest.param("model:\n  kwargs: &k\n    x: [*k]\n", "a YAML alias refers to the value that holds it",
+                 id="alias-inside-itself"),
 ])
 def test_yaml_errors(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(ConfigError, match=re.escape(message)):
         config.load(path)
+
+
+def test_an_override_whose_aliases_expand_too_far_is_refused_naming_the_key():
+    wide = "{" + ", ".join(NESTED_ALIASES) + "}"
+    with pytest.raises(ConfigError, match=r"^overrides: 'model.kwargs': its YAML aliases expand to more than "):
+        config.parse_override(f"model.kwargs={wide}")
+    assert config.parse_override("model.kwargs={a: &a [1, 2], b: [*a, *a]}")[1] == {"a": [1, 2], "b": [[1, 2]] * 2}
 
 
 def test_a_config_path_that_is_a_directory_is_one_line(tmp_path):
