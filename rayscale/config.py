@@ -602,6 +602,8 @@ def check_expansion(value: Any, where: str) -> None:
 
 
 def read_yaml(path: str | Path) -> dict:
+    if not str(path).strip():  # Path("") is the working directory
+        raise ConfigError("config file: expected a YAML file's path, got an empty one")
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
@@ -628,7 +630,7 @@ def read_yaml(path: str | Path) -> dict:
 
 def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Defaults <- YAML file <- `--set` overrides, validated."""
-    return with_overrides(read_yaml(path) if path else {}, [parse_override(text) for text in overrides])
+    return with_overrides(read_yaml(path) if path is not None else {}, [parse_override(text) for text in overrides])
 
 
 def with_overrides(raw: dict, overrides: typing.Iterable[tuple[str, Any]]) -> Config:

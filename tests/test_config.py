@@ -99,6 +99,12 @@ def test_an_override_whose_aliases_expand_too_far_is_refused_naming_the_key():
     assert config.parse_override("model.kwargs={a: &a [1, 2], b: [*a, *a]}")[1] == {"a": [1, 2], "b": [[1, 2]] * 2}
 
 
+@pytest.mark.parametrize("path", ["", "  "])
+def test_an_empty_config_path_is_refused_not_taken_for_the_defaults(path):
+    with pytest.raises(ConfigError, match="^config file: expected a YAML file's path, got an empty one$"):
+        config.load(path)
+
+
 def test_a_config_path_that_is_a_directory_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match=re.escape(f"config file {tmp_path}: cannot read it: Is a directory")):
         config.load(tmp_path)
