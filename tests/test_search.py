@@ -151,25 +151,53 @@ def test_a_resume_may_change_where_and_on_how_much_it_runs(tmp_path, changes):
     search.check_same_search(resumed, search_dir)
 
 
-@pytest.mark.parametrize("change, key", [
-    ("train.epochs=5", "train.epochs"),
-    ("tune.metric=val_accuracy", "tune.metric"),
-    ("tune.space={optim.lr: {grid: [0.1, 0.2]}}", "tune.space"),
-    ("optim.name=adamw", "optim.name"),
+@pytest.mark.parametrize("change, key, was, now", [
+    ("train.epochs=5", "train.epochs", 1, 5),
+    ("tune.metric=val_accuracy", "tune.metric", "val_loss", "val_accuracy"),
+    ("tune.space={optim.lr: {grid: [0.1, 0.2]}}", "tune.space", {}, {"optim.lr": {"grid": [0.1, 0.2]}}),
+    ("optim.name=adamw", "optim.name", "sgd", "adamw"),
+    ("model.kwargs={depth: 3}", "model.kwargs.depth", None, 3),
 ])
-def test_a_resume_with_another_config_is_refused_naming_the_first_key_that_differs(tmp_path, change, key):
+def test_a_resume_with_another_config_is_refused_naming_the_first_key_that_differs(tmp_path, change, key, was, now):
     """Tune keeps the finished trials; the rest would have trained under the new config and been ranked with
     them as one search."""
     from rayscale import config
     from rayscale.errors import UserError
 
-    search_dir, _ = _started_search(tmp_path)
-    resumed = config.to_dict(config.load(overrides=[f"run.output_dir={tmp_path}", "run.name=s", change]))
+    search_dir, _ = _started_search(tmp_path, "train.epochs=1")
+    resumed = config.to_dict(config.load(overrides=[f"run.output_dir={tmp_path}", "run.name=s", "train.epochs=1",
+                                                    change]))
     with pytest.raises(UserError) as refused:
         search.check_same_search(resumed, search_dir)
     assert str(refused.value) == (
-        f"resume: {key} differs from the search's own config ({search_dir / 'search.yaml'}); resume with the "
-        f"config it started with, or start a new search with another run.name")
+        f"resume: {key} is {now!r}, but {was!r} in the search's own config ({search_dir / 'search.yaml'}); resume "
+        f"with the config it started with, or start a new search with another run.name")
+
+
+def test_a_resume_from_python_with_a_tuple_in_the_model_kwargs_is_the_same_config(tmp_path):
+    """search.yaml holds a list where the resumed config holds the tuple it was given."""
+
+    search_dir, base = _started_search(tmp_path, "model.kwargs={hidden: [8, 4]}")
+    base["model"]["kwargs"]["hidden"] = (8, 4)
+    search.check_same_search(base, search_dir)
+
+
+def test_a_key_the_search_yaml_lacks_counts_as_its_default(tmp_path):
+    """A search started by an older rayscale, without a key added since, resumes when that key keeps its default
+    (and is refused when it does not)."""
+    import yaml
+
+    from rayscale import config
+    from rayscale.errors import UserError
+
+    search_dir, base = _started_search(tmp_path)
+    saved = yaml.safe_load((search_dir / "search.yaml").read_text())
+    del saved["optim"]["momentum"]
+    (search_dir / "search.yaml").write_text(yaml.safe_dump(saved))
+    search.check_same_search(base, search_dir)
+    changed = config.to_dict(config.load(overrides=[f"run.output_dir={tmp_path}", "run.name=s", "optim.momentum=0.5"]))
+    with pytest.raises(UserError, match=r"^resume: optim.momentum is 0.5, but 0.9 in the search's own config"):
+        search.check_same_search(changed, search_dir)
 
 
 def test_a_resume_whose_search_yaml_is_unreadable_is_refused_in_one_line(tmp_path):
@@ -178,4 +206,7 @@ def test_a_resume_whose_search_yaml_is_unreadable_is_refused_in_one_line(tmp_pat
     search_dir, base = _started_search(tmp_path)
     (search_dir / "search.yaml").write_text("a: [unclosed\n")
     with pytest.raises(UserError, match=r"^resume: .*search.yaml cannot be read \(ParserError\), so the "):
+        search.check_same_search(base, search_dir)
+    (search_dir / "search.yaml").write_text("- a list\n")
+    with pytest.raises(UserError, match=r"^resume: .*search.yaml cannot be read \(not a mapping of keys\)"):
         search.check_same_search(base, search_dir)

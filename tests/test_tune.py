@@ -293,7 +293,7 @@ def test_a_resume_with_another_training_config_is_refused_and_changes_nothing(se
     before = {p: p.read_bytes() for p in (search_dir / "trials.csv", search_dir / "best_config.yaml")}
     capsys.readouterr()
     assert cli.main(["tune", "--resume", "-c", str(search_dir / "search.yaml"), "--set", "train.epochs=2"]) == 2
-    assert capsys.readouterr().err == (f"rayscale: error: --resume: train.epochs differs from the search's own "
+    assert capsys.readouterr().err == (f"rayscale: error: --resume: train.epochs is 2, but 1 in the search's own "
                                        f"config ({search_dir / 'search.yaml'}); resume with the config it started "
                                        f"with, or start a new search with another run.name\n")
     assert {p: p.read_bytes() for p in before} == before

@@ -5,9 +5,10 @@ and what the driver then sends every worker (`worker_payload`)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -316,6 +317,36 @@ def saved_attempt(cfg: Config, run_dir: Path) -> bool:
                                       for entry in place.iterdir()) for place in places)
 
 
+def as_saved(config_dict: dict) -> dict:
+    """A config dict as its YAML file reads back (a tuple in model.kwargs becomes a list): what is compared with
+    a saved config."""
+    return yaml.safe_load(yaml.safe_dump(config_dict, sort_keys=False))
+
+
+def first_change(saved: dict, now: dict, skip: Collection[str] = (), whole: Collection[str] = ()
+                 ) -> tuple[str, Any, Any] | None:
+    """The first key (dotted, in sorted order) whose value in `now` differs from `saved`'s, with both values.
+    Keys in `skip` are not compared (nor what is below them); those in `whole` are compared as one value. A key
+    `saved` lacks (a config written by an older rayscale) counts as its default."""
+    return _first_change(saved, as_saved(now), config_module.to_dict(config_module.from_dict({})), "", skip, whole)
+
+
+def _first_change(saved: dict, now: dict, defaults: Any, prefix: str, skip: Collection[str],
+                  whole: Collection[str]) -> tuple[str, Any, Any] | None:
+    defaults = defaults if isinstance(defaults, dict) else {}
+    for key in sorted(set(saved) | set(now), key=str):
+        name = f"{prefix}{key}"
+        if name in skip:
+            continue
+        was, is_now = saved.get(key, defaults.get(key)), now.get(key, defaults.get(key))
+        if isinstance(was, dict) and isinstance(is_now, dict) and name not in whole:
+            if (found := _first_change(was, is_now, defaults.get(key), f"{name}.", skip, whole)) is not None:
+                return found
+        elif was != is_now:
+            return name, was, is_now
+    return None
+
+
 def check_same_config(cfg: Config, run_dir: Path) -> None:
     """Resuming a run with other training settings would silently mix two experiments. An attempt that saved no
     checkpoint (it failed at its start) has nothing to resume: the run starts over with the config given."""
@@ -326,7 +357,7 @@ def check_same_config(cfg: Config, run_dir: Path) -> None:
     for key in ("source", "val_source"):  # a run saved with a relative path (local mode), resumed from where it ran
         if isinstance(old.get("data"), dict) and isinstance(old["data"].get(key), str):
             old["data"][key] = _absolute(f"data.{key}", old["data"][key])
-    new = config_module.to_dict(cfg)
+    new = as_saved(config_module.to_dict(cfg))
     for section in new:
         if section in ("run", "scaling", "tune"):
             continue  # where and on how much hardware may change between attempts; tune is not training

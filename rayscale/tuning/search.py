@@ -21,7 +21,7 @@ from rayscale import config as config_module
 from rayscale.config import Config
 from rayscale.data.sources import SourceInfo
 from rayscale.driver.outputs import finished_run, read_metrics
-from rayscale.driver.prepare import NO_CODE, NO_DATA, absolute_paths, prepare, run_directory
+from rayscale.driver.prepare import NO_CODE, NO_DATA, absolute_paths, first_change, prepare, run_directory
 from rayscale.driver.trackers import Destinations
 from rayscale.driver.tracking import Tracking, destinations, end_cut_off
 from rayscale.errors import UserError, argument
@@ -293,27 +293,16 @@ def check_same_search(base: dict, search_dir: Path) -> None:
     try:
         started = yaml.safe_load(saved.read_text())
     except (OSError, yaml.YAMLError) as exc:
-        raise UserError(f"{argument('resume')}: {saved} cannot be read ({type(exc).__name__}), so the search's "
-                        f"config is unknown; start a new search with another run.name") from None
-    changed = _first_change(started if isinstance(started, dict) else {}, base)
-    if changed is not None:
-        raise UserError(f"{argument('resume')}: {changed} differs from the search's own config ({saved}); resume "
-                        f"with the config it started with, or start a new search with another run.name")
-
-
-def _first_change(old: dict, new: dict, prefix: str = "") -> str | None:
-    """The first key (dotted) whose value differs between the two configs, outside RESUMABLE; the search space
-    counts as one key (its own keys are config keys, not sections)."""
-    for key in sorted(set(old) | set(new)):
-        name = f"{prefix}{key}"
-        if name in RESUMABLE:
-            continue
-        if isinstance(old.get(key), dict) and isinstance(new.get(key), dict) and name != "tune.space":
-            if (inner := _first_change(old[key], new[key], f"{name}.")) is not None:
-                return inner
-        elif old.get(key) != new.get(key):
-            return name
-    return None
+        started = exc
+    if not isinstance(started, dict):
+        why = type(started).__name__ if isinstance(started, Exception) else "not a mapping of keys"
+        raise UserError(f"{argument('resume')}: {saved} cannot be read ({why}), so the search's config is unknown; "
+                        f"start a new search with another run.name")
+    # The search space counts as one key: its own keys are config keys, not sections.
+    if (changed := first_change(started, base, skip=RESUMABLE, whole=("tune.space",))) is not None:
+        key, was, now = changed
+        raise UserError(f"{argument('resume')}: {key} is {now!r}, but {was!r} in the search's own config ({saved}); "
+                        f"resume with the config it started with, or start a new search with another run.name")
 
 
 def search(cfg: Config, *, address: str | None = None, resume: bool = False, code: UserCode = NO_CODE,
@@ -328,11 +317,12 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False, cod
     search_dir = run_directory(cfg)
     tuner_dir = search_dir / "tune"
     loopback_unless_joining(address)
-    from ray.tune import Tuner
+    if resume and cfg.run.output_dir.strip():  # known before the data are read (an empty output_dir: prepare's)
+        from ray.tune import Tuner
 
-    if resume and not Tuner.can_restore(str(tuner_dir)):  # known before the data are read
-        raise UserError(f"{argument('resume')}: no search to resume in {search_dir} (run.output_dir / run.name)")
-    if resume:
+        if not Tuner.can_restore(str(tuner_dir)):
+            raise UserError(f"{argument('resume')}: no search to resume in {search_dir} (run.output_dir / "
+                            f"run.name)")
         check_same_search(base, search_dir)
     if not resume and tuner_dir.exists():
         add_resume = "add --resume" if argument("resume") == "--resume" else "pass resume=True"
