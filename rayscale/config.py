@@ -581,24 +581,27 @@ MAX_EXPANDED_VALUES = 100_000  # a config holds a few hundred; YAML aliases nest
 def check_expansion(value: Any, where: str) -> None:
     """Refuse YAML whose aliases expand too far, or refer to themselves: the config is copied as a tree of
     values, and a few lines of nested aliases (`b: [*a, *a, ...]`, 8 deep) took minutes and gigabytes to copy
-    before failing. Counted over the shared values once each, so the count itself stays cheap."""
+    before failing. Counted over the shared values once each, so the count itself stays cheap; a config without
+    aliases is never refused, whatever its size."""
     sizes: dict[int, int] = {}
+    shared = False
 
     def size(node: Any) -> int:
+        nonlocal shared
         if not isinstance(node, dict | list):
             return 1
         if sizes.get(id(node)) == -1:
             raise ConfigError(f"{where}: a YAML alias refers to the value that holds it; write the value out")
-        if id(node) not in sizes:
+        if id(node) in sizes:
+            shared = True  # an alias: this value appears again
+        else:
             sizes[id(node)] = -1  # in progress
-            total = 1 + sum(size(item) for item in (node.values() if isinstance(node, dict) else node))
-            if total > MAX_EXPANDED_VALUES:
-                raise ConfigError(f"{where}: its YAML aliases expand to more than {MAX_EXPANDED_VALUES:,} values; "
-                                  f"a config holds a few hundred")
-            sizes[id(node)] = total
+            sizes[id(node)] = 1 + sum(size(item) for item in (node.values() if isinstance(node, dict) else node))
         return sizes[id(node)]
 
-    size(value)
+    if size(value) > MAX_EXPANDED_VALUES and shared:
+        raise ConfigError(f"{where}: its YAML aliases expand to more than {MAX_EXPANDED_VALUES:,} values; a config "
+                          f"holds a few hundred")
 
 
 def read_yaml(path: str | Path) -> dict:

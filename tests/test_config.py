@@ -92,6 +92,10 @@ def test_yaml_errors(tmp_path, text, message):
         config.load(path)
 
 
+def test_a_large_config_without_aliases_is_not_taken_for_an_expanding_one():
+    config.check_expansion({"data": {"features": [f"f{i}" for i in range(200_000)]}}, "config file big.yaml")
+
+
 def test_an_override_whose_aliases_expand_too_far_is_refused_naming_the_key():
     wide = "{" + ", ".join(NESTED_ALIASES) + "}"
     with pytest.raises(ConfigError, match=r"^overrides: 'model.kwargs': its YAML aliases expand to more than "):
