@@ -31,8 +31,8 @@ SETTINGS_FRAME = b"\x00\x00\x06\x04\x00\x00\x00\x00\x00" + b"\x00\x03\x00\x00\x0
 
 @contextlib.contextmanager
 def server_answering(answer: bytes | None):
-    """A loopback server that reads what a client sends and answers `answer` to every connection (None: says
-    nothing and keeps the connection open); yields its port."""
+    """A loopback server that reads what a client sends and answers `answer` to every connection (b"": closes it;
+    None: says nothing and keeps it open); yields its port."""
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen()
@@ -46,7 +46,9 @@ def server_answering(answer: bytes | None):
                 return
             held.append(conn)
             conn.recv(1024)
-            if answer is not None:
+            if answer == b"":
+                conn.close()
+            elif answer is not None:
                 conn.sendall(answer)
 
     threading.Thread(target=serve, daemon=True).start()
@@ -90,6 +92,13 @@ def test_a_server_that_is_not_a_ray_head_is_refused_in_seconds_in_one_line(monke
     assert str(info.value) == (f"--address 127.0.0.1:{port}: the server at 127.0.0.1:{port} is not a Ray head "
                                f"({heard}); expected the address ray start --head prints (port 6379 by default; "
                                f"the dashboard's 8265 is another server)")
+
+
+def test_a_head_that_answers_only_tls_is_refused_saying_how_to_join_it():
+    with server_answering(b"\x15\x03\x03\x00\x02\x02\x32") as port:  # a TLS alert: decode error
+        with pytest.raises(UserError, match=rf"^--address 127.0.0.1:{port}: the server at 127.0.0.1:{port} answers "
+                                            r"only TLS; set RAY_USE_TLS=1"):
+            check_reachable(f"127.0.0.1:{port}", "--address")
 
 
 def test_with_tls_the_handshake_is_left_to_ray(monkeypatch):

@@ -172,6 +172,9 @@ def check_reachable(address: str, named: str | None = None) -> None:
                         f"of a running Ray head (ray start --head prints it)") from None
     with conn:
         answer = _grpc_answer(conn)
+    if answer is not None and answer[:1] in (b"\x15", b"\x16"):  # a TLS alert or handshake record
+        raise UserError(f"{named} {address}: the server at {host}:{port} answers only TLS; set RAY_USE_TLS=1 (and "
+                        f"Ray's TLS certificate variables) to join a cluster started with TLS")
     if answer is not None and not _is_http2_settings(answer):
         heard = f"it answered {answer.decode('ascii', 'replace')!r}" if answer else "it answered nothing"
         raise UserError(f"{named} {address}: the server at {host}:{port} is not a Ray head ({heard}); expected "
