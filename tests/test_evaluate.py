@@ -107,7 +107,7 @@ def test_eval_refuses_what_is_not_a_run_and_data_without_the_runs_columns(traine
         (["--output", str(tmp_path / "no" / "e.json")], "--output: .*no does not exist"),
         (["--output", "/proc/eval.json"], "--output: cannot write in /proc; expected a file in a directory"),
         (["--device", "foo"], "--device foo: .*expected cpu or cuda"),
-        (["--device", "meta"], "--device meta: expected cpu or cuda"),  # a device torch knows, rayscale does not use
+        (["--device", "meta"], "--device meta: expected cpu, cuda\\[:N\\] or mps"),  # torch knows it, rayscale does not
         (["--device", "cuda:7"], "--device cuda:7: this machine has"),
     ]:
         if argv[-1] == "cuda:7" and torch.cuda.device_count() > 7:

@@ -60,8 +60,10 @@ def usable_device(name: str | torch.device, key: str = "device") -> torch.device
         device = torch.device(name)
     except (RuntimeError, ValueError, TypeError) as exc:
         raise UserError(f"{key} {name}: {str(exc).splitlines()[0]}; expected cpu or cuda[:N]") from None
-    if device.type not in ("cpu", "cuda"):  # meta, mps, xla...: rayscale runs its models on neither
-        raise UserError(f"{key} {name}: expected cpu or cuda[:N]")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"{key} {name}: this machine has no MPS device; expected cpu or cuda[:N]")
+    if device.type not in ("cpu", "cuda", "mps"):  # meta, xla...: no weights, or a device rayscale never runs on
+        raise UserError(f"{key} {name}: expected cpu, cuda[:N] or mps")
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
         raise UserError(f"{key} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
