@@ -158,3 +158,15 @@ def test_an_elastic_batch_that_does_not_split_is_refused_with_the_multiple_every
                                  "batch.micro_batch_size=null", f"run.output_dir={tmp_path}"])
     with pytest.raises(UserError, match=r"100 does not split over 3 workers, .*use a multiple of 6$"):
         prepare(cfg)
+
+
+def test_a_run_given_a_tuple_in_model_kwargs_from_python_resumes_as_the_same_config(tmp_path):
+    """config.yaml holds a list where the resumed config holds the tuple rayscale.train was given: the same run."""
+    import dataclasses
+
+    run_dir = tmp_path / "runs" / "tupled"
+    (run_dir / "checkpoints" / "checkpoint-1").mkdir(parents=True)  # something to resume
+    cfg = config.load(overrides=[f"run.output_dir={tmp_path / 'runs'}", "run.name=tupled"])
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kwargs={"hidden_sizes": (32, 16)}))
+    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(cfg)))
+    check_same_config(cfg, run_dir)
