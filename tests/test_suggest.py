@@ -228,9 +228,19 @@ BAD = {
     "a throughput of true": lambda tmp_path: (
         [str(write_run(tmp_path / "run", [metrics_line(2048, per_sec=True)]))],
         "metrics.jsonl line 1: samples_per_sec is True; expected a finite number"),
+    "plot is empty": lambda tmp_path: ([str(write_run(tmp_path / "run")), "--plot", ""],
+                                       "--plot: expected the path of a file to write, got an empty one"),
+    "the default plot is a directory": lambda tmp_path: (
+        [str(_with_dir(write_run(tmp_path / "run"), "suggest.png"))], "RUN_DIR: " + f"{tmp_path / 'run' / 'suggest.png'} "
+                                                                      "is a directory"),
     "plot is a directory": lambda tmp_path: (
         [str(write_run(tmp_path / "run")), "--plot", str(tmp_path)], "--plot: " + f"{tmp_path} is a directory"),
 }
+
+
+def _with_dir(run_dir: Path, name: str) -> Path:
+    (run_dir / name).mkdir()
+    return run_dir
 
 
 def _file(path: Path) -> Path:

@@ -251,9 +251,11 @@ def suggest_from_cli(run_dir: str, max_batch: int | None = None, plot: str | Non
     directory = Path(run_dir).expanduser()
     result = suggest(directory, max_batch)
     json_path = directory / SUGGEST_JSON
-    plot_path = Path(plot).expanduser() if plot else directory / SUGGEST_PLOT
+    if plot is not None and not plot.strip():  # Path("") is the working directory
+        raise UserError("--plot: expected the path of a file to write, got an empty one")
+    plot_path = Path(plot).expanduser() if plot is not None else directory / SUGGEST_PLOT
     _check_writable_file(json_path, "RUN_DIR")
-    _check_writable_file(plot_path, "--plot")
+    _check_writable_file(plot_path, "--plot" if plot is not None else "RUN_DIR")  # the flag the user gave, if any
     print(report(result))
     from rayscale.tools.plots import plot_goodput
 
