@@ -313,12 +313,6 @@ def first_rows(path: str, columns: list[str] | None, rows: int) -> pa.Table:
             parquet.schema_arrow.empty_table().select(columns)
 
 
-def column_names(path: str) -> list[str]:
-    """The columns of one Parquet file (a local path or a URI), from its footer."""
-    with _open(path) as parquet:
-        return parquet.schema_arrow.names
-
-
 def footer(path: str) -> tuple[pa.Schema, int]:
     """One Parquet file's schema and row count (a local path or a URI), from its footer; pyarrow's errors
     unchanged."""

@@ -357,13 +357,11 @@ def check_same_config(cfg: Config, run_dir: Path) -> None:
     for key in ("source", "val_source"):  # a run saved with a relative path (local mode), resumed from where it ran
         if isinstance(old.get("data"), dict) and isinstance(old["data"].get(key), str):
             old["data"][key] = _absolute(f"data.{key}", old["data"][key])
-    new = as_saved(config_module.to_dict(cfg))
-    for section in new:
-        if section in ("run", "scaling", "tune"):
-            continue  # where and on how much hardware may change between attempts; tune is not training
-        if old.get(section) != new[section]:
-            raise UserError(f"run.name {cfg.run.name}: {run_dir} holds a run with a different '{section}' "
-                            f"config; pick another run.name or the same config to resume it")
+    # Where and on how much hardware may change between attempts; tune is not training.
+    if (changed := first_change(old, config_module.to_dict(cfg), skip=("run", "scaling", "tune"))) is not None:
+        section = changed[0].split(".")[0]
+        raise UserError(f"run.name {cfg.run.name}: {run_dir} holds a run with a different '{section}' "
+                        f"config; pick another run.name or the same config to resume it")
 
 
 def lanes_of(cfg: Config) -> int:

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rayscale import config as config_module
-from rayscale.data.sources import absolute_source, column_names, footer, parquet_files, unclaimed_columns
+from rayscale.data.sources import absolute_source, footer, parquet_files, unclaimed_columns
 from rayscale.errors import UserError, argument
 from rayscale.files import CONFIG_FILE, SUMMARY_FILE, can_write_in, nearest_existing
 from rayscale.plugins import first_line
@@ -260,15 +260,16 @@ def predict(run_dir: str | Path, data: Any, output: str | Path, *, address: str 
     cfg = config_module.load(run_dir / CONFIG_FILE)
     spec = run_summary(run_dir)["data_spec"]
     head, where, files = _head(data)
-    names = column_names(files[0]) if files else head.column_names
+    names = head.column_names
     columns = input_columns(cfg.data, names)
-    for name in columns:
-        if name not in names:
-            raise UserError(f"{argument('data')}: column {name!r} (an input of the run) not in {where} (columns: "
-                            f"{', '.join(names)})")
-    _check_first_rows(head, where, columns, cfg.data.sequence is not None, spec["input_shape"])
-    if files and _check_every_file(files, columns) == 0:  # Ray Data would run no batch: OUT an empty directory
+    if files is None:  # a Dataset: its first rows are all there is to check up front
+        for name in columns:
+            if name not in names:
+                raise UserError(f"{argument('data')}: column {name!r} (an input of the run) not in {where} "
+                                f"(columns: {', '.join(names)})")
+    elif _check_every_file(files, columns) == 0:  # Ray Data would run no batch: OUT an empty directory
         raise UserError(f"{argument('data')}: {data} has no rows; nothing to predict")
+    _check_first_rows(head, where, columns, cfg.data.sequence is not None, spec["input_shape"])
     from rayscale.models.export import load_model
 
     load_model(run_dir, "cpu", model)  # the model rebuilds here first (a user factory must import)
