@@ -27,6 +27,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from committed import registered_checkpoint
 
 from rayscale.launch.connect import free_loopback_port
 
@@ -398,11 +399,9 @@ def test_train_job_stops_cleanly_and_resubmitting_resumes(cluster, tmp_path):
                   "--set", "run.checkpoint_every_seconds=0"]
     first = _submit(cluster, *entrypoint, wait=False, submission_id="rayscale-stop-1")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    metrics = tmp_path / "stopped" / "metrics.jsonl"
     deadline, asked = time.time() + 300, time.time()
-    while time.time() < deadline:  # stop it after its first epoch-end checkpoint, well before its last
-        ends = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
-        if any(r.get("epoch_end") for r in ends):
+    while time.time() < deadline:  # stop it once its first epoch-end checkpoint is committed, well before its last
+        if registered_checkpoint(tmp_path / "stopped" / "checkpoints"):
             break
         if time.time() > asked + 10:  # a job that failed early fails the test now (each ask is a `ray` CLI)
             assert _job_status(cluster, "rayscale-stop-1") in ("PENDING", "RUNNING")
@@ -440,7 +439,7 @@ def test_train_job_stops_cleanly_and_resubmitting_resumes(cluster, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert summary["samples_seen"] == epochs * summary["train_rows"]
-    samples = [json.loads(x)["samples_seen"] for x in metrics.read_text().splitlines()]
+    samples = [json.loads(x)["samples_seen"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert samples == sorted(samples)  # nothing logged twice across the stop
 
 

@@ -9,11 +9,11 @@ import signal
 import sys
 import textwrap
 import threading
-import time
 
 import pytest
 import ray
 import torch
+from committed import wait_for_registered_checkpoint
 
 from rayscale import cli, config
 from rayscale.config import OptimConfig
@@ -286,18 +286,18 @@ def _run(tmp_path, name, *overrides):
     return summary, torch.load(tmp_path / name / "model.pt")
 
 
+def _latest_state(run_dir):
+    """The training state of the run's checkpoint that has seen the most samples."""
+    return max((checkpoint.read_state(d).train_state for d in (run_dir / "checkpoints").rglob("checkpoint_*")
+                if (d / checkpoint.STATE_FILE).exists()), key=lambda state: state.samples_seen)
+
+
 def _kill_a_server_after_the_first_checkpoint(run_dir, killed: list) -> None:
-    """Once epoch 1 is logged (its checkpoint follows), kill server 0; Ray restarts it empty."""
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.exists() and any(json.loads(line).get("epoch_end") for line in metrics.read_text().splitlines()):
-            time.sleep(0.5)
-            names = sorted(name for name in ray.util.list_named_actors() if name.startswith("rayscale-ps-"))
-            ray.kill(ray.get_actor(names[0]), no_restart=False)
-            killed.append(names[0])
-            return
-        time.sleep(0.05)
+    """Once the run's first checkpoint is committed, kill server 0; Ray restarts it empty."""
+    if wait_for_registered_checkpoint(run_dir / "checkpoints", timeout=600):
+        names = sorted(name for name in ray.util.list_named_actors() if name.startswith("rayscale-ps-"))
+        ray.kill(ray.get_actor(names[0]), no_restart=False)
+        killed.append(names[0])
 
 
 @pytest.mark.slow
@@ -313,9 +313,11 @@ def test_sync_parameter_server_matches_ddp_and_survives_a_killed_server(ray_sess
     killed: list = []
     killer = threading.Thread(target=_kill_a_server_after_the_first_checkpoint, args=(tmp_path / "ps", killed))
     killer.start()
-    ps_summary, ps = _run(tmp_path, "ps", "train.strategy=parameter_server", "ps.num_servers=2")
+    ps_summary, ps = _run(tmp_path, "ps", "train.strategy=parameter_server", "ps.num_servers=2",
+                          "run.checkpoint_every_seconds=0")  # a checkpoint at every epoch end, however short
     killer.join()
     assert killed and ps_summary["restarts"] >= 1
+    assert _latest_state(tmp_path / "ps").resumes >= 1  # the run went on from a checkpoint, not from scratch
     assert ps_summary["samples_seen"] == ddp_summary["samples_seen"] == 4 * ddp_summary["train_rows"]
     for key in ddp:
         torch.testing.assert_close(ps[key], ddp[key], rtol=1e-4, atol=1e-5)
@@ -324,17 +326,12 @@ def test_sync_parameter_server_matches_ddp_and_survives_a_killed_server(ray_sess
 
 
 def _kill_a_worker_after_the_first_checkpoint(run_dir, pid_dir, killed: list) -> None:
-    """Once epoch 1 is logged and its checkpoint is in, SIGKILL one training worker process."""
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.exists() and any(json.loads(line).get("epoch_end") for line in metrics.read_text().splitlines()):
-            time.sleep(1.0)
-            pid = int(sorted(pid_dir.iterdir())[0].name)
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-            return
-        time.sleep(0.05)
+    """Once the run's first checkpoint is committed, SIGKILL one training worker process. (Killed between its
+    epoch-end line and the controller's registering its checkpoint, the run would start over from scratch.)"""
+    if wait_for_registered_checkpoint(run_dir / "checkpoints", timeout=600):
+        pid = int(sorted(pid_dir.iterdir())[0].name)
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
 
 
 @pytest.mark.slow
@@ -361,9 +358,7 @@ def test_async_parameter_server_from_the_cli_keeps_its_staleness_bound_and_survi
     summary = json.loads((tmp_path / "async" / "summary.json").read_text())
     assert summary["restarts"] >= 1
     assert summary["samples_seen"] == 4 * summary["train_rows"]
-    latest = max((checkpoint.read_state(d).train_state for d in (tmp_path / "async" / "checkpoints").rglob(
-        "checkpoint_*") if (d / checkpoint.STATE_FILE).exists()), key=lambda state: state.samples_seen)
-    assert latest.resumes >= 1  # the new group started from a checkpoint, not from scratch
+    assert _latest_state(tmp_path / "async").resumes >= 1  # the new group started from a checkpoint, not scratch
     logged = read_metrics(tmp_path / "async")
     measured = [r for r in logged if r.get("staleness_max") is not None]
     assert measured and all(r["staleness_max"] <= 1 for r in measured)

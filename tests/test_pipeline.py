@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from committed import registered_checkpoint
 
 from rayscale import config
 from rayscale.driver.outputs import print_summary, read_metrics
@@ -391,7 +392,7 @@ def test_killed_driver_rerun_resumes_from_storage_path_and_matches_bitwise(refer
     log = open(tmp_path / "first.log", "w")
     driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
-    while time.time() < deadline and not _registered_checkpoint(store / "driver"):
+    while time.time() < deadline and not registered_checkpoint(store / "driver"):
         assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         time.sleep(0.05)
     os.kill(driver.pid, signal.SIGKILL)  # a committed checkpoint must survive this; one still uploading need not
@@ -428,16 +429,6 @@ def test_killed_driver_rerun_resumes_from_storage_path_and_matches_bitwise(refer
     assert [r["samples_seen"] for r in mid] == [end for end in crossings if end % rows]
     assert all(0 < r["val_loss"] < 10 and 0 <= r["val_accuracy"] <= 1 for r in mid)
     assert sum(bool(r.get("epoch_end") and r.get("evaluation")) for r in records) == 2
-
-
-def _registered_checkpoint(experiment: Path) -> bool:
-    """Whether Train's controller has committed a checkpoint of this run: its snapshot, written after it registers
-    one, names a latest checkpoint. (A checkpoint directory appears earlier, while it is still being reported.)"""
-    snapshot = experiment / "checkpoint_manager_snapshot.json"
-    try:
-        return json.loads(snapshot.read_text()).get("latest_checkpoint_result") is not None
-    except (OSError, ValueError):  # not written yet, or caught mid-write
-        return False
 
 
 def _new_pid(pid_dir: Path, seen: set[int], timeout: float) -> int | None:
