@@ -155,15 +155,16 @@ def cmd_find_batch_size(args: argparse.Namespace) -> int:
     cfg = config_module.load(args.config, args.overrides)
     from rayscale.tools import batch_size_finder  # torch: once the flags and the config are known to be good
 
-    print(f"[rayscale] find-batch-size: model {cfg.model.name}, data {cfg.data.source}, {cfg.train.precision}, "
-          f"optimizer {cfg.optim.name}; one training step per probe", flush=True)
+    def started() -> None:  # after the data and the model are checked: a bad one is one line, with no banner
+        print(f"[rayscale] find-batch-size: model {cfg.model.name}, data {cfg.data.source}, {cfg.train.precision}, "
+              f"optimizer {cfg.optim.name}; one training step per probe", flush=True)
 
     def shown(probe) -> None:
         memory = f"{probe.peak_mb:,.1f} MiB" if probe.peak_mb is not None else "-"
         print(f"  micro-batch {probe.micro_batch_size:>7,}  {'fits' if probe.fits else 'does not fit':<12}  "
               f"{memory:>14}  {probe.seconds:.2f} s", flush=True)
 
-    finding = batch_size_finder.find(cfg, limit=args.max, memory_mb=args.memory_mb, progress=shown)
+    finding = batch_size_finder.find(cfg, limit=args.max, memory_mb=args.memory_mb, started=started, progress=shown)
     where = finding.device + (f", within {finding.budget_mb:,.0f} MiB of counted tensor memory"
                               if finding.budget_mb is not None else "")
     if finding.largest is None:

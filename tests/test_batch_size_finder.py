@@ -108,11 +108,15 @@ def test_the_command_finds_the_injected_limit_and_names_the_micro_batch_to_use(c
     pytest.param(["--max", "0"], "--max 0: expected a micro-batch of at least 1", id="max"),
     pytest.param(["--memory-mb", "-1"], "--memory-mb -1: expected a positive number of MiB", id="budget"),
     pytest.param(["--set", "train.precision=fp16"], "train.precision fp16 needs a GPU", id="fp16-on-cpu"),
+    pytest.param(["--set", "data.source=/nonexistent/rows.parquet"], "data.source: no Parquet file at",
+                 id="missing-data"),
+    pytest.param(["--set", "model.kwargs={hidden_sizes: [0]}"], "model.kwargs", id="bad-model-kwargs"),
 ])
 def test_bad_input_is_one_line(extra, message, capsys):
+    """Refused in one line on stderr, before the banner that says what the probes will train."""
     assert cli.main(["find-batch-size", *extra]) == 2
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1
+    out, err = capsys.readouterr()
+    assert message in err and err.count("\n") == 1 and out == ""
 
 
 def test_nothing_fits_is_one_line(cramped, capsys):

@@ -156,7 +156,9 @@ def _sample_rows(cfg: Config) -> tuple[dict[str, np.ndarray], object]:
 
 
 def find(cfg: Config, *, limit: int | None = None, memory_mb: float | None = None,
-         progress: Callable[[Probe], None] = lambda probe: None) -> Finding:
+         started: Callable[[], None] = lambda: None, progress: Callable[[Probe], None] = lambda probe: None) -> Finding:
+    """Probe micro-batch sizes on this machine. `started` is called once the config, the data and the model have
+    been checked and built (a bad one raises before it), `progress` after each probe."""
     from rayscale import rules
     from rayscale.data.collate import collate
     from rayscale.engine.optimizers import build_optimizer
@@ -219,6 +221,7 @@ def find(cfg: Config, *, limit: int | None = None, memory_mb: float | None = Non
         progress(probe)
         return ok
 
+    started()
     finding.largest = largest_fitting(fits, limit)
     finding.per_sample = memory_per_sample(finding.probes)
     return finding
