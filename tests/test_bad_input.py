@@ -61,6 +61,7 @@ def _files(tmp: Path) -> dict[str, str]:
         "notadir": str(tmp / "notadir"),
         "nan_yaml": str(_write(tmp / "nan.yaml", "optim:\n  momentum: nan\n")),
         "models": str(_write(tmp / "bad_input_models.py", USER_MODELS)),  # importable: tmp is on sys.path
+        "shipped": str(Path(__file__).resolve().parents[1] / "configs"),
     }
 
 
@@ -182,7 +183,13 @@ CASES = [
      ["run.checkpoint_upload_fn: cannot import no_such_package.upload"]),
     # The model code's own error while it builds, on the driver: the key and the exception's message.
     ("builtin-kwarg-value", ["train", "--set", "model.kwargs.hidden_sizes=[-3]"],
-     ["model.kwargs: mlp(hidden_sizes=[-3]) raised RuntimeError:", "negative dimension -3"]),
+     ["model.kwargs.hidden_sizes: expected entries of at least 1, got [-3]"]),
+    # A layer of width 0 is one torch builds: it passes nothing on, and the model trains its head's bias alone.
+    ("builtin-zero-width", ["train", "--set", "model.kwargs.hidden_sizes=[8, 0]"],
+     ["model.kwargs.hidden_sizes: expected entries of at least 1, got [8, 0]"]),
+    ("builtin-zero-feed-forward", ["train", "-c", "{shipped}/transformer_sequences.yaml", "--set",
+                                   "model.kwargs.dim_feedforward=0"],
+     ["model.kwargs.dim_feedforward: expected a number of at least 1, got 0"]),
     ("builtin-dropout-over-one", ["train", "--set", "model.kwargs.dropout=2"],
      ["model.kwargs: mlp(dropout=2) raised ValueError: dropout probability has to be between 0 and 1"]),
     ("builtin-unexpected-kwarg", ["train", "--set", "model.kwargs.hidden=-3"],

@@ -221,13 +221,18 @@ def test_user_factory_gets_kwargs(user_module):
     pytest.param(ModelConfig(name="user_model_example:broken", kwargs={"anything": 1}), TABULAR,
                  "model.kwargs: user_model_example:broken(anything=1) raised NameError", id="factory-takes-any-kwarg"),
     pytest.param(ModelConfig(name="mlp", kwargs={"hidden_sizes": [-3]}), TABULAR,
-                 "model.kwargs: mlp(hidden_sizes=[-3]) raised RuntimeError: Trying to create tensor with negative "
-                 "dimension -3", id="builtin-negative-width"),
+                 "model.kwargs.hidden_sizes: expected entries of at least 1, got [-3]", id="builtin-negative-width"),
+    pytest.param(ModelConfig(name="mlp", kwargs={"hidden_sizes": [8, 0]}), TABULAR,  # torch builds a dead layer
+                 "model.kwargs.hidden_sizes: expected entries of at least 1, got [8, 0]", id="builtin-zero-width"),
+    pytest.param(ModelConfig(name="cnn", kwargs={"channels": [0]}), IMAGE,
+                 "model.kwargs.channels: expected entries of at least 1, got [0]", id="builtin-zero-channels"),
     pytest.param(ModelConfig(name="mlp", kwargs={"hidden_sizes": 3}), TABULAR,
                  "model.kwargs: mlp(hidden_sizes=3) raised TypeError: 'int' object is not iterable",
                  id="builtin-wrong-type"),
     pytest.param(ModelConfig(name="transformer", kwargs={"nhead": 0}), SEQUENCE,
-                 "model.kwargs: transformer(nhead=0) raised ZeroDivisionError", id="builtin-zero-heads"),
+                 "model.kwargs.nhead: expected a number of at least 1, got 0", id="builtin-zero-heads"),
+    pytest.param(ModelConfig(name="transformer", kwargs={"dim_feedforward": 0}), SEQUENCE,
+                 "model.kwargs.dim_feedforward: expected a number of at least 1, got 0", id="builtin-zero-ff"),
 ])
 def test_build_errors(cfg, spec, message, user_module):
     with pytest.raises(UserError, match=re.escape(message)) as info:
