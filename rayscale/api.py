@@ -146,8 +146,10 @@ def tune(config: ConfigLike = None, *, overrides: Overrides = (), address: str |
     cfg, datasets = with_data(cfg, train_data, val_data)
     from rayscale.driver.prepare import run_directory  # once the config is good, as in train
     from rayscale.launch.user_data import dataset_sources
-    from rayscale.tuning.search import search
+    from rayscale.tuning.search import check_before_data, search
 
+    if datasets:  # a Dataset runs only for a search that can start (search() checks this again, for the CLI)
+        check_before_data(cfg, address=address, resume=resume)
     given = dataset_sources(cfg, datasets, address=address, scope="search")
     trials = search(cfg, address=address, resume=resume, code=code, given=given)
     if trials and all(trial["status"] == "error" for trial in trials):  # nothing to rank, nothing best

@@ -286,6 +286,28 @@ def test_resume_with_nothing_to_resume(tmp_path, capsys):
                       resume=True)
 
 
+def test_a_resume_with_nothing_to_resume_is_refused_before_a_given_dataset_runs(tmp_path, monkeypatch):
+    """rayscale.tune(train_data=<Dataset>, resume=True): a Dataset runs once for the whole search, which can take
+    long; a search that cannot start is refused before that."""
+    from rayscale import api
+    from rayscale.launch import user_data
+
+    def dataset_given(cfg, train_data, val_data):
+        return cfg, {"train_data": train_data}
+
+    def ran(*args, **kwargs):
+        raise AssertionError("the Dataset ran before the resume was checked")
+
+    monkeypatch.setattr(api, "with_data", dataset_given)
+    monkeypatch.setattr(user_data, "dataset_sources", ran)
+    overrides = [pair for pair in args(f"run.output_dir={tmp_path}") if pair != "--set"]
+    with pytest.raises(rayscale.UserError, match="^resume: no search to resume"):
+        rayscale.tune(overrides=overrides, resume=True, train_data=object())
+    (tmp_path / "default" / "tune").mkdir(parents=True)  # and a new search where one is
+    with pytest.raises(rayscale.UserError, match="already holds a search; pass resume=True"):
+        rayscale.tune(overrides=overrides, train_data=object())
+
+
 def test_a_resume_with_another_training_config_is_refused_and_changes_nothing(search, capsys):
     """The finished search's own config with one training key changed: Tune would have kept the finished trials
     and ranked them with trials trained under the new config."""

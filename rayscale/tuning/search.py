@@ -305,11 +305,11 @@ def check_same_search(base: dict, search_dir: Path) -> None:
                         f"resume with the config it started with, or start a new search with another run.name")
 
 
-def search(cfg: Config, *, address: str | None = None, resume: bool = False, code: UserCode = NO_CODE,
-           given: Mapping[str, SourceInfo] = NO_DATA) -> list[dict]:
-    """Validate everything, run (or resume) the search, write its outputs; returns trial rows, best first.
-    `code`: rayscale.tune's model=, loss=, metrics= objects, handed to every trial; `given`: its Ray Datasets'
-    sources, run once here and read by every trial from the object store this process owns."""
+def check_before_data(cfg: Config, *, address: str | None = None, resume: bool = False
+                      ) -> tuple[dict, list[space.Domain]]:
+    """What a search can refuse before its data are read (rayscale.tune calls it before it runs a Dataset): the
+    space, the address, and a resume with nothing to resume or under another config, or a new search where one
+    is. Makes cfg's paths absolute; returns the config as a dict and the space's domains."""
     absolute_paths(cfg)  # before the trials' configs are made from it: each trial runs in a directory of its own
     base = config_module.to_dict(cfg)
     domains = space.parse_space(cfg.tune.space)
@@ -317,7 +317,7 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False, cod
     search_dir = run_directory(cfg)
     tuner_dir = search_dir / "tune"
     loopback_unless_joining(address)
-    if resume and cfg.run.output_dir.strip():  # known before the data are read (an empty output_dir: prepare's)
+    if resume and cfg.run.output_dir.strip():  # an empty output_dir is refused by prepare
         from ray.tune import Tuner
 
         if not Tuner.can_restore(str(tuner_dir)):
@@ -328,6 +328,16 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False, cod
         add_resume = "add --resume" if argument("resume") == "--resume" else "pass resume=True"
         raise UserError(f"run.name {cfg.run.name}: {search_dir} already holds a search; {add_resume} to "
                         f"continue it or pick another run.name")
+    return base, domains
+
+
+def search(cfg: Config, *, address: str | None = None, resume: bool = False, code: UserCode = NO_CODE,
+           given: Mapping[str, SourceInfo] = NO_DATA) -> list[dict]:
+    """Validate everything, run (or resume) the search, write its outputs; returns trial rows, best first.
+    `code`: rayscale.tune's model=, loss=, metrics= objects, handed to every trial; `given`: its Ray Datasets'
+    sources, run once here and read by every trial from the object store this process owns."""
+    base, domains = check_before_data(cfg, address=address, resume=resume)
+    search_dir = run_directory(cfg)
     prepared = prepare(cfg, scope="search", code=code, given=given)
     max_t = cfg.train.epochs * prepared.train_rows
     check_metric_name(cfg.tune.metric, [*cfg.train.metrics, *(name for name, _ in code.metrics)], prepared.spec.task)
