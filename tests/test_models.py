@@ -233,6 +233,8 @@ def test_user_factory_gets_kwargs(user_module):
                  "model.kwargs.nhead: expected a number of at least 1, got 0", id="builtin-zero-heads"),
     pytest.param(ModelConfig(name="transformer", kwargs={"dim_feedforward": 0}), SEQUENCE,
                  "model.kwargs.dim_feedforward: expected a number of at least 1, got 0", id="builtin-zero-ff"),
+    pytest.param(ModelConfig(name="transformer", kwargs={"num_layers": -1}), SEQUENCE,
+                 "model.kwargs.num_layers: expected a number of at least 0, got -1", id="builtin-negative-layers"),
 ])
 def test_build_errors(cfg, spec, message, user_module):
     with pytest.raises(UserError, match=re.escape(message)) as info:

@@ -13,7 +13,7 @@ import threading
 import pytest
 import ray
 import torch
-from committed import wait_for_registered_checkpoint
+from committed import latest_state, wait_for_registered_checkpoint
 
 from rayscale import cli, config
 from rayscale.config import OptimConfig
@@ -286,15 +286,15 @@ def _run(tmp_path, name, *overrides):
     return summary, torch.load(tmp_path / name / "model.pt")
 
 
-def _latest_state(run_dir):
-    """The training state of the run's checkpoint that has seen the most samples."""
-    return max((checkpoint.read_state(d).train_state for d in (run_dir / "checkpoints").rglob("checkpoint_*")
-                if (d / checkpoint.STATE_FILE).exists()), key=lambda state: state.samples_seen)
+def _resumes(run_dir) -> int:
+    """How many times the run restored a checkpoint, as its checkpoint furthest into training counts them."""
+    return latest_state(d for d in (run_dir / "checkpoints").glob("checkpoint_*")
+                        if (d / checkpoint.STATE_FILE).exists()).train_state.resumes
 
 
-def _kill_a_server_after_the_first_checkpoint(run_dir, killed: list) -> None:
+def _kill_a_server_after_the_first_checkpoint(run_dir, run_over: threading.Event, killed: list) -> None:
     """Once the run's first checkpoint is committed, kill server 0; Ray restarts it empty."""
-    if wait_for_registered_checkpoint(run_dir / "checkpoints", timeout=600):
+    if wait_for_registered_checkpoint(run_dir / "checkpoints", run_over, timeout=600):
         names = sorted(name for name in ray.util.list_named_actors() if name.startswith("rayscale-ps-"))
         ray.kill(ray.get_actor(names[0]), no_restart=False)
         killed.append(names[0])
@@ -311,13 +311,19 @@ def test_sync_parameter_server_matches_ddp_and_survives_a_killed_server(ray_sess
     ddp_summary, ddp = _run(tmp_path, "ddp", "model.name=mlp", "model.kwargs={hidden_sizes: [64, 64]}",
                             "scaling.num_workers=0", "data.lanes=2")
     killed: list = []
-    killer = threading.Thread(target=_kill_a_server_after_the_first_checkpoint, args=(tmp_path / "ps", killed))
+    run_over = threading.Event()
+    killer = threading.Thread(target=_kill_a_server_after_the_first_checkpoint,
+                              args=(tmp_path / "ps", run_over, killed))
     killer.start()
-    ps_summary, ps = _run(tmp_path, "ps", "train.strategy=parameter_server", "ps.num_servers=2",
-                          "run.checkpoint_every_seconds=0")  # a checkpoint at every epoch end, however short
-    killer.join()
-    assert killed and ps_summary["restarts"] >= 1
-    assert _latest_state(tmp_path / "ps").resumes >= 1  # the run went on from a checkpoint, not from scratch
+    try:
+        ps_summary, ps = _run(tmp_path, "ps", "train.strategy=parameter_server", "ps.num_servers=2",
+                              "run.checkpoint_every_seconds=0")  # a checkpoint at every epoch end, however short
+    finally:
+        run_over.set()
+        killer.join()
+    assert killed, "the run ended before a checkpoint of it was committed"
+    assert ps_summary["restarts"] >= 1
+    assert _resumes(tmp_path / "ps") >= 1  # the run went on from a checkpoint, not from scratch
     assert ps_summary["samples_seen"] == ddp_summary["samples_seen"] == 4 * ddp_summary["train_rows"]
     for key in ddp:
         torch.testing.assert_close(ps[key], ddp[key], rtol=1e-4, atol=1e-5)
@@ -325,10 +331,10 @@ def test_sync_parameter_server_matches_ddp_and_survives_a_killed_server(ray_sess
     assert all(r["bytes_pushed_per_step"] > 0 for r in logged if not r.get("evaluation"))
 
 
-def _kill_a_worker_after_the_first_checkpoint(run_dir, pid_dir, killed: list) -> None:
+def _kill_a_worker_after_the_first_checkpoint(run_dir, pid_dir, run_over: threading.Event, killed: list) -> None:
     """Once the run's first checkpoint is committed, SIGKILL one training worker process. (Killed between its
     epoch-end line and the controller's registering its checkpoint, the run would start over from scratch.)"""
-    if wait_for_registered_checkpoint(run_dir / "checkpoints", timeout=600):
+    if wait_for_registered_checkpoint(run_dir / "checkpoints", run_over, timeout=600):
         pid = int(sorted(pid_dir.iterdir())[0].name)
         os.kill(pid, signal.SIGKILL)
         killed.append(pid)
@@ -345,20 +351,25 @@ def test_async_parameter_server_from_the_cli_keeps_its_staleness_bound_and_survi
     for stale in pid_dir.iterdir():
         stale.unlink()
     killed: list = []
+    run_over = threading.Event()
     killer = threading.Thread(target=_kill_a_worker_after_the_first_checkpoint,
-                              args=(tmp_path / "async", pid_dir, killed))
+                              args=(tmp_path / "async", pid_dir, run_over, killed))
     killer.start()
     overrides = [f"run.output_dir={tmp_path}", "run.name=async", "train.epochs=4", "batch.global_batch_size=128",
                  "model.name=ps_slow_model:make", "model.kwargs={}", "train.noise_scale=false",
                  "run.checkpoint_every_seconds=0",
                  "train.strategy=parameter_server", "ps.mode=async", "ps.max_staleness=1", "ps.num_servers=2"]
-    code = cli.main(["train", *[arg for item in overrides for arg in ("--set", item)]])
-    killer.join()
-    assert code == 0 and killed
+    try:
+        code = cli.main(["train", *[arg for item in overrides for arg in ("--set", item)]])
+    finally:
+        run_over.set()
+        killer.join()
+    assert code == 0
+    assert killed, "the run ended before a checkpoint of it was committed"
     summary = json.loads((tmp_path / "async" / "summary.json").read_text())
     assert summary["restarts"] >= 1
     assert summary["samples_seen"] == 4 * summary["train_rows"]
-    assert _latest_state(tmp_path / "async").resumes >= 1  # the new group started from a checkpoint, not scratch
+    assert _resumes(tmp_path / "async") >= 1  # the new group started from a checkpoint, not from scratch
     logged = read_metrics(tmp_path / "async")
     measured = [r for r in logged if r.get("staleness_max") is not None]
     assert measured and all(r["staleness_max"] <= 1 for r in measured)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from committed import registered_checkpoint
+from committed import latest_state, registered_checkpoint
 
 from rayscale import config
 from rayscale.driver.outputs import print_summary, read_metrics
@@ -129,14 +129,6 @@ def ray_session(tmp_path_factory):
 AVERAGED = "train.ema_half_life_samples=200"
 
 
-def _latest_state(directories):
-    """The state of the checkpoint furthest into training (directory times can tie on a coarse clock)."""
-    from rayscale.engine import checkpoint
-
-    states = [checkpoint.read_state(d) for d in directories]
-    return max(states, key=lambda state: state.train_state.samples_seen)
-
-
 def run(tmp_path, name, *overrides):
     cfg = config.load(overrides=[f"run.output_dir={tmp_path}", f"run.name={name}", "train.epochs=2",
                                  "batch.global_batch_size=64", *overrides])
@@ -219,7 +211,7 @@ def test_local_mode_resumes_a_crashed_run_from_its_run_directory_and_a_finished_
     summary, resumed = local("crashed", 92 + 40)
     assert summary["restarts"] == 1 and summary["samples_seen"] == 2 * summary["train_rows"]
     # Resumed, not retrained from scratch (which gives the same model): the final checkpoint counts one restore.
-    assert _latest_state((tmp_path / "crashed" / "checkpoints").glob("checkpoint-*")).train_state.resumes == 1
+    assert latest_state((tmp_path / "crashed" / "checkpoints").glob("checkpoint-*")).train_state.resumes == 1
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     # Finished: started again it trains nothing, starts no worker and counts no restart (it counted one, a
     # fault's, and wrote over the summary's wall time): its summary is the one the run wrote.
@@ -410,7 +402,7 @@ def test_killed_driver_rerun_resumes_from_storage_path_and_matches_bitwise(refer
     # It resumed (not retrained from scratch, which would give the same model): the final checkpoint's progress
     # counts one restore. (The worker's "resuming at epoch" line can reach this driver's stdout after it exits.)
 
-    assert _latest_state(p for p in (store / "driver").glob("checkpoint_*") if p.is_dir()).train_state.resumes == 1
+    assert latest_state(p for p in (store / "driver").glob("checkpoint_*") if p.is_dir()).train_state.resumes == 1
     summary = json.loads((tmp_path / "driver" / "summary.json").read_text())
     assert summary["samples_seen"] == expected_summary["samples_seen"]
     model = torch.load(tmp_path / "driver" / "model.pt")

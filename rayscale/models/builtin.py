@@ -39,13 +39,13 @@ def _run_block(block: nn.Module, *args: torch.Tensor, checkpointed: bool, **kwar
     return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
-def _at_least_one(key: str, value) -> None:
-    """A built-in model's size (or list of sizes) is at least 1: torch builds a layer of width 0, which passes
-    nothing on, and one of a negative width fails with its tensor's shape, not the key. (Other types are left to
-    the model's own error, which names the key too.)"""
+def _at_least(key: str, value, low: int = 1) -> None:
+    """A built-in model's size (or list of sizes) is at least `low`: torch builds a layer of width 0, which
+    passes nothing on, and one of a negative width fails with its tensor's shape, not the key. (Other types are
+    left to the model's own error, which names the key too.)"""
     listed = isinstance(value, (list, tuple))
-    if any(isinstance(size, int) and size < 1 for size in (value if listed else [value])):
-        raise UserError(f"model.kwargs.{key}: expected {'entries' if listed else 'a number'} of at least 1, "
+    if any(isinstance(size, int) and size < low for size in (value if listed else [value])):
+        raise UserError(f"model.kwargs.{key}: expected {'entries' if listed else 'a number'} of at least {low}, "
                         f"got {value!r}")
 
 
@@ -56,7 +56,7 @@ class MLP(nn.Module):
                  dropout: float = 0.0, activation_checkpointing: bool = False):
         super().__init__()
         self.activation_checkpointing = activation_checkpointing
-        _at_least_one("hidden_sizes", hidden_sizes)
+        _at_least("hidden_sizes", hidden_sizes)
         self.blocks = nn.ModuleList()
         width = in_features
         for hidden in hidden_sizes:
@@ -84,7 +84,7 @@ class CNN(nn.Module):
     def __init__(self, in_channels: int, image_size: int, num_outputs: int, channels: Sequence[int] = (16, 32),
                  activation_checkpointing: bool = False):
         super().__init__()
-        _at_least_one("channels", channels)
+        _at_least("channels", channels)
         # Each block halves the image (rounding down); past 1 pixel MaxPool2d fails at the first forward.
         if image_size < 2 ** len(channels):
             raise UserError(f"model.kwargs.channels: {len(channels)} blocks halve a {image_size}-pixel image "
@@ -122,7 +122,8 @@ class Transformer(nn.Module):
                  activation_checkpointing: bool = False, pooled: bool = False):
         super().__init__()
         for name, value in (("d_model", d_model), ("nhead", nhead), ("dim_feedforward", dim_feedforward)):
-            _at_least_one(name, value)
+            _at_least(name, value)
+        _at_least("num_layers", num_layers, low=0)  # 0: embeddings and the head, a baseline
         if d_model % nhead:
             raise UserError(f"model.kwargs.d_model: must be divisible by nhead ({nhead}), got {d_model}")
         self.max_length, self.pooled = max_length, pooled
