@@ -128,9 +128,12 @@ def train(config: ConfigLike = None, *, overrides: Overrides = (), address: str 
     cfg, datasets = with_data(cfg, train_data, val_data)
     # Imported once the config is known to be good: torch and Ray take ~1.5 s to import, a bad key is refused
     # without them.
+    from rayscale.driver.prepare import check_before_data
     from rayscale.launch.trainer import train as run_training
     from rayscale.launch.user_data import dataset_sources
 
+    if datasets:  # a Dataset runs only for a run that can start (train() checks this again, for the CLI)
+        check_before_data(cfg)
     given = dataset_sources(cfg, datasets, address=address)
     summary = run_training(cfg, address=address, code=code, given=given)
     return Result(Path(summary["run_dir"]), summary)

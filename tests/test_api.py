@@ -55,6 +55,28 @@ def test_bad_input_raises_the_clis_one_line_error_before_anything_runs(kwargs, m
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
 
 
+def test_a_run_that_cannot_start_is_refused_before_a_given_dataset_runs(tmp_path, monkeypatch):
+    """rayscale.train(train_data=<Dataset>): the Dataset runs once before training, which can take long; a run
+    directory holding a run of another config (or an empty run.output_dir) is refused before that."""
+    import yaml
+
+    from rayscale import api
+    from rayscale.launch import user_data
+
+    def ran(*args, **kwargs):
+        raise AssertionError("the Dataset ran before the run directory was checked")
+
+    monkeypatch.setattr(api, "with_data", lambda cfg, train_data, val_data: (cfg, {"train_data": train_data}))
+    monkeypatch.setattr(user_data, "dataset_sources", ran)
+    overrides = {"run.output_dir": str(tmp_path), "run.name": "old"}
+    (tmp_path / "old" / "checkpoints" / "checkpoint-1").mkdir(parents=True)  # something to resume
+    (tmp_path / "old" / "config.yaml").write_text(yaml.safe_dump(config.to_dict(resolve_config(overrides=overrides))))
+    with pytest.raises(rayscale.UserError, match="holds a run with a different 'optim' config"):
+        rayscale.train(overrides={**overrides, "optim.lr": 0.5}, train_data=object())
+    with pytest.raises(rayscale.UserError, match="^run.output_dir: expected a directory path, got an empty one"):
+        rayscale.train(overrides={"run.output_dir": ""}, train_data=object())
+
+
 def test_the_safetensors_export_holds_every_weight_tied_ones_included():
     from safetensors.torch import load
 

@@ -287,8 +287,9 @@ def test_resume_with_nothing_to_resume(tmp_path, capsys):
 
 
 def test_a_resume_with_nothing_to_resume_is_refused_before_a_given_dataset_runs(tmp_path, monkeypatch):
-    """rayscale.tune(train_data=<Dataset>, resume=True): a Dataset runs once for the whole search, which can take
-    long; a search that cannot start is refused before that."""
+    """rayscale.tune(train_data=<Dataset>): a Dataset runs once for the whole search, which can take long; a
+    search that cannot start (nothing to resume, a search already there, no run.output_dir) is refused before
+    that."""
     from rayscale import api
     from rayscale.launch import user_data
 
@@ -306,6 +307,8 @@ def test_a_resume_with_nothing_to_resume_is_refused_before_a_given_dataset_runs(
     (tmp_path / "default" / "tune").mkdir(parents=True)  # and a new search where one is
     with pytest.raises(rayscale.UserError, match="already holds a search; pass resume=True"):
         rayscale.tune(overrides=overrides, train_data=object())
+    with pytest.raises(rayscale.UserError, match="^run.output_dir: expected a directory path, got an empty one"):
+        rayscale.tune(overrides=["run.output_dir="], resume=True, train_data=object())
 
 
 def test_a_resume_with_another_training_config_is_refused_and_changes_nothing(search, capsys):

@@ -68,8 +68,7 @@ def prepare(cfg: Config, scope: str = "run", code: UserCode = NO_CODE,
     _try_user_code(cfg, train.info, model, code, validates=val is not None)
     if cfg.run.checkpoint_upload_fn is not None:  # imported where the workers run, but a typo fails here first
         import_callable(cfg.run.checkpoint_upload_fn, "run.checkpoint_upload_fn")
-    if not cfg.run.output_dir.strip():  # it would be the working directory, unasked
-        raise UserError("run.output_dir: expected a directory path, got an empty one")
+    check_output_dir(cfg)
     run_dir = run_directory(cfg)
     _check_writable("run.output_dir", run_dir)
     storage = cfg.run.storage_path  # made absolute above when local
@@ -78,6 +77,20 @@ def prepare(cfg: Config, scope: str = "run", code: UserCode = NO_CODE,
             raise UserError(f"run.storage_path: {storage} is a file; expected a directory (or a URI)")
         _check_writable("run.storage_path", Path(storage))
     return PreparedRun(cfg, plan, train, val, train_rows, val_rows, run_dir, code)
+
+
+def check_before_data(cfg: Config) -> None:
+    """What a run can refuse before its data are read (rayscale.train calls it before it runs a Dataset, which
+    can take long): no run directory, or one that holds a run of another config. Makes cfg's paths absolute."""
+    absolute_paths(cfg)
+    check_output_dir(cfg)
+    check_same_config(cfg, run_directory(cfg))
+
+
+def check_output_dir(cfg: Config) -> None:
+    """run.output_dir is not empty."""
+    if not cfg.run.output_dir.strip():  # it would be the working directory, unasked
+        raise UserError("run.output_dir: expected a directory path, got an empty one")
 
 
 def _check_training_rows(cfg: Config, plan: BatchPlan, train_rows: int) -> None:

@@ -21,7 +21,15 @@ from rayscale import config as config_module
 from rayscale.config import Config
 from rayscale.data.sources import SourceInfo
 from rayscale.driver.outputs import finished_run, read_metrics
-from rayscale.driver.prepare import NO_CODE, NO_DATA, absolute_paths, first_change, prepare, run_directory
+from rayscale.driver.prepare import (
+    NO_CODE,
+    NO_DATA,
+    absolute_paths,
+    check_output_dir,
+    first_change,
+    prepare,
+    run_directory,
+)
 from rayscale.driver.trackers import Destinations
 from rayscale.driver.tracking import Tracking, destinations, end_cut_off
 from rayscale.errors import UserError, argument
@@ -311,13 +319,14 @@ def check_before_data(cfg: Config, *, address: str | None = None, resume: bool =
     space, the address, and a resume with nothing to resume or under another config, or a new search where one
     is. Makes cfg's paths absolute; returns the config as a dict and the space's domains."""
     absolute_paths(cfg)  # before the trials' configs are made from it: each trial runs in a directory of its own
+    check_output_dir(cfg)
     base = config_module.to_dict(cfg)
     domains = space.parse_space(cfg.tune.space)
     space.validate(base, domains)
     search_dir = run_directory(cfg)
     tuner_dir = search_dir / "tune"
     loopback_unless_joining(address)
-    if resume and cfg.run.output_dir.strip():  # an empty output_dir is refused by prepare
+    if resume:
         from ray.tune import Tuner
 
         if not Tuner.can_restore(str(tuner_dir)):
