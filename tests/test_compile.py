@@ -112,20 +112,15 @@ def test_inductor_compiles_a_step_with_eagers_gradients():
     assert compiled.graphs == 2  # 8 rows as they are, then the batch dimension symbolic (5, and every other)
 
 
-def test_inductor_computes_tanh_in_its_exp_form_and_a_gpts_compiled_step_keeps_eagers_gradients():
+def test_inductor_computes_tanh_in_its_exp_form():
     """train.compile's one inductor setting (INDUCTOR_SETTINGS): tanh in its exp form, whose only sign is that it
-    rounds a tanh too small for it to 0 (inductor's default gives the value), and the GPT's tanh GELU compiled
-    that way trains eager's model within fp32 rounding."""
+    rounds a tanh too small for it to 0 where inductor's default gives the value. (The MLP above is a tanh one:
+    its compiled step keeps eager's parameters that way.)"""
     tiny = torch.full((64,), 1e-10)  # a whole vector: the scalar tail of a kernel may be generated apart
     torch.compiler.reset()
     assert torch.equal(torch.compile(torch.tanh, backend=compiler("inductor"))(tiny), torch.zeros(64))
     torch.compiler.reset()
     assert torch.equal(torch.compile(torch.tanh, backend="inductor")(tiny), tiny)
-    build, objective, steps = CASES["tokens"]
-    model, compiled = build(), Compilation("inductor")
-    eager_params, _ = trained(model, steps[:1], objective)
-    compiled_params, _ = trained(model, steps[:1], objective, compiled.forward_loss)
-    assert torch.allclose(compiled_params, eager_params, rtol=1e-5, atol=1e-6)
 
 
 def test_a_nonfinite_compiled_step_is_skipped_and_leaves_the_weights():
