@@ -10,6 +10,7 @@ The same arguments always give the same files.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,38 +35,65 @@ def example_table(rows: int, seed: int) -> pa.Table:
     return pa.table({**columns, "label": labels, "weight": weights})
 
 
+# Left in a directory this script wrote, so that it may write there again (and only there, of what is not empty).
+MARKER = ".written-by-write_example_parquet"
+
+
+class BadArguments(ValueError):
+    """What main reports in one line, exit 2."""
+
+
 def write_example_parquet(path: str | Path, rows: int = 4000, files: int = 3, seed: int = 0) -> list[Path]:
     """Write `rows` rows split over `files` Parquet files under the directory `path`; returns the files.
 
-    Files part-00000.parquet ... are overwritten, and part files left by an earlier run with more files are
-    removed, so the directory always holds exactly this dataset (a reader takes every .parquet below it).
+    `path` must be new, empty, or a directory this script wrote before (its MARKER file says so): there the
+    files part-00000.parquet ... are replaced, and part files left by an earlier run with more files are
+    removed, so the directory always holds exactly this dataset (a reader takes every .parquet below it). A
+    directory holding anything else is refused, as nothing of the user's may be overwritten. Each file is
+    written under a temporary name and renamed, so an interrupted run leaves no partial Parquet file.
     """
-    if rows < files or files < 1:
-        raise ValueError(f"need at least one row per file, got rows={rows}, files={files}")
+    if files < 1 or rows < files:
+        raise BadArguments(f"--rows {rows}, --files {files}: expected at least 1 file and a row per file")
     directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.exists() and not directory.is_dir():
+        raise BadArguments(f"{path}: is a file; expected a directory to write the Parquet files into")
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / MARKER).exists():
+        raise BadArguments(f"{path}: is not empty and was not written by this script; expected a new or empty "
+                           f"directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / MARKER).touch()
+    except OSError as error:
+        raise BadArguments(f"{path}: cannot be created ({error.strerror or error})") from None
     table = example_table(rows, seed)
     bounds = np.linspace(0, rows, files + 1).astype(int)
     written = []
     for index, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
         target = directory / f"part-{index:05d}.parquet"
-        pq.write_table(table.slice(start, stop - start), target)
+        partial = directory / f".{target.name}.partial"  # not a .parquet file: no reader takes it
+        pq.write_table(table.slice(start, stop - start), partial)
+        partial.replace(target)
         written.append(target)
     for stale in sorted(set(directory.glob("part-*.parquet")) - set(written)):
         stale.unlink()
     return written
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("path", help="directory to write the Parquet files into (created if missing)")
+    parser.add_argument("path", help="a new or empty directory (or one this script wrote) for the Parquet files")
     parser.add_argument("--rows", type=int, default=4000, help="rows in all files together")
     parser.add_argument("--files", type=int, default=3, help="number of Parquet files")
     parser.add_argument("--seed", type=int, default=0, help="seeds the features, teacher, labels and weights")
     args = parser.parse_args(argv)
-    written = write_example_parquet(args.path, rows=args.rows, files=args.files, seed=args.seed)
+    try:
+        written = write_example_parquet(args.path, rows=args.rows, files=args.files, seed=args.seed)
+    except BadArguments as error:
+        print(f"write_example_parquet: error: {error}", file=sys.stderr)
+        return 2
     print(f"wrote {args.rows} rows in {len(written)} files under {args.path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -102,7 +102,31 @@ def test_example_parquet_is_deterministic_and_split_over_files(tmp_path):
     assert not pq.read_table(job.write_example_parquet(tmp_path / "c", rows=100, seed=2)[0]).equals(
         pq.read_table(written[0]))  # another seed, other rows
     job.write_example_parquet(tmp_path / "b", rows=100, files=2, seed=1)  # fewer files: stale ones go
-    assert len(list((tmp_path / "b").glob("*.parquet"))) == 2
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [job.MARKER, "part-00000.parquet",
+                                                                  "part-00001.parquet"]  # no partial file left
+
+
+@pytest.mark.parametrize("case, argv, message", [
+    ("not-ours", ["{tmp}/mine"], "{tmp}/mine: is not empty and was not written by this script"),
+    ("a-file", ["{tmp}/mine/notes.txt"], "{tmp}/mine/notes.txt: is a file; expected a directory"),
+    ("under-a-file", ["{tmp}/mine/notes.txt/sub"], "{tmp}/mine/notes.txt/sub: cannot be created"),
+    ("no-rows", ["{tmp}/new", "--rows", "0"], "--rows 0, --files 3: expected at least 1 file and a row per file"),
+    ("no-files", ["{tmp}/new", "--files", "0"], "--rows 4000, --files 0: expected at least 1 file"),
+])
+def test_the_example_writer_refuses_in_one_line_and_leaves_the_users_files(case, argv, message, tmp_path, capsys):
+    """A directory holding a user's part-00003.parquet lost it: the writer replaced and removed part files it had
+    not written. Now it writes only into a new or empty directory, or one it wrote (its marker file)."""
+    job = _load_job("write_example_parquet")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name in ("part-00003.parquet", "notes.txt"):
+        (mine / name).write_text(name)
+    assert job.main([arg.format(tmp=tmp_path) for arg in argv]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(f"write_example_parquet: error: {message.format(tmp=tmp_path)}")
+    assert err.count("\n") == 1 and out == ""
+    assert {p.name: p.read_text() for p in mine.iterdir()} == {n: n for n in ("part-00003.parquet", "notes.txt")}
+    assert not (tmp_path / "new").exists()
 
 
 # ------------------------------------------------------------------------------------------- end to end
