@@ -369,6 +369,11 @@ def test_importable_objects_are_named_in_the_config_and_the_rest_travel_as_objec
     ({"loss": lambda output, batch: (F.cross_entropy(output, batch["y"], reduction="none"),
                                      torch.tensor([1.0, -1.0]))},
      r"loss=: failed on 2 rows of digits \(ValueError: train.loss: returned weights from -1 to 1; expected finite"),
+    # A loss no gradient flows back through: every worker's first backward failed, once per allowed restart.
+    ({"loss": lambda output, batch: torch.ones(output.shape[0])},
+     r"loss=: failed on 2 rows of digits \(ValueError: train.loss: returned losses that do not depend on the model"),
+    ({"loss": lambda output, batch: (F.cross_entropy(output, batch["y"], reduction="none").detach(),
+                                     torch.ones(output.shape[0]))}, r"train.loss: returned losses that do not depend"),
     # val_loss and val_accuracy are rayscale's: a metric of that name replaced them (and a search ranked by it).
     ({"metrics": {"loss": lambda output, batch: output[:, 0]}}, r"metrics\['loss'\]: val_loss is rayscale's own validation metric"),
     ({"overrides": {"train.metrics": {"accuracy": "user_code:hit"}}},

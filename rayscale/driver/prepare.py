@@ -253,6 +253,11 @@ def _loss_once(task: str, loss, output, batch) -> None:
         return returned[-1]
 
     Objective(task, kept if loss is not None else None).loss(output, batch)
+    losses = returned[0][0] if returned and isinstance(returned[0], tuple) else returned[0] if returned else None
+    if isinstance(losses, torch.Tensor) and output.requires_grad and not losses.requires_grad:
+        # The workers' first backward would fail (in every one, retried run.max_failures times).
+        raise ValueError("train.loss: returned losses that do not depend on the model's output (no gradient "
+                         "reaches the model); expected losses computed from the output")
     weights = returned[0][1] if returned and isinstance(returned[0], tuple) else None
     if isinstance(weights, torch.Tensor) and not (torch.isfinite(weights).all() and (weights >= 0).all()):
         raise ValueError(f"train.loss: returned weights from {weights.min().item():g} to {weights.max().item():g}; "
