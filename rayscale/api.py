@@ -26,6 +26,7 @@ argument, when it cannot be pickled.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +89,24 @@ def connect(address: str | None = None) -> None:
     Dataset runs on the cluster that trains (Ray Data would otherwise start a default Ray of its own)."""
     from rayscale.launch.connect import connect as join
 
+    check_argument_types(address=address)
     join(address)
+
+
+def check_argument_types(*, address: Any = None, paths: Mapping[str, Any] | None = None, workers: Any = None,
+                         resume: Any = False) -> None:
+    """The API's plain arguments, refused in one line when of the wrong type (the CLI's parser does this for
+    its flags): otherwise a TypeError from deep inside, or a value taken for another (workers=True)."""
+    if address is not None and not isinstance(address, str):
+        raise UserError(f"address: expected a string such as 127.0.0.1:6379, ray://host:10001 or auto, got "
+                        f"{type(address).__name__}")
+    for name, value in (paths or {}).items():
+        if not isinstance(value, str | os.PathLike):
+            raise UserError(f"{name}: expected a path (a str or a pathlib.Path), got {type(value).__name__}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)):
+        raise UserError(f"workers: expected a whole number of actors, got {workers!r}")
+    if not isinstance(resume, bool):
+        raise UserError(f"resume: expected True or False, got {resume!r}")
 
 
 def resolve_config(config: ConfigLike = None, overrides: Overrides = ()) -> config_module.Config:
@@ -99,6 +117,10 @@ def resolve_config(config: ConfigLike = None, overrides: Overrides = ()) -> conf
                                         f"{'a string' if isinstance(overrides, str) else type(overrides).__name__}")
     if not isinstance(overrides, Mapping) and not all(isinstance(text, str) for text in overrides):
         raise config_module.ConfigError("overrides: expected KEY=VALUE strings in the list (or a mapping)")
+    if isinstance(overrides, Mapping) and not all(isinstance(key, str) for key in overrides):
+        odd = next(key for key in overrides if not isinstance(key, str))
+        raise config_module.ConfigError(f"overrides: expected dotted key strings such as 'optim.lr' as the "
+                                        f"mapping's keys, got {odd!r}")
     pairs = overrides.items() if isinstance(overrides, Mapping) \
         else [config_module.parse_override(text) for text in overrides]
     if config is None or isinstance(config, str | Path):
@@ -124,6 +146,7 @@ def train(config: ConfigLike = None, *, overrides: Overrides = (), address: str 
     or (losses, weights). `metrics`: {name: function or torchmetrics Metric}, validated as val_<name>.
     `train_data`, `val_data`: ray.data.Datasets standing for data.source and data.val_source (run once, their
     rows held in the object store while the run trains; docs/guide/bring-your-own.md)."""
+    check_argument_types(address=address)
     cfg, code = with_code(resolve_config(config, overrides), model, loss, metrics)
     cfg, datasets = with_data(cfg, train_data, val_data)
     # Imported once the config is known to be good: torch and Ray take ~1.5 s to import, a bad key is refused
@@ -145,6 +168,7 @@ def tune(config: ConfigLike = None, *, overrides: Overrides = (), address: str |
     """Search as `rayscale tune` does; `resume` continues the search in run.output_dir / run.name. `model`,
     `loss`, `metrics`, `train_data` and `val_data` as for `train`, the same for every trial (tune.metric may
     name val_<name>); a Dataset runs once for the whole search. Raises SearchFailed when every trial failed."""
+    check_argument_types(address=address, resume=resume)
     cfg, code = with_code(resolve_config(config, overrides), model, loss, metrics)
     cfg, datasets = with_data(cfg, train_data, val_data)
     from rayscale.driver.prepare import run_directory  # once the config is good, as in train
@@ -168,6 +192,7 @@ def evaluate(run_dir: str | Path, data: Any = None, *, model: Any = None, loss: 
     and writes it to RUN_DIR/eval.json (or `output`)."""
     from rayscale.tools.evaluate import evaluate_run
 
+    check_argument_types(paths={"run_dir": run_dir, **({"output": output} if output is not None else {})})
     _check_code_objects(model, loss, metrics)
     return evaluate_run(run_dir, data, model=model, loss=loss, metrics=metrics, device=device, output=output)
 
@@ -180,6 +205,7 @@ def predict(run_dir: str | Path, data: Any, output: str | Path, *, address: str 
     order. Returns `output`."""
     from rayscale.launch.predict import predict as run_prediction
 
+    check_argument_types(address=address, paths={"run_dir": run_dir, "output": output}, workers=workers)
     run_prediction(run_dir, data, output, address=address, workers=workers, model=model)
     return Path(output).expanduser().resolve()
 

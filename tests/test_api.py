@@ -46,6 +46,9 @@ def test_a_config_is_a_path_a_mapping_or_a_config_and_overrides_are_a_mapping_or
     # Before Ray starts (it was refused once the embedded Ray had started, ~7 s later):
     ({"train_data": "rows.parquet"}, "train_data: expected a ray.data.Dataset, got a path; name files with data.source"),
     ({"val_data": [1, 2]}, "val_data: expected a ray.data.Dataset, got list"),
+    # A TypeError from deep inside before:
+    ({"address": 6379}, "address: expected a string such as 127.0.0.1:6379, ray://host:10001 or auto, got int"),
+    ({"overrides": {1: 2}}, "overrides: expected dotted key strings such as 'optim.lr' as the mapping's keys, got 1"),
 ])
 def test_bad_input_raises_the_clis_one_line_error_before_anything_runs(kwargs, message):
     import sys
@@ -101,6 +104,47 @@ def test_loading_a_directory_that_is_not_a_finished_run_says_so(tmp_path):
         rayscale.load_model(tmp_path, device="gpu0")
     with pytest.raises(rayscale.UserError, match="^metrics: expected a mapping"):
         rayscale.evaluate(tmp_path, metrics=["hit"])
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda d: rayscale.connect(12), "^address: expected a string"),
+    (lambda d: rayscale.tune(resume="yes"), r"^resume: expected True or False, got 'yes'"),
+    (lambda d: rayscale.evaluate(5), r"^run_dir: expected a path \(a str or a pathlib.Path\), got int"),
+    (lambda d: rayscale.evaluate(d, output=7), "^output: expected a path"),
+    (lambda d: rayscale.load_model(5), "^run_dir: expected a path"),
+    (lambda d: rayscale.predict(d, d, 9), "^output: expected a path"),
+    (lambda d: rayscale.predict(d, d, d / "out", workers=1.5), "^workers: expected a whole number of actors, got 1.5"),
+    (lambda d: rayscale.predict(d, d, d / "out", workers=True), "^workers: expected a whole number of actors, got True"),
+    (lambda d: rayscale.predict(d, d, d / "out", address=3), "^address: expected a string"),
+])
+def test_arguments_of_the_wrong_type_are_refused_in_one_line_before_anything_runs(call, message, tmp_path):
+    """Each was a TypeError from deep inside (workers=1.5 from Ray Data once Ray had started; workers=True was
+    taken for 1 actor)."""
+    import sys
+
+    with pytest.raises(rayscale.UserError, match=message):
+        call(tmp_path)
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_weights_that_do_not_fit_the_model_given_are_named_in_one_line(tmp_path):
+    """rayscale.load_model(run, model=<another module>): torch's error was several lines, headed by the
+    class's name only."""
+    import json
+
+    import yaml
+
+    from rayscale.files import CONFIG_FILE, MODEL_FILE, SUMMARY_FILE
+    from rayscale.models import MLP
+
+    torch.save(MLP(in_features=4, num_outputs=3, hidden_sizes=(8,)).state_dict(), tmp_path / MODEL_FILE)
+    (tmp_path / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(config.load())))
+    spec = {"task": "classification", "input_shape": [4], "num_outputs": 3}
+    (tmp_path / SUMMARY_FILE).write_text(json.dumps({"data_spec": spec, "python_objects": {"model": "x.Net"}}))
+    with pytest.raises(rayscale.UserError, match=r"the run's weights do not fit the model= given \(missing bias, "
+                                                 r"weight; unexpected blocks.0.0.bias"):
+        rayscale.load_model(tmp_path, model=nn.Linear(4, 3))
 
 
 def test_rayscale_tune_stays_the_function_once_the_search_package_is_imported():

@@ -50,7 +50,8 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu", model: n
         raise UserError(f"{run_dir}: the run's model was handed to rayscale.train as a Python object ({given}); "
                         f"pass it again: rayscale.load_model(run_dir, model=...)")
     built = build_model(config_module.from_dict(cfg).model, run_spec(summary), model)
-    built.load_state_dict(read_weights(run_dir))
+    load_fitting(built, read_weights(run_dir), f"{run_dir}: the run's weights do not fit "
+                 + ("the model= given" if model is not None else "the model its config.yaml builds"))
     return built.to(device).eval()
 
 
@@ -115,8 +116,14 @@ def initial_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def start_from(model: nn.Module, path: str | Path) -> None:
-    """Load model.init_from's weights into `model`, every name and shape matching (else one line saying which)."""
-    weights, own = initial_weights(path), model.state_dict()
+    """Load model.init_from's weights into `model`."""
+    load_fitting(model, initial_weights(path), f"model.init_from: {path} does not fit the model")
+
+
+def load_fitting(model: nn.Module, weights: dict[str, torch.Tensor], misfit: str) -> None:
+    """Load `weights` into `model`, every name and shape matching; else one line, `misfit` and which names and
+    shapes differ (torch's own error is several lines, headed by the class's name only)."""
+    own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
     wrong = [f"{name} {tuple(weights[name].shape)} vs {tuple(own[name].shape)}" for name in own
              if name in weights and weights[name].shape != own[name].shape]
@@ -124,7 +131,7 @@ def start_from(model: nn.Module, path: str | Path) -> None:
         said = [f"missing {', '.join(missing[:3])}" if missing else "",
                 f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
                 f"shapes {', '.join(wrong[:3])}" if wrong else ""]
-        raise UserError(f"model.init_from: {path} does not fit the model ({'; '.join(s for s in said if s)})")
+        raise UserError(f"{misfit} ({'; '.join(s for s in said if s)})")
     model.load_state_dict(weights)
 
 
