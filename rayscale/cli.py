@@ -17,10 +17,11 @@ from typing import NoReturn
 import yaml
 
 from rayscale import config as config_module
-from rayscale.errors import SearchFailed, UserError, on_the_command_line
+from rayscale.errors import NonFiniteError, SearchFailed, UserError, on_the_command_line
 
 EXIT_BAD_INPUT = 2
 EXIT_SEARCH_FAILED = 1  # the search ran, but not one trial trained to a result
+EXIT_DIVERGED = 1  # the run trained until its loss or gradients stayed non-finite (train.max_nonfinite_steps)
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -232,6 +233,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"rayscale: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except NonFiniteError as exc:  # not bad input: the run trained, then diverged
+        if args.debug:
+            raise
+        print(f"rayscale: error: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
 
 
 if __name__ == "__main__":

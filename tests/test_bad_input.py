@@ -373,6 +373,27 @@ def test_user_error_raised_inside_a_worker_is_found_through_rays_wrappers():
     assert user_error_inside(WorkerGroupError("x", worker_failures={0: RuntimeError("no")})) is None
 
 
+def test_a_run_that_diverged_in_its_workers_ends_in_its_one_line_with_exit_1(monkeypatch, capsys):
+    """A run whose loss stayed non-finite (train.max_nonfinite_steps) ended in Train's WorkerGroupError, an
+    18-line traceback; the workers' own line says what to change. It is not bad input: exit 1, not 2."""
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from rayscale import api
+    from rayscale.errors import NonFiniteError
+
+    diverged = NonFiniteError("non-finite loss or gradients at step 5: 5 steps in a row were skipped")
+    failure = WorkerGroupError("Training failed", worker_failures={0: diverged, 1: RuntimeError("peer gone")})
+    assert user_error_inside(failure) is None
+    assert user_error_inside(failure, NonFiniteError) is diverged
+
+    def train(*args, **kwargs):
+        raise NonFiniteError(str(diverged)) from failure  # as launch/trainer.py re-raises it
+
+    monkeypatch.setattr(api, "train", train)
+    assert cli.main(["train"]) == 1
+    assert capsys.readouterr().err == f"rayscale: error: {diverged}\n"
+
+
 def test_output_read_by_a_reader_that_has_gone_ends_quietly():
     """`rayscale config keys | head`: once the reader has closed the pipe, the rest is dropped without a traceback."""
     import subprocess

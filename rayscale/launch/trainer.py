@@ -40,7 +40,7 @@ from rayscale.driver.prepare import (
 from rayscale.driver.progress import MetricsFollower, ProgressBar, wants_bar
 from rayscale.driver.trackers import Destinations
 from rayscale.driver.tracking import Tracking, destinations, final_files
-from rayscale.errors import UserError
+from rayscale.errors import NonFiniteError, UserError
 from rayscale.files import CHECKPOINTS_KEPT, CONFIG_FILE, GROUPS_FILE, METRICS_FILE
 from rayscale.launch.callbacks import controller_callback, record_group, remove_placement_groups_left
 from rayscale.launch.connect import PREEMPTION_WATCHER_ENV, autoscaler_requests, connect
@@ -140,9 +140,9 @@ def stop_servers(run_dir: Path) -> None:
         ray.kill(handle)
 
 
-def user_error_inside(exc: BaseException) -> UserError | None:
-    """The UserError a training failure carries: Ray wraps a worker's (or a Ray Data task's) exception in
-    RayTaskError (`.cause`), Train in WorkerGroupError (`.worker_failures`) or ControllerError."""
+def user_error_inside(exc: BaseException, kind: type[Exception] = UserError) -> Exception | None:
+    """The UserError (or other `kind`) a training failure carries: Ray wraps a worker's (or a Ray Data task's)
+    exception in RayTaskError (`.cause`), Train in WorkerGroupError (`.worker_failures`) or ControllerError."""
     stack, seen = [exc], set()
     while stack:
         error = stack.pop()
@@ -150,7 +150,7 @@ def user_error_inside(exc: BaseException) -> UserError | None:
             continue
         seen.add(id(error))
         cause = getattr(error, "cause", None)
-        if isinstance(error, UserError) and not isinstance(cause, BaseException):
+        if isinstance(error, kind) and not isinstance(cause, BaseException):
             return error
         stack += [cause if isinstance(cause, BaseException) else None, error.__cause__, error.__context__,
                   getattr(error, "controller_failure", None),
@@ -228,9 +228,12 @@ def _fit(prepared: PreparedRun, groups: Path, callbacks: list | None, eval_at_sa
         # Bad input found only while the data streams (a NaN in a later row group, a file changed mid-run)
         # is still the user's one-line error, not a traceback from inside a worker.
         found = user_error_inside(exc)
-        if found is None:
-            raise
-        raise UserError(str(found)) from exc
+        if found is not None:
+            raise UserError(str(found)) from exc
+        # A run that diverged: its workers' error says why and what to change, in one line.
+        if (diverged := user_error_inside(exc, NonFiniteError)) is not None:
+            raise NonFiniteError(str(diverged)) from exc
+        raise
     finally:
         stop_servers(prepared.run_dir)
         # What Train's own cleaner did (launch/torch_trainer.py): a controller that died before removing its
