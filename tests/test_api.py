@@ -58,6 +58,16 @@ def test_bad_input_raises_the_clis_one_line_error_before_anything_runs(kwargs, m
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
 
 
+def test_an_object_of_ray_data_that_is_no_dataset_is_refused_before_ray_starts():
+    """A DataContext passed the check (its module is ray.data's), started Ray, and was refused 3.6 s later."""
+    import ray
+    import ray.data
+
+    with pytest.raises(rayscale.UserError, match="^train_data: expected a ray.data.Dataset, got DataContext"):
+        rayscale.train(train_data=ray.data.DataContext.get_current())
+    assert not ray.is_initialized()
+
+
 def test_a_run_that_cannot_start_is_refused_before_a_given_dataset_runs(tmp_path, monkeypatch):
     """rayscale.train(train_data=<Dataset>): the Dataset runs once before training, which can take long; a run
     directory holding a run of another config (or an empty run.output_dir) is refused before that."""
@@ -111,6 +121,8 @@ def test_loading_a_directory_that_is_not_a_finished_run_says_so(tmp_path):
     (lambda d: rayscale.tune(resume="yes"), r"^resume: expected True or False, got 'yes'"),
     (lambda d: rayscale.evaluate(5), r"^run_dir: expected a path \(a str or a pathlib.Path\), got int"),
     (lambda d: rayscale.evaluate(d, output=7), "^output: expected a path"),
+    (lambda d: rayscale.evaluate(d, data=5), r"^data: expected a path \(a source as data.source names one\) or a "
+                                             r"ray.data.Dataset, got int"),
     (lambda d: rayscale.load_model(5), "^run_dir: expected a path"),
     (lambda d: rayscale.predict(d, d, 9), "^output: expected a path"),
     (lambda d: rayscale.predict(d, d, d / "out", workers=1.5), "^workers: expected a whole number of actors, got 1.5"),
