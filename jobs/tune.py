@@ -11,4 +11,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rayscale.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["tune", *sys.argv[1:]]))
+    # --debug (the traceback of bad input) is the command line's own flag, before the command: taken from anywhere.
+    debug = ["--debug"] if "--debug" in sys.argv[1:] else []
+    sys.exit(main([*debug, "tune", *(arg for arg in sys.argv[1:] if arg != "--debug")]))

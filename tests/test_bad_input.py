@@ -394,6 +394,22 @@ def test_a_run_that_diverged_in_its_workers_ends_in_its_one_line_with_exit_1(mon
     assert capsys.readouterr().err == f"rayscale: error: {diverged}\n"
 
 
+@pytest.mark.parametrize("job", ["train", "tune"])
+def test_a_jobs_script_takes_debug_anywhere_and_shows_the_traceback(job):
+    """jobs/<job>.py puts the command first, so --debug (the command line's flag, before the command) was an
+    unknown argument of the command's."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "jobs" / f"{job}.py"
+    plain = subprocess.run([sys.executable, str(script), "--set", "train.epochs=nan"], capture_output=True,
+                           text=True, timeout=120)
+    assert plain.returncode == 2 and plain.stderr == "rayscale: error: train.epochs: expected an integer, got 'nan'\n"
+    debugged = subprocess.run([sys.executable, str(script), "--set", "train.epochs=nan", "--debug"],
+                              capture_output=True, text=True, timeout=120)
+    assert debugged.returncode == 1 and "Traceback (most recent call last)" in debugged.stderr
+    assert debugged.stderr.rstrip().endswith("ConfigError: train.epochs: expected an integer, got 'nan'")
+
+
 def test_output_read_by_a_reader_that_has_gone_ends_quietly():
     """`rayscale config keys | head`: once the reader has closed the pipe, the rest is dropped without a traceback."""
     import subprocess
