@@ -124,6 +124,7 @@ def test_loading_a_directory_that_is_not_a_finished_run_says_so(tmp_path):
     (lambda d: rayscale.evaluate(d, data=5), r"^data: expected a path \(a source as data.source names one\) or a "
                                              r"ray.data.Dataset, got int"),
     (lambda d: rayscale.load_model(5), "^run_dir: expected a path"),
+    (lambda d: rayscale.load_model(d, device=3), "^device: expected a device name such as cpu or cuda:0, got int"),
     (lambda d: rayscale.predict(d, d, 9), "^output: expected a path"),
     (lambda d: rayscale.predict(d, d, d / "out", workers=1.5), "^workers: expected a whole number of actors, got 1.5"),
     (lambda d: rayscale.predict(d, d, d / "out", workers=True), "^workers: expected a whole number of actors, got True"),

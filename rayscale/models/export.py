@@ -57,6 +57,8 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu", model: n
 
 def usable_device(name: str | torch.device, key: str = "device") -> torch.device:
     """`name` as a torch device, refused in one line (naming `key`) where torch cannot use it here."""
+    if isinstance(name, bool) or not isinstance(name, str | torch.device):  # torch takes an int for an accelerator
+        raise UserError(f"{key}: expected a device name such as cpu or cuda:0, got {type(name).__name__}")
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError, TypeError) as exc:
