@@ -152,6 +152,27 @@ def test_a_bad_dataset_is_refused_in_one_line_naming_the_argument(cluster, make,
     assert "\n" not in str(raised.value)
 
 
+def test_a_bad_dataset_leaves_no_unfetched_error_for_ray_to_print(cluster, monkeypatch):
+    """Every block of a Dataset without the label column fails its check; the first is reported. Ray printed each
+    other block's error, one it says no one fetched ("Unhandled error", ~10 lines each), after the one line."""
+    import gc
+    import time
+
+    import ray._private.worker
+    import ray.data
+
+    from rayscale.data.datasets import inspect_dataset
+
+    printed = []
+    monkeypatch.setattr(ray._private.worker, "_unhandled_error_handler", printed.append)
+    blocks = ray.data.from_arrow([_table(start, start + 100) for start in range(0, 600, 100)])
+    with pytest.raises(rayscale.UserError, match="^data.label: column 'y' not in train_data"):
+        inspect_dataset(blocks, DATA, "train_data")
+    gc.collect()  # the checks' refs, freed: Ray reports an error no one fetched as the ref goes
+    time.sleep(2)
+    assert printed == []
+
+
 def test_a_loss_that_cannot_take_a_datasets_rows_is_refused_before_training(cluster, tmp_path):
     """Tried on the Dataset's first two rows on the driver, as for a Parquet source (it was skipped for Datasets,
     and a reduced loss failed in every worker, retried run.max_failures times)."""

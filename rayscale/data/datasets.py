@@ -142,6 +142,7 @@ def inspect_dataset(dataset, data: DataConfig, argument: str) -> sources.SourceI
     try:
         checked = [ray.get(ref) for ref in refs]  # in order: the error names the first bad row
     except ray.exceptions.RayTaskError as exc:
+        _settle(refs)
         cause = getattr(exc, "cause", None)
         if isinstance(cause, UserError):
             raise UserError(str(cause)) from None
@@ -162,6 +163,20 @@ def users_error(exc: BaseException) -> str:
         if found:
             return found[-1]
     return f"{type(exc).__name__}: {first_line(exc)}"
+
+
+def _settle(refs: list) -> None:
+    """Fetch every check's outcome once one has failed: Ray prints each error no one fetched as an "Unhandled
+    error" traceback (a bad column: one per block, ~80 lines after the one-line error). Each check is one
+    block's, so waiting for the rest is short; ray.cancel is not used: on checks that had just finished it
+    aborted this process (Ray 2.60: "Tried to complete task that was not pending")."""
+    import ray
+
+    for ref in refs:
+        try:
+            ray.get(ref)
+        except Exception:  # noqa: BLE001, S110 - the same error as the one reported, or another block's
+            pass
 
 
 def _check_block(piece: sources.BlockPiece, data: DataConfig, argument: str, first_row: int):
