@@ -190,10 +190,11 @@ def evaluate(run_dir: str | Path, data: Any = None, *, model: Any = None, loss: 
     """`rayscale eval`: the run's model over its validation split (or `data`, with the run's columns: a source
     as data.source names one, or a ray.data.Dataset), in this process; returns {"data", "rows", val_loss, ...}
     and writes it to RUN_DIR/eval.json (or `output`)."""
+    from rayscale.data.sources import is_dataset
     from rayscale.tools.evaluate import evaluate_run
 
     check_argument_types(paths={"run_dir": run_dir, **({"output": output} if output is not None else {})})
-    if data is not None and not isinstance(data, str | os.PathLike) and not _is_dataset(data):
+    if data is not None and not isinstance(data, str | os.PathLike) and not is_dataset(data):
         raise UserError(f"data: expected a path (a source as data.source names one) or a ray.data.Dataset, got "
                         f"{type(data).__name__}")
     _check_code_objects(model, loss, metrics)
@@ -250,12 +251,12 @@ def with_data(cfg: config_module.Config, train_data: Any, val_data: Any
     config.yaml records so), and the Datasets by argument."""
     import dataclasses
 
-    from rayscale.data.sources import DATASET_PREFIX
+    from rayscale.data.sources import DATASET_PREFIX, is_dataset
 
     datasets = {name: value for name, value in (("train_data", train_data), ("val_data", val_data))
                 if value is not None}
     for name, value in datasets.items():  # known before Ray starts (the Dataset itself is checked once it runs)
-        if not _is_dataset(value):
+        if not is_dataset(value):
             key = "data.source" if name == "train_data" else "data.val_source"
             given = "a path" if isinstance(value, str | Path) else type(value).__name__
             raise UserError(f"{name}: expected a ray.data.Dataset, got {given}"
@@ -266,16 +267,6 @@ def with_data(cfg: config_module.Config, train_data: Any, val_data: Any
     if val_data is not None:
         data = dataclasses.replace(data, val_source=DATASET_PREFIX + "val_data")
     return dataclasses.replace(cfg, data=data), datasets
-
-
-def _is_dataset(value: Any) -> bool:
-    """A ray.data.Dataset, known without importing Ray Data for anything that is not of it (whoever made one
-    has imported it already)."""
-    if not type(value).__module__.startswith("ray.data"):
-        return False
-    import ray.data
-
-    return isinstance(value, ray.data.Dataset)
 
 
 def _plain(mapping: Mapping) -> dict:

@@ -88,6 +88,14 @@ TEACHER_HIDDEN = 16  # width of the regression teacher's hidden layer
 DATASET_PREFIX = "ray_dataset:"  # data.source / data.val_source of a Ray Dataset handed in: ray_dataset:train_data
 
 
+def is_dataset(value) -> bool:
+    """A ray.data.Dataset, known without importing Ray Data: one exists only where ray.data was imported."""
+    import sys
+
+    module = sys.modules.get("ray.data")
+    return module is not None and isinstance(value, module.Dataset)
+
+
 @dataclass(frozen=True)
 class BlockPiece:
     """Rows [offset, offset + rows) of one block of a materialized Ray Dataset (`ref`: its ObjectRef)."""

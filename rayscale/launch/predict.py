@@ -14,7 +14,6 @@ token sequences, the target or targets for regression) and, for classification, 
 from __future__ import annotations
 
 import shutil
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rayscale import config as config_module
-from rayscale.data.sources import absolute_source, footer, parquet_files, unclaimed_columns
+from rayscale.data.sources import absolute_source, footer, is_dataset, parquet_files, unclaimed_columns
 from rayscale.errors import UserError, argument
 from rayscale.files import CONFIG_FILE, SUMMARY_FILE, can_write_in, nearest_existing
 from rayscale.plugins import first_line
@@ -146,16 +145,11 @@ def _check_first_rows(rows: pa.Table, where: str, columns: list[str], sequence: 
                         f"run's model takes {tuple(input_shape)}")
 
 
-def _is_dataset(data: Any) -> bool:
-    module = sys.modules.get("ray.data")  # a Dataset exists only where ray.data was imported
-    return module is not None and isinstance(data, module.Dataset)
-
-
 def _head(data: Any) -> tuple[pa.Table, str, list | None]:
     """SRC's first rows (every column), how to name it in a message, and its Parquet files (None: a Dataset)."""
     from rayscale.data.sources import first_rows
 
-    if _is_dataset(data):
+    if is_dataset(data):
         from rayscale.data.datasets import users_error
 
         try:  # the first batch of rows, past any empty blocks
@@ -224,7 +218,7 @@ def _write_in_order(predicted, directory: Path) -> int:
 
 def _check_arguments(run_dir: str | Path, data: Any, output: str | Path, workers: int | None) -> tuple[Path, Path]:
     """The run directory and OUT, absolute, once every argument that needs no data is usable."""
-    if not isinstance(data, str | Path) and not _is_dataset(data):
+    if not isinstance(data, str | Path) and not is_dataset(data):
         raise UserError(f"{argument('data')}: expected Parquet (a file, a directory, a glob or a URI) or a "
                         f"ray.data.Dataset, got {type(data).__name__}")
     if not str(output).strip():  # Path("") is the working directory, which the output would replace
@@ -255,7 +249,7 @@ def predict(run_dir: str | Path, data: Any, output: str | Path, *, address: str 
     from rayscale.models.export import run_summary
 
     run_dir, output = _check_arguments(run_dir, data, output, workers)
-    if _is_dataset(data):  # looking at its rows runs it: on the cluster asked for, not a Ray it would start
+    if is_dataset(data):  # looking at its rows runs it: on the cluster asked for, not a Ray it would start
         connect(address)
     cfg = config_module.load(run_dir / CONFIG_FILE)
     spec = run_summary(run_dir)["data_spec"]
