@@ -17,6 +17,7 @@ from typing import NoReturn
 import yaml
 
 from rayscale import config as config_module
+from rayscale import rules
 from rayscale.errors import NonFiniteError, SearchFailed, UserError, on_the_command_line
 
 EXIT_BAD_INPUT = 2
@@ -115,6 +116,7 @@ def derived_values(cfg: config_module.Config) -> dict:
 
 def cmd_config_show(args: argparse.Namespace) -> int:
     cfg = config_module.load(args.config, args.overrides)
+    rules.check(cfg)  # a config `rayscale train` would refuse is refused here too, with the same line
     derived = derived_values(cfg)  # before printing anything: a bad plan prints only its error
     print(yaml.safe_dump(config_module.to_dict(cfg), sort_keys=False).rstrip())
     print("# derived (not config keys)")

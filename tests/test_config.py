@@ -273,3 +273,22 @@ def test_an_override_without_a_value_is_named_as_the_user_gave_it():
     with pytest.raises(ConfigError, match=r"^overrides: 'optim\.lr': expected KEY=VALUE, e\.g\. 'optim\.lr=0\.1' "
                                           r"\(or a mapping\)$"):
         config.load(overrides=["optim.lr"])  # rayscale.train(overrides=[...])
+
+
+@pytest.mark.parametrize("overrides, refusal", [
+    (["scaling.num_workers=[2, 4]"], "batch.global_batch_size 128 does not split over 3 workers"),
+    (["train.precision=fp16"], "train.precision fp16 needs a GPU"),
+    (["train.strategy=parameter_server", "optim.shard_state=true"], "optim.shard_state"),
+])
+def test_config_show_refuses_what_train_would_refuse_with_the_same_line(overrides, refusal, capsys):
+    """`rayscale config show` is where a config is checked before a run: a combination of keys that `rayscale
+    train` refuses (the rules in rayscale/rules.py) is refused here too, and nothing is printed on stdout."""
+    from rayscale import cli
+    from rayscale.driver.prepare import prepare
+
+    assert cli.main(["config", "show", "--set", *overrides]) == 2
+    shown = capsys.readouterr()
+    assert shown.out == "" and shown.err.count("\n") == 1 and refusal in shown.err, shown
+    with pytest.raises(ConfigError) as raised:
+        prepare(config.load(overrides=overrides))
+    assert shown.err == f"rayscale: error: {raised.value}\n"
