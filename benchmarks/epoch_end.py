@@ -101,13 +101,21 @@ def run_rayscale(epochs: int, overrides: list[str], directory: Path, name: str) 
     # The first line's wait for data is Ray Data's first execution (read tasks in new processes): start-up.
     first = read_metrics(Path(summary["run_dir"]))[0]
     first_wait_s = first["data_wait_fraction"] * first["samples_seen"] / first["samples_per_sec"]
-    checkpoints = len(list((Path(summary["run_dir"]) / "checkpoints").glob("**/manifest_0.json")))
+    checkpoints = checkpoints_kept(Path(summary["run_dir"]))
     return {"samples_per_sec": ends[-1]["samples_seen"] / train_s, "median_epoch_s": _median_epoch(times),
             "train_s": train_s, "first_epoch_s": times[0], "startup_s": summary["startup_time_s"],
             "startup_phases_s": summary["startup_phases_s"], "wall_s": summary["wall_time_s"],
             "after_last_epoch_s": summary["wall_time_s"] - summary["startup_time_s"] - train_s,
             "checkpoints_kept": checkpoints, "first_data_wait_s": first_wait_s,
             "samples_per_sec_after_first_read": ends[-1]["samples_seen"] / (train_s - first_wait_s)}
+
+
+def checkpoints_kept(run_dir: Path) -> int:
+    """How many checkpoints the run's directory holds: rank 0 writes one manifest into each."""
+    from rayscale.engine.checkpoint import MANIFEST
+    from rayscale.files import CHECKPOINTS_DIR
+
+    return len(list((run_dir / CHECKPOINTS_DIR).glob(f"**/{MANIFEST.format(0)}")))
 
 
 def _median_epoch(ends: list[float]) -> float:

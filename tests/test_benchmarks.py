@@ -77,6 +77,21 @@ def test_a_benchmarks_scratch_is_the_given_directory_when_new_or_empty_or_a_temp
     temporary.rmdir()
 
 
+def test_the_epoch_end_benchmark_counts_each_kept_checkpoint_once(tmp_path):
+    """benchmarks.epoch_end's checkpoints_kept: each checkpoint directory holds one manifest per rank, written as
+    the engine writes them."""
+    from benchmarks.epoch_end import checkpoints_kept
+    from rayscale.engine.checkpoint import write_manifest
+
+    assert checkpoints_kept(tmp_path) == 0
+    for index in (3, 6):
+        directory = tmp_path / "checkpoints" / f"checkpoint_00000{index}"
+        directory.mkdir(parents=True)
+        for rank in (0, 1):
+            write_manifest(directory, rank, 2)
+    assert checkpoints_kept(tmp_path) == 2
+
+
 SMOKE = ("throughput", "ingest", "accumulation", "noise_overhead", "mfu", "memory", "scale", "gpu_mfu")
 
 
