@@ -34,6 +34,7 @@ from typing import Any
 
 from rayscale import config as config_module
 from rayscale.errors import SearchFailed, UserError
+from rayscale.files import BEST_CONFIG_FILE
 from rayscale.plugins import UserCode, import_path
 
 ConfigLike = str | Path | Mapping | config_module.Config | None
@@ -80,7 +81,7 @@ class SearchResult:
     @property
     def best_config_path(self) -> Path:
         """best_config.yaml: `rayscale.train(search.best_config_path)` trains the best trial's config as it is."""
-        return self.search_dir / "best_config.yaml"
+        return self.search_dir / BEST_CONFIG_FILE
 
 
 def connect(address: str | None = None) -> None:

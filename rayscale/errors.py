@@ -12,6 +12,8 @@ import contextlib
 import contextvars
 from collections.abc import Iterator
 
+from rayscale.files import TRIALS_TABLE
+
 _ON_THE_COMMAND_LINE = contextvars.ContextVar("rayscale_on_the_command_line", default=False)
 
 
@@ -54,5 +56,5 @@ class SearchFailed(RuntimeError):
 
     def __init__(self, search_dir, trials: list[dict]):
         super().__init__(f"every trial of the search failed ({len(trials)} of {len(trials)}); Tune's table above "
-                         f"names each one's error.txt, and {search_dir / 'trials.csv'} lists them")
+                         f"names each one's error.txt, and {search_dir / TRIALS_TABLE} lists them")
         self.search_dir, self.trials = search_dir, trials

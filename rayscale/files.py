@@ -1,5 +1,6 @@
-"""The name of every file a run directory holds: one constant each (the reference: docs/reference/outputs.md);
-and whether a directory can take them."""
+"""The name of every file a run or search directory holds: one constant each (the reference:
+docs/reference/outputs.md); and whether a directory can take them. The files inside one checkpoint are named in
+engine/checkpoint.py."""
 
 import tempfile
 from pathlib import Path
@@ -22,6 +23,13 @@ SUGGEST_JSON = "suggest.json"  # rayscale suggest RUN_DIR writes these two
 SUGGEST_PLOT = "suggest.png"
 EVAL_FILE = "eval.json"  # rayscale eval RUN_DIR writes it (or to --output)
 SEARCH_FILE = "search.yaml"  # a search's config as it started: what a resumed search must match (tuning/search.py)
+TRIALS_DIR = "trials"  # a search's trials: one run directory each, named by trial id
+TRIALS_TABLE = "trials.csv"  # one row per trial: its config, status and metric
+BEST_CONFIG_FILE = "best_config.yaml"  # the best trial's config, trainable as it is with rayscale train
+TUNE_CURVES_FILE = "tune_curves.png"  # every trial's metric against samples seen
+TUNE_DIR = "tune"  # Ray Tune's own experiment directory (what --resume restores)
+RUNGS_FILE = "asha_rungs.json"  # ASHA's recorded rungs, for --resume (tuning/asha.py)
+PROMOTION_FILE = "asha_promotions.json"  # tune.asha_variant promotion: rungs and promotions (tuning/promotion.py)
 
 
 def nearest_existing(path: Path) -> Path:

@@ -10,6 +10,7 @@ import pytest
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
+from rayscale.files import PROMOTION_FILE
 from rayscale.tuning.asha import PromotingASHA, read_promotion_state
 from rayscale.tuning.promotion import RUNG_PAUSE, Rungs, replay_one_at_a_time
 
@@ -190,7 +191,7 @@ def test_a_trial_restored_while_waiting_at_its_rung_pauses_again_without_trainin
     base = config.to_dict(config.load())
     rungs = Rungs(MILESTONES, 4)
     rungs.record("t1", 100, -0.7)
-    (tmp_path / tune.PROMOTION_FILE).write_text(json.dumps(rungs.to_dict()))
+    (tmp_path / PROMOTION_FILE).write_text(json.dumps(rungs.to_dict()))
     run_dir = tmp_path / "trials" / "t1"
     run_dir.mkdir(parents=True)
     evaluation = {"samples_seen": 100, "val_loss": 0.7, "evaluation": True}
@@ -204,7 +205,7 @@ def test_a_trial_restored_while_waiting_at_its_rung_pauses_again_without_trainin
     assert reports == [{**evaluation, RUNG_PAUSE: True}]
 
     rungs.promote("t1")  # promoted: it trains on
-    (tmp_path / tune.PROMOTION_FILE).write_text(json.dumps(rungs.to_dict()))
+    (tmp_path / PROMOTION_FILE).write_text(json.dumps(rungs.to_dict()))
     calls = []
     monkeypatch.setattr(trainer, "train", lambda cfg, **k: calls.append(k) or {"epochs": cfg.train.epochs})
     monkeypatch.setattr(tune, "_watch_for_stop", lambda marker: None)

@@ -20,6 +20,7 @@ import torch
 
 from rayscale.engine import checkpoint
 from rayscale.engine.components.preemption import PreemptionNotice
+from rayscale.files import CHECKPOINTS_DIR
 from rayscale.math.lanes import ChunkRead
 
 Blocks = Iterable[dict[str, np.ndarray]]
@@ -80,7 +81,7 @@ class InProcessContext:
         self.reader, self.rank, self.world_size = reader, rank, world_size
         self.device = device or torch.device("cpu")
         self.reports: list[tuple[dict, Path | None]] = []
-        self.checkpoints = self.run_dir / "checkpoints"
+        self.checkpoints = self.run_dir / CHECKPOINTS_DIR
         # Every rank counts from the same place: the checkpoints there before the run (none is written yet).
         numbered = [p.name.removeprefix("checkpoint-") for p in self.checkpoints.glob("checkpoint-*")]
         self.saves = 1 + max((int(n) for n in numbered if n.isdigit()), default=-1)

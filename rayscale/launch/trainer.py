@@ -41,7 +41,7 @@ from rayscale.driver.progress import MetricsFollower, ProgressBar, wants_bar
 from rayscale.driver.trackers import Destinations
 from rayscale.driver.tracking import Tracking, destinations, final_files
 from rayscale.errors import NonFiniteError, UserError
-from rayscale.files import CHECKPOINTS_KEPT, CONFIG_FILE, GROUPS_FILE, METRICS_FILE
+from rayscale.files import CHECKPOINTS_DIR, CHECKPOINTS_KEPT, CONFIG_FILE, GROUPS_FILE, METRICS_FILE
 from rayscale.launch.callbacks import controller_callback, record_group, remove_placement_groups_left
 from rayscale.launch.connect import PREEMPTION_WATCHER_ENV, autoscaler_requests, connect
 from rayscale.launch.fit import check_cluster_fits, check_fits_before_start
@@ -52,7 +52,7 @@ HEALTH_CHECK_TIMEOUT_ENV = "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S"  # Train's 
 POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # and this one (default 2 s)
 
 
-def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, name: str = "checkpoints",
+def build_trainer(prepared: PreparedRun, *, storage_path: str | None = None, name: str = CHECKPOINTS_DIR,
                   callbacks: list | None = None, eval_at_samples: list[int] | tuple[int, ...] = (),
                   pause_at_samples: list[int] | tuple[int, ...] = (), progress_lines: bool = True,
                   report_evaluations: bool = False):

@@ -33,7 +33,17 @@ from rayscale.driver.prepare import (
 from rayscale.driver.trackers import Destinations
 from rayscale.driver.tracking import Tracking, destinations, end_cut_off
 from rayscale.errors import UserError, argument
-from rayscale.files import CONFIG_FILE, SEARCH_FILE
+from rayscale.files import (
+    BEST_CONFIG_FILE,
+    CONFIG_FILE,
+    PROMOTION_FILE,
+    RUNGS_FILE,
+    SEARCH_FILE,
+    TRIALS_DIR,
+    TRIALS_TABLE,
+    TUNE_CURVES_FILE,
+    TUNE_DIR,
+)
 from rayscale.launch import trainer
 from rayscale.launch.callbacks import remove_placement_groups_left
 from rayscale.launch.connect import connect, loopback_unless_joining
@@ -81,8 +91,6 @@ STOP_MARKER = ".tune_stopped"
 THREAD_TIMEOUT_ENV = "TUNE_FUNCTION_THREAD_TIMEOUT_S"  # read in the trial's actor when Tune reuses it
 THREAD_TIMEOUT_S = 30
 CONTROLLER_EXIT_WAIT_S = 30.0  # at the search's end, for the last trials' controllers to exit (about 0.2 s)
-RUNGS_FILE = "asha_rungs.json"  # ASHA's recorded rungs, for --resume (asha.py)
-PROMOTION_FILE = "asha_promotions.json"  # tune.asha_variant promotion: rungs and promotions (promotion.py)
 TRIAL_CPUS = 0.01  # a trial's own actor only waits on its TorchTrainer; Tune refuses zero ("empty head")
 
 
@@ -204,7 +212,7 @@ def _trial(sampled: dict, base: dict, search_dir: str, metric: str, eval_at_samp
     from rayscale.tuning.asha import read_promotion_state
 
     cfg = space.apply(base, sampled_values(sampled))
-    cfg.run.output_dir = str(Path(search_dir) / "trials")
+    cfg.run.output_dir = str(Path(search_dir) / TRIALS_DIR)
     cfg.run.progress = "lines"  # a trial's output is its actor's log; Tune's own table shows the search
     trial_id = cfg.run.name = tune.get_context().get_trial_id()
     finished = _finished_records(cfg)
@@ -324,7 +332,7 @@ def check_before_data(cfg: Config, *, address: str | None = None, resume: bool =
     domains = space.parse_space(cfg.tune.space)
     space.validate(base, domains)
     search_dir = run_directory(cfg)
-    tuner_dir = search_dir / "tune"
+    tuner_dir = search_dir / TUNE_DIR
     loopback_unless_joining(address)
     if resume:
         from ray.tune import Tuner
@@ -384,7 +392,7 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False, cod
         results = tuner.fit()
         # The last trials' actors are ended as the search finishes, possibly in the middle of their abort: their
         # controllers may still be dying, and able to create a group.
-        for trial_dir in sorted((search_dir / "trials").glob("*")):
+        for trial_dir in sorted((search_dir / TRIALS_DIR).glob("*")):
             remove_placement_groups_left(trial_dir, wait_s=CONTROLLER_EXIT_WAIT_S)
         rows = summarize(results, cfg, domains, max_t)
         write_outputs(rows, cfg, search_dir)
@@ -394,12 +402,12 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False, cod
         raise
     if cfg.run.trackers:  # a trial Tune ended before its trackers: what they missed, and their end
         for row in rows:
-            if row["status"] != "completed" and (search_dir / "trials" / row["trial_id"] / CONFIG_FILE).exists():
-                trial_dir = search_dir / "trials" / row["trial_id"]
+            if row["status"] != "completed" and (search_dir / TRIALS_DIR / row["trial_id"] / CONFIG_FILE).exists():
+                trial_dir = search_dir / TRIALS_DIR / row["trial_id"]
                 end_cut_off(config_module.load(trial_dir / CONFIG_FILE), trial_dir, track_to,
                             "KILLED" if row["status"] == "stopped early" else "FAILED")
     if search_run is not None:
-        search_run.finish([], [path for path in (search_dir / "trials.csv", search_dir / "best_config.yaml")
+        search_run.finish([], [path for path in (search_dir / TRIALS_TABLE, search_dir / BEST_CONFIG_FILE)
                                if path.exists()])
     print_ranking(rows, cfg, domains)
     return rows
@@ -428,10 +436,10 @@ def _tuner(cfg: Config, domains: list[space.Domain], base: dict, search_dir: Pat
                              track_to=track_to),
         {"CPU": TRIAL_CPUS, here: trial_share(concurrency) if promotion else 0.001})
     if resume:
-        return Tuner.restore(str(search_dir / "tune"), trainable, resume_unfinished=True, restart_errored=True)
+        return Tuner.restore(str(search_dir / TUNE_DIR), trainable, resume_unfinished=True, restart_errored=True)
     # stop_last_trials=False: a trial that reaches max_t finishes by itself and writes its outputs
     # (summary.json, model.pt), which is also how --resume recognises it as finished.
-    left_groups = LeftGroups(search_dir / "trials")
+    left_groups = LeftGroups(search_dir / TRIALS_DIR)
     scheduler = PromotingASHA(time_attr=TIME_ATTR, milestones=milestones,
                               reduction_factor=cfg.tune.reduction_factor,
                               state_file=search_dir / PROMOTION_FILE, left_groups=left_groups) if promotion else \
@@ -452,7 +460,7 @@ def _tuner(cfg: Config, domains: list[space.Domain], base: dict, search_dir: Pat
                                     # kept in it: each trial's run is its own Train run and directory.
                                     reuse_actors=True),
         # No Tune callbacks (tuning/release.py says why).
-        run_config=tune.RunConfig(name="tune", storage_path=str(search_dir), verbose=1),
+        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(search_dir), verbose=1),
     )
 
 
@@ -488,21 +496,21 @@ def write_outputs(rows: list[dict], cfg: Config, search_dir: Path) -> None:
     from rayscale.tools.plots import plot_tune_curves
 
     fields = [k for k in rows[0] if k != "history"] if rows else ["trial_id"]
-    with open(search_dir / "trials.csv", "w", newline="") as handle:
+    with open(search_dir / TRIALS_TABLE, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     best = next((r for r in rows if r[f"best_{cfg.tune.metric}"] is not None), None)
     if best is not None:
-        trial_config = yaml.safe_load((search_dir / "trials" / best["trial_id"] / CONFIG_FILE).read_text())
+        trial_config = yaml.safe_load((search_dir / TRIALS_DIR / best["trial_id"] / CONFIG_FILE).read_text())
         trial_config["run"].update(output_dir=cfg.run.output_dir, name=f"{cfg.run.name}-best")
         trial_config.pop("tune", None)
-        (search_dir / "best_config.yaml").write_text(
+        (search_dir / BEST_CONFIG_FILE).write_text(
             f"# Best trial {best['trial_id']} of search {cfg.run.name}: "
             f"best {cfg.tune.metric} {best[f'best_{cfg.tune.metric}']:.4f}\n"
             f"# Train it with: rayscale train -c {search_dir / 'best_config.yaml'}\n"
             + yaml.safe_dump(trial_config, sort_keys=False))
-    plot_tune_curves(rows, cfg.tune.metric, search_dir / "tune_curves.png", title=cfg.run.name)
+    plot_tune_curves(rows, cfg.tune.metric, search_dir / TUNE_CURVES_FILE, title=cfg.run.name)
 
 
 def print_ranking(rows: list[dict], cfg: Config, domains: list[space.Domain]) -> None:
