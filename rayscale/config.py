@@ -238,7 +238,7 @@ class OptimConfig:
     name: str = key("sgd", "optimizer", choices=("sgd", "adamw", "lars", "lamb"))
     lr: float = key(0.1, "learning rate at base_batch_size (before the scaling rule)", minimum=0.0,
                     exclusive_minimum=True)
-    momentum: float = key(0.9, "SGD/LARS momentum", minimum=0.0)
+    momentum: float = key(0.9, "SGD/LARS momentum", minimum=0.0, maximum=1.0)
     nesterov: bool = key(False, "Nesterov momentum (SGD)")
     weight_decay: float = key(0.0, "decoupled for AdamW/LAMB; not applied to bias and norm parameters",
                               minimum=0.0)
@@ -302,7 +302,7 @@ class RunConfig:
                                 "every train.log_every_samples; bar; lines", choices=("auto", "bar", "lines"))
     poll_interval_s: float = key(0.25, "how often Ray Train's controller polls its workers; every report (and "
                                        "checkpoint) waits for a poll, so Ray's 2 s default costs up to 2 s per "
-                                       "epoch end", unit="seconds", minimum=0.01)
+                                       "epoch end", unit="seconds", minimum=0.01, maximum=60.0)
     trackers: list[str] = key([], "experiment trackers the driver logs the config, every metrics.jsonl line and the "
                                   "final model to: mlflow (a sqlite store in the run directory unless "
                                   "MLFLOW_TRACKING_URI is set), tensorboard (<run dir>/tensorboard), wandb (offline "
@@ -487,14 +487,24 @@ def _check_value(value: Any, meta: typing.Mapping[str, Any], path: str, nullable
     if maximum is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value > maximum:
         raise ConfigError(f"{path}: expected a value of at most {maximum}, got {value!r}")
     if name_in and not _is_plain_name(value):
-        raise ConfigError(f"{path}: expected a name inside {name_in} (not empty, '.' or '..', no '/'), "
-                          f"got {value!r}")
+        raise ConfigError(f"{path}: expected a name inside {name_in} (not empty, '.' or '..', no '/', at most "
+                          f"{NAME_MAX} bytes), got {_shortened(value)}")
+
+
+NAME_MAX = 255  # bytes in one directory entry (Linux, macOS, Windows' NTFS in UTF-16 units)
 
 
 def _is_plain_name(name: str) -> bool:
-    """One entry of a directory: joined to it, such a name cannot lead anywhere else."""
+    """One entry of a directory: joined to it, such a name cannot lead anywhere else, and a file system takes it."""
     separators = {"/", os.sep, os.altsep} - {None}
-    return name not in ("", ".", "..") and "\0" not in name and not any(s in name for s in separators)
+    return (name not in ("", ".", "..") and "\0" not in name and not any(s in name for s in separators)
+            and len(name.encode("utf-8", "surrogateescape")) <= NAME_MAX)
+
+
+def _shortened(value: Any) -> str:
+    """repr(value), cut in the middle past 80 characters: an error line stays one readable line."""
+    shown = repr(value)
+    return shown if len(shown) <= 80 else f"{shown[:40]}...{shown[-20:]} ({len(str(value))} characters)"
 
 
 # -------------------------------------------------------------------------------------------- public API

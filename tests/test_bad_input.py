@@ -106,6 +106,10 @@ CASES = [
     ("infinite-epochs", ["train", "--set", "train.epochs=.inf"], ["train.epochs: expected an integer, got inf"]),
     ("nan-memory-budget", ["find-batch-size", "--memory-mb", "nan"], ["--memory-mb nan: expected a positive number"]),
     ("infinite-memory-budget", ["find-batch-size", "--memory-mb", "inf"], ["--memory-mb inf: expected a positive"]),
+    # A controller that polls once in 30 years: a run that never reaches its next report.
+    ("poll-interval-beyond-a-minute", ["train", "--set", "run.poll_interval_s=1e9"],
+     ["run.poll_interval_s: expected a value of at most 60.0, got 1000000000.0"]),
+    ("momentum-over-one", ["train", "--set", "optim.momentum=2"], ["optim.momentum: expected a value of at most 1.0"]),
     # A worker that reserves nothing is a bundle Ray refuses.
     ("zero-cpus-per-worker", ["train", "--set", "scaling.cpus_per_worker=0"],
      ["scaling.cpus_per_worker: expected a value greater than 0, got 0"]),

@@ -203,14 +203,17 @@ def test_integer_keys_refuse_non_finite_numbers(dotted):
     pytest.param("/abs", id="absolute"),
     pytest.param("a/../../b", id="down-then-out"),
     pytest.param("a/b", id="nested"),  # inside, but a name is one entry: the run dir is output_dir/name
+    pytest.param("a" * 256, id="longer-than-a-file-system-takes"),  # it failed at mkdir with a traceback
+    pytest.param("é" * 128, id="256-bytes-in-utf-8"),
 ])
 def test_run_name_is_one_name_inside_the_output_dir(name):
     with pytest.raises(ConfigError, match=r"^run.name: expected a name inside run.output_dir \(not empty, '.' or "
-                                          r"'..', no '/'\), got "):
+                                          r"'..', no '/', at most 255 bytes\), got ") as raised:
         config.load(overrides=[f"run.name={name}"])
+    assert len(str(raised.value)) < 200  # one readable line, whatever the name's length
 
 
-@pytest.mark.parametrize("name", ["exp 1", "lr-0.1_b128", "..x", "x..", ".hidden", "~user"])
+@pytest.mark.parametrize("name", ["exp 1", "lr-0.1_b128", "..x", "x..", ".hidden", "~user", "a" * 255])
 def test_plain_names_are_kept(name):
     assert config.load(overrides=[f"run.name={name}"]).run.name == name
 
