@@ -32,6 +32,20 @@ RUNGS_FILE = "asha_rungs.json"  # ASHA's recorded rungs, for --resume (tuning/as
 PROMOTION_FILE = "asha_promotions.json"  # tune.asha_variant promotion: rungs and promotions (tuning/promotion.py)
 
 
+# What `rayscale train` writes into a run directory, and the later commands read: no other command writes over them.
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, MODEL_FILE, MODEL_SAFETENSORS_FILE, CURVES_FILE, GROUPS_FILE,
+             TRACKING_FILE, MLFLOW_DB)
+RUN_DIRS = (CHECKPOINTS_DIR, TENSORBOARD_DIR, WANDB_DIR, MLFLOW_ARTIFACTS_DIR)
+
+
+def a_runs_own(path: Path, run_dir: Path) -> str | None:
+    """The run's own file or directory that writing `path` would replace (None: it replaces none of them)."""
+    target, run = path.expanduser().resolve(), run_dir.expanduser().resolve()
+    if target.parent == run and target.name in RUN_FILES:
+        return target.name
+    return next((name for name in RUN_DIRS if target.is_relative_to(run / name)), None)
+
+
 def nearest_existing(path: Path) -> Path:
     """`path` if it exists, else the nearest of its parents that does: where making it would start."""
     while not path.exists():

@@ -106,6 +106,10 @@ def test_eval_refuses_what_is_not_a_run_and_data_without_the_runs_columns(traine
         (["--output", str(tmp_path / "a_dir")], "--output: .*a_dir is a directory"),
         (["--output", str(tmp_path / "no" / "e.json")], "--output: .*no does not exist"),
         (["--output", "/proc/eval.json"], "--output: cannot write in /proc; expected a file in a directory"),
+        # The run's own files: eval.json over model.safetensors left a run no command could load again.
+        *((["--output", str(run.run_dir / name)], f"--output: .* would replace the run's {name}; expected another")
+          for name in ("model.safetensors", "config.yaml", "summary.json")),
+        (["--output", str(run.run_dir / "checkpoints" / "e.json")], "would replace the run's checkpoints"),
         (["--device", "foo"], "--device foo: .*expected cpu or cuda"),
         (["--device", "meta"], "--device meta: expected cpu, cuda\\[:N\\] or mps"),  # torch knows it, rayscale does not
         (["--device", "cuda:7"], "--device cuda:7: this machine has"),

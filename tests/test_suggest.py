@@ -228,6 +228,19 @@ BAD = {
     "a throughput of true": lambda tmp_path: (
         [str(write_run(tmp_path / "run", [metrics_line(2048, per_sec=True)]))],
         "metrics.jsonl line 1: samples_per_sec is True; expected a finite number"),
+    "a negative throughput": lambda tmp_path: (
+        [str(write_run(tmp_path / "run", [metrics_line(2048, per_sec=-3)]))],
+        "metrics.jsonl line 1: samples_per_sec is -3; expected a number of at least 0"),
+    # The run's own files: suggest.png written over its metrics.jsonl left a run suggest could not read again.
+    "plot over the run's metrics": lambda tmp_path: (
+        [str(write_run(tmp_path / "run")), "--plot", str(tmp_path / "run" / "metrics.jsonl")],
+        "--plot: " + f"{tmp_path / 'run' / 'metrics.jsonl'} would replace the run's metrics.jsonl; expected another"),
+    "plot over the run's config": lambda tmp_path: (
+        [str(write_run(tmp_path / "run")), "--plot", str(tmp_path / "run") + "/./config.yaml"],
+        "would replace the run's config.yaml"),
+    "plot over suggest's own json": lambda tmp_path: (
+        [str(write_run(tmp_path / "run")), "--plot", str(tmp_path / "run" / "suggest.json")],
+        "would replace the run's suggest.json"),
     "plot is empty": lambda tmp_path: ([str(write_run(tmp_path / "run")), "--plot", ""],
                                        "--plot: expected the path of a file to write, got an empty one"),
     "the default plot is a directory": lambda tmp_path: (

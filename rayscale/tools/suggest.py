@@ -14,7 +14,15 @@ from pathlib import Path
 from rayscale import config as config_module
 from rayscale.engine.checkpoint import write_bytes_atomic
 from rayscale.errors import UserError
-from rayscale.files import CONFIG_FILE, METRICS_FILE, SUGGEST_JSON, SUGGEST_PLOT, SUMMARY_FILE, can_write_in
+from rayscale.files import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    SUGGEST_JSON,
+    SUGGEST_PLOT,
+    SUMMARY_FILE,
+    a_runs_own,
+    can_write_in,
+)
 from rayscale.math import goodput
 from rayscale.math.batching import plan_batches
 from rayscale.math.schedules import peak_lr, scaled_lr
@@ -75,6 +83,11 @@ def read_run(run_dir: Path) -> tuple[config_module.Config, list[dict]]:
                                       or not math.isfinite(value)):
                 raise UserError(f"{run_dir / METRICS_FILE} line {number}: {key} is {value!r}; expected a finite "
                                 f"number (or none)")
+            # A time or a rate below 0 gave a table of negative goodputs and a recommendation. (The noise scale
+            # may be: its estimate of the gradient's noise is a difference of two measurements.)
+            if value is not None and value < 0 and key != "gradient_noise_scale":
+                raise UserError(f"{run_dir / METRICS_FILE} line {number}: {key} is {value!r}; expected a number of "
+                                f"at least 0")
         records.append(record)
     return cfg, records
 
@@ -256,6 +269,8 @@ def suggest_from_cli(run_dir: str, max_batch: int | None = None, plot: str | Non
     plot_path = Path(plot).expanduser() if plot is not None else directory / SUGGEST_PLOT
     _check_writable_file(json_path, "RUN_DIR")
     _check_writable_file(plot_path, "--plot" if plot is not None else "RUN_DIR")  # the flag the user gave, if any
+    if (own := a_runs_own(plot_path, directory)) is not None or plot_path.resolve() == json_path.resolve():
+        raise UserError(f"--plot: {plot_path} would replace the run's {own or SUGGEST_JSON}; expected another file path")
     print(report(result))
     from rayscale.tools.plots import plot_goodput
 
