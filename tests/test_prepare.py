@@ -76,6 +76,21 @@ def test_a_run_saved_with_a_relative_source_still_resumes_and_one_saved_absolute
         check_same_config(cfg, run_dir)
 
 
+@pytest.mark.parametrize("saved", ["optim: [\n", "", "[1, 2]\n", "\udcff"])
+def test_checkpoints_beside_a_config_that_cannot_be_read_are_not_resumed_under_another(saved, tmp_path):
+    """A run directory whose config.yaml was damaged (cut short, emptied, not a mapping, not text): the run
+    resumed its checkpoints under whatever config it was given, and wrote over the file."""
+    cfg = config.load(overrides=[f"run.output_dir={tmp_path}", "run.name=damaged"])
+    run_dir = tmp_path / "damaged"
+    (run_dir / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+    (run_dir / CONFIG_FILE).write_bytes(saved.encode("utf-8", "surrogateescape"))
+    with pytest.raises(UserError, match=f"^run.name damaged: {run_dir / CONFIG_FILE} is not a config rayscale can "
+                                        f"read, so the checkpoints there cannot be matched"):
+        check_same_config(cfg, run_dir)
+    (run_dir / "checkpoints" / "checkpoint-1").rmdir()
+    check_same_config(cfg, run_dir)  # no checkpoint: nothing to resume, the run starts over
+
+
 def test_a_validation_source_with_other_feature_columns_is_refused_before_the_run(tmp_path):
     """Two features where training has three: the model's first layer could not read them (it failed in every
     worker, after Ray started)."""

@@ -371,7 +371,13 @@ def check_same_config(cfg: Config, run_dir: Path) -> None:
     existing = run_dir / CONFIG_FILE
     if not existing.exists() or not saved_attempt(cfg, run_dir):
         return
-    old = yaml.safe_load(existing.read_text()) or {}
+    try:
+        old = yaml.safe_load(existing.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        old = exc
+    if not isinstance(old, dict):  # it would have resumed those checkpoints under whatever config was given
+        raise UserError(f"run.name {cfg.run.name}: {existing} is not a config rayscale can read, so the checkpoints "
+                        f"there cannot be matched to this config; pick another run.name")
     for key in ("source", "val_source"):  # a run saved with a relative path (local mode), resumed from where it ran
         if isinstance(old.get("data"), dict) and isinstance(old["data"].get(key), str):
             old["data"][key] = _absolute(f"data.{key}", old["data"][key])
