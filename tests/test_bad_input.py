@@ -215,6 +215,13 @@ CASES = [
      ["run.storage_path: cannot write to /proc (needed for /proc/rayscale-storage)"]),
     ("invalid-tune-space", ["tune", "--set", "tune.space={optim.lr: {uniform: [1]}}"],
      ["tune.space.optim.lr: uniform expects [low, high]"]),
+    # Values only building the model or the optimizer refuses: every trial failed with them, after Ray started.
+    ("tune-space-betas-over-one", ["tune", "--set", "optim.name=adamw", "--set",
+                                   "tune.space={optim.betas: {choice: [[0.9, 0.999], [1.5, 2.0]]}}"],
+     ["tune.space.optim.betas: optim.betas=[1.5, 2.0] is not usable: optim.betas: expected two numbers in [0, 1)"]),
+    ("tune-space-negative-width", ["tune", "--set", "tune.space={model.kwargs.hidden_sizes: {choice: [[64], [-3]]}}"],
+     ["tune.space.model.kwargs.hidden_sizes: model.kwargs.hidden_sizes=[-3] is not usable: "
+      "model.kwargs.hidden_sizes: expected entries of at least 1, got [-3]"]),
     ("resume-nothing", ["tune", "--resume", "--set", "run.name=never-searched"], ["--resume: no search to resume"]),
     ("curriculum-on-digits", ["train", "--set", "data.curriculum_column=hardness"],
      ["data.curriculum_column: data.source digits has no columns"]),

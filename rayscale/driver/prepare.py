@@ -63,7 +63,7 @@ def prepare(cfg: Config, scope: str = "run", code: UserCode = NO_CODE,
     train, val, train_rows, val_rows = _splits(cfg, given)
     if scope != "eval":  # eval: the data given stands for a finished run's Dataset, and nothing trains on it
         _check_training_rows(cfg, plan, train_rows)
-    model = _check_model(cfg, train.info.spec, code)
+    model = check_model(cfg, train.info.spec, code)
     _check_code(cfg, code)
     _try_user_code(cfg, train.info, model, code, validates=val is not None)
     if cfg.run.checkpoint_upload_fn is not None:  # imported where the workers run, but a typo fails here first
@@ -160,7 +160,7 @@ def _splits(cfg: Config, given: Mapping[str, sources.SourceInfo]) -> tuple[Split
             count_rows(info, "train", cfg.data.val_fraction), val_rows)
 
 
-def _check_model(cfg: Config, spec: sources.DataSpec, code: UserCode):
+def check_model(cfg: Config, spec: sources.DataSpec, code: UserCode):
     """Build the model once on the driver (CPU, tiny) so a bad name or kwargs fails before Ray starts."""
     from rayscale.engine.optimizers import check_optimizer
     from rayscale.models import build_model

@@ -25,6 +25,7 @@ from rayscale.driver.prepare import (
     NO_CODE,
     NO_DATA,
     absolute_paths,
+    check_model,
     check_output_dir,
     first_change,
     prepare,
@@ -48,7 +49,7 @@ from rayscale.launch import trainer
 from rayscale.launch.callbacks import remove_placement_groups_left
 from rayscale.launch.connect import connect, loopback_unless_joining
 from rayscale.launch.fit import check_cluster_fits, check_fits_before_start
-from rayscale.plugins import UserCode
+from rayscale.plugins import UserCode, first_line
 from rayscale.tuning import space
 from rayscale.tuning.promotion import RUNG_PAUSE
 
@@ -348,6 +349,20 @@ def check_before_data(cfg: Config, *, address: str | None = None, resume: bool =
     return base, domains
 
 
+def check_space_builds(base: dict, domains: list[space.Domain], spec, code: UserCode) -> None:
+    """The model and optimizer every value of a model.* or optim.* key in the space gives, built once here as its
+    trial's workers would build them: a value only the build refuses (a layer width of -3, AdamW betas above 1)
+    passed the config's checks and failed in every trial, after Ray started."""
+    for domain in domains:
+        if domain.key.startswith(("model.", "optim.")):
+            for value in domain.check_values():
+                try:
+                    check_model(space.apply(base, {domain.key: value}), spec, code)
+                except UserError as exc:
+                    raise UserError(f"tune.space.{domain.key}: {domain.key}={value!r} is not usable: "
+                                    f"{first_line(exc)}") from None
+
+
 def search(cfg: Config, *, address: str | None = None, resume: bool = False, code: UserCode = NO_CODE,
            given: Mapping[str, SourceInfo] = NO_DATA) -> list[dict]:
     """Validate everything, run (or resume) the search, write its outputs; returns trial rows, best first.
@@ -356,6 +371,7 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False, cod
     base, domains = check_before_data(cfg, address=address, resume=resume)
     search_dir = run_directory(cfg)
     prepared = prepare(cfg, scope="search", code=code, given=given)
+    check_space_builds(base, domains, prepared.spec, code)
     max_t = cfg.train.epochs * prepared.train_rows
     check_metric_name(cfg.tune.metric, [*cfg.train.metrics, *(name for name, _ in code.metrics)], prepared.spec.task)
     if cfg.tune.metric.startswith("val_") and prepared.val_rows == 0:
