@@ -58,3 +58,21 @@ class SearchFailed(RuntimeError):
         super().__init__(f"every trial of the search failed ({len(trials)} of {len(trials)}); Tune's table above "
                          f"names each one's error.txt, and {search_dir / TRIALS_TABLE} lists them")
         self.search_dir, self.trials = search_dir, trials
+
+
+def user_error_inside(exc: BaseException, kind: type[Exception] = UserError) -> Exception | None:
+    """The UserError (or other `kind`) a training failure carries: Ray wraps a worker's (or a Ray Data task's)
+    exception in RayTaskError (`.cause`), Train in WorkerGroupError (`.worker_failures`) or ControllerError."""
+    stack, seen = [exc], set()
+    while stack:
+        error = stack.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        cause = getattr(error, "cause", None)
+        if isinstance(error, kind) and not isinstance(cause, BaseException):
+            return error
+        stack += [cause if isinstance(cause, BaseException) else None, error.__cause__, error.__context__,
+                  getattr(error, "controller_failure", None),
+                  *(getattr(error, "worker_failures", None) or {}).values()]
+    return None

@@ -316,6 +316,21 @@ def test_the_embedded_ray_starts_no_preemption_watcher_and_no_run_starts_unused_
     assert groups and all(table[group]["state"] == "REMOVED" for group in groups)
 
 
+def test_a_run_that_diverged_ends_at_once_instead_of_being_retried(ray_session, tmp_path):
+    """A run whose loss stays non-finite (train.max_nonfinite_steps) diverges again from its last checkpoint:
+    it ends after its first worker group with the workers' own line, where Train's failure policy retried it
+    run.max_failures times (4 groups, 230 lines of tracebacks)."""
+    from rayscale.errors import NonFiniteError
+
+    cfg = config.load(overrides=[f"run.output_dir={tmp_path}", "run.name=diverged", "train.epochs=1",
+                                 "optim.lr=1e30", "scaling.num_workers=1", "run.max_failures=3"])
+    with pytest.raises(NonFiniteError, match=r"^non-finite loss or gradients at step \d+: 5 steps in a row were "
+                                             r"skipped \(train.max_nonfinite_steps=5\); lower optim.lr"):
+        trainer.train(cfg)
+    groups = (tmp_path / "diverged" / GROUPS_FILE).read_text().splitlines()
+    assert [json.loads(line)["cause"] for line in groups] == ["start"]
+
+
 def test_embedded_ray_listens_on_loopback_only(ray_session):
     """Every server the embedded Ray started (GCS, raylet, object manager, dashboard, agents) is on 127.0.0.1."""
     import subprocess

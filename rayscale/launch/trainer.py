@@ -40,7 +40,7 @@ from rayscale.driver.prepare import (
 from rayscale.driver.progress import MetricsFollower, ProgressBar, wants_bar
 from rayscale.driver.trackers import Destinations
 from rayscale.driver.tracking import Tracking, destinations, final_files
-from rayscale.errors import NonFiniteError, UserError
+from rayscale.errors import NonFiniteError, UserError, user_error_inside
 from rayscale.files import CHECKPOINTS_DIR, CHECKPOINTS_KEPT, CONFIG_FILE, GROUPS_FILE, METRICS_FILE
 from rayscale.launch.callbacks import controller_callback, record_group, remove_placement_groups_left
 from rayscale.launch.connect import PREEMPTION_WATCHER_ENV, autoscaler_requests, connect
@@ -138,24 +138,6 @@ def stop_servers(run_dir: Path) -> None:
 
     for handle in _SERVERS.pop(str(run_dir), []):
         ray.kill(handle)
-
-
-def user_error_inside(exc: BaseException, kind: type[Exception] = UserError) -> Exception | None:
-    """The UserError (or other `kind`) a training failure carries: Ray wraps a worker's (or a Ray Data task's)
-    exception in RayTaskError (`.cause`), Train in WorkerGroupError (`.worker_failures`) or ControllerError."""
-    stack, seen = [exc], set()
-    while stack:
-        error = stack.pop()
-        if error is None or id(error) in seen:
-            continue
-        seen.add(id(error))
-        cause = getattr(error, "cause", None)
-        if isinstance(error, kind) and not isinstance(cause, BaseException):
-            return error
-        stack += [cause if isinstance(cause, BaseException) else None, error.__cause__, error.__context__,
-                  getattr(error, "controller_failure", None),
-                  *(getattr(error, "worker_failures", None) or {}).values()]
-    return None
 
 
 def train(cfg: Config, *, address: str | None = None, callbacks: list | None = None,
