@@ -163,6 +163,10 @@ def cmd_find_batch_size(args: argparse.Namespace) -> int:
               f"optimizer {cfg.optim.name}; one training step per probe", flush=True)
 
     def shown(probe) -> None:
+        if probe.predicted_mb is not None:  # not run: it would have gone past the budget
+            print(f"  micro-batch {probe.micro_batch_size:>7,}  {'does not fit':<12}  "
+                  f"{f'~{probe.predicted_mb:,.1f} MiB':>14}  predicted, not run", flush=True)
+            return
         memory = f"{probe.peak_mb:,.1f} MiB" if probe.peak_mb is not None else "-"
         print(f"  micro-batch {probe.micro_batch_size:>7,}  {'fits' if probe.fits else 'does not fit':<12}  "
               f"{memory:>14}  {probe.seconds:.2f} s", flush=True)

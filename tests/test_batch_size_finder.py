@@ -95,6 +95,25 @@ def test_a_cpu_budget_bounds_the_counted_memory():
     assert not any(p.fits for p in finding.probes if p.micro_batch_size == finding.largest + 1)
 
 
+def test_a_cpu_probe_predicted_past_the_budget_is_not_run(monkeypatch, capsys):
+    """--max 1000000000 doubled on until a probe's step took 23 GiB and the kernel killed the process: a probe is
+    run only where the line through the two largest that fit keeps it within the budget."""
+    from rayscale.engine import step
+
+    ran, real_step = [], step.train_step
+    monkeypatch.setattr(step, "train_step", lambda model, batches, *a, **k: (
+        ran.append(len(batches[0]["y"])), real_step(model, batches, *a, **k))[1])
+    finding = batch_size_finder.find(config.load(), limit=10**9, memory_mb=1.5)
+    skipped = [p for p in finding.probes if p.predicted_mb is not None]
+    assert skipped and all(p.predicted_mb > 1.5 and not p.fits for p in skipped)
+    assert sorted(ran) == sorted(p.micro_batch_size for p in finding.probes if p.predicted_mb is None)
+    assert max(ran) < 4 * finding.largest  # the doubling stopped where the budget ran out, not at --max
+    largest = max(p.micro_batch_size for p in finding.probes if p.fits)
+    assert finding.largest == largest and not any(p.fits for p in finding.probes if p.micro_batch_size > largest)
+    assert cli.main(["find-batch-size", "--max", "1000000000", "--memory-mb", "1.5"]) == 0
+    assert "predicted, not run" in capsys.readouterr().out
+
+
 def test_the_command_finds_the_injected_limit_and_names_the_micro_batch_to_use(cramped, capsys):
     assert cli.main(["find-batch-size", *cramped(37)]) == 0
     out = capsys.readouterr().out

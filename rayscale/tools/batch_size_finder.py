@@ -11,8 +11,10 @@ What "fits" means:
   the step's tensor memory instead (parameters, gradients, optimizer state -- under optim.shard_state the most
   loaded worker's share only --, the batch, and the activations autograd keeps for backward, through
   saved-tensor hooks), and a micro-batch fits when that stays within
-  the budget (`--memory-mb`, default half the memory available now). An injected out-of-memory error (tests)
-  counts as not fitting on a CPU too.
+  the budget (`--memory-mb`, default half the memory available now). A probe whose memory, extrapolated from
+  the two largest that fit, exceeds the budget is not run: its step could take more than the machine has, and
+  the kernel kills the process without a word (`--max 1000000000` did, at 23 GiB). An injected out-of-memory
+  error (tests) counts as not fitting on a CPU too.
 
 No Ray here: the rows come straight from the source, on this machine.
 """
@@ -39,6 +41,7 @@ class Probe:
     fits: bool
     peak_mb: float | None  # device peak (CUDA) or counted tensor memory (CPU); None where it did not fit
     seconds: float
+    predicted_mb: float | None = None  # CPU: not run, its memory predicted from the probes before it over the budget
 
 
 def largest_fitting(fits: Callable[[int], bool], limit: int) -> int | None:
@@ -73,6 +76,13 @@ def memory_per_sample(probes: list[Probe]) -> tuple[float, float] | None:
     small, large = fitted[-2], fitted[-1]
     slope = (large.peak_mb - small.peak_mb) / (large.micro_batch_size - small.micro_batch_size)
     return slope, large.peak_mb - slope * large.micro_batch_size
+
+
+def predicted_mb(probes: list[Probe], size: int) -> float:
+    """The memory of a micro-batch of `size` on the line through the two largest probes that fit (0 before two
+    have: the first probes, 1 and 2, are run)."""
+    line = memory_per_sample(probes)
+    return 0.0 if line is None else line[1] + line[0] * size
 
 
 def available_mb() -> float:
@@ -191,6 +201,11 @@ def find(cfg: Config, *, limit: int | None = None, memory_mb: float | None = Non
     finding = Finding(device=str(device), budget_mb=budget, largest=None, limit=limit)
 
     def fits(size: int) -> bool:
+        if budget is not None and (predicted := predicted_mb(finding.probes, size)) > budget:
+            probe = Probe(size, False, None, 0.0, predicted_mb=predicted)
+            finding.probes.append(probe)
+            progress(probe)
+            return False
         began = time.perf_counter()
         batch = collate({key: value[np.arange(size) % have] for key, value in rows.items()}, device)
         if device.type == "cuda":
