@@ -18,7 +18,7 @@ def import_callable(dotted: str, where: str, kind: str = "function") -> Callable
         raise UserError(f"{where}: expected package.module:{kind}")
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # not only ImportError: the module's own code runs on import
+    except (Exception, SystemExit) as exc:  # not only ImportError: the module's own code runs on import
         raise UserError(f"{where}: cannot import {module_name} ({first_line(exc)})") from exc
     found = getattr(module, attribute, None)
     if found is None:

@@ -75,6 +75,15 @@ def strict(width=1):
 
 def broken(**kwargs):
     return torch.nn.Linear(64, undefined_width)
+
+def exits(**kwargs):
+    raise SystemExit(0)
+
+def gives_up(**kwargs):
+    raise SystemExit("factory gave up")
+
+def loss_exits(output, target):
+    raise SystemExit(3)
 """
 
 
@@ -206,6 +215,13 @@ CASES = [
      ["model.kwargs: strict(width=1) does not accept them"]),
     ("user-factory-bug", ["train", "--set", "model.name=bad_input_models:broken"],
      ["model.name 'bad_input_models:broken': bad_input_models:broken() raised NameError:", "undefined_width"]),
+    # Code that exits: rayscale ended with its code (0, with no output at all) instead of naming the key.
+    ("user-factory-exits", ["train", "--set", "model.name=bad_input_models:exits"],
+     ["model.name 'bad_input_models:exits': bad_input_models:exits() raised SystemExit: 0"]),
+    ("user-factory-exits-with-a-message", ["train", "--set", "model.name=bad_input_models:gives_up"],
+     ["bad_input_models:gives_up() raised SystemExit: factory gave up"]),
+    ("user-loss-exits", ["train", "--set", "train.loss=bad_input_models:loss_exits"],
+     ["train.loss: failed on 2 rows of digits (SystemExit: 3)"]),
     ("unwritable-output-dir", ["train", "--set", "run.output_dir={notadir}/runs"],
      ["run.output_dir: cannot write to", "notadir"]),
     # Permission bits pass /proc for root (whom CI may run as); creating a directory there fails for everyone.

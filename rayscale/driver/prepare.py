@@ -214,7 +214,7 @@ def _try_user_code(cfg: Config, info: sources.SourceInfo, model, code: UserCode,
         """call(), or _LeftToWorkers where its failure is not known to be the workers' too."""
         try:
             return call()
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a loss or metric that exits would end rayscale with its code
             if not _needs_a_worker(exc) and (same_device or _misfit(exc)):
                 raise UserError(f"{key}: failed on {tried} ({type(exc).__name__}: {first_line(exc)})") from None
             raise _LeftToWorkers from exc

@@ -127,7 +127,8 @@ def _call(cfg: ModelConfig, factory: Callable[..., Any], arguments: dict, where:
         return factory(**arguments)
     except UserError:
         raise
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # SystemExit: a factory that exits (sys.exit, its own argparse)
+        # ended rayscale with its code, 0 included, and no word of which key it was
         key = "model.kwargs" if cfg.kwargs else where or f"model.name {cfg.name!r}"
         shown = ", ".join(f"{name}={value!r}" for name, value in cfg.kwargs.items())
         called = cfg.name if where is None or where.startswith("model.name") else "model"
