@@ -100,6 +100,24 @@ RULES: tuple[Rule, ...] = (
          lambda c: f"data.curriculum_column: column {c.data.curriculum_column!r} is also used as a feature, label, "
                    f"weight or sequence; the difficulty must not be an input",
          ("data.source=x.parquet", "data.curriculum_column=hardness", "data.features=[f0, hardness]")),
+    # Each column has one part: a label or a weight read as an input hands the model the answer (a run trained
+    # to val_accuracy 1.00 in one epoch), and a feature named twice is one column counted twice.
+    Rule(("data.features",),
+         lambda c: c.data.features is not None and (not c.data.features
+                                                    or len(set(c.data.features)) < len(c.data.features)),
+         lambda c: f"data.features: expected distinct column names, at least one (null: every column not used "
+                   f"otherwise), got {c.data.features}",
+         ("data.source=x.parquet", "data.features=[f0, f0]")),
+    Rule(("data.features", "data.label"),
+         lambda c: c.data.label in (c.data.features or ()),
+         lambda c: f"data.features: column {c.data.label!r} is data.label; the label must not be an input",
+         ("data.source=x.parquet", "data.features=[f0, label]")),
+    Rule(("data.weight", "data.label", "data.features"),
+         lambda c: c.data.weight is not None and (c.data.weight == c.data.label
+                                                  or c.data.weight in (c.data.features or ())),
+         lambda c: f"data.weight: column {c.data.weight!r} is also the label or a feature; a sample weight is a "
+                   f"column of its own",
+         ("data.source=x.parquet", "data.weight=label")),
     *(Rule((f"data.{name}", "data.curriculum_column"),
            lambda c, name=name: c.data.curriculum_column is not None and getattr(c.data, name) > 1,
            lambda c, name=name: f"data.{name}: expected a share in (0, 1], got {getattr(c.data, name)}",

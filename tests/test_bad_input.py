@@ -57,6 +57,7 @@ def _files(tmp: Path) -> dict[str, str]:
         "negative_label": _parquet(tmp / "negative_label.parquet", rows=400, label=labels - 3 * (labels == 2)),
         "float_label": _parquet(tmp / "float_label.parquet", rows=400, label=np.arange(400) / 4),
         "corrupt": str(tmp / "corrupt.parquet"),
+        "same_name_twice": _same_name_twice(tmp / "same_name_twice.parquet"),
         "malformed": str(tmp / "malformed.yaml"),
         "notadir": str(tmp / "notadir"),
         "nan_yaml": str(_write(tmp / "nan.yaml", "optim:\n  momentum: nan\n")),
@@ -85,6 +86,12 @@ def gives_up(**kwargs):
 def loss_exits(output, target):
     raise SystemExit(3)
 """
+
+
+def _same_name_twice(path: Path) -> str:
+    columns = [pa.array(np.arange(64.0)), pa.array(np.ones(64)), pa.array(np.arange(64) % 2)]
+    pq.write_table(pa.Table.from_arrays(columns, names=["f0", "f0", "label"]), path)
+    return str(path)
 
 
 def _write(path: Path, text: str) -> Path:
@@ -245,6 +252,14 @@ CASES = [
      ["data.weight: data.source digits has no columns; data.weight is for Parquet data"]),
     ("num-classes-on-synthetic", ["train", "--set", "data.source=synthetic", "--set", "data.num_classes=3"],
      ["data.num_classes: data.source synthetic has no columns"]),
+    ("a-column-name-twice", ["train", "--set", "data.source={same_name_twice}"],
+     ["same_name_twice.parquet: more than one column named 'f0'; expected distinct column names"]),
+    ("label-as-a-feature", ["train", "--set", "data.source={good}", "--set", "data.features=[f0, label]"],
+     ["data.features: column 'label' is data.label; the label must not be an input"]),
+    ("label-as-the-weight", ["train", "--set", "data.source={good}", "--set", "data.weight=label"],
+     ["data.weight: column 'label' is also the label or a feature"]),
+    ("no-features", ["train", "--set", "data.source={good}", "--set", "data.features=[]"],
+     ["data.features: expected distinct column names, at least one", "got []"]),
     ("curriculum-column-missing", ["train", "--set", "data.source={good}", "--set", "data.curriculum_column=hardness"],
      ["data.curriculum_column: column 'hardness' not in", "good.parquet"]),
     ("curriculum-column-not-numeric", ["train", "--set", "data.source={graded}", "--set",

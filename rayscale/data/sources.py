@@ -407,6 +407,9 @@ def unclaimed_columns(names: list[str], data: DataConfig) -> list[str]:
 
 def resolve_columns(schema: pa.Schema, data: DataConfig, path: str) -> _Columns:
     names = schema.names
+    if twice := sorted({name for name in names if names.count(name) > 1}):  # pyarrow finds neither by name
+        raise UserError(f"{path}: more than one column named {', '.join(map(repr, twice))}; expected distinct "
+                        f"column names")
 
     def need(name: str, config_key: str) -> pa.DataType:
         if name not in names:
