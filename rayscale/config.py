@@ -13,6 +13,7 @@ import difflib
 import math
 import numbers
 import os
+import re
 import types
 import typing
 from collections.abc import Hashable
@@ -518,8 +519,25 @@ def from_dict(raw: dict) -> Config:
     return _build(Config, raw)
 
 
+def key_type(dotted: str) -> Any:
+    """The schema's type of a dotted key (None: not a key of the schema, or inside a free-form mapping)."""
+    cls: Any = Config
+    for part in dotted.split("."):
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if part not in hints:
+            return None
+        cls = hints[part]
+    return cls
+
+
+def _takes_only_text(tp: Any) -> bool:
+    return tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType)
+                         and set(typing.get_args(tp)) == {str, type(None)})
+
+
 def parse_override(text: str) -> tuple[str, Any]:
-    """`optim.lr=0.1` -> ("optim.lr", 0.1). Values are read as YAML, so `null`, `[1, 2]`, `true` work."""
+    """`optim.lr=0.1` -> ("optim.lr", 0.1). Values are read as YAML (1.2's plain scalars, `_ConfigLoader`), so
+    `null`, `[1, 2]`, `true` work; a key that takes only text takes what was written (`run.name=010`)."""
     if "=" not in text:
         if argument("set") == "--set":
             raise ConfigError(f"--set {text}: expected KEY=VALUE, e.g. --set optim.lr=0.1")
@@ -527,9 +545,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     dotted, raw_value = text.split("=", 1)
     dotted = dotted.strip()
     try:
-        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+        value = yaml.load(raw_value, Loader=_ConfigLoader) if raw_value.strip() else ""  # noqa: S506 (safe)
     except yaml.YAMLError:
         value = raw_value
+    if isinstance(value, int | float) and _takes_only_text(key_type(dotted)):  # (bool is an int)
+        value = raw_value.strip()
     check_expansion(value, f"{argument('set')} {dotted}" if argument("set") == "--set" else f"overrides: {dotted!r}")
     return dotted, value
 
@@ -585,6 +605,34 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+class _ConfigLoader(_UniqueKeyLoader):
+    """YAML 1.2's plain scalars instead of 1.1's, which PyYAML implements: `yes`, `no`, `on` and `off` are words,
+    not booleans (`data.label: no` was False, `data.features: [on, off]` [True, False]); 010 is ten, not eight;
+    1:30 is text, not 90 (sexagesimal); 2024-01-05 is text, not a date (`run.name: 2024-01-05`)."""
+
+
+_BOOL, _INT, _FLOAT = (f"tag:yaml.org,2002:{name}" for name in ("bool", "int", "float"))
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers
+            if tag not in (_BOOL, _INT, _FLOAT, "tag:yaml.org,2002:timestamp")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_ConfigLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_ConfigLoader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9][0-9_]*|[-+]?0x[0-9a-fA-F_]+|[-+]?0o[0-7_]+)$"),
+                                    list("-+0123456789"))
+_ConfigLoader.add_implicit_resolver(_FLOAT, re.compile(
+    r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)"
+    r"|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
+    """Decimal whatever its leading zeros; 0x hexadecimal and 0o octal only when written so."""
+    text = loader.construct_scalar(node).replace("_", "")
+    sign, digits = (-1, text[1:]) if text.startswith("-") else (1, text.lstrip("+"))
+    return sign * (int(digits, 0) if digits[:2] in ("0x", "0o") else int(digits, 10))
+
+
+_ConfigLoader.add_constructor(_INT, _construct_int)
+
 MAX_EXPANDED_VALUES = 100_000  # a config holds a few hundred; YAML aliases nested k deep expand to n**k
 
 
@@ -627,7 +675,7 @@ def read_yaml(path: str | Path) -> dict:
     except OSError as exc:  # a directory, no permission
         raise ConfigError(f"config file {path}: cannot read it: {exc.strerror or exc}") from None
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        raw = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

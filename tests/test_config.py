@@ -295,3 +295,30 @@ def test_config_show_refuses_what_train_would_refuse_with_the_same_line(override
     with pytest.raises(ConfigError) as raised:
         prepare(config.load(overrides=overrides))
     assert shown.err == f"rayscale: error: {raised.value}\n"
+
+
+@pytest.mark.parametrize("override, key, value", [
+    ("run.name=2024-01-05", "run.name", "2024-01-05"),  # YAML 1.1: a date, refused as not a string
+    ("run.name=010", "run.name", "010"),  # a key that takes only text takes what was written
+    ("run.name=true", "run.name", "true"),
+    ("data.label=no", "data.label", "no"),  # YAML 1.1: False
+    ("train.epochs=010", "train.epochs", 10),  # YAML 1.1: octal, 8
+    ("seed=0o17", "seed", 15),  # octal and hexadecimal only when written so
+    ("seed=0x10", "seed", 16),
+    ("optim.lr=.5", "optim.lr", 0.5),
+    ("scaling.use_gpu=False", "scaling.use_gpu", False),
+])
+def test_values_read_as_yaml_12s_plain_scalars(override, key, value):
+    cfg = config.load(overrides=[override])
+    section, name = key.split(".") if "." in key else (None, key)
+    got = getattr(getattr(cfg, section), name) if section else getattr(cfg, name)
+    assert got == value and type(got) is type(value)
+
+
+def test_a_config_file_reads_yaml_12s_plain_scalars(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  name: 2024-01-05\ndata:\n  label: off\ntrain:\n  epochs: 010\n")
+    cfg = config.load(path)
+    assert (cfg.run.name, cfg.data.label, cfg.train.epochs) == ("2024-01-05", "off", 10)
+    with pytest.raises(ConfigError, match=r"^train.epochs: expected an integer, got '1:30'$"):  # YAML 1.1: 90
+        config.load(overrides=["train.epochs=1:30"])

@@ -15,7 +15,6 @@ import copy
 import itertools
 import math
 import random
-import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,16 +56,6 @@ class Domain:
 MAX_COMBINATIONS = 2000
 
 
-def _key_type(dotted: str):
-    cls: typing.Any = Config
-    for part in dotted.split("."):
-        hints = typing.get_type_hints(cls)
-        if part not in hints:
-            return None
-        cls = hints[part]
-    return cls
-
-
 def parse_space(raw: dict) -> list[Domain]:
     if not isinstance(raw, dict):
         raise ConfigError(f"tune.space: expected a mapping of dotted keys to domains, got {raw!r}")
@@ -97,7 +86,7 @@ def parse_space(raw: dict) -> list[Domain]:
                 raise ConfigError(f"{where}: randint expects integer bounds, got {values!r}")
         if dotted.startswith("tune.") or dotted.startswith("run."):
             raise ConfigError(f"{where}: {dotted.split('.')[0]} keys cannot be searched")
-        if kind in ("uniform", "loguniform") and _key_type(dotted) in (int, int | None):
+        if kind in ("uniform", "loguniform") and config_module.key_type(dotted) in (int, int | None):
             raise ConfigError(f"{where}: {kind} samples fractions but {dotted} is an integer; use randint or "
                               f"choice")
         domains.append(Domain(dotted, kind, tuple(values)))
