@@ -544,8 +544,13 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"overrides: {text!r}: expected KEY=VALUE, e.g. 'optim.lr=0.1' (or a mapping)")
     dotted, raw_value = text.split("=", 1)
     dotted = dotted.strip()
+    if not all(dotted.split(".")):  # `=3`, `.lr=3`, `optim..lr=3`: an empty key named nothing in its error
+        shown = f"--set {text}" if argument("set") == "--set" else f"overrides: {text!r}"
+        raise ConfigError(f"{shown}: expected a dotted key before '=', e.g. optim.lr=0.1, got {dotted!r}")
     try:
         value = yaml.load(raw_value, Loader=_ConfigLoader) if raw_value.strip() else ""  # noqa: S506 (safe)
+    except RecursionError:
+        raise ConfigError(f"{argument('set')} {dotted}: value nested too deeply to read") from None
     except yaml.YAMLError:
         value = raw_value
     if isinstance(value, int | float) and _takes_only_text(key_type(dotted)):  # (bool is an int)
@@ -676,6 +681,9 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file {path}: cannot read it: {exc.strerror or exc}") from None
     try:
         raw = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader)
+    except RecursionError:  # PyYAML's parser recurses once per level: [[[... a thousand deep
+        raise ConfigError(f"config file {path}: values nested too deeply to read (a config needs a few "
+                          f"levels)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -61,6 +61,7 @@ def _files(tmp: Path) -> dict[str, str]:
         "malformed": str(tmp / "malformed.yaml"),
         "notadir": str(tmp / "notadir"),
         "nan_yaml": str(_write(tmp / "nan.yaml", "optim:\n  momentum: nan\n")),
+        "deep_yaml": str(_write(tmp / "deep.yaml", "a: " + "[" * 1000 + "]" * 1000 + "\n")),
         "models": str(_write(tmp / "bad_input_models.py", USER_MODELS)),  # importable: tmp is on sys.path
         "shipped": str(Path(__file__).resolve().parents[1] / "configs"),
     }
@@ -104,6 +105,12 @@ CASES = [
     ("malformed-yaml", ["train", "-c", "{malformed}"], ["malformed.yaml", "line"]),
     ("missing-config-file", ["train", "-c", "{tmp}/nope.yaml"], ["nope.yaml"]),
     ("unknown-key", ["train", "--set", "optim.lrr=0.1"], ["optim.lrr", "did you mean optim.lr?"]),
+    # Each ended in a 3,000-line RecursionError, or named an empty key.
+    ("config-nested-a-thousand-deep", ["train", "-c", "{deep_yaml}"], ["deep.yaml: values nested too deeply to read"]),
+    ("set-without-a-key", ["train", "--set", "=3"], ["--set =3: expected a dotted key before '=', e.g. optim.lr=0.1"]),
+    ("set-with-an-empty-part", ["train", "--set", "optim..lr=3"], ["--set optim..lr=3: expected a dotted key"]),
+    ("init-from-a-device", ["train", "--set", "model.init_from=/dev/zero"],
+     ["model.init_from: /dev/zero is not a regular file"]),
     ("wrong-type", ["train", "--set", "train.epochs=many"], ["train.epochs", "integer"]),
     ("zero-batch", ["train", "--set", "batch.global_batch_size=0"], ["batch.global_batch_size", "at least 1"]),
     ("negative-lr", ["train", "--set", "optim.lr=-1"], ["optim.lr", "greater than 0", "-1"]),

@@ -103,7 +103,8 @@ def initial_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise UserError(f"model.init_from: {path} holds no {MODEL_SAFETENSORS_FILE}, {MODEL_FILE} or checkpoint "
                         f"({STATE_FILE}); expected a run directory, a checkpoint or a weights file")
     if not where.is_file():
-        raise UserError(f"model.init_from: {path} does not exist")
+        what = "is not a regular file" if where.exists() else "does not exist"  # /dev/zero, a socket
+        raise UserError(f"model.init_from: {path} {what}; expected a run directory, a checkpoint or a weights file")
     try:
         if where.suffix == ".safetensors":
             from safetensors.torch import load_file
