@@ -331,6 +331,9 @@ UNREACHABLE = [
      ["--address 127.0.0.1:head: expected host:port"]),
     ("address-without-a-port", ["train", "--address", "garbage!!"], {}, ["--address garbage!!: expected host:port"]),
     ("empty-address", ["tune", "--address", ""], {}, ["--address: expected host:port", "got an empty value"]),
+    # MLflow's client retried for minutes, silent, after the run's first line.
+    ("mlflow-server", ["train", "--set", "run.trackers=[mlflow]"], {"MLFLOW_TRACKING_URI": "http://127.0.0.1:{port}"},
+     ["run.trackers: mlflow's MLFLOW_TRACKING_URI http://127.0.0.1:{port}: nothing answers (Connection refused)"]),
 ]
 
 

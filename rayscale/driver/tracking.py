@@ -50,12 +50,37 @@ STATE_VERSION = 1
 
 
 def check_installed(names: list[str]) -> None:
-    """Each tracker's library is there (looked up, not imported): checked with the config, before Ray."""
+    """Each tracker's library is there (looked up, not imported), and an MLflow tracking server named by
+    MLFLOW_TRACKING_URI answers: checked with the config, before Ray."""
     for name in names:
         missing = next((module for module in NEEDS[name] if importlib.util.find_spec(module) is None), None)
         if missing is not None:
             raise UserError(f"run.trackers: {name} needs the {missing} package, which is not installed "
                             f"(pip install 'rayscale[{name}]')")
+    if "mlflow" in names:
+        check_server_answers(os.environ.get("MLFLOW_TRACKING_URI") or "")
+
+
+SERVER_TIMEOUT_S = 5.0
+
+
+def check_server_answers(uri: str) -> None:
+    """An http(s) MLFLOW_TRACKING_URI whose server does not answer: MLflow's client retries each request with
+    back-off for minutes, so the run sat silent after its first line (and its driver would have done so again
+    at every log line)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        socket.create_connection((parts.hostname, port), timeout=SERVER_TIMEOUT_S).close()
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise UserError(f"run.trackers: mlflow's MLFLOW_TRACKING_URI {uri}: nothing answers ({reason}); start "
+                        f"the tracking server, or unset the variable for a store in the run directory") from None
 
 
 def destinations(store_dir: Path, search: str | None = None) -> Destinations:
