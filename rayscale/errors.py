@@ -46,6 +46,11 @@ class ConfigError(UserError):
     """A config key has a value we cannot use."""
 
 
+class UserCodeError(UserError, ValueError):
+    """The user's loss or metric broke its contract with rayscale (a reduced loss, a value per batch instead of
+    per sample): the same code fails the same way on every retry, so a worker that raises it ends the run."""
+
+
 class NonFiniteError(RuntimeError):
     """Training produced non-finite loss or gradients too many steps in a row."""
 
@@ -60,8 +65,9 @@ class SearchFailed(RuntimeError):
         self.search_dir, self.trials = search_dir, trials
 
 
-def user_error_inside(exc: BaseException, kind: type[Exception] = UserError) -> Exception | None:
-    """The UserError (or other `kind`) a training failure carries: Ray wraps a worker's (or a Ray Data task's)
+def user_error_inside(exc: BaseException, kind: type[Exception] | tuple[type[Exception], ...] = UserError
+                      ) -> Exception | None:
+    """The UserError (or other `kind`, or one of several) a training failure carries: Ray wraps a worker's (or a Ray Data task's)
     exception in RayTaskError (`.cause`), Train in WorkerGroupError (`.worker_failures`) or ControllerError."""
     stack, seen = [exc], set()
     while stack:

@@ -331,6 +331,25 @@ def test_a_run_that_diverged_ends_at_once_instead_of_being_retried(ray_session, 
     assert [json.loads(line)["cause"] for line in groups] == ["start"]
 
 
+def test_a_loss_that_breaks_its_contract_in_the_workers_ends_the_run_in_its_line(ray_session, tmp_path):
+    """A loss that passed the driver's two-row check and returned three losses for a micro-batch of 32 in the
+    workers: a UserError there ends the run after its first worker group, in one line naming train.loss, where
+    Train retried it run.max_failures times and ended in its own traceback."""
+    import torch
+
+    import rayscale
+
+    def first_three(output, batch):
+        return torch.nn.functional.cross_entropy(output, batch["y"], reduction="none")[:3]
+
+    with pytest.raises(rayscale.UserError, match=r"^train.loss: returned losses of shape \(3,\); expected one per "
+                                                 r"sample \(32,\)"):
+        rayscale.train(overrides=[f"run.output_dir={tmp_path}", "run.name=contract", "train.epochs=1",
+                                  "scaling.num_workers=1", "batch.micro_batch_size=32"], loss=first_three)
+    groups = (tmp_path / "contract" / GROUPS_FILE).read_text().splitlines()
+    assert [json.loads(line)["cause"] for line in groups] == ["start"]
+
+
 def test_embedded_ray_listens_on_loopback_only(ray_session):
     """Every server the embedded Ray started (GCS, raylet, object manager, dashboard, agents) is on 127.0.0.1."""
     import subprocess

@@ -179,7 +179,7 @@ def test_a_loss_that_cannot_take_a_datasets_rows_is_refused_before_training(clus
     import torch
 
     ray_cluster, _ = cluster
-    with pytest.raises(rayscale.UserError, match=r"^loss=: failed on 2 rows of ray_dataset:train_data \(ValueError: "
+    with pytest.raises(rayscale.UserError, match=r"^loss=: failed on 2 rows of ray_dataset:train_data \(UserCodeError: "
                                                  r"train.loss: returned losses of shape \(\); expected one per sample"):
         rayscale.train({"data": {"features": ["x"], "label": "y"}, "run": {"output_dir": str(tmp_path)}},
                        address=ray_cluster.address, train_data=_dataset(),

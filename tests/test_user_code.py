@@ -351,7 +351,7 @@ def test_importable_objects_are_named_in_the_config_and_the_rest_travel_as_objec
      r"model.kwargs: <lambda>\(\) does not accept them"),
     # Tried on two rows of the data on the driver: these failed in every worker, once per allowed restart.
     ({"loss": lambda output, batch: F.cross_entropy(output, batch["y"])},
-     r"loss=: failed on 2 rows of digits \(ValueError: train.loss: returned losses of shape \(\); expected one"),
+     r"loss=: failed on 2 rows of digits \(UserCodeError: train.loss: returned losses of shape \(\); expected one"),
     ({"loss": lambda output: output}, r"loss=: failed on 2 rows of digits \(TypeError: .*positional argument"),
     ({"metrics": {"f1": MulticlassF1Score(num_classes=4)}},
      r"metrics\['f1'\]: failed on 2 rows of digits \(ValueError: .*number of classes"),
@@ -365,13 +365,13 @@ def test_importable_objects_are_named_in_the_config_and_the_rest_travel_as_objec
     ({"model": lambda: nn.Linear(32, 10)},
      r"model=: failed on 2 rows of digits \(RuntimeError: mat1 and mat2 shapes cannot be multiplied"),
     ({"metrics": {"f1": MulticlassF1Score(num_classes=10, average=None)}},
-     r"metrics\['f1'\]: failed on 2 rows of digits \(ValueError: train.metrics.f1: compute\(\) gave Tensor"),
+     r"metrics\['f1'\]: failed on 2 rows of digits \(UserCodeError: train.metrics.f1: compute\(\) gave Tensor"),
     ({"loss": lambda output, batch: (F.cross_entropy(output, batch["y"], reduction="none"),
                                      torch.tensor([1.0, -1.0]))},
-     r"loss=: failed on 2 rows of digits \(ValueError: train.loss: returned weights from -1 to 1; expected finite"),
+     r"loss=: failed on 2 rows of digits \(UserCodeError: train.loss: returned weights from -1 to 1; expected finite"),
     # A loss no gradient flows back through: every worker's first backward failed, once per allowed restart.
     ({"loss": lambda output, batch: torch.ones(output.shape[0])},
-     r"loss=: failed on 2 rows of digits \(ValueError: train.loss: returned losses that do not depend on the model"),
+     r"loss=: failed on 2 rows of digits \(UserCodeError: train.loss: returned losses that do not depend on the model"),
     ({"loss": lambda output, batch: (F.cross_entropy(output, batch["y"], reduction="none").detach(),
                                      torch.ones(output.shape[0]))}, r"train.loss: returned losses that do not depend"),
     # val_loss and val_accuracy are rayscale's: a metric of that name replaced them (and a search ranked by it).

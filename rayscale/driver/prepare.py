@@ -19,7 +19,7 @@ from rayscale.data import sources
 from rayscale.data.splits import SplitSpec, cache_plan, count_rows, split_chunk_rows
 from rayscale.driver.tracking import check_installed
 from rayscale.engine.state import WorkerPayload
-from rayscale.errors import UserError
+from rayscale.errors import UserCodeError, UserError
 from rayscale.files import CHECKPOINTS_DIR, CONFIG_FILE, can_write_in, nearest_existing
 from rayscale.math.adaptive_batch import upper_limit
 from rayscale.math.batching import BatchPlan, plan_batches
@@ -256,12 +256,12 @@ def _loss_once(task: str, loss, output, batch) -> None:
     losses = returned[0][0] if returned and isinstance(returned[0], tuple) else returned[0] if returned else None
     if isinstance(losses, torch.Tensor) and output.requires_grad and not losses.requires_grad:
         # The workers' first backward would fail (in every one, retried run.max_failures times).
-        raise ValueError("train.loss: returned losses that do not depend on the model's output (no gradient "
-                         "reaches the model); expected losses computed from the output")
+        raise UserCodeError("train.loss: returned losses that do not depend on the model's output (no gradient "
+                            "reaches the model); expected losses computed from the output")
     weights = returned[0][1] if returned and isinstance(returned[0], tuple) else None
     if isinstance(weights, torch.Tensor) and not (torch.isfinite(weights).all() and (weights >= 0).all()):
-        raise ValueError(f"train.loss: returned weights from {weights.min().item():g} to {weights.max().item():g}; "
-                         f"expected finite weights of at least 0")
+        raise UserCodeError(f"train.loss: returned weights from {weights.min().item():g} to "
+                            f"{weights.max().item():g}; expected finite weights of at least 0")
 
 
 class _LeftToWorkers(Exception):

@@ -28,6 +28,7 @@ from rayscale.data.sources import (  # noqa: F401 - defined with the sources (no
     TASKS,
     DataSpec,
 )
+from rayscale.errors import UserCodeError
 
 
 def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -156,20 +157,20 @@ class Objective:
         losses, weights = returned if isinstance(returned, tuple) else (returned, None)
         if not isinstance(losses, torch.Tensor) or losses.dim() not in (1, 2) or losses.shape[0] != output.shape[0]:
             shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-            raise ValueError(f"train.loss: returned losses of shape {shape}; expected one per sample ({output.shape[0]},)"
-                             f" or one per token (batch, length), not a reduced loss")
+            raise UserCodeError(f"train.loss: returned losses of shape {shape}; expected one per sample "
+                                f"({output.shape[0]},) or one per token (batch, length), not a reduced loss")
         losses = losses.float() if losses.dtype in (torch.float16, torch.bfloat16) else losses
         counted = sample_weights(batch).to(losses.dtype)
         if losses.dim() == 2:
             if "mask" not in batch or batch["mask"].shape != losses.shape:
-                raise ValueError(f"train.loss: returned per-token losses {tuple(losses.shape)} for a batch without "
-                                 f"tokens of that shape")
+                raise UserCodeError(f"train.loss: returned per-token losses {tuple(losses.shape)} for a batch "
+                                    f"without tokens of that shape")
             real = labelled_tokens(batch) if batch["y"].shape == losses.shape else batch["mask"]
             counted = counted[:, None] * real.to(losses.dtype)
         if weights is None:
             return (losses * counted).sum(), None
         if not isinstance(weights, torch.Tensor) or weights.shape != losses.shape:
-            raise ValueError(f"train.loss: returned weights of shape {getattr(weights, 'shape', None)}; expected the "
-                             f"losses' shape {tuple(losses.shape)}")
+            raise UserCodeError(f"train.loss: returned weights of shape {getattr(weights, 'shape', None)}; expected "
+                                f"the losses' shape {tuple(losses.shape)}")
         weights = weights.to(losses.dtype) * counted
         return (losses * weights).sum(), weights.sum().detach()

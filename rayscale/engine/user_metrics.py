@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from rayscale.engine import tasks
+from rayscale.errors import UserCodeError
 
 
 def is_torchmetric(metric: Any) -> bool:
@@ -48,8 +49,8 @@ class UserMetrics:
             if not isinstance(values, torch.Tensor) or values.dim() not in (1, 2) \
                     or values.shape[0] != output.shape[0]:
                 shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
-                raise ValueError(f"train.metrics.{name}: returned {shape}; expected one value per sample "
-                                 f"({output.shape[0]},) or per token (batch, length)")
+                raise UserCodeError(f"train.metrics.{name}: returned {shape}; expected one value per sample "
+                                    f"({output.shape[0]},) or per token (batch, length)")
             weights = _counted(values, batch)
             self.totals[2 * index] += (values.double() * weights).sum()
             self.totals[2 * index + 1] += weights.sum()
@@ -66,8 +67,8 @@ class UserMetrics:
         for name, metric in self.objects.items():
             value = metric.compute()
             if not isinstance(value, torch.Tensor) or value.numel() != 1:
-                raise ValueError(f"train.metrics.{name}: compute() gave {type(value).__name__} "
-                                 f"{tuple(getattr(value, 'shape', ()))}; expected one number")
+                raise UserCodeError(f"train.metrics.{name}: compute() gave {type(value).__name__} "
+                                    f"{tuple(getattr(value, 'shape', ()))}; expected one number")
             found[f"val_{name}"] = float(value.item())
         return found
 

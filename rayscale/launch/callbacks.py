@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from rayscale.errors import NonFiniteError, user_error_inside
+from rayscale.errors import NonFiniteError, UserError, user_error_inside
 from rayscale.files import GROUPS_FILE
 
 SHUTDOWN_TIMEOUT_ENV = "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S"  # Train's torch backend reads it (default 30)
@@ -25,18 +25,19 @@ def controller_callback(groups_file: Path, elastic: bool = False):
       which a frozen worker never does: 5 s is plenty for a healthy group. The controller reads the variable
       from its own environment (Train does not pass it on from the driver), so it is set here, in the
       controller's process.
-    - A run that diverged (train.max_nonfinite_steps: NonFiniteError on its workers) is not retried: resumed
-      from its last checkpoint, the same weights and rows diverge again, and each of run.max_failures retries
-      cost a restart and another screen of tracebacks before the same end. Raising in Train's hook before its
-      failure decision makes the decision Train's own for a failed controller callback: end the run, with
-      the error (`user_error_inside` finds it for the driver's one line).
+    - A run that diverged (train.max_nonfinite_steps: NonFiniteError on its workers), or whose workers found
+      bad input (a UserError: a NaN in a later row group, a user loss that broke its contract) is not retried:
+      resumed from its last checkpoint, the same weights, rows and code fail the same way, and each of
+      run.max_failures retries cost a restart and another screen of tracebacks before the same end. Raising in
+      Train's hook before its failure decision makes the decision Train's own for a failed controller callback:
+      end the run, with the error (`user_error_inside` finds it for the driver's one line).
     """
     from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
 
     class RunControl(WorkerGroupCallback, ControllerCallback):
         def __init__(self):
             self.cause = "start"  # why the next group starts: start, resize, preemption or fault
-            self.diverged: NonFiniteError | None = None
+            self.final: Exception | None = None  # what ends the run instead of a retry
 
         def after_controller_state_update(self, previous_state, current_state) -> None:
             cause = restart_cause(current_state)
@@ -48,11 +49,11 @@ def controller_callback(groups_file: Path, elastic: bool = False):
 
         def after_worker_group_poll_status(self, worker_group_status) -> None:
             for error in worker_group_status.errors.values():
-                self.diverged = user_error_inside(error, NonFiniteError) or self.diverged
+                self.final = user_error_inside(error, (NonFiniteError, UserError)) or self.final
 
         def before_controller_execute_failure_decision(self, failure_decision) -> None:
-            if self.diverged is not None:
-                raise NonFiniteError(str(self.diverged))
+            if self.final is not None:
+                raise (NonFiniteError if isinstance(self.final, NonFiniteError) else UserError)(str(self.final))
 
         def before_worker_group_start(self, worker_group_context) -> None:
             os.environ.setdefault(SHUTDOWN_TIMEOUT_ENV, str(SHUTDOWN_TIMEOUT_S))
