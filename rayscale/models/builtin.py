@@ -49,6 +49,13 @@ def _at_least(key: str, value, low: int = 1) -> None:
                         f"got {value!r}")
 
 
+def _a_probability(key: str, value) -> None:
+    """A dropout probability in [0, 1): the MLP skipped its dropout layer for a negative or NaN one (`dropout > 0`
+    is false for both), so the run trained without the dropout asked for, and said nothing."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 <= value < 1:
+        raise UserError(f"model.kwargs.{key}: expected a probability in [0, 1), got {value!r}")
+
+
 class MLP(nn.Module):
     """Linear-ReLU(-Dropout) blocks and a linear head; any input shape is flattened per sample."""
 
@@ -57,6 +64,7 @@ class MLP(nn.Module):
         super().__init__()
         self.activation_checkpointing = activation_checkpointing
         _at_least("hidden_sizes", hidden_sizes)
+        _a_probability("dropout", dropout)
         self.blocks = nn.ModuleList()
         width = in_features
         for hidden in hidden_sizes:
@@ -124,6 +132,7 @@ class Transformer(nn.Module):
         for name, value in (("d_model", d_model), ("nhead", nhead), ("dim_feedforward", dim_feedforward)):
             _at_least(name, value)
         _at_least("num_layers", num_layers, low=0)  # 0: embeddings and the head, a baseline
+        _a_probability("dropout", dropout)
         if d_model % nhead:
             raise UserError(f"model.kwargs.d_model: must be divisible by nhead ({nhead}), got {d_model}")
         self.max_length, self.pooled = max_length, pooled
