@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -257,6 +258,11 @@ def test_predict_refuses_bad_input_before_ray_starts(trained, tmp_path, capsys):
         rayscale.predict(run.run_dir, source, taken)
     with pytest.raises(UserError, match="^workers 0: expected at least 1"):
         rayscale.predict(run.run_dir, source, tmp_path / "o", workers=0)
+    # More model holders than the embedded Ray would have: refused before it starts, not after.
+    room = torch.cuda.device_count() or os.cpu_count()
+    with pytest.raises(UserError, match=f"^workers {room + 1}: this machine's embedded Ray has .*expected at most "
+                                        f"{room}$"):
+        rayscale.predict(run.run_dir, source, tmp_path / "o", workers=room + 1)
     assert not (tmp_path / "o").exists()
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()  # refused before Ray started
     from rayscale.launch.predict import _check_first_rows

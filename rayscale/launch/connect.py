@@ -76,6 +76,11 @@ def _forget_dead_cluster_address() -> None:
         print(f"[rayscale] removed {path}: it named a Ray cluster that is no longer running", flush=True)
 
 
+def embedded_cpus() -> int:
+    """The logical CPUs of the embedded Ray: one beyond this machine's cores, for Ray Data's read tasks (below)."""
+    return (os.cpu_count() or 1) + 1
+
+
 def connect(address: str | None) -> None:
     """Join a cluster (`--address`, RAY_ADDRESS, or inside `ray job submit`), else start Ray on loopback."""
     named = argument("address") if address else "RAY_ADDRESS"
@@ -129,7 +134,7 @@ def connect(address: str | None) -> None:
         # group's placement group that way). RAYSCALE_DASHBOARD=0 leaves out its modules (Ray still starts a
         # minimal dashboard process, on the same loopback port): 6.9 -> 5.0 CPU-seconds for an instance started
         # and left idle 35 s on 2 cores, and nothing of rayscale's needs them.
-        ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=include_dashboard,
+        ray.init(address="local", num_cpus=embedded_cpus(), include_dashboard=include_dashboard,
                  dashboard_host="127.0.0.1",
                  dashboard_port=free_loopback_port(avoid={port}), logging_level="WARNING")
     finally:

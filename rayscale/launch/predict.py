@@ -242,10 +242,27 @@ def _check_arguments(run_dir: str | Path, data: Any, output: str | Path, workers
     return run_dir, output
 
 
+def _check_pool(workers: int | None, gpus: int, cpus: int, has: str) -> None:
+    """A pool of `workers` model holders fits `gpus` GPUs, or `cpus` CPUs with one left for reading the data:
+    the rest would wait for a GPU or CPU forever."""
+    room = gpus or max(cpus - 1, 1)
+    if workers is not None and workers > room:
+        given = f"{argument('workers')} {workers}"
+        raise UserError(f"{given}: {has} {gpus} GPUs; expected at most {room}" if gpus else
+                        f"{given}: {has} {cpus} CPUs, of which {room} can hold a model (one reads the data); "
+                        f"expected at most {room}")
+
+
+def _ray_running() -> bool:
+    import sys
+
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
 def predict(run_dir: str | Path, data: Any, output: str | Path, *, address: str | None = None,
             workers: int | None = None, model: Any = None) -> int:
     """Run the prediction; returns the rows written. Bad input is refused before Ray starts."""
-    from rayscale.launch.connect import connect
+    from rayscale.launch.connect import connect, embedded_cpus, loopback_unless_joining
     from rayscale.models.export import run_summary
 
     run_dir, output = _check_arguments(run_dir, data, output, workers)
@@ -267,6 +284,10 @@ def predict(run_dir: str | Path, data: Any, output: str | Path, *, address: str 
     from rayscale.models.export import load_model
 
     load_model(run_dir, "cpu", model)  # the model rebuilds here first (a user factory must import)
+    if workers is not None and loopback_unless_joining(address) is None and not _ray_running():
+        import torch  # the embedded Ray's size is known before it starts: refused without starting it
+
+        _check_pool(workers, torch.cuda.device_count(), embedded_cpus(), "this machine's embedded Ray has")
 
     connect(address)
     import ray
@@ -278,12 +299,7 @@ def predict(run_dir: str | Path, data: Any, output: str | Path, *, address: str 
     gpus, cpus = int(now.get("GPU", 0)), int(now.get("CPU", 1))
     pool = workers or (gpus or max(1, min(4, cpus - 1)))
     top_gpus, top_cpus = max(gpus, int(most.get("GPU", 0))), max(cpus, int(most.get("CPU", 0)))
-    room = top_gpus or max(top_cpus - 1, 1)  # one CPU left for reading the data
-    if workers is not None and workers > room:  # the rest would wait for a GPU or CPU forever
-        has, given = "can grow to" if most else "has", f"{argument('workers')} {workers}"
-        raise UserError(f"{given}: the cluster {has} {top_gpus} GPUs; expected at most {room}" if top_gpus else
-                        f"{given}: the cluster {has} {top_cpus} CPUs, of which {room} can hold a model (one reads "
-                        f"the data); expected at most {room}")
+    _check_pool(workers, top_gpus, top_cpus, "the cluster can grow to" if most else "the cluster has")
     # Rows written in SRC's order: a Dataset's own context, or this process's for the Dataset read here.
     context = data.context if files is None else DataContext.get_current()
     kept_order = context.execution_options.preserve_order
