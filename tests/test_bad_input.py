@@ -292,6 +292,9 @@ CASES = [
     ("fp16-on-cpu", ["train", "--set", "train.precision=fp16"], ["train.precision fp16 needs a GPU"]),
     ("other-config-in-run-dir", ["train", "--set", "run.name=existing", "--set", "optim.lr=0.5"],
      ["run.name existing:", "different 'optim' config"]),
+    # A search written into a training run's directory, beside its model (and a run into a search's).
+    ("search-in-a-run-dir", ["tune", "--set", "run.name=existing"],
+     ["run.name existing:", "holds a training run (config.yaml); pick another run.name for the search"]),
 ]
 
 

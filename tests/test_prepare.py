@@ -91,6 +91,14 @@ def test_checkpoints_beside_a_config_that_cannot_be_read_are_not_resumed_under_a
     check_same_config(cfg, run_dir)  # no checkpoint: nothing to resume, the run starts over
 
 
+def test_a_run_is_not_written_into_a_searchs_directory(tmp_path):
+    cfg = config.load(overrides=[f"run.output_dir={tmp_path}", "run.name=search"])
+    (tmp_path / "search").mkdir()
+    (tmp_path / "search" / "search.yaml").write_text("{}\n")
+    with pytest.raises(UserError, match=f"^run.name search: {tmp_path / 'search'} holds a search \\(search.yaml\\)"):
+        check_same_config(cfg, tmp_path / "search")
+
+
 def test_a_validation_source_with_other_feature_columns_is_refused_before_the_run(tmp_path):
     """Two features where training has three: the model's first layer could not read them (it failed in every
     worker, after Ray started)."""

@@ -20,7 +20,7 @@ from rayscale.data.splits import SplitSpec, cache_plan, count_rows, split_chunk_
 from rayscale.driver.tracking import check_installed
 from rayscale.engine.state import WorkerPayload
 from rayscale.errors import UserCodeError, UserError
-from rayscale.files import CHECKPOINTS_DIR, CONFIG_FILE, can_write_in, nearest_existing
+from rayscale.files import CHECKPOINTS_DIR, CONFIG_FILE, SEARCH_FILE, can_write_in, nearest_existing
 from rayscale.math.adaptive_batch import upper_limit
 from rayscale.math.batching import BatchPlan, plan_batches
 from rayscale.plugins import UserCode, check_shippable, import_callable
@@ -368,6 +368,8 @@ def _first_change(saved: dict, now: dict, defaults: Any, prefix: str, skip: Coll
 def check_same_config(cfg: Config, run_dir: Path) -> None:
     """Resuming a run with other training settings would silently mix two experiments. An attempt that saved no
     checkpoint (it failed at its start) has nothing to resume: the run starts over with the config given."""
+    if (run_dir / SEARCH_FILE).exists():  # its trials' files and a run's would mix in one directory
+        raise UserError(f"run.name {cfg.run.name}: {run_dir} holds a search ({SEARCH_FILE}); pick another run.name")
     existing = run_dir / CONFIG_FILE
     if not existing.exists() or not saved_attempt(cfg, run_dir):
         return

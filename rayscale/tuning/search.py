@@ -342,6 +342,9 @@ def check_before_data(cfg: Config, *, address: str | None = None, resume: bool =
             raise UserError(f"{argument('resume')}: no search to resume in {search_dir} (run.output_dir / "
                             f"run.name)")
         check_same_search(base, search_dir)
+    if (search_dir / CONFIG_FILE).exists() and not (search_dir / SEARCH_FILE).exists():
+        raise UserError(f"run.name {cfg.run.name}: {search_dir} holds a training run ({CONFIG_FILE}); pick another "
+                        f"run.name for the search")
     if not resume and tuner_dir.exists():
         add_resume = "add --resume" if argument("resume") == "--resume" else "pass resume=True"
         raise UserError(f"run.name {cfg.run.name}: {search_dir} already holds a search; {add_resume} to "
