@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from rayscale.errors import ConfigError, argument
+from rayscale.files import CONFIG_FILE
 
 
 def key(default: Any, doc: str, *, unit: str | None = None, choices: tuple | None = None,
@@ -700,6 +701,18 @@ def read_yaml(path: str | Path) -> dict:
 def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Defaults <- YAML file <- `--set` overrides, validated."""
     return with_overrides(read_yaml(path) if path is not None else {}, [parse_override(text) for text in overrides])
+
+
+def load_run(run_dir: str | Path) -> Config:
+    """A run's own config.yaml, as suggest, eval and predict read it: an error names the file (a key the file
+    holds that this rayscale does not know was reported as if the user had given it)."""
+    path = Path(run_dir) / CONFIG_FILE
+    try:
+        return load(path)
+    except ConfigError as exc:
+        if str(exc).startswith("config file "):
+            raise
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def with_overrides(raw: dict, overrides: typing.Iterable[tuple[str, Any]]) -> Config:

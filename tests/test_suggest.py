@@ -241,6 +241,9 @@ BAD = {
     "plot over suggest's own json": lambda tmp_path: (
         [str(write_run(tmp_path / "run")), "--plot", str(tmp_path / "run" / "suggest.json")],
         "would replace the run's suggest.json"),
+    "a key the run's config does not know": lambda tmp_path: (
+        [str(_with_line(write_run(tmp_path / "run"), "config.yaml", "bogus: 1\n"))],
+        f"{tmp_path / 'run' / 'config.yaml'}: unknown config key bogus"),
     "plot is empty": lambda tmp_path: ([str(write_run(tmp_path / "run")), "--plot", ""],
                                        "--plot: expected the path of a file to write, got an empty one"),
     "the default plot is a directory": lambda tmp_path: (
@@ -249,6 +252,12 @@ BAD = {
     "plot is a directory": lambda tmp_path: (
         [str(write_run(tmp_path / "run")), "--plot", str(tmp_path)], "--plot: " + f"{tmp_path} is a directory"),
 }
+
+
+def _with_line(run_dir: Path, name: str, line: str) -> Path:
+    with open(run_dir / name, "a") as handle:
+        handle.write(line)
+    return run_dir
 
 
 def _with_dir(run_dir: Path, name: str) -> Path:

@@ -268,7 +268,7 @@ def predict(run_dir: str | Path, data: Any, output: str | Path, *, address: str 
     run_dir, output = _check_arguments(run_dir, data, output, workers)
     if is_dataset(data):  # looking at its rows runs it: on the cluster asked for, not a Ray it would start
         connect(address)
-    cfg = config_module.load(run_dir / CONFIG_FILE)
+    cfg = config_module.load_run(run_dir)
     spec = run_summary(run_dir)["data_spec"]
     head, where, files = _head(data)
     names = head.column_names

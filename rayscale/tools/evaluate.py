@@ -40,7 +40,7 @@ def evaluate_run(run_dir: str | Path, data: Any = None, *, model: Any = None,
     destination = _destination(run_dir, output)
     where = usable_device(device, argument("device"))
     _check_objects_given(run_dir, loss, metrics)
-    cfg = config_module.load(run_dir / CONFIG_FILE)
+    cfg = config_module.load_run(run_dir)
     cfg.model = dataclasses.replace(cfg.model, init_from=None)  # the run's own weights are loaded below
     code = UserCode(model=model, loss=loss, metrics=tuple((metrics or {}).items()))
     stood_for = [source for source in (cfg.data.source, cfg.data.val_source)

@@ -66,7 +66,7 @@ def read_run(run_dir: Path) -> tuple[config_module.Config, list[dict]]:
     for name in (CONFIG_FILE, METRICS_FILE):
         if not (run_dir / name).is_file():
             raise UserError(f"{run_dir / name} does not exist; expected a run directory written by rayscale train")
-    cfg = config_module.load(run_dir / CONFIG_FILE)
+    cfg = config_module.load_run(run_dir)
     records = []
     for number, line in enumerate((run_dir / METRICS_FILE).read_text().splitlines(), start=1):
         if not line.strip():
