@@ -380,8 +380,8 @@ def _assert_refused(args, fragments, tmp_path, existing_run, capsys, monkeypatch
         argv.append(arg)
     if "run.output_dir" not in " ".join(argv):
         argv += ["--set", f"run.output_dir={tmp_path / 'runs'}"]
-    if "run.name" not in " ".join(argv):
-        argv += ["--set", "run.name=existing"]
+    if "run.name" not in " ".join(argv):  # a search is refused a training run's directory: it gets a new one
+        argv += ["--set", "run.name=existing" if argv[0] != "tune" else "run.name=new-search"]
     monkeypatch.syspath_prepend(str(tmp_path))
     # Importing the user's module from tmp_path makes Python cache its bytecode there: the interpreter's write,
     # not rayscale's, kept out of what the test compares.
