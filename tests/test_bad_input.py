@@ -56,6 +56,7 @@ def _files(tmp: Path) -> dict[str, str]:
         "label_2": _parquet(tmp / "label_2.parquet", rows=400, label=labels),
         "negative_label": _parquet(tmp / "negative_label.parquet", rows=400, label=labels - 3 * (labels == 2)),
         "float_label": _parquet(tmp / "float_label.parquet", rows=400, label=np.arange(400) / 4),
+        "huge_label": _parquet(tmp / "huge_label.parquet", rows=400, label=np.where(labels == 2, 10**12, labels)),
         "corrupt": str(tmp / "corrupt.parquet"),
         "same_name_twice": _same_name_twice(tmp / "same_name_twice.parquet"),
         "malformed": str(tmp / "malformed.yaml"),
@@ -266,6 +267,9 @@ CASES = [
      ["data.weight: data.source digits has no columns; data.weight is for Parquet data"]),
     ("num-classes-on-synthetic", ["train", "--set", "data.source=synthetic", "--set", "data.num_classes=3"],
      ["data.num_classes: data.source synthetic has no columns"]),
+    # A stray class id sized a head of a trillion outputs; the allocation's error blamed model.name.
+    ("a-class-id-of-a-trillion", ["train", "--set", "data.source={huge_label}"],
+     ["data.label: the largest class id in", "huge_label.parquet is 1,000,000,000,000", "(or set data.num_classes)"]),
     ("a-column-name-twice", ["train", "--set", "data.source={same_name_twice}"],
      ["same_name_twice.parquet: more than one column named 'f0'; expected distinct column names"]),
     ("label-as-a-feature", ["train", "--set", "data.source={good}", "--set", "data.features=[f0, label]"],

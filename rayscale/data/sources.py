@@ -522,7 +522,7 @@ def _inspect_parquet(source: str, data: DataConfig, key: str) -> SourceInfo:
     # tokens and weights out of range in any row group, from the footers above); the rest are checked as every
     # chunk is read (a full scan up front would read the whole dataset twice).
     _read_parquet(chunks[0], data)
-    spec = _parquet_spec(columns, types, stats, data)
+    spec = _parquet_spec(columns, types, stats, data, source)
     histogram = _histogram(paths, columns.difficulty) if key == "data.source" and columns.difficulty else None
     return SourceInfo("parquet", spec, tuple(chunks), chunks[-1].stop, histogram)
 
@@ -637,7 +637,7 @@ def dataset_spec(schema: pa.Schema, data: DataConfig, path: str, blocks: list[Ta
                       ("data.label", columns.label)):
         if key in shapes and len(shapes[key]) == 1:
             stats.widths[name] = shapes[key][0]  # a list column's length, as a Parquet footer gives it
-    return _parquet_spec(columns, {name: schema.field(name).type for name in _used(columns)}, stats, data)
+    return _parquet_spec(columns, {name: schema.field(name).type for name in _used(columns)}, stats, data, path)
 
 
 def _merge(pick, current, new):
@@ -677,15 +677,28 @@ def _list_width(tp: pa.DataType, name: str, stats: _Stats) -> int:
     return tp.list_size if pa.types.is_fixed_size_list(tp) else stats.widths.get(name, 0)
 
 
-def _parquet_spec(columns: _Columns, types: dict[str, pa.DataType], stats: _Stats, data: DataConfig) -> DataSpec:
+MAX_INFERRED_IDS = 10_000_000  # classes or tokens counted from the largest id found: past it, a typo's id
+
+
+def _parquet_spec(columns: _Columns, types: dict[str, pa.DataType], stats: _Stats, data: DataConfig,
+                  where: str) -> DataSpec:
+    def counted(largest: int | None, key: str, name: str) -> int:
+        """Ids 0..largest: the model's outputs (classes) or its embedding's rows (tokens). A stray id of 10**12
+        sized a head of a trillion outputs, and the allocation's error was blamed on model.name."""
+        if (largest or 0) >= MAX_INFERRED_IDS:
+            raise UserError(f"{key}: the largest {name} id in {where} is {largest:,}, which would give the model "
+                            f"{largest + 1:,} of them; expected ids counted from 0, at most {MAX_INFERRED_IDS:,}"
+                            + (" (or set data.num_classes)" if key == "data.label" else ""))
+        return (largest or 0) + 1
+
     def classes() -> int:
         if data.num_classes is not None:
             return data.num_classes
-        return max(2, (stats.label_max or 0) + 1)  # at least two: a label that is always 0 still trains
+        return max(2, counted(stats.label_max, "data.label", "class"))  # two at least: a label always 0 trains
 
     if columns.sequence:
         task = "token_classification" if _is_list(types[columns.label]) else "sequence_classification"
-        return DataSpec(task, (max(stats.longest, 1),), classes(), (stats.token_max or 0) + 1)
+        return DataSpec(task, (max(stats.longest, 1),), classes(), counted(stats.token_max, "data.sequence", "token"))
     first = columns.features[0]
     list_feature = len(columns.features) == 1 and _is_list(types[first])
     width = _list_width(types[first], first, stats) if list_feature else len(columns.features)
