@@ -59,6 +59,7 @@ def _files(tmp: Path) -> dict[str, str]:
         "huge_label": _parquet(tmp / "huge_label.parquet", rows=400, label=np.where(labels == 2, 10**12, labels)),
         "corrupt": str(tmp / "corrupt.parquet"),
         "same_name_twice": _same_name_twice(tmp / "same_name_twice.parquet"),
+        "empty_sequence": _sequences(tmp / "empty_sequence.parquet", empty_at=30),
         "malformed": str(tmp / "malformed.yaml"),
         "notadir": str(tmp / "notadir"),
         "nan_yaml": str(_write(tmp / "nan.yaml", "optim:\n  momentum: nan\n")),
@@ -88,6 +89,12 @@ def gives_up(**kwargs):
 def loss_exits(output, target):
     raise SystemExit(3)
 """
+
+
+def _sequences(path: Path, empty_at: int) -> str:
+    tokens = [[] if row == empty_at else [1, 2, 3][: 1 + row % 3] for row in range(64)]
+    pq.write_table(pa.table({"tokens": pa.array(tokens, pa.list_(pa.int64())), "label": np.arange(64) % 2}), path)
+    return str(path)
 
 
 def _same_name_twice(path: Path) -> str:
@@ -270,6 +277,9 @@ CASES = [
     # A stray class id sized a head of a trillion outputs; the allocation's error blamed model.name.
     ("a-class-id-of-a-trillion", ["train", "--set", "data.source={huge_label}"],
      ["data.label: the largest class id in", "huge_label.parquet is 1,000,000,000,000", "(or set data.num_classes)"]),
+    ("an-empty-sequence", ["train", "--set", "data.source={empty_sequence}", "--set", "data.sequence=tokens",
+                           "--set", "model.name=transformer"],
+     ["data.sequence: column 'tokens' in", "empty_sequence.parquet has an empty sequence (row 30); expected at least"]),
     ("a-column-name-twice", ["train", "--set", "data.source={same_name_twice}"],
      ["same_name_twice.parquet: more than one column named 'f0'; expected distinct column names"]),
     ("label-as-a-feature", ["train", "--set", "data.source={good}", "--set", "data.features=[f0, label]"],

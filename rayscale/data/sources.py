@@ -818,8 +818,9 @@ def table_rows(table: pa.Table, data: DataConfig, path: str, row_start: int, fir
                 if len(tokens) != len(labels):
                     raise UserError(f"data.label: row {first_row + i} of {path} has {len(labels)} labels for "
                                     f"{len(tokens)} tokens (expected one label per token)")
-        if len(rows["x"]) and min(len(t) for t in rows["x"]) == 0:
-            raise UserError(f"data.sequence: column {columns.sequence!r} in {path} has an empty sequence")
+        if (empty := next((i for i, tokens in enumerate(rows["x"]) if len(tokens) == 0), None)) is not None:
+            raise UserError(f"data.sequence: column {columns.sequence!r} in {path} has an empty sequence (row "
+                            f"{first_row + empty}); expected at least one token")
     else:
         shape = tensor_shape(table.column(columns.features[0]).type)
         if shape is not None:
