@@ -224,6 +224,7 @@ def test_predict_refuses_bad_input_before_ray_starts(trained, tmp_path, capsys):
     (taken / "old.parquet").write_bytes(b"")
     narrow = write(tmp_path / "narrow.parquet", tabular(0, 50).drop_columns(["b"]))
     text = write(tmp_path / "text.parquet", tabular(0, 50).set_column(0, "a", pa.array(["x"] * 50)))
+    numeric_text = write(tmp_path / "numeric_text.parquet", tabular(0, 50).set_column(0, "a", pa.array(["0.5"] * 50)))
     for argv, message in [
         (["predict", str(tmp_path), "--data", source, "--output", str(tmp_path / "o")], "no config.yaml"),
         (["predict", str(run.run_dir), "--data", source, "--output", str(taken)],
@@ -233,7 +234,10 @@ def test_predict_refuses_bad_input_before_ray_starts(trained, tmp_path, capsys):
         (["predict", str(run.run_dir), "--data", str(tmp_path / "none"), "--output", str(tmp_path / "o")],
          "--data: no Parquet file at"),
         (["predict", str(run.run_dir), "--data", text, "--output", str(tmp_path / "o")],
-         "--data: .*text.parquet: the columns a, b do not make the model's inputs \\(ValueError: could not convert"),
+         "--data: column 'a' in .*text.parquet is string, expected numbers"),
+        # Numbers written as text were cast and predicted (train and eval refuse the column).
+        (["predict", str(run.run_dir), "--data", numeric_text, "--output", str(tmp_path / "o")],
+         "--data: column 'a' in .*numeric_text.parquet is string, expected numbers"),
         (["predict", str(run.run_dir), "--data", source, "--output", ""], "--output: expected a new .* empty path"),
         (["predict", str(run.run_dir), "--data", write(tmp_path / "empty.parquet", tabular(0, 0)), "--output",
           str(tmp_path / "o")], "--data: .*empty.parquet has no rows; nothing to predict"),

@@ -387,6 +387,13 @@ def _is_list(tp: pa.DataType) -> bool:
     return pa.types.is_list(tp) or pa.types.is_large_list(tp) or pa.types.is_fixed_size_list(tp)
 
 
+def holds_numbers(tp: pa.DataType) -> bool:
+    """A column a model can read: numbers, a list of numbers (features, tokens) or a tensor of numbers."""
+    if isinstance(tp, pa.ExtensionType):
+        tp = _tensor_value_type(tp)
+    return _is_number(tp.value_type if _is_list(tp) else tp)
+
+
 @dataclass(frozen=True)
 class _Columns:
     """Which Parquet columns play which part, resolved from the config and one file's schema."""

@@ -23,7 +23,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rayscale import config as config_module
-from rayscale.data.sources import absolute_source, footer, is_dataset, parquet_files, unclaimed_columns
+from rayscale.data.sources import (
+    absolute_source,
+    footer,
+    holds_numbers,
+    is_dataset,
+    parquet_files,
+    unclaimed_columns,
+)
 from rayscale.errors import UserError, argument
 from rayscale.files import CONFIG_FILE, SUMMARY_FILE, can_write_in, nearest_existing
 from rayscale.plugins import first_line
@@ -189,6 +196,8 @@ def _check_every_file(files: list[str], columns: list[str]) -> int:
             if types.setdefault(name, schema.field(name).type) != schema.field(name).type:
                 raise UserError(f"{argument('data')}: column {name!r} is {types[name]} in {files[0]} but "
                                 f"{schema.field(name).type} in {path}")
+            if not holds_numbers(types[name]):  # text like "0.5" was cast and predicted; train refuses it
+                raise UserError(f"{argument('data')}: column {name!r} in {path} is {types[name]}, expected numbers")
         rows += count
     return rows
 
