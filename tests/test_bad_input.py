@@ -88,6 +88,13 @@ def gives_up(**kwargs):
 
 def loss_exits(output, target):
     raise SystemExit(3)
+
+def parses_its_own_arguments(**kwargs):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="factory")
+    parser.add_argument("--width", required=True)
+    parser.parse_args([])
 """
 
 
@@ -249,6 +256,9 @@ CASES = [
      ["model.name 'bad_input_models:exits': bad_input_models:exits() raised SystemExit: 0"]),
     ("user-factory-exits-with-a-message", ["train", "--set", "model.name=bad_input_models:gives_up"],
      ["bad_input_models:gives_up() raised SystemExit: factory gave up"]),
+    ("user-factory-parses-arguments", ["train", "--set", "model.name=bad_input_models:parses_its_own_arguments"],
+     ["parses_its_own_arguments() raised SystemExit: 2 (it printed: factory: error: the following arguments are "
+      "required: --width)"]),
     ("user-loss-exits", ["train", "--set", "train.loss=bad_input_models:loss_exits"],
      ["train.loss: failed on 2 rows of digits (SystemExit: 3)"]),
     ("unwritable-output-dir", ["train", "--set", "run.output_dir={notadir}/runs"],

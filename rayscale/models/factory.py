@@ -10,10 +10,13 @@ names (DATA_SIZE_NAMES). Either way the engine calls `model(x, mask)` for sequen
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import inspect
+import io
 import math
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -123,8 +126,10 @@ def _call(cfg: ModelConfig, factory: Callable[..., Any], arguments: dict, where:
     Whatever it raises is reported while the driver checks the run, before any cluster is claimed, as one line
     naming the key (`--debug` shows the traceback): the kwargs are the usual cause, the factory's own bug the
     other one, and either way the user is the one who can act on it."""
+    said = io.StringIO()
     try:
-        return factory(**arguments)
+        with contextlib.redirect_stderr(said):
+            built = factory(**arguments)
     except UserError:
         raise
     except (Exception, SystemExit) as exc:  # SystemExit: a factory that exits (sys.exit, its own argparse)
@@ -132,7 +137,11 @@ def _call(cfg: ModelConfig, factory: Callable[..., Any], arguments: dict, where:
         key = "model.kwargs" if cfg.kwargs else where or f"model.name {cfg.name!r}"
         shown = ", ".join(f"{name}={value!r}" for name, value in cfg.kwargs.items())
         called = cfg.name if where is None or where.startswith("model.name") else "model"
-        raise UserError(f"{key}: {called}({shown}) raised {type(exc).__name__}: {first_line(exc)}") from exc
+        last = (said.getvalue().strip().splitlines() or [""])[-1]  # argparse's usage line, then its error
+        why = f" (it printed: {last})" if isinstance(exc, SystemExit) and last else ""
+        raise UserError(f"{key}: {called}({shown}) raised {type(exc).__name__}: {first_line(exc)}{why}") from exc
+    sys.stderr.write(said.getvalue())  # what a factory that built its model said is the user's to see
+    return built
 
 
 def build_model(cfg: ModelConfig, spec: DataSpec, supplied: nn.Module | Callable | None = None) -> nn.Module:
