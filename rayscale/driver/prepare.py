@@ -63,8 +63,8 @@ def prepare(cfg: Config, scope: str = "run", code: UserCode = NO_CODE,
     train, val, train_rows, val_rows = _splits(cfg, given)
     if scope != "eval":  # eval: the data given stands for a finished run's Dataset, and nothing trains on it
         _check_training_rows(cfg, plan, train_rows)
+    _check_code(cfg, code)  # first: building a model= object copies it, which fails as pickling would
     model = check_model(cfg, train.info.spec, code)
-    _check_code(cfg, code)
     _try_user_code(cfg, train.info, model, code, validates=val is not None)
     if cfg.run.checkpoint_upload_fn is not None:  # imported where the workers run, but a typo fails here first
         import_callable(cfg.run.checkpoint_upload_fn, "run.checkpoint_upload_fn")
@@ -222,11 +222,15 @@ def _try_user_code(cfg: Config, info: sources.SourceInfo, model, code: UserCode,
     model_key = "model=" if code.model is not None else "model.name"
     try:
         output = attempt(model_key, lambda: forward(model.train(), batch))
+        if same_device and isinstance(output, torch.Tensor) and output.is_floating_point() \
+                and not torch.isfinite(output).all():  # every step would be skipped, and the lr blamed
+            raise UserError(f"{model_key}: gave non-finite outputs (nan or inf) on {tried} before any training "
+                            f"step; expected finite outputs")
         if loss is None:
             _check_output_width(model_key, output, info.spec)
         loss_key = model_key if loss is None else "loss=" if code.loss is not None else "train.loss"
         attempt(loss_key, lambda: _loss_once(info.spec.task, loss, output, batch))
-        if not metrics:
+        if not validates:  # where the run validates, the model's eval mode runs too (with or without metrics)
             return
         with torch.no_grad():
             output = attempt(model_key, lambda: forward(model.eval(), batch))
@@ -252,7 +256,10 @@ def _loss_once(task: str, loss, output, batch) -> None:
         returned.append(loss(output, batch))
         return returned[-1]
 
-    Objective(task, kept if loss is not None else None).loss(output, batch)
+    total, _ = Objective(task, kept if loss is not None else None).loss(output, batch)
+    if not torch.isfinite(total):  # every step would be skipped, and the run stopped blaming the lr
+        raise UserCodeError(f"train.loss: returned non-finite losses ({total.item():g}) before any training step; "
+                            f"expected finite losses")
     losses = returned[0][0] if returned and isinstance(returned[0], tuple) else returned[0] if returned else None
     if isinstance(losses, torch.Tensor) and output.requires_grad and not losses.requires_grad:
         # The workers' first backward would fail (in every one, retried run.max_failures times).
