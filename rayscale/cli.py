@@ -218,9 +218,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "config": lambda a: cmd_config_show(a) if a.action == "show" else cmd_config_keys(a),
     }[args.command]
     try:
-        if getattr(args, "address", None) is not None and not args.address.strip():
-            raise UserError("--address: expected host:port, ray://host:port, auto or local, got an empty value "
-                            "(leave the flag out for the embedded Ray)")
         with on_the_command_line():  # messages name the flags, not the Python API's parameters
             return handler(args)
     except BrokenPipeError:

@@ -46,6 +46,9 @@ def loopback_unless_joining(address: str | None) -> str | None:
     Ray reads the variable when it is imported, so this runs before anything imports ray. It is not set when
     joining a cluster, whose nodes must keep advertising their real addresses.
     """
+    if address is not None and not address.strip():  # None is no address; "" from Python was taken for none too
+        raise UserError(f"{argument('address')}: expected host:port, ray://host:port, auto or local, got an empty "
+                        f"value (leave it out for the embedded Ray)")
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
