@@ -671,6 +671,9 @@ def check_expansion(value: Any, where: str) -> None:
 def read_yaml(path: str | Path) -> dict:
     if not str(path).strip():  # Path("") is the working directory
         raise ConfigError("config file: expected a YAML file's path, got an empty one")
+    if "\n" in str(path):  # YAML text handed where a path goes: its 'does not exist' ran over several lines
+        raise ConfigError("config file: expected a YAML file's path, got text of several lines (from Python, pass "
+                          "the config as a dict)")
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")

@@ -35,6 +35,35 @@ from rayscale.plugins import UserCode, import_path
 
 FP32 = Precision("fp32", "cpu")
 LOCK = threading.Lock()  # what no pickle can take
+
+
+class Digits(nn.Module):
+    """A linear model of the digits, with what its subclasses get wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.linear(x.flatten(1))
+
+
+class HoldsALock(Digits):
+    def __init__(self):
+        super().__init__()
+        self.lock = threading.Lock()
+
+
+class FailsInEvalMode(Digits):
+    def forward(self, x):
+        if not self.training:
+            raise RuntimeError("no forward in eval mode")
+        return super().forward(x)
+
+
+class GivesNaN(Digits):
+    def forward(self, x):
+        return super().forward(x) * float("nan")
 TABULAR = DataSpec("classification", (6,), num_outputs=3)
 BASE = ("train.epochs=1", "batch.global_batch_size=64", "data.lanes=2")
 
@@ -378,12 +407,31 @@ def test_importable_objects_are_named_in_the_config_and_the_rest_travel_as_objec
     ({"metrics": {"loss": lambda output, batch: output[:, 0]}}, r"metrics\['loss'\]: val_loss is rayscale's own validation metric"),
     ({"overrides": {"train.metrics": {"accuracy": "user_code:hit"}}},
      r"train.metrics.accuracy: val_accuracy is rayscale's own validation metric, which this one would replace"),
+    # A module holding a lock: copying it for the build raised a bare TypeError before the pickle check ran.
+    ({"model": HoldsALock()}, r"^model: cannot be sent to the workers \(TypeError: cannot pickle '_thread.lock'"),
+    # The model's eval mode, where the run validates (it was tried only with metrics): every worker's first
+    # validation failed, once per allowed restart.
+    ({"model": FailsInEvalMode()}, r"^model=: failed on 2 rows of digits \(RuntimeError: no forward in eval mode\)"),
+    # Non-finite before any step: every step was skipped, and the run stopped blaming optim.lr.
+    ({"model": GivesNaN()}, r"^model=: gave non-finite outputs \(nan or inf\) on 2 rows of digits before any"),
+    ({"loss": lambda output, batch: F.cross_entropy(output, batch["y"], reduction="none") * float("inf")},
+     r"^loss=: failed on 2 rows of digits \(UserCodeError: train.loss: returned non-finite losses \(inf\)"),
+    # An empty address was taken for none: the run started the embedded Ray (the CLI refused it).
+    ({"address": ""}, r"^address: expected host:port, ray://host:port, auto or local, got an empty value"),
 ])
 def test_objects_that_cannot_reach_the_workers_or_be_used_fail_before_anything_runs(tmp_path, kwargs, message):
     overrides = {"run.output_dir": str(tmp_path), **kwargs.pop("overrides", {})}
     with pytest.raises(UserError, match=message):
         rayscale.train(overrides=overrides, **kwargs)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_yaml_text_where_a_configs_path_goes_is_refused_in_one_line():
+    with pytest.raises(UserError, match=r"^config file: expected a YAML file's path, got text of several lines") as no:
+        rayscale.train("optim:\n  lr: 0.1\n")
+    assert "\n" not in str(no.value)
+    with pytest.raises(UserError, match=r"^address: expected host:port"):
+        rayscale.connect("")
 
 
 def test_a_module_handed_in_is_trained_as_a_copy_recorded_and_loaded_again_with_it(tmp_path):
