@@ -221,6 +221,7 @@ def with_code(cfg: config_module.Config, model: Any, loss: Callable | None, metr
     import dataclasses
 
     _check_code_objects(model, loss, metrics)
+    _check_not_named_twice(cfg, model, loss, metrics)
     named_model, named_loss = import_path(model), import_path(loss)
     named_metrics = {name: path for name, metric in (metrics or {}).items() if (path := import_path(metric))}
     cfg = dataclasses.replace(
@@ -242,8 +243,25 @@ def _check_code_objects(model: Any, loss: Any, metrics: Any) -> None:
         raise UserError(f"metrics: expected a mapping of name to function or torchmetrics Metric, got "
                         f"{type(metrics).__name__}")
     for name, metric in (metrics or {}).items():
-        if not (isinstance(name, str) and name.isidentifier()) or not callable(metric):
+        if not (isinstance(name, str) and name.isidentifier()):
             raise UserError(f"metrics[{name!r}]: expected an identifier naming a function or torchmetrics Metric")
+        if not callable(metric):
+            raise UserError(f"metrics[{name!r}]: expected a function (output, batch) -> values or a torchmetrics "
+                            f"Metric, got {type(metric).__name__}")
+
+
+def _check_not_named_twice(cfg: config_module.Config, model: Any, loss: Any, metrics: Any) -> None:
+    """An object given beside a config that names another for the same part: the object silently won, and
+    config.yaml recorded the other (an unchecked train.loss, a model.name the run never built)."""
+    default_model = config_module.ModelConfig().name
+    if model is not None and cfg.model.name not in (default_model, import_path(model)):
+        raise UserError(f"model: given with model.name {cfg.model.name} in the config; give one of them")
+    if loss is not None and cfg.train.loss not in (None, import_path(loss)):
+        raise UserError(f"loss: given with train.loss {cfg.train.loss} in the config; give one of them")
+    for name, metric in (metrics or {}).items():
+        if cfg.train.metrics.get(name) not in (None, import_path(metric)):
+            raise UserError(f"metrics[{name!r}]: given with train.metrics.{name} {cfg.train.metrics[name]} in the "
+                            f"config; give one of them")
 
 
 def with_data(cfg: config_module.Config, train_data: Any, val_data: Any

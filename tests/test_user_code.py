@@ -416,6 +416,14 @@ def test_importable_objects_are_named_in_the_config_and_the_rest_travel_as_objec
     ({"model": GivesNaN()}, r"^model=: gave non-finite outputs \(nan or inf\) on 2 rows of digits before any"),
     ({"loss": lambda output, batch: F.cross_entropy(output, batch["y"], reduction="none") * float("inf")},
      r"^loss=: failed on 2 rows of digits \(UserCodeError: train.loss: returned non-finite losses \(inf\)"),
+    # An object beside a config naming another for the same part: the object won, config.yaml said the other.
+    ({"loss": lambda output, batch: output[:, 0], "overrides": {"train.loss": "no_such.module:loss"}},
+     r"^loss: given with train.loss no_such.module:loss in the config; give one of them$"),
+    ({"model": Digits(), "overrides": {"model.name": "cnn"}}, r"^model: given with model.name cnn in the config"),
+    ({"metrics": {"hit": lambda output, batch: output[:, 0]}, "overrides": {"train.metrics": {"hit": "a.b:c"}}},
+     r"^metrics\['hit'\]: given with train.metrics.hit a.b:c in the config"),
+    ({"metrics": {"hit": 0.5}}, r"^metrics\['hit'\]: expected a function \(output, batch\) -> values or a "
+                                r"torchmetrics Metric, got float$"),
     # An empty address was taken for none: the run started the embedded Ray (the CLI refused it).
     ({"address": ""}, r"^address: expected host:port, ray://host:port, auto or local, got an empty value"),
 ])
