@@ -10,10 +10,11 @@ from rayscale.errors import SearchFailed, UserError
 def load_model(run_dir, device: str = "cpu", model=None):
     """The trained model of a finished run directory, in eval mode (rayscale/models/export.py); `model`: the
     module or factory again, for a run trained from a Python object."""
-    from rayscale.api import check_argument_types
+    from rayscale.api import check_argument_types, check_code_objects
     from rayscale.models.export import load_model as load
 
     check_argument_types(paths={"run_dir": run_dir})
+    check_code_objects(model, None, None)
     return load(run_dir, device, model)
 
 

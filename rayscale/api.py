@@ -64,6 +64,7 @@ class Result:
         """The trained model in eval mode; `model`: the module or factory again if train got it as an object."""
         from rayscale.models.export import load_model
 
+        check_code_objects(model, None, None)
         return load_model(self.run_dir, device, model)
 
 
@@ -198,7 +199,7 @@ def evaluate(run_dir: str | Path, data: Any = None, *, model: Any = None, loss: 
     if data is not None and not isinstance(data, str | os.PathLike) and not is_dataset(data):
         raise UserError(f"data: expected a path (a source as data.source names one) or a ray.data.Dataset, got "
                         f"{type(data).__name__}")
-    _check_code_objects(model, loss, metrics)
+    check_code_objects(model, loss, metrics)
     return evaluate_run(run_dir, data, model=model, loss=loss, metrics=metrics, device=device, output=output)
 
 
@@ -211,6 +212,7 @@ def predict(run_dir: str | Path, data: Any, output: str | Path, *, address: str 
     from rayscale.launch.predict import predict as run_prediction
 
     check_argument_types(address=address, paths={"run_dir": run_dir, "output": output}, workers=workers)
+    check_code_objects(model, None, None)
     run_prediction(run_dir, data, output, address=address, workers=workers, model=model)
     return Path(output).expanduser().resolve()
 
@@ -220,7 +222,7 @@ def with_code(cfg: config_module.Config, model: Any, loss: Callable | None, metr
     """The config naming what can be named by import path, and the objects that travel pickled."""
     import dataclasses
 
-    _check_code_objects(model, loss, metrics)
+    check_code_objects(model, loss, metrics)
     _check_not_named_twice(cfg, model, loss, metrics)
     named_model, named_loss = import_path(model), import_path(loss)
     named_metrics = {name: path for name, metric in (metrics or {}).items() if (path := import_path(metric))}
@@ -234,7 +236,7 @@ def with_code(cfg: config_module.Config, model: Any, loss: Callable | None, metr
     return cfg, code
 
 
-def _check_code_objects(model: Any, loss: Any, metrics: Any) -> None:
+def check_code_objects(model: Any, loss: Any, metrics: Any) -> None:
     if model is not None and not callable(model):  # a torch.nn.Module is callable too
         raise UserError(f"model: expected a torch.nn.Module or a factory returning one, got {type(model).__name__}")
     if loss is not None and not callable(loss):

@@ -434,6 +434,15 @@ def test_objects_that_cannot_reach_the_workers_or_be_used_fail_before_anything_r
     assert list(tmp_path.iterdir()) == []
 
 
+def test_load_model_and_predict_check_the_model_they_are_given(tmp_path):
+    """An int or a name where the module or factory goes: "model() raised TypeError: 'int' object is not
+    callable" (train and evaluate checked it)."""
+    for call in (lambda: rayscale.load_model(tmp_path, model=3),
+                 lambda: rayscale.predict(tmp_path, str(tmp_path / "x.parquet"), tmp_path / "out", model="mlp")):
+        with pytest.raises(UserError, match=r"^model: expected a torch.nn.Module or a factory returning one, got "):
+            call()
+
+
 def test_yaml_text_where_a_configs_path_goes_is_refused_in_one_line():
     with pytest.raises(UserError, match=r"^config file: expected a YAML file's path, got text of several lines") as no:
         rayscale.train("optim:\n  lr: 0.1\n")
