@@ -67,8 +67,9 @@ class SearchFailed(RuntimeError):
 
 def user_error_inside(exc: BaseException, kind: type[Exception] | tuple[type[Exception], ...] = UserError
                       ) -> Exception | None:
-    """The UserError (or other `kind`, or one of several) a training failure carries: Ray wraps a worker's (or a Ray Data task's)
-    exception in RayTaskError (`.cause`), Train in WorkerGroupError (`.worker_failures`) or ControllerError."""
+    """The UserError (or other `kind`, or one of several) a training failure carries: Ray wraps a worker's (or a
+    Ray Data task's) exception in RayTaskError (`.cause`), Train in WorkerGroupError (`.worker_failures`) or
+    ControllerError."""
     stack, seen = [exc], set()
     while stack:
         error = stack.pop()

@@ -382,8 +382,8 @@ def check_same_config(cfg: Config, run_dir: Path) -> None:
         return
     try:
         old = yaml.safe_load(existing.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        old = exc
+    except (yaml.YAMLError, UnicodeDecodeError):
+        old = None
     if not isinstance(old, dict):  # it would have resumed those checkpoints under whatever config was given
         raise UserError(f"run.name {cfg.run.name}: {existing} is not a config rayscale can read, so the checkpoints "
                         f"there cannot be matched to this config; pick another run.name")

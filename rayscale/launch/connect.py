@@ -79,6 +79,15 @@ def _forget_dead_cluster_address() -> None:
         print(f"[rayscale] removed {path}: it named a Ray cluster that is no longer running", flush=True)
 
 
+def will_embed(address: str | None) -> bool:
+    """Whether a run given `address` starts the embedded Ray, whose size is then known before it starts: no
+    cluster to join, and no Ray running in this process already (a notebook's, a test's)."""
+    import sys
+
+    running = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    return loopback_unless_joining(address) is None and not running
+
+
 def embedded_cpus() -> int:
     """The logical CPUs of the embedded Ray: one beyond this machine's cores, for Ray Data's read tasks (below)."""
     return (os.cpu_count() or 1) + 1

@@ -8,15 +8,12 @@ import os
 from rayscale.config import Config
 from rayscale.data.datasets import READ_CPUS, most_resources
 from rayscale.errors import UserError
-from rayscale.launch.connect import loopback_unless_joining
+from rayscale.launch.connect import will_embed
 
 
 def check_fits_before_start(address: str | None, cfg: Config) -> None:
     """Called before `connect`: when the cluster will be the embedded one, its size is known already."""
-    import sys
-
-    running = "ray" in sys.modules and sys.modules["ray"].is_initialized()
-    if loopback_unless_joining(address) is None and not running:
+    if will_embed(address):
         check_machine_fits(cfg)
 
 

@@ -262,16 +262,10 @@ def _check_pool(workers: int | None, gpus: int, cpus: int, has: str) -> None:
                         f"expected at most {room}")
 
 
-def _ray_running() -> bool:
-    import sys
-
-    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
-
-
 def predict(run_dir: str | Path, data: Any, output: str | Path, *, address: str | None = None,
             workers: int | None = None, model: Any = None) -> int:
     """Run the prediction; returns the rows written. Bad input is refused before Ray starts."""
-    from rayscale.launch.connect import connect, embedded_cpus, loopback_unless_joining
+    from rayscale.launch.connect import connect, embedded_cpus, will_embed
     from rayscale.models.export import run_summary
 
     run_dir, output = _check_arguments(run_dir, data, output, workers)
@@ -293,7 +287,7 @@ def predict(run_dir: str | Path, data: Any, output: str | Path, *, address: str 
     from rayscale.models.export import load_model
 
     load_model(run_dir, "cpu", model)  # the model rebuilds here first (a user factory must import)
-    if workers is not None and loopback_unless_joining(address) is None and not _ray_running():
+    if workers is not None and will_embed(address):
         import torch  # the embedded Ray's size is known before it starts: refused without starting it
 
         _check_pool(workers, torch.cuda.device_count(), embedded_cpus(), "this machine's embedded Ray has")
