@@ -123,6 +123,22 @@ def test_inductor_computes_tanh_in_its_exp_form():
     assert torch.equal(torch.compile(torch.tanh, backend="inductor")(tiny), tiny)
 
 
+def test_a_cpu_graph_gets_a_cpp_wrapper_and_a_gpu_graph_inductors_default(monkeypatch):
+    """CPU_SETTINGS for a graph whose inputs are on the CPU; a graph with an input elsewhere (a GPU's; here the
+    meta device, which no CPU-only machine lacks) gets INDUCTOR_SETTINGS alone."""
+    from rayscale.engine.components import compilation
+
+    given = []
+    monkeypatch.setattr(torch._dynamo, "lookup_backend",
+                        lambda name: lambda graph, inputs, config_patches: given.append(config_patches))
+    compile_graph = compiler("inductor")
+    compile_graph(None, [torch.ones(2), 3])
+    compile_graph(None, [torch.ones(2), torch.ones(2, device="meta")])
+    assert given == [compilation.CPU_SETTINGS, compilation.INDUCTOR_SETTINGS]
+    assert given[0]["cpp_wrapper"] and "cpp_wrapper" not in given[1]
+    assert given[0]["cpp.use_decompose_tanh"] and given[1]["cpp.use_decompose_tanh"]
+
+
 def test_a_nonfinite_compiled_step_is_skipped_and_leaves_the_weights():
     batch = rows(8)
     batch["x"][0, 0] = float("inf")
