@@ -271,8 +271,8 @@ class ScheduleConfig:
 @dataclass
 class RunConfig:
     output_dir: str = key("runs", "where run directories are written (a local or shared-filesystem path)")
-    name: str = key("default", "run directory name; re-running the same name resumes it",
-                    name_in="run.output_dir")
+    name: str = key("default", "run directory name; re-running the same name resumes it (a name inside "
+                               "run.output_dir: not a path, not a symbolic link)", name_in="run.output_dir")
     storage_path: str | None = key(None, "where Ray Train keeps checkpoints (null: <run dir>/checkpoints); on a "
                                          "multi-node cluster a URI every node reaches (s3://bucket/prefix, "
                                          "gs://..., or a shared mount)")

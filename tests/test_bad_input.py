@@ -427,6 +427,35 @@ def _assert_refused(args, fragments, tmp_path, existing_run, capsys, monkeypatch
     assert sorted(tmp_path.iterdir()) == around  # nor anything beside it
 
 
+@pytest.mark.parametrize("command, key", [("train", "run.output_dir"), ("tune", "run.output_dir"),
+                                          ("train", "run.storage_path")])
+def test_a_run_name_that_is_a_symbolic_link_is_refused_and_nothing_is_written_where_it_points(
+        command, key, tmp_path, capsys, monkeypatch):
+    """A run writes only inside run.output_dir (and run.storage_path): a link there named as the run led the whole
+    run (config.yaml, model.pt, checkpoints) to wherever it pointed, with exit 0."""
+    import os
+
+    import ray
+
+    monkeypatch.setattr(trainer, "connect", _no_cluster)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    parent = tmp_path / ("runs" if key == "run.output_dir" else "storage")
+    parent.mkdir()
+    os.symlink(outside, parent / "linked")
+    argv = [command, "--set", f"run.output_dir={tmp_path / 'runs'}", "--set", "run.name=linked",
+            *(["--set", f"run.storage_path={parent}"] if key == "run.storage_path" else [])]
+    ray.shutdown()
+
+    code = cli.main(argv)
+
+    error = capsys.readouterr().err
+    assert code == 2 and error.count("\n") == 1, error
+    assert error.startswith(f"rayscale: error: run.name linked: {parent / 'linked'} is a symbolic link (to "
+                            f"{outside}), and a run writes only inside {key}"), error
+    assert not any(outside.iterdir()) and not ray.is_initialized()
+
+
 def _no_cluster(*args, **kwargs):
     raise AssertionError("a cluster was asked for although the error was knowable up front")
 

@@ -88,9 +88,17 @@ def check_before_data(cfg: Config) -> None:
 
 
 def check_output_dir(cfg: Config) -> None:
-    """run.output_dir is not empty."""
+    """run.output_dir is not empty, and run.name is no symbolic link: a run writes only inside run.output_dir
+    (and run.storage_path), and a link there named as the run would lead its files wherever the link points."""
     if not cfg.run.output_dir.strip():  # it would be the working directory, unasked
         raise UserError("run.output_dir: expected a directory path, got an empty one")
+    storage = cfg.run.storage_path
+    for key, parent in (("run.output_dir", cfg.run.output_dir),
+                        *([("run.storage_path", storage)] if storage and "://" not in storage else [])):
+        entry = Path(parent).expanduser() / cfg.run.name
+        if entry.is_symlink():
+            raise UserError(f"run.name {cfg.run.name}: {entry} is a symbolic link (to {os.readlink(entry)}), and a "
+                            f"run writes only inside {key}; expected a new name or a directory of its own")
 
 
 def _check_training_rows(cfg: Config, plan: BatchPlan, train_rows: int) -> None:
