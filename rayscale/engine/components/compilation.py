@@ -33,8 +33,8 @@ from rayscale.engine.step import ForwardLoss, forward_and_loss
 # tanh fed to atan2). On a GPU it changes nothing (the setting is inductor's C++ backend's).
 INDUCTOR_SETTINGS = {"cpp.use_decompose_tanh": True}
 # ... and for a graph on the CPU, its wrapper (the code that calls the kernels and the matrix products in turn)
-# in C++ instead of Python: a call of the benchmark transformer's graphs cost about 1 ms less a step of ~45 ms
-# (1.17-1.23x eager against 1.09-1.17x, side by side in one process), and the first steps compiled in half the
+# in C++ instead of Python: the benchmark transformer's compiled step took 1-2 ms less of 44-46 ms (1.17x eager
+# against 1.09-1.15x, side by side in one process; docs/performance.md), and its first steps compiled in half the
 # time (one C++ module to build, not a Python one that loads another). A GPU graph keeps inductor's default.
 CPU_SETTINGS = {**INDUCTOR_SETTINGS, "cpp_wrapper": True}
 
