@@ -29,13 +29,14 @@ def _process(rank: int, port: int, size: dict, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
+    from rayscale.engine.distributed import join_process_group
     from rayscale.engine.precision import make_precision
     from rayscale.engine.step import train_step
     from rayscale.engine.strategies.ddp import prepare_model
     from rayscale.models import MLP
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORKERS)
+    join_process_group("gloo", "127.0.0.1", port, rank, WORKERS)
     torch.manual_seed(0)
     model = prepare_model(MLP(size["features"], 10, tuple(size["hidden"])), torch.device("cpu"), WORKERS)
     calls = {"n": 0, "other": 0}

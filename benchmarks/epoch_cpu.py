@@ -96,11 +96,12 @@ def _plain_rank(rank: int, port: int, ranks: int, epochs: int, out: str) -> None
 
 def _join(rank: int, port: int, ranks: int) -> None:
     import torch
-    import torch.distributed as dist
+
+    from rayscale.engine.distributed import join_process_group
 
     torch.set_num_threads(1)  # as a 1-CPU Ray worker gets
     if ranks > 1:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=ranks)
+        join_process_group("gloo", "127.0.0.1", port, rank, ranks)
 
 
 def _finish(rank: int, ranks: int, out: str, result: dict) -> None:

@@ -51,13 +51,13 @@ def digits_rows() -> tuple:
 def _plain_process(rank: int, port: int, epochs: int, out: str) -> None:
     """The plain loop, as its users would write it."""
     import torch
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    from rayscale.engine.distributed import join_process_group
     from rayscale.models import MLP
 
     torch.set_num_threads(1)  # as a 1-CPU Ray worker gets
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORKERS)
+    join_process_group("gloo", "127.0.0.1", port, rank, WORKERS)
     x, y = (torch.from_numpy(a) for a in digits_rows())
     x = x.flatten(1)
     torch.manual_seed(0)

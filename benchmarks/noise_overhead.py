@@ -31,13 +31,14 @@ def _process(rank: int, port: int, size: dict, out: str) -> None:
 
     from rayscale.config import TrainConfig
     from rayscale.engine.components.noise_scale import step_noise_estimates
+    from rayscale.engine.distributed import join_process_group
     from rayscale.engine.precision import make_precision
     from rayscale.engine.step import train_step
     from rayscale.engine.strategies.ddp import prepare_model
     from rayscale.models import MLP
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORKERS)
+    join_process_group("gloo", "127.0.0.1", port, rank, WORKERS)
     models, optimizers, steps = {}, {}, {"off": 0, "on": 0}
     every = TrainConfig().noise_scale_every_steps
     for name in ("off", "on"):

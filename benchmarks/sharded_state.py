@@ -32,6 +32,7 @@ def _process(rank: int, port: int, size: dict, out: str) -> None:
     import torch.distributed as dist
 
     from rayscale.config import OptimConfig
+    from rayscale.engine.distributed import join_process_group
     from rayscale.engine.optimizers import build_optimizer
     from rayscale.engine.precision import make_precision
     from rayscale.engine.step import train_step
@@ -40,7 +41,7 @@ def _process(rank: int, port: int, size: dict, out: str) -> None:
     from rayscale.models import MLP
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORKERS)
+    join_process_group("gloo", "127.0.0.1", port, rank, WORKERS)
     precision = make_precision("fp32", torch.device("cpu"))
     generator = torch.Generator().manual_seed(rank)
     batches = [{"x": torch.randn(size["micro"], size["features"], generator=generator),

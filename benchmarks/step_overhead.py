@@ -37,6 +37,7 @@ def _process(rank: int, port: int, blocks: int, steps: int, out: str) -> None:
     from rayscale.config import OptimConfig
     from rayscale.data.collate import micro_batches
     from rayscale.data.lane_steps import LaneCache, LaneOrder, LaneSteps, epoch_pieces
+    from rayscale.engine.distributed import join_process_group
     from rayscale.engine.metrics import Interval
     from rayscale.engine.optimizers import build_optimizer
     from rayscale.engine.precision import make_precision
@@ -47,7 +48,7 @@ def _process(rank: int, port: int, blocks: int, steps: int, out: str) -> None:
     from rayscale.models import MLP
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORKERS)
+    join_process_group("gloo", "127.0.0.1", port, rank, WORKERS)
     rows, chunk = 20_480, 2_048
     rng = np.random.default_rng(0)
     columns = {"row_id": np.arange(rows), "x": rng.standard_normal((rows, FEATURES)).astype(np.float32),

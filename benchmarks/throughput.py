@@ -138,11 +138,13 @@ def _ddp_process(rank: int, port: int, size: dict, out: str) -> None:
     """The plain script's loop, written out in full as its users would (not shared with (b)'s on purpose: each
     baseline stands alone)."""
     import torch
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    from rayscale.engine.distributed import join_process_group
+
     torch.set_num_threads(1)  # as a 1-CPU Ray worker gets
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORKERS)
+    # rayscale's join only so that its store listens on 127.0.0.1 alone; what is timed is torch's.
+    join_process_group("gloo", "127.0.0.1", port, rank, WORKERS)
     x, y = (torch.from_numpy(a) for a in load_rows(size))
     torch.manual_seed(0)
     model = DistributedDataParallel(_model(size))

@@ -25,6 +25,7 @@ from rayscale.driver.prepare import NO_CODE, check_same_config, prepare, saved_a
 from rayscale.engine import checkpoint
 from rayscale.engine.components.preemption import PreemptionNotice
 from rayscale.engine.context import InProcessContext
+from rayscale.engine.distributed import join_process_group
 from rayscale.engine.loop import TrainLoop
 from rayscale.files import CHECKPOINTS_DIR, CONFIG_FILE, GROUPS_FILE, MODEL_FILE
 from rayscale.launch.callbacks import record_group
@@ -103,8 +104,7 @@ def _spawned(rank: int, world_size: int, port: int, payload, feed, out: str, dra
     torch.set_num_threads(1)
     os.environ["RANK"] = str(rank)  # what a test model may read to tell the ranks apart
     # A collective one rank never makes fails the test after this long instead of hanging it.
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    join_process_group("gloo", "127.0.0.1", port, rank, world_size, datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     try:
         reports = _rank(rank, world_size, port, payload, feed, drain_on_ask)
         if rank == 0:

@@ -17,6 +17,7 @@ from torch import nn
 from benchmarks.gpt import make as make_gpt
 from rayscale.engine.components import compilation
 from rayscale.engine.components.compilation import Compilation, backend_of, compiler
+from rayscale.engine.distributed import join_process_group
 from rayscale.engine.precision import Precision
 from rayscale.engine.step import train_step
 from rayscale.engine.strategies.ddp import prepare_model
@@ -160,8 +161,7 @@ def test_the_setting_names_the_backend_and_off_compiles_nothing():
 
 def _ddp_worker(rank, world, port, result_path):
     """Rank 0: 8 rows in micro-batches of 3 (3, 3, 2); rank 1: 3 rows, then nothing (a zero-weight row)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_process_group("gloo", "127.0.0.1", port, rank, world)
     torch.set_num_threads(1)
     data = rows(11)
     mine = cut(data, [8, 3])[rank]

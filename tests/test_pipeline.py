@@ -352,14 +352,23 @@ def test_a_loss_that_breaks_its_contract_in_the_workers_ends_the_run_in_its_line
 
 def test_embedded_ray_listens_on_loopback_only(ray_session):
     """Every server the embedded Ray started (GCS, raylet, object manager, dashboard, agents) is on 127.0.0.1."""
+    listening = _listening_in_this_ray()
+    assert len(listening) >= 3, listening  # at least the GCS, the raylet and the dashboard
+    _assert_loopback_only(listening)
+
+
+def _listening_in_this_ray() -> list[str]:
+    """`ss` lines of the sockets listened on by the embedded Ray this process started (its descendants)."""
     import subprocess
 
     from test_cluster import _processes, _with_descendants
 
-    mine = _with_descendants({os.getpid()}, _processes())  # this process and the embedded Ray it started
+    mine = _with_descendants({os.getpid()}, _processes())
     sockets = subprocess.run(["ss", "-Htlnp"], capture_output=True, text=True, check=True).stdout.splitlines()
-    listening = [line for line in sockets if any(f"pid={pid}," in line for pid in mine - {os.getpid()})]
-    assert len(listening) >= 3, sockets  # at least the GCS, the raylet and the dashboard
+    return [line for line in sockets if any(f"pid={pid}," in line for pid in mine - {os.getpid()})]
+
+
+def _assert_loopback_only(listening: list[str]) -> None:
     for line in listening:
         assert line.split()[3].startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:")), line
 
@@ -487,6 +496,11 @@ def test_a_worker_killed_inside_a_slow_upload_then_one_frozen_restart_from_check
     thread, outcome, pid_dir = _train_until_first_checkpoint(
         tmp_path, "faults", "run.hang_timeout_s=20", "run.checkpoint_upload_fn=slow_upload:copy_then_die_once",
         "train.log_every_samples=64")
+    # While the 2 workers train, their process group's store and gloo's connections listen on 127.0.0.1 too
+    # (torch's own store, as Ray Train's backend set it up, listened on every interface of rank 0's node).
+    listening = _listening_in_this_ray()
+    assert any("RayTrainWo" in line for line in listening), listening
+    _assert_loopback_only(listening)
     seen = {int(p.name) for p in pid_dir.iterdir()}
     uploads_log = tmp_path / "faults" / "checkpoints" / "uploads.jsonl"
     deadline = time.time() + 180

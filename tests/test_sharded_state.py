@@ -17,6 +17,7 @@ from torch.multiprocessing.spawn import ProcessException
 from rayscale import config
 from rayscale.config import OptimConfig
 from rayscale.engine import checkpoint, distributed
+from rayscale.engine.distributed import join_process_group
 from rayscale.engine.optimizers import build_optimizer
 from rayscale.engine.precision import Precision
 from rayscale.engine.step import train_step
@@ -75,8 +76,7 @@ def _steps(rank: int, name: str, sharded: bool) -> dict:
 
 def _engine_rank(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=120))
+    join_process_group("gloo", "127.0.0.1", port, rank, 2, datetime.timedelta(seconds=120))
     try:
         results = {(name, sharded): _steps(rank, name, sharded) for name in OPTIMIZERS for sharded in (False, True)}
         torch.save(results, f"{out}/rank{rank}.pt")

@@ -324,8 +324,7 @@ def test_save_atomic_leaves_no_partial_file(tmp_path, monkeypatch):
 
 def _join(rank, world, port, rows_per_rank):
     """Join the gloo group; every row of the test data and this rank's consecutive share of them."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    distributed.join_process_group("gloo", "127.0.0.1", port, rank, world)
     torch.set_num_threads(1)
     x, y = dataset(sum(rows_per_rank))
     start = sum(rows_per_rank[:rank])
@@ -389,8 +388,7 @@ def test_ddp_two_processes_match_one_process(tmp_path, rows_per_rank, micro, kno
 
 
 def _bucket_worker(rank, world, port, result_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    distributed.join_process_group("gloo", "127.0.0.1", port, rank, world)
     torch.manual_seed(0)
     # 1.6 MB of float32 gradients: over PyTorch's 1 MiB first bucket, under rayscale's cap.
     model = prepare_model(nn.Sequential(nn.Linear(64, 600), nn.ReLU(), nn.Linear(600, 600), nn.ReLU(),
@@ -419,8 +417,7 @@ def test_on_cpu_the_gradients_of_a_step_go_in_one_all_reduce(tmp_path):
 
 
 def _sum_and_max_worker(rank, world, port, result_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    distributed.join_process_group("gloo", "127.0.0.1", port, rank, world)
     calls = []
     for name in ("all_gather", "all_reduce", "broadcast"):  # every collective the helper could make, counted
         real = getattr(dist, name)

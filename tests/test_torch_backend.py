@@ -1,10 +1,13 @@
 """launch/torch_backend.py against Ray's own TorchConfig and _TorchBackend: the same calls to the same worker
 functions, from a module a Train controller can load without torch."""
 
+import datetime
+import json
 import os
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -80,23 +83,69 @@ def test_start_and_shutdown_send_the_workers_rays_calls_in_rays_order(backend, s
     assert no_ray_get[0] == (list(range(size)), None) and no_ray_get[1][0] == list(range(size))
 
 
-def test_the_worker_functions_do_what_rays_do(monkeypatch):
+@pytest.mark.parametrize("backend", torch_backend.BACKENDS)
+def test_the_worker_functions_do_what_rays_do(backend, monkeypatch):
+    """Each calls Ray's function of its name, but for the process group's set-up: Ray's NCCL error handling,
+    then the group joined through a store at MASTER_ADDR alone (engine/distributed.py)."""
     import ray.train.torch.config as rays
 
+    from rayscale.engine import distributed
+
     monkeypatch.setenv("MASTER_ADDR", "unset")
+    monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
+    monkeypatch.delenv("TORCH_NCCL_BLOCKING_WAIT", raising=False)
     torch_backend.set_master_address(addr="10.0.0.7", port=29500)
     assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("10.0.0.7", "29500")
     called = []
     for name in ("_set_torch_distributed_env_vars", "_setup_torch_process_group", "_shutdown_torch"):
         monkeypatch.setattr(rays, name, lambda _name=name, **kwargs: called.append((_name, kwargs)))
+    monkeypatch.setattr(distributed, "join_process_group", lambda *args: called.append(("join", args)))
     torch_backend.set_torch_distributed_env_vars()
-    torch_backend.setup_torch_process_group(backend="gloo", world_rank=1, world_size=2, init_method="env://",
+    torch_backend.setup_torch_process_group(backend=backend, world_rank=1, world_size=2, init_method="env://",
                                             timeout_s=9)
     torch_backend.shutdown_torch(destroy_process_group=True)
     assert called == [("_set_torch_distributed_env_vars", {}),
-                      ("_setup_torch_process_group", {"backend": "gloo", "world_rank": 1, "world_size": 2,
-                                                      "init_method": "env://", "timeout_s": 9}),
+                      ("join", (backend, "10.0.0.7", 29500, 1, 2, datetime.timedelta(seconds=9))),
                       ("_shutdown_torch", {"destroy_process_group": True})]
+    assert os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING") == ("1" if backend == "nccl" else None)
+
+
+def _listening_rank(rank: int, port: int, out: str) -> None:
+    """Join a gloo group of 2 as the workers do; rank 0 writes what both ranks' processes listen on."""
+    import subprocess
+
+    import torch
+    import torch.distributed as dist
+
+    from rayscale.engine.distributed import join_process_group
+
+    join_process_group("gloo", "127.0.0.1", port, rank, 2, datetime.timedelta(seconds=60))
+    total = torch.tensor([float(rank + 1)])
+    dist.all_reduce(total)
+    pids = [torch.tensor([os.getpid()]) for _ in range(2)]
+    dist.all_gather(pids, torch.tensor([os.getpid()]))
+    if rank == 0:
+        sockets = subprocess.run(["ss", "-Htlnp"], capture_output=True, text=True, check=True).stdout.splitlines()
+        mine = [line.split()[3] for line in sockets if any(f"pid={int(pid)}," in line for pid in pids)]
+        Path(out).write_text(json.dumps({"sum": total.item(), "listening": mine}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_a_process_group_listens_on_the_address_it_is_given_and_nowhere_else(tmp_path):
+    """torch's own store (init_method env://, as Ray Train's backend joins) listened on every interface of rank
+    0's node (`ss`: *:port) while a run trained. Ours listens at MASTER_ADDR, and gloo's connections are there
+    too: on 127.0.0.1 here, as the loopback-only embedded Ray's workers get."""
+    from inprocess import start_ranks
+
+    from rayscale.launch.connect import free_loopback_port
+
+    out = tmp_path / "rank0.json"
+    start_ranks(_listening_rank, (free_loopback_port(), str(out)), 2)
+    seen = json.loads(out.read_text())
+    assert seen["sum"] == 3.0
+    assert len(seen["listening"]) >= 3  # the store, and gloo's listener in each rank
+    assert all(address.startswith("127.0.0.1:") for address in seen["listening"]), seen["listening"]
 
 
 def test_the_config_is_rays_to_the_trainer_and_the_accelerator_set_up():

@@ -3,6 +3,8 @@ so the same code runs in local mode, in-process tests and a Ray Train worker gro
 
 from __future__ import annotations
 
+import datetime
+import socket
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -18,6 +20,26 @@ def world_size() -> int:
 
 def is_distributed() -> bool:
     return world_size() > 1
+
+
+def join_process_group(backend: str, host: str, port: int, rank: int, size: int,
+                       timeout: datetime.timedelta = datetime.timedelta(minutes=30)) -> None:
+    """init_process_group through a store that rank 0 serves at host:port and nowhere else. torch's own store
+    (init_method env:// or tcp://) listens on every interface of rank 0's machine whatever host it is given
+    (`ss -tlnp`: *:port): on a cluster bound to loopback, or a node reached only at its cluster address, the
+    ranks need it at the address they are told to reach, and nothing else does. Gloo's own connections are on
+    that address already. `timeout`: the store's and every collective's (torch's default for gloo)."""
+    if rank == 0:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        listener = socket.socket(family, kind)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen()
+        # The store owns the descriptor from here (detach: the socket object would close it when collected).
+        store = dist.TCPStore(host, port, size, True, timeout=timeout, master_listen_fd=listener.detach())
+    else:
+        store = dist.TCPStore(host, port, size, False, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
 
 
 def all_reduce(values: Sequence[float] | torch.Tensor, device: torch.device, op: str = "sum") -> torch.Tensor:

@@ -6,7 +6,8 @@ to send its workers functions that need it: 1.55 of the controller's 2.4 s of im
 start to its workers' start (2-core machine). The config and backend here keep Ray's fields and make the calls
 Ray's `_TorchBackend` makes for the gloo and NCCL backends rayscale uses, with the same functions of Ray's; each
 is sent wrapped in a function of this module that imports Ray's torch module on the worker, where torch is loaded
-anyway. tests/test_torch_backend.py holds the two call for call.
+anyway. tests/test_torch_backend.py holds the two call for call. One function differs: the process group's store
+listens at MASTER_ADDR alone, where torch's env:// store listens on every interface of rank 0's node.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class TorchBackendOnWorkers(Backend):
             logging.getLogger(__name__).warning(f"Torch process group shutdown timed out after {timeout_s} seconds")
 
 
-# Run on the workers: each calls Ray's own function of the same name.
+# Run on the workers: each calls Ray's own function of the same name, but for the process group's store.
 
 def set_master_address(addr: str, port: int) -> None:
     os.environ["MASTER_ADDR"] = addr
@@ -104,10 +105,20 @@ def set_torch_distributed_env_vars() -> None:
     _set_torch_distributed_env_vars()
 
 
-def setup_torch_process_group(**kwargs) -> None:
-    from ray.train.torch.config import _setup_torch_process_group
+def setup_torch_process_group(backend: str, world_rank: int, world_size: int, init_method: str,
+                              timeout_s: int) -> None:
+    """Ray's `_setup_torch_process_group` for env:// (its NCCL error handling included), except that rank 0's
+    store listens at MASTER_ADDR alone (engine/distributed.py, join_process_group), not on every interface."""
+    import datetime
 
-    _setup_torch_process_group(**kwargs)
+    from rayscale.engine.distributed import join_process_group
+
+    assert init_method == "env://", init_method  # TorchConfigOnWorkers refuses any other
+    if backend == "nccl" and "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in os.environ \
+            and "TORCH_NCCL_BLOCKING_WAIT" not in os.environ:
+        os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "1"  # a timed-out collective fails the worker, as Ray's
+    join_process_group(backend, os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_rank, world_size,
+                       datetime.timedelta(seconds=timeout_s))
 
 
 def shutdown_torch(**kwargs) -> None:
