@@ -34,7 +34,7 @@ def join_process_group(backend: str, host: str, port: int, rank: int, size: int,
         listener = socket.socket(family, kind)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(address)
-        listener.listen()
+        listener.listen(max(size, 128))  # every rank may knock at once (the kernel caps it at somaxconn)
         # The store owns the descriptor from here (detach: the socket object would close it when collected).
         store = dist.TCPStore(host, port, size, True, timeout=timeout, master_listen_fd=listener.detach())
     else:
