@@ -14,6 +14,7 @@ from rayscale.engine.components import read_part
 from rayscale.engine.components.adaptive_batch import AdaptiveBatch, AdaptiveBatchPart
 from rayscale.engine.components.checkpointing import CheckpointSchedule
 from rayscale.engine.components.curriculum_metrics import CurriculumMeter
+from rayscale.engine.components.empty_epoch import EmptyEpochCheck, weighed_by
 from rayscale.engine.components.micro_batch import AutoMicroBatch, MicroBatchPart
 from rayscale.engine.components.noise_scale import NoiseScaleMeter
 from rayscale.engine.components.rung_pause import RungPause, RungPausePart
@@ -21,6 +22,7 @@ from rayscale.engine.components.validation import ValidationSchedule
 from rayscale.engine.state import TrainState
 from rayscale.engine.step import MicroBatchTooLarge, StepResult
 from rayscale.engine.strategies.parameter_server import ParameterServer, StaleGradient
+from rayscale.errors import UserError
 from rayscale.math.adaptive_batch import plan_for
 from rayscale.math.batching import plan_batches
 
@@ -187,6 +189,47 @@ def test_the_curriculum_meter_averages_the_difficulty_of_real_rows_only():
     assert meter.interval_sums() == [4.0, 2] and meter.interval_sums() == [0.0, 0]
     assert meter.log_fields(None, [4.0, 2], 1) == {"curriculum_difficulty": 2.0}
     assert meter.log_fields(None, [0.0, 0], 1) == {"curriculum_difficulty": None}
+
+
+# ------------------------------------------------------------------------------------------ empty epoch
+
+def _weighed(check: EmptyEpochCheck, run, *counts: float) -> None:
+    """Steps whose rows weighed `counts` on this rank, then a log line (its sums as if over every rank)."""
+    for count in counts:
+        check.after_step(run, None, StepResult(*(torch.tensor(v, dtype=torch.float64) for v in (0.0, count, 0.0, 1.0)),
+                                               False))
+    check.log_fields(run, check.interval_sums(), len(counts))
+
+
+def test_an_epoch_whose_rows_all_weighed_0_ends_the_run_naming_what_weighs_them():
+    run = run_like(plan_for(64, 32, 1))
+    check = EmptyEpochCheck(weighed_by(user_loss=True, weight_column="w", tokens=False))
+    check.start_epoch(run, 0)
+    _weighed(check, run, 0.0, 0.0)  # a log interval of weightless rows: logged, not an error
+    _weighed(check, run, 0.0, 3.0)
+    check.end_epoch(run, 0)  # some rows counted
+    check.start_epoch(run, 1)
+    _weighed(check, run, 0.0)
+    _weighed(check, run, 0.0, 0.0)
+    with pytest.raises(UserError, match=r"^train.loss \(the weights it returns\) and data.weight \(column 'w'\): "
+                                        r"every row of epoch 2 weighed 0 on every worker, so the epoch trained on "
+                                        r"nothing; expected some rows with a positive weight$"):
+        check.end_epoch(run, 1)
+
+
+def test_an_epoch_resumed_part_way_is_not_judged_by_its_second_part():
+    run = run_like(plan_for(64, 32, 1))
+    run.state.step_in_epoch = 5  # the loop starts a resumed epoch before its position resets
+    check = EmptyEpochCheck(weighed_by(user_loss=False, weight_column=None, tokens=True))
+    check.start_epoch(run, 3)
+    _weighed(check, run, 0.0)
+    check.end_epoch(run, 3)
+    run.state.step_in_epoch = 0
+    check.start_epoch(run, 4)
+    _weighed(check, run, 0.0)
+    with pytest.raises(UserError, match=r"^the data's labels \(a token labelled -100 or masked does not count\): "
+                                        r"every row of epoch 5 weighed 0"):
+        check.end_epoch(run, 4)
 
 
 # -------------------------------------------------------------------------------------------- schedules

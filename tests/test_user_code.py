@@ -10,6 +10,7 @@ import threading
 from dataclasses import dataclass
 
 import numpy as np
+import parquet_fixtures
 import pyarrow as pa
 import pytest
 import torch
@@ -352,6 +353,37 @@ def test_val_accuracy_counts_rows_by_their_sample_weights_not_by_a_user_losss_we
     code = UserCode(loss=user_code.class_zero_counts_double, metrics=(("hit", user_code.hit),))
     final = train(tmp_path, "class_zero_double", *BASE, code=code).summary["final"]
     assert final["val_accuracy"] == final["val_hit"]  # a function metric: per-sample hits over the real rows
+
+
+def _weightless(output, batch):
+    losses = F.cross_entropy(output, batch["y"], reduction="none")
+    return losses, torch.zeros_like(losses)
+
+
+def test_a_loss_whose_weights_are_all_0_ends_the_run_at_the_epoch_end_in_one_line(tmp_path, capsys):
+    """Its log lines say `loss -` (the line's loss was formatted as a number: a TypeError ended the worker),
+    and the epoch end stops the run: it trained on nothing and saved the initial model as trained."""
+    with pytest.raises(UserError, match=r"^train.loss \(the weights it returns\): every row of epoch 1 weighed 0 on "
+                                        r"every worker, so the epoch trained on nothing"):
+        train(tmp_path, "weightless", *BASE, "train.log_every_samples=256", code=UserCode(loss=_weightless))
+    assert " loss - lr " in capsys.readouterr().out
+    assert not (tmp_path / "weightless" / "model.pt").exists()
+
+
+def test_rows_that_weigh_0_for_a_while_log_no_loss_and_a_file_where_all_do_is_refused_at_the_epoch_end(tmp_path):
+    table = parquet_fixtures.tabular(0, 600)
+    weights = np.ones(600, dtype=np.float32)
+    weights[:256] = 0  # the first 4 steps of 64, in file order
+    early = write(tmp_path / "early.parquet", table.set_column(2, "w", pa.array(weights)))
+    options = ("train.epochs=1", "batch.global_batch_size=64", "data.shuffle=none", "data.val_fraction=0",
+               "data.weight=w", "train.log_every_samples=128")
+    lines = train(tmp_path, "early", *options, f"data.source={early}").lines
+    losses = [line["train_loss"] for line in lines if not line.get("epoch_end")]
+    assert losses[:2] == [None, None] and all(loss is not None for loss in losses[2:]), losses
+    assert lines[-1]["train_loss"] is not None
+    none = write(tmp_path / "none.parquet", table.set_column(2, "w", pa.array(np.zeros(600, dtype=np.float32))))
+    with pytest.raises(UserError, match=r"^data.weight \(column 'w'\): every row of epoch 1 weighed 0"):
+        train(tmp_path, "none", *options, f"data.source={none}")
 
 
 def test_metrics_named_in_the_config_are_imported_and_a_bad_name_fails_before_training(tmp_path):

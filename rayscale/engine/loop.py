@@ -22,6 +22,7 @@ from rayscale.engine.components import checkpointing as checkpoints
 from rayscale.engine.components.adaptive_batch import AdaptiveBatch, AdaptiveBatchPart
 from rayscale.engine.components.compilation import Compilation
 from rayscale.engine.components.curriculum_metrics import CurriculumMeter
+from rayscale.engine.components.empty_epoch import EmptyEpochCheck, weighed_by
 from rayscale.engine.components.micro_batch import AutoMicroBatch, MicroBatchPart
 from rayscale.engine.components.noise_scale import NoiseScaleMeter
 from rayscale.engine.components.online_feed import OnlineFeed, OnlinePart
@@ -149,8 +150,10 @@ class TrainLoop:
         optional = [self.compilation if self.compilation.backend else None, self.averaging,
                     CurriculumMeter() if cfg.data.curriculum_column else None,
                     self.feed if isinstance(self.feed, Component) else None]
-        return [self.adaptive, self.micro, self.noise, self.rung_pause, *filter(None, optional), self.preemption,
-                self.checkpoints, self.strategy]
+        empty = EmptyEpochCheck(weighed_by(run.objective.user_loss is not None, cfg.data.weight,
+                                           payload.spec.task == "token_classification"))
+        return [empty, self.adaptive, self.micro, self.noise, self.rung_pause, *filter(None, optional),
+                self.preemption, self.checkpoints, self.strategy]
 
     # ------------------------------------------------------------------------------------------------ training
 
@@ -218,8 +221,7 @@ class TrainLoop:
         inside = seen < segment.end_samples
         if self.metrics.due(seen) and inside:
             line, wanted = self.line_and_wish(segment.epoch)
-            run.progress(f"{where} samples {seen:,} loss {line.train_loss:.4f} lr {line.lr:.4g} "
-                    f"{line.samples_per_sec:,.0f} samples/s")
+            run.progress(f"{where} samples {seen:,} {line.shown()}")
             if wanted:
                 self.metrics.reported()
                 self.context.report({**line.to_json(), **state.validation()})

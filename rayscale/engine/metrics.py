@@ -104,6 +104,12 @@ class LogLine:
     epoch_end: bool = False
     validation: dict[str, float] = field(default_factory=dict)  # val_loss, val_accuracy when it validated
 
+    def shown(self) -> str:
+        """Its loss, lr and rate for a progress line ("-" for a loss of rows that all weighed 0)."""
+        loss = "-" if self.train_loss is None else f"{self.train_loss:.4f}"
+        rate = "-" if self.samples_per_sec is None else f"{self.samples_per_sec:,.0f}"
+        return f"loss {loss} lr {self.lr:.4g} {rate} samples/s"
+
     def to_json(self) -> dict[str, Any]:
         core = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if f.name not in ("timings", "fields", "evaluation", "epoch_end", "validation")}
