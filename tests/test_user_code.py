@@ -365,7 +365,9 @@ def test_a_loss_whose_weights_are_all_0_ends_the_run_at_the_epoch_end_in_one_lin
     and the epoch end stops the run: it trained on nothing and saved the initial model as trained."""
     with pytest.raises(UserError, match=r"^train.loss \(the weights it returns\): every row of epoch 1 weighed 0 on "
                                         r"every worker, so the epoch trained on nothing"):
-        train(tmp_path, "weightless", *BASE, "train.log_every_samples=256", code=UserCode(loss=_weightless))
+        # No validation rows: they would be refused first (the next test), at the epoch end's validation.
+        train(tmp_path, "weightless", *BASE, "train.log_every_samples=256", "data.val_fraction=0",
+              code=UserCode(loss=_weightless))
     assert " loss - lr " in capsys.readouterr().out
     assert not (tmp_path / "weightless" / "model.pt").exists()
 
@@ -384,6 +386,22 @@ def test_rows_that_weigh_0_for_a_while_log_no_loss_and_a_file_where_all_do_is_re
     none = write(tmp_path / "none.parquet", table.set_column(2, "w", pa.array(np.zeros(600, dtype=np.float32))))
     with pytest.raises(UserError, match=r"^data.weight \(column 'w'\): every row of epoch 1 weighed 0"):
         train(tmp_path, "none", *options, f"data.source={none}")
+
+
+def test_validation_rows_that_all_weigh_0_are_refused_where_their_val_loss_read_0(tmp_path):
+    """A val_loss of 0 whatever the model: the best a search could rank. Refused at the first validation, and
+    by `rayscale evaluate` on such a file."""
+    table = parquet_fixtures.tabular(0, 600)
+    train_file = write(tmp_path / "train.parquet", table)
+    val_file = write(tmp_path / "val.parquet", table.set_column(2, "w", pa.array(np.zeros(600, dtype=np.float32))))
+    options = ("train.epochs=1", "batch.global_batch_size=64", "data.weight=w", f"data.source={train_file}")
+    with pytest.raises(UserError, match=r"^data.weight \(column 'w'\): every row evaluated weighed 0 on every "
+                                        r"worker, so val_loss would be 0 whatever the model"):
+        train(tmp_path, "weightless_val", *options, f"data.val_source={val_file}")
+    trained = train(tmp_path, "weighted_val", *options, "data.val_fraction=0.2")
+    assert trained.summary["final"]["val_loss"] > 0
+    with pytest.raises(UserError, match=r"^data.weight \(column 'w'\): every row evaluated weighed 0"):
+        rayscale.evaluate(trained.run_dir, data=val_file)
 
 
 def test_metrics_named_in_the_config_are_imported_and_a_bad_name_fails_before_training(tmp_path):

@@ -150,8 +150,9 @@ class TrainLoop:
         optional = [self.compilation if self.compilation.backend else None, self.averaging,
                     CurriculumMeter() if cfg.data.curriculum_column else None,
                     self.feed if isinstance(self.feed, Component) else None]
-        empty = EmptyEpochCheck(weighed_by(run.objective.user_loss is not None, cfg.data.weight,
-                                           payload.spec.task == "token_classification"))
+        self.weighed_by = weighed_by(run.objective.user_loss is not None, cfg.data.weight,
+                                     payload.spec.task == "token_classification")
+        empty = EmptyEpochCheck(self.weighed_by)
         return [empty, self.adaptive, self.micro, self.noise, self.rung_pause, *filter(None, optional),
                 self.preemption, self.checkpoints, self.strategy]
 
@@ -272,7 +273,7 @@ class TrainLoop:
         model = self.averaging.average.module if self.averaging else checkpoint.unwrap(run.model)
         distributed.broadcast_buffers(model)
         val = evaluate(model, self.streams.val(), at_micro_batch(run.plan, run.micro_batch_size), run.spec,
-                       run.precision, run.device, run.objective, run.metrics)
+                       run.precision, run.device, run.objective, run.metrics, self.weighed_by)
         self.metrics.interval.started += time.perf_counter() - began
         return val
 

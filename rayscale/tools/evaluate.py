@@ -28,6 +28,7 @@ def evaluate_run(run_dir: str | Path, data: Any = None, *, model: Any = None,
     from rayscale.data.local_feed import read_shard
     from rayscale.data.splits import SplitSpec, shard_reads, split_chunk_rows
     from rayscale.driver.prepare import prepare
+    from rayscale.engine.components.empty_epoch import weighed_by
     from rayscale.engine.components.validation import evaluate
     from rayscale.engine.precision import make_precision
     from rayscale.engine.tasks import Objective
@@ -71,9 +72,11 @@ def evaluate_run(run_dir: str | Path, data: Any = None, *, model: Any = None,
         split, label = SplitSpec(info, "all", 0.0, cfg.data, cfg.seed), data
     network = load_model(run_dir, where, model)
     rows = split_chunk_rows(split)
+    objective = Objective(prepared.spec.task, code.loss_fn(cfg.train.loss))
     found = evaluate(network, read_shard(split, shard_reads(rows, 1)[0]), prepared.plan, prepared.spec,
-                     make_precision(cfg.train.precision, where), where,
-                     Objective(prepared.spec.task, code.loss_fn(cfg.train.loss)), code.metric_fns(cfg.train.metrics))
+                     make_precision(cfg.train.precision, where), where, objective, code.metric_fns(cfg.train.metrics),
+                     weighed_by(objective.user_loss is not None, cfg.data.weight,
+                                prepared.spec.task == "token_classification"))
     result = {"data": label, "rows": sum(rows), **found}
     destination.write_text(json.dumps(result, indent=2) + "\n")
     return result

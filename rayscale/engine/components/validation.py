@@ -15,6 +15,7 @@ from rayscale.data.sources import DataSpec
 from rayscale.engine import distributed, tasks
 from rayscale.engine.precision import Precision
 from rayscale.engine.user_metrics import UserMetrics
+from rayscale.errors import UserError
 from rayscale.math.batching import BatchPlan
 
 
@@ -43,10 +44,12 @@ class ValidationSchedule:
 
 def evaluate(model: torch.nn.Module, blocks, plan: BatchPlan, spec: DataSpec, precision: Precision,
              device: torch.device, objective: tasks.Objective | None = None,
-             metrics: Mapping[str, Any] | None = None) -> dict[str, float]:
+             metrics: Mapping[str, Any] | None = None, weighed_by: str = "the data") -> dict[str, float]:
     """Validation loss (and accuracy, and the user's metrics as val_<name>) over all validation rows: `blocks`
     are this rank's shard (numpy blocks in order), taken a worker's batch of `plan` at a time in its
-    micro-batches; the sums of every rank together. `objective`: the loss (the task's by default)."""
+    micro-batches; the sums of every rank together. `objective`: the loss (the task's by default).
+    Rows that all weigh 0 are refused (UserError naming `weighed_by`, what weighs them): their val_loss would
+    read 0, the best a search can rank, whatever the model."""
     objective = objective or tasks.Objective(spec.task)
     model.eval()
     # loss, its count (the user loss's own weights where it returns them), correct, the task's count. Accuracy
@@ -72,7 +75,10 @@ def evaluate(model: torch.nn.Module, blocks, plan: BatchPlan, spec: DataSpec, pr
     model.train()
     loss, loss_count, correct, count, *reduced = distributed.all_reduce(torch.cat([sums, own.totals]),
                                                                         device).tolist()
-    metrics = {"val_loss": loss / max(loss_count, 1e-12)}
+    if loss_count == 0:
+        raise UserError(f"{weighed_by}: every row evaluated weighed 0 on every worker, so val_loss would be 0 "
+                        f"whatever the model; expected some rows with a positive weight")
+    metrics = {"val_loss": loss / loss_count}
     if spec.task != "regression":
         metrics["val_accuracy"] = correct / max(count, 1e-12)
     return {**metrics, **own.results(reduced)}
