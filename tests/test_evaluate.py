@@ -276,6 +276,43 @@ def test_predict_refuses_bad_input_before_ray_starts(trained, tmp_path, capsys):
         _check_first_rows(pq.read_table(narrow), str(narrow), ["a", "w"], False, [3])  # a run sized by 3 features
 
 
+def test_a_run_on_unnamed_features_reads_other_files_by_its_column_names_in_validation_eval_and_predict(tmp_path):
+    """data.features null takes every column but the label, in the file's order. A validation, eval or predict
+    file with the same columns in another order was read by position: a silently wrong val_loss (which a search
+    ranks) and wrong predictions. It is read by the training data's column names now, and a file without them
+    is refused in one line, before Ray."""
+    from rayscale.config import load_run
+    from rayscale.data.sources import by_name
+    from rayscale.launch.predict import input_columns
+    from rayscale.models.export import trained_features
+
+    source = write(tmp_path / "train.parquet", tabular(0, 900))
+    val = write(tmp_path / "val.parquet", tabular(2000, 300))
+    shuffled = write(tmp_path / "shuffled.parquet", tabular(2000, 300).select(["w", "label", "b", "a"]))
+    renamed = write(tmp_path / "renamed.parquet", tabular(2000, 300).rename_columns(["q", "b", "w", "label"]))
+    run = train(tmp_path, "in_order", *BASE, f"data.source={source}", f"data.val_source={val}")
+    assert run.summary["feature_columns"] == ["a", "b", "w"]
+    again = train(tmp_path, "shuffled", *BASE, f"data.source={source}", f"data.val_source={shuffled}")
+    assert again.summary["final"]["val_loss"] == run.summary["final"]["val_loss"]  # the same model, the same rows
+    in_order = rayscale.evaluate(run.run_dir, val, output=tmp_path / "in_order.json")
+    assert rayscale.evaluate(run.run_dir, shuffled, output=tmp_path / "shuffled.json") == {**in_order,
+                                                                                          "data": shuffled}
+    refused = r"column 'a' not in .*renamed.parquet .*; expected the training data's feature columns by name \(a, b, w\)$"
+    with pytest.raises(UserError, match=r"^data.val_source: " + refused):
+        train(tmp_path, "renamed", *BASE, f"data.source={source}", f"data.val_source={renamed}")
+    with pytest.raises(UserError, match=r"^data: " + refused):
+        rayscale.evaluate(run.run_dir, renamed, output=tmp_path / "renamed.json")
+    # predict takes the columns by the same names (its rows are checked, then read, with these), and refuses
+    # the renamed file before Ray starts: taken by position, its columns q, b, w made inputs of the right shape.
+    names = pq.read_schema(shuffled).names
+    assert input_columns(load_run(run.run_dir).data, names) == ["w", "b", "a"]  # by position: data.features null
+    assert input_columns(by_name(load_run(run.run_dir).data, trained_features(run.run_dir)), names) == ["a", "b", "w"]
+    with pytest.raises(UserError, match=r"^data: column 'a' \(an input of the run\) not in .*renamed.parquet"):
+        rayscale.predict(run.run_dir, renamed, tmp_path / "predicted")
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    assert not (tmp_path / "renamed.json").exists() and not (tmp_path / "predicted").exists()
+
+
 def test_a_row_the_model_cannot_read_gets_a_null_prediction_and_the_others_their_own(trained):
     """A prediction actor, in this process: a NaN and a missing feature gave prediction 0 (the argmax of NaN)
     and NaN probabilities, silently; now those rows' prediction is null, and every other row's is the model's."""

@@ -107,10 +107,16 @@ def test_a_validation_source_with_other_feature_columns_is_refused_before_the_ru
     cfg = config.load(overrides=[f"data.source={tmp_path / 'train.parquet'}", f"run.output_dir={tmp_path / 'runs'}",
                                  f"data.val_source={tmp_path / 'val.parquet'}", "batch.global_batch_size=32",
                                  "batch.micro_batch_size=null"])
-    with pytest.raises(UserError, match=r"data.val_source: .*val.parquet does not match data.source "
-                                        r"\(classification \(2,\) vs classification \(3,\)\)"):
+    # Its columns are taken by the training data's names (data.features null): the one missing is named.
+    with pytest.raises(UserError, match=r"^data.val_source: column 'b' not in .*val.parquet \(columns: a, w, label\); "
+                                        r"expected the training data's feature columns by name \(a, b, w\)$"):
         prepare(cfg)
     assert not (tmp_path / "runs").exists()
+    named = config.load(overrides=[f"data.source={tmp_path / 'train.parquet'}", f"run.output_dir={tmp_path / 'runs'}",
+                                   f"data.val_source={tmp_path / 'val.parquet'}", "batch.global_batch_size=32",
+                                   "batch.micro_batch_size=null", "data.features=[a, b, w]"])
+    with pytest.raises(UserError, match=r"^data.features: column 'b' not in .*val.parquet"):
+        prepare(named)
 
 
 def test_a_storage_path_that_is_a_file_is_refused_before_the_run(tmp_path):

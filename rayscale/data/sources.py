@@ -19,6 +19,7 @@ data/datasets.py (the data layer's Ray code) and converted here, by the same cod
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import glob
@@ -126,6 +127,7 @@ class SourceInfo:
     num_rows: int
     # data.curriculum_column of the training source: histogram bin edges and counts (curriculum.quantiles)
     difficulty_histogram: tuple[tuple[float, ...], tuple[int, ...]] | None = None
+    features: tuple[str, ...] = ()  # Parquet: the feature columns, by name and in the order the model reads them
 
 
 def inspect_source(source: str, data: DataConfig, seed: int, *, key: str = "data.source") -> SourceInfo:
@@ -531,7 +533,30 @@ def _inspect_parquet(source: str, data: DataConfig, key: str) -> SourceInfo:
     _read_parquet(chunks[0], data)
     spec = _parquet_spec(columns, types, stats, data, source)
     histogram = _histogram(paths, columns.difficulty) if key == "data.source" and columns.difficulty else None
-    return SourceInfo("parquet", spec, tuple(chunks), chunks[-1].stop, histogram)
+    return SourceInfo("parquet", spec, tuple(chunks), chunks[-1].stop, histogram, columns.features)
+
+
+def by_name(data: DataConfig, features: tuple[str, ...]) -> DataConfig:
+    """`data` with its feature columns named: the training data's `features` where data.features is null (it
+    takes every column but the label and the weight, in the file's order, and another file's order differs)."""
+    return dataclasses.replace(data, features=list(features)) if data.features is None and features else data
+
+
+def inspect_by_name(source: str, data: DataConfig, seed: int, features: tuple[str, ...], *, key: str) -> SourceInfo:
+    """inspect_source for rows a model trained on `features` will read (validation, eval, predict): their
+    columns are taken by those names, so a file with its columns in another order is read right, and one
+    without them is refused, where taken by position they gave silently wrong losses and predictions."""
+    named = by_name(data, features)
+    if named is data:
+        return inspect_source(source, data, seed, key=key)
+    try:
+        return inspect_source(source, named, seed, key=key)
+    except UserError as exc:
+        said = str(exc)
+        if not said.startswith("data.features: "):
+            raise
+        raise UserError(f"{key}: {said.removeprefix('data.features: ')}; expected the training data's feature "
+                        f"columns by name ({', '.join(features)})") from None
 
 
 def _histogram(paths: list[str], name: str) -> tuple[tuple[float, ...], tuple[int, ...]]:

@@ -139,6 +139,8 @@ def summarize(prepared: PreparedRun, state: TrainState, records: list[dict], sta
                                  cfg.batch.micro_batch_size),
         "effective_lr": peak_lr(cfg.optim, batch, cfg.batch.global_batch_size),  # at the batch it ended with
         "data_spec": dataclasses.asdict(prepared.spec),  # what the model was sized for (rayscale.load_model)
+        # The Parquet columns it read, in order: eval and predict take another file's columns by these names.
+        "feature_columns": list(prepared.train.info.features) or None,
         # rayscale.train's model=, loss=, metrics=, train_data=, val_data= (not in the config)
         "python_objects": {**prepared.code.described(), **_datasets(prepared)},
         "train_rows": online.rows if cfg.data.online else prepared.train_rows,

@@ -151,14 +151,19 @@ def _splits(cfg: Config, given: Mapping[str, sources.SourceInfo]) -> tuple[Split
 
     info = inspect(cfg.data.source, "data.source")
     if cfg.data.val_source is not None:
-        val_info = inspect(cfg.data.val_source, "data.val_source")
+        if cfg.data.val_source in given:
+            val_info, val_data = given[cfg.data.val_source], cfg.data
+        else:  # read by the training data's column names: the model was sized for those, in that order
+            val_info = sources.inspect_by_name(cfg.data.val_source, cfg.data, cfg.seed, info.features,
+                                               key="data.val_source")
+            val_data = sources.by_name(cfg.data, info.features)
         if not info.spec.takes_inputs_of(val_info.spec):
             raise UserError(f"data.val_source: {cfg.data.val_source} does not match data.source "
                             f"({val_info.spec.task} {val_info.spec.input_shape} vs {info.spec.task} "
                             f"{info.spec.input_shape})")
         if (misfit := val_info.spec.beyond(info.spec)) is not None:
             raise UserError(f"data.val_source: {cfg.data.val_source} has {misfit}")
-        return (SplitSpec(info, "all", 0.0, cfg.data, cfg.seed), SplitSpec(val_info, "all", 0.0, cfg.data, cfg.seed),
+        return (SplitSpec(info, "all", 0.0, cfg.data, cfg.seed), SplitSpec(val_info, "all", 0.0, val_data, cfg.seed),
                 info.num_rows, val_info.num_rows)
     if cfg.data.online:  # no held-out split of a stream: validation only with data.val_source
         return SplitSpec(info, "all", 0.0, cfg.data, cfg.seed), None, info.num_rows, 0

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from rayscale import config as config_module
 from rayscale.data.sources import (
     absolute_source,
+    by_name,
     footer,
     holds_numbers,
     is_dataset,
@@ -266,13 +267,14 @@ def predict(run_dir: str | Path, data: Any, output: str | Path, *, address: str 
             workers: int | None = None, model: Any = None) -> int:
     """Run the prediction; returns the rows written. Bad input is refused before Ray starts."""
     from rayscale.launch.connect import connect, embedded_cpus, will_embed
-    from rayscale.models.export import run_summary
+    from rayscale.models.export import run_summary, trained_features
 
     run_dir, output = _check_arguments(run_dir, data, output, workers)
     if is_dataset(data):  # looking at its rows runs it: on the cluster asked for, not a Ray it would start
         connect(address)
     cfg = config_module.load_run(run_dir)
     spec = run_summary(run_dir)["data_spec"]
+    cfg.data = by_name(cfg.data, trained_features(run_dir))  # SRC's columns taken by the names it trained on
     head, where, files = _head(data)
     names = head.column_names
     columns = input_columns(cfg.data, names)

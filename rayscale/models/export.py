@@ -78,6 +78,16 @@ def run_spec(summary: dict) -> DataSpec:
     return DataSpec(**{**spec, "input_shape": tuple(spec["input_shape"])})
 
 
+def trained_features(run_dir: Path) -> tuple[str, ...]:
+    """The Parquet feature columns a run's model read, by name, from its summary.json; () where it names none
+    (a built-in source, sequences, a run written before summaries named them)."""
+    try:
+        names = json.loads((Path(run_dir) / SUMMARY_FILE).read_text()).get("feature_columns")
+    except (ValueError, OSError, AttributeError):
+        return ()
+    return tuple(names) if isinstance(names, list) and all(isinstance(name, str) for name in names) else ()
+
+
 def run_summary(run_dir: Path) -> dict:
     """A finished run's summary.json, with the data_spec its model was sized for; one line if it cannot be read."""
     try:

@@ -32,7 +32,7 @@ def evaluate_run(run_dir: str | Path, data: Any = None, *, model: Any = None,
     from rayscale.engine.components.validation import evaluate
     from rayscale.engine.precision import make_precision
     from rayscale.engine.tasks import Objective
-    from rayscale.models.export import load_model, run_spec, run_summary, usable_device
+    from rayscale.models.export import load_model, run_spec, run_summary, trained_features, usable_device
     from rayscale.plugins import UserCode
 
     run_dir = Path(run_dir)
@@ -43,6 +43,7 @@ def evaluate_run(run_dir: str | Path, data: Any = None, *, model: Any = None,
     _check_objects_given(run_dir, loss, metrics)
     cfg = config_module.load_run(run_dir)
     cfg.model = dataclasses.replace(cfg.model, init_from=None)  # the run's own weights are loaded below
+    features = trained_features(run_dir)
     code = UserCode(model=model, loss=loss, metrics=tuple((metrics or {}).items()))
     stood_for = [source for source in (cfg.data.source, cfg.data.val_source)
                  if source is not None and source.startswith(sources.DATASET_PREFIX)]
@@ -54,8 +55,9 @@ def evaluate_run(run_dir: str | Path, data: Any = None, *, model: Any = None,
         from rayscale.data.datasets import inspect_dataset
 
         info, data = inspect_dataset(data, cfg.data, "data"), "ray.data.Dataset"
-    elif data is not None:
-        info = sources.inspect_source(str(data), cfg.data, cfg.seed, key=argument("data"))
+    elif data is not None:  # its columns taken by the names the model was trained on
+        info = sources.inspect_by_name(str(data), cfg.data, cfg.seed, features, key=argument("data"))
+    cfg.data = sources.by_name(cfg.data, features)
     # A run's Datasets are gone with the process that gave them: the data given stands for them.
     prepared = prepare(cfg, "eval", code=code, given={source: info for source in stood_for})  # model= is the one to build
     if info is None:
