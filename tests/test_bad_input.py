@@ -159,6 +159,17 @@ CASES = [
     ("tune-run-name-outside", ["tune", "--set", "run.name=../search"], ["run.name: expected a name inside"]),
     ("empty-output-dir", ["train", "--set", "run.output_dir="],
      ["run.output_dir: expected a directory path, got an empty one"]),
+    # Made absolute, an empty path was the working directory: every Parquet file under it was read (and a
+    # storage path there written to).
+    *((f"{command}-empty-{key.replace('.', '-').replace('_', '-')}", [command, "--set", f"{key}="],
+       [f"{key}: expected {what}, got an empty value"])
+      for command, key, what in (("train", "data.source", "a built-in source, a path or a URI"),
+                                 ("train", "data.val_source", "a built-in source, a path or a URI"),
+                                 ("train", "model.init_from", "a path or a URI"),
+                                 ("train", "run.storage_path", "a path or a URI"),
+                                 ("tune", "data.source", "a built-in source, a path or a URI"))),
+    ("tune-empty-source-in-the-space", ["tune", "--set", "tune.space={data.source: {choice: [digits, '']}}"],
+     ["data.source: expected a built-in source, a path or a URI, got an empty value"]),
     ("micro-batch-word", ["train", "--set", "batch.micro_batch_size=autoo"],
      ["batch.micro_batch_size", "expected a number, null or auto", "autoo"]),
     ("adaptive-step-without-milestones", ["train", "--set", "batch.adaptive=step"],

@@ -138,6 +138,11 @@ _PATH_KEYS = ("data.source", "data.val_source", "model.init_from", "run.storage_
 def _absolute(key: str, value: str | None) -> str | None:
     if value is None or "://" in value:
         return value
+    if not value.strip():  # made absolute, an empty path was the working directory: read, or written to
+        what = "a built-in source, a path or a URI" if key.startswith("data.") else "a path or a URI"
+        raise UserError(f"{key}: expected {what}, got an empty value" +
+                        (" (null: no separate validation data)" if key == "data.val_source" else
+                         "" if key == "data.source" else " (null: none)"))
     if key.startswith("data."):
         return sources.absolute_source(value)
     return str(Path(value).expanduser().resolve()) if key == "model.init_from" else \
