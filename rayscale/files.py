@@ -46,6 +46,17 @@ def a_runs_own(path: Path, run_dir: Path) -> str | None:
     return next((name for name in RUN_DIRS if target.is_relative_to(run / name)), None)
 
 
+def any_runs_own(path: Path) -> tuple[Path, str] | None:
+    """(the run directory, its file or directory) that writing `path` would replace, for any rayscale run above
+    `path` (a directory holding a config.yaml and a metrics.jsonl); None if it replaces none."""
+    target = path.expanduser().resolve()
+    for directory in target.parents:
+        if (directory / CONFIG_FILE).is_file() and (directory / METRICS_FILE).is_file():
+            if (own := a_runs_own(target, directory)) is not None:
+                return directory, own
+    return None
+
+
 def nearest_existing(path: Path) -> Path:
     """`path` if it exists, else the nearest of its parents that does: where making it would start."""
     while not path.exists():

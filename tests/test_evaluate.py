@@ -313,6 +313,28 @@ def test_a_run_on_unnamed_features_reads_other_files_by_its_column_names_in_vali
     assert not (tmp_path / "renamed.json").exists() and not (tmp_path / "predicted").exists()
 
 
+def test_eval_suggest_and_predict_refuse_to_write_over_any_runs_own_files(trained, tmp_path, capsys):
+    """Their outputs were checked against the run they read only: `eval --output` and `suggest --plot` wrote
+    over another run's model.pt, and predict wrote Parquet into a run's checkpoints/ or tensorboard/."""
+    tmp, run = trained
+    other = tmp_path / "other"
+    shutil.copytree(run.run_dir, other)
+    kept = (other / "model.pt").read_bytes()
+    with pytest.raises(UserError, match=rf"^output: .*other/model.pt would replace the model.pt of the run in "
+                                        rf"{other}; expected another file path$"):
+        rayscale.evaluate(run.run_dir, output=other / "model.pt")
+    assert cli.main(["suggest", str(run.run_dir), "--plot", str(other / "model.pt")]) == 2
+    assert re.search(r"^rayscale: error: --plot: .* would replace the model.pt of the run in ", capsys.readouterr().err)
+    source = str(tmp / "train.parquet")
+    with pytest.raises(UserError, match=r"^output: .* would write into the tensorboard of the run in .*other; "):
+        rayscale.predict(run.run_dir, source, other / "tensorboard" / "predicted")
+    with pytest.raises(UserError, match=r"^output: .* would write into the run's checkpoints; expected a new "):
+        rayscale.predict(run.run_dir, source, run.run_dir / "checkpoints" / "predicted")
+    assert (other / "model.pt").read_bytes() == kept and not (other / "tensorboard").exists()
+    assert not (run.run_dir / "checkpoints" / "predicted").exists()
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
 def test_a_row_the_model_cannot_read_gets_a_null_prediction_and_the_others_their_own(trained):
     """A prediction actor, in this process: a NaN and a missing feature gave prediction 0 (the argmax of NaN)
     and NaN probabilities, silently; now those rows' prediction is null, and every other row's is the model's."""
