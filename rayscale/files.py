@@ -46,14 +46,17 @@ def a_runs_own(path: Path, run_dir: Path) -> str | None:
     return next((name for name in RUN_DIRS if target.is_relative_to(run / name)), None)
 
 
-def any_runs_own(path: Path) -> tuple[Path, str] | None:
-    """(the run directory, its file or directory) that writing `path` would replace, for any rayscale run above
-    `path` (a directory holding a config.yaml and a metrics.jsonl); None if it replaces none."""
+def runs_own_named(path: Path, run_dir: Path) -> str | None:
+    """What writing `path` would replace of a run's own files, in words: of `run_dir` ("the run's model.pt"), or
+    of any other rayscale run above `path`, a directory holding a config.yaml and a metrics.jsonl ("the model.pt
+    of the run in DIR"); None if nothing."""
+    if (own := a_runs_own(path, run_dir)) is not None:
+        return f"the run's {own}"
     target = path.expanduser().resolve()
     for directory in target.parents:
         if (directory / CONFIG_FILE).is_file() and (directory / METRICS_FILE).is_file():
             if (own := a_runs_own(target, directory)) is not None:
-                return directory, own
+                return f"the {own} of the run in {directory}"
     return None
 
 

@@ -33,7 +33,7 @@ from rayscale.data.sources import (
     unclaimed_columns,
 )
 from rayscale.errors import UserError, argument
-from rayscale.files import CONFIG_FILE, SUMMARY_FILE, a_runs_own, any_runs_own, can_write_in, nearest_existing
+from rayscale.files import CONFIG_FILE, SUMMARY_FILE, can_write_in, nearest_existing, runs_own_named
 from rayscale.plugins import first_line
 
 BATCH_ROWS = 1024
@@ -244,12 +244,8 @@ def _check_arguments(run_dir: str | Path, data: Any, output: str | Path, workers
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise UserError(f"{argument('output')}: {output} already exists and is not an empty directory; pick a new "
                         f"one")
-    if (own := a_runs_own(output, run_dir)) is not None:
-        raise UserError(f"{argument('output')}: {output} would write into the run's {own}; expected a new directory "
-                        f"outside it")
-    if (other := any_runs_own(output)) is not None:
-        raise UserError(f"{argument('output')}: {output} would write into the {other[1]} of the run in {other[0]}; "
-                        f"expected a new directory outside it")
+    if (own := runs_own_named(output, run_dir)) is not None:
+        raise UserError(f"{argument('output')}: {output} would write into {own}; expected a new directory outside it")
     if not can_write_in(nearest_existing(output.parent)):  # its parents are made as needed
         raise UserError(f"{argument('output')}: cannot create {output} (no writing in "
                         f"{nearest_existing(output.parent)}); expected a new directory where you can write")

@@ -13,7 +13,7 @@ from typing import Any
 
 from rayscale import config as config_module
 from rayscale.errors import UserError, argument, give
-from rayscale.files import CONFIG_FILE, EVAL_FILE, a_runs_own, any_runs_own, can_write_in
+from rayscale.files import CONFIG_FILE, EVAL_FILE, can_write_in, runs_own_named
 
 
 def evaluate_run(run_dir: str | Path, data: Any = None, *, model: Any = None,
@@ -121,9 +121,6 @@ def _destination(run_dir: Path, output: str | Path | None) -> Path:
     if not can_write_in(path.parent):
         raise UserError(f"{argument('output')}: cannot write in {path.parent}; expected a file in a directory you "
                         f"can write to")
-    if (own := a_runs_own(path, run_dir)) is not None:
-        raise UserError(f"{argument('output')}: {path} would replace the run's {own}; expected another file path")
-    if (other := any_runs_own(path)) is not None:
-        raise UserError(f"{argument('output')}: {path} would replace the {other[1]} of the run in {other[0]}; "
-                        f"expected another file path")
+    if (own := runs_own_named(path, run_dir)) is not None:
+        raise UserError(f"{argument('output')}: {path} would replace {own}; expected another file path")
     return path

@@ -20,9 +20,8 @@ from rayscale.files import (
     SUGGEST_JSON,
     SUGGEST_PLOT,
     SUMMARY_FILE,
-    a_runs_own,
-    any_runs_own,
     can_write_in,
+    runs_own_named,
 )
 from rayscale.math import goodput
 from rayscale.math.batching import plan_batches
@@ -270,11 +269,12 @@ def suggest_from_cli(run_dir: str, max_batch: int | None = None, plot: str | Non
     plot_path = Path(plot).expanduser() if plot is not None else directory / SUGGEST_PLOT
     _check_writable_file(json_path, "RUN_DIR")
     _check_writable_file(plot_path, "--plot" if plot is not None else "RUN_DIR")  # the flag the user gave, if any
-    if (own := a_runs_own(plot_path, directory)) is not None or plot_path.resolve() == json_path.resolve():
-        raise UserError(f"--plot: {plot_path} would replace the run's {own or SUGGEST_JSON}; expected another file path")
-    if (other := any_runs_own(plot_path)) is not None:
-        raise UserError(f"--plot: {plot_path} would replace the {other[1]} of the run in {other[0]}; expected "
-                        f"another file path")
+    if plot_path.resolve() == json_path.resolve():
+        own = f"the run's {SUGGEST_JSON}"
+    else:
+        own = runs_own_named(plot_path, directory)
+    if own is not None:
+        raise UserError(f"--plot: {plot_path} would replace {own}; expected another file path")
     print(report(result))
     from rayscale.tools.plots import plot_goodput
 
