@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 CONFIG_FILE = "config.yaml"  # the resolved config; a re-run resumes only with the same training sections
+DATA_RECORD_FILE = "data.json"  # the data the checkpoints were made on: a resume must find it again (driver/data_record.py)
 METRICS_FILE = "metrics.jsonl"  # one line per log interval and per epoch end (engine/metrics.py)
 SUMMARY_FILE = "summary.json"  # final metrics, times, counts (driver/outputs.py)
 MODEL_FILE = "model.pt"  # the final state_dict (the weight average where the run kept one)
@@ -33,8 +34,8 @@ PROMOTION_FILE = "asha_promotions.json"  # tune.asha_variant promotion: rungs an
 
 
 # What `rayscale train` writes into a run directory, and the later commands read: no other command writes over them.
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, MODEL_FILE, MODEL_SAFETENSORS_FILE, CURVES_FILE, GROUPS_FILE,
-             TRACKING_FILE, MLFLOW_DB)
+RUN_FILES = (CONFIG_FILE, DATA_RECORD_FILE, METRICS_FILE, SUMMARY_FILE, MODEL_FILE, MODEL_SAFETENSORS_FILE,
+             CURVES_FILE, GROUPS_FILE, TRACKING_FILE, MLFLOW_DB)
 RUN_DIRS = (CHECKPOINTS_DIR, TENSORBOARD_DIR, WANDB_DIR, MLFLOW_ARTIFACTS_DIR)
 
 

@@ -20,6 +20,7 @@ import yaml
 
 from rayscale import config
 from rayscale.data.local_feed import LocalReads
+from rayscale.driver import data_record
 from rayscale.driver.outputs import read_metrics, write_outputs
 from rayscale.driver.prepare import NO_CODE, check_same_config, prepare, saved_attempt, worker_payload
 from rayscale.engine import checkpoint
@@ -73,12 +74,14 @@ def train(output_dir: Path, name: str, *overrides: str, workers: int = 1, eval_a
     started = time.time()
     prepared = prepare(cfg, code=code)
     check_same_config(cfg, prepared.run_dir)
+    data_record.check_same_data(prepared)
     prepared.run_dir.mkdir(parents=True, exist_ok=True)
     groups = prepared.run_dir / GROUPS_FILE
     if not (prepared.run_dir / CONFIG_FILE).exists() or not saved_attempt(cfg, prepared.run_dir):
         groups.unlink(missing_ok=True)  # a new run, or one starting over; otherwise earlier attempts count
     record_group(groups, in_process=True)  # as local mode does: each run of the loop is one worker group
     (prepared.run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(cfg), sort_keys=False))
+    data_record.write(prepared)
     payload = dataclasses.replace(worker_payload(prepared, eval_at_samples, pause_at_samples),
                                   progress_lines=progress_lines, report_evaluations=report_evaluations)
     feed = LocalReads(prepared.train, prepared.val)

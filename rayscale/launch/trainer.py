@@ -20,6 +20,7 @@ from rayscale import config as config_module
 from rayscale.config import Config
 from rayscale.data.datasets import quiet_ray_data
 from rayscale.data.sources import SourceInfo
+from rayscale.driver import data_record
 from rayscale.driver.outputs import (
     finished_run,
     print_summary,
@@ -155,6 +156,7 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
     started = time.time()
     prepared = prepare(cfg, code=code, given=given)
     check_same_config(cfg, prepared.run_dir)
+    data_record.check_same_data(prepared)
     if (finished := finished_run(cfg, prepared.run_dir)) is not None:
         print(f"[rayscale] run directory {prepared.run_dir}: trained all {cfg.train.epochs} epochs already "
               f"(summary.json); nothing to train (another run.name trains the config again)", flush=True)
@@ -170,6 +172,7 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
         groups.unlink(missing_ok=True)  # a new run, or one starting over; otherwise earlier attempts count
     (prepared.run_dir / CONFIG_FILE).write_text(
         yaml.safe_dump(config_module.to_dict(cfg), sort_keys=False))
+    data_record.write(prepared)
     print(f"[rayscale] run directory {prepared.run_dir}", flush=True)
     if cfg.scaling.num_workers == 0:  # local mode: this process is the one "worker group" (no controller)
         record_group(groups, local=True)
