@@ -67,7 +67,9 @@ class DataConfig:
                                 "ray.data.Dataset given as rayscale.train(train_data=))")
     features: list[str] | None = key(None, "Parquet feature columns (null: every column not used otherwise)")
     label: str = key("label", "Parquet label column")
-    weight: str | None = key(None, "optional Parquet per-sample weight column")
+    weight: str | None = key(None, "optional Parquet per-sample weight column: weights from 0 to below 1e20, the "
+                                     "largest at least 1e-20 (a weighted loss does not change when every weight is "
+                                     "divided by one number)")
     sequence: str | None = key(None, "optional Parquet token-sequence column (list of ints); the label column "
                                      "then holds one label per token (a list of ints; -100 masks a token) or one "
                                      "per sequence (an int)")

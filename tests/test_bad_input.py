@@ -50,6 +50,9 @@ def _files(tmp: Path) -> dict[str, str]:
         "small": _parquet(tmp / "small.parquet", rows=40),
         "nan": _parquet(tmp / "nan.parquet", f0=nan),
         "negative_weight": _parquet(tmp / "negative_weight.parquet", rows=400, w=weights),
+        "huge_weight": _parquet(tmp / "huge_weight.parquet", rows=400, w=np.where(np.arange(400) == 3, 1e38, 1.0)),
+        "tiny_weights": _parquet(tmp / "tiny_weights.parquet", rows=400, w=np.full(400, 1e-40)),
+        "zero_weights": _parquet(tmp / "zero_weights.parquet", rows=400, w=np.zeros(400)),
         "nan_weight": _parquet(tmp / "nan_weight.parquet", rows=400, w=np.where(np.arange(400) == 11, np.nan, 1.0)),
         "late_negative_weight": _parquet(tmp / "late.parquet", rows=400, row_group_size=100,
                                          w=np.where(np.arange(400) == 350, -2.0, 1.0)),
@@ -211,10 +214,20 @@ CASES = [
      ["data.features: column", "nan.parquet has NaN or infinite values (row 5)"]),
     # Per-row values no model should train on: the file, the column and the row (as the file counts it).
     ("negative-sample-weight", ["train", "--set", "data.source={negative_weight}", "--set", "data.weight=w"],
-     ["data.weight: column 'w' in", "negative_weight.parquet has weight -0.5 (row 7); expected weights of at "
-                                    "least 0"]),
+     ["data.weight: column 'w' in", "negative_weight.parquet has weight -0.5 (row 7); expected weights from 0 "
+                                    "to below 1e+20"]),
     ("negative-weight-in-a-later-row-group", ["train", "--set", "data.source={late_negative_weight}", "--set",
                                               "data.weight=w"], ["late.parquet has weight -2 (row 350)"]),
+    # Weights far from 1 overflowed the step's float32 weighted sum (NaN losses, exit 0) or underflowed it.
+    ("huge-sample-weight", ["train", "--set", "data.source={huge_weight}", "--set", "data.weight=w"],
+     ["data.weight: column 'w' in", "huge_weight.parquet has weight 1e+38 (row 3); expected weights from 0 to below "
+                                    "1e+20 (a weighted loss is the same with every weight divided by one number: "
+                                    "divide the column by its largest)"]),
+    ("tiny-sample-weights", ["train", "--set", "data.source={tiny_weights}", "--set", "data.weight=w"],
+     ["data.weight: the largest weight in column 'w' of data.source", "tiny_weights.parquet is 1e-40; expected it "
+                                                                      "at least 1e-20"]),
+    ("all-zero-sample-weights", ["train", "--set", "data.source={zero_weights}", "--set", "data.weight=w"],
+     ["data.weight: every weight in column 'w' of data.source", "zero_weights.parquet is 0, so no row would count"]),
     ("nan-sample-weight", ["train", "--set", "data.source={nan_weight}", "--set", "data.weight=w"],
      ["data.weight: column 'w' in", "nan_weight.parquet has NaN or infinite values (row 11)"]),
     ("label-beyond-num-classes", ["train", "--set", "data.source={label_2}", "--set", "data.num_classes=2"],

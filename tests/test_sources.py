@@ -332,8 +332,15 @@ SEQUENCE_COLUMNS = {"sequence": "tokens", "label": "tags"}
 # (column, value, config, the error's start, its row part): rows 2 and 8 sit in the first and second row group
 OUT_OF_RANGE = [
     # a negative sample weight would push the loss up on that sample
-    ("w", -1.5, {"weight": "w"}, "data.weight: column 'w' in", "has weight -1.5 (row {row}); expected weights of "
-                                                                 "at least 0"),
+    ("w", -1.5, {"weight": "w"}, "data.weight: column 'w' in", "has weight -1.5 (row {row}); expected weights from "
+                                                                 "0 to below 1e+20 (a weighted loss is the same with "
+                                                                 "every weight divided by one number: divide the "
+                                                                 "column by its largest)"),
+    # one above the limit would overflow the step's float32 weighted sum
+    ("w", 3e20, {"weight": "w"}, "data.weight: column 'w' in", "has weight 3e+20 (row {row}); expected weights from "
+                                                                "0 to below 1e+20 (a weighted loss is the same with "
+                                                                "every weight divided by one number: divide the "
+                                                                "column by its largest)"),
     # classes are 0 .. num_classes - 1: with the count stated, a larger label is out
     ("label", 3, {"num_classes": 3}, "data.label: column 'label' in",
      "has label 3 (row {row}); expected classes 0 to 2 (data.num_classes 3)"),

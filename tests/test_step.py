@@ -90,6 +90,20 @@ def test_zero_weight_rows_change_nothing():
     assert result.global_count.item() == 5
 
 
+@pytest.mark.parametrize("scale", [1e-19, 1e19])
+def test_a_step_is_the_same_with_every_weight_multiplied_by_one_number_down_to_data_weights_limits(scale):
+    """A weighted mean does not see the weights' scale, within float32. Tiny weights were divided by a floor of
+    1e-12 instead of their own sum, which shrank the step ~10^6-fold."""
+    x, y = dataset(8, torch.float32)
+    weights = torch.linspace(0.5, 1.5, 8)
+    reference, _ = step_params(tiny_model(torch.float32), [{"x": x[:5], "y": y[:5], "weight": weights[:5]},
+                                                           {"x": x[5:], "y": y[5:], "weight": weights[5:]}])
+    scaled, result = step_params(tiny_model(torch.float32), [
+        {"x": x[:5], "y": y[:5], "weight": weights[:5] * scale}, {"x": x[5:], "y": y[5:], "weight": weights[5:] * scale}])
+    assert max_rel(scaled, reference) < 1e-6
+    assert result.global_count.item() == pytest.approx(weights.sum().item() * scale, rel=1e-6)
+
+
 def test_token_loss_is_normalised_by_real_tokens():
     """Sequences of different lengths: micro-batching them equals one batch, tokens counted exactly."""
     torch.manual_seed(0)

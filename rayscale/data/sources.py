@@ -86,6 +86,11 @@ GENERATION_BLOCK_ROWS = 8192  # synthetic rows are generated per block of this m
 TEACHER_HIDDEN = 16  # width of the regression teacher's hidden layer
 
 
+# data.weight: a step's loss is sum(weight * loss) / sum(weight) in float32, and its gradients are computed
+# through that sum. Weights of 1e38 overflowed it (NaN losses, an untrained model saved) and a column whose largest
+# weight is 1e-40 underflowed it (every gradient 0). A weighted mean is the same with every weight divided by one
+# number, so weights far from 1 are refused with that advice rather than trained on silently.
+WEIGHT_LIMIT = 1e20  # every weight is below it, and a source's largest weight is at least its inverse
 DATASET_PREFIX = "ray_dataset:"  # data.source / data.val_source of a Ray Dataset handed in: ray_dataset:train_data
 
 
@@ -527,6 +532,8 @@ def _inspect_parquet(source: str, data: DataConfig, key: str) -> SourceInfo:
     if not chunks:
         raise UserError(f"{key}: {source} has no rows")
     assert columns is not None
+    if columns.weight:
+        _refuse_weightless(stats.weight_max, columns.weight, key, source)
     # Bad values in the first row group are found now, before any cluster resource is claimed (and classes,
     # tokens and weights out of range in any row group, from the footers above); the rest are checked as every
     # chunk is read (a full scan up front would read the whole dataset twice).
@@ -608,9 +615,12 @@ class _Stats:
         self.token_max: int | None = None
         self.longest = 0
         self.widths: dict[str, int] = {}  # values per row of variable-length list columns, from a first row
+        self.weight_max: float | None = None  # data.weight's largest
 
     def update(self, parquet: pq.ParquetFile, columns: _Columns, data: DataConfig) -> None:
         schema = parquet.schema_arrow
+        if columns.weight:
+            self.weight_max = _merge(max, self.weight_max, _min_max(parquet, columns.weight)[1])
         if data.num_classes is None and (pa.types.is_integer(schema.field(columns.label).type) or columns.sequence):
             self.label_max = _merge(max, self.label_max, _min_max(parquet, columns.label)[1])
         if columns.sequence:
@@ -752,7 +762,7 @@ class _Range:
     part: str  # "y", "x" (tokens) or "weight"
     config_key: str
     column: str
-    stop: int | None  # None: no upper bound
+    stop: float | None  # values must be below it (None: no upper bound)
     noun: str
     expected: str
     allowed: int | None = None  # a value allowed outside the range (IGNORE_INDEX in per-token labels)
@@ -760,8 +770,9 @@ class _Range:
 
 def _ranges(columns: _Columns, schema: pa.Schema, num_classes: int | None) -> list[_Range]:
     classes = f"0 to {num_classes - 1} (data.num_classes {num_classes})" if num_classes else "0, 1, 2, ..."
-    ranges = [_Range("weight", "data.weight", columns.weight, None, "weight", "weights of at least 0")] \
-        if columns.weight else []
+    ranges = [_Range("weight", "data.weight", columns.weight, WEIGHT_LIMIT, "weight",
+                     f"weights from 0 to below {WEIGHT_LIMIT:g} (a weighted loss is the same with every weight "
+                     f"divided by one number: divide the column by its largest)")] if columns.weight else []
     if _is_list(schema.field(columns.label).type) and columns.sequence:  # classes per token, some masked
         ranges.append(_Range("y", "data.label", columns.label, num_classes, "label",
                              f"classes {classes} or {IGNORE_INDEX} (a masked token)", IGNORE_INDEX))
@@ -785,6 +796,17 @@ def _refuse_out_of_range(parquet: pq.ParquetFile, chunks: list[Chunk], columns: 
                 _read_parquet(chunk, data)
             raise UserError(f"{bounds.config_key}: column {bounds.column!r} in {chunks[0].path} has values from "
                             f"{low} to {high} (its footer statistics); expected {bounds.expected}")
+
+
+def _refuse_weightless(largest: float | None, column: str, key: str, source: str) -> None:
+    """A source whose rows all weigh 0 (or next to it) would train on nothing: refused before any cluster."""
+    if not largest:
+        raise UserError(f"data.weight: every weight in column {column!r} of {key} {source} is 0, so no row would "
+                        f"count; expected some rows with a positive weight")
+    if largest < 1 / WEIGHT_LIMIT:
+        raise UserError(f"data.weight: the largest weight in column {column!r} of {key} {source} is {largest:g}; "
+                        f"expected it at least {1 / WEIGHT_LIMIT:g} (a weighted loss is the same with every weight "
+                        f"divided by one number: divide the column by its largest)")
 
 
 def _check_in_range(rows: dict[str, np.ndarray], ranges: list[_Range], path: str, first_row: int) -> None:

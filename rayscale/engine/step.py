@@ -140,7 +140,7 @@ def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tenso
     scaled_by = global_count  # what the backward divided by
     if own_counts:
         local_count = torch.stack(own_counts).sum().to(torch.float64)
-        global_count = distributed.all_reduce_sum_(local_count.clone()).clamp_min(1e-12)
+        global_count = distributed.all_reduce_sum_(local_count.clone()).clamp_min(tasks.COUNT_FLOOR)
     if measure_noise and average_after:  # this rank's gradient, before averaging
         small = local_count.detach().to(torch.float64), squared_norm(parameters)
     if average_after and world_size > 1:
@@ -148,7 +148,7 @@ def train_step(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tenso
     small_count, small_sq = small if small is not None else (None, None)
     if small_sq is not None:
         # The gradients hold sum / global_count x world_size: back to this batch's mean gradient.
-        small_sq = small_sq * (scaled_by / (world_size * small_count.clamp_min(1e-12))) ** 2
+        small_sq = small_sq * (scaled_by / (world_size * small_count.clamp_min(tasks.COUNT_FLOOR))) ** 2
     if own_counts:  # from the sum over the task's count to the sum over the loss's own
         torch._foreach_mul_([p.grad for p in parameters if p.grad is not None], scaled_by / global_count)
     if update is not None:
@@ -172,9 +172,9 @@ def _normaliser(objective: tasks.Objective, micro_batches: list[dict[str, torch.
     counts = [objective.count(mb) for mb in micro_batches]
     local_count = counts[0] if len(counts) == 1 else torch.stack(counts).sum()
     if global_count is None:
-        reduced = distributed.all_reduce_sum_(local_count.detach().clone().to(torch.float64)).clamp_min(1e-12)
+        reduced = distributed.all_reduce_sum_(local_count.detach().clone().to(torch.float64)).clamp_min(tasks.COUNT_FLOOR)
         return local_count, reduced, world_size / reduced
-    known = max(float(global_count), 1e-12)
+    known = max(float(global_count), tasks.COUNT_FLOOR)
     return local_count, torch.full((), known, dtype=torch.float64, device=local_count.device), world_size / known
 
 

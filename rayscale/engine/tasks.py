@@ -30,6 +30,11 @@ from rayscale.data.sources import (  # noqa: F401 - defined with the sources (no
 )
 from rayscale.errors import UserCodeError
 
+# The least count a summed loss or metric is divided by. Rows that all weigh 0 sum to 0 and stay 0 whatever it is;
+# rows of tiny positive weights (data.weight takes a largest weight down to 1e-20) are divided by their own count,
+# which a floor of 1e-12 replaced, scaling their loss down. world_size / COUNT_FLOOR stays a finite float32.
+COUNT_FLOOR = 1e-30
+
 
 def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The model's logits (or regression outputs) for a batch: `model(x, mask)` for sequences, else `model(x)`.

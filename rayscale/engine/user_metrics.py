@@ -62,7 +62,7 @@ class UserMetrics:
     def results(self, reduced: list[float]) -> dict[str, float]:
         """Every metric as `val_<name>`: the functions' from their reduced sums, the objects' from compute()
         (which every rank calls: it all-gathers)."""
-        found = {f"val_{name}": reduced[2 * i] / max(reduced[2 * i + 1], 1e-12)
+        found = {f"val_{name}": reduced[2 * i] / max(reduced[2 * i + 1], tasks.COUNT_FLOOR)
                  for i, name in enumerate(self.functions)}
         for name, metric in self.objects.items():
             value = metric.compute()

@@ -80,7 +80,7 @@ def evaluate(model: torch.nn.Module, blocks, plan: BatchPlan, spec: DataSpec, pr
                         f"whatever the model; expected some rows with a positive weight")
     metrics = {"val_loss": loss / loss_count}
     if spec.task != "regression":
-        metrics["val_accuracy"] = correct / max(count, 1e-12)
+        metrics["val_accuracy"] = correct / max(count, tasks.COUNT_FLOOR)
     return {**metrics, **own.results(reduced)}
 
 
