@@ -459,3 +459,16 @@ def test_a_drain_notice_checkpoints_at_the_step_it_is_asked_and_the_restart_trai
     steps = [line["step"] for line in resumed.lines]
     assert steps == sorted(set(steps))  # no logged step twice: the resumed run went on from step 9
     assert {line["world_size"] for line in resumed.lines} == {1}
+
+
+def test_every_key_a_line_carries_is_one_tune_metric_may_name(tmp_path):
+    """rayscale tune checks tune.metric against engine.loop.line_keys() before the search: a key a line carries
+    that it does not list would be refused although trials report it."""
+    from rayscale.engine.loop import line_keys
+
+    goodput = train(tmp_path, "goodput", *BASE, "batch.adaptive=goodput", "batch.micro_batch_size=16",
+                    "train.log_every_samples=256")
+    auto = train(tmp_path, "auto", *BASE, "batch.micro_batch_size=auto", "train.log_every_samples=256")
+    carried = {key for line in [*goodput.lines, *auto.lines] for key in line} - {"evaluation", "epoch_end"}
+    assert {"global_batch_size", "micro_batch_size", "gradient_noise_scale", "checkpoint_s", "update_s"} <= carried
+    assert {key for key in carried if not key.startswith("val_")} <= set(line_keys())

@@ -108,7 +108,17 @@ def test_every_trial_is_made_from_a_config_naming_its_data_absolutely(tmp_path, 
     ("val_accuracy", [], "regression", "tune.metric val_accuracy: no trial reports it; expected one of val_loss, or "
                                        "a training metric such as train_loss"),
     ("val_f1", ["f1"], "regression", None), ("val_accuracy", [], "token_classification", None),
-    ("train_loss", [], "classification", None),
+    ("train_loss", [], "classification", None), ("gradient_noise_scale", [], "classification", None),
+    ("micro_batch_s", [], "regression", None),
+    # any other name was taken unchecked: every trial trained, then Tune's traceback
+    ("train_los", [], "classification", "tune.metric train_los: no trial reports it; expected one of val_loss, "
+                                        "val_accuracy, or a training metric such as train_loss (did you mean "
+                                        "train_loss?)"),
+    ("accuracy", [], "classification", "tune.metric accuracy: no trial reports it; expected one of val_loss, "
+                                       "val_accuracy, or a training metric such as train_loss (did you mean "
+                                       "val_accuracy?)"),
+    ("started_at", [], "classification", "tune.metric started_at: no trial reports it; expected one of val_loss, "
+                                         "val_accuracy, or a training metric such as train_loss"),
 ])
 def test_a_validation_metric_no_trial_reports_is_refused_before_the_search(metric, metric_names, task, message):
     if message is None:

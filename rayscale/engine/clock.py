@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 MARKS = ("start", "micro_batches", "last_micro_batch", "backward_done", "end")
+TIMING_KEYS = ("micro_batch_s", "sync_micro_batch_s", "update_s")  # what a log line shows of them
 
 
 @dataclass
@@ -34,10 +35,9 @@ class StepTimes:
     def means(self) -> dict[str, float | None]:
         """Per micro-batch and per step, as logged (None where nothing was measured)."""
         per_step = (lambda total: total / self.steps) if self.steps else (lambda total: None)
-        return {"micro_batch_s": self.accumulate_s / self.no_sync_micro_batches
-                if self.no_sync_micro_batches else None,
-                "sync_micro_batch_s": per_step(self.last_micro_batch_s),
-                "update_s": per_step(self.update_s)}
+        return dict(zip(TIMING_KEYS, (self.accumulate_s / self.no_sync_micro_batches if self.no_sync_micro_batches
+                                      else None, per_step(self.last_micro_batch_s), per_step(self.update_s)),
+                        strict=True))
 
 
 class StepClock:

@@ -17,6 +17,7 @@ import torch
 from rayscale import config
 from rayscale.data.collate import micro_batches
 from rayscale.engine import checkpoint, distributed
+from rayscale.engine.clock import TIMING_KEYS
 from rayscale.engine.components import Component, part_dict, read_part
 from rayscale.engine.components import checkpointing as checkpoints
 from rayscale.engine.components.adaptive_batch import AdaptiveBatch, AdaptiveBatchPart
@@ -47,6 +48,14 @@ from rayscale.math.adaptive_batch import plan_for
 from rayscale.math.schedules import peak_lr, schedule_from_config, warmup_note
 from rayscale.models import build_model
 from rayscale.models.export import start_from
+
+
+def line_keys() -> tuple[str, ...]:
+    """Every key a log line (and so a report) can carry besides the validation metrics: what tune.metric may
+    name beyond val_*. A component's keys appear only where its feature is on; every component class is
+    imported above."""
+    return (*LogLine.core_keys(), *TIMING_KEYS, *(key for component in Component.__subclasses__()
+                                                   for key in component.logs))
 
 
 class TrainLoop:

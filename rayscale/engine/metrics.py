@@ -110,9 +110,14 @@ class LogLine:
         rate = "-" if self.samples_per_sec is None else f"{self.samples_per_sec:,.0f}"
         return f"loss {loss} lr {self.lr:.4g} {rate} samples/s"
 
+    @classmethod
+    def core_keys(cls) -> tuple[str, ...]:
+        """Its own keys in every line (not the timings', the components' or the validation's)."""
+        return tuple(f.name for f in dataclasses.fields(cls)
+                     if f.name not in ("timings", "fields", "evaluation", "epoch_end", "validation"))
+
     def to_json(self) -> dict[str, Any]:
-        core = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in ("timings", "fields", "evaluation", "epoch_end", "validation")}
+        core = {name: getattr(self, name) for name in self.core_keys()}
         flags = {**({"epoch_end": True} if self.epoch_end else {}),
                  **({"evaluation": self.evaluation} if self.evaluation or self.epoch_end else {})}
         return {**core, **self.timings, **self.fields, **flags, **self.validation}

@@ -152,18 +152,22 @@ def _trial_callbacks(metric: str, stop_marker: Path) -> list:
 
 
 def check_metric_name(metric: str, metric_names: list[str], task: str) -> None:
-    """A validation metric (val_...) must be one the trials report: val_loss, val_accuracy (not for regression)
-    or val_<name> of a train.metrics entry. A misspelt one was found only after every trial had trained, in Tune's
-    traceback."""
+    """tune.metric must be one the trials report: val_loss, val_accuracy (not for regression), val_<name> of a
+    train.metrics entry, or a key of the log line (train_loss, a component's such as gradient_noise_scale). A
+    misspelt one was found only after every trial had trained, in Tune's traceback."""
     import difflib
+
+    from rayscale.engine.loop import line_keys
 
     known = ["val_loss", *(["val_accuracy"] if task != "regression" else []),
              *(f"val_{name}" for name in metric_names)]
-    if metric.startswith("val_") and metric not in known:
-        close = difflib.get_close_matches(metric, known, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise UserError(f"tune.metric {metric}: no trial reports it; expected one of {', '.join(known)}, or a "
-                        f"training metric such as train_loss{hint}")
+    logged = [key for key in line_keys() if key not in ("started_at", "entered_at")]  # stamps, not measures
+    if metric in known or (metric in logged and not metric.startswith("val_")):
+        return
+    close = difflib.get_close_matches(metric, known if metric.startswith("val_") else [*known, *logged], n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise UserError(f"tune.metric {metric}: no trial reports it; expected one of {', '.join(known)}, or a "
+                    f"training metric such as train_loss{hint}")
 
 
 def default_grace(grace_samples: int | None, max_t: int, reduction_factor: float, warmup: int) -> int:

@@ -28,6 +28,7 @@ def read_part(state: TrainState, name: str, part_type: type[P]) -> P:
 
 class Component:
     name: str = ""  # the key of its part in TrainState.parts ("": it saves nothing)
+    logs: tuple[str, ...] = ()  # the keys it may add to a log line (engine/loop.py's line_keys: tune.metric's)
 
     def part(self, run: Run) -> Any | None:
         """Its state for the next checkpoint: a dataclass (or None: nothing to save)."""

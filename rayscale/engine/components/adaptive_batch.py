@@ -24,6 +24,7 @@ class AdaptiveBatchPart:
 
 class AdaptiveBatch(Component):
     name = "adaptive_batch"
+    logs = ("global_batch_size",)
 
     def __init__(self, cfg: Config, train_rows: int, world_size: int, saved: AdaptiveBatchPart):
         self.cfg, self.world_size, self.saved = cfg, world_size, saved

@@ -44,6 +44,8 @@ class CheckpointSchedule(Component):
     from any checkpoint, it only replays more steps. The loop checkpoints the last epoch, a rung pause and a
     drain notice whatever this says."""
 
+    logs = ("checkpoint_s",)
+
     def __init__(self, every: int | None, samples_seen: int, every_seconds: float = 0.0, rank: int = 0,
                  clock=time.perf_counter):
         self.every = every

@@ -68,6 +68,8 @@ def backend_of(setting: bool | str) -> str | None:
 class Compilation(Component):
     """The step's forward-and-loss function, compiled or eager, and how many graphs it has compiled."""
 
+    logs = ("compiles",)
+
     def __init__(self, setting: bool | str):
         self.backend = backend_of(setting)
         self.graphs = 0  # compiled on this rank since the run (or this attempt) started

@@ -7,6 +7,8 @@ from rayscale.engine.components import Component
 
 
 class CurriculumMeter(Component):
+    logs = ("curriculum_difficulty",)
+
     def __init__(self) -> None:
         self.difficulty_sum, self.rows = 0.0, 0
 

@@ -24,6 +24,7 @@ class MicroBatchPart:
 
 class AutoMicroBatch(Component):
     name = "micro_batch"
+    logs = ("micro_batch_size",)
 
     def __init__(self, auto: bool, saved: MicroBatchPart):
         self.auto, self.saved = auto, saved

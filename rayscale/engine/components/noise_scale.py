@@ -30,6 +30,7 @@ def step_noise_estimates(small_sq: torch.Tensor, small: torch.Tensor, big_sq: to
 
 class NoiseScaleMeter(Component):
     name = "noise_scale"
+    logs = ("gradient_noise_scale", "critical_batch_size", "batch_efficiency")
 
     def __init__(self, cfg: Config, plan: BatchPlan, *, world_size: int, gradients_all_reduced: bool,
                  fp16: bool, base_batch: int, in_tokens: bool, device: torch.device):

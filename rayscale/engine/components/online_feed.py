@@ -35,6 +35,7 @@ class OnlinePart:
 
 class OnlineFeed(Component):
     name = "online_feed"
+    logs = ("online_files", "online_rows")
 
     def __init__(self, cfg: Config, spec: DataSpec, saved: OnlinePart):
         self.cfg, self.spec, self.saved = cfg, spec, saved
