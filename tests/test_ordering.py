@@ -359,3 +359,22 @@ def test_online_two_workers_agree_on_files_and_steps(tmp_path, seen_dir):
     summary = trained.summary
     assert summary["world_size"] == 2
     assert summary["online_files"] == 2 and summary["samples_seen"] == 150 and summary["steps"] == 3 + 2
+
+
+def test_an_online_file_of_no_rows_is_skipped_not_refused(tmp_path, seen_dir, capsys):
+    """A producer's window in which nothing happened: the file is passed over (counted among the files), where
+    its inspection's "has no rows" stopped the run inside its worker."""
+    from inprocess import train as train_in_process
+
+    stream = tmp_path / "stream"
+    stream.mkdir()
+    _write_part(stream, "part-000.parquet", 0, 50)
+    _write_part(stream, "part-001.parquet", 50, 0)
+    _write_part(stream, "part-002.parquet", 50, 40)
+    trained = train_in_process(
+        tmp_path / "runs", "sparse", f"data.source={stream}", "data.online=true", "data.online_poll_s=0.2",
+        "data.online_idle_timeout_s=0.5", "schedule.name=constant", "model.name=test_ordering:recording_model",
+        "batch.global_batch_size=32")
+    assert seen_rows(seen_dir) == [list(range(90))]
+    assert trained.summary["online_files"] == 3 and trained.summary["online_rows"] == 90
+    assert "[rayscale] online: part-001.parquet has no rows; skipped" in capsys.readouterr().out

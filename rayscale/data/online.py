@@ -18,6 +18,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from rayscale.config import DataConfig
 from rayscale.data import sources
 from rayscale.errors import UserError
@@ -68,6 +71,15 @@ def wait_for_file(directory: str, trained: list[str], data: DataConfig, broadcas
         if decision.file is not None or decision.stop:
             return decision.file
         time.sleep(data.online_poll_s)
+
+
+def has_no_rows(directory: str, name: str) -> bool:
+    """A file of no rows (a producer's window in which nothing happened): skipped, not refused, so that it does
+    not stop a run that waits for the next one. An unreadable file is not judged here: file_chunks names it."""
+    try:
+        return pq.ParquetFile(os.path.join(os.path.expanduser(directory), name)).metadata.num_rows == 0
+    except (pa.ArrowException, OSError):
+        return False
 
 
 def file_chunks(directory: str, name: str, data: DataConfig, seed: int, spec: sources.DataSpec,

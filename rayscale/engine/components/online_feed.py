@@ -54,6 +54,10 @@ class OnlineFeed(Component):
         run, data, saved = loop.run, self.cfg.data, self.saved
         decide_on_rank_0 = lambda decide: distributed.from_rank_0(decide, run.rank)  # noqa: E731
         while (name := online.wait_for_file(data.source, saved.files, data, decide_on_rank_0)) is not None:
+            if online.has_no_rows(data.source, name):  # counted as trained: nothing of it to train
+                run.say(f"online: {name} has no rows; skipped")
+                saved.files.append(name)
+                continue
             loop.start_epoch(0)
             skip = run.state.step_in_epoch if saved.current == name else 0
             saved.current, run.state.step_in_epoch = name, 0
