@@ -27,6 +27,7 @@ from rayscale.api import with_code
 from rayscale.config import ModelConfig
 from rayscale.data import sources
 from rayscale.data.collate import collate
+from rayscale.data.splits import is_validation
 from rayscale.engine.precision import Precision
 from rayscale.engine.step import train_step
 from rayscale.engine.tasks import IGNORE_INDEX, DataSpec, Objective, correct, count, forward, logits_of
@@ -383,9 +384,12 @@ def test_rows_that_weigh_0_for_a_while_log_no_loss_and_a_file_where_all_do_is_re
     losses = [line["train_loss"] for line in lines if not line.get("epoch_end")]
     assert losses[:2] == [None, None] and all(loss is not None for loss in losses[2:]), losses
     assert lines[-1]["train_loss"] is not None
-    none = write(tmp_path / "none.parquet", table.set_column(2, "w", pa.array(np.zeros(600, dtype=np.float32))))
+    # A file whose rows all weigh 0 is refused up front (tests/test_bad_input.py); here only the training split's
+    # do, so the run starts and the epoch end finds it.
+    val_only = is_validation(np.arange(600), 0.2).astype(np.float32)
+    none = write(tmp_path / "none.parquet", table.set_column(2, "w", pa.array(val_only)))
     with pytest.raises(UserError, match=r"^data.weight \(column 'w'\): every row of epoch 1 weighed 0"):
-        train(tmp_path, "none", *options, f"data.source={none}")
+        train(tmp_path, "none", *options, f"data.source={none}", "data.val_fraction=0.2")
 
 
 def test_validation_rows_that_all_weigh_0_are_refused_where_their_val_loss_read_0(tmp_path):
@@ -395,12 +399,18 @@ def test_validation_rows_that_all_weigh_0_are_refused_where_their_val_loss_read_
     train_file = write(tmp_path / "train.parquet", table)
     val_file = write(tmp_path / "val.parquet", table.set_column(2, "w", pa.array(np.zeros(600, dtype=np.float32))))
     options = ("train.epochs=1", "batch.global_batch_size=64", "data.weight=w", f"data.source={train_file}")
+    with pytest.raises(UserError, match=r"^data.weight: every weight in column 'w' of data.val_source .*val.parquet "
+                                        r"is 0, so no row would count"):  # up front, before anything trains
+        train(tmp_path, "weightless_val", *options, f"data.val_source={val_file}")
+    # Only the held-out split's rows weigh 0: the run starts, and its first validation finds it.
+    train_only = (~is_validation(np.arange(600), 0.2)).astype(np.float32)
+    split_file = write(tmp_path / "split.parquet", table.set_column(2, "w", pa.array(train_only)))
     with pytest.raises(UserError, match=r"^data.weight \(column 'w'\): every row evaluated weighed 0 on every "
                                         r"worker, so val_loss would be 0 whatever the model"):
-        train(tmp_path, "weightless_val", *options, f"data.val_source={val_file}")
+        train(tmp_path, "weightless_split", *options[:-1], f"data.source={split_file}", "data.val_fraction=0.2")
     trained = train(tmp_path, "weighted_val", *options, "data.val_fraction=0.2")
     assert trained.summary["final"]["val_loss"] > 0
-    with pytest.raises(UserError, match=r"^data.weight \(column 'w'\): every row evaluated weighed 0"):
+    with pytest.raises(UserError, match=r"^data.weight: every weight in column 'w' of .*val.parquet is 0"):
         rayscale.evaluate(trained.run_dir, data=val_file)
 
 
