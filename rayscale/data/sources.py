@@ -91,6 +91,7 @@ TEACHER_HIDDEN = 16  # width of the regression teacher's hidden layer
 # weight is 1e-40 underflowed it (every gradient 0). A weighted mean is the same with every weight divided by one
 # number, so weights far from 1 are refused with that advice rather than trained on silently.
 WEIGHT_LIMIT = 1e20  # every weight is below it, and a source's largest weight is at least its inverse
+RESCALE = "a weighted loss is the same with every weight divided by one number: divide the column by its largest"
 DATASET_PREFIX = "ray_dataset:"  # data.source / data.val_source of a Ray Dataset handed in: ray_dataset:train_data
 
 
@@ -771,8 +772,7 @@ class _Range:
 def _ranges(columns: _Columns, schema: pa.Schema, num_classes: int | None) -> list[_Range]:
     classes = f"0 to {num_classes - 1} (data.num_classes {num_classes})" if num_classes else "0, 1, 2, ..."
     ranges = [_Range("weight", "data.weight", columns.weight, WEIGHT_LIMIT, "weight",
-                     f"weights from 0 to below {WEIGHT_LIMIT:g} (a weighted loss is the same with every weight "
-                     f"divided by one number: divide the column by its largest)")] if columns.weight else []
+                     f"weights from 0 to below {WEIGHT_LIMIT:g} ({RESCALE})")] if columns.weight else []
     if _is_list(schema.field(columns.label).type) and columns.sequence:  # classes per token, some masked
         ranges.append(_Range("y", "data.label", columns.label, num_classes, "label",
                              f"classes {classes} or {IGNORE_INDEX} (a masked token)", IGNORE_INDEX))
@@ -805,8 +805,7 @@ def _refuse_weightless(largest: float | None, column: str, key: str, source: str
                         f"count; expected some rows with a positive weight")
     if largest < 1 / WEIGHT_LIMIT:
         raise UserError(f"data.weight: the largest weight in column {column!r} of {key} {source} is {largest:g}; "
-                        f"expected it at least {1 / WEIGHT_LIMIT:g} (a weighted loss is the same with every weight "
-                        f"divided by one number: divide the column by its largest)")
+                        f"expected it at least {1 / WEIGHT_LIMIT:g} ({RESCALE})")
 
 
 def _check_in_range(rows: dict[str, np.ndarray], ranges: list[_Range], path: str, first_row: int) -> None:

@@ -162,7 +162,7 @@ def check_metric_name(metric: str, metric_names: list[str], task: str) -> None:
     known = ["val_loss", *(["val_accuracy"] if task != "regression" else []),
              *(f"val_{name}" for name in metric_names)]
     logged = [key for key in line_keys() if key not in ("started_at", "entered_at")]  # stamps, not measures
-    if metric in known or (metric in logged and not metric.startswith("val_")):
+    if metric in known or metric in logged:  # no logged key starts with val_
         return
     close = difflib.get_close_matches(metric, known if metric.startswith("val_") else [*known, *logged], n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
