@@ -301,6 +301,17 @@ CASES = [
     ("tune-space-negative-width", ["tune", "--set", "tune.space={model.kwargs.hidden_sizes: {choice: [[64], [-3]]}}"],
      ["tune.space.model.kwargs.hidden_sizes: model.kwargs.hidden_sizes=[-3] is not usable: "
       "model.kwargs.hidden_sizes: expected entries of at least 1, got [-3]"]),
+    # Values only the data refuse (a trial's own driver prepares them): every trial failed with them, after Ray
+    # started, and the search ended with exit 0.
+    ("tune-space-batch-above-the-rows", ["tune", "--set", "tune.space={batch.global_batch_size: {grid: [32, 4096]}}"],
+     ["tune.space.batch.global_batch_size: batch.global_batch_size=4096 is not usable: batch.global_batch_size: "
+      "4096 is more than the 1450 training rows of digits"]),
+    ("tune-space-missing-source", ["tune", "--set", "tune.space={data.source: {choice: [digits, {tmp}/no.parquet]}}"],
+     ["tune.space.data.source: data.source='", "/no.parquet' is not usable: data.source: no Parquet file at"]),
+    ("tune-space-rows-a-combination-leaves", ["tune", "--set", "tune.space={data.val_fraction: {choice: [0.2, 0.9]}, "
+                                              "batch.global_batch_size: {choice: [32, 256]}}"],
+     ["tune.space.data.val_fraction + batch.global_batch_size: data.val_fraction=0.9, batch.global_batch_size=256 is "
+      "not usable: batch.global_batch_size: 256 is more than the 176 training rows of digits"]),
     ("resume-nothing", ["tune", "--resume", "--set", "run.name=never-searched"], ["--resume: no search to resume"]),
     ("curriculum-on-digits", ["train", "--set", "data.curriculum_column=hardness"],
      ["data.curriculum_column: data.source digits has no columns"]),

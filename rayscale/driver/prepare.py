@@ -62,7 +62,7 @@ def prepare(cfg: Config, scope: str = "run", code: UserCode = NO_CODE,
     absolute_paths(cfg)
     train, val, train_rows, val_rows = _splits(cfg, given)
     if scope != "eval":  # eval: the data given stands for a finished run's Dataset, and nothing trains on it
-        _check_training_rows(cfg, plan, train_rows)
+        check_training_rows(cfg, plan, train_rows)
     _check_code(cfg, code)  # first: building a model= object copies it, which fails as pickling would
     model = check_model(cfg, train.info.spec, code)
     _try_user_code(cfg, train.info, model, code, validates=val is not None)
@@ -101,7 +101,7 @@ def check_output_dir(cfg: Config) -> None:
                             f"run writes only inside {key}; expected a new name or a directory of its own")
 
 
-def _check_training_rows(cfg: Config, plan: BatchPlan, train_rows: int) -> None:
+def check_training_rows(cfg: Config, plan: BatchPlan, train_rows: int) -> None:
     """Enough training rows for the batch plan: a full step per epoch, a row per lane."""
     if train_rows == 0:
         raise UserError(f"data.source: {cfg.data.source} leaves no training rows")

@@ -24,9 +24,11 @@ from rayscale.driver.outputs import finished_run, read_metrics
 from rayscale.driver.prepare import (
     NO_CODE,
     NO_DATA,
+    PreparedRun,
     absolute_paths,
     check_model,
     check_output_dir,
+    check_training_rows,
     first_change,
     prepare,
     run_directory,
@@ -49,6 +51,7 @@ from rayscale.launch import trainer
 from rayscale.launch.callbacks import remove_placement_groups_left
 from rayscale.launch.connect import connect, loopback_unless_joining
 from rayscale.launch.fit import check_cluster_fits, check_fits_before_start
+from rayscale.math.batching import plan_batches
 from rayscale.plugins import UserCode, first_line
 from rayscale.tuning import space
 from rayscale.tuning.promotion import RUNG_PAUSE
@@ -370,6 +373,28 @@ def check_space_builds(base: dict, domains: list[space.Domain], spec, code: User
                                     f"{first_line(exc)}") from None
 
 
+def check_space_data(base: dict, domains: list[space.Domain], prepared: PreparedRun, code: UserCode,
+                     given: Mapping[str, SourceInfo]) -> None:
+    """Every trial's config against the data it would train on, checked as `rayscale train` checks a run's: a
+    global batch above the training rows, more lanes than rows, or a data.* value whose data cannot be read
+    passed the space's config checks, then failed in each of its trials after Ray started (exit 0, the trials
+    marked error). A data.* value is prepared once, as its trials' drivers would prepare it."""
+    data_keys = [domain.key for domain in domains if domain.key.startswith("data.")]
+    rows_of: dict[tuple, int] = {(): prepared.train_rows}
+    for sampled in space.check_points(domains):
+        shown = ", ".join(f"{key}={value!r}" for key, value in sampled.items())
+        try:
+            data_values = tuple((key, sampled[key]) for key in data_keys if key in sampled)
+            if data_values not in rows_of:
+                rows_of[data_values] = prepare(space.apply(base, dict(data_values)), scope="search", code=code,
+                                               given=given).train_rows
+            trial = space.apply(base, sampled)
+            check_training_rows(trial, plan_batches(trial.batch.global_batch_size, trial.batch.micro_batch_size,
+                                                    trial.scaling.num_workers), rows_of[data_values])
+        except UserError as exc:
+            raise UserError(f"tune.space.{' + '.join(sampled)}: {shown} is not usable: {first_line(exc)}") from None
+
+
 def search(cfg: Config, *, address: str | None = None, resume: bool = False, code: UserCode = NO_CODE,
            given: Mapping[str, SourceInfo] = NO_DATA) -> list[dict]:
     """Validate everything, run (or resume) the search, write its outputs; returns trial rows, best first.
@@ -379,6 +404,7 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False, cod
     search_dir = run_directory(cfg)
     prepared = prepare(cfg, scope="search", code=code, given=given)
     check_space_builds(base, domains, prepared.spec, code)
+    check_space_data(base, domains, prepared, code, given)
     max_t = cfg.train.epochs * prepared.train_rows
     check_metric_name(cfg.tune.metric, [*cfg.train.metrics, *(name for name, _ in code.metrics)], prepared.spec.task)
     if cfg.tune.metric.startswith("val_") and prepared.val_rows == 0:

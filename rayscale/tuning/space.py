@@ -15,6 +15,7 @@ import copy
 import itertools
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,14 +116,20 @@ def validate(base: dict, domains: list[Domain]) -> None:
     checked first, so that what it breaks is reported as its own, not as a sampled value's.
     """
     rules.check(config_module.from_dict(base), "search")
+    for sampled in check_points(domains):
+        _check(base, sampled, " + ".join(sampled))
+
+
+def check_points(domains: list[Domain]) -> Iterator[dict[str, Any]]:
+    """The sampled values a check must see for every trial to pass it: each domain's values alone (so that an
+    error names the one key at fault), then every combination when there are at most MAX_COMBINATIONS."""
     for domain in domains:
         for value in domain.check_values():
-            _check(base, {domain.key: value}, domain.key)
+            yield {domain.key: value}
     values = [domain.check_values() for domain in domains]
-    if math.prod(len(v) for v in values) <= MAX_COMBINATIONS:
+    if len(domains) > 1 and math.prod(len(v) for v in values) <= MAX_COMBINATIONS:
         for combination in itertools.product(*values):
-            sampled = dict(zip((d.key for d in domains), combination, strict=True))
-            _check(base, sampled, " + ".join(sampled))
+            yield dict(zip((d.key for d in domains), combination, strict=True))
 
 
 def _check(base: dict, sampled: dict, where: str) -> None:
