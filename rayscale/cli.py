@@ -18,10 +18,11 @@ import yaml
 
 from rayscale import config as config_module
 from rayscale import rules
-from rayscale.errors import NonFiniteError, SearchFailed, UserError, on_the_command_line
+from rayscale.errors import NonFiniteError, SearchFailed, UserError, WorkersOutOfMemory, on_the_command_line
 
 EXIT_BAD_INPUT = 2
 EXIT_SEARCH_FAILED = 1  # the search ran, but not one trial trained to a result
+EXIT_OUT_OF_MEMORY = 1  # Ray killed a worker of the run for its node's memory, and the retries were spent
 EXIT_DIVERGED = 1  # the run trained until its loss or gradients stayed non-finite (train.max_nonfinite_steps)
 
 
@@ -241,6 +242,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"rayscale: error: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
+    except WorkersOutOfMemory as exc:  # not bad input: the run started, then its node's memory ran out
+        if args.debug:
+            raise
+        print(f"rayscale: error: {exc}", file=sys.stderr)
+        return EXIT_OUT_OF_MEMORY
 
 
 if __name__ == "__main__":

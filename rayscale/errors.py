@@ -55,6 +55,11 @@ class NonFiniteError(RuntimeError):
     """Training produced non-finite loss or gradients too many steps in a row."""
 
 
+class WorkersOutOfMemory(RuntimeError):
+    """The run failed because Ray's memory monitor killed one of its workers (the node's memory nearly full), once
+    run.max_failures retries were spent: not bad input, but one line saying so, not Ray's tables of processes."""
+
+
 class SearchFailed(RuntimeError):
     """A search that ran, but in which not one trial trained to a result: nothing to rank (`rayscale tune` exits
     1 with this line). `search_dir` and `trials` are what the search left, as a SearchResult would hold them."""
@@ -67,19 +72,23 @@ class SearchFailed(RuntimeError):
 
 def user_error_inside(exc: BaseException, kind: type[Exception] | tuple[type[Exception], ...] = UserError
                       ) -> Exception | None:
-    """The UserError (or other `kind`, or one of several) a training failure carries: Ray wraps a worker's (or a
-    Ray Data task's) exception in RayTaskError (`.cause`), Train in WorkerGroupError (`.worker_failures`) or
-    ControllerError."""
+    """The UserError (or other `kind`, or one of several) a training failure carries, itself and not one of
+    Ray's wrappers of it."""
+    return next((error for error in errors_inside(exc)
+                 if isinstance(error, kind) and not isinstance(getattr(error, "cause", None), BaseException)), None)
+
+
+def errors_inside(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and every exception it carries: Ray wraps a worker's (or a Ray Data task's) exception in
+    RayTaskError (`.cause`), Train in WorkerGroupError (`.worker_failures`) or ControllerError."""
     stack, seen = [exc], set()
     while stack:
         error = stack.pop()
         if error is None or id(error) in seen:
             continue
         seen.add(id(error))
+        yield error
         cause = getattr(error, "cause", None)
-        if isinstance(error, kind) and not isinstance(cause, BaseException):
-            return error
         stack += [cause if isinstance(cause, BaseException) else None, error.__cause__, error.__context__,
                   getattr(error, "controller_failure", None),
                   *(getattr(error, "worker_failures", None) or {}).values()]
-    return None

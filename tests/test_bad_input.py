@@ -544,6 +544,77 @@ def test_a_run_that_diverged_in_its_workers_ends_in_its_one_line_with_exit_1(mon
     assert capsys.readouterr().err == f"rayscale: error: {diverged}\n"
 
 
+# What Ray's memory monitor said when it killed a worker of a 1-billion-parameter MLP on 2 CPU workers (24 GiB).
+RAY_MEMORY_KILL = ("1 worker(s) were killed due to the node running low on memory. Memory on the node (IP: "
+                   "127.0.0.1, ID: 71d5024ba138f12fed0f96e36b1a09f15d1e2a751e290bac2833775e) was 22.74GB used / "
+                   "23.54GB limit (0.9659)\nOOM kill reason: ...\nTop 10 memory users: PID\tMEM(GB)\tCOMMAND")
+
+
+@pytest.mark.parametrize("how", ["controller", "worker"])
+def test_a_run_whose_worker_ray_killed_for_memory_ends_in_one_line_naming_the_node_and_the_model(how, tmp_path,
+                                                                                                 monkeypatch):
+    """Ray's memory monitor killed a worker (a model too big for the node's memory): the driver ended in a
+    traceback of Train's ControllerError carrying ~40 lines of Ray's process tables, and nothing of rayscale's.
+    Killed as the group starts it is the controller's failure; killed in training, a worker's."""
+    from types import SimpleNamespace
+
+    from ray.exceptions import OutOfMemoryError
+    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
+
+    from rayscale import config
+    from rayscale.driver.prepare import prepare
+    from rayscale.errors import WorkersOutOfMemory
+    from rayscale.launch import trainer
+
+    killed = OutOfMemoryError(RAY_MEMORY_KILL)
+    failure = (ControllerError(killed) if how == "controller" else
+               WorkerGroupError("Training failed", worker_failures={0: killed, 1: RuntimeError("peer gone")}))
+
+    def fit():
+        raise failure
+
+    monkeypatch.setattr(trainer, "build_trainer", lambda *args, **kwargs: SimpleNamespace(fit=fit))
+    prepared = prepare(config.load(overrides=[f"run.output_dir={tmp_path}", "model.kwargs.hidden_sizes=[100]"]))
+    with pytest.raises(WorkersOutOfMemory) as raised:
+        trainer._fit(prepared, tmp_path / "groups.jsonl", None, (), (), False, None, (0.0, 0.0, 0.0))
+    assert str(raised.value) == (
+        "the run failed: Ray killed one of its workers on node 127.0.0.1 (22.74GB used / 23.54GB limit), the node's "
+        "memory nearly full; the model has 7,510 parameters (0.02865 MiB in float32; each worker also holds their "
+        "gradients, the optimizer's state and a micro-batch's activations); expected a smaller model.*, "
+        "batch.micro_batch_size (rayscale find-batch-size measures what fits) or fewer workers per node")
+    assert raised.value.__cause__ is failure  # --debug shows Ray's own error
+
+
+def test_another_failure_of_the_workers_keeps_its_traceback(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from rayscale import config
+    from rayscale.driver.prepare import prepare
+    from rayscale.launch import trainer
+
+    failure = WorkerGroupError("Training failed", worker_failures={0: RuntimeError("a bug of ours")})
+    monkeypatch.setattr(trainer, "build_trainer",
+                        lambda *args, **kwargs: SimpleNamespace(fit=lambda: (_ for _ in ()).throw(failure)))
+    prepared = prepare(config.load(overrides=[f"run.output_dir={tmp_path}"]))
+    with pytest.raises(WorkerGroupError) as raised:
+        trainer._fit(prepared, tmp_path / "groups.jsonl", None, (), (), False, None, (0.0, 0.0, 0.0))
+    assert raised.value is failure
+
+
+def test_the_command_prints_the_memory_line_and_exits_1(monkeypatch, capsys):
+    from rayscale import api
+    from rayscale.errors import WorkersOutOfMemory
+
+    def train(*args, **kwargs):
+        raise WorkersOutOfMemory("the run failed: Ray killed one of its workers")
+
+    monkeypatch.setattr(api, "train", train)
+    assert cli.main(["train"]) == 1
+    assert capsys.readouterr().err == "rayscale: error: the run failed: Ray killed one of its workers\n"
+
+
 @pytest.mark.parametrize("job", ["train", "tune"])
 def test_a_jobs_script_takes_debug_anywhere_and_shows_the_traceback(job):
     """jobs/<job>.py puts the command first, so --debug (the command line's flag, before the command) was an

@@ -39,6 +39,7 @@ class PreparedRun:
     val_rows: int
     run_dir: Path
     code: UserCode = NO_CODE
+    parameters: int = 0  # the model's, as built on the driver: named when the workers run out of memory
 
     @property
     def spec(self) -> sources.DataSpec:
@@ -76,7 +77,8 @@ def prepare(cfg: Config, scope: str = "run", code: UserCode = NO_CODE,
         if os.path.exists(storage) and not os.path.isdir(storage):
             raise UserError(f"run.storage_path: {storage} is a file; expected a directory (or a URI)")
         _check_writable("run.storage_path", Path(storage))
-    return PreparedRun(cfg, plan, train, val, train_rows, val_rows, run_dir, code)
+    return PreparedRun(cfg, plan, train, val, train_rows, val_rows, run_dir, code,
+                       parameters=sum(p.numel() for p in model.parameters()))
 
 
 def check_before_data(cfg: Config) -> None:

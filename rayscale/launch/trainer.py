@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import time
 from collections.abc import Mapping
@@ -41,7 +42,7 @@ from rayscale.driver.prepare import (
 from rayscale.driver.progress import MetricsFollower, ProgressBar, wants_bar
 from rayscale.driver.trackers import Destinations
 from rayscale.driver.tracking import Tracking, destinations, final_files
-from rayscale.errors import NonFiniteError, UserError, user_error_inside
+from rayscale.errors import NonFiniteError, UserError, WorkersOutOfMemory, errors_inside, user_error_inside
 from rayscale.files import CHECKPOINTS_DIR, CHECKPOINTS_KEPT, CONFIG_FILE, GROUPS_FILE, METRICS_FILE
 from rayscale.launch.callbacks import controller_callback, record_group, remove_placement_groups_left
 from rayscale.launch.connect import PREEMPTION_WATCHER_ENV, autoscaler_requests, connect
@@ -190,6 +191,27 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
     return summary
 
 
+# Ray's memory monitor's words, in the error of the task or actor it killed: an OutOfMemoryError (a task, or an
+# actor's creation) or an ActorDiedError (an actor killed in a call) whose message says how full the node was.
+MEMORY_KILL = "running low on memory"
+_NODE_MEMORY = re.compile(r"Memory on the node \(IP: ([^,]+), ID: \w+\) was ([\d.]+ ?GB used / [\d.]+ ?GB limit)")
+
+
+def memory_kill(exc: BaseException) -> str | None:
+    """Ray's message, where a run failed because its memory monitor killed one of the run's processes."""
+    return next((str(error) for error in errors_inside(exc) if MEMORY_KILL in str(error)), None)
+
+
+def out_of_memory_line(message: str, prepared: PreparedRun) -> str:
+    node = _NODE_MEMORY.search(message)
+    where = f" on node {node[1]} ({node[2]})" if node else ""
+    return (f"the run failed: Ray killed one of its workers{where}, the node's memory nearly full; the model "
+            f"has {prepared.parameters:,} parameters ({prepared.parameters * 4 / 2**20:.4g} MiB in float32; each "
+            f"worker also holds their gradients, the optimizer's state and a micro-batch's activations); expected "
+            f"a smaller model.*, batch.micro_batch_size (rayscale find-batch-size measures what fits) or fewer "
+            f"workers per node")
+
+
 def _fit(prepared: PreparedRun, groups: Path, callbacks: list | None, eval_at_samples, pause_at_samples,
          report_evaluations: bool, tracking: Tracking | None, times: tuple[float, float, float]) -> dict:
     """Train (the progress bar and the trackers following metrics.jsonl meanwhile) and write the outputs."""
@@ -218,6 +240,8 @@ def _fit(prepared: PreparedRun, groups: Path, callbacks: list | None, eval_at_sa
         # A run that diverged: its workers' error says why and what to change, in one line.
         if (diverged := user_error_inside(exc, NonFiniteError)) is not None:
             raise NonFiniteError(str(diverged)) from exc
+        if (memory := memory_kill(exc)) is not None:
+            raise WorkersOutOfMemory(out_of_memory_line(memory, prepared)) from exc
         raise
     finally:
         stop_servers(prepared.run_dir)
