@@ -4,7 +4,7 @@ From Python: `rayscale.train(config) -> Result`, `rayscale.tune(config) -> Searc
 `rayscale.load_model(run_dir)` (rayscale/api.py, docs/guide/python.md)."""
 
 from rayscale.api import Result, SearchResult, connect, evaluate, predict, train, tune
-from rayscale.errors import SearchFailed, UserError
+from rayscale.errors import NonFiniteError, SearchFailed, UserError, WorkersOutOfMemory
 
 
 def load_model(run_dir, device: str = "cpu", model=None):
@@ -18,4 +18,5 @@ def load_model(run_dir, device: str = "cpu", model=None):
     return load(run_dir, device, model)
 
 
-__all__ = ["Result", "SearchFailed", "SearchResult", "UserError", "connect", "evaluate", "load_model", "predict", "train", "tune"]
+__all__ = ["NonFiniteError", "Result", "SearchFailed", "SearchResult", "UserError", "WorkersOutOfMemory", "connect",
+           "evaluate", "load_model", "predict", "train", "tune"]
