@@ -544,6 +544,16 @@ def test_a_run_that_diverged_in_its_workers_ends_in_its_one_line_with_exit_1(mon
     assert capsys.readouterr().err == f"rayscale: error: {diverged}\n"
 
 
+@pytest.mark.parametrize("command", ["train", "tune"])
+def test_a_model_the_machines_memory_cannot_hold_is_refused_before_ray_starts(command, tmp_path, existing_run, capsys,
+                                                                              monkeypatch):
+    from rayscale.launch import fit
+
+    monkeypatch.setattr(fit, "available_memory", lambda: 1_500_000)  # the default MLP: 1.02 MB each at least
+    _assert_refused([command], ["scaling.num_workers: 2 workers of a model of 85,002 parameters need at least "],
+                    tmp_path, existing_run, capsys, monkeypatch)
+
+
 # What Ray's memory monitor said when it killed a worker of a 1-billion-parameter MLP on 2 CPU workers (24 GiB).
 RAY_MEMORY_KILL = ("1 worker(s) were killed due to the node running low on memory. Memory on the node (IP: "
                    "127.0.0.1, ID: 71d5024ba138f12fed0f96e36b1a09f15d1e2a751e290bac2833775e) was 22.74GB used / "

@@ -171,3 +171,46 @@ def test_gpu_workers_are_placed_by_their_gpus_on_each_node(cluster_of):
     check_cluster_fits(config.load(overrides=["scaling.use_gpu=true", "scaling.cpus_per_worker=3"]))
     with pytest.raises(UserError, match="1 workers x 4 CPUs fill a node of 4 CPUs"):
         check_cluster_fits(config.load(overrides=["scaling.use_gpu=true", "scaling.cpus_per_worker=4"]))
+
+
+@pytest.mark.parametrize("overrides, copies", [
+    ([], 3),  # weights, gradients, SGD's momentum
+    (["optim.momentum=0"], 2),
+    (["optim.name=adamw"], 4),  # two moments
+    (["optim.name=lamb"], 4),
+    (["optim.name=lars"], 3),
+    (["optim.name=adamw", "optim.shard_state=true"], 3),  # the moments split over the 2 workers
+    (["optim.name=adamw", "train.strategy=parameter_server", "batch.micro_batch_size=64"], 2),  # the servers' state
+])
+def test_a_cpu_worker_holds_at_least_its_weights_gradients_and_optimizer_state(overrides, copies):
+    from rayscale.launch.fit import parameter_copies
+
+    assert parameter_copies(config.load(overrides=overrides), 2) == copies
+
+
+def test_an_embedded_run_whose_workers_cannot_hold_their_model_in_this_machines_memory_is_refused(monkeypatch):
+    """A 1-billion-parameter MLP on 2 CPU workers and 24 GiB started Ray and its workers, then Ray's memory monitor
+    killed one; the least the workers hold is known before Ray starts."""
+    from rayscale.launch import fit
+
+    monkeypatch.setattr(fit, "available_memory", lambda: 2**30)
+    cfg = config.load()  # 2 workers, SGD with momentum: 12 bytes per parameter each
+    fit.check_machine_memory(cfg, parameters=40_000_000)  # 0.96 GB in all
+    with pytest.raises(UserError) as refused:
+        fit.check_machine_memory(cfg, parameters=50_000_000)  # 0.6 GB each, 1.2 GB in all
+    assert str(refused.value) == (
+        "scaling.num_workers: 2 workers of a model of 50,000,000 parameters need at least 1.12 GiB (0.559 GiB each: "
+        "weights, gradients and sgd's state in float32), and this machine has 1 GiB available (embedded Ray); "
+        "expected a smaller model, fewer workers, or a cluster (--address)")
+    with pytest.raises(UserError, match=r"^model.name mlp: 2 workers of a model of 100,000,000 parameters"):
+        fit.check_machine_memory(cfg, parameters=100_000_000)  # one worker alone would not fit
+    fit.check_machine_memory(config.load(overrides=["scaling.use_gpu=true"]), parameters=10**9)  # GPU memory
+    monkeypatch.setattr(fit, "available_memory", lambda: None)  # not Linux: unknown, not checked
+    fit.check_machine_memory(cfg, parameters=10**9)
+
+
+def test_this_machines_available_memory_is_read():
+    from rayscale.launch.fit import available_memory
+
+    available = available_memory()
+    assert available is not None and 0 < available <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -11,10 +11,53 @@ from rayscale.errors import UserError
 from rayscale.launch.connect import will_embed
 
 
-def check_fits_before_start(address: str | None, cfg: Config) -> None:
-    """Called before `connect`: when the cluster will be the embedded one, its size is known already."""
+def check_fits_before_start(address: str | None, cfg: Config, parameters: int = 0) -> None:
+    """Called before `connect`: when the cluster will be the embedded one, its size is known already.
+    `parameters`: the model's, as the driver built it."""
     if will_embed(address):
         check_machine_fits(cfg)
+        check_machine_memory(cfg, parameters)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can give without swapping (Linux's MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def parameter_copies(cfg: Config, workers: int) -> float:
+    """Float32 copies of the model's parameters a CPU worker holds at least, whatever its batch: the weights,
+    their gradients (DDP's buckets are views of them) and its optimizer's state (sharded over the workers with
+    optim.shard_state; held by the servers under the parameter server)."""
+    state = {"adamw": 2, "lamb": 2}.get(cfg.optim.name, 1 if cfg.optim.momentum > 0 else 0)
+    if cfg.train.strategy == "parameter_server":
+        state = 0
+    elif cfg.optim.shard_state:
+        state /= workers
+    return 2 + state
+
+
+def check_machine_memory(cfg: Config, parameters: int) -> None:
+    """For the embedded Ray on CPUs: what the workers hold at least must fit this machine's available memory. A
+    model too big for it started Ray and its workers, then Ray's memory monitor killed one (nearly a minute, and
+    ~500 lines of Ray's process tables, for a 1-billion-parameter MLP on 2 workers and 24 GiB)."""
+    available = available_memory()
+    if cfg.scaling.use_gpu or not parameters or available is None:
+        return
+    workers = cfg.scaling.worker_counts()[0]
+    per_worker = parameters * 4 * parameter_copies(cfg, workers)
+    if workers * per_worker <= available:
+        return
+    gib = 2**30
+    key = f"model.name {cfg.model.name}" if per_worker > available else "scaling.num_workers"
+    raise UserError(f"{key}: {workers} worker{'s' if workers > 1 else ''} of a model of {parameters:,} parameters "
+                    f"need at least {workers * per_worker / gib:.3g} GiB ({per_worker / gib:.3g} GiB each: weights, "
+                    f"gradients and {cfg.optim.name}'s state in float32), and this machine has "
+                    f"{available / gib:.3g} GiB available (embedded Ray); expected a smaller model, fewer workers, or "
+                    f"a cluster (--address)")
 
 
 def check_machine_fits(cfg: Config) -> None:

@@ -162,7 +162,7 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
         print(f"[rayscale] run directory {prepared.run_dir}: trained all {cfg.train.epochs} epochs already "
               f"(summary.json); nothing to train (another run.name trains the config again)", flush=True)
         return finished
-    check_fits_before_start(address, cfg)
+    check_fits_before_start(address, cfg, prepared.parameters)
     connecting = time.time()
     connect(address)
     connected = time.time()

@@ -416,7 +416,7 @@ def search(cfg: Config, *, address: str | None = None, resume: bool = False, cod
         raise UserError(f"tune.grace_samples: {grace} (at least the longest warmup) exceeds a trial's "
                         f"{max_t} samples (train.epochs x {prepared.train_rows} rows)")
     search_alg = _search_alg(cfg)  # a missing optional package is known before any resource is claimed
-    check_fits_before_start(address, cfg)
+    check_fits_before_start(address, cfg, prepared.parameters)
     connect(address)
     check_cluster_fits(cfg, beside=TRIAL_CPUS)  # a trial's own actor holds a sliver too
     concurrency = max_concurrent(cfg)
