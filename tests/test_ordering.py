@@ -378,3 +378,25 @@ def test_an_online_file_of_no_rows_is_skipped_not_refused(tmp_path, seen_dir, ca
     assert seen_rows(seen_dir) == [list(range(90))]
     assert trained.summary["online_files"] == 3 and trained.summary["online_rows"] == 90
     assert "[rayscale] online: part-001.parquet has no rows; skipped" in capsys.readouterr().out
+
+
+def test_an_online_file_whose_rows_all_weigh_0_is_skipped_not_refused(tmp_path, seen_dir, capsys):
+    """A window of masked rows (data.weight 0 throughout): passed over like an empty file, where its inspection's
+    "every weight ... is 0" (right for a source that starts so) stopped the run inside its worker."""
+    from inprocess import train as train_in_process
+
+    stream = tmp_path / "stream"
+    stream.mkdir()
+    for name, first_row, rows, weight in (("part-000", 0, 50, 1.0), ("part-001", 50, 30, 0.0),
+                                          ("part-002", 80, 40, 1.0)):
+        table = parquet_fixtures.tabular(first_row, rows)  # features a, b, w as recording_model reads them
+        table = table.append_column("keep", pa.array(np.full(rows, weight, np.float32)))
+        parquet_fixtures.write(stream / f"{name}.parquet", table, row_group_size=40)
+    trained = train_in_process(
+        tmp_path / "runs", "masked", f"data.source={stream}", "data.online=true", "data.online_poll_s=0.2",
+        "data.online_idle_timeout_s=0.5", "schedule.name=constant", "model.name=test_ordering:recording_model",
+        "batch.global_batch_size=32", "data.weight=keep")
+    assert seen_rows(seen_dir) == [list(range(50)) + list(range(80, 120))]
+    assert trained.summary["online_files"] == 3 and trained.summary["online_rows"] == 90
+    assert "[rayscale] online: part-001.parquet has no row of positive weight (every 'keep' is 0); skipped" in \
+        capsys.readouterr().out

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rayscale.config import DataConfig
@@ -73,13 +74,22 @@ def wait_for_file(directory: str, trained: list[str], data: DataConfig, broadcas
         time.sleep(data.online_poll_s)
 
 
-def has_no_rows(directory: str, name: str) -> bool:
-    """A file of no rows (a producer's window in which nothing happened): skipped, not refused, so that it does
-    not stop a run that waits for the next one. An unreadable file is not judged here: file_chunks names it."""
+def nothing_to_train(directory: str, name: str, data: DataConfig) -> str | None:
+    """Why a file holds nothing to train, or None: no rows (a producer's window in which nothing happened), or
+    rows whose data.weight is 0 throughout (a window of masked rows). Such a file is skipped, not refused, so
+    that it does not stop a run that waits for the next one; a source that starts so is refused up front. An
+    unreadable file is not judged here: file_chunks names it."""
     try:
-        return pq.ParquetFile(os.path.join(os.path.expanduser(directory), name)).metadata.num_rows == 0
+        parquet = pq.ParquetFile(os.path.join(os.path.expanduser(directory), name))
+        if parquet.metadata.num_rows == 0:
+            return "has no rows"
+        if data.weight is not None and data.weight in parquet.schema_arrow.names:
+            largest = pc.max(parquet.read(columns=[data.weight]).column(0)).as_py()
+            if largest == 0:
+                return f"has no row of positive weight (every {data.weight!r} is 0)"
     except (pa.ArrowException, OSError):
-        return False
+        pass
+    return None
 
 
 def file_chunks(directory: str, name: str, data: DataConfig, seed: int, spec: sources.DataSpec,

@@ -54,8 +54,8 @@ class OnlineFeed(Component):
         run, data, saved = loop.run, self.cfg.data, self.saved
         decide_on_rank_0 = lambda decide: distributed.from_rank_0(decide, run.rank)  # noqa: E731
         while (name := online.wait_for_file(data.source, saved.files, data, decide_on_rank_0)) is not None:
-            if online.has_no_rows(data.source, name):  # counted as trained: nothing of it to train
-                run.say(f"online: {name} has no rows; skipped")
+            if (empty := online.nothing_to_train(data.source, name, data)) is not None:  # counted as trained
+                run.say(f"online: {name} {empty}; skipped")
                 saved.files.append(name)
                 continue
             loop.start_epoch(0)
