@@ -267,7 +267,8 @@ class ScheduleConfig:
                                          "(null: a third of the decay span)", unit="samples", minimum=1)
     gamma: float = key(0.1, "step/exponential decay factor", minimum=0.0, exclusive_minimum=True)
     power: float = key(2.0, "polynomial power (2: square decay)", minimum=0.0, exclusive_minimum=True)
-    final_lr_ratio: float = key(0.0, "polynomial/cosine: lr at the end as a fraction of the peak", minimum=0.0)
+    final_lr_ratio: float = key(0.0, "polynomial/cosine: lr at the end as a fraction of the peak", minimum=0.0,
+                                maximum=1.0)
 
 
 @dataclass

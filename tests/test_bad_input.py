@@ -292,6 +292,9 @@ CASES = [
      ["run.output_dir: cannot write to /proc (needed for /proc/rayscale-runs/"]),
     ("storage-path-in-proc", ["train", "--set", "run.storage_path=/proc/rayscale-storage"],
      ["run.storage_path: cannot write to /proc (needed for /proc/rayscale-storage)"]),
+    # A decay schedule that ends above its peak: the lr grew over the run.
+    ("final-lr-above-the-peak", ["train", "--set", "schedule.final_lr_ratio=2"],
+     ["schedule.final_lr_ratio: expected a value of at most 1.0, got 2.0"]),
     ("invalid-tune-space", ["tune", "--set", "tune.space={optim.lr: {uniform: [1]}}"],
      ["tune.space.optim.lr: uniform expects [low, high]"]),
     # Values only building the model or the optimizer refuses: every trial failed with them, after Ray started.
