@@ -22,7 +22,7 @@ from rayscale.errors import NonFiniteError, SearchFailed, UserError, WorkersOutO
 
 EXIT_BAD_INPUT = 2
 EXIT_SEARCH_FAILED = 1  # the search ran, but not one trial trained to a result
-EXIT_OUT_OF_MEMORY = 1  # Ray killed a worker of the run for its node's memory, and the retries were spent
+EXIT_OUT_OF_MEMORY = 1  # Ray killed a worker of the run for its node's memory, and Train gave up on the run
 EXIT_DIVERGED = 1  # the run trained until its loss or gradients stayed non-finite (train.max_nonfinite_steps)
 
 

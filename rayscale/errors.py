@@ -56,8 +56,8 @@ class NonFiniteError(RuntimeError):
 
 
 class WorkersOutOfMemory(RuntimeError):
-    """The run failed because Ray's memory monitor killed one of its workers (the node's memory nearly full), once
-    run.max_failures retries were spent: not bad input, but one line saying so, not Ray's tables of processes."""
+    """The run failed because Ray's memory monitor killed one of its workers (the node's memory nearly full), and
+    Train gave up on it: not bad input, but one line saying so, not Ray's tables of processes."""
 
 
 class SearchFailed(RuntimeError):

@@ -191,8 +191,8 @@ def train(cfg: Config, *, address: str | None = None, callbacks: list | None = N
     return summary
 
 
-# Ray's memory monitor's words, in the error of the task or actor it killed: an OutOfMemoryError (a task, or an
-# actor's creation) or an ActorDiedError (an actor killed in a call) whose message says how full the node was.
+# Ray's memory monitor's words, in the error it gives for the process it killed (an OutOfMemoryError saying how
+# full the node was), which Train wraps in its ControllerError or WorkerGroupError.
 MEMORY_KILL = "running low on memory"
 _NODE_MEMORY = re.compile(r"Memory on the node \(IP: ([^,]+), ID: \w+\) was ([\d.]+ ?GB used / [\d.]+ ?GB limit)")
 
